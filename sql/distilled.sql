@@ -1,0 +1,14 @@
+-- distilled (baseline): the same chat model answers each kept instruction without seeing
+-- the web text, as BaF's distillation comparison.
+WITH called AS (
+    SELECT id, doc_id, instruction, score, answer(instruction) AS answer_call
+    FROM curated
+)
+SELECT *,
+       trim(answer_call['text']) AS response,
+       CASE
+           WHEN answer_call['error'] IS NOT NULL THEN 'llm_error'
+           WHEN answer_call['finish_reason'] = 'length' THEN 'answer_truncated'
+           WHEN trim(answer_call['text']) = '' THEN 'empty_answer'
+       END AS _drop
+FROM called

@@ -1,0 +1,15 @@
+-- rewritten: the rewriter turns each kept web text (the draft) into an assistant-quality
+-- answer, returned between [RES] and [/RES]. `response` is that answer; `text` stays the
+-- original draft so the two can be compared.
+WITH called AS (
+    SELECT id, doc_id, header, text, source, instruction, score,
+           rewrite(instruction, text) AS rewrite_call
+    FROM curated
+)
+SELECT *,
+       extract_tagged(rewrite_call['text'], 'RES') AS response,
+       CASE
+           WHEN rewrite_call['error'] IS NOT NULL THEN 'llm_error'
+           ELSE tag_problem(rewrite_call['text'], 'RES', rewrite_call['finish_reason'])
+       END AS _drop
+FROM called

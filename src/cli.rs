@@ -1,0 +1,216 @@
+//! Command-line interface: argument definitions and dispatch to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::export::{self, ExportOptions, Format, TagMode};
+use crate::job::{Job, Overrides};
+use crate::pipeline::{self, RunSummary};
+use crate::storage::Location;
+
+/// Turns web text into instruction-tuning data with instruction back-and-forth translation.
+#[derive(Debug, Parser)]
+#[command(name = "backforth", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a job's stages (all, or those named by --stages).
+    Run {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Input files, directories or globs, replacing the job's (repeatable).
+        #[arg(long = "input", value_name = "PATH")]
+        inputs: Vec<String>,
+        /// Output root, replacing the job's.
+        #[arg(long)]
+        output: Option<String>,
+        /// Endpoint for every model role: an OpenAI-compatible base URL, or `mock`.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Model name for every model role.
+        #[arg(long)]
+        model: Option<String>,
+        /// Cap on requests in flight per endpoint.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Stages to run, comma-separated (e.g. `prepare` or `scored,curated`); earlier
+        /// stages' outputs must exist.
+        #[arg(long, value_delimiter = ',')]
+        stages: Vec<String>,
+    },
+    /// Run SQL over the stage outputs under a root; stage names are table names.
+    Sql {
+        /// Output root of a run.
+        #[arg(long)]
+        root: String,
+        /// The query.
+        query: String,
+    },
+    /// Write pairs in a trainer's format.
+    Export {
+        /// Output root of a run.
+        #[arg(long)]
+        root: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "openai-chat")]
+        format: Format,
+        /// Output file (path or URL).
+        #[arg(long)]
+        output: String,
+        /// Stage whose pairs are exported.
+        #[arg(long, default_value = "rewritten")]
+        table: String,
+        /// Where the tag sentence goes.
+        #[arg(long, value_enum, default_value = "none")]
+        tag: TagMode,
+        /// The tag sentence.
+        #[arg(long, default_value = export::WEB_TAG)]
+        tag_text: String,
+    },
+}
+
+/// Entry point of the binary: parse, run, print errors, map to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKFORTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run {
+            job,
+            inputs,
+            output,
+            endpoint,
+            model,
+            concurrency,
+            stages,
+        } => {
+            let overrides = Overrides {
+                inputs,
+                output,
+                endpoint,
+                model,
+                concurrency,
+            };
+            let job = Job::load(&job, &overrides)?;
+            let summary = pipeline::run(&job, &stages).await?;
+            eprint!("{}", render_summary(&job, &summary));
+            let failures = summary.llm_failures();
+            if failures > 0 {
+                eprintln!(
+                    "{failures} row(s) lost their LLM call after every retry; they are in <stage>/_dropped/ with reason llm_error"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sql { root, query } => {
+            print!("{}", sql(&root, &query).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            root,
+            format,
+            output,
+            table,
+            tag,
+            tag_text,
+        } => {
+            let n = export::export(&ExportOptions {
+                root,
+                table,
+                format,
+                output: output.clone(),
+                tag,
+                tag_text,
+            })
+            .await?;
+            eprintln!("wrote {n} pairs to {output}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs `query` over the complete stages under `root` and renders the result as a table.
+pub async fn sql(root: &str, query: &str) -> Result<String> {
+    let root = Location::parse(root)?;
+    let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
+    pipeline::register_store(&ctx, &root);
+    let stages = pipeline::require_any_stage(&root).await?;
+    pipeline::register_complete_stages(&ctx, &root, stages).await?;
+    let tokens = crate::tokens::TokenCounter::load("cl100k_base", std::path::Path::new("."))?;
+    for udf in crate::udf::scalar_udfs(tokens) {
+        ctx.register_udf(udf);
+    }
+    let batches = ctx.sql(query).await?.collect().await?;
+    let table = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .map_err(|e| Error::Execution(format!("formatting the result: {e}")))?;
+    Ok(format!("{table}\n"))
+}
+
+/// The end-of-run table: rows in and out, drops by reason, requests and tokens per stage.
+pub fn render_summary(job: &Job, summary: &RunSummary) -> String {
+    let mut out = format!("\njob '{}' -> {}\n", job.name, job.output);
+    out.push_str(&format!(
+        "{:<16} {:>9} {:>9} {:>9} {:>11} {:>8}  dropped\n",
+        "stage", "rows in", "rows out", "requests", "tokens", "seconds"
+    ));
+    for s in &summary.stages {
+        let dropped: Vec<String> = s.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "{:<16} {:>9} {:>9} {:>9} {:>11} {:>8.1}  {}\n",
+            s.stage,
+            s.rows_in,
+            s.rows_out,
+            s.llm.requests,
+            s.llm.prompt_tokens + s.llm.completion_tokens,
+            s.seconds,
+            dropped.join(" ")
+        ));
+        if let Some(input) = &s.input {
+            let skipped: Vec<String> =
+                input.skipped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!(
+                "{:<16} {:>9} documents read{}\n",
+                "",
+                input.documents,
+                if skipped.is_empty() { String::new() } else { format!(", skipped {}", skipped.join(" ")) }
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,206 @@
+//! A streaming, windowed replacement for DataFusion's `AsyncFuncExec`.
+//!
+//! `AsyncFuncExec` evaluates one whole batch per partition and waits for its slowest row
+//! before it reads the next one, so the server's slots sit idle behind every batch's tail.
+//! [`LlmWindowExec`] cuts input into small chunks and keeps several chunks of a partition in
+//! flight at once (output order kept): when one chunk waits for its slowest reply, rows of the
+//! next chunks already fill the freed slots. Memory stays bounded by the window, not the
+//! corpus. [`LlmWindowRule`] swaps the operator in after physical planning, so stage SQL is
+//! unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::error::Result;
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::async_scalar_function::AsyncFuncExpr;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::async_func::AsyncFuncExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
+    apply_expression_roots,
+};
+use futures::StreamExt;
+use futures::future::try_join_all;
+
+/// How many rows a partition keeps in flight, as chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Rows per chunk handed to the async functions at once.
+    pub chunk_rows: usize,
+    /// Chunks of one partition in flight at once.
+    pub chunks: usize,
+}
+
+impl Window {
+    /// A window that keeps about twice `cap` rows in flight per partition, so one partition
+    /// alone can keep an endpoint with `cap` slots full while its oldest chunk drains.
+    pub fn for_cap(cap: usize) -> Self {
+        let cap = cap.max(1);
+        let chunk_rows = (cap / 2).clamp(1, 256);
+        Self {
+            chunk_rows,
+            chunks: (2 * cap).div_ceil(chunk_rows) + 1,
+        }
+    }
+}
+
+/// Physical optimizer rule that replaces every `AsyncFuncExec` with [`LlmWindowExec`].
+#[derive(Debug)]
+pub struct LlmWindowRule {
+    window: Window,
+}
+
+impl LlmWindowRule {
+    /// A rule that plans LLM calls with `window`.
+    pub fn new(window: Window) -> Self {
+        Self { window }
+    }
+}
+
+impl PhysicalOptimizerRule for LlmWindowRule {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            let Some(exec) = node.downcast_ref::<AsyncFuncExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            Ok(Transformed::yes(Arc::new(LlmWindowExec::new(
+                exec,
+                self.window,
+            )?)))
+        })
+        .map(|t| t.data)
+    }
+
+    fn name(&self) -> &str {
+        "llm_window"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// Evaluates async (LLM) expressions over a window of input chunks; see the module docs.
+#[derive(Debug)]
+pub struct LlmWindowExec {
+    exprs: Vec<Arc<AsyncFuncExpr>>,
+    input: Arc<dyn ExecutionPlan>,
+    properties: Arc<PlanProperties>,
+    window: Window,
+}
+
+impl LlmWindowExec {
+    fn new(exec: &AsyncFuncExec, window: Window) -> Result<Self> {
+        #[expect(deprecated, reason = "the only accessor of the expressions in DataFusion 55")]
+        let exprs = exec.async_exprs().to_vec();
+        Ok(Self {
+            exprs,
+            input: Arc::clone(exec.input()),
+            properties: Arc::clone(exec.properties()),
+            window,
+        })
+    }
+}
+
+impl DisplayAs for LlmWindowExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let exprs: Vec<String> = self.exprs.iter().map(|e| e.to_string()).collect();
+        write!(
+            f,
+            "LlmWindowExec: chunk_rows={}, chunks={}, async_expr=[{}]",
+            self.window.chunk_rows,
+            self.window.chunks,
+            exprs.join(", ")
+        )
+    }
+}
+
+impl ExecutionPlan for LlmWindowExec {
+    fn name(&self) -> &str {
+        "LlmWindowExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        apply_expression_roots(
+            self.exprs
+                .iter()
+                .cloned()
+                .map(|e| e as Arc<dyn PhysicalExpr>),
+            f,
+        )
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let rebuilt = AsyncFuncExec::try_new(self.exprs.clone(), children.swap_remove(0))?;
+        Ok(Arc::new(LlmWindowExec::new(&rebuilt, self.window)?))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, Arc::clone(&context))?;
+        let schema = self.schema();
+        let exprs = Arc::new(self.exprs.clone());
+        let config = Arc::clone(context.session_config().options());
+        let chunk_rows = self.window.chunk_rows;
+        let chunks = input.flat_map(move |batch| {
+            let slices: Vec<Result<RecordBatch>> = match batch {
+                Ok(batch) => (0..batch.num_rows())
+                    .step_by(chunk_rows)
+                    .map(|start| Ok(batch.slice(start, chunk_rows.min(batch.num_rows() - start))))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(slices)
+        });
+        let out_schema = Arc::clone(&schema);
+        let evaluated = chunks
+            .map(move |chunk| {
+                let exprs = Arc::clone(&exprs);
+                let config = Arc::clone(&config);
+                let schema = Arc::clone(&out_schema);
+                async move {
+                    let chunk = chunk?;
+                    let outputs = try_join_all(
+                        exprs
+                            .iter()
+                            .map(|e| e.invoke_with_args(&chunk, Arc::clone(&config))),
+                    )
+                    .await?;
+                    let mut columns = chunk.columns().to_vec();
+                    for output in outputs {
+                        columns.push(output.to_array(chunk.num_rows())?);
+                    }
+                    Ok(RecordBatch::try_new(schema, columns)?)
+                }
+            })
+            .buffered(self.window.chunks);
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, evaluated)))
+    }
+}

@@ -1,0 +1,473 @@
+//! Dolma-style documents (`id`, `text`, `source`, `added`, `created`, `metadata`) from JSONL
+//! (plain, gzip, zstd) and Parquet, as the `documents` table: one streaming partition per file,
+//! decoded as it is read, never downloaded whole.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Builder, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
+use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use serde_json::Value;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::error::Error;
+use crate::job::BadLinePolicy;
+use crate::storage::{InputFile, InputFormat};
+
+/// Rows per batch built from JSON lines.
+const BATCH_ROWS: usize = 4096;
+
+/// Schema of the `documents` table.
+pub fn documents_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        // Nullable only so Parquet rows can be checked before they are filtered.
+        Field::new("text", DataType::Utf8, true),
+        Field::new("source", DataType::Utf8, true),
+        Field::new("added", DataType::Utf8, true),
+        Field::new("created", DataType::Utf8, true),
+        Field::new("metadata", DataType::Utf8, true),
+        Field::new("file", DataType::Utf8, false),
+        Field::new("line", DataType::Int64, false),
+    ]))
+}
+
+/// What ingest read and what it skipped, shared by every file's partition.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    inner: Mutex<IngestCounts>,
+}
+
+/// Counts of documents read and lines skipped (by reason).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IngestCounts {
+    /// Documents read.
+    pub documents: u64,
+    /// Malformed lines skipped under `on_bad_line = "skip"`, by reason.
+    pub skipped: BTreeMap<String, u64>,
+}
+
+impl IngestStats {
+    fn add_documents(&self, n: u64) {
+        self.inner.lock().expect("lock poisoned").documents += n;
+    }
+
+    fn add_skip(&self, reason: &str) {
+        *self
+            .inner
+            .lock()
+            .expect("lock poisoned")
+            .skipped
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
+    /// A copy of the counts so far.
+    pub fn snapshot(&self) -> IngestCounts {
+        self.inner.lock().expect("lock poisoned").clone()
+    }
+}
+
+/// Builds the `documents` table over `files`.
+pub fn documents_table(
+    files: Vec<InputFile>,
+    policy: BadLinePolicy,
+    stats: Arc<IngestStats>,
+) -> datafusion::error::Result<StreamingTable> {
+    let schema = documents_schema();
+    let partitions: Vec<Arc<dyn PartitionStream>> = files
+        .into_iter()
+        .map(|file| {
+            Arc::new(FilePartition {
+                file,
+                policy,
+                stats: Arc::clone(&stats),
+                schema: Arc::clone(&schema),
+            }) as Arc<dyn PartitionStream>
+        })
+        .collect();
+    StreamingTable::try_new(schema, partitions)
+}
+
+#[derive(Debug)]
+struct FilePartition {
+    file: InputFile,
+    policy: BadLinePolicy,
+    stats: Arc<IngestStats>,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for FilePartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let stream = match self.file.format {
+            InputFormat::Parquet => parquet_stream(self.file.clone(), self.policy, Arc::clone(&self.stats)),
+            _ => jsonl_stream(self.file.clone(), self.policy, Arc::clone(&self.stats)),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream))
+    }
+}
+
+type BatchStream = futures::stream::BoxStream<'static, datafusion::error::Result<RecordBatch>>;
+
+fn jsonl_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let handle = tokio::runtime::Handle::current();
+    // Decompression and JSON parsing are blocking CPU work: they run on a blocking thread
+    // that reads the object as a byte stream and sends batches back.
+    tokio::task::spawn_blocking(move || {
+        let result = read_jsonl(&handle, &file, policy, &stats, &tx);
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(DataFusionError::from(e)));
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
+) -> BatchStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+fn read_jsonl(
+    handle: &tokio::runtime::Handle,
+    file: &InputFile,
+    policy: BadLinePolicy,
+    stats: &IngestStats,
+    tx: &tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>,
+) -> Result<(), Error> {
+    let get = handle.block_on(file.store.get(&file.path))?;
+    let bytes = get
+        .into_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    let raw = SyncIoBridge::new_with_handle(StreamReader::new(bytes), handle.clone());
+    let decoded: Box<dyn Read> = match file.format {
+        InputFormat::JsonlGzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw))),
+        InputFormat::JsonlZstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| {
+            Error::Input {
+                file: file.display.clone(),
+                line: 0,
+                message: format!("not a zstd stream ({e}); check the file's extension"),
+            }
+        })?),
+        _ => Box::new(raw),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, decoded);
+    let mut batch = DocBatch::new(&file.display);
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| Error::Input {
+            file: file.display.clone(),
+            line: line_no + 1,
+            message: format!("cannot read or decompress: {e}"),
+        })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        match parse_line(&buf) {
+            Ok(None) => {}
+            Ok(Some(doc)) => {
+                batch.push(doc, line_no);
+                if batch.len() >= BATCH_ROWS {
+                    stats.add_documents(batch.len() as u64);
+                    if tx.blocking_send(Ok(batch.finish())).is_err() {
+                        return Ok(()); // the query was cancelled
+                    }
+                }
+            }
+            Err(problem) => match policy {
+                BadLinePolicy::Skip => stats.add_skip(problem.reason),
+                BadLinePolicy::Error => {
+                    return Err(Error::Input {
+                        file: file.display.clone(),
+                        line: line_no,
+                        message: format!(
+                            "{}; fix the line, or set [input] on_bad_line = \"skip\" to count and skip such lines",
+                            problem.message
+                        ),
+                    });
+                }
+            },
+        }
+    }
+    if batch.len() > 0 {
+        stats.add_documents(batch.len() as u64);
+        let _ = tx.blocking_send(Ok(batch.finish()));
+    }
+    Ok(())
+}
+
+/// One parsed document line.
+#[derive(Debug, PartialEq)]
+struct Doc {
+    id: Option<String>,
+    text: String,
+    source: Option<String>,
+    added: Option<String>,
+    created: Option<String>,
+    metadata: Option<String>,
+}
+
+struct LineProblem {
+    reason: &'static str,
+    message: String,
+}
+
+fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
+    let line = std::str::from_utf8(bytes).map_err(|e| LineProblem {
+        reason: "invalid_utf8",
+        message: format!("not valid UTF-8 ({e})"),
+    })?;
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_str(line).map_err(|e| LineProblem {
+        reason: "invalid_json",
+        message: format!("not valid JSON: {e}"),
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(LineProblem {
+            reason: "not_an_object",
+            message: "a document line must be a JSON object".to_string(),
+        });
+    };
+    let text = match obj.remove("text") {
+        Some(Value::String(s)) => s,
+        Some(Value::Null) | None => {
+            return Err(LineProblem {
+                reason: "missing_text",
+                message: "column 'text' is missing or null".to_string(),
+            });
+        }
+        Some(other) => {
+            return Err(LineProblem {
+                reason: "text_not_string",
+                message: format!("column 'text' must be a string, found {}", json_kind(&other)),
+            });
+        }
+    };
+    let mut scalar = |name: &str| match obj.remove(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+    };
+    Ok(Some(Doc {
+        id: scalar("id"),
+        source: scalar("source"),
+        added: scalar("added"),
+        created: scalar("created"),
+        metadata: obj.remove("metadata").filter(|m| !m.is_null()).map(|m| m.to_string()),
+        text,
+    }))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+struct DocBatch {
+    file: String,
+    file_stem: String,
+    doc_id: StringBuilder,
+    text: StringBuilder,
+    source: StringBuilder,
+    added: StringBuilder,
+    created: StringBuilder,
+    metadata: StringBuilder,
+    line: Int64Builder,
+    rows: usize,
+}
+
+impl DocBatch {
+    fn new(file: &str) -> Self {
+        let file_stem = file.rsplit('/').next().unwrap_or(file).to_string();
+        Self {
+            file: file.to_string(),
+            file_stem,
+            doc_id: StringBuilder::new(),
+            text: StringBuilder::new(),
+            source: StringBuilder::new(),
+            added: StringBuilder::new(),
+            created: StringBuilder::new(),
+            metadata: StringBuilder::new(),
+            line: Int64Builder::new(),
+            rows: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows
+    }
+
+    fn push(&mut self, doc: Doc, line: u64) {
+        // A document without an id is named by where it came from, which is stable across runs.
+        let id = doc.id.unwrap_or_else(|| format!("{}:{line}", self.file_stem));
+        self.doc_id.append_value(id);
+        self.text.append_value(doc.text);
+        self.source.append_option(doc.source);
+        self.added.append_option(doc.added);
+        self.created.append_option(doc.created);
+        self.metadata.append_option(doc.metadata);
+        self.line.append_value(line as i64);
+        self.rows += 1;
+    }
+
+    fn finish(&mut self) -> RecordBatch {
+        let rows = std::mem::take(&mut self.rows);
+        let file: StringArray = std::iter::repeat_n(Some(self.file.as_str()), rows).collect();
+        RecordBatch::try_new(
+            documents_schema(),
+            vec![
+                Arc::new(self.doc_id.finish()),
+                Arc::new(self.text.finish()),
+                Arc::new(self.source.finish()),
+                Arc::new(self.added.finish()),
+                Arc::new(self.created.finish()),
+                Arc::new(self.metadata.finish()),
+                Arc::new(file),
+                Arc::new(self.line.finish()),
+            ],
+        )
+        .expect("columns match documents_schema")
+    }
+}
+
+fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
+    let display = file.display.clone();
+    futures::stream::once(async move {
+        let reader = ParquetObjectReader::new(Arc::clone(&file.store), file.path.clone());
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(|e| input_error(&display, 0, format!("not a readable Parquet file: {e}")))?;
+        let stream = builder
+            .with_batch_size(BATCH_ROWS)
+            .build()
+            .map_err(|e| input_error(&display, 0, e.to_string()))?;
+        let mut first_row = 0u64;
+        let converted = stream.map(move |batch| {
+            let batch = batch.map_err(|e| input_error(&display, first_row + 1, e.to_string()))?;
+            let out = parquet_batch_to_documents(&batch, &display, first_row, policy, &stats)?;
+            first_row += batch.num_rows() as u64;
+            Ok(out)
+        });
+        Ok::<_, DataFusionError>(converted)
+    })
+    .try_flatten()
+    .boxed()
+}
+
+fn input_error(file: &str, line: u64, message: String) -> DataFusionError {
+    DataFusionError::from(Error::Input {
+        file: file.to_string(),
+        line,
+        message,
+    })
+}
+
+fn parquet_batch_to_documents(
+    batch: &RecordBatch,
+    file: &str,
+    first_row: u64,
+    policy: BadLinePolicy,
+    stats: &IngestStats,
+) -> datafusion::error::Result<RecordBatch> {
+    let n = batch.num_rows();
+    let column = |name: &str| -> datafusion::error::Result<Option<ArrayRef>> {
+        match batch.column_by_name(name) {
+            None => Ok(None),
+            Some(c) => match cast(c, &DataType::Utf8) {
+                Ok(c) => Ok(Some(c)),
+                // Nested metadata cannot be cast to text; it is left out rather than failing.
+                Err(_) if name == "metadata" => Ok(None),
+                Err(e) => Err(input_error(
+                    file,
+                    first_row + 1,
+                    format!("column '{name}' cannot be read as text: {e}"),
+                )),
+            },
+        }
+    };
+    let Some(text) = column("text")? else {
+        return Err(input_error(
+            file,
+            0,
+            "the file has no 'text' column; documents need one".to_string(),
+        ));
+    };
+    if let Some(row) = (0..n).find(|&i| text.is_null(i))
+        && policy == BadLinePolicy::Error
+    {
+        return Err(input_error(
+            file,
+            first_row + row as u64 + 1,
+            "column 'text' is null; fix the row, or set [input] on_bad_line = \"skip\"".to_string(),
+        ));
+    }
+    let file_stem = file.rsplit('/').next().unwrap_or(file);
+    let ids: StringArray = match column("id")? {
+        Some(ids) => {
+            let ids = ids.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+            (0..n)
+                .map(|i| {
+                    Some(if ids.is_null(i) {
+                        format!("{file_stem}:{}", first_row + i as u64 + 1)
+                    } else {
+                        ids.value(i).to_string()
+                    })
+                })
+                .collect()
+        }
+        None => (0..n)
+            .map(|i| Some(format!("{file_stem}:{}", first_row + i as u64 + 1)))
+            .collect(),
+    };
+    let nulls = || -> ArrayRef { Arc::new(StringArray::new_null(n)) };
+    let lines: datafusion::arrow::array::Int64Array =
+        (0..n).map(|i| Some((first_row + i as u64 + 1) as i64)).collect();
+    let out = RecordBatch::try_new(
+        documents_schema(),
+        vec![
+            Arc::new(ids),
+            Arc::clone(&text),
+            column("source")?.unwrap_or_else(nulls),
+            column("added")?.unwrap_or_else(nulls),
+            column("created")?.unwrap_or_else(nulls),
+            column("metadata")?.unwrap_or_else(nulls),
+            Arc::new(std::iter::repeat_n(Some(file), n).collect::<StringArray>()),
+            Arc::new(lines),
+        ],
+    )?;
+    let keep: datafusion::arrow::array::BooleanArray = (0..n).map(|i| Some(!text.is_null(i))).collect();
+    let skipped = n - keep.true_count();
+    for _ in 0..skipped {
+        stats.add_skip("missing_text");
+    }
+    stats.add_documents((n - skipped) as u64);
+    Ok(if skipped > 0 { filter_record_batch(&out, &keep)? } else { out })
+}

@@ -1,0 +1,613 @@
+//! The job file as written (TOML, [`JobFile`]) and the resolved job a run executes ([`Job`]).
+//!
+//! Relative paths inside a job file are relative to the job file's directory, so a job runs the
+//! same from any working directory. Secrets never live here: a model names the environment
+//! variable that holds its API key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::job_err;
+use crate::text::CandidateMode;
+
+/// What to do with a malformed input line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadLinePolicy {
+    /// Stop the run with an error naming file and line.
+    #[default]
+    Error,
+    /// Skip the line and count it as a drop of the `candidates` stage.
+    Skip,
+}
+
+/// Which OpenAI-compatible API a model is called through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /chat/completions` with one user message (and an optional system message).
+    #[default]
+    Chat,
+    /// `POST /completions` with the rendered prompt as is (base or fine-tuned base models).
+    Completions,
+}
+
+/// A job file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    /// Name shown in logs and the run summary; defaults to the file name.
+    pub name: Option<String>,
+    /// Where the documents come from.
+    pub input: InputConfig,
+    /// Output root (path or URL); every stage writes `<output>/<stage>/`.
+    pub output: String,
+    /// Candidate preparation.
+    #[serde(default)]
+    pub prepare: PrepareConfig,
+    /// Self-curation threshold.
+    #[serde(default)]
+    pub curate: CurateConfig,
+    /// Model roles (`backward`, `scorer`, `rewriter`, or any name a function refers to).
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Per-function overrides of role, template, system message and output length.
+    #[serde(default)]
+    pub functions: BTreeMap<String, FunctionConfig>,
+    /// The stages in order; absent means the paper's pipeline without `distilled`.
+    pub stages: Option<Vec<StageConfig>>,
+    /// Free-form values available to stage SQL as `{{ params.NAME }}`.
+    #[serde(default)]
+    pub params: toml::Table,
+    /// Engine settings.
+    #[serde(default)]
+    pub execution: ExecutionConfig,
+}
+
+/// `[input]`: document files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Files, directories or globs (local), or URLs (`s3://bucket/prefix/`).
+    pub paths: Vec<String>,
+    /// `error` (default) stops at a malformed line; `skip` counts and skips it.
+    #[serde(default)]
+    pub on_bad_line: BadLinePolicy,
+}
+
+/// `[prepare]`: how documents become candidates.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareConfig {
+    /// `document` (BaF, default) or `segments` (Humpback).
+    pub mode: Option<CandidateMode>,
+    /// Minimum characters of a candidate (default: 1 for documents, 600 for segments).
+    pub min_chars: Option<usize>,
+    /// Maximum characters of a candidate, 0 for none (default: 0 for documents, 3000 for segments).
+    pub max_chars: Option<usize>,
+    /// Maximum tokens of a candidate (default 3500: just under a 4,096-token context once the
+    /// prompt's instructions are added).
+    pub max_tokens: Option<usize>,
+    /// `cl100k_base`, `o200k_base`, or a path to the served model's `tokenizer.json`.
+    pub tokenizer: Option<String>,
+    /// Word-trigram Jaccard similarity at which two sentences count as repeats (segments mode).
+    pub repeat_jaccard: Option<f64>,
+}
+
+/// `[curate]`: which scores are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurateConfig {
+    /// Keep pairs scoring at least this (BaF keeps 5, Humpback's k=4 keeps 4 and 5).
+    #[serde(default = "default_threshold")]
+    pub threshold: i64,
+}
+
+impl Default for CurateConfig {
+    fn default() -> Self {
+        Self {
+            threshold: default_threshold(),
+        }
+    }
+}
+
+fn default_threshold() -> i64 {
+    5
+}
+
+/// `[models.ROLE]`: an endpoint, a model name and sampling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Base URL of an OpenAI-compatible API (`http://host:8000/v1`), or `mock`.
+    pub endpoint: String,
+    /// Model name sent in each request.
+    pub model: String,
+    /// `chat` (default) or `completions`.
+    #[serde(default)]
+    pub api: Api,
+    /// Environment variable holding the API key (default `OPENAI_API_KEY`; unset means none).
+    pub api_key_env: Option<String>,
+    /// Sampling temperature (papers: 1.0).
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass (papers: 0.9).
+    pub top_p: Option<f64>,
+    /// Maximum tokens generated per request.
+    pub max_tokens: Option<u32>,
+    /// Cap on requests in flight to this endpoint, shared by every stage and partition.
+    pub concurrency: Option<usize>,
+    /// Seconds before a request is abandoned and retried.
+    pub timeout_secs: Option<u64>,
+    /// Attempts per request before the row gets an error value.
+    pub max_attempts: Option<u32>,
+    /// Extra JSON fields merged into each request body (e.g. vLLM's `repetition_penalty`).
+    pub extra: Option<toml::Table>,
+}
+
+/// `[functions.NAME]`: overrides for one LLM function.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Model role the function calls.
+    pub model: Option<String>,
+    /// Path of a prompt template replacing the built-in one.
+    pub template: Option<String>,
+    /// System message sent before the prompt (chat API only).
+    pub system: Option<String>,
+    /// Maximum tokens generated, overriding the role's.
+    pub max_tokens: Option<u32>,
+}
+
+/// `[[stages]]`: one stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage and output table name.
+    pub name: String,
+    /// Path of the stage's SQL; built-in stages have a default.
+    pub sql: Option<String>,
+}
+
+/// `[execution]`: engine settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// Partitions DataFusion plans with (default: number of cores).
+    pub target_partitions: Option<usize>,
+    /// Rows a stage writes per Parquet file before starting the next (default 1,000,000).
+    pub rows_per_file: Option<usize>,
+}
+
+/// Overrides given on the command line; they win over the job file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replaces `[input] paths` (paths relative to the working directory).
+    pub inputs: Vec<String>,
+    /// Replaces `output` (relative to the working directory).
+    pub output: Option<String>,
+    /// Sets every model role's endpoint.
+    pub endpoint: Option<String>,
+    /// Sets every model role's model name.
+    pub model: Option<String>,
+    /// Sets every endpoint's cap on requests in flight.
+    pub concurrency: Option<usize>,
+}
+
+/// The built-in stages of the paper's pipeline, in order, with their SQL.
+pub const BUILTIN_STAGES: &[(&str, &str)] = &[
+    ("candidates", include_str!("../sql/candidates.sql")),
+    ("backtranslated", include_str!("../sql/backtranslated.sql")),
+    ("scored", include_str!("../sql/scored.sql")),
+    ("curated", include_str!("../sql/curated.sql")),
+    ("rewritten", include_str!("../sql/rewritten.sql")),
+    ("distilled", include_str!("../sql/distilled.sql")),
+];
+
+/// Verb-style names users type for built-in stages (`--stages prepare`).
+const STAGE_ALIASES: &[(&str, &str)] = &[
+    ("prepare", "candidates"),
+    ("backtranslate", "backtranslated"),
+    ("score", "scored"),
+    ("curate", "curated"),
+    ("rewrite", "rewritten"),
+    ("distill", "distilled"),
+];
+
+/// The LLM functions: name, default model role, default template.
+pub const BUILTIN_FUNCTIONS: &[(&str, &str, &str)] = &[
+    ("backtranslate", "backward", include_str!("prompts/backtranslate.txt")),
+    ("score_pair", "scorer", include_str!("prompts/score_pair.txt")),
+    ("rewrite", "rewriter", include_str!("prompts/rewrite.txt")),
+    ("answer", "rewriter", include_str!("prompts/answer.txt")),
+];
+
+/// A resolved model role.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelSpec {
+    /// Role name.
+    pub role: String,
+    /// Base URL, or `mock`.
+    pub endpoint: String,
+    /// Model name.
+    pub model: String,
+    /// Chat or completions.
+    pub api: Api,
+    /// Name of the environment variable with the API key (the key itself is never stored).
+    pub api_key_env: String,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus mass.
+    pub top_p: f64,
+    /// Maximum generated tokens.
+    pub max_tokens: u32,
+    /// Cap on requests in flight to the endpoint.
+    pub concurrency: usize,
+    /// Per-request timeout in seconds.
+    pub timeout_secs: u64,
+    /// Attempts per request.
+    pub max_attempts: u32,
+    /// Extra request-body fields.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A resolved LLM function.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FunctionSpec {
+    /// SQL name of the function.
+    pub name: String,
+    /// The model role it calls.
+    pub role: String,
+    /// Prompt template text (minijinja).
+    pub template: String,
+    /// Optional system message.
+    pub system: Option<String>,
+    /// Maximum generated tokens.
+    pub max_tokens: u32,
+}
+
+/// A resolved stage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StageSpec {
+    /// Stage and table name.
+    pub name: String,
+    /// The SQL template text.
+    pub sql: String,
+}
+
+/// Resolved candidate preparation settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PrepareSpec {
+    /// Document or segments.
+    pub mode: CandidateMode,
+    /// Minimum characters.
+    pub min_chars: usize,
+    /// Maximum characters (0: none).
+    pub max_chars: usize,
+    /// Maximum tokens.
+    pub max_tokens: usize,
+    /// Tokenizer spec.
+    pub tokenizer: String,
+    /// Sentence-repeat similarity threshold.
+    pub repeat_jaccard: f64,
+}
+
+/// A job ready to run: defaults applied, overrides applied, templates loaded.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Job name.
+    pub name: String,
+    /// Directory relative paths of the job file were resolved against.
+    pub base_dir: PathBuf,
+    /// Input locations (paths or URLs).
+    pub inputs: Vec<String>,
+    /// Malformed-line policy.
+    pub on_bad_line: BadLinePolicy,
+    /// Output root (path or URL).
+    pub output: String,
+    /// Candidate preparation.
+    pub prepare: PrepareSpec,
+    /// Curation threshold.
+    pub threshold: i64,
+    /// Model roles by name.
+    pub models: BTreeMap<String, ModelSpec>,
+    /// LLM functions.
+    pub functions: Vec<FunctionSpec>,
+    /// Stages in order.
+    pub stages: Vec<StageSpec>,
+    /// Free-form SQL parameters.
+    pub params: toml::Table,
+    /// Engine settings.
+    pub execution: ExecutionConfig,
+}
+
+impl Job {
+    /// Reads and resolves the job file at `path`, applying `overrides`.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Job(format!("cannot read job file {}: {e}", path.display())))?;
+        let file: JobFile = toml::from_str(&text)
+            .map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
+        let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let default_name = path
+            .file_stem()
+            .map_or("job".to_string(), |s| s.to_string_lossy().into_owned());
+        Self::resolve(file, base_dir, default_name, overrides)
+    }
+
+    /// Resolves a parsed job file; relative paths are taken against `base_dir`.
+    pub fn resolve(
+        file: JobFile,
+        base_dir: PathBuf,
+        default_name: String,
+        overrides: &Overrides,
+    ) -> Result<Self> {
+        let rel = |p: &str| resolve_path(&base_dir, p);
+        let inputs = if overrides.inputs.is_empty() {
+            file.input.paths.iter().map(|p| rel(p)).collect()
+        } else {
+            overrides.inputs.clone()
+        };
+        if inputs.is_empty() {
+            return job_err!("no input: set [input] paths in the job or pass --input");
+        }
+        let output = overrides.output.clone().unwrap_or_else(|| rel(&file.output));
+        let prepare = resolve_prepare(&file.prepare);
+        let models = resolve_models(&file.models, overrides)?;
+        let functions = resolve_functions(&file.functions, &models, &base_dir)?;
+        let stages = resolve_stages(file.stages.as_deref(), &base_dir)?;
+        if !(1..=5).contains(&file.curate.threshold) {
+            return job_err!(
+                "[curate] threshold = {} is outside the 1-5 score scale",
+                file.curate.threshold
+            );
+        }
+        Ok(Self {
+            name: file.name.unwrap_or(default_name),
+            base_dir,
+            inputs,
+            on_bad_line: file.input.on_bad_line,
+            output,
+            prepare,
+            threshold: file.curate.threshold,
+            models,
+            functions,
+            stages,
+            params: file.params,
+            execution: file.execution,
+        })
+    }
+
+    /// The stage names to run for `--stages a,b` (aliases accepted), in job order.
+    pub fn select_stages(&self, requested: &[String]) -> Result<Vec<String>> {
+        if requested.is_empty() {
+            return Ok(self.stages.iter().map(|s| s.name.clone()).collect());
+        }
+        let mut wanted = Vec::new();
+        for name in requested {
+            let name = canonical_stage_name(name);
+            if !self.stages.iter().any(|s| s.name == name) {
+                let known: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+                return job_err!(
+                    "--stages names '{name}', which this job does not have (stages: {})",
+                    known.join(", ")
+                );
+            }
+            wanted.push(name.to_string());
+        }
+        Ok(self
+            .stages
+            .iter()
+            .filter(|s| wanted.contains(&s.name))
+            .map(|s| s.name.clone())
+            .collect())
+    }
+}
+
+/// Maps a verb alias (`prepare`) to its stage name (`candidates`); other names pass through.
+pub fn canonical_stage_name(name: &str) -> &str {
+    STAGE_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, stage)| stage)
+}
+
+/// Resolves `p` against `base` unless it is absolute or a URL.
+pub fn resolve_path(base: &Path, p: &str) -> String {
+    if p.contains("://") || Path::new(p).is_absolute() {
+        p.to_string()
+    } else {
+        base.join(p).to_string_lossy().into_owned()
+    }
+}
+
+fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
+    let mode = cfg.mode.unwrap_or(CandidateMode::Document);
+    let (min_chars, max_chars) = match mode {
+        CandidateMode::Document => (1, 0),
+        CandidateMode::Segments => (600, 3000),
+    };
+    PrepareSpec {
+        mode,
+        min_chars: cfg.min_chars.unwrap_or(min_chars),
+        max_chars: cfg.max_chars.unwrap_or(max_chars),
+        max_tokens: cfg.max_tokens.unwrap_or(3500),
+        tokenizer: cfg
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| "cl100k_base".to_string()),
+        repeat_jaccard: cfg.repeat_jaccard.unwrap_or(0.7),
+    }
+}
+
+/// Default output length per role: instructions are short, judgements carry reasoning,
+/// rewrites are as long as the documents they rewrite.
+fn default_max_tokens(role: &str) -> u32 {
+    match role {
+        "backward" => 256,
+        "scorer" => 512,
+        _ => 2048,
+    }
+}
+
+fn resolve_models(
+    cfgs: &BTreeMap<String, ModelConfig>,
+    overrides: &Overrides,
+) -> Result<BTreeMap<String, ModelSpec>> {
+    let mut roles: Vec<String> = cfgs.keys().cloned().collect();
+    for (_, role, _) in BUILTIN_FUNCTIONS {
+        if !roles.iter().any(|r| r == role) {
+            roles.push(role.to_string());
+        }
+    }
+    let mut out = BTreeMap::new();
+    for role in roles {
+        let cfg = cfgs.get(&role);
+        let endpoint = overrides
+            .endpoint
+            .clone()
+            .or_else(|| cfg.map(|c| c.endpoint.clone()))
+            .unwrap_or_else(|| "mock".to_string());
+        let model = overrides
+            .model
+            .clone()
+            .or_else(|| cfg.map(|c| c.model.clone()))
+            .unwrap_or_else(|| role.clone());
+        if endpoint != "mock" && !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+            return job_err!(
+                "[models.{role}] endpoint '{endpoint}' is neither an http(s) URL nor 'mock'"
+            );
+        }
+        let spec = ModelSpec {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            model,
+            api: cfg.map(|c| c.api).unwrap_or_default(),
+            api_key_env: cfg
+                .and_then(|c| c.api_key_env.clone())
+                .unwrap_or_else(|| "OPENAI_API_KEY".to_string()),
+            temperature: cfg.and_then(|c| c.temperature).unwrap_or(1.0),
+            top_p: cfg.and_then(|c| c.top_p).unwrap_or(0.9),
+            max_tokens: cfg
+                .and_then(|c| c.max_tokens)
+                .unwrap_or_else(|| default_max_tokens(&role)),
+            concurrency: overrides
+                .concurrency
+                .or_else(|| cfg.and_then(|c| c.concurrency))
+                .unwrap_or(64),
+            timeout_secs: cfg.and_then(|c| c.timeout_secs).unwrap_or(600),
+            max_attempts: cfg.and_then(|c| c.max_attempts).unwrap_or(5).max(1),
+            extra: match cfg.and_then(|c| c.extra.clone()) {
+                Some(table) => match serde_json::to_value(table) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    _ => return job_err!("[models.{role}] extra must be a table"),
+                },
+                None => serde_json::Map::new(),
+            },
+            role: role.clone(),
+        };
+        if spec.concurrency == 0 {
+            return job_err!("[models.{role}] concurrency must be at least 1");
+        }
+        out.insert(role, spec);
+    }
+    Ok(out)
+}
+
+fn resolve_functions(
+    cfgs: &BTreeMap<String, FunctionConfig>,
+    models: &BTreeMap<String, ModelSpec>,
+    base_dir: &Path,
+) -> Result<Vec<FunctionSpec>> {
+    if let Some(unknown) = cfgs
+        .keys()
+        .find(|k| !BUILTIN_FUNCTIONS.iter().any(|(name, _, _)| name == k))
+    {
+        let known: Vec<&str> = BUILTIN_FUNCTIONS.iter().map(|f| f.0).collect();
+        return job_err!(
+            "[functions.{unknown}] is not an LLM function (functions: {})",
+            known.join(", ")
+        );
+    }
+    BUILTIN_FUNCTIONS
+        .iter()
+        .map(|(name, default_role, default_template)| {
+            let cfg = cfgs.get(*name).cloned().unwrap_or_default();
+            let role = cfg.model.unwrap_or_else(|| default_role.to_string());
+            let Some(model) = models.get(&role) else {
+                return job_err!("[functions.{name}] uses model role '{role}', which [models] does not define");
+            };
+            let template = match cfg.template {
+                Some(path) => {
+                    let path = base_dir.join(path);
+                    std::fs::read_to_string(&path).map_err(|e| {
+                        Error::Job(format!(
+                            "[functions.{name}] template {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                }
+                None => default_template.to_string(),
+            };
+            Ok(FunctionSpec {
+                name: name.to_string(),
+                role,
+                template,
+                system: cfg.system,
+                max_tokens: cfg.max_tokens.unwrap_or(model.max_tokens),
+            })
+        })
+        .collect()
+}
+
+fn resolve_stages(cfgs: Option<&[StageConfig]>, base_dir: &Path) -> Result<Vec<StageSpec>> {
+    let default: Vec<StageConfig> = BUILTIN_STAGES
+        .iter()
+        .filter(|(name, _)| *name != "distilled")
+        .map(|(name, _)| StageConfig {
+            name: name.to_string(),
+            sql: None,
+        })
+        .collect();
+    let cfgs = cfgs.unwrap_or(&default);
+    let mut out: Vec<StageSpec> = Vec::new();
+    for cfg in cfgs {
+        let valid = !cfg.name.is_empty()
+            && cfg
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid || cfg.name == "documents" {
+            return job_err!(
+                "stage name '{}' must be lower-case letters, digits and '_', and not 'documents'",
+                cfg.name
+            );
+        }
+        if out.iter().any(|s| s.name == cfg.name) {
+            return job_err!("stage '{}' appears twice", cfg.name);
+        }
+        let sql = match &cfg.sql {
+            Some(path) => {
+                let path = base_dir.join(path);
+                std::fs::read_to_string(&path).map_err(|e| {
+                    Error::Job(format!("stage '{}' sql {}: {e}", cfg.name, path.display()))
+                })?
+            }
+            None => match BUILTIN_STAGES.iter().find(|(n, _)| *n == cfg.name) {
+                Some((_, sql)) => sql.to_string(),
+                None => {
+                    return job_err!(
+                        "stage '{}' is not built in, so it needs `sql = \"path/to.sql\"`",
+                        cfg.name
+                    );
+                }
+            },
+        };
+        out.push(StageSpec {
+            name: cfg.name.clone(),
+            sql,
+        });
+    }
+    Ok(out)
+}

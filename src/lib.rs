@@ -1,0 +1,20 @@
+//! backforth: instruction back-and-forth translation as a columnar dataflow.
+//!
+//! Web documents become candidate responses (`prepare`), an LLM writes the instruction each
+//! answers (`backtranslate`), an LLM scores each pair and SQL keeps the best (`score`,
+//! `curate`), and an LLM rewrites each kept text into an assistant-quality answer (`rewrite`).
+//! Stages are SQL over Parquet run by DataFusion; LLM calls are async UDFs.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod error;
+pub mod exec;
+pub mod export;
+pub mod ingest;
+pub mod job;
+pub mod llm;
+pub mod pipeline;
+pub mod storage;
+pub mod text;
+pub mod tokens;
+pub mod udf;

@@ -1,0 +1,550 @@
+//! The LLM client: OpenAI-compatible chat and completions over HTTP, or the offline `mock`.
+//!
+//! One [`Endpoint`] per base URL holds the cap on requests in flight, shared by every stage and
+//! partition of the process; retries with backoff and jitter happen inside a call, so a row
+//! only fails after its last attempt. Identical requests in flight at the same time are sent
+//! once. Failures become values ([`Reply::error`]) rather than errors: one bad row never stops
+//! a stage.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::job::{Api, ModelSpec};
+
+/// What one LLM call produced, success or not.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    /// Generated text (`None` when the call failed).
+    pub text: Option<String>,
+    /// `stop`, `length`, ... as the server reported it.
+    pub finish_reason: Option<String>,
+    /// Prompt tokens from the server's `usage`.
+    pub prompt_tokens: Option<i64>,
+    /// Completion tokens from the server's `usage`.
+    pub completion_tokens: Option<i64>,
+    /// Wall time of the call including retries, in milliseconds.
+    pub latency_ms: i64,
+    /// HTTP attempts made (0 when no request was sent).
+    pub attempts: i32,
+    /// Why the call failed after its last attempt.
+    pub error: Option<String>,
+    /// True when the answer came without a request of this row's own (shared with an
+    /// identical request in flight).
+    pub cached: bool,
+}
+
+/// One request, fully rendered.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// LLM function that asks (`backtranslate`, ...); the mock answers according to it.
+    pub task: String,
+    /// The rendered prompt.
+    pub prompt: String,
+    /// Optional system message (chat API).
+    pub system: Option<String>,
+    /// Maximum generated tokens.
+    pub max_tokens: u32,
+}
+
+/// Counters of one endpoint, for run summaries and tests.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// HTTP requests sent, retries included.
+    pub requests: AtomicU64,
+    /// Calls answered by sharing an identical call in flight.
+    pub shared: AtomicU64,
+    /// Calls that failed after their last attempt.
+    pub failures: AtomicU64,
+    /// Prompt tokens reported by the server.
+    pub prompt_tokens: AtomicU64,
+    /// Completion tokens reported by the server.
+    pub completion_tokens: AtomicU64,
+}
+
+/// A snapshot of [`EndpointStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// HTTP requests sent, retries included.
+    pub requests: u64,
+    /// Calls answered by sharing an identical call in flight.
+    pub shared: u64,
+    /// Calls that failed after their last attempt.
+    pub failures: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Counts accrued since `earlier`.
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            requests: self.requests - earlier.requests,
+            shared: self.shared - earlier.shared,
+            failures: self.failures - earlier.failures,
+            prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
+            completion_tokens: self.completion_tokens - earlier.completion_tokens,
+        }
+    }
+
+    /// Sum of two snapshots.
+    pub fn plus(&self, other: &Usage) -> Usage {
+        Usage {
+            requests: self.requests + other.requests,
+            shared: self.shared + other.shared,
+            failures: self.failures + other.failures,
+            prompt_tokens: self.prompt_tokens + other.prompt_tokens,
+            completion_tokens: self.completion_tokens + other.completion_tokens,
+        }
+    }
+}
+
+/// An API key read from the environment; never printed.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+type InFlight = Shared<BoxFuture<'static, Reply>>;
+
+/// One server (base URL) and everything shared by the calls to it.
+#[derive(Debug)]
+pub struct Endpoint {
+    base_url: String,
+    http: reqwest::Client,
+    slots: Arc<Semaphore>,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    stats: EndpointStats,
+}
+
+impl Endpoint {
+    fn new(base_url: &str, concurrency: usize, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(concurrency)
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self {
+            base_url: base_url.to_string(),
+            http,
+            slots: Arc::new(Semaphore::new(concurrency)),
+            in_flight: Mutex::new(HashMap::new()),
+            stats: EndpointStats::default(),
+        }
+    }
+
+    /// Snapshot of this endpoint's counters.
+    pub fn usage(&self) -> Usage {
+        let s = &self.stats;
+        Usage {
+            requests: s.requests.load(Ordering::Relaxed),
+            shared: s.shared.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Base URL (or `mock`).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+}
+
+/// A model role bound to its endpoint: what an LLM function calls.
+#[derive(Debug, Clone)]
+pub struct ModelClient {
+    spec: ModelSpec,
+    endpoint: Arc<Endpoint>,
+    key: Option<ApiKey>,
+}
+
+impl ModelClient {
+    /// The role's resolved settings.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The endpoint this role sends to.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// A stable hash of everything that determines the answer: model, API, sampling and the
+    /// rendered request. Equal keys mean an answer can be reused.
+    pub fn request_key(&self, req: &Request) -> String {
+        let s = &self.spec;
+        let mut h = Sha256::new();
+        for part in [
+            s.model.as_str(),
+            if s.api == Api::Chat { "chat" } else { "completions" },
+            &s.temperature.to_string(),
+            &s.top_p.to_string(),
+            &req.max_tokens.to_string(),
+            &serde_json::to_string(&s.extra).unwrap_or_default(),
+            req.system.as_deref().unwrap_or(""),
+            &req.prompt,
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Sends `req` (or joins an identical request already in flight) and returns its reply.
+    pub async fn call(&self, req: Request) -> Reply {
+        let key = self.request_key(&req);
+        let (future, leader) = {
+            let mut map = self.endpoint.in_flight.lock().expect("lock poisoned");
+            match map.get(&key) {
+                Some(existing) => (existing.clone(), false),
+                None => {
+                    let this = self.clone();
+                    let done_key = key.clone();
+                    // The entry goes when the call ends, even if the row that started it was
+                    // cancelled meanwhile and a follower finished the work.
+                    let fut = async move {
+                        let reply = this.call_uncached(&req).await;
+                        this.endpoint
+                            .in_flight
+                            .lock()
+                            .expect("lock poisoned")
+                            .remove(&done_key);
+                        reply
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key.clone(), fut.clone());
+                    (fut, true)
+                }
+            }
+        };
+        let mut reply = future.await;
+        if !leader {
+            self.endpoint.stats.shared.fetch_add(1, Ordering::Relaxed);
+            reply.cached = true;
+        }
+        reply
+    }
+
+    async fn call_uncached(&self, req: &Request) -> Reply {
+        let started = Instant::now();
+        let mut reply = if self.endpoint.base_url == "mock" {
+            mock_reply(req)
+        } else {
+            self.call_http(req).await
+        };
+        reply.latency_ms = started.elapsed().as_millis() as i64;
+        let stats = &self.endpoint.stats;
+        if reply.error.is_some() {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.prompt_tokens.fetch_add(
+            reply.prompt_tokens.unwrap_or(0).max(0) as u64,
+            Ordering::Relaxed,
+        );
+        stats.completion_tokens.fetch_add(
+            reply.completion_tokens.unwrap_or(0).max(0) as u64,
+            Ordering::Relaxed,
+        );
+        reply
+    }
+
+    async fn call_http(&self, req: &Request) -> Reply {
+        let (url, body) = self.request_body(req);
+        let max_attempts = self.spec.max_attempts as i32;
+        let mut last_error = String::new();
+        for attempt in 1..=max_attempts {
+            let outcome = {
+                // Hold a slot only while the request is on the wire, not while backing off.
+                let _slot = self
+                    .endpoint
+                    .slots
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+                self.send_once(&url, &body).await
+            };
+            match outcome {
+                Ok(mut reply) => {
+                    reply.attempts = attempt;
+                    return reply;
+                }
+                Err(Failure::Fatal(msg)) => {
+                    return Reply {
+                        attempts: attempt,
+                        error: Some(msg),
+                        ..Reply::default()
+                    };
+                }
+                Err(Failure::Retry { message, after }) => {
+                    last_error = message;
+                    if attempt < max_attempts {
+                        tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt))).await;
+                    }
+                }
+            }
+        }
+        Reply {
+            attempts: max_attempts,
+            error: Some(format!("gave up after {max_attempts} attempts: {last_error}")),
+            ..Reply::default()
+        }
+    }
+
+    fn request_body(&self, req: &Request) -> (String, Value) {
+        let s = &self.spec;
+        let mut body = match s.api {
+            Api::Chat => {
+                let mut messages = Vec::new();
+                if let Some(system) = &req.system {
+                    messages.push(json!({"role": "system", "content": system}));
+                }
+                messages.push(json!({"role": "user", "content": req.prompt}));
+                json!({"model": s.model, "messages": messages})
+            }
+            Api::Completions => json!({"model": s.model, "prompt": req.prompt}),
+        };
+        let obj = body.as_object_mut().expect("built as an object");
+        obj.insert("temperature".into(), json!(s.temperature));
+        obj.insert("top_p".into(), json!(s.top_p));
+        obj.insert("max_tokens".into(), json!(req.max_tokens));
+        for (k, v) in &s.extra {
+            obj.insert(k.clone(), v.clone());
+        }
+        let path = match s.api {
+            Api::Chat => "chat/completions",
+            Api::Completions => "completions",
+        };
+        (format!("{}/{path}", self.endpoint.base_url), body)
+    }
+
+    async fn send_once(&self, url: &str, body: &Value) -> Result<Reply, Failure> {
+        let mut request = self.endpoint.http.post(url).json(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(&key.0);
+        }
+        let response = request.send().await.map_err(|e| Failure::Retry {
+            message: describe_reqwest_error(&e),
+            after: None,
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 600.0)));
+        let text = response.text().await.map_err(|e| Failure::Retry {
+            message: format!("reading the body: {}", describe_reqwest_error(&e)),
+            after: None,
+        })?;
+        if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+            return Err(Failure::Retry {
+                message: format!("HTTP {status}: {}", snippet(&text)),
+                after: retry_after,
+            });
+        }
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Err(Failure::Fatal(format!(
+                "HTTP {status}: the server refused the credentials; check ${}",
+                self.spec.api_key_env
+            )));
+        }
+        if !status.is_success() {
+            return Err(Failure::Fatal(format!("HTTP {status}: {}", snippet(&text))));
+        }
+        parse_completion(&text, self.spec.api).map_err(|message| Failure::Retry {
+            message,
+            after: None,
+        })
+    }
+}
+
+enum Failure {
+    Retry {
+        message: String,
+        after: Option<Duration>,
+    },
+    Fatal(String),
+}
+
+/// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.
+fn backoff(attempt: i32) -> Duration {
+    let cap = (0.5 * 2f64.powi(attempt - 1)).min(30.0);
+    Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
+}
+
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        // Without the URL: it is known to the caller and may carry credentials.
+        e.without_url_ref().to_string()
+    }
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut msg = self.to_string();
+        if let Some(url) = self.url() {
+            msg = msg.replace(url.as_str(), "<url>");
+        }
+        msg
+    }
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace('\n', " ")
+}
+
+/// Parses an OpenAI-compatible chat or completions response body.
+pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("malformed response body: {e}"))?;
+    let choice = v
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| format!("response has no choices: {}", snippet(body)))?;
+    let text = match api {
+        Api::Chat => choice.pointer("/message/content"),
+        Api::Completions => choice.get("text"),
+    }
+    .and_then(Value::as_str)
+    .ok_or_else(|| format!("response choice has no text: {}", snippet(body)))?;
+    let usage = v.get("usage");
+    let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
+    Ok(Reply {
+        text: Some(text.to_string()),
+        finish_reason: choice
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+        ..Reply::default()
+    })
+}
+
+/// The offline stand-in for a server: deterministic answers made from a hash of the prompt,
+/// shaped like what each task expects. It is for trying the pipeline, not for real data.
+pub fn mock_reply(req: &Request) -> Reply {
+    let digest = Sha256::digest(req.prompt.as_bytes());
+    let h = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+    let tail = prompt_tail(&req.prompt);
+    let text = match req.task.as_str() {
+        "backtranslate" => {
+            let topic: Vec<&str> = tail.split_whitespace().take(6).collect();
+            format!("Can you explain {}?", topic.join(" ").trim_end_matches(['.', ',', ':']))
+        }
+        "score_pair" => format!(
+            "The answer covers the request with {} detail.\nScore: {}",
+            ["little", "some", "reasonable", "good", "excellent"][(h % 5) as usize],
+            1 + h % 5
+        ),
+        "rewrite" => format!("[RES]\n{}\n[/RES]", tail.trim()),
+        _ => format!("Here is a short answer.\n\n{}", tail.trim()),
+    };
+    let words = |s: &str| s.split_whitespace().count() as i64;
+    Reply {
+        prompt_tokens: Some(words(&req.prompt)),
+        completion_tokens: Some(words(&text)),
+        text: Some(text),
+        finish_reason: Some("stop".to_string()),
+        attempts: 1,
+        ..Reply::default()
+    }
+}
+
+/// The last labelled block of a built-in prompt (the document or draft), or the whole prompt.
+fn prompt_tail(prompt: &str) -> &str {
+    ["Draft response:\n", "Answer:\n", "Text:\n"]
+        .iter()
+        .find_map(|label| prompt.rfind(label).map(|i| &prompt[i + label.len()..]))
+        .unwrap_or(prompt)
+}
+
+/// All endpoints of a run, one per base URL, and the model roles bound to them.
+#[derive(Debug, Default)]
+pub struct LlmPool {
+    endpoints: HashMap<String, Arc<Endpoint>>,
+    models: HashMap<String, ModelClient>,
+}
+
+impl LlmPool {
+    /// Builds one endpoint per distinct base URL. Roles sharing a server share its cap, which
+    /// is the largest cap any of them asks for.
+    pub fn new<'a>(models: impl IntoIterator<Item = &'a ModelSpec>) -> Self {
+        let models: Vec<&ModelSpec> = models.into_iter().collect();
+        let mut pool = LlmPool::default();
+        for spec in &models {
+            let cap = models
+                .iter()
+                .filter(|m| m.endpoint == spec.endpoint)
+                .map(|m| m.concurrency)
+                .max()
+                .unwrap_or(spec.concurrency);
+            let timeout = Duration::from_secs(spec.timeout_secs.max(1));
+            let endpoint = pool
+                .endpoints
+                .entry(spec.endpoint.clone())
+                .or_insert_with(|| Arc::new(Endpoint::new(&spec.endpoint, cap, timeout)))
+                .clone();
+            let key = std::env::var(&spec.api_key_env)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .map(ApiKey);
+            pool.models.insert(
+                spec.role.clone(),
+                ModelClient {
+                    spec: (*spec).clone(),
+                    endpoint,
+                    key,
+                },
+            );
+        }
+        pool
+    }
+
+    /// The client for a model role.
+    pub fn model(&self, role: &str) -> Option<&ModelClient> {
+        self.models.get(role)
+    }
+
+    /// Counters summed over every endpoint.
+    pub fn usage(&self) -> Usage {
+        self.endpoints
+            .values()
+            .fold(Usage::default(), |acc, e| acc.plus(&e.usage()))
+    }
+
+    /// The largest cap on requests in flight of any endpoint.
+    pub fn max_concurrency(&self) -> usize {
+        self.models
+            .values()
+            .map(|m| m.spec.concurrency)
+            .max()
+            .unwrap_or(1)
+    }
+}

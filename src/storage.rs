@@ -1,0 +1,282 @@
+//! Locations by URL: local paths, `file://`, `s3://`, `gs://`, `az://`, each resolved to an
+//! `object_store` with credentials from the cloud's standard environment variables.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::ObjectStoreExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::job_err;
+
+/// A directory-like place: a store, the URL DataFusion knows it by, and a prefix inside it.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The store holding the data.
+    pub store: Arc<dyn ObjectStore>,
+    /// The store's URL (`file:///`, `s3://bucket`), as registered with DataFusion.
+    pub store_url: Url,
+    /// The prefix inside the store.
+    pub prefix: Path,
+}
+
+impl Location {
+    /// Parses a path or URL.
+    pub fn parse(location: &str) -> Result<Self> {
+        if !location.contains("://") || location.starts_with("file://") {
+            let raw = location.strip_prefix("file://").unwrap_or(location);
+            let path = absolute(FsPath::new(raw))?;
+            let prefix = Path::from_absolute_path(&path).map_err(|e| {
+                Error::Job(format!("path {}: {e}", path.display()))
+            })?;
+            return Ok(Self {
+                store: Arc::new(LocalFileSystem::new()),
+                store_url: Url::parse("file:///").expect("valid URL"),
+                prefix,
+            });
+        }
+        let url = Url::parse(location)
+            .map_err(|e| Error::Job(format!("'{location}' is not a valid URL: {e}")))?;
+        let bucket = url.host_str().unwrap_or_default().to_string();
+        if bucket.is_empty() {
+            return job_err!("'{location}' names no bucket");
+        }
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "s3" => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&bucket)
+                    .build()
+                    .map_err(|e| Error::Job(format!("S3 store for {location}: {e}")))?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .build()
+                    .map_err(|e| Error::Job(format!("GCS store for {location}: {e}")))?,
+            ),
+            "az" | "abfs" | "abfss" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&bucket)
+                    .build()
+                    .map_err(|e| Error::Job(format!("Azure store for {location}: {e}")))?,
+            ),
+            other => {
+                return job_err!(
+                    "'{location}': scheme '{other}' is not supported (use a path, file://, s3://, gs:// or az://)"
+                );
+            }
+        };
+        let store_url = Url::parse(&format!("{}://{bucket}", url.scheme())).expect("valid URL");
+        Ok(Self {
+            store,
+            store_url,
+            prefix: Path::from(url.path().trim_matches('/')),
+        })
+    }
+
+    /// A location below this one.
+    pub fn child(&self, name: &str) -> Location {
+        Location {
+            store: Arc::clone(&self.store),
+            store_url: self.store_url.clone(),
+            prefix: self.path(name),
+        }
+    }
+
+    /// The path of `name` below the prefix.
+    pub fn path(&self, name: &str) -> Path {
+        let mut path = self.prefix.clone();
+        for part in name.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    /// URL of this location as a directory (trailing `/`), for DataFusion listing tables.
+    pub fn dir_url(&self) -> String {
+        let base = self.store_url.as_str().trim_end_matches('/');
+        format!("{base}/{}/", self.prefix.as_ref())
+    }
+
+    /// Human-readable form of `path` for messages: a filesystem path or a URL.
+    pub fn display(&self, path: &Path) -> String {
+        if self.store_url.scheme() == "file" {
+            format!("/{path}")
+        } else {
+            format!("{}/{path}", self.store_url.as_str().trim_end_matches('/'))
+        }
+    }
+
+    /// True when an object exists at `path`.
+    pub async fn exists(&self, path: &Path) -> Result<bool> {
+        match self.store.head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes every object under this location.
+    pub async fn delete_all(&self) -> Result<()> {
+        let objects: Vec<_> = self.store.list(Some(&self.prefix)).try_collect().await?;
+        for meta in objects {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn absolute(path: &FsPath) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+/// One input file: where it is and how to decode it.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    /// The store holding it.
+    pub store: Arc<dyn ObjectStore>,
+    /// Its path in the store.
+    pub path: Path,
+    /// Path or URL as shown in messages.
+    pub display: String,
+    /// How it is encoded.
+    pub format: InputFormat,
+}
+
+/// Encodings of document files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// JSON lines, uncompressed.
+    Jsonl,
+    /// JSON lines, gzip.
+    JsonlGzip,
+    /// JSON lines, zstd.
+    JsonlZstd,
+    /// Parquet.
+    Parquet,
+}
+
+impl InputFormat {
+    /// Infers the format from a file name, or `None` when it is not a document file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        let json = |stem: &str| stem.ends_with(".jsonl") || stem.ends_with(".json");
+        if lower.ends_with(".parquet") {
+            Some(Self::Parquet)
+        } else if let Some(stem) = lower.strip_suffix(".gz") {
+            json(stem).then_some(Self::JsonlGzip)
+        } else if let Some(stem) = lower.strip_suffix(".zst").or(lower.strip_suffix(".zstd")) {
+            json(stem).then_some(Self::JsonlZstd)
+        } else {
+            json(&lower).then_some(Self::Jsonl)
+        }
+    }
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expands one `--input` value (file, directory, glob, or URL prefix) into files, sorted.
+pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
+    let is_url = spec.contains("://") && !spec.starts_with("file://");
+    let (base, pattern) = match spec.rsplit_once('/') {
+        Some((dir, name)) if has_glob(name) && !has_glob(dir) => (dir.to_string(), Some(name)),
+        _ if has_glob(spec) && !is_url => return list_local_glob(spec),
+        _ => (spec.to_string(), None),
+    };
+    if has_glob(&base) {
+        return job_err!(
+            "input '{spec}': wildcards are supported in the last path component only for URLs"
+        );
+    }
+    let location = Location::parse(&base)?;
+    if pattern.is_none() {
+        // A single file: take it whatever its extension says, so odd names still work.
+        if let Ok(meta) = location.store.head(&location.prefix).await {
+            let name = meta.location.filename().unwrap_or_default();
+            return Ok(vec![InputFile {
+                store: Arc::clone(&location.store),
+                display: location.display(&meta.location),
+                format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
+                path: meta.location,
+            }]);
+        }
+    }
+    let pattern = pattern
+        .map(|p| glob::Pattern::new(p).map_err(|e| Error::Job(format!("input '{spec}': {e}"))))
+        .transpose()?;
+    let mut objects: Vec<_> = location
+        .store
+        .list(Some(&location.prefix))
+        .try_collect()
+        .await?;
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let files: Vec<InputFile> = objects
+        .into_iter()
+        .filter_map(|meta| {
+            let name = meta.location.filename()?.to_string();
+            if name.starts_with(['.', '_']) {
+                return None;
+            }
+            if let Some(p) = &pattern {
+                // The pattern applies to the file name only, not to sub-directories.
+                let relative = meta.location.prefix_match(&location.prefix)?.count();
+                if relative != 1 || !p.matches(&name) {
+                    return None;
+                }
+            }
+            Some(InputFile {
+                store: Arc::clone(&location.store),
+                display: location.display(&meta.location),
+                format: InputFormat::from_name(&name)?,
+                path: meta.location,
+            })
+        })
+        .collect();
+    if files.is_empty() {
+        return job_err!(
+            "input '{spec}' matches no document files (.jsonl, .json, .jsonl.gz, .jsonl.zst, .parquet)"
+        );
+    }
+    Ok(files)
+}
+
+fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
+    let paths = glob::glob(spec).map_err(|e| Error::Job(format!("input '{spec}': {e}")))?;
+    let mut files = Vec::new();
+    for entry in paths {
+        let path = entry.map_err(|e| Error::Job(format!("input '{spec}': {e}")))?;
+        if !path.is_file() {
+            continue;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let Some(format) = InputFormat::from_name(&name) else {
+            continue;
+        };
+        let location = Location::parse(&path.to_string_lossy())?;
+        files.push(InputFile {
+            store: location.store,
+            display: path.display().to_string(),
+            format,
+            path: location.prefix,
+        });
+    }
+    if files.is_empty() {
+        return job_err!("input '{spec}' matches no document files");
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}

@@ -1,0 +1,78 @@
+//! Token counting with the tokenizer a job names: a Hugging Face `tokenizer.json` for exact
+//! counts against the served model, or a built-in tiktoken encoding as a labelled stand-in.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Counts tokens of text; cheap to clone and share between threads.
+#[derive(Clone)]
+pub struct TokenCounter {
+    inner: Arc<Inner>,
+    label: String,
+}
+
+enum Inner {
+    Tiktoken(&'static tiktoken_rs::CoreBPE),
+    HuggingFace(Box<tokenizers::Tokenizer>),
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+impl TokenCounter {
+    /// Loads `spec`: `cl100k_base` or `o200k_base` (built in), or a path to a
+    /// `tokenizer.json`, resolved against `base_dir` when relative.
+    pub fn load(spec: &str, base_dir: &Path) -> Result<Self> {
+        let tiktoken = match spec {
+            "cl100k_base" => Some(tiktoken_rs::cl100k_base_singleton()),
+            "o200k_base" => Some(tiktoken_rs::o200k_base_singleton()),
+            _ => None,
+        };
+        if let Some(bpe) = tiktoken {
+            return Ok(Self {
+                inner: Arc::new(Inner::Tiktoken(bpe)),
+                label: format!("{spec} (tiktoken; an approximation unless the model uses it)"),
+            });
+        }
+        let path = base_dir.join(spec);
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+            Error::Job(format!(
+                "tokenizer {}: {e}; give a tokenizer.json path or one of cl100k_base, o200k_base",
+                path.display()
+            ))
+        })?;
+        // Files exported for training often carry truncation and padding, which would cap
+        // every count at the training length.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Job(format!("tokenizer {}: {e}", path.display())))?;
+        tokenizer.with_padding(None);
+        Ok(Self {
+            inner: Arc::new(Inner::HuggingFace(Box::new(tokenizer))),
+            label: format!("{} (tokenizer.json)", path.display()),
+        })
+    }
+
+    /// Number of tokens in `text`, without special tokens.
+    pub fn count(&self, text: &str) -> usize {
+        match self.inner.as_ref() {
+            Inner::Tiktoken(bpe) => bpe.encode_ordinary(text).len(),
+            Inner::HuggingFace(tok) => tok
+                .encode_fast(text, false)
+                .map(|e| e.len())
+                // A text the tokenizer rejects is counted by a 4-characters-a-token rule rather
+                // than failing the whole batch.
+                .unwrap_or_else(|_| text.chars().count().div_ceil(4)),
+        }
+    }
+
+    /// Human-readable name of the tokenizer, saying when it is an approximation.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}

@@ -1,0 +1,572 @@
+//! All glue to DataFusion's UDF traits. The async UDF API changed in every release since it
+//! arrived (49); DataFusion is pinned and this is the only module that implements its traits.
+//!
+//! LLM functions are `Volatile` async UDFs returning an [`llm_reply_type`] struct; parsers and
+//! prepare helpers are plain scalar UDFs, so thresholds and parsers can be re-run on stored raw
+//! outputs without calling an LLM again.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanBuilder, Int32Builder, Int64Array, Int64Builder, ListArray,
+    StringArray, StringBuilder, StructArray,
+};
+use datafusion::arrow::buffer::OffsetBuffer;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::{ScalarValue, exec_err, not_impl_err, plan_err};
+use datafusion::error::Result;
+use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::prelude::SessionContext;
+use futures::future::join_all;
+use sha2::{Digest, Sha256};
+
+use crate::job::FunctionSpec;
+use crate::llm::{ModelClient, Reply, Request};
+use crate::text::{self, CandidateMode, UnitRules};
+use crate::tokens::TokenCounter;
+
+/// The struct every LLM function returns.
+pub fn llm_reply_type() -> DataType {
+    DataType::Struct(Fields::from(vec![
+        Field::new("text", DataType::Utf8, true),
+        Field::new("finish_reason", DataType::Utf8, true),
+        Field::new("prompt_tokens", DataType::Int64, true),
+        Field::new("completion_tokens", DataType::Int64, true),
+        Field::new("latency_ms", DataType::Int64, true),
+        Field::new("attempts", DataType::Int32, true),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("cached", DataType::Boolean, true),
+    ]))
+}
+
+fn unit_type() -> DataType {
+    DataType::Struct(Fields::from(vec![
+        Field::new("ordinal", DataType::Int64, false),
+        Field::new("header", DataType::Utf8, true),
+        Field::new("text", DataType::Utf8, false),
+        Field::new("drop", DataType::Utf8, true),
+    ]))
+}
+
+fn parsed_score_type() -> DataType {
+    DataType::Struct(Fields::from(vec![
+        Field::new("score", DataType::Int64, true),
+        Field::new("reason", DataType::Utf8, true),
+    ]))
+}
+
+/// Registers every backforth function in `ctx`: the LLM functions bound to their clients, the
+/// parsers, and the prepare helpers using `tokens` for `token_count`.
+pub fn register_all(
+    ctx: &SessionContext,
+    functions: &[(FunctionSpec, ModelClient)],
+    tokens: TokenCounter,
+) -> crate::error::Result<()> {
+    for (spec, client) in functions {
+        let udf = LlmFunction::new(spec.clone(), client.clone())?;
+        ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
+    }
+    for udf in scalar_udfs(tokens) {
+        ctx.register_udf(udf);
+    }
+    Ok(())
+}
+
+/// The pure (non-LLM) functions.
+pub fn scalar_udfs(tokens: TokenCounter) -> Vec<ScalarUDF> {
+    vec![
+        ScalarUDF::new_from_impl(Pure::new(PureKind::ParseScore)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::ExtractTagged)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::TagProblem)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::CleanInstruction)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::DedupKey)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::CandidateUnits)),
+        ScalarUDF::new_from_impl(TokenCount::new(tokens)),
+    ]
+}
+
+/// Argument names of each LLM function, which are also its template's variables.
+fn llm_arg_names(function: &str) -> Option<&'static [&'static str]> {
+    match function {
+        "backtranslate" => Some(&["text"]),
+        "score_pair" => Some(&["instruction", "response"]),
+        "rewrite" => Some(&["instruction", "draft"]),
+        "answer" => Some(&["instruction"]),
+        _ => None,
+    }
+}
+
+/// An LLM function: renders its template for each row and calls its model role.
+#[derive(Debug)]
+pub struct LlmFunction {
+    spec: FunctionSpec,
+    client: ModelClient,
+    arg_names: &'static [&'static str],
+    templates: minijinja::Environment<'static>,
+    signature: Signature,
+}
+
+impl PartialEq for LlmFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.spec == other.spec
+    }
+}
+
+impl Eq for LlmFunction {}
+
+impl std::hash::Hash for LlmFunction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.spec.name.hash(state);
+    }
+}
+
+impl LlmFunction {
+    /// Binds `spec` to `client`, checking that the template parses.
+    pub fn new(spec: FunctionSpec, client: ModelClient) -> crate::error::Result<Self> {
+        let Some(arg_names) = llm_arg_names(&spec.name) else {
+            return Err(crate::error::Error::Internal(format!(
+                "no argument list for LLM function {}",
+                spec.name
+            )));
+        };
+        let mut templates = minijinja::Environment::new();
+        templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        templates
+            .add_template_owned("prompt", spec.template.clone())
+            .map_err(|e| {
+                crate::error::Error::Job(format!("template of {}: {e}", spec.name))
+            })?;
+        Ok(Self {
+            arg_names,
+            templates,
+            signature: Signature::user_defined(Volatility::Volatile),
+            spec,
+            client,
+        })
+    }
+
+    fn render(&self, values: &[&str]) -> std::result::Result<String, String> {
+        let ctx: std::collections::BTreeMap<&str, &str> =
+            self.arg_names.iter().copied().zip(values.iter().copied()).collect();
+        self.templates
+            .get_template("prompt")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| format!("template: {e}"))
+    }
+
+    async fn call_row(&self, values: Vec<&str>) -> Reply {
+        match self.render(&values) {
+            Ok(prompt) => {
+                self.client
+                    .call(Request {
+                        task: self.spec.name.clone(),
+                        prompt,
+                        system: self.spec.system.clone(),
+                        max_tokens: self.spec.max_tokens,
+                    })
+                    .await
+            }
+            Err(error) => Reply {
+                error: Some(error),
+                ..Reply::default()
+            },
+        }
+    }
+}
+
+impl ScalarUDFImpl for LlmFunction {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        coerce_strings(&self.spec.name, self.arg_names, arg_types)
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(llm_reply_type())
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        not_impl_err!("{} calls an LLM and runs only asynchronously", self.spec.name)
+    }
+}
+
+#[async_trait]
+impl AsyncScalarUDFImpl for LlmFunction {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let columns = string_columns(&args.args, n)?;
+        let rows = (0..n).map(|i| {
+            let values: Option<Vec<&str>> = columns
+                .iter()
+                .map(|c| (!c.is_null(i)).then(|| c.value(i)))
+                .collect();
+            async move {
+                match values {
+                    // A row with a NULL argument has nothing to ask; no request is sent.
+                    None => None,
+                    Some(values) => Some(self.call_row(values).await),
+                }
+            }
+        });
+        // Every row of the batch is started at once; the endpoint's slots bound what is on the
+        // wire, and LlmWindowExec keeps several batches in flight so no batch waits alone.
+        let replies = join_all(rows).await;
+        Ok(ColumnarValue::Array(replies_to_array(&replies)))
+    }
+}
+
+fn string_columns(args: &[ColumnarValue], n: usize) -> Result<Vec<StringArray>> {
+    args.iter()
+        .map(|a| {
+            let array = cast(&a.to_array(n)?, &DataType::Utf8)?;
+            Ok(array
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("cast to Utf8 gives a StringArray")
+                .clone())
+        })
+        .collect()
+}
+
+fn coerce_strings(name: &str, params: &[&str], arg_types: &[DataType]) -> Result<Vec<DataType>> {
+    if arg_types.len() != params.len() {
+        return plan_err!(
+            "{name}({}) takes {} argument(s), got {}",
+            params.join(", "),
+            params.len(),
+            arg_types.len()
+        );
+    }
+    arg_types
+        .iter()
+        .zip(params)
+        .map(|(t, p)| match t {
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 | DataType::Null => {
+                Ok(DataType::Utf8)
+            }
+            other => plan_err!("{name}: argument {p} must be a string, got {other}"),
+        })
+        .collect()
+}
+
+/// Builds the reply struct column; `None` rows are NULL.
+pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
+    let n = replies.len();
+    let mut text = StringBuilder::new();
+    let mut finish = StringBuilder::new();
+    let mut prompt_tokens = Int64Builder::with_capacity(n);
+    let mut completion_tokens = Int64Builder::with_capacity(n);
+    let mut latency = Int64Builder::with_capacity(n);
+    let mut attempts = Int32Builder::with_capacity(n);
+    let mut error = StringBuilder::new();
+    let mut cached = BooleanBuilder::with_capacity(n);
+    for reply in replies {
+        let r = reply.clone().unwrap_or_default();
+        text.append_option(r.text);
+        finish.append_option(r.finish_reason);
+        prompt_tokens.append_option(r.prompt_tokens);
+        completion_tokens.append_option(r.completion_tokens);
+        latency.append_option(reply.as_ref().map(|r| r.latency_ms));
+        attempts.append_option(reply.as_ref().map(|r| r.attempts));
+        error.append_option(r.error);
+        cached.append_option(reply.as_ref().map(|r| r.cached));
+    }
+    let DataType::Struct(fields) = llm_reply_type() else {
+        unreachable!("llm_reply_type is a struct")
+    };
+    let nulls = replies.iter().map(Option::is_some).collect::<Vec<bool>>();
+    Arc::new(StructArray::new(
+        fields,
+        vec![
+            Arc::new(text.finish()),
+            Arc::new(finish.finish()),
+            Arc::new(prompt_tokens.finish()),
+            Arc::new(completion_tokens.finish()),
+            Arc::new(latency.finish()),
+            Arc::new(attempts.finish()),
+            Arc::new(error.finish()),
+            Arc::new(cached.finish()),
+        ],
+        Some(nulls.into()),
+    ))
+}
+
+/// The pure string functions, one struct for all since they share argument handling.
+#[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
+enum PureKind {
+    /// `parse_score(raw [, finish_reason])` -> struct(score, reason)
+    ParseScore,
+    /// `extract_tagged(raw, tag)` -> text between `[tag]` and `[/tag]`
+    ExtractTagged,
+    /// `tag_problem(raw, tag [, finish_reason])` -> why extract_tagged found nothing
+    TagProblem,
+    /// `clean_instruction(raw)` -> instruction without labels and quotes
+    CleanInstruction,
+    /// `dedup_key(text)` -> hash of the normalised text
+    DedupKey,
+    /// `candidate_units(text, mode, min_chars, max_chars, repeat_jaccard)` -> list of units
+    CandidateUnits,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Pure {
+    kind: PureKind,
+    signature: Signature,
+}
+
+impl Pure {
+    fn new(kind: PureKind) -> Self {
+        Self {
+            kind,
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+
+    /// (name, required parameters, optional trailing parameters)
+    fn params(&self) -> (&'static str, &'static [&'static str], &'static [&'static str]) {
+        match self.kind {
+            PureKind::ParseScore => ("parse_score", &["raw"], &["finish_reason"]),
+            PureKind::ExtractTagged => ("extract_tagged", &["raw", "tag"], &[]),
+            PureKind::TagProblem => ("tag_problem", &["raw", "tag"], &["finish_reason"]),
+            PureKind::CleanInstruction => ("clean_instruction", &["raw"], &[]),
+            PureKind::DedupKey => ("dedup_key", &["text"], &[]),
+            PureKind::CandidateUnits => (
+                "candidate_units",
+                &["text", "mode", "min_chars", "max_chars", "repeat_jaccard"],
+                &[],
+            ),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Pure {
+    fn name(&self) -> &str {
+        self.params().0
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let (name, required, optional) = self.params();
+        if arg_types.len() < required.len() || arg_types.len() > required.len() + optional.len() {
+            let all: Vec<&str> = required.iter().chain(optional.iter()).copied().collect();
+            return plan_err!(
+                "{name}({}) got {} argument(s)",
+                all.join(", "),
+                arg_types.len()
+            );
+        }
+        if self.kind == PureKind::CandidateUnits {
+            return Ok(vec![
+                DataType::Utf8,
+                DataType::Utf8,
+                DataType::Int64,
+                DataType::Int64,
+                DataType::Float64,
+            ]);
+        }
+        let names: Vec<&str> = required.iter().chain(optional.iter()).copied().collect();
+        coerce_strings(name, &names[..arg_types.len()], arg_types)
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match self.kind {
+            PureKind::ParseScore => parsed_score_type(),
+            PureKind::CandidateUnits => {
+                DataType::List(Arc::new(Field::new("item", unit_type(), true)))
+            }
+            _ => DataType::Utf8,
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        if self.kind == PureKind::CandidateUnits {
+            return candidate_units(&args.args, n);
+        }
+        let cols = string_columns(&args.args, n)?;
+        let get = |c: usize, i: usize| cols.get(c).and_then(|a| (!a.is_null(i)).then(|| a.value(i)));
+        let array: ArrayRef = match self.kind {
+            PureKind::ParseScore => {
+                let mut score = Int64Builder::with_capacity(n);
+                let mut reason = StringBuilder::new();
+                for i in 0..n {
+                    let parsed = text::parse_score(get(0, i), get(1, i));
+                    score.append_option(parsed.score);
+                    reason.append_option(parsed.reason);
+                }
+                let DataType::Struct(fields) = parsed_score_type() else {
+                    unreachable!("a struct")
+                };
+                Arc::new(StructArray::new(
+                    fields,
+                    vec![Arc::new(score.finish()), Arc::new(reason.finish())],
+                    None,
+                ))
+            }
+            PureKind::ExtractTagged => Arc::new(
+                (0..n)
+                    .map(|i| text::extract_tagged(get(0, i)?, get(1, i)?))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::TagProblem => Arc::new(
+                (0..n)
+                    .map(|i| text::tag_problem(get(0, i), get(1, i).unwrap_or("RES"), get(2, i)))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::CleanInstruction => Arc::new(
+                (0..n)
+                    .map(|i| text::clean_instruction(get(0, i)?))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::DedupKey => Arc::new(
+                (0..n)
+                    .map(|i| {
+                        let normal = text::normalize_for_dedup(get(0, i)?);
+                        Some(hex::encode(&Sha256::digest(normal.as_bytes())[..16]))
+                    })
+                    .collect::<StringArray>(),
+            ),
+            PureKind::CandidateUnits => unreachable!("handled above"),
+        };
+        Ok(ColumnarValue::Array(array))
+    }
+}
+
+fn scalar_arg(args: &[ColumnarValue], i: usize, name: &str) -> Result<ScalarValue> {
+    match &args[i] {
+        ColumnarValue::Scalar(s) => Ok(s.clone()),
+        ColumnarValue::Array(_) => exec_err!("candidate_units: {name} must be a constant"),
+    }
+}
+
+fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
+    let mode = match scalar_arg(args, 1, "mode")? {
+        ScalarValue::Utf8(Some(m)) => CandidateMode::parse(&m),
+        _ => None,
+    };
+    let Some(mode) = mode else {
+        return exec_err!("candidate_units: mode must be 'document' or 'segments'");
+    };
+    let int = |i, name| match scalar_arg(args, i, name)? {
+        ScalarValue::Int64(Some(v)) if v >= 0 => Ok(v as usize),
+        other => exec_err!("candidate_units: {name} must be a non-negative integer, got {other}"),
+    };
+    let repeat_jaccard = match scalar_arg(args, 4, "repeat_jaccard")? {
+        ScalarValue::Float64(Some(v)) => v,
+        other => return exec_err!("candidate_units: repeat_jaccard must be a number, got {other}"),
+    };
+    let rules = UnitRules {
+        mode,
+        min_chars: int(2, "min_chars")?,
+        max_chars: int(3, "max_chars")?,
+        repeat_jaccard,
+    };
+    let texts = string_columns(&args[..1], n)?.remove(0);
+    let mut offsets = vec![0i32];
+    let mut ordinal = Vec::new();
+    let mut header = StringBuilder::new();
+    let mut body = StringBuilder::new();
+    let mut drop = StringBuilder::new();
+    for i in 0..n {
+        if !texts.is_null(i) {
+            for unit in text::cut_units(texts.value(i), &rules) {
+                ordinal.push(unit.ordinal);
+                header.append_option(unit.header);
+                body.append_value(unit.text);
+                drop.append_option(unit.drop);
+            }
+        }
+        offsets.push(ordinal.len() as i32);
+    }
+    let DataType::Struct(fields) = unit_type() else {
+        unreachable!("a struct")
+    };
+    let values = StructArray::new(
+        fields,
+        vec![
+            Arc::new(Int64Array::from(ordinal)),
+            Arc::new(header.finish()),
+            Arc::new(body.finish()),
+            Arc::new(drop.finish()),
+        ],
+        None,
+    );
+    let list = ListArray::new(
+        Arc::new(Field::new("item", unit_type(), true)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(values),
+        None,
+    );
+    Ok(ColumnarValue::Array(Arc::new(list)))
+}
+
+/// `token_count(text)`: tokens under the job's tokenizer.
+#[derive(Debug)]
+struct TokenCount {
+    tokens: TokenCounter,
+    signature: Signature,
+}
+
+impl PartialEq for TokenCount {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens.label() == other.tokens.label()
+    }
+}
+
+impl Eq for TokenCount {}
+
+impl std::hash::Hash for TokenCount {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.tokens.label().hash(state);
+    }
+}
+
+impl TokenCount {
+    fn new(tokens: TokenCounter) -> Self {
+        Self {
+            tokens,
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for TokenCount {
+    fn name(&self) -> &str {
+        "token_count"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        coerce_strings("token_count", &["text"], arg_types)
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let texts = string_columns(&args.args, args.number_rows)?.remove(0);
+        let counts: Int64Array = texts
+            .iter()
+            .map(|t| t.map(|t| self.tokens.count(t) as i64))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(counts)))
+    }
+}

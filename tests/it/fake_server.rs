@@ -1,0 +1,177 @@
+//! An OpenAI-compatible fake server on 127.0.0.1 for tests: deterministic answers made from a
+//! hash of the prompt, a fixed latency, request counters and a log of what it answered.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// One answered request.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub prompt: String,
+    pub answer: String,
+    pub started: Instant,
+    pub finished: Instant,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub latency: Duration,
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
+    pub log: Mutex<Vec<Exchange>>,
+    pub per_prompt: Mutex<HashMap<String, u64>>,
+}
+
+/// A running fake server; it stops when the test process ends.
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+}
+
+impl FakeServer {
+    /// Starts a server answering after `latency`.
+    pub fn start(latency: Duration) -> Self {
+        let state = Arc::new(FakeState {
+            latency,
+            ..FakeState::default()
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .with_state(Arc::clone(&state));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        let addr = rx.recv().unwrap();
+        FakeServer { addr, state }
+    }
+
+    /// Base URL to give backforth (`--endpoint`).
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn log(&self) -> Vec<Exchange> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// Prompts that were sent more than once.
+    pub fn repeated_prompts(&self) -> usize {
+        self.state.per_prompt.lock().unwrap().values().filter(|&&n| n > 1).count()
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms.
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// The answer the fake gives to `prompt`, by what the prompt asks for.
+pub fn answer_for(prompt: &str) -> String {
+    let h = hash(prompt);
+    if prompt.contains("Score: N") {
+        match h % 10 {
+            // Reasoning that mentions other digits first; the last `Score:` must win.
+            0 => "Between 2 and 3 points of detail are missing, so Score: 2 at first glance.\nScore: 4".to_string(),
+            1 => "I cannot rate this pair.".to_string(),
+            2 => "Good answer overall.\nScore: 4.5".to_string(),
+            _ => format!("The answer is on topic.\nScore: {}", 1 + (h / 10) % 5),
+        }
+    } else if prompt.contains("[RES]") {
+        let draft = prompt.rsplit("Draft response:\n").next().unwrap_or("");
+        let first: String = draft.lines().next().unwrap_or("").chars().take(80).collect();
+        if h % 7 == 0 {
+            format!("Here is my rewrite: {first}")
+        } else {
+            format!("Sure.\n[RES]\nRewritten ({:08x}): {first}\n[/RES]", h as u32)
+        }
+    } else if prompt.contains("most likely") {
+        let text = prompt.rsplit("Text:\n").next().unwrap_or("");
+        let words: Vec<&str> = text.split_whitespace().take(5).collect();
+        format!("Instruction: Tell me about {}.", words.join(" "))
+    } else {
+        format!("Direct answer {:08x}.", h as u32)
+    }
+}
+
+fn prompt_of(body: &Value) -> String {
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        messages
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .filter_map(|m| m["content"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        body["prompt"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+async fn respond(state: Arc<FakeState>, body: Value) -> String {
+    let started = Instant::now();
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let prompt = prompt_of(&body);
+    *state.per_prompt.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+    tokio::time::sleep(state.latency).await;
+    let answer = answer_for(&prompt);
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    state.log.lock().unwrap().push(Exchange {
+        prompt,
+        answer: answer.clone(),
+        started,
+        finished: Instant::now(),
+    });
+    answer
+}
+
+fn usage(prompt_len: usize, answer: &str) -> Value {
+    let p = prompt_len / 4;
+    let c = answer.len() / 4;
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+async fn chat(State(state): State<Arc<FakeState>>, Json(body): Json<Value>) -> Json<Value> {
+    let len = prompt_of(&body).len();
+    let answer = respond(state, body).await;
+    Json(json!({
+        "id": "fake", "object": "chat.completion", "model": "fake",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "usage": usage(len, &answer),
+    }))
+}
+
+async fn completions(State(state): State<Arc<FakeState>>, Json(body): Json<Value>) -> Json<Value> {
+    let len = prompt_of(&body).len();
+    let answer = respond(state, body).await;
+    Json(json!({
+        "id": "fake", "object": "text_completion", "model": "fake",
+        "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
+        "usage": usage(len, &answer),
+    }))
+}

@@ -1,0 +1,97 @@
+//! The prepare rules on small hand-made documents.
+
+use backforth::text::{CandidateMode, UnitRules, cut_units, header_problem, normalize_for_dedup, segments};
+
+fn segment_rules() -> UnitRules {
+    UnitRules {
+        mode: CandidateMode::Segments,
+        min_chars: 40,
+        max_chars: 400,
+        repeat_jaccard: 0.7,
+    }
+}
+
+const PARAGRAPH: &str = "Water expands when it freezes, which is why ice floats and why pipes can burst in winter.";
+
+#[test]
+fn document_mode_keeps_whole_documents_and_names_drops() {
+    let rules = UnitRules {
+        mode: CandidateMode::Document,
+        min_chars: 10,
+        max_chars: 0,
+        repeat_jaccard: 0.7,
+    };
+    let units = cut_units(&format!("Title\n\n{PARAGRAPH}\n"), &rules);
+    assert_eq!(units.len(), 1);
+    assert_eq!(units[0].drop, None);
+    assert_eq!(units[0].text, format!("Title\n\n{PARAGRAPH}"));
+    assert_eq!(cut_units("   \n", &rules)[0].drop, Some("empty"));
+    assert_eq!(cut_units("tiny", &rules)[0].drop, Some("too_short"));
+}
+
+#[test]
+fn segments_follow_plain_and_markdown_headers() {
+    let doc = format!(
+        "Intro line without a header that is long enough to matter here.\n\nFreezing Water\n\n{PARAGRAPH}\n\n# Markdown Title\n\n{PARAGRAPH}\n\n## Sub-section\n\n{PARAGRAPH}\n\n# Next Title\n\n{PARAGRAPH}"
+    );
+    let segs = segments(&doc);
+    let headers: Vec<Option<&str>> = segs.iter().map(|(h, _)| h.as_deref()).collect();
+    assert_eq!(
+        headers,
+        vec![None, Some("Freezing Water"), Some("Markdown Title"), Some("Sub-section"), Some("Next Title")]
+    );
+    // A level-1 section holds its level-2 sub-section, as Humpback's segments do.
+    assert!(segs[2].1.contains("Sub-section"));
+    assert_eq!(segs[4].1, PARAGRAPH);
+    // A short line followed by another short line is not a header.
+    assert_eq!(segments("Home\nAbout\nContact\n").len(), 1);
+}
+
+#[test]
+fn segment_drop_reasons() {
+    let doc = format!(
+        "Preamble that sits before any header and is long enough.\n\nCOOKIE POLICY\n\n{PARAGRAPH}\n\nRelated Posts\n\n{PARAGRAPH}\n\nNote\n\nTiny body text.\n\nGood Header\n\n{PARAGRAPH}"
+    );
+    let drops: Vec<(Option<String>, Option<&str>)> = cut_units(&doc, &segment_rules())
+        .into_iter()
+        .map(|u| (u.header, u.drop))
+        .collect();
+    assert_eq!(
+        drops,
+        vec![
+            (None, Some("empty_header")),
+            (Some("COOKIE POLICY".into()), Some("uppercase_header")),
+            (Some("Related Posts".into()), Some("navigation_header")),
+            (Some("Note".into()), Some("too_short")),
+            (Some("Good Header".into()), None),
+        ]
+    );
+    let long = format!("Long Section\n\n{}", [PARAGRAPH; 6].join(" ").replace(".", ";"));
+    let long = long + ".";
+    assert_eq!(cut_units(&long, &segment_rules())[0].drop, Some("too_long"));
+}
+
+#[test]
+fn navigation_words_match_whole_words_only() {
+    assert_eq!(header_problem(Some("Forums")), Some("navigation_header"));
+    assert_eq!(header_problem(Some("Comments (12)")), Some("navigation_header"));
+    assert_eq!(header_problem(Some("Menu")), Some("navigation_header"));
+    assert_eq!(header_problem(Some("Menus of medieval feasts")), None);
+    assert_eq!(header_problem(Some("How tides work")), None);
+    assert_eq!(header_problem(Some("FAQ")), Some("uppercase_header"));
+    assert_eq!(header_problem(Some("")), Some("empty_header"));
+}
+
+#[test]
+fn repeated_sentences_are_caught_and_distinct_ones_are_not() {
+    let spam = "Repeated Deals\n\nBuy cheap watches online today with free shipping. We sell many things. Buy cheap watches online today with free shipping and returns.";
+    assert_eq!(cut_units(spam, &segment_rules())[0].drop, Some("repeated_sentences"));
+    let fine = format!("Freezing Water\n\n{PARAGRAPH} Salt lowers the freezing point of water, so roads are salted in winter.");
+    assert_eq!(cut_units(&fine, &segment_rules())[0].drop, None);
+}
+
+#[test]
+fn dedup_normalisation_ignores_case_and_whitespace() {
+    assert_eq!(normalize_for_dedup("How  Tides\n\nWork "), normalize_for_dedup("how tides work"));
+    assert_ne!(normalize_for_dedup("how tides work"), normalize_for_dedup("how tide works"));
+}

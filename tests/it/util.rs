@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the built `backforth` binary with `args`, from the repository root.
+pub fn backforth(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args)
+        .current_dir(repo())
+        .env("BACKFORTH_LOG", "warn")
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .expect("the backforth binary runs");
+    out
+}
+
+/// Like [`backforth`], failing the test with the output when the exit code is not 0.
+pub fn backforth_ok(args: &[&str]) -> Output {
+    let out = backforth(args);
+    assert!(
+        out.status.success(),
+        "backforth {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A session with every stage directory under `root` that has a `_SUCCESS` registered.
+pub async fn session(root: &Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let dir = entry.unwrap().path();
+        if dir.join("_SUCCESS").exists() {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            ctx.register_parquet(&name, dir.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+            let dropped = dir.join("_dropped");
+            if dropped.exists() {
+                ctx.register_parquet(
+                    format!("{name}_dropped"),
+                    dropped.to_str().unwrap(),
+                    ParquetReadOptions::default(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    }
+    ctx
+}
+
+/// Runs `sql` and returns every value as a string (NULL as "NULL"), row by row.
+pub async fn rows(ctx: &SessionContext, sql: &str) -> Vec<Vec<String>> {
+    let batches: Vec<RecordBatch> = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let mut out = Vec::new();
+    for batch in &batches {
+        for r in 0..batch.num_rows() {
+            out.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            datafusion::arrow::util::display::array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// A single integer from a one-row, one-column query.
+pub async fn count(ctx: &SessionContext, sql: &str) -> i64 {
+    rows(ctx, sql).await[0][0].parse().unwrap()
+}
+
+/// The `_SUCCESS` marker of a stage, parsed.
+pub fn marker(root: &Path, stage: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root.join(stage).join("_SUCCESS")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
