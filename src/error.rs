@@ -61,6 +61,12 @@ impl From<object_store::Error> for Error {
     }
 }
 
+impl From<datafusion::arrow::error::ArrowError> for Error {
+    fn from(err: datafusion::arrow::error::ArrowError) -> Self {
+        Error::Execution(format!("arrow: {err}"))
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(err: std::io::Error) -> Self {
         Error::Execution(format!("i/o: {err}"))

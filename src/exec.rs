@@ -90,6 +90,17 @@ impl PhysicalOptimizerRule for LlmWindowRule {
     }
 }
 
+/// For each expression, the index of the first expression computing the same call.
+fn first_copies(exprs: &[Arc<AsyncFuncExpr>]) -> Vec<usize> {
+    (0..exprs.len())
+        .map(|i| {
+            (0..i)
+                .find(|&j| exprs[j].func.as_ref() == exprs[i].func.as_ref())
+                .unwrap_or(i)
+        })
+        .collect()
+}
+
 /// Evaluates async (LLM) expressions over a window of input chunks; see the module docs.
 #[derive(Debug)]
 pub struct LlmWindowExec {
@@ -187,16 +198,21 @@ impl ExecutionPlan for LlmWindowExec {
                 let schema = Arc::clone(&out_schema);
                 async move {
                     let chunk = chunk?;
+                    // Each distinct call is evaluated once, whatever copies the planner made.
+                    let first = first_copies(&exprs);
+                    let originals: Vec<usize> = (0..exprs.len()).filter(|&i| first[i] == i).collect();
                     let outputs = try_join_all(
-                        exprs
+                        originals
                             .iter()
-                            .map(|e| e.invoke_with_args(&chunk, Arc::clone(&config))),
+                            .map(|&i| exprs[i].invoke_with_args(&chunk, Arc::clone(&config))),
                     )
                     .await?;
-                    let mut columns = chunk.columns().to_vec();
-                    for output in outputs {
-                        columns.push(output.to_array(chunk.num_rows())?);
+                    let mut by_original = std::collections::HashMap::new();
+                    for (&i, output) in originals.iter().zip(outputs) {
+                        by_original.insert(i, output.to_array(chunk.num_rows())?);
                     }
+                    let mut columns = chunk.columns().to_vec();
+                    columns.extend(first.iter().map(|i| Arc::clone(&by_original[i])));
                     Ok(RecordBatch::try_new(schema, columns)?)
                 }
             })

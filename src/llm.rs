@@ -70,7 +70,7 @@ pub struct EndpointStats {
 }
 
 /// A snapshot of [`EndpointStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// HTTP requests sent, retries included.
     pub requests: u64,
@@ -243,6 +243,7 @@ impl ModelClient {
     async fn call_uncached(&self, req: &Request) -> Reply {
         let started = Instant::now();
         let mut reply = if self.endpoint.base_url == "mock" {
+            self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
             mock_reply(req)
         } else {
             self.call_http(req).await
@@ -458,11 +459,20 @@ pub fn mock_reply(req: &Request) -> Reply {
             let topic: Vec<&str> = tail.split_whitespace().take(6).collect();
             format!("Can you explain {}?", topic.join(" ").trim_end_matches(['.', ',', ':']))
         }
-        "score_pair" => format!(
-            "The answer covers the request with {} detail.\nScore: {}",
-            ["little", "some", "reasonable", "good", "excellent"][(h % 5) as usize],
-            1 + h % 5
-        ),
+        // Roughly the shape of real judges: mostly 3-4, a fifth 5, some unparseable.
+        "score_pair" => match h % 20 {
+            0 => "I am not able to judge this pair.".to_string(),
+            r => {
+                let score = match r {
+                    1..=4 => 5,
+                    5..=9 => 4,
+                    10..=14 => 3,
+                    15..=17 => 2,
+                    _ => 1,
+                };
+                format!("The answer addresses the instruction.\nScore: {score}")
+            }
+        },
         "rewrite" => format!("[RES]\n{}\n[/RES]", tail.trim()),
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };

@@ -18,11 +18,11 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::parquet::arrow::AsyncArrowWriter;
-use datafusion::parquet::arrow::async_writer::ParquetObjectWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
+use object_store::buffered::BufWriter;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,9 @@ pub struct StageStats {
 /// stages wrote in the same process), LLM calls planned with [`LlmWindowExec`](crate::exec).
 pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
+    // Leaf-expression pushdown copies `call['text']` down to the call and so duplicates the
+    // async LLM call once per field read (4 requests a row for backtranslated.sql).
+    config.options_mut().optimizer.enable_leaf_expression_pushdown = false;
     if let Some(p) = target_partitions {
         config = config.with_target_partitions(p.max(1));
     }
@@ -253,9 +256,9 @@ pub fn render_sql(job: &Job, template: &str, stage: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     let ctx = minijinja::context! {
-        prepare => minijinja::Value::from_serialize(&job.prepare),
+        prepare => minijinja::Value::from(minijinja::value::Serde(&job.prepare)),
         curate => minijinja::context! { threshold => job.threshold },
-        params => minijinja::Value::from_serialize(&job.params),
+        params => minijinja::Value::from(minijinja::value::Serde(&job.params)),
     };
     env.render_str(template, ctx)
         .map_err(|e| Error::Job(format!("SQL template of stage '{stage}': {e}")))
@@ -322,7 +325,13 @@ async fn run_stage(
         stage: stage.to_string(),
         ..StageStats::default()
     };
-    let mut stream = df.execute_stream().await?;
+    let plan = df.create_physical_plan().await?;
+    tracing::debug!(
+        stage,
+        plan = %datafusion::physical_plan::displayable(plan.as_ref()).indent(true),
+        "Physical plan."
+    );
+    let mut stream = datafusion::physical_plan::execute_stream(plan, ctx.task_ctx())?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         stats.rows_in += batch.num_rows() as u64;
@@ -373,7 +382,7 @@ struct PartWriter {
     dir: Location,
     schema: SchemaRef,
     rows_per_file: usize,
-    current: Option<(AsyncArrowWriter<ParquetObjectWriter>, usize)>,
+    current: Option<(AsyncArrowWriter<BufWriter>, usize)>,
     parts: usize,
 }
 
@@ -395,7 +404,8 @@ impl PartWriter {
     fn open(&mut self) -> Result<()> {
         let path = self.dir.path(&format!("part-{:05}.parquet", self.parts));
         self.parts += 1;
-        let sink = ParquetObjectWriter::new(Arc::clone(&self.dir.store), path);
+        // Streams to the store: multipart upload once the buffer fills, a single PUT otherwise.
+        let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
             .set_max_row_group_row_count(Some(64 * 1024))
@@ -454,4 +464,30 @@ pub async fn require_any_stage(root: &Location) -> Result<Vec<String>> {
         );
     }
     Ok(stages)
+}
+
+/// A stage's output schema as documented in `schemas/`: logical types (`string` for every
+/// string encoding), nullability, and nested fields.
+pub fn schema_doc(schema: &Schema) -> serde_json::Value {
+    serde_json::Value::Array(schema.fields().iter().map(|f| field_doc(f)).collect())
+}
+
+fn field_doc(field: &Field) -> serde_json::Value {
+    serde_json::json!({
+        "name": field.name(),
+        "type": type_doc(field.data_type()),
+        "nullable": field.is_nullable(),
+    })
+}
+
+fn type_doc(t: &DataType) -> serde_json::Value {
+    use serde_json::json;
+    match t {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => json!("string"),
+        DataType::Struct(fields) => {
+            json!({"struct": fields.iter().map(|f| field_doc(f)).collect::<Vec<_>>()})
+        }
+        DataType::List(item) | DataType::LargeList(item) => json!({"list": type_doc(item.data_type())}),
+        other => json!(other.to_string().to_lowercase()),
+    }
 }

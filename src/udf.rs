@@ -144,15 +144,20 @@ impl LlmFunction {
         Ok(Self {
             arg_names,
             templates,
-            signature: Signature::user_defined(Volatility::Volatile),
+            // Not `user_defined`: DataFusion's async wrapper does not forward `coerce_types`.
+            signature: Signature::string(arg_names.len(), Volatility::Volatile),
             spec,
             client,
         })
     }
 
     fn render(&self, values: &[&str]) -> std::result::Result<String, String> {
-        let ctx: std::collections::BTreeMap<&str, &str> =
-            self.arg_names.iter().copied().zip(values.iter().copied()).collect();
+        let ctx: std::collections::BTreeMap<&str, String> = self
+            .arg_names
+            .iter()
+            .copied()
+            .zip(values.iter().map(|v| v.to_string()))
+            .collect();
         self.templates
             .get_template("prompt")
             .and_then(|t| t.render(ctx))
@@ -186,10 +191,6 @@ impl ScalarUDFImpl for LlmFunction {
 
     fn signature(&self) -> &Signature {
         &self.signature
-    }
-
-    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        coerce_strings(&self.spec.name, self.arg_names, arg_types)
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {

@@ -7,10 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::Router;
-use axum::extract::State;
-use axum::routing::post;
 use serde_json::{Value, json};
 
 /// One answered request.
@@ -45,10 +41,7 @@ impl FakeServer {
             latency,
             ..FakeState::default()
         });
-        let app = Router::new()
-            .route("/v1/chat/completions", post(chat))
-            .route("/v1/completions", post(completions))
-            .with_state(Arc::clone(&state));
+        let shared = Arc::clone(&state);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -59,7 +52,10 @@ impl FakeServer {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, app).await.unwrap();
+                loop {
+                    let (socket, _) = listener.accept().await.unwrap();
+                    tokio::spawn(serve_connection(socket, Arc::clone(&shared)));
+                }
             });
         });
         let addr = rx.recv().unwrap();
@@ -156,22 +152,69 @@ fn usage(prompt_len: usize, answer: &str) -> Value {
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
-async fn chat(State(state): State<Arc<FakeState>>, Json(body): Json<Value>) -> Json<Value> {
+/// Serves HTTP/1.1 requests on one keep-alive connection until the client closes it.
+async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut stream = BufReader::new(socket);
+    loop {
+        let mut request_line = String::new();
+        if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut content_length = 0usize;
+        loop {
+            let mut header = String::new();
+            if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let (status, reply) = match serde_json::from_slice::<Value>(&body) {
+            Ok(request) if path.ends_with("/chat/completions") => ("200 OK", chat(Arc::clone(&state), request).await),
+            Ok(request) if path.ends_with("/completions") => ("200 OK", completions(Arc::clone(&state), request).await),
+            _ => ("404 Not Found", json!({"error": {"message": "unknown route or bad JSON"}})),
+        };
+        let payload = reply.to_string();
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            payload.len()
+        );
+        let socket = stream.get_mut();
+        if socket.write_all(head.as_bytes()).await.is_err() || socket.write_all(payload.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
     let answer = respond(state, body).await;
-    Json(json!({
+    json!({
         "id": "fake", "object": "chat.completion", "model": "fake",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
         "usage": usage(len, &answer),
-    }))
+    })
 }
 
-async fn completions(State(state): State<Arc<FakeState>>, Json(body): Json<Value>) -> Json<Value> {
+async fn completions(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
     let answer = respond(state, body).await;
-    Json(json!({
+    json!({
         "id": "fake", "object": "text_completion", "model": "fake",
         "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
         "usage": usage(len, &answer),
-    }))
+    })
 }

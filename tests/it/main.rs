@@ -1,7 +1,10 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
+mod concurrency;
 mod fake_server;
+mod ingest;
 mod parse;
 mod pipeline;
 mod prepare;
+mod schemas;
 mod util;

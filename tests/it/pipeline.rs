@@ -40,6 +40,11 @@ fn sample_run() -> &'static SampleRun {
     })
 }
 
+/// Output root of the shared sample run.
+pub fn sample_root() -> PathBuf {
+    sample_run().root.clone()
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -293,7 +298,9 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
     let root_s = root.to_str().unwrap();
     let url = server.url();
     let base = ["run", "examples/bft.toml", "--output", root_s, "--endpoint", url.as_str(), "--model", "m"];
-    let with = |extra: &[&str]| [&base[..], extra].concat();
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
 
     backforth_ok(&with(&["--input", "examples/data/sample-0000.jsonl.gz", "--stages", "prepare"]));
     assert!(root.join("candidates/_SUCCESS").exists());

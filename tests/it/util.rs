@@ -12,7 +12,7 @@ pub fn repo() -> PathBuf {
 }
 
 /// Runs the built `backforth` binary with `args`, from the repository root.
-pub fn backforth(args: &[&str]) -> Output {
+pub fn backforth<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(args)
         .current_dir(repo())
@@ -24,7 +24,7 @@ pub fn backforth(args: &[&str]) -> Output {
 }
 
 /// Like [`backforth`], failing the test with the output when the exit code is not 0.
-pub fn backforth_ok(args: &[&str]) -> Output {
+pub fn backforth_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     let out = backforth(args);
     assert!(
         out.status.success(),
