@@ -82,7 +82,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -203,13 +206,20 @@ pub fn render_summary(job: &Job, summary: &RunSummary) -> String {
             dropped.join(" ")
         ));
         if let Some(input) = &s.input {
-            let skipped: Vec<String> =
-                input.skipped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let skipped: Vec<String> = input
+                .skipped
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             out.push_str(&format!(
                 "{:<16} {:>9} documents read{}\n",
                 "",
                 input.documents,
-                if skipped.is_empty() { String::new() } else { format!(", skipped {}", skipped.join(" ")) }
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(", skipped {}", skipped.join(" "))
+                }
             ));
         }
     }

@@ -112,7 +112,10 @@ pub struct LlmWindowExec {
 
 impl LlmWindowExec {
     fn new(exec: &AsyncFuncExec, window: Window) -> Result<Self> {
-        #[expect(deprecated, reason = "the only accessor of the expressions in DataFusion 55")]
+        #[expect(
+            deprecated,
+            reason = "the only accessor of the expressions in DataFusion 55"
+        )]
         let exprs = exec.async_exprs().to_vec();
         Ok(Self {
             exprs,
@@ -200,7 +203,8 @@ impl ExecutionPlan for LlmWindowExec {
                     let chunk = chunk?;
                     // Each distinct call is evaluated once, whatever copies the planner made.
                     let first = first_copies(&exprs);
-                    let originals: Vec<usize> = (0..exprs.len()).filter(|&i| first[i] == i).collect();
+                    let originals: Vec<usize> =
+                        (0..exprs.len()).filter(|&i| first[i] == i).collect();
                     let outputs = try_join_all(
                         originals
                             .iter()

@@ -93,7 +93,10 @@ pub async fn export(opts: &ExportOptions) -> Result<u64> {
     } else if schema.has_column_with_unqualified_name("text") {
         "text"
     } else {
-        return job_err!("table '{}' has neither a 'response' nor a 'text' column", opts.table);
+        return job_err!(
+            "table '{}' has neither a 'response' nor a 'text' column",
+            opts.table
+        );
     };
     if !schema.has_column_with_unqualified_name("instruction") {
         return job_err!("table '{}' has no 'instruction' column", opts.table);
@@ -134,7 +137,11 @@ fn batch_pairs(batch: &RecordBatch) -> Result<Vec<Pair>> {
     );
     Ok((0..batch.num_rows())
         .map(|i| Pair {
-            id: if ids.is_null(i) { String::new() } else { ids.value(i).to_string() },
+            id: if ids.is_null(i) {
+                String::new()
+            } else {
+                ids.value(i).to_string()
+            },
             instruction: instructions.value(i).to_string(),
             response: responses.value(i).to_string(),
         })
@@ -224,7 +231,10 @@ fn parquet_bytes(pairs: &[Pair], opts: &ExportOptions) -> Result<Vec<u8>> {
         Field::new("id", DataType::Utf8, false),
         Field::new("messages", messages.data_type().clone(), false),
     ]));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids.finish()), Arc::new(messages)])?;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(ids.finish()), Arc::new(messages)],
+    )?;
     let mut buf = Vec::new();
     let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None)
         .map_err(|e| Error::Execution(format!("Parquet writer: {e}")))?;

@@ -6,14 +6,19 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Builder, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Int64Builder, RecordBatch, StringArray, StringBuilder,
+};
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
-#[expect(deprecated, reason = "parquet 59's only object_store reader; revisit with arrow 60")]
+#[expect(
+    deprecated,
+    reason = "parquet 59's only object_store reader; revisit with arrow 60"
+)]
 use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
@@ -116,10 +121,15 @@ impl PartitionStream for FilePartition {
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let stream = match self.file.format {
-            InputFormat::Parquet => parquet_stream(self.file.clone(), self.policy, Arc::clone(&self.stats)),
+            InputFormat::Parquet => {
+                parquet_stream(self.file.clone(), self.policy, Arc::clone(&self.stats))
+            }
             _ => jsonl_stream(self.file.clone(), self.policy, Arc::clone(&self.stats)),
         };
-        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream))
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        ))
     }
 }
 
@@ -159,13 +169,15 @@ fn read_jsonl(
     let raw = SyncIoBridge::new_with_handle(StreamReader::new(bytes), handle.clone());
     let decoded: Box<dyn Read> = match file.format {
         InputFormat::JsonlGzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw))),
-        InputFormat::JsonlZstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| {
-            Error::Input {
-                file: file.display.clone(),
-                line: 0,
-                message: format!("not a zstd stream ({e}); check the file's extension"),
-            }
-        })?),
+        InputFormat::JsonlZstd => {
+            Box::new(
+                zstd::stream::read::Decoder::new(raw).map_err(|e| Error::Input {
+                    file: file.display.clone(),
+                    line: 0,
+                    message: format!("not a zstd stream ({e}); check the file's extension"),
+                })?,
+            )
+        }
         _ => Box::new(raw),
     };
     let mut reader = BufReader::with_capacity(1 << 20, decoded);
@@ -174,11 +186,13 @@ fn read_jsonl(
     let mut line_no = 0u64;
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| Error::Input {
-            file: file.display.clone(),
-            line: line_no + 1,
-            message: format!("cannot read or decompress: {e}"),
-        })?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| Error::Input {
+                file: file.display.clone(),
+                line: line_no + 1,
+                message: format!("cannot read or decompress: {e}"),
+            })?;
         if n == 0 {
             break;
         }
@@ -262,7 +276,10 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
         Some(other) => {
             return Err(LineProblem {
                 reason: "text_not_string",
-                message: format!("column 'text' must be a string, found {}", json_kind(&other)),
+                message: format!(
+                    "column 'text' must be a string, found {}",
+                    json_kind(&other)
+                ),
             });
         }
     };
@@ -276,7 +293,10 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
         source: scalar("source"),
         added: scalar("added"),
         created: scalar("created"),
-        metadata: obj.remove("metadata").filter(|m| !m.is_null()).map(|m| m.to_string()),
+        metadata: obj
+            .remove("metadata")
+            .filter(|m| !m.is_null())
+            .map(|m| m.to_string()),
         text,
     }))
 }
@@ -328,7 +348,9 @@ impl DocBatch {
 
     fn push(&mut self, doc: Doc, line: u64) {
         // A document without an id is named by where it came from, which is stable across runs.
-        let id = doc.id.unwrap_or_else(|| format!("{}:{line}", self.file_stem));
+        let id = doc
+            .id
+            .unwrap_or_else(|| format!("{}:{line}", self.file_stem));
         self.doc_id.append_value(id);
         self.text.append_value(doc.text);
         self.source.append_option(doc.source);
@@ -434,7 +456,10 @@ fn parquet_batch_to_documents(
     let file_stem = file.rsplit('/').next().unwrap_or(file);
     let ids: StringArray = match column("id")? {
         Some(ids) => {
-            let ids = ids.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+            let ids = ids
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("cast to Utf8");
             (0..n)
                 .map(|i| {
                     Some(if ids.is_null(i) {
@@ -450,8 +475,9 @@ fn parquet_batch_to_documents(
             .collect(),
     };
     let nulls = || -> ArrayRef { Arc::new(StringArray::new_null(n)) };
-    let lines: datafusion::arrow::array::Int64Array =
-        (0..n).map(|i| Some((first_row + i as u64 + 1) as i64)).collect();
+    let lines: datafusion::arrow::array::Int64Array = (0..n)
+        .map(|i| Some((first_row + i as u64 + 1) as i64))
+        .collect();
     let out = RecordBatch::try_new(
         documents_schema(),
         vec![
@@ -465,11 +491,16 @@ fn parquet_batch_to_documents(
             Arc::new(lines),
         ],
     )?;
-    let keep: datafusion::arrow::array::BooleanArray = (0..n).map(|i| Some(!text.is_null(i))).collect();
+    let keep: datafusion::arrow::array::BooleanArray =
+        (0..n).map(|i| Some(!text.is_null(i))).collect();
     let skipped = n - keep.true_count();
     for _ in 0..skipped {
         stats.add_skip("missing_text");
     }
     stats.add_documents((n - skipped) as u64);
-    Ok(if skipped > 0 { filter_record_batch(&out, &keep)? } else { out })
+    Ok(if skipped > 0 {
+        filter_record_batch(&out, &keep)?
+    } else {
+        out
+    })
 }

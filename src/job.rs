@@ -218,8 +218,16 @@ const STAGE_ALIASES: &[(&str, &str)] = &[
 
 /// The LLM functions: name, default model role, default template.
 pub const BUILTIN_FUNCTIONS: &[(&str, &str, &str)] = &[
-    ("backtranslate", "backward", include_str!("prompts/backtranslate.txt")),
-    ("score_pair", "scorer", include_str!("prompts/score_pair.txt")),
+    (
+        "backtranslate",
+        "backward",
+        include_str!("prompts/backtranslate.txt"),
+    ),
+    (
+        "score_pair",
+        "scorer",
+        include_str!("prompts/score_pair.txt"),
+    ),
     ("rewrite", "rewriter", include_str!("prompts/rewrite.txt")),
     ("answer", "rewriter", include_str!("prompts/answer.txt")),
 ];
@@ -328,8 +336,8 @@ impl Job {
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Job(format!("cannot read job file {}: {e}", path.display())))?;
-        let file: JobFile = toml::from_str(&text)
-            .map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
+        let file: JobFile =
+            toml::from_str(&text).map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
         let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let default_name = path
             .file_stem()
@@ -353,7 +361,10 @@ impl Job {
         if inputs.is_empty() {
             return job_err!("no input: set [input] paths in the job or pass --input");
         }
-        let output = overrides.output.clone().unwrap_or_else(|| rel(&file.output));
+        let output = overrides
+            .output
+            .clone()
+            .unwrap_or_else(|| rel(&file.output));
         let prepare = resolve_prepare(&file.prepare);
         let models = resolve_models(&file.models, overrides)?;
         let functions = resolve_functions(&file.functions, &models, &base_dir)?;
@@ -475,7 +486,10 @@ fn resolve_models(
             .clone()
             .or_else(|| cfg.map(|c| c.model.clone()))
             .unwrap_or_else(|| role.clone());
-        if endpoint != "mock" && !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+        if endpoint != "mock"
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
             return job_err!(
                 "[models.{role}] endpoint '{endpoint}' is neither an http(s) URL nor 'mock'"
             );
@@ -536,7 +550,9 @@ fn resolve_functions(
             let cfg = cfgs.get(*name).cloned().unwrap_or_default();
             let role = cfg.model.unwrap_or_else(|| default_role.to_string());
             let Some(model) = models.get(&role) else {
-                return job_err!("[functions.{name}] uses model role '{role}', which [models] does not define");
+                return job_err!(
+                    "[functions.{name}] uses model role '{role}', which [models] does not define"
+                );
             };
             let template = match cfg.template {
                 Some(path) => {

@@ -190,7 +190,11 @@ impl ModelClient {
         let mut h = Sha256::new();
         for part in [
             s.model.as_str(),
-            if s.api == Api::Chat { "chat" } else { "completions" },
+            if s.api == Api::Chat {
+                "chat"
+            } else {
+                "completions"
+            },
             &s.temperature.to_string(),
             &s.top_p.to_string(),
             &req.max_tokens.to_string(),
@@ -302,7 +306,9 @@ impl ModelClient {
         }
         Reply {
             attempts: max_attempts,
-            error: Some(format!("gave up after {max_attempts} attempts: {last_error}")),
+            error: Some(format!(
+                "gave up after {max_attempts} attempts: {last_error}"
+            )),
             ..Reply::default()
         }
     }
@@ -457,7 +463,10 @@ pub fn mock_reply(req: &Request) -> Reply {
     let text = match req.task.as_str() {
         "backtranslate" => {
             let topic: Vec<&str> = tail.split_whitespace().take(6).collect();
-            format!("Can you explain {}?", topic.join(" ").trim_end_matches(['.', ',', ':']))
+            format!(
+                "Can you explain {}?",
+                topic.join(" ").trim_end_matches(['.', ',', ':'])
+            )
         }
         // Roughly the shape of real judges: mostly 3-4, a fifth 5, some unparseable.
         "score_pair" => match h % 20 {

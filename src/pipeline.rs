@@ -68,7 +68,10 @@ pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<S
     let mut config = SessionConfig::new();
     // Leaf-expression pushdown copies `call['text']` down to the call and so duplicates the
     // async LLM call once per field read (4 requests a row for backtranslated.sql).
-    config.options_mut().optimizer.enable_leaf_expression_pushdown = false;
+    config
+        .options_mut()
+        .optimizer
+        .enable_leaf_expression_pushdown = false;
     if let Some(p) = target_partitions {
         config = config.with_target_partitions(p.max(1));
     }
@@ -128,8 +131,12 @@ pub async fn register_complete_stages(
 
 async fn register_stage_table(ctx: &SessionContext, root: &Location, stage: &str) -> Result<()> {
     ctx.deregister_table(stage)?;
-    ctx.register_parquet(stage, root.child(stage).dir_url(), ParquetReadOptions::default())
-        .await?;
+    ctx.register_parquet(
+        stage,
+        root.child(stage).dir_url(),
+        ParquetReadOptions::default(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -177,9 +184,10 @@ pub async fn run(job: &Job, selected: &[String]) -> Result<RunSummary> {
         .functions
         .iter()
         .map(|f| {
-            let client = pool.model(&f.role).cloned().ok_or_else(|| {
-                Error::Internal(format!("no client for role {}", f.role))
-            })?;
+            let client = pool
+                .model(&f.role)
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("no client for role {}", f.role)))?;
             Ok((f.clone(), client))
         })
         .collect::<Result<_>>()?;
@@ -209,7 +217,11 @@ pub async fn run(job: &Job, selected: &[String]) -> Result<RunSummary> {
                 }
                 ctx.register_table(
                     "documents",
-                    Arc::new(documents_table(files, job.on_bad_line, Arc::clone(&ingest))?),
+                    Arc::new(documents_table(
+                        files,
+                        job.on_bad_line,
+                        Arc::clone(&ingest),
+                    )?),
                 )?;
             } else if !ctx.table_exist(table.as_str())? {
                 let known = job.stages.iter().any(|s| &s.name == table);
@@ -230,7 +242,8 @@ pub async fn run(job: &Job, selected: &[String]) -> Result<RunSummary> {
         let before = pool.usage();
         let started = Instant::now();
         tracing::info!(stage = %stage.name, "Stage started.");
-        let mut stats = run_stage(&ctx, &root, &stage.name, &sql, job.execution.rows_per_file).await?;
+        let mut stats =
+            run_stage(&ctx, &root, &stage.name, &sql, job.execution.rows_per_file).await?;
         stats.llm = pool.usage().since(&before);
         stats.seconds = started.elapsed().as_secs_f64();
         if tables.iter().any(|t| t == "documents") {
@@ -295,9 +308,13 @@ async fn run_stage(
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let drop_index = schema.index_of(DROP_COLUMN).ok();
     let kept_schema = match drop_index {
-        Some(i) => Arc::new(schema.project(
-            &(0..schema.fields().len()).filter(|&j| j != i).collect::<Vec<_>>(),
-        )?),
+        Some(i) => Arc::new(
+            schema.project(
+                &(0..schema.fields().len())
+                    .filter(|&j| j != i)
+                    .collect::<Vec<_>>(),
+            )?,
+        ),
         None => Arc::clone(&schema),
     };
     let dropped_schema = match drop_index {
@@ -320,7 +337,8 @@ async fn run_stage(
     };
     let rows_per_file = rows_per_file.unwrap_or(1_000_000).max(1);
     let mut kept = PartWriter::new(out.clone(), kept_schema, rows_per_file);
-    let mut dropped = dropped_schema.map(|s| PartWriter::new(out.child("_dropped"), s, rows_per_file));
+    let mut dropped =
+        dropped_schema.map(|s| PartWriter::new(out.child("_dropped"), s, rows_per_file));
     let mut stats = StageStats {
         stage: stage.to_string(),
         ..StageStats::default()
@@ -352,9 +370,13 @@ async fn run_stage(
             let not_keep = datafusion::arrow::compute::not(&keep)?;
             let mut columns = batch.columns().to_vec();
             columns[i] = reasons;
-            let writer = dropped.as_mut().expect("dropped writer exists with a drop column");
+            let writer = dropped
+                .as_mut()
+                .expect("dropped writer exists with a drop column");
             let dropped_batch = RecordBatch::try_new(Arc::clone(writer.schema()), columns)?;
-            writer.write(&filter_record_batch(&dropped_batch, &not_keep)?).await?;
+            writer
+                .write(&filter_record_batch(&dropped_batch, &not_keep)?)
+                .await?;
         }
     }
     kept.finish().await?;
@@ -365,7 +387,9 @@ async fn run_stage(
 }
 
 fn kept_columns(batch: &RecordBatch, drop_index: usize) -> Vec<usize> {
-    (0..batch.num_columns()).filter(|&j| j != drop_index).collect()
+    (0..batch.num_columns())
+        .filter(|&j| j != drop_index)
+        .collect()
 }
 
 async fn write_marker(root: &Location, stats: &StageStats) -> Result<()> {
@@ -407,7 +431,9 @@ impl PartWriter {
         // Streams to the store: multipart upload once the buffer fills, a single PUT otherwise.
         let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).expect("valid level"),
+            ))
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))
@@ -487,7 +513,9 @@ fn type_doc(t: &DataType) -> serde_json::Value {
         DataType::Struct(fields) => {
             json!({"struct": fields.iter().map(|f| field_doc(f)).collect::<Vec<_>>()})
         }
-        DataType::List(item) | DataType::LargeList(item) => json!({"list": type_doc(item.data_type())}),
+        DataType::List(item) | DataType::LargeList(item) => {
+            json!({"list": type_doc(item.data_type())})
+        }
         other => json!(other.to_string().to_lowercase()),
     }
 }

@@ -31,9 +31,8 @@ impl Location {
         if !location.contains("://") || location.starts_with("file://") {
             let raw = location.strip_prefix("file://").unwrap_or(location);
             let path = absolute(FsPath::new(raw))?;
-            let prefix = Path::from_absolute_path(&path).map_err(|e| {
-                Error::Job(format!("path {}: {e}", path.display()))
-            })?;
+            let prefix = Path::from_absolute_path(&path)
+                .map_err(|e| Error::Job(format!("path {}: {e}", path.display())))?;
             return Ok(Self {
                 store: Arc::new(LocalFileSystem::new()),
                 store_url: Url::parse("file:///").expect("valid URL"),

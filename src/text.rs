@@ -104,13 +104,7 @@ pub fn cut_units(text: &str, rules: &UnitRules) -> Vec<Unit> {
             .enumerate()
             .map(|(i, (header, body))| {
                 let drop = header_problem(header.as_deref())
-                    .or_else(|| {
-                        if body.is_empty() {
-                            Some("empty")
-                        } else {
-                            None
-                        }
-                    })
+                    .or_else(|| if body.is_empty() { Some("empty") } else { None })
                     .or_else(|| length_problem(&body, rules))
                     .or_else(|| {
                         has_repeated_sentences(&body, rules.repeat_jaccard)
@@ -236,7 +230,10 @@ fn header_at(lines: &[&str], i: usize) -> Option<(u8, String)> {
     if line.starts_with(['-', '*', '\u{2022}']) {
         return None;
     }
-    let next = lines[i + 1..].iter().map(|l| l.trim()).find(|l| !l.is_empty())?;
+    let next = lines[i + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())?;
     let next_is_paragraph = next.chars().count() >= 120
         || (next.ends_with(['.', '!', '?']) && next.len() > 2 * line.len());
     // Plain-text headers are treated as one level below any Markdown heading.
@@ -384,7 +381,11 @@ pub fn extract_tagged(raw: &str, tag: &str) -> Option<String> {
 
 /// Why [`extract_tagged`] found nothing: `no_output`, `missing_tag`, `unclosed_tag`,
 /// `truncated` (unclosed because generation hit its length limit) or `empty`.
-pub fn tag_problem(raw: Option<&str>, tag: &str, finish_reason: Option<&str>) -> Option<&'static str> {
+pub fn tag_problem(
+    raw: Option<&str>,
+    tag: &str,
+    finish_reason: Option<&str>,
+) -> Option<&'static str> {
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
         return Some("no_output");
     };
@@ -409,8 +410,10 @@ fn find_ci(haystack: &str, needle: &str) -> Option<usize> {
 }
 
 static INSTRUCTION_PREFIX: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)^\s*(?:\*\*)?(?:instruction|question|user|prompt|query)\s*(?:\*\*)?\s*:\s*(?:\*\*)?")
-        .expect("valid regex")
+    Regex::new(
+        r"(?i)^\s*(?:\*\*)?(?:instruction|question|user|prompt|query)\s*(?:\*\*)?\s*:\s*(?:\*\*)?",
+    )
+    .expect("valid regex")
 });
 
 /// The instruction in a backtranslation output: label prefixes (`Instruction:`), wrapping

@@ -138,9 +138,7 @@ impl LlmFunction {
         templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         templates
             .add_template_owned("prompt", spec.template.clone())
-            .map_err(|e| {
-                crate::error::Error::Job(format!("template of {}: {e}", spec.name))
-            })?;
+            .map_err(|e| crate::error::Error::Job(format!("template of {}: {e}", spec.name)))?;
         Ok(Self {
             arg_names,
             templates,
@@ -198,7 +196,10 @@ impl ScalarUDFImpl for LlmFunction {
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        not_impl_err!("{} calls an LLM and runs only asynchronously", self.spec.name)
+        not_impl_err!(
+            "{} calls an LLM and runs only asynchronously",
+            self.spec.name
+        )
     }
 }
 
@@ -335,7 +336,13 @@ impl Pure {
     }
 
     /// (name, required parameters, optional trailing parameters)
-    fn params(&self) -> (&'static str, &'static [&'static str], &'static [&'static str]) {
+    fn params(
+        &self,
+    ) -> (
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+    ) {
         match self.kind {
             PureKind::ParseScore => ("parse_score", &["raw"], &["finish_reason"]),
             PureKind::ExtractTagged => ("extract_tagged", &["raw", "tag"], &[]),
@@ -399,7 +406,10 @@ impl ScalarUDFImpl for Pure {
             return candidate_units(&args.args, n);
         }
         let cols = string_columns(&args.args, n)?;
-        let get = |c: usize, i: usize| cols.get(c).and_then(|a| (!a.is_null(i)).then(|| a.value(i)));
+        let get = |c: usize, i: usize| {
+            cols.get(c)
+                .and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
+        };
         let array: ArrayRef = match self.kind {
             PureKind::ParseScore => {
                 let mut score = Int64Builder::with_capacity(n);

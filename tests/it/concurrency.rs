@@ -29,18 +29,37 @@ fn llm_stage_keeps_every_slot_busy() {
     .unwrap();
     let server = FakeServer::start(L);
     let c = C.to_string();
-    let args = ["run", job.to_str().unwrap(), "--endpoint", &server.url(), "--model", "m", "--concurrency", &c];
+    let args = [
+        "run",
+        job.to_str().unwrap(),
+        "--endpoint",
+        &server.url(),
+        "--model",
+        "m",
+        "--concurrency",
+        &c,
+    ];
     backforth_ok(&[&args[..], &["--stages", "prepare"]].concat());
     backforth_ok(&[&args[..], &["--stages", "backtranslate"]].concat());
 
-    assert_eq!(marker(&dir.path().join("out"), "backtranslated")["rows_out"], N);
+    assert_eq!(
+        marker(&dir.path().join("out"), "backtranslated")["rows_out"],
+        N
+    );
     let log = server.log();
     assert_eq!(log.len(), N);
     let first = log.iter().map(|e| e.started).min().unwrap();
     let last = log.iter().map(|e| e.finished).max().unwrap();
     let span = last - first;
     let ideal = L * N.div_ceil(C) as u32;
-    assert_eq!(server.state.max_in_flight.load(Ordering::SeqCst), C as u64, "the cap is reached and never exceeded");
+    eprintln!(
+        "{N} rows, latency {L:?}, {C} slots: {span:?} from first request to last reply (N·L/C {ideal:?})"
+    );
+    assert_eq!(
+        server.state.max_in_flight.load(Ordering::SeqCst),
+        C as u64,
+        "the cap is reached and never exceeded"
+    );
     assert!(
         span.as_secs_f64() < ideal.as_secs_f64() * 1.15,
         "{N} rows at {L:?} with {C} slots took {span:?}; ideal {ideal:?}"

@@ -54,6 +54,7 @@ impl FakeServer {
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 loop {
                     let (socket, _) = listener.accept().await.unwrap();
+                    socket.set_nodelay(true).unwrap();
                     tokio::spawn(serve_connection(socket, Arc::clone(&shared)));
                 }
             });
@@ -77,13 +78,21 @@ impl FakeServer {
 
     /// Prompts that were sent more than once.
     pub fn repeated_prompts(&self) -> usize {
-        self.state.per_prompt.lock().unwrap().values().filter(|&&n| n > 1).count()
+        self.state
+            .per_prompt
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|&&n| n > 1)
+            .count()
     }
 }
 
 fn hash(s: &str) -> u64 {
     // FNV-1a: stable across runs and platforms.
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// The answer the fake gives to `prompt`, by what the prompt asks for.
@@ -99,11 +108,20 @@ pub fn answer_for(prompt: &str) -> String {
         }
     } else if prompt.contains("[RES]") {
         let draft = prompt.rsplit("Draft response:\n").next().unwrap_or("");
-        let first: String = draft.lines().next().unwrap_or("").chars().take(80).collect();
+        let first: String = draft
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
         if h % 7 == 0 {
             format!("Here is my rewrite: {first}")
         } else {
-            format!("Sure.\n[RES]\nRewritten ({:08x}): {first}\n[/RES]", h as u32)
+            format!(
+                "Sure.\n[RES]\nRewritten ({:08x}): {first}\n[/RES]",
+                h as u32
+            )
         }
     } else if prompt.contains("most likely") {
         let text = prompt.rsplit("Text:\n").next().unwrap_or("");
@@ -133,7 +151,12 @@ async fn respond(state: Arc<FakeState>, body: Value) -> String {
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let prompt = prompt_of(&body);
-    *state.per_prompt.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+    *state
+        .per_prompt
+        .lock()
+        .unwrap()
+        .entry(prompt.clone())
+        .or_default() += 1;
     tokio::time::sleep(state.latency).await;
     let answer = answer_for(&prompt);
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -161,7 +184,11 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
         if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
             return;
         }
-        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
         let mut content_length = 0usize;
         loop {
             let mut header = String::new();
@@ -183,17 +210,30 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             return;
         }
         let (status, reply) = match serde_json::from_slice::<Value>(&body) {
-            Ok(request) if path.ends_with("/chat/completions") => ("200 OK", chat(Arc::clone(&state), request).await),
-            Ok(request) if path.ends_with("/completions") => ("200 OK", completions(Arc::clone(&state), request).await),
-            _ => ("404 Not Found", json!({"error": {"message": "unknown route or bad JSON"}})),
+            Ok(request) if path.ends_with("/chat/completions") => {
+                ("200 OK", chat(Arc::clone(&state), request).await)
+            }
+            Ok(request) if path.ends_with("/completions") => {
+                ("200 OK", completions(Arc::clone(&state), request).await)
+            }
+            _ => (
+                "404 Not Found",
+                json!({"error": {"message": "unknown route or bad JSON"}}),
+            ),
         };
         let payload = reply.to_string();
         let head = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             payload.len()
         );
-        let socket = stream.get_mut();
-        if socket.write_all(head.as_bytes()).await.is_err() || socket.write_all(payload.as_bytes()).await.is_err() {
+        // One write: a head and a body sent separately meet Nagle's algorithm and the
+        // client's delayed ACK, adding 40 ms to every reply.
+        if stream
+            .get_mut()
+            .write_all((head + &payload).as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -24,17 +24,33 @@ fn job(dir: &Path, input: &str, policy: &str) -> String {
 #[test]
 fn bad_lines_are_named_or_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let lines = [GOOD, "{not json", r#"{"id": "b"}"#, r#"{"id": "c", "text": 7}"#, ""];
+    let lines = [
+        GOOD,
+        "{not json",
+        r#"{"id": "b"}"#,
+        r#"{"id": "c", "text": 7}"#,
+        "",
+    ];
     std::fs::write(dir.path().join("bad.jsonl"), lines.join("\n")).unwrap();
 
-    let out = backforth(&["run", &job(dir.path(), "bad.jsonl", "error"), "--stages", "prepare"]);
+    let out = backforth(&[
+        "run",
+        &job(dir.path(), "bad.jsonl", "error"),
+        "--stages",
+        "prepare",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.jsonl:2: not valid JSON"), "{stderr}");
     assert!(stderr.contains("on_bad_line = \"skip\""), "{stderr}");
     assert!(!dir.path().join("out-error/candidates/_SUCCESS").exists());
 
-    backforth_ok(&["run", &job(dir.path(), "bad.jsonl", "skip"), "--stages", "prepare"]);
+    backforth_ok(&[
+        "run",
+        &job(dir.path(), "bad.jsonl", "skip"),
+        "--stages",
+        "prepare",
+    ]);
     let m = marker(&dir.path().join("out-skip"), "candidates");
     assert_eq!(m["input"]["documents"], 1);
     assert_eq!(
@@ -47,10 +63,22 @@ fn bad_lines_are_named_or_counted() {
 #[test]
 fn missing_text_names_the_column() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("d.jsonl"), format!("{GOOD}\n{{\"id\": \"b\", \"text\": null}}\n")).unwrap();
-    let out = backforth(&["run", &job(dir.path(), "d.jsonl", "error"), "--stages", "prepare"]);
+    std::fs::write(
+        dir.path().join("d.jsonl"),
+        format!("{GOOD}\n{{\"id\": \"b\", \"text\": null}}\n"),
+    )
+    .unwrap();
+    let out = backforth(&[
+        "run",
+        &job(dir.path(), "d.jsonl", "error"),
+        "--stages",
+        "prepare",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("d.jsonl:2: column 'text' is missing or null"), "{stderr}");
+    assert!(
+        stderr.contains("d.jsonl:2: column 'text' is missing or null"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -58,16 +86,28 @@ fn gzip_zstd_plain_and_parquet_inputs_from_a_directory_or_glob() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let doc = |id: &str| json!({"id": id, "text": format!("Document {id} explains one thing clearly.")}).to_string() + "\n";
+    let doc = |id: &str| {
+        json!({"id": id, "text": format!("Document {id} explains one thing clearly.")}).to_string()
+            + "\n"
+    };
     std::fs::write(data.join("a.jsonl"), doc("plain")).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(doc("gzip").as_bytes()).unwrap();
     std::fs::write(data.join("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
-    std::fs::write(data.join("c.jsonl.zst"), zstd::encode_all(doc("zstd").as_bytes(), 3).unwrap()).unwrap();
+    std::fs::write(
+        data.join("c.jsonl.zst"),
+        zstd::encode_all(doc("zstd").as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
     write_parquet(&data.join("d.parquet"));
     std::fs::write(data.join("notes.txt"), "not a document file").unwrap();
 
-    backforth_ok(&["run", &job(dir.path(), "data/", "error"), "--stages", "prepare"]);
+    backforth_ok(&[
+        "run",
+        &job(dir.path(), "data/", "error"),
+        "--stages",
+        "prepare",
+    ]);
     let m = marker(&dir.path().join("out-error"), "candidates");
     assert_eq!(m["input"]["documents"], 5);
     assert_eq!(m["rows_out"], 5);
@@ -75,7 +115,10 @@ fn gzip_zstd_plain_and_parquet_inputs_from_a_directory_or_glob() {
     let glob = format!("{}/*.jsonl*", data.display());
     let job_path = job(dir.path(), "unused", "skip");
     backforth_ok(&["run", &job_path, "--input", &glob, "--stages", "prepare"]);
-    assert_eq!(marker(&dir.path().join("out-skip"), "candidates")["input"]["documents"], 3);
+    assert_eq!(
+        marker(&dir.path().join("out-skip"), "candidates")["input"]["documents"],
+        3
+    );
 }
 
 fn write_parquet(path: &Path) {
@@ -91,7 +134,10 @@ fn write_parquet(path: &Path) {
         schema.clone(),
         vec![
             Arc::new(Int64Array::from(vec![1, 2])),
-            Arc::new(StringArray::from(vec![Some("First parquet document."), Some("Second parquet document.")])),
+            Arc::new(StringArray::from(vec![
+                Some("First parquet document."),
+                Some("Second parquet document."),
+            ])),
         ],
     )
     .unwrap();

@@ -19,7 +19,10 @@ fn reasoning_with_other_digits_uses_the_last_score() {
     let raw = "The answer has 3 steps and cites 2 sources; I first thought Score: 2.\nOn reflection it is complete.\nScore: 5";
     assert_eq!(score(raw), (Some(5), None));
     // Digits in the reasoning without a `Score:` label never count.
-    assert_eq!(score("It covers 4 of 5 points, rated 4/5."), (None, Some("no_score")));
+    assert_eq!(
+        score("It covers 4 of 5 points, rated 4/5."),
+        (None, Some("no_score"))
+    );
 }
 
 #[test]
@@ -35,7 +38,10 @@ fn non_integer_and_out_of_range() {
 fn missing_empty_and_truncated() {
     assert_eq!(score("I would rather not say."), (None, Some("no_score")));
     assert_eq!(parse_score(None, None).reason, Some("no_output"));
-    assert_eq!(parse_score(Some("  "), Some("stop")).reason, Some("no_output"));
+    assert_eq!(
+        parse_score(Some("  "), Some("stop")).reason,
+        Some("no_output")
+    );
     let cut = parse_score(Some("The answer is detailed and"), Some("length"));
     assert_eq!((cut.score, cut.reason), (None, Some("truncated")));
     // A score that made it out before the cut still counts.
@@ -46,31 +52,64 @@ fn missing_empty_and_truncated() {
 #[test]
 fn tagged_text_is_extracted_and_problems_are_named() {
     let raw = "Sure, here it is.\n[RES]\nThe rewritten answer.\n[/RES]\nAnything else?";
-    assert_eq!(extract_tagged(raw, "RES").as_deref(), Some("The rewritten answer."));
+    assert_eq!(
+        extract_tagged(raw, "RES").as_deref(),
+        Some("The rewritten answer.")
+    );
     assert_eq!(tag_problem(Some(raw), "RES", Some("stop")), None);
-    assert_eq!(extract_tagged("[res]lower case[/res]", "RES").as_deref(), Some("lower case"));
+    assert_eq!(
+        extract_tagged("[res]lower case[/res]", "RES").as_deref(),
+        Some("lower case")
+    );
 
     assert_eq!(extract_tagged("no tags at all", "RES"), None);
-    assert_eq!(tag_problem(Some("no tags at all"), "RES", Some("stop")), Some("missing_tag"));
+    assert_eq!(
+        tag_problem(Some("no tags at all"), "RES", Some("stop")),
+        Some("missing_tag")
+    );
 
     let open = "[RES] an answer that never clo";
     assert_eq!(extract_tagged(open, "RES"), None);
-    assert_eq!(tag_problem(Some(open), "RES", Some("stop")), Some("unclosed_tag"));
-    assert_eq!(tag_problem(Some(open), "RES", Some("length")), Some("truncated"));
+    assert_eq!(
+        tag_problem(Some(open), "RES", Some("stop")),
+        Some("unclosed_tag")
+    );
+    assert_eq!(
+        tag_problem(Some(open), "RES", Some("length")),
+        Some("truncated")
+    );
 
     assert_eq!(extract_tagged("[RES]   [/RES]", "RES"), None);
-    assert_eq!(tag_problem(Some("[RES]  [/RES]"), "RES", None), Some("empty"));
+    assert_eq!(
+        tag_problem(Some("[RES]  [/RES]"), "RES", None),
+        Some("empty")
+    );
     assert_eq!(tag_problem(None, "RES", None), Some("no_output"));
     // Only the first block is taken.
-    assert_eq!(extract_tagged("[RES]a[/RES][RES]b[/RES]", "RES").as_deref(), Some("a"));
+    assert_eq!(
+        extract_tagged("[RES]a[/RES][RES]b[/RES]", "RES").as_deref(),
+        Some("a")
+    );
 }
 
 #[test]
 fn instructions_lose_labels_and_quotes() {
-    assert_eq!(clean_instruction("Instruction: How do tides work?").as_deref(), Some("How do tides work?"));
-    assert_eq!(clean_instruction("  \"What is RuBisCO?\" ").as_deref(), Some("What is RuBisCO?"));
-    assert_eq!(clean_instruction("**Question:** Why is the sky blue?").as_deref(), Some("Why is the sky blue?"));
-    assert_eq!(clean_instruction("Explain the rule of 72.").as_deref(), Some("Explain the rule of 72."));
+    assert_eq!(
+        clean_instruction("Instruction: How do tides work?").as_deref(),
+        Some("How do tides work?")
+    );
+    assert_eq!(
+        clean_instruction("  \"What is RuBisCO?\" ").as_deref(),
+        Some("What is RuBisCO?")
+    );
+    assert_eq!(
+        clean_instruction("**Question:** Why is the sky blue?").as_deref(),
+        Some("Why is the sky blue?")
+    );
+    assert_eq!(
+        clean_instruction("Explain the rule of 72.").as_deref(),
+        Some("Explain the rule of 72.")
+    );
     assert_eq!(clean_instruction("Instruction:   "), None);
     assert_eq!(clean_instruction(""), None);
 }

@@ -36,7 +36,11 @@ fn sample_run() -> &'static SampleRun {
             "--concurrency",
             "8",
         ]);
-        SampleRun { server, _dir: dir, root }
+        SampleRun {
+            server,
+            _dir: dir,
+            root,
+        }
     })
 }
 
@@ -70,7 +74,11 @@ fn prepare_counts_every_rule() {
     );
     block_on(async {
         let ctx = session(&run.root).await;
-        let got = rows(&ctx, "SELECT doc_id, drop_reason FROM candidates_dropped ORDER BY doc_id").await;
+        let got = rows(
+            &ctx,
+            "SELECT doc_id, drop_reason FROM candidates_dropped ORDER BY doc_id",
+        )
+        .await;
         assert_eq!(
             got,
             vec![
@@ -80,14 +88,24 @@ fn prepare_counts_every_rule() {
             ]
         );
         // The numeric id of the last document became a string id.
-        assert_eq!(count(&ctx, "SELECT count(*) FROM candidates WHERE doc_id = '25'").await, 1);
+        assert_eq!(
+            count(&ctx, "SELECT count(*) FROM candidates WHERE doc_id = '25'").await,
+            1
+        );
     });
 }
 
 #[test]
 fn every_stage_adds_up() {
     let run = sample_run();
-    for stage in ["candidates", "backtranslated", "scored", "curated", "rewritten", "distilled"] {
+    for stage in [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "curated",
+        "rewritten",
+        "distilled",
+    ] {
         let m = marker(&run.root, stage);
         let drops: u64 = m["dropped"]
             .as_object()
@@ -119,16 +137,37 @@ fn scores_are_all_kept_and_curated_is_exactly_the_threshold() {
         let scored = count(&ctx, "SELECT count(*) FROM scored").await;
         assert_eq!(scored, 22);
         // Every NULL score has a reason, and no valid score has one.
-        assert_eq!(count(&ctx, "SELECT count(*) FROM scored WHERE (score IS NULL) <> (score_reason IS NOT NULL)").await, 0);
+        assert_eq!(
+            count(
+                &ctx,
+                "SELECT count(*) FROM scored WHERE (score IS NULL) <> (score_reason IS NOT NULL)"
+            )
+            .await,
+            0
+        );
         // The fake answers some pairs with `Score: 4.5` or no score at all.
-        let reasons = rows(&ctx, "SELECT DISTINCT score_reason FROM scored WHERE score_reason IS NOT NULL ORDER BY 1").await;
-        assert!(!reasons.is_empty(), "the fake gives some unparseable scores");
+        let reasons = rows(
+            &ctx,
+            "SELECT DISTINCT score_reason FROM scored WHERE score_reason IS NOT NULL ORDER BY 1",
+        )
+        .await;
+        assert!(
+            !reasons.is_empty(),
+            "the fake gives some unparseable scores"
+        );
         let curated = rows(&ctx, "SELECT id FROM curated ORDER BY id").await;
         let fives = rows(&ctx, "SELECT id FROM scored WHERE score = 5 ORDER BY id").await;
         assert!(!curated.is_empty(), "some pairs score 5");
         assert_eq!(curated, fives);
         // The raw judgement is kept beside the parsed score.
-        assert_eq!(count(&ctx, "SELECT count(*) FROM scored WHERE judgement['text'] IS NULL").await, 0);
+        assert_eq!(
+            count(
+                &ctx,
+                "SELECT count(*) FROM scored WHERE judgement['text'] IS NULL"
+            )
+            .await,
+            0
+        );
     });
 }
 
@@ -159,10 +198,19 @@ fn rewrites_are_the_res_contents_of_the_replies() {
         assert_eq!(got, expected);
         let curated = count(&ctx, "SELECT count(*) FROM curated").await as usize;
         assert_eq!(rewrite_answers.len(), curated);
-        let missing = dropped(&run.root, "rewritten")["missing_tag"].as_u64().unwrap_or(0) as usize;
+        let missing = dropped(&run.root, "rewritten")["missing_tag"]
+            .as_u64()
+            .unwrap_or(0) as usize;
         assert_eq!(missing, untagged);
         // The draft stays beside the rewrite.
-        assert_eq!(count(&ctx, "SELECT count(*) FROM rewritten r JOIN curated c ON r.id = c.id AND r.text = c.text").await as usize, got.len());
+        assert_eq!(
+            count(
+                &ctx,
+                "SELECT count(*) FROM rewritten r JOIN curated c ON r.id = c.id AND r.text = c.text"
+            )
+            .await as usize,
+            got.len()
+        );
     });
 }
 
@@ -178,7 +226,13 @@ fn requests_sent_equal_the_rows_that_needed_them() {
         .map(|s| marker(&run.root, s)["llm"]["requests"].as_u64().unwrap())
         .sum();
     assert_eq!(recorded, needed);
-    assert!(run.server.state.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 8);
+    assert!(
+        run.server
+            .state
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            <= 8
+    );
 }
 
 #[test]
@@ -191,13 +245,33 @@ fn sql_answers_a_group_by_over_scored() {
         "SELECT score, count(*) AS n FROM scored GROUP BY score ORDER BY score",
     ]);
     let stdout = String::from_utf8(out.stdout).unwrap();
+    let printed: Vec<Vec<String>> = stdout
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1) // the header
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect();
     block_on(async {
         let ctx = session(&run.root).await;
-        for row in rows(&ctx, "SELECT score, count(*) FROM scored GROUP BY score ORDER BY score").await {
-            let score = if row[0] == "NULL" { String::new() } else { row[0].clone() };
-            let line = format!("| {score:<5} | {:<2} |", row[1]);
-            assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
-        }
+        let expected: Vec<Vec<String>> = rows(
+            &ctx,
+            "SELECT score, count(*) FROM scored GROUP BY score ORDER BY score",
+        )
+        .await
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| if v == "NULL" { String::new() } else { v })
+                .collect()
+        })
+        .collect();
+        assert_eq!(printed, expected, "{stdout}");
+        assert_eq!(printed.len(), 6, "scores 1-5 and NULL: {stdout}");
     });
 }
 
@@ -226,11 +300,14 @@ fn rewritten_pairs() -> Vec<(String, String)> {
     let run = sample_run();
     block_on(async {
         let ctx = session(&run.root).await;
-        rows(&ctx, "SELECT instruction, response FROM rewritten ORDER BY id")
-            .await
-            .into_iter()
-            .map(|r| (r[0].clone(), r[1].clone()))
-            .collect()
+        rows(
+            &ctx,
+            "SELECT instruction, response FROM rewritten ORDER BY id",
+        )
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect()
     })
 }
 
@@ -243,7 +320,10 @@ fn export_formats_line_by_line() {
     let chat = export("openai-chat", "system");
     let sharegpt = export("sharegpt", "none");
     let alpaca = export("alpaca", "append");
-    assert_eq!((chat.len(), sharegpt.len(), alpaca.len()), (pairs.len(), pairs.len(), pairs.len()));
+    assert_eq!(
+        (chat.len(), sharegpt.len(), alpaca.len()),
+        (pairs.len(), pairs.len(), pairs.len())
+    );
     for (i, (instruction, response)) in pairs.iter().enumerate() {
         assert_eq!(
             chat[i],
@@ -273,11 +353,19 @@ fn export_parquet_has_a_messages_column() {
     let pairs = rewritten_pairs();
     let file = run.root.join("export.parquet");
     backforth_ok(&[
-        "export", "--root", run.root.to_str().unwrap(), "--format", "parquet", "--output", file.to_str().unwrap(),
+        "export",
+        "--root",
+        run.root.to_str().unwrap(),
+        "--format",
+        "parquet",
+        "--output",
+        file.to_str().unwrap(),
     ]);
     block_on(async {
         let ctx = datafusion::prelude::SessionContext::new();
-        ctx.register_parquet("sft", file.to_str().unwrap(), Default::default()).await.unwrap();
+        ctx.register_parquet("sft", file.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
         let got = rows(
             &ctx,
             "SELECT messages[1]['role'], messages[1]['content'], messages[2]['role'], messages[2]['content'], array_length(messages) FROM sft ORDER BY id",
@@ -285,7 +373,16 @@ fn export_parquet_has_a_messages_column() {
         .await;
         assert_eq!(got.len(), pairs.len());
         for (row, (instruction, response)) in got.iter().zip(&pairs) {
-            assert_eq!(row, &vec!["user".to_string(), instruction.clone(), "assistant".to_string(), response.clone(), "2".to_string()]);
+            assert_eq!(
+                row,
+                &vec![
+                    "user".to_string(),
+                    instruction.clone(),
+                    "assistant".to_string(),
+                    response.clone(),
+                    "2".to_string()
+                ]
+            );
         }
     });
 }
@@ -297,12 +394,26 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
     let root = dir.path().join("out");
     let root_s = root.to_str().unwrap();
     let url = server.url();
-    let base = ["run", "examples/bft.toml", "--output", root_s, "--endpoint", url.as_str(), "--model", "m"];
+    let base = [
+        "run",
+        "examples/bft.toml",
+        "--output",
+        root_s,
+        "--endpoint",
+        url.as_str(),
+        "--model",
+        "m",
+    ];
     let with = |extra: &[&str]| -> Vec<String> {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
 
-    backforth_ok(&with(&["--input", "examples/data/sample-0000.jsonl.gz", "--stages", "prepare"]));
+    backforth_ok(&with(&[
+        "--input",
+        "examples/data/sample-0000.jsonl.gz",
+        "--stages",
+        "prepare",
+    ]));
     assert!(root.join("candidates/_SUCCESS").exists());
     assert!(!root.join("backtranslated").exists());
     assert_eq!(server.requests(), 0);
@@ -311,7 +422,10 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
     let out = backforth(&with(&["--stages", "scored"]));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("reads 'backtranslated'") && stderr.contains("--stages backtranslated"), "{stderr}");
+    assert!(
+        stderr.contains("reads 'backtranslated'") && stderr.contains("--stages backtranslated"),
+        "{stderr}"
+    );
     assert_eq!(server.requests(), 0);
 
     backforth_ok(&with(&["--stages", "backtranslate,score"]));

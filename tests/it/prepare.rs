@@ -1,6 +1,8 @@
 //! The prepare rules on small hand-made documents.
 
-use backforth::text::{CandidateMode, UnitRules, cut_units, header_problem, normalize_for_dedup, segments};
+use backforth::text::{
+    CandidateMode, UnitRules, cut_units, header_problem, normalize_for_dedup, segments,
+};
 
 fn segment_rules() -> UnitRules {
     UnitRules {
@@ -11,7 +13,8 @@ fn segment_rules() -> UnitRules {
     }
 }
 
-const PARAGRAPH: &str = "Water expands when it freezes, which is why ice floats and why pipes can burst in winter.";
+const PARAGRAPH: &str =
+    "Water expands when it freezes, which is why ice floats and why pipes can burst in winter.";
 
 #[test]
 fn document_mode_keeps_whole_documents_and_names_drops() {
@@ -38,7 +41,13 @@ fn segments_follow_plain_and_markdown_headers() {
     let headers: Vec<Option<&str>> = segs.iter().map(|(h, _)| h.as_deref()).collect();
     assert_eq!(
         headers,
-        vec![None, Some("Freezing Water"), Some("Markdown Title"), Some("Sub-section"), Some("Next Title")]
+        vec![
+            None,
+            Some("Freezing Water"),
+            Some("Markdown Title"),
+            Some("Sub-section"),
+            Some("Next Title")
+        ]
     );
     // A level-1 section holds its level-2 sub-section, as Humpback's segments do.
     assert!(segs[2].1.contains("Sub-section"));
@@ -66,7 +75,10 @@ fn segment_drop_reasons() {
             (Some("Good Header".into()), None),
         ]
     );
-    let long = format!("Long Section\n\n{}", [PARAGRAPH; 6].join(" ").replace(".", ";"));
+    let long = format!(
+        "Long Section\n\n{}",
+        [PARAGRAPH; 6].join(" ").replace(".", ";")
+    );
     let long = long + ".";
     assert_eq!(cut_units(&long, &segment_rules())[0].drop, Some("too_long"));
 }
@@ -74,7 +86,10 @@ fn segment_drop_reasons() {
 #[test]
 fn navigation_words_match_whole_words_only() {
     assert_eq!(header_problem(Some("Forums")), Some("navigation_header"));
-    assert_eq!(header_problem(Some("Comments (12)")), Some("navigation_header"));
+    assert_eq!(
+        header_problem(Some("Comments (12)")),
+        Some("navigation_header")
+    );
     assert_eq!(header_problem(Some("Menu")), Some("navigation_header"));
     assert_eq!(header_problem(Some("Menus of medieval feasts")), None);
     assert_eq!(header_problem(Some("How tides work")), None);
@@ -85,13 +100,24 @@ fn navigation_words_match_whole_words_only() {
 #[test]
 fn repeated_sentences_are_caught_and_distinct_ones_are_not() {
     let spam = "Repeated Deals\n\nBuy cheap watches online today with free shipping. We sell many things. Buy cheap watches online today with free shipping and returns.";
-    assert_eq!(cut_units(spam, &segment_rules())[0].drop, Some("repeated_sentences"));
-    let fine = format!("Freezing Water\n\n{PARAGRAPH} Salt lowers the freezing point of water, so roads are salted in winter.");
+    assert_eq!(
+        cut_units(spam, &segment_rules())[0].drop,
+        Some("repeated_sentences")
+    );
+    let fine = format!(
+        "Freezing Water\n\n{PARAGRAPH} Salt lowers the freezing point of water, so roads are salted in winter."
+    );
     assert_eq!(cut_units(&fine, &segment_rules())[0].drop, None);
 }
 
 #[test]
 fn dedup_normalisation_ignores_case_and_whitespace() {
-    assert_eq!(normalize_for_dedup("How  Tides\n\nWork "), normalize_for_dedup("how tides work"));
-    assert_ne!(normalize_for_dedup("how tides work"), normalize_for_dedup("how tide works"));
+    assert_eq!(
+        normalize_for_dedup("How  Tides\n\nWork "),
+        normalize_for_dedup("how tides work")
+    );
+    assert_ne!(
+        normalize_for_dedup("how tides work"),
+        normalize_for_dedup("how tide works")
+    );
 }

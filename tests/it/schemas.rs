@@ -10,8 +10,18 @@ use crate::util::repo;
 #[test]
 fn stage_outputs_match_schemas_dir() {
     let root = sample_root();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    for stage in ["candidates", "backtranslated", "scored", "curated", "rewritten", "distilled"] {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for stage in [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "curated",
+        "rewritten",
+        "distilled",
+    ] {
         let schema = rt.block_on(async {
             let ctx = SessionContext::new();
             let df = ctx
@@ -28,6 +38,11 @@ fn stage_outputs_match_schemas_dir() {
         }
         let expected = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (BACKFORTH_BLESS=1 writes it)", path.display()));
-        assert_eq!(actual, expected, "schema of stage {stage} differs from {}", path.display());
+        assert_eq!(
+            actual,
+            expected,
+            "schema of stage {stage} differs from {}",
+            path.display()
+        );
     }
 }
