@@ -26,6 +26,8 @@ pub struct FakeState {
     pub max_in_flight: AtomicU64,
     pub log: Mutex<Vec<Exchange>>,
     pub per_prompt: Mutex<HashMap<String, u64>>,
+    /// (path, Authorization header) of every request.
+    pub headers: Mutex<Vec<(String, Option<String>)>>,
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -190,6 +192,7 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             .unwrap_or("")
             .to_string();
         let mut content_length = 0usize;
+        let mut authorization = None;
         loop {
             let mut header = String::new();
             if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -199,16 +202,23 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             if header.is_empty() {
                 break;
             }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                content_length = value.trim().parse().unwrap_or(0);
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0);
+                } else if name.eq_ignore_ascii_case("authorization") {
+                    authorization = Some(value.trim().to_string());
+                }
             }
         }
         let mut body = vec![0u8; content_length];
         if stream.read_exact(&mut body).await.is_err() {
             return;
         }
+        state
+            .headers
+            .lock()
+            .unwrap()
+            .push((path.clone(), authorization));
         let (status, reply) = match serde_json::from_slice::<Value>(&body) {
             Ok(request) if path.ends_with("/chat/completions") => {
                 ("200 OK", chat(Arc::clone(&state), request).await)

@@ -3,6 +3,7 @@
 mod concurrency;
 mod fake_server;
 mod ingest;
+mod jobs;
 mod parse;
 mod pipeline;
 mod prepare;

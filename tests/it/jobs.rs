@@ -1,0 +1,154 @@
+//! Job-file features: segments mode, the completions API, template overrides, API keys.
+
+use std::time::Duration;
+
+use crate::fake_server::FakeServer;
+use crate::util::{backforth, backforth_ok, marker, repo};
+
+fn write_job(dir: &std::path::Path, body: &str) -> String {
+    let sample = repo().join("examples/data");
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"{}\"]\n{body}",
+            sample.display()
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn segments_mode_cuts_under_headers_and_counts_each_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "[prepare]\nmode = \"segments\"\nmin_chars = 300\n",
+    );
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    let m = marker(&dir.path().join("out"), "candidates");
+    let dropped = m["dropped"].as_object().unwrap();
+    for reason in [
+        "empty_header",
+        "uppercase_header",
+        "navigation_header",
+        "repeated_sentences",
+        "too_short",
+        "duplicate",
+    ] {
+        assert!(dropped.contains_key(reason), "no '{reason}' drop in {m}");
+    }
+    let kept = m["rows_out"].as_u64().unwrap();
+    assert!(
+        kept >= 20,
+        "most sections of the sample are good segments: {m}"
+    );
+    let total: u64 = dropped.values().map(|v| v.as_u64().unwrap()).sum::<u64>() + kept;
+    assert_eq!(m["rows_in"].as_u64().unwrap(), total);
+}
+
+#[test]
+fn completions_api_template_override_and_api_key_from_env() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bt.txt"),
+        "CUSTOM TEMPLATE. Write the most likely instruction.\nText:\n{{ text }}",
+    )
+    .unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let job = write_job(
+        dir.path(),
+        &format!(
+            "[models.backward]\nendpoint = \"{}\"\nmodel = \"bw\"\napi = \"completions\"\napi_key_env = \"BACKFORTH_TEST_KEY\"\n\
+             [functions.backtranslate]\ntemplate = \"bt.txt\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", &job])
+        .env("BACKFORTH_TEST_KEY", "sk-test-QzXvKjWq")
+        .env("BACKFORTH_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers = server.state.headers.lock().unwrap().clone();
+    assert!(!headers.is_empty());
+    for (path, auth) in &headers {
+        assert_eq!(path, "/v1/completions");
+        assert_eq!(auth.as_deref(), Some("Bearer sk-test-QzXvKjWq"));
+    }
+    assert!(
+        server
+            .log()
+            .iter()
+            .all(|e| e.prompt.starts_with("CUSTOM TEMPLATE."))
+    );
+    // The key never reaches logs or outputs.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("QzXvKjWq"), "{stderr}");
+    for entry in walk(&dir.path().join("out")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(8).any(|w| w == b"QzXvKjWq"),
+            "key in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn job_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "[prepare]\nmode = \"paragraphs\"\n",
+            "unknown variant `paragraphs`",
+        ),
+        (
+            "[curate]\nthreshold = 7\n",
+            "threshold = 7 is outside the 1-5 score scale",
+        ),
+        (
+            "[models.scorer]\nendpoint = \"localhost:8000\"\nmodel = \"m\"\n",
+            "neither an http(s) URL nor 'mock'",
+        ),
+        (
+            "[functions.summarise]\nmodel = \"scorer\"\n",
+            "[functions.summarise] is not an LLM function",
+        ),
+        (
+            "[[stages]]\nname = \"filtered\"\n",
+            "stage 'filtered' is not built in",
+        ),
+        ("colour = \"blue\"\n", "unknown field `colour`"),
+    ];
+    for (body, expected) in cases {
+        let job = write_job(dir.path(), body);
+        let out = backforth(&["run", &job]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("job error") && stderr.contains(expected),
+            "{body}: {stderr}"
+        );
+    }
+}
