@@ -104,7 +104,7 @@ pub fn cut_units(text: &str, rules: &UnitRules) -> Vec<Unit> {
             .enumerate()
             .map(|(i, (header, body))| {
                 let drop = header_problem(header.as_deref())
-                    .or_else(|| if body.is_empty() { Some("empty") } else { None })
+                    .or(body.is_empty().then_some("empty"))
                     .or_else(|| length_problem(&body, rules))
                     .or_else(|| {
                         has_repeated_sentences(&body, rules.repeat_jaccard)

@@ -117,7 +117,7 @@ pub fn answer_for(prompt: &str) -> String {
             .chars()
             .take(80)
             .collect();
-        if h % 7 == 0 {
+        if h.is_multiple_of(7) {
             format!("Here is my rewrite: {first}")
         } else {
             format!(

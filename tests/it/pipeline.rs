@@ -11,6 +11,16 @@ use serde_json::{Value, json};
 use crate::fake_server::FakeServer;
 use crate::util::{backforth, backforth_ok, count, marker, rows, session};
 
+/// The stages of examples/bft.toml, in order.
+pub const STAGES: [&str; 6] = [
+    "candidates",
+    "backtranslated",
+    "scored",
+    "curated",
+    "rewritten",
+    "distilled",
+];
+
 /// One full run shared by the tests that only read its output.
 struct SampleRun {
     server: FakeServer,
@@ -98,14 +108,7 @@ fn prepare_counts_every_rule() {
 #[test]
 fn every_stage_adds_up() {
     let run = sample_run();
-    for stage in [
-        "candidates",
-        "backtranslated",
-        "scored",
-        "curated",
-        "rewritten",
-        "distilled",
-    ] {
+    for stage in STAGES {
         let m = marker(&run.root, stage);
         let drops: u64 = m["dropped"]
             .as_object()

@@ -4,7 +4,7 @@
 use backforth::pipeline::schema_doc;
 use datafusion::prelude::SessionContext;
 
-use crate::pipeline::sample_root;
+use crate::pipeline::{STAGES, sample_root};
 use crate::util::repo;
 
 #[test]
@@ -14,14 +14,7 @@ fn stage_outputs_match_schemas_dir() {
         .enable_all()
         .build()
         .unwrap();
-    for stage in [
-        "candidates",
-        "backtranslated",
-        "scored",
-        "curated",
-        "rewritten",
-        "distilled",
-    ] {
+    for stage in STAGES {
         let schema = rt.block_on(async {
             let ctx = SessionContext::new();
             let df = ctx

@@ -13,14 +13,13 @@ pub fn repo() -> PathBuf {
 
 /// Runs the built `backforth` binary with `args`, from the repository root.
 pub fn backforth<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+    Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(args)
         .current_dir(repo())
         .env("BACKFORTH_LOG", "warn")
         .env_remove("OPENAI_API_KEY")
         .output()
-        .expect("the backforth binary runs");
-    out
+        .expect("the backforth binary runs")
 }
 
 /// Like [`backforth`], failing the test with the output when the exit code is not 0.
