@@ -425,13 +425,25 @@ pub fn canonical_stage_name(name: &str) -> &str {
         .map_or(name, |(_, stage)| stage)
 }
 
-/// Resolves `p` against `base` unless it is absolute or a URL.
+/// Resolves `p` against `base` unless it is absolute or a URL, folding `..` where it can.
 pub fn resolve_path(base: &Path, p: &str) -> String {
     if p.contains("://") || Path::new(p).is_absolute() {
-        p.to_string()
-    } else {
-        base.join(p).to_string_lossy().into_owned()
+        return p.to_string();
     }
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in base.join(p).components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
 }
 
 fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {

@@ -133,12 +133,26 @@ impl Location {
     }
 }
 
+/// The absolute form of `path` with `.` and `..` resolved lexically (object store paths
+/// allow neither).
 fn absolute(path: &FsPath) -> Result<PathBuf> {
-    Ok(if path.is_absolute() {
+    use std::path::Component;
+    let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()?.join(path)
-    })
+    };
+    let mut out = PathBuf::new();
+    for part in joined.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(out)
 }
 
 /// One input file: where it is and how to decode it.
