@@ -162,6 +162,26 @@ fn scores_are_all_kept_and_curated_is_exactly_the_threshold() {
         let fives = rows(&ctx, "SELECT id FROM scored WHERE score = 5 ORDER BY id").await;
         assert!(!curated.is_empty(), "some pairs score 5");
         assert_eq!(curated, fives);
+        // The reason column, end to end, for each kind of adversarial answer the fake gives.
+        let by_kind = rows(
+            &ctx,
+            "SELECT CASE WHEN judgement['text'] LIKE '%Score: 4.5' THEN 'decimal' \
+                         WHEN judgement['text'] LIKE 'I cannot rate%' THEN 'refusal' \
+                         WHEN judgement['text'] LIKE 'Between 2 and 3%' THEN 'digits' ELSE 'plain' END AS kind, \
+                    CAST(score AS VARCHAR), score_reason \
+             FROM scored GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        )
+        .await;
+        for row in &by_kind {
+            match row[0].as_str() {
+                "decimal" => assert_eq!(row[1..], ["NULL", "not_integer"]),
+                "refusal" => assert_eq!(row[1..], ["NULL", "no_score"]),
+                "digits" => assert_eq!(row[1..], ["4", "NULL"]),
+                _ => assert_eq!(row[2], "NULL"),
+            }
+        }
+        let kinds: BTreeSet<&str> = by_kind.iter().map(|r| r[0].as_str()).collect();
+        assert!(kinds.len() >= 3, "the sample run meets several kinds of answers: {by_kind:?}");
         // The raw judgement is kept beside the parsed score.
         assert_eq!(
             count(
