@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportOptions, Format, TagMode};
 use crate::job::{Job, Overrides};
-use crate::pipeline::{self, RunSummary};
+use crate::pipeline::{self, RunOptions, RunSummary};
 use crate::storage::Location;
+use crate::worker::Worker;
 
 /// Turns web text into instruction-tuning data with instruction back-and-forth translation.
 #[derive(Debug, Parser)]
@@ -46,6 +47,17 @@ pub enum Command {
         /// stages' outputs must exist.
         #[arg(long, value_delimiter = ',')]
         stages: Vec<String>,
+        /// This process's share of the shards, `I/N` (0-based); read from Slurm, Kubernetes
+        /// or AWS Batch array variables when absent.
+        #[arg(long)]
+        worker: Option<String>,
+        /// Number of workers, when the scheduler gives only an index (Kubernetes, AWS Batch).
+        #[arg(long, env = "BACKFORTH_WORKERS")]
+        workers: Option<usize>,
+        /// Continue although the job changed since the output was written: changed stages
+        /// are recomputed, reusing journaled responses to unchanged requests.
+        #[arg(long)]
+        allow_changes: bool,
     },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
@@ -122,7 +134,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             model,
             concurrency,
             stages,
+            worker,
+            workers,
+            allow_changes,
         } => {
+            let worker = Worker::detect(worker.as_deref(), workers, |k| std::env::var(k).ok())?;
             let overrides = Overrides {
                 inputs,
                 output,
@@ -131,7 +147,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 concurrency,
             };
             let job = Job::load(&job, &overrides)?;
-            let summary = pipeline::run(&job, &stages).await?;
+            let summary = pipeline::run(
+                &job,
+                &RunOptions {
+                    stages,
+                    worker,
+                    allow_changes,
+                },
+            )
+            .await?;
             eprint!("{}", render_summary(&job, &summary));
             let failures = summary.llm_failures();
             if failures > 0 {

@@ -81,7 +81,7 @@ pub async fn export(opts: &ExportOptions) -> Result<u64> {
     if !stages.contains(&opts.table) {
         return job_err!(
             "{} has no complete '{}' stage (complete: {})",
-            root.dir_url(),
+            root.describe(),
             opts.table,
             stages.join(", ")
         );

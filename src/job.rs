@@ -177,8 +177,13 @@ pub struct StageConfig {
 pub struct ExecutionConfig {
     /// Partitions DataFusion plans with (default: number of cores).
     pub target_partitions: Option<usize>,
-    /// Rows a stage writes per Parquet file before starting the next (default 1,000,000).
-    pub rows_per_file: Option<usize>,
+    /// Rows per shard of a stage that reads the input (default 10,000). Later stages work
+    /// shard by shard: a shard is the unit that is committed, skipped on rerun, and split
+    /// between workers.
+    pub shard_rows: Option<usize>,
+    /// Shards of one stage run at the same time (default 2), so no shard's tail leaves the
+    /// server idle.
+    pub concurrent_shards: Option<usize>,
 }
 
 /// Overrides given on the command line; they win over the job file.

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::job::{Api, ModelSpec};
+use crate::journal::Journal;
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -63,6 +64,8 @@ pub struct EndpointStats {
     pub shared: AtomicU64,
     /// Calls that failed after their last attempt.
     pub failures: AtomicU64,
+    /// Calls answered from the response journal of an earlier run.
+    pub journaled: AtomicU64,
     /// Prompt tokens reported by the server.
     pub prompt_tokens: AtomicU64,
     /// Completion tokens reported by the server.
@@ -78,6 +81,9 @@ pub struct Usage {
     pub shared: u64,
     /// Calls that failed after their last attempt.
     pub failures: u64,
+    /// Calls answered from the response journal.
+    #[serde(default)]
+    pub journaled: u64,
     /// Prompt tokens.
     pub prompt_tokens: u64,
     /// Completion tokens.
@@ -91,6 +97,7 @@ impl Usage {
             requests: self.requests - earlier.requests,
             shared: self.shared - earlier.shared,
             failures: self.failures - earlier.failures,
+            journaled: self.journaled - earlier.journaled,
             prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
             completion_tokens: self.completion_tokens - earlier.completion_tokens,
         }
@@ -102,6 +109,7 @@ impl Usage {
             requests: self.requests + other.requests,
             shared: self.shared + other.shared,
             failures: self.failures + other.failures,
+            journaled: self.journaled + other.journaled,
             prompt_tokens: self.prompt_tokens + other.prompt_tokens,
             completion_tokens: self.completion_tokens + other.completion_tokens,
         }
@@ -153,6 +161,7 @@ impl Endpoint {
             requests: s.requests.load(Ordering::Relaxed),
             shared: s.shared.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
+            journaled: s.journaled.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
         }
@@ -170,6 +179,7 @@ pub struct ModelClient {
     spec: ModelSpec,
     endpoint: Arc<Endpoint>,
     key: Option<ApiKey>,
+    journal: Arc<Journal>,
 }
 
 impl ModelClient {
@@ -211,6 +221,13 @@ impl ModelClient {
     /// Sends `req` (or joins an identical request already in flight) and returns its reply.
     pub async fn call(&self, req: Request) -> Reply {
         let key = self.request_key(&req);
+        if let Some(reply) = self.journal.get(&key) {
+            self.endpoint
+                .stats
+                .journaled
+                .fetch_add(1, Ordering::Relaxed);
+            return reply;
+        }
         let (future, leader) = {
             let mut map = self.endpoint.in_flight.lock().expect("lock poisoned");
             match map.get(&key) {
@@ -221,7 +238,7 @@ impl ModelClient {
                     // The entry goes when the call ends, even if the row that started it was
                     // cancelled meanwhile and a follower finished the work.
                     let fut = async move {
-                        let reply = this.call_uncached(&req).await;
+                        let reply = this.call_uncached(&req, &done_key).await;
                         this.endpoint
                             .in_flight
                             .lock()
@@ -244,13 +261,15 @@ impl ModelClient {
         reply
     }
 
-    async fn call_uncached(&self, req: &Request) -> Reply {
+    async fn call_uncached(&self, req: &Request, key: &str) -> Reply {
         let started = Instant::now();
         let mut reply = if self.endpoint.base_url == "mock" {
             self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
-            mock_reply(req)
+            let reply = mock_reply(req);
+            self.journal.record(key, &reply).await;
+            reply
         } else {
-            self.call_http(req).await
+            self.call_http(req, key).await
         };
         reply.latency_ms = started.elapsed().as_millis() as i64;
         let stats = &self.endpoint.stats;
@@ -268,7 +287,7 @@ impl ModelClient {
         reply
     }
 
-    async fn call_http(&self, req: &Request) -> Reply {
+    async fn call_http(&self, req: &Request, key: &str) -> Reply {
         let (url, body) = self.request_body(req);
         let max_attempts = self.spec.max_attempts as i32;
         let mut last_error = String::new();
@@ -282,7 +301,13 @@ impl ModelClient {
                     .await
                     .expect("semaphore never closed");
                 self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
-                self.send_once(&url, &body).await
+                let outcome = self.send_once(&url, &body).await;
+                if let Ok(reply) = &outcome {
+                    // The slot is held until the response is durable, so a kill loses at
+                    // most the requests in flight.
+                    self.journal.record(key, reply).await;
+                }
+                outcome
             };
             match outcome {
                 Ok(mut reply) => {
@@ -514,7 +539,7 @@ pub struct LlmPool {
 impl LlmPool {
     /// Builds one endpoint per distinct base URL. Roles sharing a server share its cap, which
     /// is the largest cap any of them asks for.
-    pub fn new<'a>(models: impl IntoIterator<Item = &'a ModelSpec>) -> Self {
+    pub fn new<'a>(models: impl IntoIterator<Item = &'a ModelSpec>, journal: Arc<Journal>) -> Self {
         let models: Vec<&ModelSpec> = models.into_iter().collect();
         let mut pool = LlmPool::default();
         for spec in &models {
@@ -540,6 +565,7 @@ impl LlmPool {
                     spec: (*spec).clone(),
                     endpoint,
                     key,
+                    journal: Arc::clone(&journal),
                 },
             );
         }

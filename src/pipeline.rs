@@ -30,9 +30,12 @@ use crate::error::{Error, Result};
 use crate::exec::{LlmWindowRule, Window};
 use crate::ingest::{IngestCounts, IngestStats, documents_table};
 use crate::job::Job;
+use crate::journal::Journal;
 use crate::llm::{LlmPool, Usage};
+use crate::manifest;
 use crate::storage::{Location, list_inputs};
 use crate::tokens::TokenCounter;
+use crate::worker::Worker;
 use crate::{exec_err, job_err, udf};
 
 /// Name of the marker a complete stage output carries; it holds the stage's [`StageStats`].
@@ -41,6 +44,8 @@ pub const SUCCESS_MARKER: &str = "_SUCCESS";
 pub const DROP_COLUMN: &str = "_drop";
 /// Column holding the drop reason in `<stage>/_dropped/`.
 pub const DROP_REASON_COLUMN: &str = "drop_reason";
+/// Directory of a sharded stage holding one marker per published shard.
+pub const SHARDS_DIR: &str = "_shards";
 
 /// What one stage did, written to its `_SUCCESS` marker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -60,6 +65,83 @@ pub struct StageStats {
     pub input: Option<IngestCounts>,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// Fingerprint of the job's definition of the stage when it was written.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// Ids of the shards the counts cover.
+    #[serde(default)]
+    pub shards: Vec<String>,
+}
+
+impl StageStats {
+    /// Adds another shard's counts to these.
+    fn absorb(&mut self, other: &StageStats) {
+        self.rows_in += other.rows_in;
+        self.rows_out += other.rows_out;
+        for (reason, n) in &other.dropped {
+            *self.dropped.entry(reason.clone()).or_default() += n;
+        }
+        self.llm = self.llm.plus(&other.llm);
+        self.seconds += other.seconds;
+    }
+
+    /// Rows whose LLM call failed after every retry.
+    pub fn failed(&self) -> u64 {
+        self.dropped.get("llm_error").copied().unwrap_or(0)
+    }
+}
+
+/// LLM usage read from the call structs of a batch: requests actually sent, calls answered
+/// from the journal or shared, failures and tokens paid for.
+fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
+    use datafusion::arrow::array::{Array, BooleanArray as B, Int32Array, Int64Array, StructArray};
+    let reply_type = udf::llm_reply_type();
+    let mut usage = Usage::default();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        // Calls carried over from an earlier stage were paid for there.
+        if column.data_type() != &reply_type || inherited.contains(field.name()) {
+            continue;
+        }
+        let calls = column
+            .as_any()
+            .downcast_ref::<StructArray>()
+            .expect("a struct");
+        let field = |name: &str| calls.column_by_name(name).expect("reply field");
+        let attempts = field("attempts");
+        let attempts = attempts
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .expect("Int32");
+        let cached = field("cached");
+        let cached = cached.as_any().downcast_ref::<B>().expect("Boolean");
+        let error = field("error");
+        let (prompt, completion) = (field("prompt_tokens"), field("completion_tokens"));
+        let prompt = prompt.as_any().downcast_ref::<Int64Array>().expect("Int64");
+        let completion = completion
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64");
+        for i in 0..calls.len() {
+            if calls.is_null(i) {
+                continue;
+            }
+            if !error.is_null(i) {
+                usage.failures += 1;
+            }
+            if cached.value(i) {
+                if attempts.value(i) == 0 {
+                    usage.journaled += 1;
+                } else {
+                    usage.shared += 1;
+                }
+                continue;
+            }
+            usage.requests += attempts.value(i).max(0) as u64;
+            usage.prompt_tokens += prompt.value(i).max(0) as u64;
+            usage.completion_tokens += completion.value(i).max(0) as u64;
+        }
+    }
+    usage
 }
 
 /// Builds the session every command uses: list-files cache off (stages read what earlier
@@ -171,97 +253,477 @@ impl RunSummary {
     }
 }
 
-/// Runs `selected` stages of `job` (all when empty), in job order.
-pub async fn run(job: &Job, selected: &[String]) -> Result<RunSummary> {
-    let to_run = job.select_stages(selected)?;
+/// Options of one `backforth run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stages to run (all when empty); verbs such as `prepare` are accepted.
+    pub stages: Vec<String>,
+    /// This process's share of the shards.
+    pub worker: Worker,
+    /// Continue although the job changed since the output root was written: stages whose
+    /// fingerprint changed are recomputed (the journal still answers unchanged requests).
+    pub allow_changes: bool,
+}
+
+/// A stage as planned for this run: its SQL, the tables it reads, its fingerprint.
+#[derive(Debug, Clone)]
+struct StagePlan {
+    name: String,
+    sql: String,
+    tables: Vec<String>,
+    fingerprint: String,
+}
+
+impl StagePlan {
+    /// The one earlier stage a stage reads, when that is all it reads: such a stage runs shard
+    /// by shard, each shard of its input giving one shard of its output.
+    fn sharded_on<'a>(&'a self, job: &Job) -> Option<&'a str> {
+        match self.tables.as_slice() {
+            [one] if job.stages.iter().any(|s| &s.name == one) => Some(one.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// What every stage of a run shares.
+struct Runner<'a> {
+    job: &'a Job,
+    root: Location,
+    pool: Arc<LlmPool>,
+    journal: Arc<Journal>,
+    tokens: TokenCounter,
+    window: Window,
+    worker: Worker,
+    ingest: Arc<IngestStats>,
+    plans: Vec<StagePlan>,
+    fingerprints: BTreeMap<String, manifest::Fingerprint>,
+}
+
+/// Runs the stages of `job` that `opts` selects, in job order.
+pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
+    let to_run = job.select_stages(&opts.stages)?;
     let root = Location::parse(&job.output)?;
-    let pool = Arc::new(LlmPool::new(job.models.values()));
-    let window = Window::for_cap(pool.max_concurrency());
-    let ctx = new_session(job.execution.target_partitions, window)?;
-    register_store(&ctx, &root);
-    let tokens = TokenCounter::load(&job.prepare.tokenizer, &job.base_dir)?;
-    let functions: Vec<_> = job
-        .functions
-        .iter()
-        .map(|f| {
-            let client = pool
-                .model(&f.role)
-                .cloned()
-                .ok_or_else(|| Error::Internal(format!("no client for role {}", f.role)))?;
-            Ok((f.clone(), client))
-        })
-        .collect::<Result<_>>()?;
-    udf::register_all(&ctx, &functions, tokens)?;
-
-    let earlier: Vec<String> = job
-        .stages
-        .iter()
-        .map(|s| s.name.clone())
-        .filter(|s| !to_run.contains(s))
-        .collect();
-    register_complete_stages(&ctx, &root, earlier).await?;
-
-    let ingest = Arc::new(IngestStats::default());
+    let journal = Arc::new(Journal::open(&root).await?);
+    if journal.loaded() > 0 {
+        tracing::info!(responses = journal.loaded(), "Response journal loaded.");
+    }
+    let pool = Arc::new(LlmPool::new(job.models.values(), Arc::clone(&journal)));
+    let mut runner = Runner {
+        job,
+        window: Window::for_cap(pool.max_concurrency()),
+        tokens: TokenCounter::load(&job.prepare.tokenizer, &job.base_dir)?,
+        root,
+        pool,
+        journal,
+        worker: opts.worker,
+        ingest: Arc::new(IngestStats::default()),
+        plans: Vec::new(),
+        fingerprints: BTreeMap::new(),
+    };
+    runner.plan_stages()?;
+    runner.reconcile_manifest(opts.allow_changes).await?;
     let mut summary = RunSummary::default();
-    for stage in job.stages.iter().filter(|s| to_run.contains(&s.name)) {
-        let sql = render_sql(job, &stage.sql, &stage.name)?;
-        let tables = referenced_tables(&ctx, &sql, &stage.name)?;
-        for table in &tables {
-            if table == "documents" {
-                if ctx.table_exist("documents")? {
-                    continue;
+    for plan in runner.plans.clone() {
+        if !to_run.contains(&plan.name) {
+            continue;
+        }
+        let started = Instant::now();
+        tracing::info!(stage = %plan.name, "Stage started.");
+        let mut stats = match plan.sharded_on(job) {
+            Some(upstream) => runner.run_sharded(&plan, upstream).await?,
+            None => runner.run_global(&plan).await?,
+        };
+        runner.journal.check()?;
+        stats.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            stage = %plan.name,
+            rows_in = stats.rows_in,
+            rows_out = stats.rows_out,
+            requests = stats.llm.requests,
+            journaled = stats.llm.journaled,
+            seconds = format!("{:.1}", stats.seconds),
+            "Stage done."
+        );
+        summary.stages.push(stats);
+    }
+    Ok(summary)
+}
+
+impl Runner<'_> {
+    /// A fresh session with every function registered; one per stage or shard, so shards
+    /// can bind the same table name to different files at the same time.
+    fn session(&self) -> Result<SessionContext> {
+        let ctx = new_session(self.job.execution.target_partitions, self.window)?;
+        register_store(&ctx, &self.root);
+        let functions: Vec<_> =
+            self.job
+                .functions
+                .iter()
+                .map(|f| {
+                    let client =
+                        self.pool.model(&f.role).cloned().ok_or_else(|| {
+                            Error::Internal(format!("no client for role {}", f.role))
+                        })?;
+                    Ok((f.clone(), client))
+                })
+                .collect::<Result<_>>()?;
+        udf::register_all(&ctx, &functions, self.tokens.clone())?;
+        Ok(ctx)
+    }
+
+    fn plan_stages(&mut self) -> Result<()> {
+        let ctx = self.session()?;
+        let mut rendered = Vec::new();
+        for stage in &self.job.stages {
+            let sql = render_sql(self.job, &stage.sql, &stage.name)?;
+            let tables = referenced_tables(&ctx, &sql, &stage.name)?;
+            for table in &tables {
+                let known = table == "documents"
+                    || self
+                        .job
+                        .stages
+                        .iter()
+                        .take_while(|s| s.name != stage.name)
+                        .any(|s| &s.name == table);
+                if !known {
+                    return job_err!(
+                        "stage '{}' reads table '{table}', which is neither 'documents' nor an earlier stage of this job",
+                        stage.name
+                    );
                 }
+            }
+            rendered.push((stage.name.clone(), sql, tables));
+        }
+        let fingerprints = manifest::fingerprint_stages(self.job, &rendered);
+        self.plans = rendered
+            .into_iter()
+            .map(|(name, sql, tables)| StagePlan {
+                fingerprint: fingerprints[&name].digest(),
+                name,
+                sql,
+                tables,
+            })
+            .collect();
+        self.fingerprints = fingerprints;
+        Ok(())
+    }
+
+    /// Compares the job with the manifest of the output root: a changed stage is refused, or
+    /// with `allow_changes` its outputs (and those of the stages after it) are removed.
+    async fn reconcile_manifest(&self, allow_changes: bool) -> Result<()> {
+        if let Some(recorded) = manifest::read(&self.root).await? {
+            let mut changed = Vec::new();
+            for (stage, changes) in manifest::changed_stages(&recorded, &self.fingerprints) {
+                if self
+                    .root
+                    .exists(&self.root.child(&stage).path(SUCCESS_MARKER))
+                    .await?
+                    || self.has_shard_markers(&stage).await?
+                {
+                    changed.push((stage, changes));
+                }
+            }
+            if !changed.is_empty() && !allow_changes {
+                let list: Vec<String> = changed
+                    .iter()
+                    .map(|(stage, what)| format!("{stage} ({})", what.join(", ")))
+                    .collect();
+                return job_err!(
+                    "{} was written by a different version of this job; changed since: {}. \
+                     Pass --allow-changes to recompute those stages (recorded LLM responses to unchanged requests are reused), or choose another --output",
+                    self.root.describe(),
+                    list.join("; ")
+                );
+            }
+            for (stage, _) in &changed {
+                tracing::warn!(stage = %stage, "Job changed: recomputing the stage.");
+                self.root.child(stage).delete_all().await?;
+            }
+        }
+        manifest::write(
+            &self.root,
+            &manifest::Manifest {
+                job: self.job.name.clone(),
+                stages: self.fingerprints.clone(),
+            },
+        )
+        .await
+    }
+
+    async fn has_shard_markers(&self, stage: &str) -> Result<bool> {
+        let dir = self.root.child(stage).child(SHARDS_DIR);
+        Ok(dir
+            .store
+            .list(Some(&dir.prefix))
+            .next()
+            .await
+            .transpose()?
+            .is_some())
+    }
+
+    /// The stage's `_SUCCESS`, if it is complete under the current fingerprint.
+    async fn complete(&self, plan: &StagePlan) -> Result<Option<StageStats>> {
+        Ok(read_stage_stats(&self.root, &plan.name)
+            .await?
+            .filter(|s| s.fingerprint == plan.fingerprint))
+    }
+
+    /// Runs a stage over all its input at once (stages reading `documents` or several
+    /// tables). Worker 0 runs it; other workers wait for its `_SUCCESS`.
+    async fn run_global(&self, plan: &StagePlan) -> Result<StageStats> {
+        if let Some(done) = self.complete(plan).await? {
+            tracing::info!(stage = %plan.name, "Already complete; skipped.");
+            return Ok(done);
+        }
+        if self.worker.index != 0 {
+            return self.wait_for(plan).await;
+        }
+        let ctx = self.session()?;
+        for table in &plan.tables {
+            if table == "documents" {
                 let mut files = Vec::new();
-                for input in &job.inputs {
+                for input in &self.job.inputs {
                     files.extend(list_inputs(input).await?);
                 }
                 ctx.register_table(
                     "documents",
                     Arc::new(documents_table(
                         files,
-                        job.on_bad_line,
-                        Arc::clone(&ingest),
+                        self.job.on_bad_line,
+                        Arc::clone(&self.ingest),
                     )?),
                 )?;
-            } else if !ctx.table_exist(table.as_str())? {
-                let known = job.stages.iter().any(|s| &s.name == table);
-                return if known {
-                    job_err!(
-                        "stage '{}' reads '{table}', which has no complete output under {}; run it first (--stages {table})",
-                        stage.name,
-                        root.dir_url()
-                    )
-                } else {
-                    job_err!(
-                        "stage '{}' reads table '{table}', which is neither 'documents' nor a stage of this job",
-                        stage.name
-                    )
-                };
+            } else {
+                self.require_complete(&plan.name, table).await?;
+                register_stage_table(&ctx, &self.root, table).await?;
             }
         }
-        let before = pool.usage();
-        let started = Instant::now();
-        tracing::info!(stage = %stage.name, "Stage started.");
-        let mut stats =
-            run_stage(&ctx, &root, &stage.name, &sql, job.execution.rows_per_file).await?;
-        stats.llm = pool.usage().since(&before);
-        stats.seconds = started.elapsed().as_secs_f64();
-        if tables.iter().any(|t| t == "documents") {
-            stats.input = Some(ingest.snapshot());
+        let out = self.root.child(&plan.name);
+        // A rerun replaces the stage: the marker goes first, so a crash leaves it incomplete.
+        delete_if_exists(&self.root, &out.path(SUCCESS_MARKER)).await?;
+        out.delete_all().await?;
+        let shard_rows = self.job.execution.shard_rows.unwrap_or(10_000).max(1);
+        let (mut stats, shards) = execute_to_parts(
+            &ctx,
+            &plan.sql,
+            &plan.tables,
+            &out,
+            PartNames::Numbered(shard_rows),
+        )
+        .await?;
+        stats.stage = plan.name.clone();
+        stats.fingerprint = plan.fingerprint.clone();
+        stats.shards = shards;
+        if plan.tables.iter().any(|t| t == "documents") {
+            stats.input = Some(self.ingest.snapshot());
         }
-        write_marker(&root, &stats).await?;
-        register_stage_table(&ctx, &root, &stage.name).await?;
-        tracing::info!(
-            stage = %stage.name,
-            rows_in = stats.rows_in,
-            rows_out = stats.rows_out,
-            requests = stats.llm.requests,
-            seconds = format!("{:.1}", stats.seconds),
-            "Stage complete."
-        );
-        summary.stages.push(stats);
+        write_json(&self.root, &out.path(SUCCESS_MARKER), &stats).await?;
+        Ok(stats)
     }
-    Ok(summary)
+
+    async fn wait_for(&self, plan: &StagePlan) -> Result<StageStats> {
+        tracing::info!(
+            stage = %plan.name,
+            "Waiting for worker 0 to complete this stage (it reads the whole input)."
+        );
+        loop {
+            if let Some(done) = self.complete(plan).await? {
+                return Ok(done);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn require_complete(&self, stage: &str, table: &str) -> Result<()> {
+        let plan = self.plan(table)?;
+        if self.complete(plan).await?.is_none() {
+            return job_err!(
+                "stage '{stage}' reads '{table}', which has no complete output under {}; run it first (--stages {table})",
+                self.root.describe()
+            );
+        }
+        Ok(())
+    }
+
+    fn plan(&self, stage: &str) -> Result<&StagePlan> {
+        self.plans
+            .iter()
+            .find(|p| p.name == stage)
+            .ok_or_else(|| Error::Internal(format!("no plan for stage {stage}")))
+    }
+
+    /// The shard ids of a sharded stage: those of the stage that read the whole input
+    /// upstream of it.
+    async fn shard_ids(&self, plan: &StagePlan) -> Result<Vec<String>> {
+        let mut current = plan;
+        while let Some(upstream) = current.sharded_on(self.job) {
+            current = self.plan(upstream)?;
+        }
+        match self.complete(current).await? {
+            Some(stats) => Ok(stats.shards),
+            None => job_err!(
+                "stage '{}' works on the shards of '{}', which has no complete output under {}; run it first (--stages {})",
+                plan.name,
+                current.name,
+                self.root.describe(),
+                current.name
+            ),
+        }
+    }
+
+    /// Runs a stage shard by shard: each shard's output is written, then published by its
+    /// marker; shards already published under the same fingerprint (and without failed
+    /// rows) are skipped; this worker takes the shards it owns.
+    async fn run_sharded(&self, plan: &StagePlan, upstream: &str) -> Result<StageStats> {
+        if let Some(done) = self.complete(plan).await? {
+            tracing::info!(stage = %plan.name, "Already complete; skipped.");
+            return Ok(done);
+        }
+        let ids = self.shard_ids(plan).await?;
+        let mine: Vec<&String> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.worker.owns(*i))
+            .map(|(_, id)| id)
+            .collect();
+        let up_plan = self.plan(upstream)?;
+        let concurrent = self.job.execution.concurrent_shards.unwrap_or(2).max(1);
+        let results: Vec<Result<StageStats>> = futures::stream::iter(mine)
+            .map(|id| self.run_shard(plan, up_plan, id))
+            .buffer_unordered(concurrent)
+            .collect()
+            .await;
+        let mut total = StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            ..StageStats::default()
+        };
+        for r in results {
+            total.absorb(&r?);
+        }
+        self.publish_if_all_shards(plan, &ids).await?;
+        Ok(total)
+    }
+
+    async fn run_shard(&self, plan: &StagePlan, up: &StagePlan, id: &str) -> Result<StageStats> {
+        let out = self.root.child(&plan.name);
+        let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+        if let Some(done) = read_json::<StageStats>(&self.root, &marker).await?
+            && done.fingerprint == plan.fingerprint
+            && done.failed() == 0
+        {
+            return Ok(done);
+        }
+        let up_file = self
+            .root
+            .child(&up.name)
+            .path(&format!("part-{id}.parquet"));
+        let up_done = if up.sharded_on(self.job).is_some() {
+            read_json::<StageStats>(
+                &self.root,
+                &self
+                    .root
+                    .child(&up.name)
+                    .child(SHARDS_DIR)
+                    .path(&format!("{id}.json")),
+            )
+            .await?
+            .is_some_and(|s| s.fingerprint == up.fingerprint)
+        } else {
+            self.complete(up).await?.is_some()
+        };
+        if !up_done {
+            return job_err!(
+                "stage '{}' reads '{}', which has no complete output for shard {id} under {}; run it first (--stages {})",
+                plan.name,
+                up.name,
+                self.root.describe(),
+                up.name
+            );
+        }
+        let ctx = self.session()?;
+        let url = format!(
+            "{}/{}",
+            self.root.store_url.as_str().trim_end_matches('/'),
+            up_file.as_ref()
+        );
+        ctx.register_parquet(&up.name, url, ParquetReadOptions::default())
+            .await?;
+        let (mut stats, _) = execute_to_parts(
+            &ctx,
+            &plan.sql,
+            &plan.tables,
+            &out,
+            PartNames::Shard(id.to_string()),
+        )
+        .await?;
+        stats.stage = plan.name.clone();
+        stats.fingerprint = plan.fingerprint.clone();
+        stats.shards = vec![id.to_string()];
+        write_json(&self.root, &marker, &stats).await?;
+        Ok(stats)
+    }
+
+    /// Writes the stage's `_SUCCESS` (totals over all shards) once every shard is published.
+    async fn publish_if_all_shards(&self, plan: &StagePlan, ids: &[String]) -> Result<()> {
+        let dir = self.root.child(&plan.name).child(SHARDS_DIR);
+        let mut total = StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            shards: ids.to_vec(),
+            ..StageStats::default()
+        };
+        for id in ids {
+            match read_json::<StageStats>(&self.root, &dir.path(&format!("{id}.json"))).await? {
+                Some(s) if s.fingerprint == plan.fingerprint => total.absorb(&s),
+                _ => return Ok(()),
+            }
+        }
+        total.shards = ids.to_vec();
+        write_json(
+            &self.root,
+            &self.root.child(&plan.name).path(SUCCESS_MARKER),
+            &total,
+        )
+        .await
+    }
+}
+
+async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
+    match root.store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    root: &Location,
+    path: &object_store::path::Path,
+) -> Result<Option<T>> {
+    match root.store.get(path).await {
+        Ok(got) => {
+            let bytes = got.bytes().await?;
+            serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::Execution(format!(
+                    "{}: unreadable marker ({e}); delete it to redo that work",
+                    root.display(path)
+                ))
+            })
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_json<T: Serialize>(
+    root: &Location,
+    path: &object_store::path::Path,
+    value: &T,
+) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("marker serialisation: {e}")))?;
+    root.store.put(path, PutPayload::from(body)).await?;
+    Ok(())
 }
 
 /// Renders a stage's SQL template with the job's settings.
@@ -289,63 +751,57 @@ fn referenced_tables(ctx: &SessionContext, sql: &str, stage: &str) -> Result<Vec
         .collect())
 }
 
-/// Executes `sql` and writes its rows to `<root>/<stage>/`, dropped rows to `_dropped/`.
-async fn run_stage(
+/// How a stage names its Parquet files.
+#[derive(Debug, Clone)]
+enum PartNames {
+    /// `part-00000.parquet`, `part-00001.parquet`, ... of at most this many rows each: the
+    /// shards of a stage that reads the whole input.
+    Numbered(usize),
+    /// One `part-<id>.parquet`: the output of one shard.
+    Shard(String),
+}
+
+/// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`.
+/// Returns the counts and the ids of the parts written.
+async fn execute_to_parts(
     ctx: &SessionContext,
-    root: &Location,
-    stage: &str,
     sql: &str,
-    rows_per_file: Option<usize>,
-) -> Result<StageStats> {
-    let out = root.child(stage);
-    // A rerun replaces the stage: the marker goes first, so a crash leaves it incomplete.
-    match root.store.delete(&out.path(SUCCESS_MARKER)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(e.into()),
-    }
-    out.delete_all().await?;
+    tables: &[String],
+    out: &Location,
+    names: PartNames,
+) -> Result<(StageStats, Vec<String>)> {
     let df = ctx.sql(sql).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let mut inherited = Vec::new();
+    for table in tables {
+        let input = ctx.table(table.as_str()).await?;
+        inherited.extend(input.schema().fields().iter().map(|f| f.name().clone()));
+    }
     let drop_index = schema.index_of(DROP_COLUMN).ok();
     let kept_schema = match drop_index {
-        Some(i) => Arc::new(
-            schema.project(
-                &(0..schema.fields().len())
-                    .filter(|&j| j != i)
-                    .collect::<Vec<_>>(),
-            )?,
-        ),
+        Some(i) => Arc::new(schema.project(&kept_columns(schema.fields().len(), i))?),
         None => Arc::clone(&schema),
     };
-    let dropped_schema = match drop_index {
-        Some(i) => {
-            let fields: Vec<Field> = schema
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(j, f)| {
-                    if j == i {
-                        Field::new(DROP_REASON_COLUMN, DataType::Utf8, true)
-                    } else {
-                        f.as_ref().clone()
-                    }
-                })
-                .collect();
-            Some(Arc::new(Schema::new(fields)))
-        }
-        None => None,
-    };
-    let rows_per_file = rows_per_file.unwrap_or(1_000_000).max(1);
-    let mut kept = PartWriter::new(out.clone(), kept_schema, rows_per_file);
-    let mut dropped =
-        dropped_schema.map(|s| PartWriter::new(out.child("_dropped"), s, rows_per_file));
-    let mut stats = StageStats {
-        stage: stage.to_string(),
-        ..StageStats::default()
-    };
+    let dropped_schema = drop_index.map(|i| {
+        let fields: Vec<Field> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(j, f)| {
+                if j == i {
+                    Field::new(DROP_REASON_COLUMN, DataType::Utf8, true)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect();
+        Arc::new(Schema::new(fields))
+    });
+    let mut kept = PartWriter::new(out.clone(), kept_schema, names.clone());
+    let mut dropped = dropped_schema.map(|s| PartWriter::new(out.child("_dropped"), s, names));
+    let mut stats = StageStats::default();
     let plan = df.create_physical_plan().await?;
     tracing::debug!(
-        stage,
         plan = %datafusion::physical_plan::displayable(plan.as_ref()).indent(true),
         "Physical plan."
     );
@@ -353,6 +809,7 @@ async fn run_stage(
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         stats.rows_in += batch.num_rows() as u64;
+        stats.llm = stats.llm.plus(&usage_of_calls(&batch, &inherited));
         let Some(i) = drop_index else {
             stats.rows_out += batch.num_rows() as u64;
             kept.write(&batch).await?;
@@ -360,7 +817,10 @@ async fn run_stage(
         };
         let reasons = cast(batch.column(i), &DataType::Utf8)?;
         let keep: BooleanArray = is_null(&reasons)?;
-        let kept_batch = filter_record_batch(&batch.project(&kept_columns(&batch, i))?, &keep)?;
+        let kept_batch = filter_record_batch(
+            &batch.project(&kept_columns(batch.num_columns(), i))?,
+            &keep,
+        )?;
         stats.rows_out += kept_batch.num_rows() as u64;
         kept.write(&kept_batch).await?;
         if keep.true_count() < batch.num_rows() {
@@ -379,45 +839,36 @@ async fn run_stage(
                 .await?;
         }
     }
-    kept.finish().await?;
+    let parts = kept.finish().await?;
     if let Some(d) = dropped {
         d.finish().await?;
     }
-    Ok(stats)
+    Ok((stats, parts))
 }
 
-fn kept_columns(batch: &RecordBatch, drop_index: usize) -> Vec<usize> {
-    (0..batch.num_columns())
-        .filter(|&j| j != drop_index)
-        .collect()
+fn kept_columns(n: usize, drop_index: usize) -> Vec<usize> {
+    (0..n).filter(|&j| j != drop_index).collect()
 }
 
-async fn write_marker(root: &Location, stats: &StageStats) -> Result<()> {
-    let path = root.child(&stats.stage).path(SUCCESS_MARKER);
-    let body = serde_json::to_vec_pretty(stats)
-        .map_err(|e| Error::Internal(format!("stats serialisation: {e}")))?;
-    root.store.put(&path, PutPayload::from(body)).await?;
-    Ok(())
-}
-
-/// Writes a stage's rows as `part-NNNNN.parquet` files of at most `rows_per_file` rows.
-/// A stage with no rows still gets one (empty) file, so its table has a schema.
+/// Writes a stage's rows as Parquet parts named by [`PartNames`]. Each part is one object,
+/// visible only once complete; a stage or shard with no rows still gets one (empty) part, so
+/// its table has a schema.
 struct PartWriter {
     dir: Location,
     schema: SchemaRef,
-    rows_per_file: usize,
+    names: PartNames,
     current: Option<(AsyncArrowWriter<BufWriter>, usize)>,
-    parts: usize,
+    written: Vec<String>,
 }
 
 impl PartWriter {
-    fn new(dir: Location, schema: SchemaRef, rows_per_file: usize) -> Self {
+    fn new(dir: Location, schema: SchemaRef, names: PartNames) -> Self {
         Self {
             dir,
             schema,
-            rows_per_file,
+            names,
             current: None,
-            parts: 0,
+            written: Vec::new(),
         }
     }
 
@@ -426,8 +877,12 @@ impl PartWriter {
     }
 
     fn open(&mut self) -> Result<()> {
-        let path = self.dir.path(&format!("part-{:05}.parquet", self.parts));
-        self.parts += 1;
+        let id = match &self.names {
+            PartNames::Numbered(_) => format!("{:05}", self.written.len()),
+            PartNames::Shard(id) => id.clone(),
+        };
+        let path = self.dir.path(&format!("part-{id}.parquet"));
+        self.written.push(id);
         // Streams to the store: multipart upload once the buffer fills, a single PUT otherwise.
         let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
         let props = WriterProperties::builder()
@@ -446,18 +901,33 @@ impl PartWriter {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        if self.current.is_none() {
-            self.open()?;
-        }
-        let (writer, rows) = self.current.as_mut().expect("opened above");
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())?;
-        writer
-            .write(&batch)
-            .await
-            .map_err(|e| Error::Execution(format!("writing Parquet: {e}")))?;
-        *rows += batch.num_rows();
-        if *rows >= self.rows_per_file {
-            let (writer, _) = self.current.take().expect("present");
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if self.current.is_none() {
+                self.open()?;
+            }
+            let limit = match self.names {
+                PartNames::Numbered(rows) => rows,
+                PartNames::Shard(_) => usize::MAX,
+            };
+            let (writer, rows) = self.current.as_mut().expect("opened above");
+            let take = (limit - *rows).min(batch.num_rows() - offset);
+            writer
+                .write(&batch.slice(offset, take))
+                .await
+                .map_err(|e| Error::Execution(format!("writing Parquet: {e}")))?;
+            *rows += take;
+            offset += take;
+            if *rows >= limit {
+                self.close_current().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close_current(&mut self) -> Result<()> {
+        if let Some((writer, _)) = self.current.take() {
             writer
                 .close()
                 .await
@@ -466,17 +936,12 @@ impl PartWriter {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<()> {
-        if self.current.is_none() && self.parts == 0 {
+    async fn finish(mut self) -> Result<Vec<String>> {
+        if self.written.is_empty() {
             self.open()?;
         }
-        if let Some((writer, _)) = self.current.take() {
-            writer
-                .close()
-                .await
-                .map_err(|e| Error::Execution(format!("closing Parquet: {e}")))?;
-        }
-        Ok(())
+        self.close_current().await?;
+        Ok(self.written)
     }
 }
 
@@ -486,7 +951,7 @@ pub async fn require_any_stage(root: &Location) -> Result<Vec<String>> {
     if stages.is_empty() {
         return exec_err!(
             "{} holds no complete stage output; run `backforth run JOB` first",
-            root.dir_url()
+            root.describe()
         );
     }
     Ok(stages)

@@ -102,6 +102,11 @@ impl Location {
         format!("{base}/{}/", self.prefix.as_ref())
     }
 
+    /// Human-readable form of this location for messages: a path or a URL.
+    pub fn describe(&self) -> String {
+        self.display(&self.prefix)
+    }
+
     /// Human-readable form of `path` for messages: a filesystem path or a URL.
     pub fn display(&self, path: &Path) -> String {
         if self.store_url.scheme() == "file" {

@@ -181,7 +181,10 @@ fn scores_are_all_kept_and_curated_is_exactly_the_threshold() {
             }
         }
         let kinds: BTreeSet<&str> = by_kind.iter().map(|r| r[0].as_str()).collect();
-        assert!(kinds.len() >= 3, "the sample run meets several kinds of answers: {by_kind:?}");
+        assert!(
+            kinds.len() >= 3,
+            "the sample run meets several kinds of answers: {by_kind:?}"
+        );
         // The raw judgement is kept beside the parsed score.
         assert_eq!(
             count(
@@ -420,6 +423,8 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
     let base = [
         "run",
         "examples/bft.toml",
+        "--input",
+        "examples/data/sample-0000.jsonl.gz",
         "--output",
         root_s,
         "--endpoint",
@@ -431,12 +436,7 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
 
-    backforth_ok(&with(&[
-        "--input",
-        "examples/data/sample-0000.jsonl.gz",
-        "--stages",
-        "prepare",
-    ]));
+    backforth_ok(&with(&["--stages", "prepare"]));
     assert!(root.join("candidates/_SUCCESS").exists());
     assert!(!root.join("backtranslated").exists());
     assert_eq!(server.requests(), 0);
