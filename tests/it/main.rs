@@ -1,6 +1,7 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
 mod concurrency;
+mod crash;
 mod fake_server;
 mod ingest;
 mod jobs;

@@ -1,0 +1,126 @@
+//! Kill the binary at random moments, rerun to completion: the output equals an uninterrupted
+//! run's, row for row, and no completed LLM call is paid for twice.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fake_server::FakeServer;
+use crate::util::{backforth_ok, rows, session};
+
+const DOCS: usize = 300;
+const CAP: usize = 8;
+
+fn corpus(dir: &Path) {
+    let topics = ["rivers", "bridges", "orchards", "lanterns", "harbours", "markets", "gardens", "compasses"];
+    let docs: String = (0..DOCS)
+        .map(|i| {
+            let text = format!(
+                "Notes on {} number {i}. This page explains how {} are built and kept, with {} details that differ for every page in the set.",
+                topics[i % topics.len()],
+                topics[(i / 8) % topics.len()],
+                i * 7 + 3
+            );
+            serde_json::json!({"id": format!("doc-{i:04}"), "text": text}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("docs.jsonl"), docs).unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[curate]\nthreshold = 4\n[execution]\nshard_rows = 25\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n[[stages]]\nname = \"scored\"\n\
+         [[stages]]\nname = \"curated\"\n[[stages]]\nname = \"rewritten\"\n[[stages]]\nname = \"distilled\"\n",
+    )
+    .unwrap();
+}
+
+fn args<'a>(job: &'a str, output: &'a str, url: &'a str, cap: &'a str) -> Vec<&'a str> {
+    vec!["run", job, "--output", output, "--endpoint", url, "--model", "m", "--concurrency", cap]
+}
+
+/// Every stage's rows (deterministic columns only) and its drops, sorted by id.
+fn snapshot(root: &Path) -> Vec<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ctx = session(root).await;
+        let mut all = Vec::new();
+        for sql in [
+            "SELECT 'candidates', id, text FROM candidates",
+            "SELECT 'candidates x', id, drop_reason FROM candidates_dropped",
+            "SELECT 'backtranslated', id, instruction FROM backtranslated",
+            "SELECT 'scored', id, concat(CAST(score AS VARCHAR), '/', score_reason) FROM scored",
+            "SELECT 'curated', id, CAST(score AS VARCHAR) FROM curated",
+            "SELECT 'curated x', id, drop_reason FROM curated_dropped",
+            "SELECT 'rewritten', id, response FROM rewritten",
+            "SELECT 'rewritten x', id, drop_reason FROM rewritten_dropped",
+            "SELECT 'distilled', id, response FROM distilled",
+        ] {
+            let mut got = rows(&ctx, &format!("{sql} ORDER BY 2")).await;
+            all.append(&mut got);
+        }
+        all
+    })
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let job = job.to_str().unwrap();
+    let cap = CAP.to_string();
+
+    // The reference: one uninterrupted run.
+    let reference_server = FakeServer::start(Duration::from_millis(15));
+    let reference_root = dir.path().join("reference");
+    let started = Instant::now();
+    backforth_ok(&args(job, reference_root.to_str().unwrap(), &reference_server.url(), &cap));
+    let full = started.elapsed();
+    let expected = snapshot(&reference_root);
+    assert!(expected.len() > DOCS * 3, "a run of substance: {} rows", expected.len());
+
+    // The same job, killed again and again, then finished.
+    let server = FakeServer::start(Duration::from_millis(15));
+    let root = dir.path().join("killed");
+    let url = server.url();
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut kills = 0;
+    for _ in 0..6 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(args(job, root.to_str().unwrap(), &url, &cap))
+            .env("BACKFORTH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = full.mul_f64(0.05 + 0.5 * rng.f64());
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    backforth_ok(&args(job, root.to_str().unwrap(), &url, &cap));
+    assert!(kills >= 3, "seed {seed}: the runs were killed ({kills} times)");
+
+    let got = snapshot(&root);
+    assert_eq!(got.len(), expected.len(), "seed {seed}");
+    assert_eq!(got, expected, "seed {seed}: output differs from the uninterrupted run");
+
+    // Prompts answered before a kill are not paid again: only those in flight at a kill.
+    let repeats: u64 = server
+        .state
+        .per_prompt
+        .lock()
+        .unwrap()
+        .values()
+        .map(|n| n - 1)
+        .sum();
+    assert!(
+        repeats <= (CAP * kills) as u64,
+        "seed {seed}: {repeats} repeated requests after {kills} kills with {CAP} in flight"
+    );
+    eprintln!("seed {seed}: {kills} kills, {repeats} repeated requests (cap {CAP} per kill)");
+}
