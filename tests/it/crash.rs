@@ -11,7 +11,8 @@ use crate::util::{backforth_ok, rows, session};
 const DOCS: usize = 300;
 const CAP: usize = 8;
 
-fn corpus(dir: &Path) {
+/// Writes `docs.jsonl` and `job.toml` (shards of 25 rows) into `dir`.
+pub fn corpus(dir: &Path) {
     let topics = ["rivers", "bridges", "orchards", "lanterns", "harbours", "markets", "gardens", "compasses"];
     let docs: String = (0..DOCS)
         .map(|i| {

@@ -8,5 +8,6 @@ mod jobs;
 mod parse;
 mod pipeline;
 mod prepare;
+mod s3;
 mod schemas;
 mod util;

@@ -1,0 +1,179 @@
+//! The pipeline with inputs and outputs on a real S3-compatible server (moto, started here on
+//! a free port), including a kill and resume.
+//!
+//! `moto_server` is found through `$BACKFORTH_MOTO_SERVER`, `.ci/venv/bin/moto_server` (where
+//! `.ci/run` installs it) or `$PATH`; without it these tests fail and say how to install it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fake_server::FakeServer;
+use crate::util::repo;
+
+/// A moto S3 server on 127.0.0.1, stopped on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BACKFORTH_MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv = repo().join(".ci/venv/bin/moto_server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("moto_server")
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start moto_server ({e}); install it with `python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'` (as .ci/run does)"
+                )
+            });
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(&moto.endpoint, "GET", "/moto-api/").is_none() {
+            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    /// Creates a bucket.
+    pub fn bucket(&self, name: &str) {
+        let status = http(&self.endpoint, "PUT", &format!("/{name}")).expect("moto answers");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+
+    /// The environment that points object_store's S3 client at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+/// A bare HTTP/1.1 request; returns the status line.
+fn http(endpoint: &str, method: &str, path: &str) -> Option<String> {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.lines().next().map(str::to_string)
+}
+
+fn backforth_s3(moto: &Moto, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args)
+        .envs(moto.env())
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const QUERY: &str = "SELECT 'b' AS s, id, instruction AS v FROM backtranslated \
+    UNION ALL SELECT 's', id, CAST(score AS VARCHAR) FROM scored \
+    UNION ALL SELECT 'r', id, response FROM rewritten ORDER BY s, id";
+
+#[test]
+fn pipeline_on_s3_with_a_kill_and_resume() {
+    let moto = Moto::start();
+    moto.bucket("corpus");
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let job = job.to_str().unwrap();
+    let server = FakeServer::start(Duration::from_millis(10));
+    let url = server.url();
+
+    // The reference, on local disk.
+    let local = dir.path().join("local");
+    let common = ["--endpoint", url.as_str(), "--model", "m", "--concurrency", "8"];
+    let mut args = vec!["run", job, "--output", local.to_str().unwrap()];
+    args.extend(common);
+    let started = Instant::now();
+    ok(backforth_s3(&moto, &args));
+    let full = started.elapsed();
+    let expected = ok(backforth_s3(&moto, &["sql", "--root", local.to_str().unwrap(), QUERY]));
+    assert!(expected.lines().count() > 600, "{expected}");
+
+    // Inputs uploaded, outputs written to the bucket; killed once, then resumed.
+    upload(&moto, &dir.path().join("docs.jsonl"), "corpus", "in/docs.jsonl");
+    let mut args = vec!["run", job, "--input", "s3://corpus/in/docs.jsonl", "--output", "s3://corpus/out"];
+    args.extend(common);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(&args)
+        .envs(moto.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // S3 is slower than local disk, so half the local run is well inside the S3 run.
+    std::thread::sleep(full / 2);
+    let killed = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    ok(backforth_s3(&moto, &args));
+    let got = ok(backforth_s3(&moto, &["sql", "--root", "s3://corpus/out", QUERY]));
+    assert_eq!(got, expected);
+    assert!(killed, "the run was still going when killed");
+}
+
+fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let bytes = std::fs::read(file).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.put(&object_store::path::Path::from(key), PutPayload::from(bytes)))
+        .unwrap();
+}
