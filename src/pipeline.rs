@@ -71,6 +71,10 @@ pub struct StageStats {
     /// Ids of the shards the counts cover.
     #[serde(default)]
     pub shards: Vec<String>,
+    /// Digest of the upstream markers this output was computed from: when an upstream shard
+    /// is redone (say, to retry failed rows), what was computed from it is redone too.
+    #[serde(default)]
+    pub upstream: String,
 }
 
 impl StageStats {
@@ -471,7 +475,17 @@ impl Runner<'_> {
     /// Runs a stage over all its input at once (stages reading `documents` or several
     /// tables). Worker 0 runs it; other workers wait for its `_SUCCESS`.
     async fn run_global(&self, plan: &StagePlan) -> Result<StageStats> {
-        if let Some(done) = self.complete(plan).await? {
+        let mut upstream = Vec::new();
+        for table in plan.tables.iter().filter(|t| *t != "documents") {
+            self.require_complete(&plan.name, table).await?;
+            let path = self.root.child(table).path(SUCCESS_MARKER);
+            upstream.push(digest_of(&self.root, &path).await?.unwrap_or_default());
+        }
+        let upstream = upstream.join("+");
+        if let Some(done) = self.complete(plan).await?
+            && done.failed() == 0
+            && done.upstream == upstream
+        {
             tracing::info!(stage = %plan.name, "Already complete; skipped.");
             return Ok(done);
         }
@@ -494,7 +508,6 @@ impl Runner<'_> {
                     )?),
                 )?;
             } else {
-                self.require_complete(&plan.name, table).await?;
                 register_stage_table(&ctx, &self.root, table).await?;
             }
         }
@@ -514,6 +527,7 @@ impl Runner<'_> {
         stats.stage = plan.name.clone();
         stats.fingerprint = plan.fingerprint.clone();
         stats.shards = shards;
+        stats.upstream = upstream;
         if plan.tables.iter().any(|t| t == "documents") {
             stats.input = Some(self.ingest.snapshot());
         }
@@ -575,10 +589,6 @@ impl Runner<'_> {
     /// marker; shards already published under the same fingerprint (and without failed
     /// rows) are skipped; this worker takes the shards it owns.
     async fn run_sharded(&self, plan: &StagePlan, upstream: &str) -> Result<StageStats> {
-        if let Some(done) = self.complete(plan).await? {
-            tracing::info!(stage = %plan.name, "Already complete; skipped.");
-            return Ok(done);
-        }
         let ids = self.shard_ids(plan).await?;
         let mine: Vec<&String> = ids
             .iter()
@@ -608,31 +618,20 @@ impl Runner<'_> {
     async fn run_shard(&self, plan: &StagePlan, up: &StagePlan, id: &str) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
         let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
-        if let Some(done) = read_json::<StageStats>(&self.root, &marker).await?
-            && done.fingerprint == plan.fingerprint
-            && done.failed() == 0
-        {
-            return Ok(done);
-        }
         let up_file = self
             .root
             .child(&up.name)
             .path(&format!("part-{id}.parquet"));
-        let up_done = if up.sharded_on(self.job).is_some() {
-            read_json::<StageStats>(
-                &self.root,
-                &self
-                    .root
-                    .child(&up.name)
-                    .child(SHARDS_DIR)
-                    .path(&format!("{id}.json")),
-            )
-            .await?
-            .is_some_and(|s| s.fingerprint == up.fingerprint)
+        let up_marker = if up.sharded_on(self.job).is_some() {
+            self.root
+                .child(&up.name)
+                .child(SHARDS_DIR)
+                .path(&format!("{id}.json"))
         } else {
-            self.complete(up).await?.is_some()
+            self.root.child(&up.name).path(SUCCESS_MARKER)
         };
-        if !up_done {
+        let up_stats = read_json::<StageStats>(&self.root, &up_marker).await?;
+        if !up_stats.is_some_and(|s| s.fingerprint == up.fingerprint) {
             return job_err!(
                 "stage '{}' reads '{}', which has no complete output for shard {id} under {}; run it first (--stages {})",
                 plan.name,
@@ -640,6 +639,14 @@ impl Runner<'_> {
                 self.root.describe(),
                 up.name
             );
+        }
+        let upstream = digest_of(&self.root, &up_marker).await?.unwrap_or_default();
+        if let Some(done) = read_json::<StageStats>(&self.root, &marker).await?
+            && done.fingerprint == plan.fingerprint
+            && done.failed() == 0
+            && done.upstream == upstream
+        {
+            return Ok(done);
         }
         let ctx = self.session()?;
         let url = format!(
@@ -660,6 +667,7 @@ impl Runner<'_> {
         stats.stage = plan.name.clone();
         stats.fingerprint = plan.fingerprint.clone();
         stats.shards = vec![id.to_string()];
+        stats.upstream = upstream;
         write_json(&self.root, &marker, &stats).await?;
         Ok(stats)
     }
@@ -686,6 +694,18 @@ impl Runner<'_> {
             &total,
         )
         .await
+    }
+}
+
+/// A short hash of the object at `path`, or `None` when there is none.
+async fn digest_of(root: &Location, path: &object_store::path::Path) -> Result<Option<String>> {
+    use sha2::{Digest, Sha256};
+    match root.store.get(path).await {
+        Ok(got) => Ok(Some(hex::encode(
+            &Sha256::digest(&got.bytes().await?)[..12],
+        ))),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

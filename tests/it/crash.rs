@@ -13,7 +13,16 @@ const CAP: usize = 8;
 
 /// Writes `docs.jsonl` and `job.toml` (shards of 25 rows) into `dir`.
 pub fn corpus(dir: &Path) {
-    let topics = ["rivers", "bridges", "orchards", "lanterns", "harbours", "markets", "gardens", "compasses"];
+    let topics = [
+        "rivers",
+        "bridges",
+        "orchards",
+        "lanterns",
+        "harbours",
+        "markets",
+        "gardens",
+        "compasses",
+    ];
     let docs: String = (0..DOCS)
         .map(|i| {
             let text = format!(
@@ -36,12 +45,26 @@ pub fn corpus(dir: &Path) {
 }
 
 fn args<'a>(job: &'a str, output: &'a str, url: &'a str, cap: &'a str) -> Vec<&'a str> {
-    vec!["run", job, "--output", output, "--endpoint", url, "--model", "m", "--concurrency", cap]
+    vec![
+        "run",
+        job,
+        "--output",
+        output,
+        "--endpoint",
+        url,
+        "--model",
+        "m",
+        "--concurrency",
+        cap,
+    ]
 }
 
 /// Every stage's rows (deterministic columns only) and its drops, sorted by id.
 fn snapshot(root: &Path) -> Vec<Vec<String>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let ctx = session(root).await;
         let mut all = Vec::new();
@@ -75,10 +98,19 @@ fn sigkill_at_random_moments_then_resume() {
     let reference_server = FakeServer::start(Duration::from_millis(15));
     let reference_root = dir.path().join("reference");
     let started = Instant::now();
-    backforth_ok(&args(job, reference_root.to_str().unwrap(), &reference_server.url(), &cap));
+    backforth_ok(&args(
+        job,
+        reference_root.to_str().unwrap(),
+        &reference_server.url(),
+        &cap,
+    ));
     let full = started.elapsed();
     let expected = snapshot(&reference_root);
-    assert!(expected.len() > DOCS * 3, "a run of substance: {} rows", expected.len());
+    assert!(
+        expected.len() > DOCS * 3,
+        "a run of substance: {} rows",
+        expected.len()
+    );
 
     // The same job, killed again and again, then finished.
     let server = FakeServer::start(Duration::from_millis(15));
@@ -104,11 +136,17 @@ fn sigkill_at_random_moments_then_resume() {
         child.wait().unwrap();
     }
     backforth_ok(&args(job, root.to_str().unwrap(), &url, &cap));
-    assert!(kills >= 3, "seed {seed}: the runs were killed ({kills} times)");
+    assert!(
+        kills >= 3,
+        "seed {seed}: the runs were killed ({kills} times)"
+    );
 
     let got = snapshot(&root);
     assert_eq!(got.len(), expected.len(), "seed {seed}");
-    assert_eq!(got, expected, "seed {seed}: output differs from the uninterrupted run");
+    assert_eq!(
+        got, expected,
+        "seed {seed}: output differs from the uninterrupted run"
+    );
 
     // Prompts answered before a kill are not paid again: only those in flight at a kill.
     let repeats: u64 = server
@@ -124,4 +162,60 @@ fn sigkill_at_random_moments_then_resume() {
         "seed {seed}: {repeats} repeated requests after {kills} kills with {CAP} in flight"
     );
     eprintln!("seed {seed}: {kills} kills, {repeats} repeated requests (cap {CAP} per kill)");
+}
+
+#[test]
+fn failed_rows_are_dead_lettered_counted_and_retried_on_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    for role in ["backward", "scorer", "rewriter"] {
+        text.push_str(&format!(
+            "[models.{role}]\nendpoint = \"mock\"\nmodel = \"m\"\nmax_attempts = 2\n"
+        ));
+    }
+    std::fs::write(&job, text).unwrap();
+    let job = job.to_str().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    // Two documents' backtranslation prompts always fail.
+    *server.state.fail_if_contains.lock().unwrap() = Some(" number 17. ".into());
+    let root = dir.path().join("out");
+    let url = server.url();
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args(job, root.to_str().unwrap(), &url, "8"))
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 row(s) lost their LLM call"), "{stderr}");
+    let m = crate::util::marker(&root, "backtranslated");
+    assert_eq!(m["dropped"]["llm_error"], 1, "{m}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dead = rt.block_on(async {
+        let ctx = session(&root).await;
+        rows(&ctx, "SELECT doc_id, backtranslation['attempts'], backtranslation['error'] FROM backtranslated_dropped WHERE drop_reason = 'llm_error'").await
+    });
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0][0], "doc-0017");
+    assert_eq!(dead[0][1], "2");
+    assert!(dead[0][2].contains("HTTP 500"), "{dead:?}");
+
+    // The server recovers: a rerun asks again only for the failed row (and what follows it).
+    *server.state.fail_if_contains.lock().unwrap() = None;
+    let before = server.requests();
+    backforth_ok(&args(job, root.to_str().unwrap(), &url, "8"));
+    let m = crate::util::marker(&root, "backtranslated");
+    assert!(m["dropped"].get("llm_error").is_none(), "{m}");
+    assert_eq!(m["rows_out"], DOCS);
+    let new_requests = server.requests() - before;
+    // One backtranslation, its score, and at most its rewrite and answer.
+    assert!(
+        (2..=4).contains(&new_requests),
+        "{new_requests} requests on rerun"
+    );
 }

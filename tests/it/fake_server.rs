@@ -28,6 +28,8 @@ pub struct FakeState {
     pub per_prompt: Mutex<HashMap<String, u64>>,
     /// (path, Authorization header) of every request.
     pub headers: Mutex<Vec<(String, Option<String>)>>,
+    /// Prompts containing this text get HTTP 500.
+    pub fail_if_contains: Mutex<Option<String>>,
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -219,6 +221,27 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             .lock()
             .unwrap()
             .push((path.clone(), authorization));
+        let failing = state.fail_if_contains.lock().unwrap().clone();
+        let request: Option<Value> = serde_json::from_slice(&body).ok();
+        if let (Some(needle), Some(req)) = (&failing, &request)
+            && prompt_of(req).contains(needle.as_str())
+        {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            let payload = r#"{"error":{"message":"injected failure"}}"#;
+            let head = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                payload.len()
+            );
+            if stream
+                .get_mut()
+                .write_all((head + payload).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         let (status, reply) = match serde_json::from_slice::<Value>(&body) {
             Ok(request) if path.ends_with("/chat/completions") => {
                 ("200 OK", chat(Arc::clone(&state), request).await)

@@ -39,7 +39,11 @@ fn moto_binary() -> PathBuf {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(moto_binary())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -56,7 +60,10 @@ impl Moto {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while http(&moto.endpoint, "GET", "/moto-api/").is_none() {
-            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         moto
@@ -85,7 +92,11 @@ fn http(endpoint: &str, method: &str, path: &str) -> Option<String> {
     let addr = endpoint.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.lines().next().map(str::to_string)
@@ -127,18 +138,40 @@ fn pipeline_on_s3_with_a_kill_and_resume() {
 
     // The reference, on local disk.
     let local = dir.path().join("local");
-    let common = ["--endpoint", url.as_str(), "--model", "m", "--concurrency", "8"];
+    let common = [
+        "--endpoint",
+        url.as_str(),
+        "--model",
+        "m",
+        "--concurrency",
+        "8",
+    ];
     let mut args = vec!["run", job, "--output", local.to_str().unwrap()];
     args.extend(common);
     let started = Instant::now();
     ok(backforth_s3(&moto, &args));
     let full = started.elapsed();
-    let expected = ok(backforth_s3(&moto, &["sql", "--root", local.to_str().unwrap(), QUERY]));
+    let expected = ok(backforth_s3(
+        &moto,
+        &["sql", "--root", local.to_str().unwrap(), QUERY],
+    ));
     assert!(expected.lines().count() > 600, "{expected}");
 
     // Inputs uploaded, outputs written to the bucket; killed once, then resumed.
-    upload(&moto, &dir.path().join("docs.jsonl"), "corpus", "in/docs.jsonl");
-    let mut args = vec!["run", job, "--input", "s3://corpus/in/docs.jsonl", "--output", "s3://corpus/out"];
+    upload(
+        &moto,
+        &dir.path().join("docs.jsonl"),
+        "corpus",
+        "in/docs.jsonl",
+    );
+    let mut args = vec![
+        "run",
+        job,
+        "--input",
+        "s3://corpus/in/docs.jsonl",
+        "--output",
+        "s3://corpus/out",
+    ];
     args.extend(common);
     let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(&args)
@@ -153,7 +186,10 @@ fn pipeline_on_s3_with_a_kill_and_resume() {
     child.kill().unwrap();
     child.wait().unwrap();
     ok(backforth_s3(&moto, &args));
-    let got = ok(backforth_s3(&moto, &["sql", "--root", "s3://corpus/out", QUERY]));
+    let got = ok(backforth_s3(
+        &moto,
+        &["sql", "--root", "s3://corpus/out", QUERY],
+    ));
     assert_eq!(got, expected);
     assert!(killed, "the run was still going when killed");
 }
@@ -174,6 +210,9 @@ fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(store.put(&object_store::path::Path::from(key), PutPayload::from(bytes)))
+        .block_on(store.put(
+            &object_store::path::Path::from(key),
+            PutPayload::from(bytes),
+        ))
         .unwrap();
 }
