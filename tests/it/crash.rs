@@ -60,7 +60,7 @@ fn args<'a>(job: &'a str, output: &'a str, url: &'a str, cap: &'a str) -> Vec<&'
 }
 
 /// Every stage's rows (deterministic columns only) and its drops, sorted by id.
-fn snapshot(root: &Path) -> Vec<Vec<String>> {
+pub fn snapshot(root: &Path) -> Vec<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

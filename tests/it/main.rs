@@ -8,6 +8,7 @@ mod jobs;
 mod parse;
 mod pipeline;
 mod prepare;
+mod resume;
 mod s3;
 mod schemas;
 mod util;
