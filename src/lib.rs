@@ -16,6 +16,7 @@ pub mod journal;
 pub mod llm;
 pub mod manifest;
 pub mod pipeline;
+pub mod progress;
 pub mod storage;
 pub mod text;
 pub mod tokens;

@@ -33,6 +33,7 @@ use crate::job::Job;
 use crate::journal::Journal;
 use crate::llm::{LlmPool, Usage};
 use crate::manifest;
+use crate::progress::{Progress, Reporter};
 use crate::storage::{Location, list_inputs};
 use crate::tokens::TokenCounter;
 use crate::worker::Worker;
@@ -301,6 +302,7 @@ struct Runner<'a> {
     ingest: Arc<IngestStats>,
     plans: Vec<StagePlan>,
     fingerprints: BTreeMap<String, manifest::Fingerprint>,
+    progress: Arc<Progress>,
 }
 
 /// Runs the stages of `job` that `opts` selects, in job order.
@@ -323,6 +325,7 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
         ingest: Arc::new(IngestStats::default()),
         plans: Vec::new(),
         fingerprints: BTreeMap::new(),
+        progress: Arc::new(Progress::default()),
     };
     runner.plan_stages()?;
     runner.reconcile_manifest(opts.allow_changes).await?;
@@ -333,6 +336,12 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
         }
         let started = Instant::now();
         tracing::info!(stage = %plan.name, "Stage started.");
+        runner.progress = Arc::new(Progress::default());
+        let _reporter = Reporter::start(
+            &plan.name,
+            Arc::clone(&runner.progress),
+            Arc::clone(&runner.pool),
+        );
         let mut stats = match plan.sharded_on(job) {
             Some(upstream) => runner.run_sharded(&plan, upstream).await?,
             None => runner.run_global(&plan).await?,
@@ -522,6 +531,7 @@ impl Runner<'_> {
             &plan.tables,
             &out,
             PartNames::Numbered(shard_rows),
+            &self.progress,
         )
         .await?;
         stats.stage = plan.name.clone();
@@ -597,9 +607,18 @@ impl Runner<'_> {
             .map(|(_, id)| id)
             .collect();
         let up_plan = self.plan(upstream)?;
+        self.progress
+            .shards_total
+            .store(mine.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let concurrent = self.job.execution.concurrent_shards.unwrap_or(2).max(1);
         let results: Vec<Result<StageStats>> = futures::stream::iter(mine)
-            .map(|id| self.run_shard(plan, up_plan, id))
+            .map(|id| async move {
+                let stats = self.run_shard(plan, up_plan, id).await;
+                self.progress
+                    .shards_done
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+            })
             .buffer_unordered(concurrent)
             .collect()
             .await;
@@ -662,6 +681,7 @@ impl Runner<'_> {
             &plan.tables,
             &out,
             PartNames::Shard(id.to_string()),
+            &self.progress,
         )
         .await?;
         stats.stage = plan.name.clone();
@@ -789,6 +809,7 @@ async fn execute_to_parts(
     tables: &[String],
     out: &Location,
     names: PartNames,
+    progress: &Progress,
 ) -> Result<(StageStats, Vec<String>)> {
     let df = ctx.sql(sql).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -829,6 +850,10 @@ async fn execute_to_parts(
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         stats.rows_in += batch.num_rows() as u64;
+        progress.rows.fetch_add(
+            batch.num_rows() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         stats.llm = stats.llm.plus(&usage_of_calls(&batch, &inherited));
         let Some(i) = drop_index else {
             stats.rows_out += batch.num_rows() as u64;

@@ -219,3 +219,31 @@ fn failed_rows_are_dead_lettered_counted_and_retried_on_rerun() {
         "{new_requests} requests on rerun"
     );
 }
+
+#[test]
+fn progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let server = FakeServer::start(Duration::from_millis(40));
+    let url = server.url();
+    let root = dir.path().join("out");
+    let mut run = args(job.to_str().unwrap(), root.to_str().unwrap(), &url, "8");
+    run.extend(["--stages", "prepare,backtranslate"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(run)
+        .env("BACKFORTH_LOG", "info")
+        .env("BACKFORTH_PROGRESS_SECS", "0.3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("backtranslated: shards "))
+        .unwrap_or_else(|| panic!("no progress line in\n{stderr}"));
+    for part in ["rows ", " req/s", " tokens", " errors", " elapsed"] {
+        assert!(line.contains(part), "{line}");
+    }
+    assert!(!stderr.contains('\r'), "no terminal redraws in a log");
+}

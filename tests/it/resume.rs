@@ -9,7 +9,18 @@ use crate::util::{backforth, backforth_ok, marker};
 use backforth::worker::Worker;
 
 fn run_args<'a>(job: &'a str, root: &'a str, url: &'a str) -> Vec<&'a str> {
-    vec!["run", job, "--output", root, "--endpoint", url, "--model", "m", "--concurrency", "8"]
+    vec![
+        "run",
+        job,
+        "--output",
+        root,
+        "--endpoint",
+        url,
+        "--model",
+        "m",
+        "--concurrency",
+        "8",
+    ]
 }
 
 #[test]
@@ -51,7 +62,14 @@ fn a_changed_prompt_is_refused_then_recomputed_reusing_the_journal() {
     backforth_ok(&args);
     // Only the rewrites were asked again; every other answer came from the journal or was kept.
     assert_eq!(server.requests(), first + rewrites);
-    assert!(server.log().iter().rev().take(rewrites as usize).all(|e| e.prompt.starts_with("Improve the draft")));
+    assert!(
+        server
+            .log()
+            .iter()
+            .rev()
+            .take(rewrites as usize)
+            .all(|e| e.prompt.starts_with("Improve the draft"))
+    );
 }
 
 #[test]
@@ -92,28 +110,64 @@ fn two_workers_share_the_shards_and_produce_one_output() {
 #[test]
 fn workers_come_from_flags_and_schedulers() {
     let env = |pairs: &'static [(&'static str, &'static str)]| {
-        move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     };
     let w = |index, count| Worker { index, count };
-    assert_eq!(Worker::detect(Some("2/5"), None, env(&[])).unwrap(), w(2, 5));
+    assert_eq!(
+        Worker::detect(Some("2/5"), None, env(&[])).unwrap(),
+        w(2, 5)
+    );
     assert!(Worker::detect(Some("5/5"), None, env(&[])).is_err());
     assert_eq!(Worker::detect(None, None, env(&[])).unwrap(), w(0, 1));
     assert_eq!(
-        Worker::detect(None, None, env(&[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "8")])).unwrap(),
+        Worker::detect(
+            None,
+            None,
+            env(&[
+                ("SLURM_ARRAY_TASK_ID", "3"),
+                ("SLURM_ARRAY_TASK_COUNT", "8")
+            ])
+        )
+        .unwrap(),
         w(3, 8)
     );
     // Arrays numbered 1..=4 give workers 0..4.
     assert_eq!(
-        Worker::detect(None, None, env(&[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_MAX", "4")])).unwrap(),
+        Worker::detect(
+            None,
+            None,
+            env(&[
+                ("SLURM_ARRAY_TASK_ID", "1"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "4")
+            ])
+        )
+        .unwrap(),
         w(0, 4)
     );
-    assert_eq!(Worker::detect(None, Some(4), env(&[("JOB_COMPLETION_INDEX", "2")])).unwrap(), w(2, 4));
     assert_eq!(
-        Worker::detect(None, None, env(&[("JOB_COMPLETION_INDEX", "1"), ("BACKFORTH_WORKERS", "3")])).unwrap(),
+        Worker::detect(None, Some(4), env(&[("JOB_COMPLETION_INDEX", "2")])).unwrap(),
+        w(2, 4)
+    );
+    assert_eq!(
+        Worker::detect(
+            None,
+            None,
+            env(&[("JOB_COMPLETION_INDEX", "1"), ("BACKFORTH_WORKERS", "3")])
+        )
+        .unwrap(),
         w(1, 3)
     );
     let err = Worker::detect(None, None, env(&[("JOB_COMPLETION_INDEX", "1")])).unwrap_err();
     assert!(err.to_string().contains("--workers"), "{err}");
-    assert_eq!(Worker::detect(None, Some(2), env(&[("AWS_BATCH_JOB_ARRAY_INDEX", "1")])).unwrap(), w(1, 2));
+    assert_eq!(
+        Worker::detect(None, Some(2), env(&[("AWS_BATCH_JOB_ARRAY_INDEX", "1")])).unwrap(),
+        w(1, 2)
+    );
     assert!(Worker::detect(None, Some(2), env(&[("AWS_BATCH_JOB_ARRAY_INDEX", "2")])).is_err());
 }
