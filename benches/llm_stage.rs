@@ -1,6 +1,6 @@
 //! Utilisation of an LLM stage against a simulated server: ideal time (rows × latency / slots)
 //! over the measured time from first request to last reply, with the response journal on
-//! (every reply durable before its slot is freed).
+//! (every reply durable before its slot is freed) and, for comparison, off.
 //!
 //!     cargo bench --bench llm_stage            # ROWS, LATENCY_MS, SLOTS override the defaults
 
@@ -12,7 +12,10 @@ use std::process::Command;
 use std::time::Duration;
 
 fn var(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -30,13 +33,33 @@ fn main() {
     )
     .unwrap();
     let job = dir.path().join("job.toml");
-    for slots in [16u64, 64, 256] {
+    for (slots, journal) in [
+        (16u64, "on"),
+        (64, "on"),
+        (64, "off"),
+        (256, "on"),
+        (256, "off"),
+    ] {
         let server = fake_server::FakeServer::start(latency);
-        let out = dir.path().join(format!("out-{slots}"));
+        let out = dir.path().join(format!("out-{slots}-{journal}"));
         let status = Command::new(env!("CARGO_BIN_EXE_backforth"))
-            .args(["run", job.to_str().unwrap(), "--output", out.to_str().unwrap()])
-            .args(["--endpoint", &server.url(), "--model", "m", "--concurrency", &slots.to_string()])
-            .env("BACKFORTH_LOG", "warn")
+            .env("BACKFORTH_JOURNAL", journal)
+            .args([
+                "run",
+                job.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--endpoint",
+                &server.url(),
+                "--model",
+                "m",
+                "--concurrency",
+                &slots.to_string(),
+            ])
+            .env("BACKFORTH_LOG", "error")
+            .stderr(std::process::Stdio::null())
             .status()
             .unwrap();
         assert!(status.success());
@@ -46,7 +69,7 @@ fn main() {
         let actual = (last - first).as_secs_f64();
         let ideal = latency.as_secs_f64() * (rows as f64 / slots as f64).ceil();
         println!(
-            "rows {rows}, latency {latency:?}, slots {slots}: {actual:.2}s, ideal {ideal:.2}s, utilisation {:.1}%",
+            "rows {rows}, latency {latency:?}, slots {slots}, journal {journal}: {actual:.2}s, ideal {ideal:.2}s, utilisation {:.1}%",
             100.0 * ideal / actual
         );
     }

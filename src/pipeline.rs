@@ -309,7 +309,15 @@ struct Runner<'a> {
 pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     let to_run = job.select_stages(&opts.stages)?;
     let root = Location::parse(&job.output)?;
-    let journal = Arc::new(Journal::open(&root).await?);
+    // Only for measuring what the journal costs (benches/llm_stage.rs); never in production.
+    let journal = if std::env::var("BACKFORTH_JOURNAL").as_deref() == Ok("off") {
+        tracing::warn!(
+            "BACKFORTH_JOURNAL=off: completed LLM calls are not recorded and would be paid again after a crash."
+        );
+        Arc::new(Journal::disabled())
+    } else {
+        Arc::new(Journal::open(&root).await?)
+    };
     if journal.loaded() > 0 {
         tracing::info!(responses = journal.loaded(), "Response journal loaded.");
     }
@@ -650,7 +658,7 @@ impl Runner<'_> {
             self.root.child(&up.name).path(SUCCESS_MARKER)
         };
         let up_stats = read_json::<StageStats>(&self.root, &up_marker).await?;
-        if !up_stats.is_some_and(|s| s.fingerprint == up.fingerprint) {
+        if up_stats.is_none_or(|s| s.fingerprint != up.fingerprint) {
             return job_err!(
                 "stage '{}' reads '{}', which has no complete output for shard {id} under {}; run it first (--stages {})",
                 plan.name,
