@@ -166,11 +166,6 @@ impl Endpoint {
             completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
         }
     }
-
-    /// Base URL (or `mock`).
-    pub fn base_url(&self) -> &str {
-        &self.base_url
-    }
 }
 
 /// A model role bound to its endpoint: what an LLM function calls.
