@@ -2,6 +2,9 @@
 -- should see. Mode {{ prepare.mode }}: `document` keeps whole documents (BaF), `segments`
 -- keeps the text under each header (Humpback).
 --
+-- The stage runs one input file at a time; `seen_keys` holds the dedup keys kept by the files
+-- before this one, so exact dedup spans the whole input.
+--
 -- `_drop` names the rule that removed a row (NULL = kept). The runner writes dropped rows to
 -- candidates/_dropped/ and counts each reason, so the funnel always adds up.
 WITH units AS (
@@ -30,11 +33,13 @@ ruled AS (
     FROM measured
 ),
 ranked AS (
-    -- Exact dedup on normalised text: the first kept copy (by doc_id, ordinal) survives.
-    SELECT *,
-           row_number() OVER (PARTITION BY dedup_key
-                              ORDER BY rule_drop IS NOT NULL, doc_id, ordinal) AS copy_rank
-    FROM ruled
+    -- Exact dedup on normalised text: the first kept copy (by doc_id, ordinal) survives,
+    -- unless an earlier file already kept the same text.
+    SELECT r.*,
+           row_number() OVER (PARTITION BY r.dedup_key
+                              ORDER BY r.rule_drop IS NOT NULL, r.doc_id, r.ordinal) AS copy_rank,
+           s.dedup_key IS NOT NULL AS seen_before
+    FROM ruled r LEFT JOIN seen_keys s ON r.dedup_key = s.dedup_key
 )
 SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        doc_id,
@@ -44,5 +49,6 @@ SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        CAST(character_length(text) AS BIGINT) AS n_chars,
        n_tokens,
        source,
-       COALESCE(rule_drop, CASE WHEN copy_rank > 1 THEN 'duplicate' END) AS _drop
+       dedup_key,
+       COALESCE(rule_drop, CASE WHEN seen_before OR copy_rank > 1 THEN 'duplicate' END) AS _drop
 FROM ranked

@@ -47,6 +47,8 @@ pub const DROP_COLUMN: &str = "_drop";
 pub const DROP_REASON_COLUMN: &str = "drop_reason";
 /// Directory of a sharded stage holding one marker per published shard.
 pub const SHARDS_DIR: &str = "_shards";
+/// Table of the dedup keys kept by earlier input shards, for the stage that reads the input.
+pub const SEEN_KEYS: &str = "seen_keys";
 
 /// What one stage did, written to its `_SUCCESS` marker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -88,6 +90,26 @@ impl StageStats {
         }
         self.llm = self.llm.plus(&other.llm);
         self.seconds += other.seconds;
+        if let (Some(mine), Some(theirs)) = (self.input.as_mut(), other.input.as_ref()) {
+            mine.documents += theirs.documents;
+            for (reason, n) in &theirs.skipped {
+                *mine.skipped.entry(reason.clone()).or_default() += n;
+            }
+        }
+    }
+
+    /// A short hash of what the output holds (definition, shards and counts, not timings), so
+    /// what was computed from it can tell when it was redone differently.
+    pub fn version(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let key = serde_json::json!([
+            self.fingerprint,
+            self.shards,
+            self.rows_in,
+            self.rows_out,
+            self.dropped
+        ]);
+        hex::encode(&Sha256::digest(key.to_string().as_bytes())[..12])
     }
 
     /// Rows whose LLM call failed after every retry.
@@ -299,7 +321,6 @@ struct Runner<'a> {
     tokens: TokenCounter,
     window: Window,
     worker: Worker,
-    ingest: Arc<IngestStats>,
     plans: Vec<StagePlan>,
     fingerprints: BTreeMap<String, manifest::Fingerprint>,
     progress: Arc<Progress>,
@@ -330,7 +351,6 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
         pool,
         journal,
         worker: opts.worker,
-        ingest: Arc::new(IngestStats::default()),
         plans: Vec::new(),
         fingerprints: BTreeMap::new(),
         progress: Arc::new(Progress::default()),
@@ -399,7 +419,9 @@ impl Runner<'_> {
             let sql = render_sql(self.job, &stage.sql, &stage.name)?;
             let tables = referenced_tables(&ctx, &sql, &stage.name)?;
             for table in &tables {
+                let reads_input = tables.iter().any(|t| t == "documents");
                 let known = table == "documents"
+                    || (table == SEEN_KEYS && reads_input)
                     || self
                         .job
                         .stages
@@ -492,11 +514,18 @@ impl Runner<'_> {
     /// Runs a stage over all its input at once (stages reading `documents` or several
     /// tables). Worker 0 runs it; other workers wait for its `_SUCCESS`.
     async fn run_global(&self, plan: &StagePlan) -> Result<StageStats> {
+        if plan.tables.iter().any(|t| t == "documents") {
+            if self.worker.index != 0 {
+                return self.wait_for(plan).await;
+            }
+            return self.run_input_stage(plan).await;
+        }
         let mut upstream = Vec::new();
         for table in plan.tables.iter().filter(|t| *t != "documents") {
             self.require_complete(&plan.name, table).await?;
             let path = self.root.child(table).path(SUCCESS_MARKER);
-            upstream.push(digest_of(&self.root, &path).await?.unwrap_or_default());
+            let stats = read_json::<StageStats>(&self.root, &path).await?;
+            upstream.push(stats.map(|s| s.version()).unwrap_or_default());
         }
         let upstream = upstream.join("+");
         if let Some(done) = self.complete(plan).await?
@@ -511,34 +540,21 @@ impl Runner<'_> {
         }
         let ctx = self.session()?;
         for table in &plan.tables {
-            if table == "documents" {
-                let mut files = Vec::new();
-                for input in &self.job.inputs {
-                    files.extend(list_inputs(input).await?);
-                }
-                ctx.register_table(
-                    "documents",
-                    Arc::new(documents_table(
-                        files,
-                        self.job.on_bad_line,
-                        Arc::clone(&self.ingest),
-                    )?),
-                )?;
-            } else {
-                register_stage_table(&ctx, &self.root, table).await?;
-            }
+            register_stage_table(&ctx, &self.root, table).await?;
         }
         let out = self.root.child(&plan.name);
         // A rerun replaces the stage: the marker goes first, so a crash leaves it incomplete.
         delete_if_exists(&self.root, &out.path(SUCCESS_MARKER)).await?;
         out.delete_all().await?;
-        let shard_rows = self.job.execution.shard_rows.unwrap_or(10_000).max(1);
         let (mut stats, shards) = execute_to_parts(
             &ctx,
             &plan.sql,
             &plan.tables,
             &out,
-            PartNames::Numbered(shard_rows),
+            PartNames::Numbered {
+                prefix: None,
+                rows: self.shard_rows(),
+            },
             &self.progress,
         )
         .await?;
@@ -546,11 +562,138 @@ impl Runner<'_> {
         stats.fingerprint = plan.fingerprint.clone();
         stats.shards = shards;
         stats.upstream = upstream;
-        if plan.tables.iter().any(|t| t == "documents") {
-            stats.input = Some(self.ingest.snapshot());
-        }
         write_json(&self.root, &out.path(SUCCESS_MARKER), &stats).await?;
         Ok(stats)
+    }
+
+    fn shard_rows(&self) -> usize {
+        self.job.execution.shard_rows.unwrap_or(10_000).max(1)
+    }
+
+    /// Runs the stage that reads `documents` one input file at a time, in order: each file
+    /// is an input shard, published by its marker and skipped on rerun. `seen_keys` holds the
+    /// dedup keys kept by the files before it, so exact dedup spans the whole input while
+    /// every shard is still final once written.
+    async fn run_input_stage(&self, plan: &StagePlan) -> Result<StageStats> {
+        let mut files = Vec::new();
+        for input in &self.job.inputs {
+            files.extend(list_inputs(input).await?);
+        }
+        let out = self.root.child(&plan.name);
+        self.progress
+            .shards_total
+            .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut total = StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            input: Some(IngestCounts::default()),
+            ..StageStats::default()
+        };
+        let mut parts: Vec<String> = Vec::new();
+        for (k, file) in files.into_iter().enumerate() {
+            let id = format!("{k:05}");
+            let source = format!("{} ({} bytes)", file.display, file.size);
+            let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+            let stats = match read_json::<StageStats>(&self.root, &marker).await? {
+                Some(done) if done.fingerprint == plan.fingerprint && done.upstream == source => {
+                    done
+                }
+                _ => {
+                    let stats = self.run_input_shard(plan, &id, file, &parts).await?;
+                    let stats = StageStats {
+                        upstream: source,
+                        ..stats
+                    };
+                    write_json(&self.root, &marker, &stats).await?;
+                    stats
+                }
+            };
+            self.progress
+                .shards_done
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            parts.extend(stats.shards.iter().cloned());
+            total.absorb(&stats);
+        }
+        total.shards = parts;
+        write_json(&self.root, &out.path(SUCCESS_MARKER), &total).await?;
+        Ok(total)
+    }
+
+    async fn run_input_shard(
+        &self,
+        plan: &StagePlan,
+        id: &str,
+        file: crate::storage::InputFile,
+        earlier_parts: &[String],
+    ) -> Result<StageStats> {
+        let out = self.root.child(&plan.name);
+        // Parts of an attempt that died before its marker are replaced, never mixed in.
+        delete_parts_of(&out, id).await?;
+        delete_parts_of(&out.child("_dropped"), id).await?;
+        let ctx = self.session()?;
+        let ingest = Arc::new(IngestStats::default());
+        ctx.register_table(
+            "documents",
+            Arc::new(documents_table(
+                vec![file],
+                self.job.on_bad_line,
+                Arc::clone(&ingest),
+            )?),
+        )?;
+        if plan.tables.iter().any(|t| t == SEEN_KEYS) {
+            self.register_seen_keys(&ctx, &plan.name, earlier_parts)
+                .await?;
+        }
+        let (mut stats, shards) = execute_to_parts(
+            &ctx,
+            &plan.sql,
+            &[],
+            &out,
+            PartNames::Numbered {
+                prefix: Some(id.to_string()),
+                rows: self.shard_rows(),
+            },
+            &self.progress,
+        )
+        .await?;
+        stats.stage = plan.name.clone();
+        stats.fingerprint = plan.fingerprint.clone();
+        stats.shards = shards;
+        stats.input = Some(ingest.snapshot());
+        Ok(stats)
+    }
+
+    /// `seen_keys(dedup_key)`: the keys kept by earlier input shards of `stage`.
+    async fn register_seen_keys(
+        &self,
+        ctx: &SessionContext,
+        stage: &str,
+        earlier_parts: &[String],
+    ) -> Result<()> {
+        let view = if earlier_parts.is_empty() {
+            let schema = Arc::new(Schema::new(vec![Field::new(
+                "dedup_key",
+                DataType::Utf8,
+                true,
+            )]));
+            ctx.read_batch(RecordBatch::new_empty(schema))?.into_view()
+        } else {
+            let urls: Vec<String> = earlier_parts
+                .iter()
+                .map(|p| {
+                    object_url(
+                        &self.root,
+                        &self.root.child(stage).path(&format!("part-{p}.parquet")),
+                    )
+                })
+                .collect();
+            ctx.read_parquet(urls, ParquetReadOptions::default())
+                .await?
+                .select_columns(&["dedup_key"])?
+                .into_view()
+        };
+        ctx.register_table(SEEN_KEYS, view)?;
+        Ok(())
     }
 
     async fn wait_for(&self, plan: &StagePlan) -> Result<StageStats> {
@@ -649,16 +792,28 @@ impl Runner<'_> {
             .root
             .child(&up.name)
             .path(&format!("part-{id}.parquet"));
-        let up_marker = if up.sharded_on(self.job).is_some() {
+        let shard_marker = |name: &str| {
             self.root
                 .child(&up.name)
                 .child(SHARDS_DIR)
-                .path(&format!("{id}.json"))
+                .path(&format!("{name}.json"))
+        };
+        // The marker this shard's input was published by: the upstream shard's own, or for
+        // parts of the input stage the marker of the input file they came from.
+        let up_marker = if up.sharded_on(self.job).is_some() {
+            shard_marker(id)
+        } else if let Some((input_shard, _)) = id.split_once('-')
+            && up.tables.iter().any(|t| t == "documents")
+        {
+            shard_marker(input_shard)
         } else {
             self.root.child(&up.name).path(SUCCESS_MARKER)
         };
         let up_stats = read_json::<StageStats>(&self.root, &up_marker).await?;
-        if up_stats.is_none_or(|s| s.fingerprint != up.fingerprint) {
+        if up_stats
+            .as_ref()
+            .is_none_or(|s| s.fingerprint != up.fingerprint)
+        {
             return job_err!(
                 "stage '{}' reads '{}', which has no complete output for shard {id} under {}; run it first (--stages {})",
                 plan.name,
@@ -667,7 +822,7 @@ impl Runner<'_> {
                 up.name
             );
         }
-        let upstream = digest_of(&self.root, &up_marker).await?.unwrap_or_default();
+        let upstream = up_stats.map(|s| s.version()).unwrap_or_default();
         if let Some(done) = read_json::<StageStats>(&self.root, &marker).await?
             && done.fingerprint == plan.fingerprint
             && done.failed() == 0
@@ -676,13 +831,12 @@ impl Runner<'_> {
             return Ok(done);
         }
         let ctx = self.session()?;
-        let url = format!(
-            "{}/{}",
-            self.root.store_url.as_str().trim_end_matches('/'),
-            up_file.as_ref()
-        );
-        ctx.register_parquet(&up.name, url, ParquetReadOptions::default())
-            .await?;
+        ctx.register_parquet(
+            &up.name,
+            object_url(&self.root, &up_file),
+            ParquetReadOptions::default(),
+        )
+        .await?;
         let (mut stats, _) = execute_to_parts(
             &ctx,
             &plan.sql,
@@ -725,16 +879,29 @@ impl Runner<'_> {
     }
 }
 
-/// A short hash of the object at `path`, or `None` when there is none.
-async fn digest_of(root: &Location, path: &object_store::path::Path) -> Result<Option<String>> {
-    use sha2::{Digest, Sha256};
-    match root.store.get(path).await {
-        Ok(got) => Ok(Some(hex::encode(
-            &Sha256::digest(&got.bytes().await?)[..12],
-        ))),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
+/// The URL DataFusion reads the object at `path` by.
+fn object_url(root: &Location, path: &object_store::path::Path) -> String {
+    format!(
+        "{}/{}",
+        root.store_url.as_str().trim_end_matches('/'),
+        path.as_ref()
+    )
+}
+
+/// Deletes the parts `part-<id>-*.parquet` directly under `dir`.
+async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
+    let listing = dir.store.list_with_delimiter(Some(&dir.prefix)).await?;
+    let stem = format!("part-{id}-");
+    for meta in listing.objects {
+        if meta
+            .location
+            .filename()
+            .is_some_and(|n| n.starts_with(&stem))
+        {
+            delete_if_exists(dir, &meta.location).await?;
+        }
     }
+    Ok(())
 }
 
 async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
@@ -802,9 +969,14 @@ fn referenced_tables(ctx: &SessionContext, sql: &str, stage: &str) -> Result<Vec
 /// How a stage names its Parquet files.
 #[derive(Debug, Clone)]
 enum PartNames {
-    /// `part-00000.parquet`, `part-00001.parquet`, ... of at most this many rows each: the
-    /// shards of a stage that reads the whole input.
-    Numbered(usize),
+    /// `part-[PREFIX-]00000.parquet`, `part-[PREFIX-]00001.parquet`, ... of at most `rows`
+    /// rows each: the shards later stages work on.
+    Numbered {
+        /// Names the input shard the parts come from.
+        prefix: Option<String>,
+        /// Rows per part.
+        rows: usize,
+    },
     /// One `part-<id>.parquet`: the output of one shard.
     Shard(String),
 }
@@ -931,7 +1103,11 @@ impl PartWriter {
 
     fn open(&mut self) -> Result<()> {
         let id = match &self.names {
-            PartNames::Numbered(_) => format!("{:05}", self.written.len()),
+            PartNames::Numbered { prefix: None, .. } => format!("{:05}", self.written.len()),
+            PartNames::Numbered {
+                prefix: Some(prefix),
+                ..
+            } => format!("{prefix}-{:04}", self.written.len()),
             PartNames::Shard(id) => id.clone(),
         };
         let path = self.dir.path(&format!("part-{id}.parquet"));
@@ -961,7 +1137,7 @@ impl PartWriter {
                 self.open()?;
             }
             let limit = match self.names {
-                PartNames::Numbered(rows) => rows,
+                PartNames::Numbered { rows, .. } => rows,
                 PartNames::Shard(_) => usize::MAX,
             };
             let (writer, rows) = self.current.as_mut().expect("opened above");

@@ -171,6 +171,8 @@ pub struct InputFile {
     pub display: String,
     /// How it is encoded.
     pub format: InputFormat,
+    /// Size in bytes, part of what identifies the file's content between runs.
+    pub size: u64,
 }
 
 /// Encodings of document files.
@@ -229,6 +231,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
                 format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
+                size: meta.size,
                 path: meta.location,
             }]);
         }
@@ -260,6 +263,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
                 format: InputFormat::from_name(&name)?,
+                size: meta.size,
                 path: meta.location,
             })
         })
@@ -289,6 +293,7 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
             store: location.store,
             display: path.display().to_string(),
             format,
+            size: std::fs::metadata(&path)?.len(),
             path: location.prefix,
         });
     }

@@ -146,3 +146,65 @@ fn write_parquet(path: &Path) {
     w.write(&batch).unwrap();
     w.close().unwrap();
 }
+
+#[test]
+fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let doc = |id: &str, text: &str| json!({"id": id, "text": text}).to_string() + "\n";
+    std::fs::write(
+        data.join("a.jsonl"),
+        doc("a1", "Rivers carry silt to the sea.") + &doc("a2", "Bridges need inspection."),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("b.jsonl"),
+        doc("b1", "rivers  carry silt to the SEA.") + &doc("b2", "Orchards need pruning."),
+    )
+    .unwrap();
+    let job = job(dir.path(), "data/", "error");
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    let root = dir.path().join("out-error");
+    let m = marker(&root, "candidates");
+    assert_eq!(m["rows_out"], 3);
+    assert_eq!(m["dropped"], json!({"duplicate": 1}));
+    assert_eq!(m["input"]["documents"], 4);
+    let b: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("candidates/_shards/00001.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        b["dropped"],
+        json!({"duplicate": 1}),
+        "the copy in the later file is the one dropped"
+    );
+
+    // A rerun redoes only the input shard whose marker is gone.
+    let part_a = root.join("candidates/part-00000-0000.parquet");
+    let before = std::fs::metadata(&part_a).unwrap().modified().unwrap();
+    std::fs::remove_file(root.join("candidates/_shards/00001.json")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    assert_eq!(
+        std::fs::metadata(&part_a).unwrap().modified().unwrap(),
+        before
+    );
+    assert!(root.join("candidates/_shards/00001.json").exists());
+    assert_eq!(marker(&root, "candidates")["rows_out"], 3);
+
+    // A new file sorting last becomes a new shard; the others are kept.
+    std::fs::write(
+        data.join("c.jsonl"),
+        doc("c1", "Orchards need pruning.") + &doc("c2", "Lanterns light the harbour."),
+    )
+    .unwrap();
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    assert_eq!(
+        std::fs::metadata(&part_a).unwrap().modified().unwrap(),
+        before
+    );
+    let m = marker(&root, "candidates");
+    assert_eq!(m["rows_out"], 4);
+    assert_eq!(m["dropped"], json!({"duplicate": 2}));
+}
