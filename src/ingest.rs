@@ -384,16 +384,22 @@ impl DocBatch {
 fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
     let display = file.display.clone();
     futures::stream::once(async move {
-        #[expect(deprecated, reason = "parquet 59's only object_store reader")]
-        let reader = ParquetObjectReader::new(Arc::clone(&file.store), file.path.clone());
-        let builder = ParquetRecordBatchStreamBuilder::new(reader)
-            .await
-            .map_err(|e| input_error(&display, 0, format!("not a readable Parquet file: {e}")))?;
+        let builder = parquet_builder(&file).await?;
+        // Row numbers in messages count from the start of the file, not of the shard.
+        let mut first_row: u64 = match &file.row_groups {
+            Some(r) => (0..r.start)
+                .map(|i| builder.metadata().row_group(i).num_rows() as u64)
+                .sum(),
+            None => 0,
+        };
+        let builder = match &file.row_groups {
+            Some(r) => builder.with_row_groups(r.clone().collect()),
+            None => builder,
+        };
         let stream = builder
             .with_batch_size(BATCH_ROWS)
             .build()
             .map_err(|e| input_error(&display, 0, e.to_string()))?;
-        let mut first_row = 0u64;
         let converted = stream.map(move |batch| {
             let batch = batch.map_err(|e| input_error(&display, first_row + 1, e.to_string()))?;
             let out = parquet_batch_to_documents(&batch, &display, first_row, policy, &stats)?;
@@ -404,6 +410,53 @@ fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats
     })
     .try_flatten()
     .boxed()
+}
+
+#[expect(deprecated, reason = "parquet 59's only object_store reader")]
+async fn parquet_builder(
+    file: &InputFile,
+) -> datafusion::error::Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
+    let reader = ParquetObjectReader::new(Arc::clone(&file.store), file.path.clone());
+    ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|e| {
+            input_error(
+                &file.display,
+                0,
+                format!("not a readable Parquet file: {e}"),
+            )
+        })
+}
+
+/// Cuts Parquet files larger than `shard_bytes` (compressed) into shards of whole row groups
+/// of about that size; other files stay one shard each.
+pub async fn split_large_parquet(
+    files: Vec<InputFile>,
+    shard_bytes: u64,
+) -> crate::error::Result<Vec<InputFile>> {
+    let mut out = Vec::with_capacity(files.len());
+    for file in files {
+        if file.format != InputFormat::Parquet || file.size <= shard_bytes {
+            out.push(file);
+            continue;
+        }
+        let builder = parquet_builder(&file).await?;
+        let groups = builder.metadata().row_groups();
+        let mut start = 0;
+        let mut bytes = 0u64;
+        for (i, group) in groups.iter().enumerate() {
+            bytes += group.compressed_size().max(0) as u64;
+            if bytes >= shard_bytes || i + 1 == groups.len() {
+                out.push(InputFile {
+                    row_groups: Some(start..i + 1),
+                    ..file.clone()
+                });
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn input_error(file: &str, line: u64, message: String) -> DataFusionError {

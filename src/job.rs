@@ -184,6 +184,9 @@ pub struct ExecutionConfig {
     /// Shards of one stage run at the same time (default 2), so no shard's tail leaves the
     /// server idle.
     pub concurrent_shards: Option<usize>,
+    /// Parquet inputs larger than this many bytes are cut into shards of whole row groups of
+    /// about this size (default 256 MiB); every other input file is one shard.
+    pub input_shard_bytes: Option<u64>,
 }
 
 /// Overrides given on the command line; they win over the job file.

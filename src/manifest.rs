@@ -82,7 +82,10 @@ pub fn fingerprint_stages(
                 fp.add("inputs", &job.inputs);
                 fp.add("input policy", &format!("{:?}", job.on_bad_line));
                 fp.add("prepare settings", &job.prepare);
-                fp.add("shard size", &job.execution.shard_rows);
+                fp.add(
+                    "shard size",
+                    &(job.execution.shard_rows, job.execution.input_shard_bytes),
+                );
             } else if let Some(upstream) = out.get(table) {
                 fp.add(format!("upstream {table}"), &upstream.digest());
             }

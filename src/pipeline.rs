@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::exec::{LlmWindowRule, Window};
-use crate::ingest::{IngestCounts, IngestStats, documents_table};
+use crate::ingest::{IngestCounts, IngestStats, documents_table, split_large_parquet};
 use crate::job::Job;
 use crate::journal::Journal;
 use crate::llm::{LlmPool, Usage};
@@ -579,6 +579,13 @@ impl Runner<'_> {
         for input in &self.job.inputs {
             files.extend(list_inputs(input).await?);
         }
+        let shard_bytes = self
+            .job
+            .execution
+            .input_shard_bytes
+            .unwrap_or(256 << 20)
+            .max(1);
+        let files = split_large_parquet(files, shard_bytes).await?;
         let out = self.root.child(&plan.name);
         self.progress
             .shards_total
@@ -592,7 +599,7 @@ impl Runner<'_> {
         let mut parts: Vec<String> = Vec::new();
         for (k, file) in files.into_iter().enumerate() {
             let id = format!("{k:05}");
-            let source = format!("{} ({} bytes)", file.display, file.size);
+            let source = format!("{} ({} bytes)", file.describe(), file.size);
             let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
             let stats = match read_json::<StageStats>(&self.root, &marker).await? {
                 Some(done) if done.fingerprint == plan.fingerprint && done.upstream == source => {

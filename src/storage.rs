@@ -173,6 +173,18 @@ pub struct InputFile {
     pub format: InputFormat,
     /// Size in bytes, part of what identifies the file's content between runs.
     pub size: u64,
+    /// For a large Parquet file cut into several shards: the row groups this one reads.
+    pub row_groups: Option<std::ops::Range<usize>>,
+}
+
+impl InputFile {
+    /// The file, and its row groups when it is one shard of a larger file.
+    pub fn describe(&self) -> String {
+        match &self.row_groups {
+            Some(r) => format!("{} [row groups {}..{}]", self.display, r.start, r.end),
+            None => self.display.clone(),
+        }
+    }
 }
 
 /// Encodings of document files.
@@ -232,6 +244,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 display: location.display(&meta.location),
                 format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
                 size: meta.size,
+                row_groups: None,
                 path: meta.location,
             }]);
         }
@@ -264,6 +277,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 display: location.display(&meta.location),
                 format: InputFormat::from_name(&name)?,
                 size: meta.size,
+                row_groups: None,
                 path: meta.location,
             })
         })
@@ -294,6 +308,7 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
             display: path.display().to_string(),
             format,
             size: std::fs::metadata(&path)?.len(),
+            row_groups: None,
             path: location.prefix,
         });
     }

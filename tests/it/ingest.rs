@@ -208,3 +208,71 @@ fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     assert_eq!(m["rows_out"], 4);
     assert_eq!(m["dropped"], json!({"duplicate": 2}));
 }
+
+#[test]
+fn a_large_parquet_file_is_cut_into_row_group_shards() {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::parquet::file::properties::WriterProperties;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, true),
+    ]));
+    let ids: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
+    let texts: Vec<Option<String>> = (0..40)
+        .map(|i| {
+            if i == 33 {
+                None
+            } else {
+                Some(format!("Parquet document {i} on topic {}.", i * 11))
+            }
+        })
+        .collect();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(StringArray::from(texts)),
+        ],
+    )
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(10))
+        .build();
+    let file = std::fs::File::create(dir.path().join("big.parquet")).unwrap();
+    let mut w =
+        datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let job_path = dir.path().join("job.toml");
+    std::fs::write(
+        &job_path,
+        "output = \"out\"\n[input]\npaths = [\"big.parquet\"]\non_bad_line = \"skip\"\n[execution]\ninput_shard_bytes = 1\n",
+    )
+    .unwrap();
+    backforth_ok(&["run", job_path.to_str().unwrap(), "--stages", "prepare"]);
+    let root = dir.path().join("out");
+    let shards = std::fs::read_dir(root.join("candidates/_shards"))
+        .unwrap()
+        .count();
+    assert_eq!(shards, 4, "one shard per row group of 10 rows");
+    let m = marker(&root, "candidates");
+    assert_eq!(m["rows_out"], 39);
+    assert_eq!(m["input"]["skipped"], json!({"missing_text": 1}));
+
+    // With on_bad_line = "error", the null text is named by its row in the whole file.
+    std::fs::write(
+        &job_path,
+        "output = \"out2\"\n[input]\npaths = [\"big.parquet\"]\n[execution]\ninput_shard_bytes = 1\n",
+    )
+    .unwrap();
+    let out = backforth(&["run", job_path.to_str().unwrap(), "--stages", "prepare"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("big.parquet:34: column 'text' is null"),
+        "{stderr}"
+    );
+}
