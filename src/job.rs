@@ -181,8 +181,8 @@ pub struct ExecutionConfig {
     /// shard by shard: a shard is the unit that is committed, skipped on rerun, and split
     /// between workers.
     pub shard_rows: Option<usize>,
-    /// Shards of one stage run at the same time (default 2), so no shard's tail leaves the
-    /// server idle.
+    /// Shards of one stage run at the same time (default: enough to keep twice the largest
+    /// endpoint cap in rows waiting, at least 2), so no shard's tail leaves the server idle.
     pub concurrent_shards: Option<usize>,
     /// Parquet inputs larger than this many bytes are cut into shards of whole row groups of
     /// about this size (default 256 MiB); every other input file is one shard.

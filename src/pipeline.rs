@@ -768,7 +768,15 @@ impl Runner<'_> {
         self.progress
             .shards_total
             .store(mine.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let concurrent = self.job.execution.concurrent_shards.unwrap_or(2).max(1);
+        // Enough shards at once that twice the server's slots always have rows waiting, so
+        // no shard's tail (or the next shard's start) leaves slots idle.
+        let needed = (2 * self.pool.max_concurrency()).div_ceil(self.shard_rows()) + 1;
+        let concurrent = self
+            .job
+            .execution
+            .concurrent_shards
+            .unwrap_or(needed.max(2))
+            .max(1);
         let results: Vec<Result<StageStats>> = futures::stream::iter(mine)
             .map(|id| async move {
                 let stats = self.run_shard(plan, up_plan, id).await;

@@ -21,6 +21,9 @@ pub struct Exchange {
 #[derive(Default)]
 pub struct FakeState {
     pub latency: Duration,
+    /// Extra latency per generated token, with output lengths drawn from a heavy-tailed
+    /// (Pareto) distribution by a hash of the prompt; zero for a fixed latency.
+    pub per_token: Duration,
     pub requests: AtomicU64,
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -41,10 +44,15 @@ pub struct FakeServer {
 impl FakeServer {
     /// Starts a server answering after `latency`.
     pub fn start(latency: Duration) -> Self {
-        let state = Arc::new(FakeState {
+        Self::start_with(FakeState {
             latency,
             ..FakeState::default()
-        });
+        })
+    }
+
+    /// Starts a server with the given behaviour.
+    pub fn start_with(state: FakeState) -> Self {
+        let state = Arc::new(state);
         let shared = Arc::clone(&state);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -97,6 +105,22 @@ fn hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })
+}
+
+/// Output tokens the fake "generates" for `prompt`: Pareto with shape 1.5 from 20 tokens,
+/// capped at 2,000, so most replies are short and a few are ten or a hundred times longer.
+pub fn output_tokens(prompt: &str) -> u32 {
+    let u = (hash(prompt) >> 11) as f64 / (1u64 << 53) as f64;
+    (20.0 / (1.0 - u).max(1e-9).powf(1.0 / 1.5)).min(2000.0) as u32
+}
+
+/// How long the fake takes to answer `prompt`.
+pub fn latency_for(state: &FakeState, prompt: &str) -> Duration {
+    if state.per_token.is_zero() {
+        state.latency
+    } else {
+        state.latency + state.per_token * output_tokens(prompt)
+    }
 }
 
 /// The answer the fake gives to `prompt`, by what the prompt asks for.
@@ -161,7 +185,7 @@ async fn respond(state: Arc<FakeState>, body: Value) -> String {
         .unwrap()
         .entry(prompt.clone())
         .or_default() += 1;
-    tokio::time::sleep(state.latency).await;
+    tokio::time::sleep(latency_for(&state, &prompt)).await;
     let answer = answer_for(&prompt);
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     state.log.lock().unwrap().push(Exchange {
