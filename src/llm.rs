@@ -136,6 +136,8 @@ pub struct Endpoint {
     slots: Arc<Semaphore>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     stats: EndpointStats,
+    /// Set when the server said the quota is exhausted; later calls fail without a request.
+    quota: Mutex<Option<String>>,
 }
 
 impl Endpoint {
@@ -151,6 +153,7 @@ impl Endpoint {
             slots: Arc::new(Semaphore::new(concurrency)),
             in_flight: Mutex::new(HashMap::new()),
             stats: EndpointStats::default(),
+            quota: Mutex::new(None),
         }
     }
 
@@ -287,6 +290,13 @@ impl ModelClient {
         let max_attempts = self.spec.max_attempts as i32;
         let mut last_error = String::new();
         for attempt in 1..=max_attempts {
+            if let Some(quota) = self.endpoint.quota.lock().expect("lock poisoned").clone() {
+                return Reply {
+                    attempts: attempt - 1,
+                    error: Some(quota),
+                    ..Reply::default()
+                };
+            }
             let outcome = {
                 // Hold a slot only while the request is on the wire, not while backing off.
                 let _slot = self
@@ -380,6 +390,15 @@ impl ModelClient {
             message: format!("reading the body: {}", describe_reqwest_error(&e)),
             after: None,
         })?;
+        if status.as_u16() == 429 && is_quota_exhausted(&text) {
+            let message = format!(
+                "HTTP 429 from {}: the account's quota is exhausted ({})",
+                self.endpoint.base_url,
+                snippet(&text)
+            );
+            *self.endpoint.quota.lock().expect("lock poisoned") = Some(message.clone());
+            return Err(Failure::Fatal(message));
+        }
         if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
             return Err(Failure::Retry {
                 message: format!("HTTP {status}: {}", snippet(&text)),
@@ -400,6 +419,15 @@ impl ModelClient {
             after: None,
         })
     }
+}
+
+/// A 429 that no amount of waiting fixes: OpenAI's `insufficient_quota` and its kin, as
+/// opposed to a throttle.
+fn is_quota_exhausted(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    lower.contains("insufficient_quota")
+        || lower.contains("quota exceeded")
+        || lower.contains("exceeded your current quota")
 }
 
 enum Failure {
@@ -577,6 +605,13 @@ impl LlmPool {
         self.endpoints
             .values()
             .fold(Usage::default(), |acc, e| acc.plus(&e.usage()))
+    }
+
+    /// Why an endpoint stopped taking requests for good (its quota is exhausted), if one did.
+    pub fn quota_exhausted(&self) -> Option<String> {
+        self.endpoints
+            .values()
+            .find_map(|e| e.quota.lock().expect("lock poisoned").clone())
     }
 
     /// The largest cap on requests in flight of any endpoint.

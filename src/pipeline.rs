@@ -375,6 +375,14 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
             None => runner.run_global(&plan).await?,
         };
         runner.journal.check()?;
+        if let Some(quota) = runner.pool.quota_exhausted() {
+            return Err(Error::Execution(format!(
+                "stage '{}' stopped: {quota}. Completed work is kept ({} rows of this stage are in `{}/_dropped/` with reason llm_error); rerun when the quota is restored",
+                plan.name,
+                stats.failed(),
+                plan.name
+            )));
+        }
         stats.seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             stage = %plan.name,

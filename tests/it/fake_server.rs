@@ -1,7 +1,7 @@
 //! An OpenAI-compatible fake server on 127.0.0.1 for tests: deterministic answers made from a
 //! hash of the prompt, a fixed latency, request counters and a log of what it answered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,26 @@ pub struct FakeState {
     pub headers: Mutex<Vec<(String, Option<String>)>>,
     /// Prompts containing this text get HTTP 500.
     pub fail_if_contains: Mutex<Option<String>>,
+    /// Scripted faults: a request whose prompt contains the text gets the next fault of its
+    /// list (then normal answers once the list is empty).
+    pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
+}
+
+/// A misbehaviour the fake can be scripted to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// HTTP 429 with an optional `Retry-After` in seconds.
+    TooMany(Option<u32>),
+    /// HTTP 429 saying the quota is exhausted.
+    Quota,
+    /// The given 5xx status.
+    Status(u16),
+    /// The connection is closed without a response.
+    Drop,
+    /// The answer comes after this long.
+    Slow(Duration),
+    /// HTTP 200 with a body that is not a completion.
+    Malformed,
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -247,6 +267,75 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             .push((path.clone(), authorization));
         let failing = state.fail_if_contains.lock().unwrap().clone();
         let request: Option<Value> = serde_json::from_slice(&body).ok();
+        let fault = request.as_ref().and_then(|req| {
+            let prompt = prompt_of(req);
+            let mut faults = state.faults.lock().unwrap();
+            faults
+                .iter_mut()
+                .find(|(needle, _)| prompt.contains(needle.as_str()))
+                .and_then(|(_, list)| list.pop_front())
+        });
+        if let Some(fault) = fault {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            if let Some(req) = &request {
+                *state
+                    .per_prompt
+                    .lock()
+                    .unwrap()
+                    .entry(prompt_of(req))
+                    .or_default() += 1;
+            }
+            let reply = |status: &str, extra: &str, payload: &str| {
+                format!(
+                    "HTTP/1.1 {status}\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+                    payload.len()
+                )
+            };
+            let response = match fault {
+                Fault::TooMany(after) => {
+                    let header = after
+                        .map(|s| format!("retry-after: {s}\r\n"))
+                        .unwrap_or_default();
+                    reply(
+                        "429 Too Many Requests",
+                        &header,
+                        r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+                    )
+                }
+                Fault::Quota => reply(
+                    "429 Too Many Requests",
+                    "",
+                    r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+                ),
+                Fault::Status(code) => reply(
+                    &format!("{code} Fault"),
+                    "",
+                    r#"{"error":{"message":"injected"}}"#,
+                ),
+                Fault::Drop => return,
+                Fault::Slow(wait) => {
+                    tokio::time::sleep(wait).await;
+                    let prompt = request.as_ref().map(prompt_of).unwrap_or_default();
+                    let answer = answer_for(&prompt);
+                    let body = if path.ends_with("/chat/completions") {
+                        chat_json(prompt.len(), &answer)
+                    } else {
+                        completion_json(prompt.len(), &answer)
+                    };
+                    reply("200 OK", "", &body.to_string())
+                }
+                Fault::Malformed => reply("200 OK", "", r#"{"choices": "not a list"#),
+            };
+            if stream
+                .get_mut()
+                .write_all(response.as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         if let (Some(needle), Some(req)) = (&failing, &request)
             && prompt_of(req).contains(needle.as_str())
         {
@@ -299,19 +388,27 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
 async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
     let answer = respond(state, body).await;
+    chat_json(len, &answer)
+}
+
+fn chat_json(len: usize, answer: &str) -> Value {
     json!({
         "id": "fake", "object": "chat.completion", "model": "fake",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-        "usage": usage(len, &answer),
+        "usage": usage(len, answer),
     })
 }
 
 async fn completions(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
     let answer = respond(state, body).await;
+    completion_json(len, &answer)
+}
+
+fn completion_json(len: usize, answer: &str) -> Value {
     json!({
         "id": "fake", "object": "text_completion", "model": "fake",
         "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
-        "usage": usage(len, &answer),
+        "usage": usage(len, answer),
     })
 }

@@ -3,6 +3,7 @@
 mod concurrency;
 mod crash;
 mod fake_server;
+mod faults;
 mod ingest;
 mod jobs;
 mod parse;

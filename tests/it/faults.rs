@@ -1,0 +1,183 @@
+//! Injected server faults: every row ends with a value or an explicit error, the fake server's
+//! request counts match the retry policy, and an exhausted quota stops the stage with completed
+//! work kept.
+
+use std::collections::VecDeque;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::fake_server::{FakeServer, FakeState, Fault};
+use crate::util::{marker, rows, session};
+
+const CASES: &[&str] = &[
+    "ra429", "plain429", "err500", "err503", "dropped", "slow", "garbled", "dead", "fine",
+];
+
+fn job(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let docs: String = CASES
+        .iter()
+        .map(|case| {
+            serde_json::json!({"id": case, "text": format!("Case {case} tells a short story.")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("docs.jsonl"), docs).unwrap();
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoint = \"{url}\"\nmodel = \"m\"\nmax_attempts = 4\ntimeout_secs = 1\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn script(server: &FakeServer, case: &str, faults: Vec<Fault>) {
+    server
+        .state
+        .faults
+        .lock()
+        .unwrap()
+        .push((format!("Case {case} "), VecDeque::from(faults)));
+}
+
+fn requests_for(server: &FakeServer, case: &str) -> u64 {
+    let needle = format!("Case {case} ");
+    let per_prompt = server.state.per_prompt.lock().unwrap();
+    per_prompt
+        .iter()
+        .filter(|(p, _)| p.contains(&needle))
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+#[test]
+fn retries_follow_the_policy_and_every_row_ends_with_a_value_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start_with(FakeState {
+        latency: Duration::from_millis(5),
+        ..FakeState::default()
+    });
+    script(&server, "ra429", vec![Fault::TooMany(Some(1))]);
+    script(
+        &server,
+        "plain429",
+        vec![Fault::TooMany(None), Fault::TooMany(None)],
+    );
+    script(&server, "err500", vec![Fault::Status(500)]);
+    script(
+        &server,
+        "err503",
+        vec![Fault::Status(503), Fault::Status(503)],
+    );
+    script(&server, "dropped", vec![Fault::Drop]);
+    script(&server, "slow", vec![Fault::Slow(Duration::from_secs(3))]);
+    script(&server, "garbled", vec![Fault::Malformed]);
+    script(&server, "dead", vec![Fault::Status(500); 6]);
+    let job = job(dir.path(), &server.url());
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // One row lost its call after every retry: the run says so and exits 1.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+
+    let expected_requests = [
+        ("ra429", 2),
+        ("plain429", 3),
+        ("err500", 2),
+        ("err503", 3),
+        ("dropped", 2),
+        ("slow", 2),
+        ("garbled", 2),
+        ("dead", 4),
+        ("fine", 1),
+    ];
+    for (case, n) in expected_requests {
+        assert_eq!(requests_for(&server, case), n, "requests for {case}");
+    }
+    let root = dir.path().join("out");
+    assert_eq!(marker(&root, "backtranslated")["dropped"]["llm_error"], 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ctx = session(&root).await;
+        let kept = rows(
+            &ctx,
+            "SELECT doc_id, backtranslation['attempts'], backtranslation['latency_ms'] >= 1000, instruction IS NOT NULL \
+             FROM backtranslated ORDER BY doc_id",
+        )
+        .await;
+        for row in &kept {
+            let attempts = expected_requests.iter().find(|(c, _)| *c == row[0]).unwrap().1;
+            assert_eq!(row[1], attempts.to_string(), "attempts recorded for {row:?}");
+            assert_eq!(row[3], "true", "{row:?}");
+        }
+        assert_eq!(kept.len(), CASES.len() - 1);
+        // Retry-After: 1 was honoured.
+        assert_eq!(kept.iter().find(|r| r[0] == "ra429").unwrap()[2], "true");
+        let dead = rows(
+            &ctx,
+            "SELECT doc_id, backtranslation['attempts'], backtranslation['error'] FROM backtranslated_dropped",
+        )
+        .await;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0][0], "dead");
+        assert_eq!(dead[0][1], "4");
+        assert!(dead[0][2].contains("gave up after 4 attempts") && dead[0][2].contains("500"), "{dead:?}");
+    });
+}
+
+#[test]
+fn an_exhausted_quota_stops_the_stage_and_keeps_completed_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start_with(FakeState {
+        latency: Duration::from_millis(5),
+        ..FakeState::default()
+    });
+    let job = job(dir.path(), &server.url());
+    // Half of the rows go through first (one at a time), then the quota runs out.
+    let run = |concurrency: &str| {
+        Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(["run", job.to_str().unwrap(), "--concurrency", concurrency])
+            .env("BACKFORTH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    script(&server, "garbled", vec![Fault::Quota]);
+    let out = run("1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quota is exhausted") && stderr.contains("Completed work is kept"),
+        "{stderr}"
+    );
+    let answered = server.log().len();
+    assert!(
+        answered >= 1,
+        "some rows were answered before the quota ran out"
+    );
+    // After the quota stop, no more requests were sent.
+    assert_eq!(server.requests() as usize, answered + 1);
+
+    // Quota restored: the rerun pays only for what was not answered.
+    let out = run("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.log().len(), CASES.len());
+    assert_eq!(
+        marker(&dir.path().join("out"), "backtranslated")["rows_out"],
+        CASES.len()
+    );
+}
