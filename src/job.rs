@@ -145,6 +145,14 @@ pub struct ModelConfig {
     pub max_attempts: Option<u32>,
     /// Extra JSON fields merged into each request body (e.g. vLLM's `repetition_penalty`).
     pub extra: Option<toml::Table>,
+    /// Requests per minute allowed to the endpoint.
+    pub requests_per_minute: Option<f64>,
+    /// Prompt tokens per minute allowed to the endpoint (estimated before sending, corrected
+    /// from `usage`).
+    pub input_tokens_per_minute: Option<f64>,
+    /// Completion tokens per minute allowed to the endpoint (`max_tokens` reserved before
+    /// sending, the unused part given back).
+    pub output_tokens_per_minute: Option<f64>,
 }
 
 /// `[functions.NAME]`: overrides for one LLM function.
@@ -267,6 +275,12 @@ pub struct ModelSpec {
     pub max_attempts: u32,
     /// Extra request-body fields.
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Requests per minute.
+    pub requests_per_minute: Option<f64>,
+    /// Prompt tokens per minute.
+    pub input_tokens_per_minute: Option<f64>,
+    /// Completion tokens per minute.
+    pub output_tokens_per_minute: Option<f64>,
 }
 
 /// A resolved LLM function.
@@ -539,6 +553,9 @@ fn resolve_models(
                 },
                 None => serde_json::Map::new(),
             },
+            requests_per_minute: cfg.and_then(|c| c.requests_per_minute),
+            input_tokens_per_minute: cfg.and_then(|c| c.input_tokens_per_minute),
+            output_tokens_per_minute: cfg.and_then(|c| c.output_tokens_per_minute),
             role: role.clone(),
         };
         if spec.concurrency == 0 {

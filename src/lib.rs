@@ -13,6 +13,7 @@ pub mod export;
 pub mod ingest;
 pub mod job;
 pub mod journal;
+pub mod limits;
 pub mod llm;
 pub mod manifest;
 pub mod pipeline;

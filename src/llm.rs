@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::job::{Api, ModelSpec};
 use crate::journal::Journal;
+use crate::limits::Limits;
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -138,10 +139,11 @@ pub struct Endpoint {
     stats: EndpointStats,
     /// Set when the server said the quota is exhausted; later calls fail without a request.
     quota: Mutex<Option<String>>,
+    limits: Limits,
 }
 
 impl Endpoint {
-    fn new(base_url: &str, concurrency: usize, timeout: Duration) -> Self {
+    fn new(base_url: &str, concurrency: usize, timeout: Duration, limits: Limits) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_max_idle_per_host(concurrency)
@@ -154,6 +156,7 @@ impl Endpoint {
             in_flight: Mutex::new(HashMap::new()),
             stats: EndpointStats::default(),
             quota: Mutex::new(None),
+            limits,
         }
     }
 
@@ -297,6 +300,12 @@ impl ModelClient {
                     ..Reply::default()
                 };
             }
+            // Rate budgets first, so no slot is held while waiting for the minute to allow it.
+            let estimate = (
+                (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
+                req.max_tokens as f64,
+            );
+            self.endpoint.limits.admit(estimate.0, estimate.1).await;
             let outcome = {
                 // Hold a slot only while the request is on the wire, not while backing off.
                 let _slot = self
@@ -307,6 +316,12 @@ impl ModelClient {
                     .expect("semaphore never closed");
                 self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let outcome = self.send_once(&url, &body).await;
+                let usage = match &outcome {
+                    Ok(r) => (r.prompt_tokens, r.completion_tokens),
+                    // A failed request generated nothing; its prompt still counts.
+                    Err(_) => (Some(estimate.0 as i64), Some(0)),
+                };
+                self.endpoint.limits.settle(estimate, usage);
                 if let Ok(reply) = &outcome {
                     // The slot is held until the response is durable, so a kill loses at
                     // most the requests in flight.
@@ -573,10 +588,25 @@ impl LlmPool {
                 .max()
                 .unwrap_or(spec.concurrency);
             let timeout = Duration::from_secs(spec.timeout_secs.max(1));
+            // Roles sharing a server share its limits: the strictest any of them sets.
+            let strictest = |f: fn(&ModelSpec) -> Option<f64>| {
+                models
+                    .iter()
+                    .filter(|m| m.endpoint == spec.endpoint)
+                    .filter_map(|m| f(m))
+                    .reduce(f64::min)
+            };
             let endpoint = pool
                 .endpoints
                 .entry(spec.endpoint.clone())
-                .or_insert_with(|| Arc::new(Endpoint::new(&spec.endpoint, cap, timeout)))
+                .or_insert_with(|| {
+                    let limits = Limits::new(
+                        strictest(|m| m.requests_per_minute),
+                        strictest(|m| m.input_tokens_per_minute),
+                        strictest(|m| m.output_tokens_per_minute),
+                    );
+                    Arc::new(Endpoint::new(&spec.endpoint, cap, timeout, limits))
+                })
                 .clone();
             let key = std::env::var(&spec.api_key_env)
                 .ok()

@@ -6,6 +6,7 @@ mod fake_server;
 mod faults;
 mod ingest;
 mod jobs;
+mod limits;
 mod parse;
 mod pipeline;
 mod prepare;

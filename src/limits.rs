@@ -1,0 +1,103 @@
+//! Per-endpoint rate limits: requests, input tokens and output tokens per minute, as token
+//! buckets refilled continuously (a minute's budget spread over the minute, at most one
+//! second's worth saved up), shared by every stage and partition of the process. Token costs
+//! are estimated before sending and corrected from the server's `usage` afterwards.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One budget per minute, spent as requests go out.
+#[derive(Debug)]
+pub struct Bucket {
+    per_second: f64,
+    capacity: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    /// A bucket allowing `per_minute` units a minute.
+    pub fn per_minute(per_minute: f64) -> Self {
+        let per_second = per_minute / 60.0;
+        Self {
+            per_second,
+            capacity: per_second.max(1.0),
+            state: Mutex::new((per_second.max(1.0), Instant::now())),
+        }
+    }
+
+    fn refill(&self, state: &mut (f64, Instant)) {
+        let now = Instant::now();
+        state.0 = (state.0 + (now - state.1).as_secs_f64() * self.per_second).min(self.capacity);
+        state.1 = now;
+    }
+
+    /// Waits until `amount` can be spent, then spends it. An amount larger than a full bucket
+    /// waits for a full bucket and goes into debt, so one huge request is slowed, not stuck.
+    pub async fn take(&self, amount: f64) {
+        loop {
+            let wait = {
+                let mut state = self.state.lock().expect("lock poisoned");
+                self.refill(&mut state);
+                let needed = amount.min(self.capacity);
+                if state.0 >= needed {
+                    state.0 -= amount;
+                    return;
+                }
+                Duration::from_secs_f64((needed - state.0) / self.per_second)
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// Gives back what an estimate overcharged (or takes what it undercharged).
+    pub fn correct(&self, estimated: f64, actual: f64) {
+        let mut state = self.state.lock().expect("lock poisoned");
+        self.refill(&mut state);
+        state.0 = (state.0 + estimated - actual).min(self.capacity);
+    }
+}
+
+/// The limits of one endpoint; absent limits cost nothing.
+#[derive(Debug, Default)]
+pub struct Limits {
+    /// Requests per minute.
+    pub requests: Option<Bucket>,
+    /// Prompt tokens per minute.
+    pub input_tokens: Option<Bucket>,
+    /// Completion tokens per minute.
+    pub output_tokens: Option<Bucket>,
+}
+
+impl Limits {
+    /// Limits from per-minute budgets.
+    pub fn new(rpm: Option<f64>, input_tpm: Option<f64>, output_tpm: Option<f64>) -> Self {
+        Self {
+            requests: rpm.map(Bucket::per_minute),
+            input_tokens: input_tpm.map(Bucket::per_minute),
+            output_tokens: output_tpm.map(Bucket::per_minute),
+        }
+    }
+
+    /// Waits until a request estimated at `input` prompt and `output` completion tokens may go.
+    pub async fn admit(&self, input: f64, output: f64) {
+        if let Some(b) = &self.requests {
+            b.take(1.0).await;
+        }
+        if let Some(b) = &self.input_tokens {
+            b.take(input).await;
+        }
+        if let Some(b) = &self.output_tokens {
+            b.take(output).await;
+        }
+    }
+
+    /// Corrects the token estimates of a request from the server's reported usage.
+    pub fn settle(&self, estimated: (f64, f64), actual: (Option<i64>, Option<i64>)) {
+        if let (Some(b), Some(used)) = (&self.input_tokens, actual.0) {
+            b.correct(estimated.0, used as f64);
+        }
+        if let (Some(b), Some(used)) = (&self.output_tokens, actual.1) {
+            b.correct(estimated.1, used as f64);
+        }
+    }
+}
