@@ -75,15 +75,23 @@ fn main() {
     println!(
         "latency {base:?} + {per_token:?} x Pareto(1.5, 20..2000) tokens; {rows_per_slot} rows per slot"
     );
-    for (slots, journal) in [(64usize, "on"), (256, "on"), (1024, "on"), (1024, "off")] {
-        let rows = slots * rows_per_slot;
+    // The last row repeats 64 slots on a corpus ten times larger: memory follows the window,
+    // not the corpus.
+    for (slots, journal, scale) in [
+        (64usize, "on", 1),
+        (256, "on", 1),
+        (1024, "on", 1),
+        (1024, "off", 1),
+        (64, "on", 10),
+    ] {
+        let rows = slots * rows_per_slot * scale;
         let job = write_job(dir.path(), rows);
         let server = FakeServer::start_with(FakeState {
             latency: base,
             per_token,
             ..FakeState::default()
         });
-        let out = dir.path().join(format!("out-{slots}-{journal}"));
+        let out = dir.path().join(format!("out-{slots}-{journal}-{scale}"));
         let report = dir.path().join("time.txt");
         let mut cmd = if time {
             let mut c = Command::new("/usr/bin/time");
