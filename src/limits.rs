@@ -1,10 +1,14 @@
-//! Per-endpoint rate limits: requests, input tokens and output tokens per minute, as token
+//! Per-endpoint admission: an adaptive cap on requests in flight ([`Aimd`]), and rate limits:
+//! requests, input tokens and output tokens per minute, as token
 //! buckets refilled continuously (a minute's budget spread over the minute, at most one
 //! second's worth saved up), shared by every stage and partition of the process. Token costs
 //! are estimated before sending and corrected from the server's `usage` afterwards.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// One budget per minute, spent as requests go out.
 #[derive(Debug)]
@@ -99,5 +103,123 @@ impl Limits {
         if let (Some(b), Some(used)) = (&self.output_tokens, actual.1) {
             b.correct(estimated.1, used as f64);
         }
+    }
+}
+
+/// The cap on requests in flight to one endpoint, adapted to the server: cut by a quarter when
+/// it throttles (HTTP 429; at most once per window's worth of replies, so the 429s of one burst
+/// count once), raised by one slot after each window's worth of successes, never above the
+/// configured cap.
+#[derive(Debug)]
+pub struct Aimd {
+    cap: usize,
+    slots: Arc<Semaphore>,
+    state: Mutex<AimdState>,
+    /// Slots to take away as they come back, when a cut found them in use.
+    debt: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct AimdState {
+    limit: usize,
+    successes: usize,
+    /// Replies since the last cut; the next cut waits for a window's worth.
+    since_cut: usize,
+}
+
+/// A slot on the wire; returned to the endpoint when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    aimd: Arc<Aimd>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let owed = self
+            .aimd
+            .debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
+        if owed.is_ok()
+            && let Some(permit) = self.permit.take()
+        {
+            permit.forget();
+        }
+    }
+}
+
+impl Aimd {
+    /// A window starting at (and never above) `cap` slots.
+    pub fn new(cap: usize) -> Arc<Self> {
+        let cap = cap.max(1);
+        Arc::new(Self {
+            cap,
+            slots: Arc::new(Semaphore::new(cap)),
+            state: Mutex::new(AimdState {
+                limit: cap,
+                successes: 0,
+                since_cut: cap,
+            }),
+            debt: AtomicUsize::new(0),
+        })
+    }
+
+    /// Waits for a free slot.
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        let permit = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        Slot {
+            permit: Some(permit),
+            aimd: Arc::clone(self),
+        }
+    }
+
+    /// Slots currently allowed.
+    pub fn limit(&self) -> usize {
+        self.state.lock().expect("lock poisoned").limit
+    }
+
+    /// Free slots now (for least-loaded dispatch).
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// A request succeeded: after `limit` successes the window grows by one.
+    pub fn on_success(&self) {
+        let mut state = self.state.lock().expect("lock poisoned");
+        state.since_cut += 1;
+        state.successes += 1;
+        if state.successes >= state.limit && state.limit < self.cap {
+            state.successes = 0;
+            state.limit += 1;
+            let paid = self
+                .debt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
+            if paid.is_err() {
+                self.slots.add_permits(1);
+            }
+        }
+    }
+
+    /// The server throttled: the window shrinks by a quarter, once per window of replies.
+    pub fn on_throttle(&self) {
+        let mut state = self.state.lock().expect("lock poisoned");
+        state.since_cut += 1;
+        if state.since_cut < state.limit {
+            return;
+        }
+        state.since_cut = 0;
+        state.successes = 0;
+        let new_limit = (state.limit * 3 / 4).max(1);
+        let cut = state.limit - new_limit;
+        state.limit = new_limit;
+        let forgotten = self.slots.forget_permits(cut);
+        self.debt.fetch_add(cut - forgotten, Ordering::SeqCst);
+        tracing::warn!(
+            slots = new_limit,
+            "Server throttles (HTTP 429): fewer requests in flight."
+        );
     }
 }

@@ -15,11 +15,10 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
 use crate::job::{Api, ModelSpec};
 use crate::journal::Journal;
-use crate::limits::Limits;
+use crate::limits::{Aimd, Limits};
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,7 +133,7 @@ type InFlight = Shared<BoxFuture<'static, Reply>>;
 pub struct Endpoint {
     base_url: String,
     http: reqwest::Client,
-    slots: Arc<Semaphore>,
+    slots: Arc<Aimd>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     stats: EndpointStats,
     /// Set when the server said the quota is exhausted; later calls fail without a request.
@@ -152,7 +151,7 @@ impl Endpoint {
         Self {
             base_url: base_url.to_string(),
             http,
-            slots: Arc::new(Semaphore::new(concurrency)),
+            slots: Aimd::new(concurrency),
             in_flight: Mutex::new(HashMap::new()),
             stats: EndpointStats::default(),
             quota: Mutex::new(None),
@@ -308,12 +307,7 @@ impl ModelClient {
             self.endpoint.limits.admit(estimate.0, estimate.1).await;
             let outcome = {
                 // Hold a slot only while the request is on the wire, not while backing off.
-                let _slot = self
-                    .endpoint
-                    .slots
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let _slot = self.endpoint.slots.acquire().await;
                 self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let outcome = self.send_once(&url, &body).await;
                 let usage = match &outcome {
@@ -322,6 +316,11 @@ impl ModelClient {
                     Err(_) => (Some(estimate.0 as i64), Some(0)),
                 };
                 self.endpoint.limits.settle(estimate, usage);
+                match &outcome {
+                    Ok(_) => self.endpoint.slots.on_success(),
+                    Err(Failure::Retry { throttle: true, .. }) => self.endpoint.slots.on_throttle(),
+                    Err(_) => {}
+                }
                 if let Ok(reply) = &outcome {
                     // The slot is held until the response is durable, so a kill loses at
                     // most the requests in flight.
@@ -341,7 +340,7 @@ impl ModelClient {
                         ..Reply::default()
                     };
                 }
-                Err(Failure::Retry { message, after }) => {
+                Err(Failure::Retry { message, after, .. }) => {
                     last_error = message;
                     if attempt < max_attempts {
                         tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt))).await;
@@ -393,6 +392,7 @@ impl ModelClient {
         let response = request.send().await.map_err(|e| Failure::Retry {
             message: describe_reqwest_error(&e),
             after: None,
+            throttle: false,
         })?;
         let status = response.status();
         let retry_after = response
@@ -404,6 +404,7 @@ impl ModelClient {
         let text = response.text().await.map_err(|e| Failure::Retry {
             message: format!("reading the body: {}", describe_reqwest_error(&e)),
             after: None,
+            throttle: false,
         })?;
         if status.as_u16() == 429 && is_quota_exhausted(&text) {
             let message = format!(
@@ -418,6 +419,7 @@ impl ModelClient {
             return Err(Failure::Retry {
                 message: format!("HTTP {status}: {}", snippet(&text)),
                 after: retry_after,
+                throttle: status.as_u16() == 429,
             });
         }
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -432,6 +434,7 @@ impl ModelClient {
         parse_completion(&text, self.spec.api).map_err(|message| Failure::Retry {
             message,
             after: None,
+            throttle: false,
         })
     }
 }
@@ -449,6 +452,8 @@ enum Failure {
     Retry {
         message: String,
         after: Option<Duration>,
+        /// The server said to slow down (HTTP 429), as opposed to failing.
+        throttle: bool,
     },
     Fatal(String),
 }

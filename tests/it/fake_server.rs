@@ -33,6 +33,10 @@ pub struct FakeState {
     pub headers: Mutex<Vec<(String, Option<String>)>>,
     /// Prompts containing this text get HTTP 500.
     pub fail_if_contains: Mutex<Option<String>>,
+    /// Requests beyond this many in flight get HTTP 429 (a server at its capacity).
+    pub capacity: Option<u64>,
+    /// Requests answered with 429 for being over `capacity`.
+    pub throttled: AtomicU64,
     /// Scripted faults: a request whose prompt contains the text gets the next fault of its
     /// list (then normal answers once the list is empty).
     pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
@@ -275,6 +279,15 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
                 .find(|(needle, _)| prompt.contains(needle.as_str()))
                 .and_then(|(_, list)| list.pop_front())
         });
+        let over_capacity = state
+            .capacity
+            .is_some_and(|c| state.in_flight.load(Ordering::SeqCst) >= c);
+        let fault = if over_capacity {
+            state.throttled.fetch_add(1, Ordering::SeqCst);
+            Some(Fault::TooMany(None))
+        } else {
+            fault
+        };
         if let Some(fault) = fault {
             state.requests.fetch_add(1, Ordering::SeqCst);
             if let Some(req) = &request {

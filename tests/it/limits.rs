@@ -86,3 +86,41 @@ fn input_tokens_per_minute_hold() {
         );
     }
 }
+
+#[test]
+fn a_throttling_server_shrinks_the_window() {
+    use crate::fake_server::FakeState;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let docs = 240;
+    let lines: String = (0..docs)
+        .map(|i| serde_json::json!({"id": format!("d{i}"), "text": format!("Item {i} is unlike item {}.", i + 1000)}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), lines).unwrap();
+    // The server takes 6 at a time; the client may send 48.
+    let server = FakeServer::start_with(FakeState {
+        latency: Duration::from_millis(20),
+        capacity: Some(6),
+        ..FakeState::default()
+    });
+    std::fs::write(
+        dir.path().join("job.toml"),
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\nconcurrency = 48\nmax_attempts = 20\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    backforth_ok(&["run", dir.path().join("job.toml").to_str().unwrap()]);
+    assert_eq!(server.log().len(), docs, "every row answered");
+    let throttled = server.state.throttled.load(Ordering::SeqCst);
+    // Without adapting, 42 of 48 slots would meet a 429 on every round (over 1,000 in all);
+    // AIMD converges on the server's capacity after a few cuts.
+    assert!(
+        throttled < (docs * 3 / 4) as u64,
+        "{throttled} requests throttled for {docs} rows"
+    );
+    eprintln!("{throttled} throttled requests for {docs} rows");
+}
