@@ -123,7 +123,10 @@ fn default_threshold() -> i64 {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Base URL of an OpenAI-compatible API (`http://host:8000/v1`), or `mock`.
-    pub endpoint: String,
+    pub endpoint: Option<String>,
+    /// Several base URLs serving the same model (e.g. vLLM replicas): each request goes to the
+    /// least-loaded one, and one that keeps failing is rested.
+    pub endpoints: Option<Vec<String>>,
     /// Model name sent in each request.
     pub model: String,
     /// `chat` (default) or `completions`.
@@ -204,7 +207,7 @@ pub struct Overrides {
     pub inputs: Vec<String>,
     /// Replaces `output` (relative to the working directory).
     pub output: Option<String>,
-    /// Sets every model role's endpoint.
+    /// Sets every model role's endpoints (one URL, or several separated by commas).
     pub endpoint: Option<String>,
     /// Sets every model role's model name.
     pub model: Option<String>,
@@ -253,8 +256,8 @@ pub const BUILTIN_FUNCTIONS: &[(&str, &str, &str)] = &[
 pub struct ModelSpec {
     /// Role name.
     pub role: String,
-    /// Base URL, or `mock`.
-    pub endpoint: String,
+    /// Base URLs (one or more replicas), or `mock`.
+    pub endpoints: Vec<String>,
     /// Model name.
     pub model: String,
     /// Chat or completions.
@@ -510,26 +513,36 @@ fn resolve_models(
     let mut out = BTreeMap::new();
     for role in roles {
         let cfg = cfgs.get(&role);
-        let endpoint = overrides
-            .endpoint
-            .clone()
-            .or_else(|| cfg.map(|c| c.endpoint.clone()))
-            .unwrap_or_else(|| "mock".to_string());
+        let endpoints: Vec<String> = match (&overrides.endpoint, cfg) {
+            (Some(list), _) => list.split(',').map(str::to_string).collect(),
+            (None, Some(c)) => match (&c.endpoint, &c.endpoints) {
+                (Some(_), Some(_)) => {
+                    return job_err!("[models.{role}] sets both endpoint and endpoints; keep one");
+                }
+                (Some(one), None) => vec![one.clone()],
+                (None, Some(many)) if !many.is_empty() => many.clone(),
+                _ => return job_err!("[models.{role}] needs an endpoint (a URL, or \"mock\")"),
+            },
+            (None, None) => vec!["mock".to_string()],
+        };
         let model = overrides
             .model
             .clone()
             .or_else(|| cfg.map(|c| c.model.clone()))
             .unwrap_or_else(|| role.clone());
-        if endpoint != "mock"
-            && !endpoint.starts_with("http://")
-            && !endpoint.starts_with("https://")
-        {
-            return job_err!(
-                "[models.{role}] endpoint '{endpoint}' is neither an http(s) URL nor 'mock'"
-            );
+        for endpoint in &endpoints {
+            let url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !(url || (endpoint == "mock" && endpoints.len() == 1)) {
+                return job_err!(
+                    "[models.{role}] endpoint '{endpoint}' is neither an http(s) URL nor 'mock' (alone)"
+                );
+            }
         }
         let spec = ModelSpec {
-            endpoint: endpoint.trim_end_matches('/').to_string(),
+            endpoints: endpoints
+                .iter()
+                .map(|e| e.trim().trim_end_matches('/').to_string())
+                .collect(),
             model,
             api: cfg.map(|c| c.api).unwrap_or_default(),
             api_key_env: cfg

@@ -176,6 +176,15 @@ impl Aimd {
         }
     }
 
+    /// A free slot now, if there is one.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        Some(Slot {
+            permit: Some(permit),
+            aimd: Arc::clone(self),
+        })
+    }
+
     /// Slots currently allowed.
     pub fn limit(&self) -> usize {
         self.state.lock().expect("lock poisoned").limit

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::job::{Api, ModelSpec};
 use crate::journal::Journal;
-use crate::limits::{Aimd, Limits};
+use crate::limits::{Aimd, Limits, Slot};
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,8 +134,8 @@ pub struct Endpoint {
     base_url: String,
     http: reqwest::Client,
     slots: Arc<Aimd>,
-    in_flight: Mutex<HashMap<String, InFlight>>,
     stats: EndpointStats,
+    health: Mutex<Health>,
     /// Set when the server said the quota is exhausted; later calls fail without a request.
     quota: Mutex<Option<String>>,
     limits: Limits,
@@ -152,8 +152,8 @@ impl Endpoint {
             base_url: base_url.to_string(),
             http,
             slots: Aimd::new(concurrency),
-            in_flight: Mutex::new(HashMap::new()),
             stats: EndpointStats::default(),
+            health: Mutex::new(Health::default()),
             quota: Mutex::new(None),
             limits,
         }
@@ -173,13 +173,51 @@ impl Endpoint {
     }
 }
 
-/// A model role bound to its endpoint: what an LLM function calls.
+/// Consecutive failures of an endpoint, and until when it rests after too many.
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    resting_until: Option<Instant>,
+}
+
+/// Failures in a row after which an endpoint rests.
+const FAILURES_BEFORE_REST: u32 = 3;
+/// How long a failing endpoint rests before it is tried again.
+const REST: Duration = Duration::from_secs(30);
+
+impl Endpoint {
+    fn resting(&self) -> bool {
+        let health = self.health.lock().expect("lock poisoned");
+        health.resting_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn record_health(&self, ok: bool) {
+        let mut health = self.health.lock().expect("lock poisoned");
+        if ok {
+            *health = Health::default();
+            return;
+        }
+        health.failures += 1;
+        if health.failures >= FAILURES_BEFORE_REST {
+            health.failures = 0;
+            health.resting_until = Some(Instant::now() + REST);
+            tracing::warn!(endpoint = %self.base_url, "Endpoint keeps failing; resting it for 30 s.");
+        }
+    }
+
+    fn quota(&self) -> Option<String> {
+        self.quota.lock().expect("lock poisoned").clone()
+    }
+}
+
+/// A model role bound to its endpoints: what an LLM function calls.
 #[derive(Debug, Clone)]
 pub struct ModelClient {
     spec: ModelSpec,
-    endpoint: Arc<Endpoint>,
+    endpoints: Vec<Arc<Endpoint>>,
     key: Option<ApiKey>,
     journal: Arc<Journal>,
+    in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
 }
 
 impl ModelClient {
@@ -188,9 +226,35 @@ impl ModelClient {
         &self.spec
     }
 
-    /// The endpoint this role sends to.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
+    /// The endpoint that counts calls answered without a request of their own.
+    fn home(&self) -> &Endpoint {
+        &self.endpoints[0]
+    }
+
+    /// A slot for the next attempt, on the endpoint that frees one first among those not
+    /// resting and with quota left (all with quota left, when every one is resting): so each
+    /// request goes to the least-loaded replica at the moment it can be sent. `None` when no
+    /// endpoint has quota left.
+    async fn acquire_slot(&self) -> Option<(&Arc<Endpoint>, Slot)> {
+        let usable: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.quota().is_none())
+            .collect();
+        let awake: Vec<&Arc<Endpoint>> = usable.iter().copied().filter(|e| !e.resting()).collect();
+        let candidates = if awake.is_empty() { usable } else { awake };
+        if candidates.is_empty() {
+            return None;
+        }
+        // Free slots now: take the replica with the most. Otherwise wait for the first.
+        if let Some(best) = candidates.iter().max_by_key(|e| e.slots.available())
+            && let Some(slot) = best.slots.try_acquire()
+        {
+            return Some((best, slot));
+        }
+        let waits = candidates.iter().map(|e| Box::pin(e.slots.acquire()));
+        let (slot, index, _) = futures::future::select_all(waits).await;
+        Some((candidates[index], slot))
     }
 
     /// A stable hash of everything that determines the answer: model, API, sampling and the
@@ -222,14 +286,11 @@ impl ModelClient {
     pub async fn call(&self, req: Request) -> Reply {
         let key = self.request_key(&req);
         if let Some(reply) = self.journal.get(&key) {
-            self.endpoint
-                .stats
-                .journaled
-                .fetch_add(1, Ordering::Relaxed);
+            self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
             return reply;
         }
         let (future, leader) = {
-            let mut map = self.endpoint.in_flight.lock().expect("lock poisoned");
+            let mut map = self.in_flight.lock().expect("lock poisoned");
             match map.get(&key) {
                 Some(existing) => (existing.clone(), false),
                 None => {
@@ -239,8 +300,7 @@ impl ModelClient {
                     // cancelled meanwhile and a follower finished the work.
                     let fut = async move {
                         let reply = this.call_uncached(&req, &done_key).await;
-                        this.endpoint
-                            .in_flight
+                        this.in_flight
                             .lock()
                             .expect("lock poisoned")
                             .remove(&done_key);
@@ -255,7 +315,7 @@ impl ModelClient {
         };
         let mut reply = future.await;
         if !leader {
-            self.endpoint.stats.shared.fetch_add(1, Ordering::Relaxed);
+            self.home().stats.shared.fetch_add(1, Ordering::Relaxed);
             reply.cached = true;
         }
         reply
@@ -263,8 +323,8 @@ impl ModelClient {
 
     async fn call_uncached(&self, req: &Request, key: &str) -> Reply {
         let started = Instant::now();
-        let mut reply = if self.endpoint.base_url == "mock" {
-            self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut reply = if self.home().base_url == "mock" {
+            self.home().stats.requests.fetch_add(1, Ordering::Relaxed);
             let reply = mock_reply(req);
             self.journal.record(key, &reply).await;
             reply
@@ -272,7 +332,7 @@ impl ModelClient {
             self.call_http(req, key).await
         };
         reply.latency_ms = started.elapsed().as_millis() as i64;
-        let stats = &self.endpoint.stats;
+        let stats = &self.home().stats;
         if reply.error.is_some() {
             stats.failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -288,38 +348,40 @@ impl ModelClient {
     }
 
     async fn call_http(&self, req: &Request, key: &str) -> Reply {
-        let (url, body) = self.request_body(req);
+        let (path, body) = self.request_body(req);
         let max_attempts = self.spec.max_attempts as i32;
         let mut last_error = String::new();
         for attempt in 1..=max_attempts {
-            if let Some(quota) = self.endpoint.quota.lock().expect("lock poisoned").clone() {
+            // Hold a slot only while the request is on the wire, not while backing off.
+            let Some((endpoint, _slot)) = self.acquire_slot().await else {
                 return Reply {
                     attempts: attempt - 1,
-                    error: Some(quota),
+                    error: self.home().quota(),
                     ..Reply::default()
                 };
-            }
-            // Rate budgets first, so no slot is held while waiting for the minute to allow it.
+            };
+            let url = format!("{}/{path}", endpoint.base_url);
             let estimate = (
                 (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
                 req.max_tokens as f64,
             );
-            self.endpoint.limits.admit(estimate.0, estimate.1).await;
+            endpoint.limits.admit(estimate.0, estimate.1).await;
             let outcome = {
-                // Hold a slot only while the request is on the wire, not while backing off.
-                let _slot = self.endpoint.slots.acquire().await;
-                self.endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let outcome = self.send_once(&url, &body).await;
+                endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let outcome = self.send_once(endpoint, &url, &body).await;
                 let usage = match &outcome {
                     Ok(r) => (r.prompt_tokens, r.completion_tokens),
                     // A failed request generated nothing; its prompt still counts.
                     Err(_) => (Some(estimate.0 as i64), Some(0)),
                 };
-                self.endpoint.limits.settle(estimate, usage);
+                endpoint.limits.settle(estimate, usage);
                 match &outcome {
-                    Ok(_) => self.endpoint.slots.on_success(),
-                    Err(Failure::Retry { throttle: true, .. }) => self.endpoint.slots.on_throttle(),
-                    Err(_) => {}
+                    Ok(_) => {
+                        endpoint.slots.on_success();
+                        endpoint.record_health(true);
+                    }
+                    Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
+                    Err(_) => endpoint.record_health(false),
                 }
                 if let Ok(reply) = &outcome {
                     // The slot is held until the response is durable, so a kill loses at
@@ -357,7 +419,8 @@ impl ModelClient {
         }
     }
 
-    fn request_body(&self, req: &Request) -> (String, Value) {
+    /// The API path (after the base URL) and the JSON body of a request.
+    fn request_body(&self, req: &Request) -> (&'static str, Value) {
         let s = &self.spec;
         let mut body = match s.api {
             Api::Chat => {
@@ -381,11 +444,16 @@ impl ModelClient {
             Api::Chat => "chat/completions",
             Api::Completions => "completions",
         };
-        (format!("{}/{path}", self.endpoint.base_url), body)
+        (path, body)
     }
 
-    async fn send_once(&self, url: &str, body: &Value) -> Result<Reply, Failure> {
-        let mut request = self.endpoint.http.post(url).json(body);
+    async fn send_once(
+        &self,
+        endpoint: &Endpoint,
+        url: &str,
+        body: &Value,
+    ) -> Result<Reply, Failure> {
+        let mut request = endpoint.http.post(url).json(body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(&key.0);
         }
@@ -409,10 +477,10 @@ impl ModelClient {
         if status.as_u16() == 429 && is_quota_exhausted(&text) {
             let message = format!(
                 "HTTP 429 from {}: the account's quota is exhausted ({})",
-                self.endpoint.base_url,
+                endpoint.base_url,
                 snippet(&text)
             );
-            *self.endpoint.quota.lock().expect("lock poisoned") = Some(message.clone());
+            *endpoint.quota.lock().expect("lock poisoned") = Some(message.clone());
             return Err(Failure::Fatal(message));
         }
         if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
@@ -586,33 +654,30 @@ impl LlmPool {
         let models: Vec<&ModelSpec> = models.into_iter().collect();
         let mut pool = LlmPool::default();
         for spec in &models {
-            let cap = models
-                .iter()
-                .filter(|m| m.endpoint == spec.endpoint)
-                .map(|m| m.concurrency)
-                .max()
-                .unwrap_or(spec.concurrency);
-            let timeout = Duration::from_secs(spec.timeout_secs.max(1));
-            // Roles sharing a server share its limits: the strictest any of them sets.
-            let strictest = |f: fn(&ModelSpec) -> Option<f64>| {
-                models
-                    .iter()
-                    .filter(|m| m.endpoint == spec.endpoint)
-                    .filter_map(|m| f(m))
-                    .reduce(f64::min)
-            };
-            let endpoint = pool
-                .endpoints
-                .entry(spec.endpoint.clone())
-                .or_insert_with(|| {
-                    let limits = Limits::new(
-                        strictest(|m| m.requests_per_minute),
-                        strictest(|m| m.input_tokens_per_minute),
-                        strictest(|m| m.output_tokens_per_minute),
-                    );
-                    Arc::new(Endpoint::new(&spec.endpoint, cap, timeout, limits))
-                })
-                .clone();
+            let mut endpoints = Vec::new();
+            for url in &spec.endpoints {
+                let sharing = || models.iter().filter(|m| m.endpoints.contains(url));
+                let endpoint = pool
+                    .endpoints
+                    .entry(url.clone())
+                    .or_insert_with(|| {
+                        // Roles sharing a server share its cap (the largest any asks for) and
+                        // its limits (the strictest any sets).
+                        let cap = sharing().map(|m| m.concurrency).max().unwrap_or(1);
+                        let strictest = |f: fn(&ModelSpec) -> Option<f64>| {
+                            sharing().filter_map(|m| f(m)).reduce(f64::min)
+                        };
+                        let limits = Limits::new(
+                            strictest(|m| m.requests_per_minute),
+                            strictest(|m| m.input_tokens_per_minute),
+                            strictest(|m| m.output_tokens_per_minute),
+                        );
+                        let timeout = Duration::from_secs(spec.timeout_secs.max(1));
+                        Arc::new(Endpoint::new(url, cap, timeout, limits))
+                    })
+                    .clone();
+                endpoints.push(endpoint);
+            }
             let key = std::env::var(&spec.api_key_env)
                 .ok()
                 .filter(|k| !k.is_empty())
@@ -621,9 +686,10 @@ impl LlmPool {
                 spec.role.clone(),
                 ModelClient {
                     spec: (*spec).clone(),
-                    endpoint,
+                    endpoints,
                     key,
                     journal: Arc::clone(&journal),
+                    in_flight: Arc::default(),
                 },
             );
         }
@@ -642,18 +708,20 @@ impl LlmPool {
             .fold(Usage::default(), |acc, e| acc.plus(&e.usage()))
     }
 
-    /// Why an endpoint stopped taking requests for good (its quota is exhausted), if one did.
+    /// Why a role can send no more requests (the quota of all its endpoints is exhausted).
     pub fn quota_exhausted(&self) -> Option<String> {
-        self.endpoints
-            .values()
-            .find_map(|e| e.quota.lock().expect("lock poisoned").clone())
+        // A role stops when every one of its endpoints is out of quota.
+        self.models.values().find_map(|m| {
+            let quotas: Option<Vec<String>> = m.endpoints.iter().map(|e| e.quota()).collect();
+            quotas.map(|q| q.join("; "))
+        })
     }
 
-    /// The largest cap on requests in flight of any endpoint.
+    /// The most requests one role may have in flight (its cap times its replicas).
     pub fn max_concurrency(&self) -> usize {
         self.models
             .values()
-            .map(|m| m.spec.concurrency)
+            .map(|m| m.spec.concurrency * m.endpoints.len())
             .max()
             .unwrap_or(1)
     }

@@ -124,3 +124,43 @@ fn a_throttling_server_shrinks_the_window() {
     );
     eprintln!("{throttled} throttled requests for {docs} rows");
 }
+
+#[test]
+fn replicas_share_the_load_and_a_failing_one_is_rested() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let docs = 120;
+    let lines: String = (0..docs)
+        .map(|i| serde_json::json!({"id": format!("d{i}"), "text": format!("Replica test {i}, entry {}.", i * 3)}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), lines).unwrap();
+    let a = FakeServer::start(Duration::from_millis(20));
+    let b = FakeServer::start(Duration::from_millis(20));
+    let dead = FakeServer::start(Duration::from_millis(1));
+    *dead.state.fail_if_contains.lock().unwrap() = Some(String::new());
+    std::fs::write(
+        dir.path().join("job.toml"),
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoints = [\"{}\", \"{}\", \"{}\"]\nmodel = \"m\"\nconcurrency = 4\nmax_attempts = 6\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            a.url(),
+            b.url(),
+            dead.url()
+        ),
+    )
+    .unwrap();
+    backforth_ok(&["run", dir.path().join("job.toml").to_str().unwrap()]);
+    let (na, nb) = (a.log().len(), b.log().len());
+    assert_eq!(na + nb, docs, "every row answered by a healthy replica");
+    assert!(
+        na * 3 >= docs && nb * 3 >= docs,
+        "least-loaded dispatch spreads the rows: {na} / {nb}"
+    );
+    // The dead replica gets a few requests, then rests for the rest of the run.
+    let wasted = dead.state.requests.load(Ordering::SeqCst);
+    assert!(
+        (3..=6).contains(&wasted),
+        "{wasted} requests to the dead replica"
+    );
+}
