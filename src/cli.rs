@@ -214,18 +214,19 @@ pub async fn sql(root: &str, query: &str) -> Result<String> {
 pub fn render_summary(job: &Job, summary: &RunSummary) -> String {
     let mut out = format!("\njob '{}' -> {}\n", job.name, job.output);
     out.push_str(&format!(
-        "{:<16} {:>9} {:>9} {:>9} {:>11} {:>8}  dropped\n",
-        "stage", "rows in", "rows out", "requests", "tokens", "seconds"
+        "{:<16} {:>9} {:>9} {:>9} {:>11} {:>9} {:>8}  dropped\n",
+        "stage", "rows in", "rows out", "requests", "tokens", "cost $", "seconds"
     ));
     for s in &summary.stages {
         let dropped: Vec<String> = s.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
-            "{:<16} {:>9} {:>9} {:>9} {:>11} {:>8.1}  {}\n",
+            "{:<16} {:>9} {:>9} {:>9} {:>11} {:>9.4} {:>8.1}  {}\n",
             s.stage,
             s.rows_in,
             s.rows_out,
             s.llm.requests,
             s.llm.prompt_tokens + s.llm.completion_tokens,
+            s.llm.cost_usd,
             s.seconds,
             dropped.join(" ")
         ));

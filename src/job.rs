@@ -156,6 +156,10 @@ pub struct ModelConfig {
     /// Completion tokens per minute allowed to the endpoint (`max_tokens` reserved before
     /// sending, the unused part given back).
     pub output_tokens_per_minute: Option<f64>,
+    /// US dollars per million prompt tokens, for cost accounting and the budget.
+    pub price_input_per_mtok: Option<f64>,
+    /// US dollars per million completion tokens.
+    pub price_output_per_mtok: Option<f64>,
 }
 
 /// `[functions.NAME]`: overrides for one LLM function.
@@ -198,6 +202,8 @@ pub struct ExecutionConfig {
     /// Parquet inputs larger than this many bytes are cut into shards of whole row groups of
     /// about this size (default 256 MiB); every other input file is one shard.
     pub input_shard_bytes: Option<u64>,
+    /// Stop cleanly once this run has spent this many US dollars at the models' prices.
+    pub budget_usd: Option<f64>,
 }
 
 /// Overrides given on the command line; they win over the job file.
@@ -284,6 +290,19 @@ pub struct ModelSpec {
     pub input_tokens_per_minute: Option<f64>,
     /// Completion tokens per minute.
     pub output_tokens_per_minute: Option<f64>,
+    /// Dollars per million prompt tokens.
+    pub price_input_per_mtok: f64,
+    /// Dollars per million completion tokens.
+    pub price_output_per_mtok: f64,
+}
+
+impl ModelSpec {
+    /// What a call with these token counts costs at the model's prices.
+    pub fn cost_usd(&self, prompt: Option<i64>, completion: Option<i64>) -> f64 {
+        (prompt.unwrap_or(0).max(0) as f64 * self.price_input_per_mtok
+            + completion.unwrap_or(0).max(0) as f64 * self.price_output_per_mtok)
+            / 1e6
+    }
 }
 
 /// A resolved LLM function.
@@ -569,6 +588,8 @@ fn resolve_models(
             requests_per_minute: cfg.and_then(|c| c.requests_per_minute),
             input_tokens_per_minute: cfg.and_then(|c| c.input_tokens_per_minute),
             output_tokens_per_minute: cfg.and_then(|c| c.output_tokens_per_minute),
+            price_input_per_mtok: cfg.and_then(|c| c.price_input_per_mtok).unwrap_or(0.0),
+            price_output_per_mtok: cfg.and_then(|c| c.price_output_per_mtok).unwrap_or(0.0),
             role: role.clone(),
         };
         if spec.concurrency == 0 {

@@ -38,8 +38,10 @@ pub struct Reply {
     /// Why the call failed after its last attempt.
     pub error: Option<String>,
     /// True when the answer came without a request of this row's own (shared with an
-    /// identical request in flight).
+    /// identical request in flight, or from the journal).
     pub cached: bool,
+    /// What the call cost at the model's prices (0 when none are set or it was cached).
+    pub cost_usd: f64,
 }
 
 /// One request, fully rendered.
@@ -70,10 +72,12 @@ pub struct EndpointStats {
     pub prompt_tokens: AtomicU64,
     /// Completion tokens reported by the server.
     pub completion_tokens: AtomicU64,
+    /// Cost at the model's prices, in millionths of a dollar.
+    pub cost_micro_usd: AtomicU64,
 }
 
 /// A snapshot of [`EndpointStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// HTTP requests sent, retries included.
     pub requests: u64,
@@ -88,6 +92,9 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Completion tokens.
     pub completion_tokens: u64,
+    /// Cost at the models' prices, in US dollars.
+    #[serde(default)]
+    pub cost_usd: f64,
 }
 
 impl Usage {
@@ -100,6 +107,7 @@ impl Usage {
             journaled: self.journaled - earlier.journaled,
             prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
             completion_tokens: self.completion_tokens - earlier.completion_tokens,
+            cost_usd: self.cost_usd - earlier.cost_usd,
         }
     }
 
@@ -112,6 +120,7 @@ impl Usage {
             journaled: self.journaled + other.journaled,
             prompt_tokens: self.prompt_tokens + other.prompt_tokens,
             completion_tokens: self.completion_tokens + other.completion_tokens,
+            cost_usd: self.cost_usd + other.cost_usd,
         }
     }
 }
@@ -169,6 +178,7 @@ impl Endpoint {
             journaled: s.journaled.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
+            cost_usd: s.cost_micro_usd.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
 }
@@ -218,6 +228,10 @@ pub struct ModelClient {
     key: Option<ApiKey>,
     journal: Arc<Journal>,
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
+    spent: Arc<AtomicU64>,
+    /// The run's budget in millionths of a dollar, if it has one.
+    budget: Option<u64>,
 }
 
 impl ModelClient {
@@ -332,7 +346,15 @@ impl ModelClient {
             self.call_http(req, key).await
         };
         reply.latency_ms = started.elapsed().as_millis() as i64;
+        reply.cost_usd = self
+            .spec
+            .cost_usd(reply.prompt_tokens, reply.completion_tokens);
         let stats = &self.home().stats;
+        stats
+            .cost_micro_usd
+            .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
+        self.spent
+            .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
         if reply.error.is_some() {
             stats.failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -360,6 +382,16 @@ impl ModelClient {
                     ..Reply::default()
                 };
             };
+            // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
+            if let Some(budget) = self.budget
+                && self.spent.load(Ordering::Relaxed) >= budget
+            {
+                return Reply {
+                    attempts: attempt - 1,
+                    error: Some(budget_message(budget)),
+                    ..Reply::default()
+                };
+            }
             let url = format!("{}/{path}", endpoint.base_url);
             let estimate = (
                 (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
@@ -507,6 +539,10 @@ impl ModelClient {
     }
 }
 
+fn budget_message(budget: u64) -> String {
+    format!("the job's budget of ${:.2} is spent", budget as f64 / 1e6)
+}
+
 /// A 429 that no amount of waiting fixes: OpenAI's `insufficient_quota` and its kin, as
 /// opposed to a throttle.
 fn is_quota_exhausted(body: &str) -> bool {
@@ -645,14 +681,21 @@ fn prompt_tail(prompt: &str) -> &str {
 pub struct LlmPool {
     endpoints: HashMap<String, Arc<Endpoint>>,
     models: HashMap<String, ModelClient>,
+    spent: Arc<AtomicU64>,
+    budget: Option<u64>,
 }
 
 impl LlmPool {
     /// Builds one endpoint per distinct base URL. Roles sharing a server share its cap, which
     /// is the largest cap any of them asks for.
-    pub fn new<'a>(models: impl IntoIterator<Item = &'a ModelSpec>, journal: Arc<Journal>) -> Self {
+    pub fn new<'a>(
+        models: impl IntoIterator<Item = &'a ModelSpec>,
+        journal: Arc<Journal>,
+        budget_usd: Option<f64>,
+    ) -> Self {
         let models: Vec<&ModelSpec> = models.into_iter().collect();
         let mut pool = LlmPool::default();
+        pool.budget = budget_usd.map(|b| (b * 1e6).round() as u64);
         for spec in &models {
             let mut endpoints = Vec::new();
             for url in &spec.endpoints {
@@ -690,6 +733,8 @@ impl LlmPool {
                     key,
                     journal: Arc::clone(&journal),
                     in_flight: Arc::default(),
+                    spent: Arc::clone(&pool.spent),
+                    budget: pool.budget,
                 },
             );
         }
@@ -706,6 +751,12 @@ impl LlmPool {
         self.endpoints
             .values()
             .fold(Usage::default(), |acc, e| acc.plus(&e.usage()))
+    }
+
+    /// The budget's message once the run has spent it.
+    pub fn budget_spent(&self) -> Option<String> {
+        let budget = self.budget?;
+        (self.spent.load(Ordering::Relaxed) >= budget).then(|| budget_message(budget))
     }
 
     /// Why a role can send no more requests (the quota of all its endpoints is exhausted).

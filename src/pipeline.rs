@@ -121,7 +121,9 @@ impl StageStats {
 /// LLM usage read from the call structs of a batch: requests actually sent, calls answered
 /// from the journal or shared, failures and tokens paid for.
 fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
-    use datafusion::arrow::array::{Array, BooleanArray as B, Int32Array, Int64Array, StructArray};
+    use datafusion::arrow::array::{
+        Array, BooleanArray as B, Float64Array, Int32Array, Int64Array, StructArray,
+    };
     let reply_type = udf::llm_reply_type();
     let mut usage = Usage::default();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
@@ -144,6 +146,11 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
         let error = field("error");
         let (prompt, completion) = (field("prompt_tokens"), field("completion_tokens"));
         let prompt = prompt.as_any().downcast_ref::<Int64Array>().expect("Int64");
+        let cost = field("cost_usd");
+        let cost = cost
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .expect("Float64");
         let completion = completion
             .as_any()
             .downcast_ref::<Int64Array>()
@@ -166,6 +173,7 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
             usage.requests += attempts.value(i).max(0) as u64;
             usage.prompt_tokens += prompt.value(i).max(0) as u64;
             usage.completion_tokens += completion.value(i).max(0) as u64;
+            usage.cost_usd += cost.value(i);
         }
     }
     usage
@@ -342,7 +350,11 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     if journal.loaded() > 0 {
         tracing::info!(responses = journal.loaded(), "Response journal loaded.");
     }
-    let pool = Arc::new(LlmPool::new(job.models.values(), Arc::clone(&journal)));
+    let pool = Arc::new(LlmPool::new(
+        job.models.values(),
+        Arc::clone(&journal),
+        job.execution.budget_usd,
+    ));
     let mut runner = Runner {
         job,
         window: Window::for_cap(pool.max_concurrency()),
@@ -375,7 +387,11 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
             None => runner.run_global(&plan).await?,
         };
         runner.journal.check()?;
-        if let Some(quota) = runner.pool.quota_exhausted() {
+        if let Some(quota) = runner
+            .pool
+            .quota_exhausted()
+            .or_else(|| runner.pool.budget_spent())
+        {
             return Err(Error::Execution(format!(
                 "stage '{}' stopped: {quota}. Completed work is kept ({} rows of this stage are in `{}/_dropped/` with reason llm_error); rerun when the quota is restored",
                 plan.name,

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Int32Builder, Int64Array, Int64Builder, ListArray,
-    StringArray, StringBuilder, StructArray,
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Array, Int64Builder,
+    ListArray, StringArray, StringBuilder, StructArray,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::compute::cast;
@@ -41,6 +41,7 @@ pub fn llm_reply_type() -> DataType {
         Field::new("attempts", DataType::Int32, true),
         Field::new("error", DataType::Utf8, true),
         Field::new("cached", DataType::Boolean, true),
+        Field::new("cost_usd", DataType::Float64, true),
     ]))
 }
 
@@ -273,6 +274,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
     let mut attempts = Int32Builder::with_capacity(n);
     let mut error = StringBuilder::new();
     let mut cached = BooleanBuilder::with_capacity(n);
+    let mut cost = Float64Builder::with_capacity(n);
     for reply in replies {
         let r = reply.clone().unwrap_or_default();
         text.append_option(r.text);
@@ -283,6 +285,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
         attempts.append_option(reply.as_ref().map(|r| r.attempts));
         error.append_option(r.error);
         cached.append_option(reply.as_ref().map(|r| r.cached));
+        cost.append_option(reply.as_ref().map(|r| r.cost_usd));
     }
     let DataType::Struct(fields) = llm_reply_type() else {
         unreachable!("llm_reply_type is a struct")
@@ -299,6 +302,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
             Arc::new(attempts.finish()),
             Arc::new(error.finish()),
             Arc::new(cached.finish()),
+            Arc::new(cost.finish()),
         ],
         Some(nulls.into()),
     ))

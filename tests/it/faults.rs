@@ -181,3 +181,70 @@ fn an_exhausted_quota_stops_the_stage_and_keeps_completed_work() {
         CASES.len()
     );
 }
+
+#[test]
+fn a_budget_stops_the_run_cleanly_and_a_larger_one_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(2));
+    let job = job(dir.path(), &server.url());
+    // $1,000 per million prompt tokens: each prompt (~130 tokens) costs about 13 cents.
+    let priced = |budget: &str| {
+        let text = std::fs::read_to_string(&job).unwrap().replace(
+            "timeout_secs = 1\n",
+            "timeout_secs = 1\nprice_input_per_mtok = 1000.0\nconcurrency = 1\n",
+        );
+        let text = text.replacen(
+            "[[stages]]",
+            &format!("[execution]\nbudget_usd = {budget}\n[[stages]]"),
+            1,
+        );
+        let path = dir.path().join(format!("job-{budget}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args([
+            "run",
+            priced("0.5").to_str().unwrap(),
+            "--output",
+            dir.path().join("out").to_str().unwrap(),
+        ])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("budget of $0.50 is spent"), "{stderr}");
+    let paid = server.requests();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args([
+            "run",
+            priced("10").to_str().unwrap(),
+            "--output",
+            dir.path().join("out").to_str().unwrap(),
+            "--allow-changes",
+        ])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the first run paid for is not paid again.
+    assert_eq!(server.requests() as usize, CASES.len());
+    let cost = marker(&dir.path().join("out"), "backtranslated")["llm"]["cost_usd"]
+        .as_f64()
+        .unwrap();
+    // The second run paid only for the calls the first did not make.
+    let per_call = cost / (CASES.len() as u64 - paid) as f64;
+    assert!(per_call > 0.01, "priced calls cost something: {cost}");
+    // The first run stopped as soon as $0.50 was spent (one call at a time).
+    let expected = (0.5 / per_call).ceil() as u64;
+    assert!(
+        (expected..=expected + 1).contains(&paid),
+        "{paid} paid calls, {per_call:.3} each"
+    );
+}
