@@ -59,6 +59,13 @@ pub enum Command {
         #[arg(long)]
         allow_changes: bool,
     },
+    /// Offline batches: write a stage's requests for `vllm run-batch` (or the OpenAI Batch
+    /// API), and record the results in the journal so `run` uses them without sending.
+    Batch {
+        /// What to do.
+        #[command(subcommand)]
+        action: BatchAction,
+    },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
         /// Output root of a run.
@@ -87,6 +94,38 @@ pub enum Command {
         /// The tag sentence.
         #[arg(long, default_value = export::WEB_TAG)]
         tag_text: String,
+    },
+}
+
+/// `batch` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// Write the requests a stage would send as OpenAI batch JSONL (`custom_id` = request key).
+    Export {
+        /// The job file.
+        job: PathBuf,
+        /// The stage whose requests are written (its inputs must be complete).
+        #[arg(long)]
+        stage: String,
+        /// Where the requests go (path or URL).
+        #[arg(long)]
+        to: String,
+        /// Output root, replacing the job's.
+        #[arg(long)]
+        output: Option<String>,
+        /// Model name for every role, as given to `run` (it is part of each request).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Record a batch's results (`vllm run-batch` output or an OpenAI batch output file).
+    Import {
+        /// The job file.
+        job: PathBuf,
+        /// The results file (path or URL).
+        results: String,
+        /// Output root, replacing the job's.
+        #[arg(long)]
+        output: Option<String>,
     },
 }
 
@@ -166,6 +205,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Batch { action } => batch(action).await,
         Command::Sql { root, query } => {
             print!("{}", sql(&root, &query).await?);
             Ok(ExitCode::SUCCESS)
@@ -191,6 +231,59 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn batch(action: BatchAction) -> Result<ExitCode> {
+    use object_store::{ObjectStoreExt, PutPayload};
+    match action {
+        BatchAction::Export {
+            job,
+            stage,
+            to,
+            output,
+            model,
+        } => {
+            let overrides = Overrides {
+                output,
+                model,
+                ..Overrides::default()
+            };
+            let job = Job::load(&job, &overrides)?;
+            let lines = pipeline::capture_stage_requests(&job, &stage).await?;
+            let mut body = Vec::new();
+            for line in &lines {
+                body.extend(line.to_string().bytes());
+                body.push(b'\n');
+            }
+            let to_location = Location::parse(&to)?;
+            to_location
+                .store
+                .put(&to_location.prefix, PutPayload::from(body))
+                .await?;
+            eprintln!("wrote {} requests to {to}", lines.len());
+        }
+        BatchAction::Import {
+            job,
+            results,
+            output,
+        } => {
+            let job = Job::load(
+                &job,
+                &Overrides {
+                    output,
+                    ..Overrides::default()
+                },
+            )?;
+            let location = Location::parse(&results)?;
+            let bytes = location.store.get(&location.prefix).await?.bytes().await?;
+            let text = String::from_utf8_lossy(&bytes);
+            let (recorded, failed) = pipeline::import_batch_results(&job, &results, &text).await?;
+            eprintln!(
+                "recorded {recorded} responses in the journal; {failed} failed lines (their requests will be sent by `run`)"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `query` over the complete stages under `root` and renders the result as a table.

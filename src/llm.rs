@@ -232,6 +232,23 @@ pub struct ModelClient {
     spent: Arc<AtomicU64>,
     /// The run's budget in millionths of a dollar, if it has one.
     budget: Option<u64>,
+    /// When set, requests are written down for an offline batch instead of being sent.
+    capture: Option<Arc<Capture>>,
+}
+
+/// Requests written down for an offline batch (`vllm run-batch`, the OpenAI Batch API), one
+/// line each in the OpenAI batch format, keyed by the request key.
+#[derive(Debug, Default)]
+pub struct Capture {
+    lines: Mutex<Vec<Value>>,
+    seen: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Capture {
+    /// The lines captured so far, each request once.
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().expect("lock poisoned").clone()
+    }
 }
 
 impl ModelClient {
@@ -302,6 +319,23 @@ impl ModelClient {
         if let Some(reply) = self.journal.get(&key) {
             self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
             return reply;
+        }
+        if let Some(capture) = &self.capture {
+            if capture
+                .seen
+                .lock()
+                .expect("lock poisoned")
+                .insert(key.clone())
+            {
+                let (path, body) = self.request_body(&req);
+                capture.lines.lock().expect("lock poisoned").push(json!({
+                    "custom_id": key, "method": "POST", "url": format!("/v1/{path}"), "body": body,
+                }));
+            }
+            return Reply {
+                error: Some("written to an offline batch, not sent".to_string()),
+                ..Reply::default()
+            };
         }
         let (future, leader) = {
             let mut map = self.in_flight.lock().expect("lock poisoned");
@@ -626,6 +660,13 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
     })
 }
 
+/// Parses a completion body of either API (a batch result does not say which it answers).
+pub fn parse_any_completion(body: &Value) -> Result<Reply, String> {
+    let text = body.to_string();
+    let is_chat = body.pointer("/choices/0/message").is_some();
+    parse_completion(&text, if is_chat { Api::Chat } else { Api::Completions })
+}
+
 /// The offline stand-in for a server: deterministic answers made from a hash of the prompt,
 /// shaped like what each task expects. It is for trying the pipeline, not for real data.
 pub fn mock_reply(req: &Request) -> Reply {
@@ -693,9 +734,30 @@ impl LlmPool {
         journal: Arc<Journal>,
         budget_usd: Option<f64>,
     ) -> Self {
+        Self::build(models, journal, budget_usd, None)
+    }
+
+    /// A pool whose calls are written to `capture` instead of being sent (answers already in
+    /// the journal are still used).
+    pub fn capturing<'a>(
+        models: impl IntoIterator<Item = &'a ModelSpec>,
+        journal: Arc<Journal>,
+        capture: Arc<Capture>,
+    ) -> Self {
+        Self::build(models, journal, None, Some(capture))
+    }
+
+    fn build<'a>(
+        models: impl IntoIterator<Item = &'a ModelSpec>,
+        journal: Arc<Journal>,
+        budget_usd: Option<f64>,
+        capture: Option<Arc<Capture>>,
+    ) -> Self {
         let models: Vec<&ModelSpec> = models.into_iter().collect();
-        let mut pool = LlmPool::default();
-        pool.budget = budget_usd.map(|b| (b * 1e6).round() as u64);
+        let mut pool = LlmPool {
+            budget: budget_usd.map(|b| (b * 1e6).round() as u64),
+            ..LlmPool::default()
+        };
         for spec in &models {
             let mut endpoints = Vec::new();
             for url in &spec.endpoints {
@@ -735,6 +797,7 @@ impl LlmPool {
                     in_flight: Arc::default(),
                     spent: Arc::clone(&pool.spent),
                     budget: pool.budget,
+                    capture: capture.clone(),
                 },
             );
         }

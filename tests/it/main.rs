@@ -1,5 +1,6 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
+mod batch;
 mod concurrency;
 mod crash;
 mod fake_server;

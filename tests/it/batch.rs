@@ -1,0 +1,121 @@
+//! The `vllm run-batch` round trip: export a stage's requests, answer them offline, import
+//! the results, and run the stage without sending a request.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fake_server::{FakeServer, answer_for};
+use crate::util::{backforth_ok, marker, rows, session};
+
+/// What `vllm run-batch` does with a request line, answered by the fake's rules.
+fn run_batch(line: &Value, fail: bool) -> Value {
+    let body = &line["body"];
+    let prompt = body["messages"][0]["content"].as_str().unwrap_or_default();
+    if fail {
+        return json!({"id": "x", "custom_id": line["custom_id"], "response": {"status_code": 500, "body": {}}, "error": "boom"});
+    }
+    json!({
+        "id": "batch-1", "custom_id": line["custom_id"],
+        "response": {"status_code": 200, "request_id": "r", "body": {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(prompt)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }},
+        "error": null,
+    })
+}
+
+#[test]
+fn export_answer_offline_import_and_run_without_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let base = |extra: &[&str]| -> Vec<String> {
+        [
+            "run",
+            "examples/bft.toml",
+            "--output",
+            root.to_str().unwrap(),
+            "--endpoint",
+            &server.url(),
+            "--model",
+            "m",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    backforth_ok(&base(&["--stages", "prepare"]));
+    let requests = dir.path().join("requests.jsonl");
+    backforth_ok(&[
+        "batch",
+        "export",
+        "examples/bft.toml",
+        "--stage",
+        "backtranslate",
+        "--to",
+        requests.to_str().unwrap(),
+        "--output",
+        root.to_str().unwrap(),
+        "--model",
+        "m",
+    ]);
+    let lines: Vec<Value> = std::fs::read_to_string(&requests)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let candidates = marker(&root, "candidates")["rows_out"].as_u64().unwrap() as usize;
+    assert_eq!(lines.len(), candidates);
+    assert_eq!(lines[0]["url"], "/v1/chat/completions");
+    assert_eq!(lines[0]["body"]["model"], "m");
+    assert_eq!(server.requests(), 0, "export sends nothing");
+
+    // One result fails offline: that request is sent by the run, the others are not.
+    let results: String = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| run_batch(l, i == 0).to_string() + "\n")
+        .collect();
+    let results_path = dir.path().join("results.jsonl");
+    std::fs::write(&results_path, results).unwrap();
+    let out = backforth_ok(&[
+        "batch",
+        "import",
+        "examples/bft.toml",
+        results_path.to_str().unwrap(),
+        "--output",
+        root.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("recorded {} responses", candidates - 1))
+            && stderr.contains("1 failed"),
+        "{stderr}"
+    );
+
+    backforth_ok(&base(&["--stages", "backtranslate"]));
+    assert_eq!(server.requests(), 1, "only the failed line is sent");
+    let m = marker(&root, "backtranslated");
+    assert_eq!(m["rows_out"].as_u64().unwrap() as usize, candidates);
+    assert_eq!(
+        m["llm"]["journaled"].as_u64().unwrap() as usize,
+        candidates - 1
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let instructions = rt.block_on(async {
+        let ctx = session(&root).await;
+        rows(&ctx, "SELECT instruction FROM backtranslated").await
+    });
+    assert!(
+        instructions
+            .iter()
+            .all(|r| r[0].starts_with("Tell me about")),
+        "{instructions:?}"
+    );
+}
