@@ -174,6 +174,10 @@ pub struct FunctionConfig {
     pub system: Option<String>,
     /// Maximum tokens generated, overriding the role's.
     pub max_tokens: Option<u32>,
+    /// `score_pair` only: `text` (default: reasoning, then `Score: N`) or `logprobs` (one
+    /// token with its most likely alternatives; the expected score over the digits 1-5, and
+    /// the text judgement when no digit is among them).
+    pub mode: Option<String>,
 }
 
 /// `[[stages]]`: one stage.
@@ -318,6 +322,10 @@ pub struct FunctionSpec {
     pub system: Option<String>,
     /// Maximum generated tokens.
     pub max_tokens: u32,
+    /// Ask for the first token's 20 most likely alternatives (logprob scoring).
+    pub logprobs: bool,
+    /// The text-mode template and output length, asked when a logprob reply names no digit.
+    pub fallback: Option<(String, u32)>,
 }
 
 /// A resolved stage.
@@ -625,6 +633,20 @@ fn resolve_functions(
                     "[functions.{name}] uses model role '{role}', which [models] does not define"
                 );
             };
+            let logprobs = match cfg.mode.as_deref() {
+                None | Some("text") => false,
+                Some("logprobs") if *name == "score_pair" => true,
+                Some(other) => {
+                    return job_err!(
+                        "[functions.{name}] mode = \"{other}\": only score_pair has modes (text, logprobs)"
+                    );
+                }
+            };
+            let default_template = if logprobs {
+                include_str!("prompts/score_pair_logprobs.txt")
+            } else {
+                default_template
+            };
             let template = match cfg.template {
                 Some(path) => {
                     let path = base_dir.join(path);
@@ -642,7 +664,14 @@ fn resolve_functions(
                 role,
                 template,
                 system: cfg.system,
-                max_tokens: cfg.max_tokens.unwrap_or(model.max_tokens),
+                max_tokens: if logprobs { 1 } else { cfg.max_tokens.unwrap_or(model.max_tokens) },
+                logprobs,
+                fallback: logprobs.then(|| {
+                    (
+                        include_str!("prompts/score_pair.txt").to_string(),
+                        cfg.max_tokens.unwrap_or(model.max_tokens),
+                    )
+                }),
             })
         })
         .collect()

@@ -35,6 +35,8 @@ struct Entry {
     finish_reason: Option<String>,
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<String>,
 }
 
 struct Pending {
@@ -115,6 +117,7 @@ impl Journal {
             finish_reason: e.finish_reason.clone(),
             prompt_tokens: e.prompt_tokens,
             completion_tokens: e.completion_tokens,
+            top_logprobs: e.top_logprobs.clone(),
             cached: true,
             ..Reply::default()
         })
@@ -128,6 +131,7 @@ impl Journal {
             finish_reason: reply.finish_reason.clone(),
             prompt_tokens: reply.prompt_tokens,
             completion_tokens: reply.completion_tokens,
+            top_logprobs: reply.top_logprobs.clone(),
         };
         self.known
             .lock()

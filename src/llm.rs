@@ -42,6 +42,9 @@ pub struct Reply {
     pub cached: bool,
     /// What the call cost at the model's prices (0 when none are set or it was cached).
     pub cost_usd: f64,
+    /// The most likely first tokens and their log-probabilities, as a JSON array of
+    /// `[token, logprob]`, when the request asked for them.
+    pub top_logprobs: Option<String>,
 }
 
 /// One request, fully rendered.
@@ -55,6 +58,8 @@ pub struct Request {
     pub system: Option<String>,
     /// Maximum generated tokens.
     pub max_tokens: u32,
+    /// Ask for this many most likely first tokens with their log-probabilities.
+    pub top_logprobs: Option<u32>,
 }
 
 /// Counters of one endpoint, for run summaries and tests.
@@ -303,6 +308,8 @@ impl ModelClient {
             &s.temperature.to_string(),
             &s.top_p.to_string(),
             &req.max_tokens.to_string(),
+            &req.top_logprobs
+                .map_or(String::new(), |n| format!("top_logprobs={n}")),
             &serde_json::to_string(&s.extra).unwrap_or_default(),
             req.system.as_deref().unwrap_or(""),
             &req.prompt,
@@ -503,6 +510,17 @@ impl ModelClient {
         obj.insert("temperature".into(), json!(s.temperature));
         obj.insert("top_p".into(), json!(s.top_p));
         obj.insert("max_tokens".into(), json!(req.max_tokens));
+        if let Some(n) = req.top_logprobs {
+            match s.api {
+                Api::Chat => {
+                    obj.insert("logprobs".into(), json!(true));
+                    obj.insert("top_logprobs".into(), json!(n));
+                }
+                Api::Completions => {
+                    obj.insert("logprobs".into(), json!(n));
+                }
+            }
+        }
         for (k, v) in &s.extra {
             obj.insert(k.clone(), v.clone());
         }
@@ -648,7 +666,30 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
     .ok_or_else(|| format!("response choice has no text: {}", snippet(body)))?;
     let usage = v.get("usage");
     let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
+    // Chat: logprobs.content[0].top_logprobs = [{token, logprob}]; completions:
+    // logprobs.top_logprobs[0] = {token: logprob}.
+    let top: Option<Vec<(String, f64)>> = match api {
+        Api::Chat => choice
+            .pointer("/logprobs/content/0/top_logprobs")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(|t| {
+                        Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))
+                    })
+                    .collect()
+            }),
+        Api::Completions => choice
+            .pointer("/logprobs/top_logprobs/0")
+            .and_then(Value::as_object)
+            .map(|map| {
+                map.iter()
+                    .filter_map(|(t, p)| Some((t.clone(), p.as_f64()?)))
+                    .collect()
+            }),
+    };
     Ok(Reply {
+        top_logprobs: top.map(|t| json!(t).to_string()),
         text: Some(text.to_string()),
         finish_reason: choice
             .get("finish_reason")
@@ -699,6 +740,31 @@ pub fn mock_reply(req: &Request) -> Reply {
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };
     let words = |s: &str| s.split_whitespace().count() as i64;
+    if req.top_logprobs.is_some() {
+        // A judge sure of one digit, with a little mass on its neighbours.
+        let best = 1 + (h % 5) as i64;
+        let top: Vec<(String, f64)> = (1..=5)
+            .map(|d: i64| {
+                let p: f64 = if d == best {
+                    0.7
+                } else if (d - best).abs() == 1 {
+                    0.1
+                } else {
+                    0.02
+                };
+                (d.to_string(), p.ln())
+            })
+            .collect();
+        return Reply {
+            prompt_tokens: Some(words(&req.prompt)),
+            completion_tokens: Some(1),
+            text: Some(best.to_string()),
+            finish_reason: Some("length".to_string()),
+            attempts: 1,
+            top_logprobs: Some(json!(top).to_string()),
+            ..Reply::default()
+        };
+    }
     Reply {
         prompt_tokens: Some(words(&req.prompt)),
         completion_tokens: Some(words(&text)),

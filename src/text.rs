@@ -430,3 +430,29 @@ pub fn clean_instruction(raw: &str) -> Option<String> {
     }
     (!text.is_empty()).then(|| text.to_string())
 }
+
+/// The expected score over the digits 1-5 among a first token's most likely alternatives
+/// (`[[token, logprob], ...]` as JSON), and the probability mass those digits hold; `None`
+/// when no digit is among them (or the JSON is not such a list).
+pub fn logprob_score(top_logprobs: &str) -> Option<(f64, f64)> {
+    let list: Vec<(String, f64)> = serde_json::from_str(top_logprobs).ok()?;
+    let mut mass = [0.0f64; 5];
+    for (token, logprob) in list {
+        if let Ok(d) = token.trim().parse::<usize>()
+            && (1..=5).contains(&d)
+        {
+            // Tokenizers may offer " 4" and "4" separately: both are the digit 4.
+            mass[d - 1] += logprob.exp();
+        }
+    }
+    let total: f64 = mass.iter().sum();
+    (total > 0.0).then(|| {
+        let expected = mass
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i + 1) as f64 * p)
+            .sum::<f64>()
+            / total;
+        (expected, total)
+    })
+}

@@ -42,6 +42,7 @@ pub fn llm_reply_type() -> DataType {
         Field::new("error", DataType::Utf8, true),
         Field::new("cached", DataType::Boolean, true),
         Field::new("cost_usd", DataType::Float64, true),
+        Field::new("top_logprobs", DataType::Utf8, true),
     ]))
 }
 
@@ -87,6 +88,7 @@ pub fn scalar_udfs(tokens: TokenCounter) -> Vec<ScalarUDF> {
         ScalarUDF::new_from_impl(Pure::new(PureKind::CleanInstruction)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::DedupKey)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::CandidateUnits)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::LogprobScore)),
         ScalarUDF::new_from_impl(TokenCount::new(tokens)),
     ]
 }
@@ -150,7 +152,7 @@ impl LlmFunction {
         })
     }
 
-    fn render(&self, values: &[&str]) -> std::result::Result<String, String> {
+    fn render(&self, template: &str, values: &[&str]) -> std::result::Result<String, String> {
         let ctx: std::collections::BTreeMap<&str, String> = self
             .arg_names
             .iter()
@@ -158,20 +160,64 @@ impl LlmFunction {
             .zip(values.iter().map(|v| v.to_string()))
             .collect();
         self.templates
-            .get_template("prompt")
+            .get_template(template)
             .and_then(|t| t.render(ctx))
             .map_err(|e| format!("template: {e}"))
     }
 
     async fn call_row(&self, values: Vec<&str>) -> Reply {
-        match self.render(&values) {
+        let first = self
+            .ask(
+                "prompt",
+                &values,
+                self.spec.max_tokens,
+                self.spec.logprobs.then_some(20),
+            )
+            .await;
+        let Some((_, max_tokens)) = &self.spec.fallback else {
+            return first;
+        };
+        let has_digit = first
+            .top_logprobs
+            .as_deref()
+            .and_then(text::logprob_score)
+            .is_some();
+        if first.error.is_some() || has_digit {
+            return first;
+        }
+        // No digit among the likely first tokens: ask for the text judgement instead, and
+        // keep the first reply's alternatives so the row shows why.
+        let text = self.ask("fallback", &values, *max_tokens, None).await;
+        Reply {
+            top_logprobs: first.top_logprobs,
+            attempts: first.attempts + text.attempts,
+            prompt_tokens: Some(first.prompt_tokens.unwrap_or(0) + text.prompt_tokens.unwrap_or(0)),
+            completion_tokens: Some(
+                first.completion_tokens.unwrap_or(0) + text.completion_tokens.unwrap_or(0),
+            ),
+            cost_usd: first.cost_usd + text.cost_usd,
+            latency_ms: first.latency_ms + text.latency_ms,
+            cached: first.cached && text.cached,
+            ..text
+        }
+    }
+
+    async fn ask(
+        &self,
+        template: &str,
+        values: &[&str],
+        max_tokens: u32,
+        top_logprobs: Option<u32>,
+    ) -> Reply {
+        match self.render(template, values) {
             Ok(prompt) => {
                 self.client
                     .call(Request {
                         task: self.spec.name.clone(),
                         prompt,
                         system: self.spec.system.clone(),
-                        max_tokens: self.spec.max_tokens,
+                        max_tokens,
+                        top_logprobs,
                     })
                     .await
             }
@@ -275,6 +321,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
     let mut error = StringBuilder::new();
     let mut cached = BooleanBuilder::with_capacity(n);
     let mut cost = Float64Builder::with_capacity(n);
+    let mut top = StringBuilder::new();
     for reply in replies {
         let r = reply.clone().unwrap_or_default();
         text.append_option(r.text);
@@ -286,6 +333,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
         error.append_option(r.error);
         cached.append_option(reply.as_ref().map(|r| r.cached));
         cost.append_option(reply.as_ref().map(|r| r.cost_usd));
+        top.append_option(r.top_logprobs);
     }
     let DataType::Struct(fields) = llm_reply_type() else {
         unreachable!("llm_reply_type is a struct")
@@ -303,6 +351,7 @@ pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
             Arc::new(error.finish()),
             Arc::new(cached.finish()),
             Arc::new(cost.finish()),
+            Arc::new(top.finish()),
         ],
         Some(nulls.into()),
     ))
@@ -323,6 +372,8 @@ enum PureKind {
     DedupKey,
     /// `candidate_units(text, mode, min_chars, max_chars, repeat_jaccard)` -> list of units
     CandidateUnits,
+    /// `logprob_score(top_logprobs)` -> struct(expected, mass) over the digits 1-5
+    LogprobScore,
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -353,6 +404,7 @@ impl Pure {
             PureKind::TagProblem => ("tag_problem", &["raw", "tag"], &["finish_reason"]),
             PureKind::CleanInstruction => ("clean_instruction", &["raw"], &[]),
             PureKind::DedupKey => ("dedup_key", &["text"], &[]),
+            PureKind::LogprobScore => ("logprob_score", &["top_logprobs"], &[]),
             PureKind::CandidateUnits => (
                 "candidate_units",
                 &["text", "mode", "min_chars", "max_chars", "repeat_jaccard"],
@@ -397,6 +449,10 @@ impl ScalarUDFImpl for Pure {
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(match self.kind {
             PureKind::ParseScore => parsed_score_type(),
+            PureKind::LogprobScore => DataType::Struct(Fields::from(vec![
+                Field::new("expected", DataType::Float64, true),
+                Field::new("mass", DataType::Float64, true),
+            ])),
             PureKind::CandidateUnits => {
                 DataType::List(Arc::new(Field::new("item", unit_type(), true)))
             }
@@ -455,6 +511,23 @@ impl ScalarUDFImpl for Pure {
                     })
                     .collect::<StringArray>(),
             ),
+            PureKind::LogprobScore => {
+                let mut expected = Float64Builder::with_capacity(n);
+                let mut mass = Float64Builder::with_capacity(n);
+                for i in 0..n {
+                    let scored = get(0, i).and_then(text::logprob_score);
+                    expected.append_option(scored.map(|s| s.0));
+                    mass.append_option(scored.map(|s| s.1));
+                }
+                Arc::new(StructArray::new(
+                    Fields::from(vec![
+                        Field::new("expected", DataType::Float64, true),
+                        Field::new("mass", DataType::Float64, true),
+                    ]),
+                    vec![Arc::new(expected.finish()), Arc::new(mass.finish())],
+                    None,
+                ))
+            }
             PureKind::CandidateUnits => unreachable!("handled above"),
         };
         Ok(ColumnarValue::Array(array))
