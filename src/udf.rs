@@ -142,6 +142,13 @@ impl LlmFunction {
         templates
             .add_template_owned("prompt", spec.template.clone())
             .map_err(|e| crate::error::Error::Job(format!("template of {}: {e}", spec.name)))?;
+        if let Some((fallback, _)) = &spec.fallback {
+            templates
+                .add_template_owned("fallback", fallback.clone())
+                .map_err(|e| {
+                    crate::error::Error::Job(format!("fallback template of {}: {e}", spec.name))
+                })?;
+        }
         Ok(Self {
             arg_names,
             templates,

@@ -400,8 +400,49 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
 
 async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
+    let wants_logprobs = body["logprobs"] == json!(true);
+    let prompt = prompt_of(&body);
     let answer = respond(state, body).await;
+    if wants_logprobs {
+        let top = first_token_alternatives(&prompt);
+        let first = top[0].0.clone();
+        let mut reply = chat_json(len, &first);
+        reply["choices"][0]["logprobs"] = json!({"content": [{
+            "token": first, "logprob": top[0].1,
+            "top_logprobs": top.iter().map(|(t, l)| json!({"token": t, "logprob": l})).collect::<Vec<_>>(),
+        }]});
+        reply["choices"][0]["finish_reason"] = json!("length");
+        return reply;
+    }
     chat_json(len, &answer)
+}
+
+/// The most likely first tokens the fake offers when asked for logprobs: a judge leaning to one
+/// digit, or (for one prompt in six) words and no digit at all.
+pub fn first_token_alternatives(prompt: &str) -> Vec<(String, f64)> {
+    let h = hash(prompt);
+    if h % 6 == 0 {
+        return vec![
+            ("The".into(), -0.2),
+            ("I".into(), -1.9),
+            ("This".into(), -2.5),
+        ];
+    }
+    let best = 1 + (h / 6) % 5;
+    let mut top: Vec<(String, f64)> = (1..=5u64)
+        .map(|d| {
+            let p: f64 = if d == best {
+                0.6
+            } else if d.abs_diff(best) == 1 {
+                0.15
+            } else {
+                0.03
+            };
+            (d.to_string(), p.ln())
+        })
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    top
 }
 
 fn chat_json(len: usize, answer: &str) -> Value {

@@ -152,3 +152,63 @@ fn job_errors_name_the_problem() {
         );
     }
 }
+
+#[test]
+fn logprob_scoring_gives_expected_scores_and_falls_back_to_text() {
+    use crate::fake_server::first_token_alternatives;
+    use crate::util::{rows, session};
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let job = write_job(
+        dir.path(),
+        "[functions.score_pair]\nmode = \"logprobs\"\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n[[stages]]\nname = \"scored\"\n",
+    );
+    backforth_ok(&["run", &job, "--endpoint", &server.url(), "--model", "m"]);
+    let log = server.log();
+    let asked: Vec<_> = log
+        .iter()
+        .filter(|e| e.prompt.ends_with("Score:"))
+        .collect();
+    assert_eq!(asked.len(), 22, "one logprob request per pair");
+    let fallbacks = asked
+        .iter()
+        .filter(|e| {
+            !first_token_alternatives(&e.prompt)[0]
+                .0
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .count();
+    assert!(fallbacks > 0, "some replies name no digit");
+    // Each of those got exactly one text judgement afterwards.
+    let text_requests = log.iter().filter(|e| e.prompt.contains("Score: N")).count();
+    assert_eq!(text_requests, fallbacks);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ctx = session(&dir.path().join("out")).await;
+        let by_source = rows(&ctx, "SELECT score_source, count(*) FROM scored GROUP BY 1 ORDER BY 1").await;
+        assert_eq!(
+            by_source,
+            vec![
+                vec!["logprobs".to_string(), (22 - fallbacks).to_string()],
+                vec!["text".to_string(), fallbacks.to_string()],
+            ]
+        );
+        // Logprob rows: score is the rounded expectation, mass is what the digits hold.
+        let bad = rows(
+            &ctx,
+            "SELECT count(*) FROM scored WHERE score_source = 'logprobs' AND \
+             (score <> CAST(round(score_expected) AS BIGINT) OR score_expected < 1 OR score_expected > 5 \
+              OR score_mass <= 0 OR score_mass > 1.0001 OR score_reason IS NOT NULL)",
+        )
+        .await;
+        assert_eq!(bad[0][0], "0");
+        let text_rows = rows(&ctx, "SELECT count(*) FROM scored WHERE score_source = 'text' AND score_expected IS NULL").await;
+        assert_eq!(text_rows[0][0], fallbacks.to_string());
+    });
+}
