@@ -66,6 +66,24 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// Requests, tokens and cost per stage, before anything is paid (the input stage runs;
+    /// it calls no LLM).
+    Estimate {
+        /// The job file.
+        job: PathBuf,
+        /// Input files, directories or globs, replacing the job's (repeatable).
+        #[arg(long = "input", value_name = "PATH")]
+        inputs: Vec<String>,
+        /// Output root, replacing the job's.
+        #[arg(long)]
+        output: Option<String>,
+        /// Candidates whose prompts are rendered and counted.
+        #[arg(long, default_value_t = 200)]
+        sample: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
         /// Output root of a run.
@@ -206,6 +224,31 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Batch { action } => batch(action).await,
+        Command::Estimate {
+            job,
+            inputs,
+            output,
+            sample,
+            json,
+        } => {
+            let overrides = Overrides {
+                inputs,
+                output,
+                ..Overrides::default()
+            };
+            let job = Job::load(&job, &overrides)?;
+            let stages = crate::estimate::estimate(&job, sample).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&stages)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                );
+            } else {
+                print!("{}", render_estimate(&stages));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sql { root, query } => {
             print!("{}", sql(&root, &query).await?);
             Ok(ExitCode::SUCCESS)
@@ -301,6 +344,42 @@ pub async fn sql(root: &str, query: &str) -> Result<String> {
     let table = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
         .map_err(|e| Error::Execution(format!("formatting the result: {e}")))?;
     Ok(format!("{table}\n"))
+}
+
+fn render_estimate(stages: &[crate::estimate::StageEstimate]) -> String {
+    let mut out = format!(
+        "{:<16} {:>10} {:>10} {:>14} {:>18} {:>18} {:>10}\n",
+        "stage", "rows", "requests", "prompt tokens", "completion tokens", "(at most)", "cost $"
+    );
+    let mut total = crate::estimate::StageEstimate::default();
+    for s in stages {
+        out.push_str(&format!(
+            "{:<16} {:>10.0} {:>10.0} {:>14.0} {:>18.0} {:>18.0} {:>10.2}\n",
+            s.stage,
+            s.rows,
+            s.requests,
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.completion_tokens_max,
+            s.cost_usd
+        ));
+        total.requests += s.requests;
+        total.prompt_tokens += s.prompt_tokens;
+        total.completion_tokens += s.completion_tokens;
+        total.completion_tokens_max += s.completion_tokens_max;
+        total.cost_usd += s.cost_usd;
+    }
+    out.push_str(&format!(
+        "{:<16} {:>10} {:>10.0} {:>14.0} {:>18.0} {:>18.0} {:>10.2}\n",
+        "total",
+        "",
+        total.requests,
+        total.prompt_tokens,
+        total.completion_tokens,
+        total.completion_tokens_max,
+        total.cost_usd
+    ));
+    out
 }
 
 /// The end-of-run table: rows in and out, drops by reason, requests and tokens per stage.

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod estimate;
 pub mod exec;
 pub mod export;
 pub mod ingest;

@@ -739,7 +739,12 @@ pub fn mock_reply(req: &Request) -> Reply {
         "rewrite" => format!("[RES]\n{}\n[/RES]", tail.trim()),
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };
-    let words = |s: &str| s.split_whitespace().count() as i64;
+    // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.
+    let words = |s: &str| {
+        tiktoken_rs::cl100k_base_singleton()
+            .encode_ordinary(s)
+            .len() as i64
+    };
     if req.top_logprobs.is_some() {
         // A judge sure of one digit, with a little mass on its neighbours.
         let best = 1 + (h % 5) as i64;

@@ -421,7 +421,7 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
 /// digit, or (for one prompt in six) words and no digit at all.
 pub fn first_token_alternatives(prompt: &str) -> Vec<(String, f64)> {
     let h = hash(prompt);
-    if h % 6 == 0 {
+    if h.is_multiple_of(6) {
         return vec![
             ("The".into(), -0.2),
             ("I".into(), -1.9),

@@ -212,3 +212,49 @@ fn logprob_scoring_gives_expected_scores_and_falls_back_to_text() {
         assert_eq!(text_rows[0][0], fallbacks.to_string());
     });
 }
+
+#[test]
+fn estimate_predicts_requests_and_prompt_tokens_of_the_sample_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    let out = backforth_ok(&[
+        "estimate",
+        "examples/bft.toml",
+        "--output",
+        root.to_str().unwrap(),
+        "--json",
+    ]);
+    let estimate: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Nothing was sent: only the input stage ran.
+    assert!(root.join("candidates/_SUCCESS").exists());
+    assert!(!root.join("backtranslated").exists());
+    backforth_ok(&[
+        "run",
+        "examples/bft.toml",
+        "--output",
+        root.to_str().unwrap(),
+    ]);
+    let mut estimated_prompt = 0.0;
+    let mut reported_prompt = 0.0;
+    for stage in estimate.as_array().unwrap() {
+        let name = stage["stage"].as_str().unwrap();
+        let llm = &marker(&root, name)["llm"];
+        let requests = stage["requests"].as_f64().unwrap();
+        assert_eq!(
+            requests.round(),
+            llm["requests"].as_f64().unwrap(),
+            "requests of {name}"
+        );
+        estimated_prompt += stage["prompt_tokens"].as_f64().unwrap();
+        reported_prompt += llm["prompt_tokens"].as_f64().unwrap();
+    }
+    let error = (estimated_prompt - reported_prompt).abs() / reported_prompt;
+    eprintln!(
+        "prompt tokens: estimated {estimated_prompt:.0}, reported {reported_prompt:.0} ({:.1}%)",
+        100.0 * error
+    );
+    assert!(
+        error < 0.10,
+        "estimated {estimated_prompt:.0} prompt tokens, the run reported {reported_prompt:.0}"
+    );
+}

@@ -121,11 +121,17 @@ fn logprob_scores_weigh_the_digits() {
     // 0.5 on "4", 0.25 on " 4" (the same digit), 0.25 on "5": expected 4.25, mass 1.
     let top = serde_json::json!([["4", ln(0.5)], [" 4", ln(0.25)], ["5", ln(0.25)]]).to_string();
     let (expected, mass) = logprob_score(&top).unwrap();
-    assert!((expected - 4.25).abs() < 1e-9 && (mass - 1.0).abs() < 1e-9, "{expected} {mass}");
+    assert!(
+        (expected - 4.25).abs() < 1e-9 && (mass - 1.0).abs() < 1e-9,
+        "{expected} {mass}"
+    );
     // Words and out-of-range digits carry no score; the mass says how much was found.
     let top = serde_json::json!([["The", ln(0.6)], ["2", ln(0.3)], ["7", ln(0.1)]]).to_string();
     let (expected, mass) = logprob_score(&top).unwrap();
     assert!((expected - 2.0).abs() < 1e-9 && (mass - 0.3).abs() < 1e-9);
-    assert_eq!(logprob_score(&serde_json::json!([["The", -0.1]]).to_string()), None);
+    assert_eq!(
+        logprob_score(&serde_json::json!([["The", -0.1]]).to_string()),
+        None
+    );
     assert_eq!(logprob_score("not json"), None);
 }
