@@ -135,6 +135,28 @@ pub enum BatchAction {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Send a stage's unanswered requests through the OpenAI Batch API of its model's endpoint,
+    /// wait for the batches, record the results in the journal, and resubmit what failed or
+    /// expired; batch ids are kept under the output root, so rerunning resumes polling.
+    Submit {
+        /// The job file.
+        job: PathBuf,
+        /// The stage whose requests are sent (its inputs must be complete).
+        #[arg(long)]
+        stage: String,
+        /// Output root, replacing the job's.
+        #[arg(long)]
+        output: Option<String>,
+        /// Endpoint for every model role (the Batch API's base URL).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Model name for every role.
+        #[arg(long)]
+        model: Option<String>,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 30.0)]
+        poll_secs: f64,
+    },
     /// Record a batch's results (`vllm run-batch` output or an OpenAI batch output file).
     Import {
         /// The job file.
@@ -304,6 +326,31 @@ async fn batch(action: BatchAction) -> Result<ExitCode> {
                 .put(&to_location.prefix, PutPayload::from(body))
                 .await?;
             eprintln!("wrote {} requests to {to}", lines.len());
+        }
+        BatchAction::Submit {
+            job,
+            stage,
+            output,
+            endpoint,
+            model,
+            poll_secs,
+        } => {
+            let overrides = Overrides {
+                output,
+                endpoint,
+                model,
+                ..Overrides::default()
+            };
+            let job = Job::load(&job, &overrides)?;
+            let poll = std::time::Duration::from_secs_f64(poll_secs.max(0.01));
+            let summary = crate::openai_batch::submit(&job, &stage, poll).await?;
+            eprintln!(
+                "{} batches created, {} responses recorded in the journal, {} requests unanswered",
+                summary.batches_created, summary.recorded, summary.unanswered
+            );
+            if summary.unanswered > 0 {
+                return Ok(ExitCode::from(1));
+            }
         }
         BatchAction::Import {
             job,

@@ -17,6 +17,7 @@ pub mod journal;
 pub mod limits;
 pub mod llm;
 pub mod manifest;
+pub mod openai_batch;
 pub mod pipeline;
 pub mod progress;
 pub mod storage;

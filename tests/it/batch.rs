@@ -119,3 +119,128 @@ fn export_answer_offline_import_and_run_without_sending() {
         "{instructions:?}"
     );
 }
+
+#[test]
+fn openai_batch_api_partial_failures_expiry_resubmission_and_resume() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let url = server.url();
+    let common = |extra: &[&str]| -> Vec<String> {
+        [
+            "--output",
+            root.to_str().unwrap(),
+            "--endpoint",
+            &url,
+            "--model",
+            "m",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    backforth_ok(
+        &[
+            &["run".to_string(), "examples/bft.toml".into()][..],
+            &common(&["--stages", "prepare"]),
+        ]
+        .concat(),
+    );
+    let candidates = marker(&root, "candidates")["rows_out"].as_u64().unwrap() as usize;
+    {
+        let mut api = server.state.batch.lock().unwrap();
+        api.fail_once = Some("Sourdough".into());
+        api.expire_next = true;
+    }
+    // Interrupted while it waits for its first batch: the batch id is already recorded.
+    let submit = |poll: &str| -> Vec<String> {
+        [
+            &[
+                "batch".to_string(),
+                "submit".into(),
+                "examples/bft.toml".into(),
+                "--stage".into(),
+                "backtranslate".into(),
+                "--poll-secs".into(),
+                poll.into(),
+            ][..],
+            &common(&[]),
+        ]
+        .concat()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(submit("2"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = root.join("_batches/backtranslated.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !state.exists() {
+        assert!(std::time::Instant::now() < deadline, "no batch recorded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        server.state.batch.lock().unwrap().batch_sizes,
+        vec![candidates]
+    );
+
+    // The rerun polls that batch (it expires half done), then resubmits only what is missing,
+    // and once more what failed.
+    let out = backforth_ok(&submit("0.05"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0 requests unanswered"), "{stderr}");
+    let sizes = server.state.batch.lock().unwrap().batch_sizes.clone();
+    assert_eq!(sizes[0], candidates);
+    let resubmitted: usize = sizes[1..].iter().sum();
+    assert!(
+        resubmitted >= candidates - candidates / 2,
+        "the expired half came back: {sizes:?}"
+    );
+    assert!(
+        resubmitted < candidates,
+        "answered lines were not sent again: {sizes:?}"
+    );
+    // The line that failed inside the answered half went back with the expired half.
+    let failed = server.state.batch.lock().unwrap().failed.len();
+    assert_eq!(failed, 1);
+    assert!(
+        resubmitted == candidates - candidates / 2 + 1 || sizes.len() == 3,
+        "{sizes:?}"
+    );
+
+    // Everything is in the journal: the run sends nothing.
+    backforth_ok(
+        &[
+            &["run".to_string(), "examples/bft.toml".into()][..],
+            &common(&["--stages", "backtranslate"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(server.requests(), 0);
+    assert_eq!(
+        marker(&root, "backtranslated")["rows_out"]
+            .as_u64()
+            .unwrap() as usize,
+        candidates
+    );
+}
+
+#[test]
+fn request_files_stay_within_the_batch_api_limits() {
+    use backforth::openai_batch::{MAX_LINES, split_files};
+    let lines: Vec<Value> = (0..2 * MAX_LINES + 1)
+        .map(|i| json!({"custom_id": i}))
+        .collect();
+    let files = split_files(&lines);
+    let counts: Vec<usize> = files
+        .iter()
+        .map(|f| f.iter().filter(|b| **b == b'\n').count())
+        .collect();
+    assert_eq!(counts, vec![MAX_LINES, MAX_LINES, 1]);
+}

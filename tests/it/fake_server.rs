@@ -37,9 +37,27 @@ pub struct FakeState {
     pub capacity: Option<u64>,
     /// Requests answered with 429 for being over `capacity`.
     pub throttled: AtomicU64,
+    /// The fake OpenAI Batch API: files, batches, and how batches end.
+    pub batch: Mutex<FakeBatchApi>,
     /// Scripted faults: a request whose prompt contains the text gets the next fault of its
     /// list (then normal answers once the list is empty).
     pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
+}
+
+/// State of the fake Batch API.
+#[derive(Default)]
+pub struct FakeBatchApi {
+    pub files: HashMap<String, String>,
+    /// Batch id -> (input file id, polls left before it ends).
+    pub batches: HashMap<String, (String, u32)>,
+    /// Lines whose prompt contains this fail the first time they are in a batch.
+    pub fail_once: Option<String>,
+    /// The next batch to end expires after answering only its first half.
+    pub expire_next: bool,
+    /// Custom ids that already failed once.
+    pub failed: std::collections::HashSet<String>,
+    /// Request lines of every batch created, in order.
+    pub batch_sizes: Vec<usize>,
 }
 
 /// A misbehaviour the fake can be scripted to show.
@@ -227,6 +245,96 @@ fn usage(prompt_len: usize, answer: &str) -> Value {
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
+/// The fake Batch API's routes; `None` for any other request.
+fn batch_api(
+    state: &FakeState,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<(&'static str, String)> {
+    let mut api = state.batch.lock().unwrap();
+    let new_id = |prefix: &str, n: usize| format!("{prefix}-{n}");
+    if method == "POST" && path == "/v1/files" {
+        let text = String::from_utf8_lossy(body);
+        let start = text.find("filename=")?;
+        let content_start = start + text[start..].find("\r\n\r\n")? + 4;
+        let content_end = content_start + text[content_start..].rfind("\r\n--")?;
+        let id = new_id("file", api.files.len());
+        api.files
+            .insert(id.clone(), text[content_start..content_end].to_string());
+        return Some((
+            "200 OK",
+            json!({"id": id, "object": "file", "purpose": "batch"}).to_string(),
+        ));
+    }
+    if method == "POST" && path == "/v1/batches" {
+        let req: Value = serde_json::from_slice(body).ok()?;
+        let file = req["input_file_id"].as_str()?.to_string();
+        let lines = api.files.get(&file).map_or(0, |f| f.lines().count());
+        api.batch_sizes.push(lines);
+        let id = new_id("batch", api.batches.len());
+        api.batches.insert(id.clone(), (file, 1));
+        return Some((
+            "200 OK",
+            json!({"id": id, "status": "validating"}).to_string(),
+        ));
+    }
+    if method == "GET" && path.starts_with("/v1/batches/") {
+        let id = path.trim_start_matches("/v1/batches/").to_string();
+        let (file, polls) = api.batches.get(&id)?.clone();
+        if polls > 0 {
+            api.batches.insert(id.clone(), (file, polls - 1));
+            return Some((
+                "200 OK",
+                json!({"id": id, "status": "in_progress"}).to_string(),
+            ));
+        }
+        let lines: Vec<Value> = api.files[&file]
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let expire = std::mem::take(&mut api.expire_next);
+        let answered = if expire { lines.len() / 2 } else { lines.len() };
+        let (mut output, mut errors) = (String::new(), String::new());
+        for line in &lines[..answered] {
+            let custom_id = line["custom_id"].as_str().unwrap_or_default().to_string();
+            let prompt = prompt_of(&line["body"]);
+            let fails = api
+                .fail_once
+                .as_ref()
+                .is_some_and(|m| prompt.contains(m.as_str()))
+                && api.failed.insert(custom_id.clone());
+            if fails {
+                errors.push_str(&json!({"custom_id": custom_id, "response": {"status_code": 500, "body": {}}, "error": {"message": "injected"}}).to_string());
+                errors.push('\n');
+                continue;
+            }
+            let answer = answer_for(&prompt);
+            let body = chat_json(prompt.len(), &answer);
+            output.push_str(&json!({"id": "r", "custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": null}).to_string());
+            output.push('\n');
+        }
+        let out_id = new_id("file", api.files.len());
+        api.files.insert(out_id.clone(), output);
+        let err_id = new_id("file", api.files.len());
+        api.files.insert(err_id.clone(), errors);
+        api.batches.remove(&id);
+        let status = if expire { "expired" } else { "completed" };
+        return Some((
+            "200 OK",
+            json!({"id": id, "status": status, "output_file_id": out_id, "error_file_id": err_id})
+                .to_string(),
+        ));
+    }
+    if method == "GET" && path.starts_with("/v1/files/") && path.ends_with("/content") {
+        let id = path
+            .trim_start_matches("/v1/files/")
+            .trim_end_matches("/content");
+        return Some(("200 OK", api.files.get(id)?.clone()));
+    }
+    None
+}
+
 /// Serves HTTP/1.1 requests on one keep-alive connection until the client closes it.
 async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -269,6 +377,28 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             .lock()
             .unwrap()
             .push((path.clone(), authorization));
+        let method = request_line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if let Some(reply) = batch_api(&state, &method, &path, &body) {
+            let payload = reply.1;
+            let head = format!(
+                "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                reply.0,
+                payload.len()
+            );
+            if stream
+                .get_mut()
+                .write_all((head + &payload).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         let failing = state.fail_if_contains.lock().unwrap().clone();
         let request: Option<Value> = serde_json::from_slice(&body).ok();
         let fault = request.as_ref().and_then(|req| {
