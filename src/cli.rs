@@ -84,6 +84,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The funnel and the data statistics of a run: score histogram, yield per threshold,
+    /// lengths; the queries are `sql/analytics/*.sql` plus any in `--analytics DIR`.
+    Stats {
+        /// Output root of a run.
+        root: String,
+        /// `table` (default), `json` or `csv`.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// A directory of more analytics queries (`*.sql`) to report.
+        #[arg(long)]
+        analytics: Option<PathBuf>,
+        /// Tokenizer for token lengths: `cl100k_base` (default, an approximation for other
+        /// models), `o200k_base`, or a `tokenizer.json`.
+        #[arg(long, default_value = "cl100k_base")]
+        tokenizer: String,
+    },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
         /// Output root of a run.
@@ -268,6 +284,29 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 );
             } else {
                 print!("{}", render_estimate(&stages));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats {
+            root,
+            format,
+            analytics,
+            tokenizer,
+        } => {
+            let tables = crate::stats::stats(&root, analytics.as_deref(), &tokenizer).await?;
+            match format.as_str() {
+                "table" => print!("{}", crate::stats::render_text(&tables)),
+                "csv" => print!("{}", crate::stats::render_csv(&tables)),
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tables)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                ),
+                other => {
+                    return Err(Error::Job(format!(
+                        "--format {other}: use table, json or csv"
+                    )));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

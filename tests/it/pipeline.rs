@@ -456,3 +456,79 @@ fn stages_flag_runs_only_what_is_named_and_needs_earlier_outputs() {
     assert_eq!(server.requests(), 2 * rows_out);
     assert!(!root.join("curated").exists());
 }
+
+#[test]
+fn stats_reports_the_funnel_histogram_yield_and_lengths() {
+    let run = sample_run();
+    let extra = tempfile::tempdir().unwrap();
+    std::fs::write(
+        extra.path().join("my_query.sql"),
+        "-- Instructions per source\nSELECT source, count(*) AS n FROM scored GROUP BY source ORDER BY source\n",
+    )
+    .unwrap();
+    std::fs::write(
+        extra.path().join("needs_seed.sql"),
+        "-- Seed pairs\n-- requires: seed\nSELECT count(*) FROM seed\n",
+    )
+    .unwrap();
+    let out = backforth_ok(&[
+        "stats",
+        run.root.to_str().unwrap(),
+        "--format",
+        "json",
+        "--analytics",
+        extra.path().to_str().unwrap(),
+    ]);
+    let tables: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let table = |prefix: &str| {
+        tables
+            .iter()
+            .find(|t| t["title"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no table '{prefix}'"))
+            .clone()
+    };
+    let cell =
+        |t: &Value, row: usize, col: usize| t["rows"][row][col].as_str().unwrap().to_string();
+
+    let funnel = table("Funnel");
+    assert_eq!(funnel["rows"].as_array().unwrap().len(), STAGES.len());
+    for (i, stage) in STAGES.iter().enumerate() {
+        let m = marker(&run.root, stage);
+        assert_eq!(cell(&funnel, i, 0), *stage);
+        assert_eq!(cell(&funnel, i, 1), m["rows_in"].to_string());
+        assert_eq!(cell(&funnel, i, 2), m["rows_out"].to_string());
+    }
+    let histogram = table("Score histogram");
+    let total: u64 = histogram["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[1].as_str().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        total,
+        marker(&run.root, "scored")["rows_out"].as_u64().unwrap()
+    );
+    let yields = table("Yield per threshold");
+    assert_eq!(cell(&yields, 2, 0), "score >= 5");
+    assert_eq!(
+        cell(&yields, 2, 1),
+        marker(&run.root, "curated")["rows_out"].to_string()
+    );
+    let lengths = table("Lengths per subset");
+    assert_eq!(cell(&lengths, 0, 0), "candidates");
+    assert_eq!(
+        cell(&lengths, 0, 1),
+        marker(&run.root, "candidates")["rows_out"].to_string()
+    );
+    assert_eq!(
+        table("Instructions per source")["rows"][0][0],
+        "backforth-sample"
+    );
+    assert!(
+        table("Seed pairs")["skipped"]
+            .as_str()
+            .unwrap()
+            .contains("seed")
+    );
+}

@@ -1,0 +1,257 @@
+//! `backforth stats`: the funnel of a run and the analytics queries of `sql/analytics/` (plus
+//! any a user adds), as tables for the terminal, JSON or CSV.
+//!
+//! An analytics file is one SQL query; its first comment line is the table's title, and a
+//! `-- requires: a, b` line names the stage tables it needs (it is skipped, and says so, when
+//! one is missing).
+
+use std::path::Path;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::display::array_value_to_string;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::pipeline::{self, StageStats};
+use crate::storage::Location;
+use crate::tokens::TokenCounter;
+
+/// The built-in analytics queries, in order.
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "10_score_histogram.sql",
+        include_str!("../sql/analytics/10_score_histogram.sql"),
+    ),
+    (
+        "20_yield.sql",
+        include_str!("../sql/analytics/20_yield.sql"),
+    ),
+    (
+        "30_lengths.sql",
+        include_str!("../sql/analytics/30_lengths.sql"),
+    ),
+];
+
+/// Stage order of the paper's pipeline; other stages follow by name.
+const ORDER: &[&str] = &[
+    "candidates",
+    "backtranslated",
+    "scored",
+    "curated",
+    "rewritten",
+    "distilled",
+];
+
+/// One table of the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Table {
+    /// What the table shows.
+    pub title: String,
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows of rendered values (empty string for NULL).
+    pub rows: Vec<Vec<String>>,
+    /// Why the table is empty, when it was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// Computes the funnel and every analytics query for the run under `root`.
+pub async fn stats(root: &str, extra: Option<&Path>, tokenizer: &str) -> Result<Vec<Table>> {
+    let root = Location::parse(root)?;
+    let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
+    pipeline::register_store(&ctx, &root);
+    let mut stages = pipeline::require_any_stage(&root).await?;
+    stages.sort_by_key(|s| {
+        (
+            ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()),
+            s.clone(),
+        )
+    });
+    pipeline::register_complete_stages(&ctx, &root, stages.clone()).await?;
+    let tokens = TokenCounter::load(tokenizer, Path::new("."))?;
+    for udf in crate::udf::scalar_udfs(tokens) {
+        ctx.register_udf(udf);
+    }
+    let mut tables = vec![funnel(&root, &stages).await?];
+    let mut queries: Vec<(String, String)> = BUILTIN
+        .iter()
+        .map(|(n, q)| (n.to_string(), q.to_string()))
+        .collect();
+    if let Some(dir) = extra {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::Job(format!("analytics directory {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        for file in files {
+            let sql = std::fs::read_to_string(&file)?;
+            queries.push((file.display().to_string(), sql));
+        }
+    }
+    for (name, sql) in queries {
+        tables.push(run_query(&ctx, &name, &sql, &stages).await?);
+    }
+    Ok(tables)
+}
+
+async fn funnel(root: &Location, stages: &[String]) -> Result<Table> {
+    let mut rows = Vec::new();
+    for stage in stages {
+        let Some(s): Option<StageStats> = pipeline::read_stage_stats(root, stage).await? else {
+            continue;
+        };
+        let drops: Vec<String> = s.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push(vec![
+            stage.clone(),
+            s.rows_in.to_string(),
+            s.rows_out.to_string(),
+            drops.join(" "),
+            s.llm.requests.to_string(),
+            (s.llm.prompt_tokens + s.llm.completion_tokens).to_string(),
+            format!("{:.4}", s.llm.cost_usd),
+        ]);
+    }
+    Ok(Table {
+        title: "Funnel: rows into and out of every stage, every drop by reason".into(),
+        columns: [
+            "stage", "rows in", "rows out", "dropped", "requests", "tokens", "cost $",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        skipped: None,
+    })
+}
+
+async fn run_query(
+    ctx: &datafusion::prelude::SessionContext,
+    name: &str,
+    sql: &str,
+    stages: &[String],
+) -> Result<Table> {
+    let title = sql
+        .lines()
+        .find_map(|l| l.strip_prefix("--").map(str::trim))
+        .filter(|l| !l.is_empty())
+        .unwrap_or(name)
+        .to_string();
+    let missing: Vec<&str> = sql
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-- requires:"))
+        .flat_map(|l| l.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !stages.iter().any(|s| s == t))
+        .collect();
+    if !missing.is_empty() {
+        return Ok(Table {
+            title,
+            columns: Vec::new(),
+            rows: Vec::new(),
+            skipped: Some(format!(
+                "no complete {} under this root",
+                missing.join(", ")
+            )),
+        });
+    }
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| Error::Job(format!("analytics query {name}: {e}")))?;
+    let columns = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let batches: Vec<RecordBatch> = df.collect().await?;
+    let mut rows = Vec::new();
+    for batch in &batches {
+        for r in 0..batch.num_rows() {
+            rows.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            Ok(String::new())
+                        } else {
+                            array_value_to_string(c, r)
+                        }
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            );
+        }
+    }
+    Ok(Table {
+        title,
+        columns,
+        rows,
+        skipped: None,
+    })
+}
+
+/// Renders tables for the terminal: a title line and aligned columns.
+pub fn render_text(tables: &[Table]) -> String {
+    let mut out = String::new();
+    for t in tables {
+        out.push_str(&format!("\n{}\n", t.title));
+        if let Some(why) = &t.skipped {
+            out.push_str(&format!("  (skipped: {why})\n"));
+            continue;
+        }
+        let widths: Vec<usize> = (0..t.columns.len())
+            .map(|i| {
+                t.rows
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([t.columns[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| -> String {
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            format!("  {}\n", padded.join("  ").trim_end())
+        };
+        out.push_str(&line(&t.columns));
+        for row in &t.rows {
+            out.push_str(&line(row));
+        }
+    }
+    out
+}
+
+/// Renders tables as CSV, one block per table headed by its title as a comment.
+pub fn render_csv(tables: &[Table]) -> String {
+    let quote = |c: &str| {
+        if c.contains([',', '"', '\n']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.to_string()
+        }
+    };
+    let mut out = String::new();
+    for t in tables.iter().filter(|t| t.skipped.is_none()) {
+        out.push_str(&format!("# {}\n", t.title));
+        out.push_str(
+            &t.columns
+                .iter()
+                .map(|c| quote(c))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push('\n');
+        for row in &t.rows {
+            out.push_str(&row.iter().map(|c| quote(c)).collect::<Vec<_>>().join(","));
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
