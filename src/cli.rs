@@ -99,6 +99,9 @@ pub enum Command {
         /// models), `o200k_base`, or a `tokenizer.json`.
         #[arg(long, default_value = "cl100k_base")]
         tokenizer: String,
+        /// Rows per subset for the diversity comparison (default: the smallest subset's size).
+        #[arg(long)]
+        sample: Option<u64>,
     },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
@@ -292,8 +295,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             format,
             analytics,
             tokenizer,
+            sample,
         } => {
-            let tables = crate::stats::stats(&root, analytics.as_deref(), &tokenizer).await?;
+            let tables =
+                crate::stats::stats(&root, analytics.as_deref(), &tokenizer, sample).await?;
             match format.as_str() {
                 "table" => print!("{}", crate::stats::render_text(&tables)),
                 "csv" => print!("{}", crate::stats::render_csv(&tables)),

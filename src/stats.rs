@@ -30,7 +30,18 @@ const BUILTIN: &[(&str, &str)] = &[
         "30_lengths.sql",
         include_str!("../sql/analytics/30_lengths.sql"),
     ),
+    (
+        "40_diversity.sql",
+        include_str!("../sql/analytics/40_diversity.sql"),
+    ),
+    (
+        "50_rewrite_overlap.sql",
+        include_str!("../sql/analytics/50_rewrite_overlap.sql"),
+    ),
 ];
+
+/// Subsets compared at an equal sample size (the diversity query).
+const SUBSETS: &[&str] = &["candidates", "scored", "curated", "rewritten"];
 
 /// Stage order of the paper's pipeline; other stages follow by name.
 const ORDER: &[&str] = &[
@@ -57,7 +68,12 @@ pub struct Table {
 }
 
 /// Computes the funnel and every analytics query for the run under `root`.
-pub async fn stats(root: &str, extra: Option<&Path>, tokenizer: &str) -> Result<Vec<Table>> {
+pub async fn stats(
+    root: &str,
+    extra: Option<&Path>,
+    tokenizer: &str,
+    sample: Option<u64>,
+) -> Result<Vec<Table>> {
     let root = Location::parse(root)?;
     let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
     pipeline::register_store(&ctx, &root);
@@ -73,6 +89,14 @@ pub async fn stats(root: &str, extra: Option<&Path>, tokenizer: &str) -> Result<
     for udf in crate::udf::scalar_udfs(tokens) {
         ctx.register_udf(udf);
     }
+    // Equal sample size for diversity: the smallest subset's, unless the user sets one.
+    let mut smallest = u64::MAX;
+    for subset in SUBSETS {
+        if let Some(s) = pipeline::read_stage_stats(&root, subset).await? {
+            smallest = smallest.min(s.rows_out);
+        }
+    }
+    let sample = sample.unwrap_or(if smallest == u64::MAX { 0 } else { smallest });
     let mut tables = vec![funnel(&root, &stages).await?];
     let mut queries: Vec<(String, String)> = BUILTIN
         .iter()
@@ -90,7 +114,10 @@ pub async fn stats(root: &str, extra: Option<&Path>, tokenizer: &str) -> Result<
             queries.push((file.display().to_string(), sql));
         }
     }
-    for (name, sql) in queries {
+    for (name, template) in queries {
+        let sql = minijinja::Environment::new()
+            .render_str(&template, minijinja::context! { sample => sample })
+            .map_err(|e| Error::Job(format!("analytics query {name}: {e}")))?;
         tables.push(run_query(&ctx, &name, &sql, &stages).await?);
     }
     Ok(tables)

@@ -456,3 +456,24 @@ pub fn logprob_score(top_logprobs: &str) -> Option<(f64, f64)> {
         (expected, total)
     })
 }
+
+/// The word n-grams of a text, each joined by single spaces (lower-cased words).
+pub fn word_ngrams(text: &str, n: usize) -> Vec<String> {
+    let w = words(text);
+    if n == 0 || w.len() < n {
+        return Vec::new();
+    }
+    w.windows(n).map(|g| g.join(" ")).collect()
+}
+
+/// The share of `text`'s word n-grams that also occur in `reference`: how much of a rewrite
+/// is copied from its draft. `None` when the text has no n-gram.
+pub fn ngram_overlap(text: &str, reference: &str, n: usize) -> Option<f64> {
+    let grams = word_ngrams(text, n);
+    if grams.is_empty() {
+        return None;
+    }
+    let reference: HashSet<String> = word_ngrams(reference, n).into_iter().collect();
+    let found = grams.iter().filter(|g| reference.contains(*g)).count();
+    Some(found as f64 / grams.len() as f64)
+}

@@ -89,6 +89,8 @@ pub fn scalar_udfs(tokens: TokenCounter) -> Vec<ScalarUDF> {
         ScalarUDF::new_from_impl(Pure::new(PureKind::DedupKey)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::CandidateUnits)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::LogprobScore)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::WordTrigrams)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::TrigramOverlap)),
         ScalarUDF::new_from_impl(TokenCount::new(tokens)),
     ]
 }
@@ -381,6 +383,10 @@ enum PureKind {
     CandidateUnits,
     /// `logprob_score(top_logprobs)` -> struct(expected, mass) over the digits 1-5
     LogprobScore,
+    /// `word_trigrams(text)` -> list of the text's word trigrams
+    WordTrigrams,
+    /// `trigram_overlap(text, reference)` -> share of the text's word trigrams in the reference
+    TrigramOverlap,
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -412,6 +418,8 @@ impl Pure {
             PureKind::CleanInstruction => ("clean_instruction", &["raw"], &[]),
             PureKind::DedupKey => ("dedup_key", &["text"], &[]),
             PureKind::LogprobScore => ("logprob_score", &["top_logprobs"], &[]),
+            PureKind::WordTrigrams => ("word_trigrams", &["text"], &[]),
+            PureKind::TrigramOverlap => ("trigram_overlap", &["text", "reference"], &[]),
             PureKind::CandidateUnits => (
                 "candidate_units",
                 &["text", "mode", "min_chars", "max_chars", "repeat_jaccard"],
@@ -456,6 +464,10 @@ impl ScalarUDFImpl for Pure {
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(match self.kind {
             PureKind::ParseScore => parsed_score_type(),
+            PureKind::WordTrigrams => {
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+            }
+            PureKind::TrigramOverlap => DataType::Float64,
             PureKind::LogprobScore => DataType::Struct(Fields::from(vec![
                 Field::new("expected", DataType::Float64, true),
                 Field::new("mass", DataType::Float64, true),
@@ -535,6 +547,26 @@ impl ScalarUDFImpl for Pure {
                     None,
                 ))
             }
+            PureKind::WordTrigrams => {
+                let mut list = datafusion::arrow::array::ListBuilder::new(StringBuilder::new());
+                for i in 0..n {
+                    match get(0, i) {
+                        Some(t) => {
+                            for g in text::word_ngrams(t, 3) {
+                                list.values().append_value(g);
+                            }
+                            list.append(true);
+                        }
+                        None => list.append(false),
+                    }
+                }
+                Arc::new(list.finish())
+            }
+            PureKind::TrigramOverlap => Arc::new(
+                (0..n)
+                    .map(|i| text::ngram_overlap(get(0, i)?, get(1, i)?, 3))
+                    .collect::<datafusion::arrow::array::Float64Array>(),
+            ),
             PureKind::CandidateUnits => unreachable!("handled above"),
         };
         Ok(ColumnarValue::Array(array))

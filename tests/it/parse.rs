@@ -135,3 +135,18 @@ fn logprob_scores_weigh_the_digits() {
     );
     assert_eq!(logprob_score("not json"), None);
 }
+
+#[test]
+fn trigrams_and_overlap_on_hand_checked_text() {
+    use backforth::text::{ngram_overlap, word_ngrams};
+    assert_eq!(
+        word_ngrams("The cat sat on the mat.", 3),
+        vec!["the cat sat", "cat sat on", "sat on the", "on the mat"]
+    );
+    assert!(word_ngrams("two words", 3).is_empty());
+    // Of the rewrite's trigrams "a b c" and "b c d", only the first is in the draft.
+    assert_eq!(ngram_overlap("a b c d", "x a b c y", 3), Some(0.5));
+    assert_eq!(ngram_overlap("a b c", "a b c", 3), Some(1.0));
+    assert_eq!(ngram_overlap("p q r", "a b c", 3), Some(0.0));
+    assert_eq!(ngram_overlap("too short", "anything at all", 3), None);
+}
