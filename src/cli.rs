@@ -102,6 +102,10 @@ pub enum Command {
         /// Rows per subset for the diversity comparison (default: the smallest subset's size).
         #[arg(long)]
         sample: Option<u64>,
+        /// Human labels of some pairs (`id,label` CSV or JSON lines) for the judge's precision
+        /// and recall.
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
@@ -296,9 +300,16 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             analytics,
             tokenizer,
             sample,
+            labels,
         } => {
-            let tables =
-                crate::stats::stats(&root, analytics.as_deref(), &tokenizer, sample).await?;
+            let tables = crate::stats::stats(
+                &root,
+                analytics.as_deref(),
+                &tokenizer,
+                sample,
+                labels.as_deref(),
+            )
+            .await?;
             match format.as_str() {
                 "table" => print!("{}", crate::stats::render_text(&tables)),
                 "csv" => print!("{}", crate::stats::render_csv(&tables)),

@@ -6,6 +6,7 @@
 //! one is missing).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
@@ -37,6 +38,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "50_rewrite_overlap.sql",
         include_str!("../sql/analytics/50_rewrite_overlap.sql"),
+    ),
+    (
+        "60_judge_agreement.sql",
+        include_str!("../sql/analytics/60_judge_agreement.sql"),
     ),
 ];
 
@@ -73,6 +78,7 @@ pub async fn stats(
     extra: Option<&Path>,
     tokenizer: &str,
     sample: Option<u64>,
+    labels: Option<&Path>,
 ) -> Result<Vec<Table>> {
     let root = Location::parse(root)?;
     let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
@@ -85,6 +91,10 @@ pub async fn stats(
         )
     });
     pipeline::register_complete_stages(&ctx, &root, stages.clone()).await?;
+    if let Some(path) = labels {
+        ctx.register_batch("labels", read_labels(path)?)?;
+        stages.push("labels".to_string());
+    }
     let tokens = TokenCounter::load(tokenizer, Path::new("."))?;
     for udf in crate::udf::scalar_udfs(tokens) {
         ctx.register_udf(udf);
@@ -123,9 +133,72 @@ pub async fn stats(
     Ok(tables)
 }
 
+/// Human labels of pairs: CSV `id,label` (with a header) or JSON lines `{"id", "label"}`;
+/// a label is good/bad as 1/0, true/false, yes/no, keep/drop or good/bad.
+fn read_labels(path: &Path) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{BooleanArray, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Job(format!("labels {}: {e}", path.display())))?;
+    let jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = |message: String| Error::Input {
+            file: path.display().to_string(),
+            line: i as u64 + 1,
+            message,
+        };
+        if line.trim().is_empty() || (!jsonl && i == 0) {
+            continue;
+        }
+        let (id, label) = if jsonl {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+            let id = v["id"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad("column 'id' is missing".into()))?;
+            (id, v["label"].to_string().trim_matches('"').to_string())
+        } else {
+            let (id, label) = line
+                .rsplit_once(',')
+                .ok_or_else(|| bad("expected `id,label`".into()))?;
+            (
+                id.trim().trim_matches('"').to_string(),
+                label.trim().to_string(),
+            )
+        };
+        let good = match label.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "keep" | "good" => true,
+            "0" | "false" | "no" | "drop" | "bad" => false,
+            other => {
+                return Err(bad(format!(
+                    "column 'label': '{other}' is not good/bad (1/0, true/false, yes/no, keep/drop)"
+                )));
+            }
+        };
+        ids.push(id);
+        labels.push(good);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::Boolean, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(BooleanArray::from(labels)),
+        ],
+    )?)
+}
+
 async fn funnel(root: &Location, stages: &[String]) -> Result<Table> {
     let mut rows = Vec::new();
-    for stage in stages {
+    for stage in stages.iter().filter(|s| *s != "labels") {
         let Some(s): Option<StageStats> = pipeline::read_stage_stats(root, stage).await? else {
             continue;
         };

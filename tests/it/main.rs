@@ -14,4 +14,5 @@ mod prepare;
 mod resume;
 mod s3;
 mod schemas;
+mod stats;
 mod util;
