@@ -107,6 +107,21 @@ pub enum Command {
         #[arg(long)]
         labels: Option<PathBuf>,
     },
+    /// One self-contained HTML file with the tables of `stats`, bar charts as inline SVG, and
+    /// pairs to read per score level.
+    Report {
+        /// Output root of a run.
+        root: String,
+        /// Where the HTML goes.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokenizer for token lengths (as for `stats`).
+        #[arg(long, default_value = "cl100k_base")]
+        tokenizer: String,
+        /// Human labels for the judge agreement table (as for `stats`).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+    },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
         /// Output root of a run.
@@ -324,6 +339,18 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     )));
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            root,
+            out,
+            tokenizer,
+            labels,
+        } => {
+            let html = crate::report::report(&root, &tokenizer, labels.as_deref()).await?;
+            std::fs::write(&out, html)
+                .map_err(|e| Error::Execution(format!("writing {}: {e}", out.display())))?;
+            eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Sql { root, query } => {

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod openai_batch;
 pub mod pipeline;
 pub mod progress;
+pub mod report;
 pub mod stats;
 pub mod storage;
 pub mod text;

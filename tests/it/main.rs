@@ -11,6 +11,7 @@ mod limits;
 mod parse;
 mod pipeline;
 mod prepare;
+mod report;
 mod resume;
 mod s3;
 mod schemas;

@@ -15,7 +15,7 @@ fn marker(stage: &str, rows: u64) -> String {
 
 /// Three candidates `a`, `b`, `c`; `a` scores 5, `b` 3, `c` has no score; `a` is kept and
 /// rewritten with one word added.
-fn hand_made_root(root: &std::path::Path) {
+pub fn hand_made_root(root: &std::path::Path) {
     let tables = [
         (
             "candidates",
@@ -34,7 +34,7 @@ fn hand_made_root(root: &std::path::Path) {
             named_struct('prompt_tokens', CAST(200 AS BIGINT), 'completion_tokens', CAST(20 AS BIGINT)) AS judgement \
             FROM (VALUES ('a', 'what did the cat do', 'the cat sat on the mat', 5, NULL), \
                          ('b', 'where did the dog run', 'a dog ran in the park', 3, NULL), \
-                         ('c', 'what happened', 'the cat sat on the mat again', NULL, 'no_score')) AS t(id, instruction, text, score, reason)",
+                         ('c', 'what happened <script>alert(1)</script>', 'the cat sat on the mat again', NULL, 'no_score')) AS t(id, instruction, text, score, reason)",
         ),
         (
             "curated",
