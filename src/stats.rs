@@ -32,6 +32,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../sql/analytics/30_lengths.sql"),
     ),
     (
+        "31_lengths_distilled.sql",
+        include_str!("../sql/analytics/31_lengths_distilled.sql"),
+    ),
+    (
         "40_diversity.sql",
         include_str!("../sql/analytics/40_diversity.sql"),
     ),

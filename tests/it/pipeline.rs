@@ -122,6 +122,35 @@ fn every_stage_adds_up() {
             "stage {stage}: {m}"
         );
     }
+    // The counted drops are the rows in `_dropped/`, reason by reason.
+    block_on(async {
+        let ctx = session(&run.root).await;
+        for stage in STAGES {
+            let dropped = marker(&run.root, stage)["dropped"].clone();
+            let total: u64 = dropped
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum();
+            if total == 0 {
+                continue;
+            }
+            let counted = rows(
+                &ctx,
+                &format!("SELECT drop_reason, count(*) FROM {stage}_dropped GROUP BY 1 ORDER BY 1"),
+            )
+            .await;
+            for row in counted {
+                assert_eq!(
+                    dropped[&row[0]].to_string(),
+                    row[1],
+                    "stage {stage}, reason {}",
+                    row[0]
+                );
+            }
+        }
+    });
     // Each stage's input is the previous stage's output.
     let out = |s: &str| marker(&run.root, s)["rows_out"].as_u64().unwrap();
     let inp = |s: &str| marker(&run.root, s)["rows_in"].as_u64().unwrap();
