@@ -253,10 +253,11 @@ async fn run_query(
             title,
             columns: Vec::new(),
             rows: Vec::new(),
-            skipped: Some(format!(
-                "no complete {} under this root",
-                missing.join(", ")
-            )),
+            skipped: Some(if missing == ["labels"] {
+                "no labels given (--labels FILE)".to_string()
+            } else {
+                format!("no complete {} under this root", missing.join(", "))
+            }),
         });
     }
     let df = ctx
