@@ -461,10 +461,7 @@ async fn batch(action: BatchAction) -> Result<ExitCode> {
 /// Runs `query` over the complete stages under `root` and renders the result as a table.
 pub async fn sql(root: &str, query: &str) -> Result<String> {
     let root = Location::parse(root)?;
-    let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
-    pipeline::register_store(&ctx, &root);
-    let stages = pipeline::require_any_stage(&root).await?;
-    pipeline::register_complete_stages(&ctx, &root, stages).await?;
+    let (ctx, _) = pipeline::open_root(&root).await?;
     let tokens = crate::tokens::TokenCounter::load("cl100k_base", std::path::Path::new("."))?;
     for udf in crate::udf::scalar_udfs(tokens) {
         ctx.register_udf(udf);

@@ -194,15 +194,16 @@ impl ExecutionPlan for LlmWindowExec {
             futures::stream::iter(slices)
         });
         let out_schema = Arc::clone(&schema);
+        // Each distinct call is evaluated once, whatever copies the planner made.
+        let first = Arc::new(first_copies(&exprs));
         let evaluated = rows
             .map(move |row| {
                 let exprs = Arc::clone(&exprs);
                 let config = Arc::clone(&config);
                 let schema = Arc::clone(&out_schema);
+                let first = Arc::clone(&first);
                 async move {
                     let chunk = row?;
-                    // Each distinct call is evaluated once, whatever copies the planner made.
-                    let first = first_copies(&exprs);
                     let originals: Vec<usize> =
                         (0..exprs.len()).filter(|&i| first[i] == i).collect();
                     let outputs = try_join_all(

@@ -12,9 +12,9 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{new_session, register_complete_stages, register_store, require_any_stage};
+use crate::job_err;
+use crate::pipeline::open_root;
 use crate::storage::Location;
-use crate::{exec::Window, job_err};
 
 /// The tag BaF and Humpback give synthetic pairs.
 pub const WEB_TAG: &str = "Answer with knowledge from web search.";
@@ -74,10 +74,7 @@ pub struct Pair {
 /// Exports `opts.table` under `opts.root`; returns the number of pairs written.
 pub async fn export(opts: &ExportOptions) -> Result<u64> {
     let root = Location::parse(&opts.root)?;
-    let ctx = new_session(None, Window::for_cap(1))?;
-    register_store(&ctx, &root);
-    let stages = require_any_stage(&root).await?;
-    register_complete_stages(&ctx, &root, stages.clone()).await?;
+    let (ctx, stages) = open_root(&root).await?;
     if !stages.contains(&opts.table) {
         return job_err!(
             "{} has no complete '{}' stage (complete: {})",

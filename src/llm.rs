@@ -740,7 +740,7 @@ pub fn mock_reply(req: &Request) -> Reply {
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };
     // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.
-    let words = |s: &str| {
+    let tokens = |s: &str| {
         tiktoken_rs::cl100k_base_singleton()
             .encode_ordinary(s)
             .len() as i64
@@ -761,7 +761,7 @@ pub fn mock_reply(req: &Request) -> Reply {
             })
             .collect();
         return Reply {
-            prompt_tokens: Some(words(&req.prompt)),
+            prompt_tokens: Some(tokens(&req.prompt)),
             completion_tokens: Some(1),
             text: Some(best.to_string()),
             finish_reason: Some("length".to_string()),
@@ -771,8 +771,8 @@ pub fn mock_reply(req: &Request) -> Reply {
         };
     }
     Reply {
-        prompt_tokens: Some(words(&req.prompt)),
-        completion_tokens: Some(words(&text)),
+        prompt_tokens: Some(tokens(&req.prompt)),
+        completion_tokens: Some(tokens(&text)),
         text: Some(text),
         finish_reason: Some("stop".to_string()),
         attempts: 1,

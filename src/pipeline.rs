@@ -213,21 +213,17 @@ pub fn register_store(ctx: &SessionContext, location: &Location) {
 
 /// Reads the `_SUCCESS` marker of `stage` under `root`, or `None` when the stage is not complete.
 pub async fn read_stage_stats(root: &Location, stage: &str) -> Result<Option<StageStats>> {
-    let path = root.child(stage).path(SUCCESS_MARKER);
-    match root.store.get(&path).await {
-        Ok(got) => {
-            let bytes = got.bytes().await?;
-            let stats = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Execution(format!(
-                    "{}: unreadable marker ({e}); rerun stage '{stage}'",
-                    root.display(&path)
-                ))
-            })?;
-            Ok(Some(stats))
-        }
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    read_json(root, &root.child(stage).path(SUCCESS_MARKER)).await
+}
+
+/// A session over the run under `root`: every complete stage registered as a table (for the
+/// commands that read a run: `sql`, `stats`, `report`, `export`). Fails when there is none.
+pub async fn open_root(root: &Location) -> Result<(SessionContext, Vec<String>)> {
+    let ctx = new_session(None, Window::for_cap(1))?;
+    register_store(&ctx, root);
+    let stages = require_any_stage(root).await?;
+    register_complete_stages(&ctx, root, stages.clone()).await?;
+    Ok((ctx, stages))
 }
 
 /// Registers every complete stage output under `root` as a table; returns their names.
@@ -281,10 +277,7 @@ pub struct RunSummary {
 impl RunSummary {
     /// Rows whose LLM call failed after every retry, over all stages.
     pub fn llm_failures(&self) -> u64 {
-        self.stages
-            .iter()
-            .map(|s| s.dropped.get("llm_error").copied().unwrap_or(0))
-            .sum()
+        self.stages.iter().map(StageStats::failed).sum()
     }
 }
 
@@ -655,24 +648,39 @@ impl Runner<'_> {
         // A rerun replaces the stage: the marker goes first, so a crash leaves it incomplete.
         delete_if_exists(&self.root, &out.path(SUCCESS_MARKER)).await?;
         out.delete_all().await?;
-        let (mut stats, shards) = execute_to_parts(
-            &ctx,
-            &plan.sql,
-            &plan.tables,
-            &out,
-            PartNames::Numbered {
-                prefix: None,
-                rows: self.shard_rows(),
-            },
-            &self.progress,
-        )
-        .await?;
-        stats.stage = plan.name.clone();
-        stats.fingerprint = plan.fingerprint.clone();
-        stats.shards = shards;
+        let mut stats = self
+            .execute(
+                &ctx,
+                plan,
+                &out,
+                PartNames::Numbered {
+                    prefix: None,
+                    rows: self.shard_rows(),
+                },
+            )
+            .await?;
         stats.upstream = upstream;
         write_json(&self.root, &out.path(SUCCESS_MARKER), &stats).await?;
         Ok(stats)
+    }
+
+    /// Runs `plan`'s SQL in `ctx` and writes it under `out`; the counts name the stage, its
+    /// fingerprint and the parts written.
+    async fn execute(
+        &self,
+        ctx: &SessionContext,
+        plan: &StagePlan,
+        out: &Location,
+        names: PartNames,
+    ) -> Result<StageStats> {
+        let (stats, shards) =
+            execute_to_parts(ctx, &plan.sql, &plan.tables, out, names, &self.progress).await?;
+        Ok(StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            shards,
+            ..stats
+        })
     }
 
     fn shard_rows(&self) -> usize {
@@ -760,21 +768,17 @@ impl Runner<'_> {
             self.register_seen_keys(&ctx, &plan.name, earlier_parts)
                 .await?;
         }
-        let (mut stats, shards) = execute_to_parts(
-            &ctx,
-            &plan.sql,
-            &[],
-            &out,
-            PartNames::Numbered {
-                prefix: Some(id.to_string()),
-                rows: self.shard_rows(),
-            },
-            &self.progress,
-        )
-        .await?;
-        stats.stage = plan.name.clone();
-        stats.fingerprint = plan.fingerprint.clone();
-        stats.shards = shards;
+        let mut stats = self
+            .execute(
+                &ctx,
+                plan,
+                &out,
+                PartNames::Numbered {
+                    prefix: Some(id.to_string()),
+                    rows: self.shard_rows(),
+                },
+            )
+            .await?;
         stats.input = Some(ingest.snapshot());
         Ok(stats)
     }
@@ -961,18 +965,9 @@ impl Runner<'_> {
             ParquetReadOptions::default(),
         )
         .await?;
-        let (mut stats, _) = execute_to_parts(
-            &ctx,
-            &plan.sql,
-            &plan.tables,
-            &out,
-            PartNames::Shard(id.to_string()),
-            &self.progress,
-        )
-        .await?;
-        stats.stage = plan.name.clone();
-        stats.fingerprint = plan.fingerprint.clone();
-        stats.shards = vec![id.to_string()];
+        let mut stats = self
+            .execute(&ctx, plan, &out, PartNames::Shard(id.to_string()))
+            .await?;
         stats.upstream = upstream;
         write_json(&self.root, &marker, &stats).await?;
         Ok(stats)

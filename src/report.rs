@@ -146,10 +146,7 @@ pub fn bar_chart(caption: &str, bars: &[(String, f64)]) -> String {
 /// final answers) and otherwise from `scored`.
 async fn sample_pairs(root: &str) -> Result<Vec<(String, Vec<(String, String)>)>> {
     let location = Location::parse(root)?;
-    let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
-    pipeline::register_store(&ctx, &location);
-    let stages = pipeline::require_any_stage(&location).await?;
-    pipeline::register_complete_stages(&ctx, &location, stages.clone()).await?;
+    let (ctx, stages) = pipeline::open_root(&location).await?;
     if !stages.iter().any(|s| s == "scored") {
         return Ok(Vec::new());
     }

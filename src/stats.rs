@@ -85,16 +85,13 @@ pub async fn stats(
     labels: Option<&Path>,
 ) -> Result<Vec<Table>> {
     let root = Location::parse(root)?;
-    let ctx = pipeline::new_session(None, crate::exec::Window::for_cap(1))?;
-    pipeline::register_store(&ctx, &root);
-    let mut stages = pipeline::require_any_stage(&root).await?;
+    let (ctx, mut stages) = pipeline::open_root(&root).await?;
     stages.sort_by_key(|s| {
         (
             ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()),
             s.clone(),
         )
     });
-    pipeline::register_complete_stages(&ctx, &root, stages.clone()).await?;
     if let Some(path) = labels {
         ctx.register_batch("labels", read_labels(path)?)?;
         stages.push("labels".to_string());
