@@ -4,7 +4,7 @@
 WITH called AS (
     SELECT id, doc_id, header, text, n_chars, n_tokens, source,
            backtranslate(text) AS backtranslation
-    FROM candidates
+    FROM {{ stage.from }}
 )
 SELECT *,
        clean_instruction(backtranslation['text']) AS instruction,

@@ -1,8 +1,8 @@
--- distilled (baseline): the same chat model answers each kept instruction without seeing
--- the web text, as BaF's distillation comparison.
+-- distilled (baseline): the same chat model answers each instruction of `{{ stage.from }}`
+-- without seeing the web text, as BaF's distillation comparison.
 WITH called AS (
-    SELECT id, doc_id, instruction, score, answer(instruction) AS answer_call
-    FROM curated
+    SELECT *, answer(instruction) AS answer_call
+    FROM {{ stage.from }}
 )
 SELECT *,
        trim(answer_call['text']) AS response,

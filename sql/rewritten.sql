@@ -1,10 +1,10 @@
--- rewritten: the rewriter turns each kept web text (the draft) into an assistant-quality
--- answer, returned between [RES] and [/RES]. `response` is that answer; `text` stays the
--- original draft so the two can be compared.
+-- rewritten: the rewriter turns each web text (the draft) into an assistant-quality answer,
+-- returned between [RES] and [/RES]. `response` is that answer; `text` stays the original
+-- draft so the two can be compared. It reads `{{ stage.from }}`: `curated` in BaF (filter,
+-- then rewrite), `backtranslated` in the rewrite-only variant. Every column read is kept.
 WITH called AS (
-    SELECT id, doc_id, header, text, source, instruction, score,
-           rewrite(instruction, text) AS rewrite_call
-    FROM curated
+    SELECT *, rewrite(instruction, text) AS rewrite_call
+    FROM {{ stage.from }}
 )
 SELECT *,
        extract_tagged(rewrite_call['text'], 'RES') AS response,

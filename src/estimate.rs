@@ -93,14 +93,18 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
         .iter()
         .filter(|s| !input_stages.contains(&s.name))
     {
-        let upstream = job
-            .stages
-            .iter()
-            .take_while(|s| s.name != stage.name)
-            .filter(|s| stage.sql.contains(s.name.as_str()))
-            .last()
-            .map(|s| s.name.clone());
+        let sql = pipeline::render_sql(job, stage)?;
+        let upstream = stage.from.clone().or_else(|| {
+            job.stages
+                .iter()
+                .take_while(|s| s.name != stage.name)
+                .filter(|s| sql.contains(s.name.as_str()))
+                .last()
+                .map(|s| s.name.clone())
+        });
         let rows_in = upstream.and_then(|u| rows.get(&u).copied()).unwrap_or(0.0);
+        // Only the score threshold's keep rate is known (from the paper); other filters are
+        // taken to keep everything, so the estimate errs high.
         let rows_out = if stage.name == "curated" {
             rows_in * keep_rate
         } else {
@@ -112,16 +116,14 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
             rows: rows_in,
             ..StageEstimate::default()
         };
-        for f in job
-            .functions
-            .iter()
-            .filter(|f| stage.sql.contains(&format!("{}(", f.name)))
-        {
+        for f in job.functions_in(&sql) {
             let prompt = mean_prompt_tokens(f, &texts, &instruction, &tokens)?;
-            let expected_out = match f.name.as_str() {
+            let expected_out = match f.builtin.as_deref().unwrap_or_default() {
                 "backtranslate" => instruction_tokens,
-                "score_pair" if f.logprobs => 1.0,
-                "score_pair" => param(job, "estimate_judgement_tokens", 120.0),
+                "score_pair" | "rescore" if f.logprobs => 1.0,
+                "score_pair" | "rescore" | "judge_instruction" => {
+                    param(job, "estimate_judgement_tokens", 120.0)
+                }
                 "rewrite" => 0.94 * text_tokens,
                 _ => 1.14 * text_tokens,
             }

@@ -104,12 +104,16 @@ pub struct CurateConfig {
     /// Keep pairs scoring at least this (BaF keeps 5, Humpback's k=4 keeps 4 and 5).
     #[serde(default = "default_threshold")]
     pub threshold: i64,
+    /// Which scoring iteration decides: 0 is `scored` (M0), 1 is `rescored` (Humpback's M1).
+    #[serde(default)]
+    pub iteration: u32,
 }
 
 impl Default for CurateConfig {
     fn default() -> Self {
         Self {
             threshold: default_threshold(),
+            iteration: 0,
         }
     }
 }
@@ -162,10 +166,18 @@ pub struct ModelConfig {
     pub price_output_per_mtok: Option<f64>,
 }
 
-/// `[functions.NAME]`: overrides for one LLM function.
+/// `[functions.NAME]`: overrides for a built-in LLM function, or a new one.
+///
+/// A new function either copies a built-in (`like = "score_pair"`: its arguments, prompt and
+/// modes, usually with another `model`) or is written out in full (`args`, `template`,
+/// `model`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
+    /// The built-in function this one copies.
+    pub like: Option<String>,
+    /// Argument names of a new function, which are also its template's variables.
+    pub args: Option<Vec<String>>,
     /// Model role the function calls.
     pub model: Option<String>,
     /// Path of a prompt template replacing the built-in one.
@@ -188,6 +200,12 @@ pub struct StageConfig {
     pub name: String,
     /// Path of the stage's SQL; built-in stages have a default.
     pub sql: Option<String>,
+    /// The table the stage reads (`{{ stage.from }}` in its SQL); built-in stages have a
+    /// default (`rewritten` reads `curated`, `filtered` reads `rewritten`, ...).
+    pub from: Option<String>,
+    /// Values for the stage's SQL as `{{ stage.NAME }}` (e.g. a filter's `min_chars`).
+    #[serde(default)]
+    pub vars: toml::Table,
 }
 
 /// `[execution]`: engine settings.
@@ -225,14 +243,19 @@ pub struct Overrides {
     pub concurrency: Option<usize>,
 }
 
-/// The built-in stages of the paper's pipeline, in order, with their SQL.
-pub const BUILTIN_STAGES: &[(&str, &str)] = &[
-    ("candidates", include_str!("../sql/candidates.sql")),
-    ("backtranslated", include_str!("../sql/backtranslated.sql")),
-    ("scored", include_str!("../sql/scored.sql")),
-    ("curated", include_str!("../sql/curated.sql")),
-    ("rewritten", include_str!("../sql/rewritten.sql")),
-    ("distilled", include_str!("../sql/distilled.sql")),
+/// The built-in stages: name, the table it reads by default, SQL. The first six are the
+/// paper's pipeline in order; the rest are used by the Humpback and Kun jobs.
+pub const BUILTIN_STAGES: &[(&str, &str, &str)] = &[
+    ("candidates", "documents", include_str!("../sql/candidates.sql")),
+    ("backtranslated", "candidates", include_str!("../sql/backtranslated.sql")),
+    ("scored", "backtranslated", include_str!("../sql/scored.sql")),
+    ("curated", "scored", include_str!("../sql/curated.sql")),
+    ("rewritten", "curated", include_str!("../sql/rewritten.sql")),
+    ("distilled", "curated", include_str!("../sql/distilled.sql")),
+    ("rescored", "scored", include_str!("../sql/rescored.sql")),
+    ("judged", "backtranslated", include_str!("../sql/judged.sql")),
+    ("polished", "judged", include_str!("../sql/polished.sql")),
+    ("filtered", "rewritten", include_str!("../sql/filtered.sql")),
 ];
 
 /// Verb-style names users type for built-in stages (`--stages prepare`).
@@ -245,21 +268,67 @@ const STAGE_ALIASES: &[(&str, &str)] = &[
     ("distill", "distilled"),
 ];
 
-/// The LLM functions: name, default model role, default template.
-pub const BUILTIN_FUNCTIONS: &[(&str, &str, &str)] = &[
-    (
-        "backtranslate",
-        "backward",
-        include_str!("prompts/backtranslate.txt"),
-    ),
-    (
-        "score_pair",
-        "scorer",
-        include_str!("prompts/score_pair.txt"),
-    ),
-    ("rewrite", "rewriter", include_str!("prompts/rewrite.txt")),
-    ("answer", "rewriter", include_str!("prompts/answer.txt")),
+/// A built-in LLM function.
+pub struct BuiltinFunction {
+    /// SQL name.
+    pub name: &'static str,
+    /// Argument names, which are also the template's variables.
+    pub args: &'static [&'static str],
+    /// Model role called unless the job says otherwise.
+    pub role: &'static str,
+    /// Prompt template.
+    pub template: &'static str,
+}
+
+/// The built-in LLM functions. `rescore` is `score_pair` for Humpback's second iteration,
+/// asking a second model (`scorer_m1`); `judge_instruction` and `polish` are Kun's steps.
+pub const BUILTIN_FUNCTIONS: &[BuiltinFunction] = &[
+    BuiltinFunction {
+        name: "backtranslate",
+        args: &["text"],
+        role: "backward",
+        template: include_str!("prompts/backtranslate.txt"),
+    },
+    BuiltinFunction {
+        name: "score_pair",
+        args: &["instruction", "response"],
+        role: "scorer",
+        template: include_str!("prompts/score_pair.txt"),
+    },
+    BuiltinFunction {
+        name: "rescore",
+        args: &["instruction", "response"],
+        role: "scorer_m1",
+        template: include_str!("prompts/score_pair.txt"),
+    },
+    BuiltinFunction {
+        name: "rewrite",
+        args: &["instruction", "draft"],
+        role: "rewriter",
+        template: include_str!("prompts/rewrite.txt"),
+    },
+    BuiltinFunction {
+        name: "answer",
+        args: &["instruction"],
+        role: "rewriter",
+        template: include_str!("prompts/answer.txt"),
+    },
+    BuiltinFunction {
+        name: "judge_instruction",
+        args: &["instruction"],
+        role: "scorer",
+        template: include_str!("prompts/judge_instruction.txt"),
+    },
+    BuiltinFunction {
+        name: "polish",
+        args: &["instruction", "draft"],
+        role: "rewriter",
+        template: include_str!("prompts/polish.txt"),
+    },
 ];
+
+/// Functions that score pairs on the 5-point rubric and so accept `mode = "logprobs"`.
+const SCORING_FUNCTIONS: &[&str] = &["score_pair", "rescore"];
 
 /// A resolved model role.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -298,6 +367,10 @@ pub struct ModelSpec {
     pub price_input_per_mtok: f64,
     /// Dollars per million completion tokens.
     pub price_output_per_mtok: f64,
+    /// Whether the job (or `--endpoint`) set this role. A job without `[models]` runs every
+    /// role on the offline mock; one with `[models]` must name every role its stages call,
+    /// so no stage reaches the mock by accident.
+    pub declared: bool,
 }
 
 impl ModelSpec {
@@ -314,6 +387,10 @@ impl ModelSpec {
 pub struct FunctionSpec {
     /// SQL name of the function.
     pub name: String,
+    /// Argument names, which are also the template's variables.
+    pub args: Vec<String>,
+    /// The built-in function it is or copies (`like`); `None` for a function written out.
+    pub builtin: Option<String>,
     /// The model role it calls.
     pub role: String,
     /// Prompt template text (minijinja).
@@ -335,6 +412,10 @@ pub struct StageSpec {
     pub name: String,
     /// The SQL template text.
     pub sql: String,
+    /// The table it reads, for `{{ stage.from }}`.
+    pub from: Option<String>,
+    /// Values for `{{ stage.NAME }}`.
+    pub vars: toml::Table,
 }
 
 /// Resolved candidate preparation settings.
@@ -371,6 +452,8 @@ pub struct Job {
     pub prepare: PrepareSpec,
     /// Curation threshold.
     pub threshold: i64,
+    /// Scoring iteration curation reads (0: `scored`, 1: `rescored`).
+    pub curate_iteration: u32,
     /// Model roles by name.
     pub models: BTreeMap<String, ModelSpec>,
     /// LLM functions.
@@ -427,6 +510,12 @@ impl Job {
                 file.curate.threshold
             );
         }
+        if file.curate.iteration > 1 {
+            return job_err!(
+                "[curate] iteration = {}: there are two scoring iterations, 0 (scored) and 1 (rescored)",
+                file.curate.iteration
+            );
+        }
         Ok(Self {
             name: file.name.unwrap_or(default_name),
             base_dir,
@@ -435,12 +524,20 @@ impl Job {
             output,
             prepare,
             threshold: file.curate.threshold,
+            curate_iteration: file.curate.iteration,
             models,
             functions,
             stages,
             params: file.params,
             execution: file.execution,
         })
+    }
+
+    /// The LLM functions `sql` calls.
+    pub fn functions_in<'a>(&'a self, sql: &'a str) -> impl Iterator<Item = &'a FunctionSpec> + 'a {
+        self.functions
+            .iter()
+            .filter(move |f| sql.contains(&format!("{}(", f.name)))
     }
 
     /// The stage names to run for `--stages a,b` (aliases accepted), in job order.
@@ -532,9 +629,9 @@ fn resolve_models(
     overrides: &Overrides,
 ) -> Result<BTreeMap<String, ModelSpec>> {
     let mut roles: Vec<String> = cfgs.keys().cloned().collect();
-    for (_, role, _) in BUILTIN_FUNCTIONS {
-        if !roles.iter().any(|r| r == role) {
-            roles.push(role.to_string());
+    for f in BUILTIN_FUNCTIONS {
+        if !roles.iter().any(|r| r == f.role) {
+            roles.push(f.role.to_string());
         }
     }
     let mut out = BTreeMap::new();
@@ -598,6 +695,7 @@ fn resolve_models(
             output_tokens_per_minute: cfg.and_then(|c| c.output_tokens_per_minute),
             price_input_per_mtok: cfg.and_then(|c| c.price_input_per_mtok).unwrap_or(0.0),
             price_output_per_mtok: cfg.and_then(|c| c.price_output_per_mtok).unwrap_or(0.0),
+            declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };
         if spec.concurrency == 0 {
@@ -613,77 +711,126 @@ fn resolve_functions(
     models: &BTreeMap<String, ModelSpec>,
     base_dir: &Path,
 ) -> Result<Vec<FunctionSpec>> {
-    if let Some(unknown) = cfgs
-        .keys()
-        .find(|k| !BUILTIN_FUNCTIONS.iter().any(|(name, _, _)| name == k))
-    {
-        let known: Vec<&str> = BUILTIN_FUNCTIONS.iter().map(|f| f.0).collect();
-        return job_err!(
-            "[functions.{unknown}] is not an LLM function (functions: {})",
-            known.join(", ")
-        );
+    let mut names: Vec<&str> = BUILTIN_FUNCTIONS.iter().map(|f| f.name).collect();
+    for name in cfgs.keys() {
+        if builtin_function(name).is_none() {
+            names.push(name);
+        }
     }
-    BUILTIN_FUNCTIONS
-        .iter()
-        .map(|(name, default_role, default_template)| {
-            let cfg = cfgs.get(*name).cloned().unwrap_or_default();
-            let role = cfg.model.unwrap_or_else(|| default_role.to_string());
-            let Some(model) = models.get(&role) else {
-                return job_err!(
-                    "[functions.{name}] uses model role '{role}', which [models] does not define"
-                );
-            };
-            let logprobs = match cfg.mode.as_deref() {
-                None | Some("text") => false,
-                Some("logprobs") if *name == "score_pair" => true,
-                Some(other) => {
-                    return job_err!(
-                        "[functions.{name}] mode = \"{other}\": only score_pair has modes (text, logprobs)"
-                    );
-                }
-            };
-            let default_template = if logprobs {
-                include_str!("prompts/score_pair_logprobs.txt")
-            } else {
-                default_template
-            };
-            let template = match cfg.template {
-                Some(path) => {
-                    let path = base_dir.join(path);
-                    std::fs::read_to_string(&path).map_err(|e| {
-                        Error::Job(format!(
-                            "[functions.{name}] template {}: {e}",
-                            path.display()
-                        ))
-                    })?
-                }
-                None => default_template.to_string(),
-            };
-            Ok(FunctionSpec {
-                name: name.to_string(),
-                role,
-                template,
-                system: cfg.system,
-                max_tokens: if logprobs { 1 } else { cfg.max_tokens.unwrap_or(model.max_tokens) },
-                logprobs,
-                fallback: logprobs.then(|| {
-                    (
-                        include_str!("prompts/score_pair.txt").to_string(),
-                        cfg.max_tokens.unwrap_or(model.max_tokens),
-                    )
-                }),
-            })
+    names
+        .into_iter()
+        .map(|name| {
+            let cfg = cfgs.get(name).cloned().unwrap_or_default();
+            resolve_function(name, cfg, models, base_dir)
         })
         .collect()
 }
 
+fn builtin_function(name: &str) -> Option<&'static BuiltinFunction> {
+    BUILTIN_FUNCTIONS.iter().find(|f| f.name == name)
+}
+
+fn resolve_function(
+    name: &str,
+    cfg: FunctionConfig,
+    models: &BTreeMap<String, ModelSpec>,
+    base_dir: &Path,
+) -> Result<FunctionSpec> {
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        return job_err!("[functions.{name}]: a function name is lower-case letters, digits and '_'");
+    }
+    let base = match (&cfg.like, builtin_function(name)) {
+        (Some(like), None) => match builtin_function(like) {
+            Some(b) => Some(b),
+            None => {
+                let known: Vec<&str> = BUILTIN_FUNCTIONS.iter().map(|f| f.name).collect();
+                return job_err!(
+                    "[functions.{name}] like = \"{like}\" is not a built-in function ({})",
+                    known.join(", ")
+                );
+            }
+        },
+        (Some(_), Some(_)) => {
+            return job_err!("[functions.{name}] is built in, so it cannot be `like` another");
+        }
+        (None, builtin) => builtin,
+    };
+    let args: Vec<String> = match (&cfg.args, base) {
+        (Some(args), None) if !args.is_empty() => args.clone(),
+        (None, Some(b)) => b.args.iter().map(|a| a.to_string()).collect(),
+        (Some(_), Some(_)) => {
+            return job_err!(
+                "[functions.{name}] takes the arguments of its built-in; drop `args`"
+            );
+        }
+        _ => {
+            return job_err!(
+                "[functions.{name}] is not built in: give `like = \"<built-in>\"`, or `args`, `template` and `model`"
+            );
+        }
+    };
+    let Some(role) = cfg.model.clone().or_else(|| base.map(|b| b.role.to_string())) else {
+        return job_err!("[functions.{name}] needs `model` (a role of [models])");
+    };
+    let Some(model) = models.get(&role) else {
+        return job_err!("[functions.{name}] uses model role '{role}', which [models] does not define");
+    };
+    let scoring = SCORING_FUNCTIONS.contains(&name)
+        || base.is_some_and(|b| SCORING_FUNCTIONS.contains(&b.name));
+    let logprobs = match cfg.mode.as_deref() {
+        None | Some("text") => false,
+        Some("logprobs") if scoring => true,
+        Some(other) => {
+            return job_err!(
+                "[functions.{name}] mode = \"{other}\": only scoring functions have modes (text, logprobs)"
+            );
+        }
+    };
+    let text_template = base.map(|b| b.template);
+    let default_template = if logprobs {
+        Some(include_str!("prompts/score_pair_logprobs.txt"))
+    } else {
+        text_template
+    };
+    let template = match (cfg.template, default_template) {
+        (Some(path), _) => {
+            let path = base_dir.join(path);
+            std::fs::read_to_string(&path).map_err(|e| {
+                Error::Job(format!("[functions.{name}] template {}: {e}", path.display()))
+            })?
+        }
+        (None, Some(builtin)) => builtin.to_string(),
+        (None, None) => return job_err!("[functions.{name}] needs `template` (a path)"),
+    };
+    let text_max_tokens = cfg.max_tokens.unwrap_or(model.max_tokens);
+    Ok(FunctionSpec {
+        name: name.to_string(),
+        args,
+        builtin: base.map(|b| b.name.to_string()),
+        role,
+        template,
+        system: cfg.system,
+        max_tokens: if logprobs { 1 } else { text_max_tokens },
+        logprobs,
+        fallback: logprobs.then(|| {
+            (
+                text_template.unwrap_or(include_str!("prompts/score_pair.txt")).to_string(),
+                text_max_tokens,
+            )
+        }),
+    })
+}
+
 fn resolve_stages(cfgs: Option<&[StageConfig]>, base_dir: &Path) -> Result<Vec<StageSpec>> {
-    let default: Vec<StageConfig> = BUILTIN_STAGES
+    let default: Vec<StageConfig> = BUILTIN_STAGES[..5]
         .iter()
-        .filter(|(name, _)| *name != "distilled")
-        .map(|(name, _)| StageConfig {
+        .map(|(name, _, _)| StageConfig {
             name: name.to_string(),
             sql: None,
+            from: None,
+            vars: toml::Table::new(),
         })
         .collect();
     let cfgs = cfgs.unwrap_or(&default);
@@ -703,6 +850,7 @@ fn resolve_stages(cfgs: Option<&[StageConfig]>, base_dir: &Path) -> Result<Vec<S
         if out.iter().any(|s| s.name == cfg.name) {
             return job_err!("stage '{}' appears twice", cfg.name);
         }
+        let builtin = BUILTIN_STAGES.iter().find(|(n, _, _)| *n == cfg.name);
         let sql = match &cfg.sql {
             Some(path) => {
                 let path = base_dir.join(path);
@@ -710,8 +858,8 @@ fn resolve_stages(cfgs: Option<&[StageConfig]>, base_dir: &Path) -> Result<Vec<S
                     Error::Job(format!("stage '{}' sql {}: {e}", cfg.name, path.display()))
                 })?
             }
-            None => match BUILTIN_STAGES.iter().find(|(n, _)| *n == cfg.name) {
-                Some((_, sql)) => sql.to_string(),
+            None => match builtin {
+                Some((_, _, sql)) => sql.to_string(),
                 None => {
                     return job_err!(
                         "stage '{}' is not built in, so it needs `sql = \"path/to.sql\"`",
@@ -723,6 +871,11 @@ fn resolve_stages(cfgs: Option<&[StageConfig]>, base_dir: &Path) -> Result<Vec<S
         out.push(StageSpec {
             name: cfg.name.clone(),
             sql,
+            from: cfg
+                .from
+                .clone()
+                .or_else(|| builtin.map(|(_, from, _)| from.to_string())),
+            vars: cfg.vars.clone(),
         });
     }
     Ok(out)

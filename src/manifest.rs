@@ -66,15 +66,13 @@ pub fn fingerprint_stages(
     for (name, sql, tables) in stages {
         let mut fp = Fingerprint::default();
         fp.add("sql", sql);
-        for f in &job.functions {
-            if sql.contains(&format!("{}(", f.name)) {
-                fp.add(
-                    format!("prompt of {}", f.name),
-                    &(&f.template, &f.system, f.max_tokens),
-                );
-                if let Some(model) = job.models.get(&f.role) {
-                    fp.add(format!("model of {}", f.name), &model_identity(model));
-                }
+        for f in job.functions_in(sql) {
+            fp.add(
+                format!("prompt of {}", f.name),
+                &(&f.template, &f.system, f.max_tokens),
+            );
+            if let Some(model) = job.models.get(&f.role) {
+                fp.add(format!("model of {}", f.name), &model_identity(model));
             }
         }
         for table in tables {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::exec::{LlmWindowRule, Window};
 use crate::ingest::{IngestCounts, IngestStats, documents_table, split_large_parquet};
-use crate::job::Job;
+use crate::job::{Job, StageSpec};
 use crate::journal::Journal;
 use crate::llm::{LlmPool, Usage};
 use crate::manifest;
@@ -518,8 +518,19 @@ impl Runner<'_> {
         let ctx = self.session()?;
         let mut rendered = Vec::new();
         for stage in &self.job.stages {
-            let sql = render_sql(self.job, &stage.sql, &stage.name)?;
+            let sql = render_sql(self.job, stage)?;
             let tables = referenced_tables(&ctx, &sql, &stage.name)?;
+            for f in self.job.functions_in(&sql) {
+                if !self.job.models[&f.role].declared {
+                    return job_err!(
+                        "stage '{}' calls {}, whose model role '{}' is not in the job: add [models.{}] (or pass --endpoint)",
+                        stage.name,
+                        f.name,
+                        f.role,
+                        f.role
+                    );
+                }
+            }
             for table in &tables {
                 let reads_input = tables.iter().any(|t| t == "documents");
                 let known = table == "documents"
@@ -1060,17 +1071,37 @@ async fn write_json<T: Serialize>(
     Ok(())
 }
 
-/// Renders a stage's SQL template with the job's settings.
-pub fn render_sql(job: &Job, template: &str, stage: &str) -> Result<String> {
+/// Renders a stage's SQL template with the job's settings: `prepare`, `curate`, `params`,
+/// `stage` (its `name`, `from` and `vars`) and `functions` (each one's `role` and `model`).
+/// The `sql_string` filter quotes a value as a SQL string literal.
+pub fn render_sql(job: &Job, stage: &StageSpec) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_filter("sql_string", |value: String| {
+        format!("'{}'", value.replace('\'', "''"))
+    });
+    let mut stage_vars = stage.vars.clone();
+    stage_vars.insert("name".into(), stage.name.clone().into());
+    if let Some(from) = &stage.from {
+        stage_vars.insert("from".into(), from.clone().into());
+    }
+    let functions: BTreeMap<&str, BTreeMap<&str, &str>> = job
+        .functions
+        .iter()
+        .map(|f| {
+            let model = job.models.get(&f.role).map_or("", |m| m.model.as_str());
+            (f.name.as_str(), BTreeMap::from([("role", f.role.as_str()), ("model", model)]))
+        })
+        .collect();
     let ctx = minijinja::context! {
         prepare => minijinja::Value::from(minijinja::value::Serde(&job.prepare)),
-        curate => minijinja::context! { threshold => job.threshold },
+        curate => minijinja::context! { threshold => job.threshold, iteration => job.curate_iteration },
         params => minijinja::Value::from(minijinja::value::Serde(&job.params)),
+        stage => minijinja::Value::from(minijinja::value::Serde(&stage_vars)),
+        functions => minijinja::Value::from(minijinja::value::Serde(&functions)),
     };
-    env.render_str(template, ctx)
-        .map_err(|e| Error::Job(format!("SQL template of stage '{stage}': {e}")))
+    env.render_str(&stage.sql, ctx)
+        .map_err(|e| Error::Job(format!("SQL template of stage '{}': {e}", stage.name)))
 }
 
 fn referenced_tables(ctx: &SessionContext, sql: &str, stage: &str) -> Result<Vec<String>> {

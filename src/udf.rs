@@ -91,19 +91,14 @@ pub fn scalar_udfs(tokens: TokenCounter) -> Vec<ScalarUDF> {
         ScalarUDF::new_from_impl(Pure::new(PureKind::LogprobScore)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::WordTrigrams)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::TrigramOverlap)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::JudgeScore)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::ParseVerdict)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::RefusalPhrase)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::SelfReferencePhrase)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::SourceReferencePhrase)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::MaxRepeats)),
         ScalarUDF::new_from_impl(TokenCount::new(tokens)),
     ]
-}
-
-/// Argument names of each LLM function, which are also its template's variables.
-fn llm_arg_names(function: &str) -> Option<&'static [&'static str]> {
-    match function {
-        "backtranslate" => Some(&["text"]),
-        "score_pair" => Some(&["instruction", "response"]),
-        "rewrite" => Some(&["instruction", "draft"]),
-        "answer" => Some(&["instruction"]),
-        _ => None,
-    }
 }
 
 /// An LLM function: renders its template for each row and calls its model role.
@@ -111,7 +106,6 @@ fn llm_arg_names(function: &str) -> Option<&'static [&'static str]> {
 pub struct LlmFunction {
     spec: FunctionSpec,
     client: ModelClient,
-    arg_names: &'static [&'static str],
     templates: minijinja::Environment<'static>,
     signature: Signature,
 }
@@ -133,12 +127,6 @@ impl std::hash::Hash for LlmFunction {
 impl LlmFunction {
     /// Binds `spec` to `client`, checking that the template parses.
     pub fn new(spec: FunctionSpec, client: ModelClient) -> crate::error::Result<Self> {
-        let Some(arg_names) = llm_arg_names(&spec.name) else {
-            return Err(crate::error::Error::Internal(format!(
-                "no argument list for LLM function {}",
-                spec.name
-            )));
-        };
         let mut templates = minijinja::Environment::new();
         templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         templates
@@ -152,10 +140,9 @@ impl LlmFunction {
                 })?;
         }
         Ok(Self {
-            arg_names,
             templates,
             // Not `user_defined`: DataFusion's async wrapper does not forward `coerce_types`.
-            signature: Signature::string(arg_names.len(), Volatility::Volatile),
+            signature: Signature::string(spec.args.len(), Volatility::Volatile),
             spec,
             client,
         })
@@ -163,9 +150,10 @@ impl LlmFunction {
 
     fn render(&self, template: &str, values: &[&str]) -> std::result::Result<String, String> {
         let ctx: std::collections::BTreeMap<&str, String> = self
-            .arg_names
+            .spec
+            .args
             .iter()
-            .copied()
+            .map(String::as_str)
             .zip(values.iter().map(|v| v.to_string()))
             .collect();
         self.templates
@@ -387,6 +375,20 @@ enum PureKind {
     WordTrigrams,
     /// `trigram_overlap(text, reference)` -> share of the text's word trigrams in the reference
     TrigramOverlap,
+    /// `judge_score(text, finish_reason, error, top_logprobs)` -> struct(score, reason,
+    /// expected, mass, source) from a scoring reply in either mode
+    JudgeScore,
+    /// `parse_verdict(raw [, finish_reason])` -> struct(verdict, reason): good/bad
+    ParseVerdict,
+    /// `refusal_phrase(text)` -> the refusal or apology phrase found, or NULL
+    RefusalPhrase,
+    /// `self_reference_phrase(text)` -> "the text", "as an AI", ... found, or NULL
+    SelfReferencePhrase,
+    /// `source_reference_phrase(text)` -> "the article", "according to", ... found, or NULL
+    SourceReferencePhrase,
+    /// `max_repeats(text [, max_period])` -> copies in the longest back-to-back repeat of a
+    /// word sequence (up to `max_period` words, default 50)
+    MaxRepeats,
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -420,6 +422,16 @@ impl Pure {
             PureKind::LogprobScore => ("logprob_score", &["top_logprobs"], &[]),
             PureKind::WordTrigrams => ("word_trigrams", &["text"], &[]),
             PureKind::TrigramOverlap => ("trigram_overlap", &["text", "reference"], &[]),
+            PureKind::JudgeScore => (
+                "judge_score",
+                &["text", "finish_reason", "error", "top_logprobs"],
+                &[],
+            ),
+            PureKind::ParseVerdict => ("parse_verdict", &["raw"], &["finish_reason"]),
+            PureKind::RefusalPhrase => ("refusal_phrase", &["text"], &[]),
+            PureKind::SelfReferencePhrase => ("self_reference_phrase", &["text"], &[]),
+            PureKind::SourceReferencePhrase => ("source_reference_phrase", &["text"], &[]),
+            PureKind::MaxRepeats => ("max_repeats", &["text"], &["max_period"]),
             PureKind::CandidateUnits => (
                 "candidate_units",
                 &["text", "mode", "min_chars", "max_chars", "repeat_jaccard"],
@@ -448,6 +460,11 @@ impl ScalarUDFImpl for Pure {
                 arg_types.len()
             );
         }
+        if self.kind == PureKind::MaxRepeats {
+            let mut types = coerce_strings(name, &required[..1], &arg_types[..1])?;
+            types.extend(arg_types[1..].iter().map(|_| DataType::Int64));
+            return Ok(types);
+        }
         if self.kind == PureKind::CandidateUnits {
             return Ok(vec![
                 DataType::Utf8,
@@ -475,6 +492,9 @@ impl ScalarUDFImpl for Pure {
             PureKind::CandidateUnits => {
                 DataType::List(Arc::new(Field::new("item", unit_type(), true)))
             }
+            PureKind::JudgeScore => judge_score_type(),
+            PureKind::ParseVerdict => verdict_type(),
+            PureKind::MaxRepeats => DataType::Int64,
             _ => DataType::Utf8,
         })
     }
@@ -483,6 +503,9 @@ impl ScalarUDFImpl for Pure {
         let n = args.number_rows;
         if self.kind == PureKind::CandidateUnits {
             return candidate_units(&args.args, n);
+        }
+        if self.kind == PureKind::MaxRepeats {
+            return max_repeats(&args.args, n);
         }
         let cols = string_columns(&args.args, n)?;
         let get = |c: usize, i: usize| {
@@ -567,10 +590,112 @@ impl ScalarUDFImpl for Pure {
                     .map(|i| text::ngram_overlap(get(0, i)?, get(1, i)?, 3))
                     .collect::<datafusion::arrow::array::Float64Array>(),
             ),
-            PureKind::CandidateUnits => unreachable!("handled above"),
+            PureKind::JudgeScore => judge_scores(n, get),
+            PureKind::ParseVerdict => {
+                let mut verdict = StringBuilder::new();
+                let mut reason = StringBuilder::new();
+                for i in 0..n {
+                    let parsed = text::parse_verdict(get(0, i), get(1, i));
+                    verdict.append_option(parsed.verdict);
+                    reason.append_option(parsed.reason);
+                }
+                let DataType::Struct(fields) = verdict_type() else {
+                    unreachable!("a struct")
+                };
+                Arc::new(StructArray::new(
+                    fields,
+                    vec![Arc::new(verdict.finish()), Arc::new(reason.finish())],
+                    None,
+                ))
+            }
+            PureKind::RefusalPhrase => Arc::new(
+                (0..n)
+                    .map(|i| text::refusal_phrase(get(0, i)?))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::SelfReferencePhrase => Arc::new(
+                (0..n)
+                    .map(|i| text::self_reference_phrase(get(0, i)?))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::SourceReferencePhrase => Arc::new(
+                (0..n)
+                    .map(|i| text::source_reference_phrase(get(0, i)?))
+                    .collect::<StringArray>(),
+            ),
+            PureKind::CandidateUnits | PureKind::MaxRepeats => unreachable!("handled above"),
         };
         Ok(ColumnarValue::Array(array))
     }
+}
+
+fn judge_score_type() -> DataType {
+    DataType::Struct(Fields::from(vec![
+        Field::new("score", DataType::Int64, true),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("expected", DataType::Float64, true),
+        Field::new("mass", DataType::Float64, true),
+        Field::new("source", DataType::Utf8, true),
+    ]))
+}
+
+fn verdict_type() -> DataType {
+    DataType::Struct(Fields::from(vec![
+        Field::new("verdict", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
+    ]))
+}
+
+fn judge_scores<'a>(n: usize, get: impl Fn(usize, usize) -> Option<&'a str>) -> ArrayRef {
+    let mut score = Int64Builder::with_capacity(n);
+    let mut reason = StringBuilder::new();
+    let mut expected = Float64Builder::with_capacity(n);
+    let mut mass = Float64Builder::with_capacity(n);
+    let mut source = StringBuilder::new();
+    for i in 0..n {
+        let j = text::judge(get(0, i), get(1, i), get(2, i), get(3, i));
+        score.append_option(j.score);
+        reason.append_option(j.reason);
+        expected.append_option(j.expected);
+        mass.append_option(j.mass);
+        source.append_option(j.source);
+    }
+    let DataType::Struct(fields) = judge_score_type() else {
+        unreachable!("a struct")
+    };
+    Arc::new(StructArray::new(
+        fields,
+        vec![
+            Arc::new(score.finish()),
+            Arc::new(reason.finish()),
+            Arc::new(expected.finish()),
+            Arc::new(mass.finish()),
+            Arc::new(source.finish()),
+        ],
+        None,
+    ))
+}
+
+fn max_repeats(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
+    let texts = string_columns(&args[..1], n)?.remove(0);
+    let periods = match args.get(1) {
+        Some(a) => Some(cast(&a.to_array(n)?, &DataType::Int64)?),
+        None => None,
+    };
+    let periods = periods
+        .as_ref()
+        .map(|p| p.as_any().downcast_ref::<Int64Array>().expect("cast to Int64"));
+    let counts: Int64Array = (0..n)
+        .map(|i| {
+            let period = match periods {
+                Some(p) if p.is_null(i) => return None,
+                Some(p) => p.value(i).max(1) as usize,
+                None => 50,
+            };
+            (!texts.is_null(i)).then(|| text::max_repeats(texts.value(i), period) as i64)
+        })
+        .collect();
+    Ok(ColumnarValue::Array(Arc::new(counts)))
 }
 
 fn scalar_arg(args: &[ColumnarValue], i: usize, name: &str) -> Result<ScalarValue> {

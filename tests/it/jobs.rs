@@ -133,11 +133,33 @@ fn job_errors_name_the_problem() {
         ),
         (
             "[functions.summarise]\nmodel = \"scorer\"\n",
-            "[functions.summarise] is not an LLM function",
+            "[functions.summarise] is not built in: give `like = \"<built-in>\"`, or `args`, `template` and `model`",
         ),
         (
-            "[[stages]]\nname = \"filtered\"\n",
-            "stage 'filtered' is not built in",
+            "[functions.rescore_2]\nlike = \"score\"\n",
+            "like = \"score\" is not a built-in function",
+        ),
+        (
+            "[functions.summarise]\nargs = [\"text\"]\nmodel = \"scorer\"\n",
+            "[functions.summarise] needs `template` (a path)",
+        ),
+        (
+            "[functions.rewrite]\nmode = \"logprobs\"\n",
+            "only scoring functions have modes",
+        ),
+        (
+            "[curate]\niteration = 2\n",
+            "there are two scoring iterations",
+        ),
+        (
+            "[[stages]]\nname = \"summaries\"\n",
+            "stage 'summaries' is not built in",
+        ),
+        (
+            "[models.scorer]\nendpoint = \"mock\"\nmodel = \"m0\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n\
+             [[stages]]\nname = \"scored\"\n[[stages]]\nname = \"rescored\"\n",
+            "stage 'backtranslated' calls backtranslate, whose model role 'backward' is not in the job",
         ),
         ("colour = \"blue\"\n", "unknown field `colour`"),
     ];
