@@ -106,6 +106,9 @@ pub enum Command {
         /// and recall.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Seed pairs (a directory written by `backforth seed`) to compare as a subset.
+        #[arg(long)]
+        seed: Option<String>,
     },
     /// One self-contained HTML file with the tables of `stats`, bar charts as inline SVG, and
     /// pairs to read per score level.
@@ -121,6 +124,12 @@ pub enum Command {
         /// Human labels for the judge agreement table (as for `stats`).
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Seed pairs to compare as a subset (as for `stats`).
+        #[arg(long)]
+        seed: Option<String>,
+        /// Also write every plot as a PNG file into this directory (for papers and slides).
+        #[arg(long)]
+        png: Option<PathBuf>,
     },
     /// Run SQL over the stage outputs under a root; stage names are table names.
     Sql {
@@ -316,15 +325,16 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             tokenizer,
             sample,
             labels,
+            seed,
         } => {
-            let tables = crate::stats::stats(
-                &root,
-                analytics.as_deref(),
-                &tokenizer,
+            let opts = crate::stats::StatsOptions {
+                analytics: analytics.as_deref(),
+                tokenizer: &tokenizer,
                 sample,
-                labels.as_deref(),
-            )
-            .await?;
+                labels: labels.as_deref(),
+                seed: seed.as_deref(),
+            };
+            let tables = crate::stats::stats(&root, &opts).await?;
             match format.as_str() {
                 "table" => print!("{}", crate::stats::render_text(&tables)),
                 "csv" => print!("{}", crate::stats::render_csv(&tables)),
@@ -346,11 +356,23 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             out,
             tokenizer,
             labels,
+            seed,
+            png,
         } => {
-            let html = crate::report::report(&root, &tokenizer, labels.as_deref()).await?;
-            std::fs::write(&out, html)
+            let opts = crate::stats::StatsOptions {
+                tokenizer: &tokenizer,
+                labels: labels.as_deref(),
+                seed: seed.as_deref(),
+                ..Default::default()
+            };
+            let report = crate::report::report(&root, &opts).await?;
+            std::fs::write(&out, &report.html)
                 .map_err(|e| Error::Execution(format!("writing {}: {e}", out.display())))?;
             eprintln!("wrote {}", out.display());
+            if let Some(dir) = png {
+                let files = crate::report::write_pngs(&report.plots, &dir)?;
+                eprintln!("wrote {} PNG plots to {}", files.len(), dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Sql { root, query } => {

@@ -35,7 +35,8 @@ pub enum Api {
     Completions,
 }
 
-/// A job file as written.
+/// A job file as written. A file may start from another with `extends = "base.toml"`,
+/// changing only what differs; relative paths then resolve against the extending file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobFile {
@@ -469,10 +470,10 @@ pub struct Job {
 impl Job {
     /// Reads and resolves the job file at `path`, applying `overrides`.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Job(format!("cannot read job file {}: {e}", path.display())))?;
-        let file: JobFile =
-            toml::from_str(&text).map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
+        let table = read_job_table(path, 0)?;
+        let file: JobFile = table
+            .try_into()
+            .map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
         let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let default_name = path
             .file_stem()
@@ -563,6 +564,40 @@ impl Job {
             .filter(|s| wanted.contains(&s.name))
             .map(|s| s.name.clone())
             .collect())
+    }
+}
+
+/// Reads a job file as a TOML table, with the file it `extends` (a path relative to it)
+/// underneath: tables merge key by key, anything else (arrays such as `stages` included) is
+/// replaced by the extending file's value.
+fn read_job_table(path: &Path, depth: usize) -> Result<toml::Table> {
+    if depth > 8 {
+        return job_err!("{}: `extends` nests more than 8 files deep (a cycle?)", path.display());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Job(format!("cannot read job file {}: {e}", path.display())))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::Job(format!("{}: {e}", path.display())))?;
+    let Some(base) = table.remove("extends") else {
+        return Ok(table);
+    };
+    let Some(base) = base.as_str() else {
+        return job_err!("{}: `extends` must be a path to another job file", path.display());
+    };
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
+    let mut merged = read_job_table(&base_path, depth + 1)?;
+    merge_tables(&mut merged, table);
+    Ok(merged)
+}
+
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 

@@ -50,7 +50,8 @@ pub struct Reply {
 /// One request, fully rendered.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// LLM function that asks (`backtranslate`, ...); the mock answers according to it.
+    /// The built-in function that asks (`backtranslate`, ..., or the one a job's function
+    /// copies), else the function's name; the mock answers according to it.
     pub task: String,
     /// The rendered prompt.
     pub prompt: String,
@@ -723,7 +724,8 @@ pub fn mock_reply(req: &Request) -> Reply {
             )
         }
         // Roughly the shape of real judges: mostly 3-4, a fifth 5, some unparseable.
-        "score_pair" => match h % 20 {
+        // A second-iteration judge that does not simply echo the first.
+        "score_pair" | "rescore" => match (if req.task == "rescore" { h >> 20 } else { h }) % 20 {
             0 => "I am not able to judge this pair.".to_string(),
             r => {
                 let score = match r {
@@ -737,6 +739,19 @@ pub fn mock_reply(req: &Request) -> Reply {
             }
         },
         "rewrite" => format!("[RES]\n{}\n[/RES]", tail.trim()),
+        "judge_instruction" => match h % 6 {
+            0 => "The instruction depends on details it does not give.\nVerdict: bad".to_string(),
+            _ => "The instruction is clear and can be answered.\nVerdict: good".to_string(),
+        },
+        // Now and then the failures Kun's post-filters are there for.
+        "polish" => {
+            let reference = req.prompt.split("\n\n").nth(1).unwrap_or(tail).trim();
+            match h % 10 {
+                0 => "I'm sorry, but I cannot help with that.".to_string(),
+                1 => format!("According to the text, {reference}"),
+                _ => reference.to_string(),
+            }
+        }
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };
     // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.

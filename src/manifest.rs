@@ -100,6 +100,9 @@ pub struct Manifest {
     pub job: String,
     /// Fingerprint of each stage.
     pub stages: BTreeMap<String, Fingerprint>,
+    /// Stage names in the job's order (reports list stages this way).
+    #[serde(default)]
+    pub order: Vec<String>,
 }
 
 /// Reads the manifest under `root`, if there is one.

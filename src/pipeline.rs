@@ -601,6 +601,7 @@ impl Runner<'_> {
             &manifest::Manifest {
                 job: self.job.name.clone(),
                 stages: self.fingerprints.clone(),
+                order: self.job.stages.iter().map(|s| s.name.clone()).collect(),
             },
         )
         .await

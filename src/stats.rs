@@ -24,16 +24,16 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../sql/analytics/10_score_histogram.sql"),
     ),
     (
+        "12_score_transitions.sql",
+        include_str!("../sql/analytics/12_score_transitions.sql"),
+    ),
+    (
         "20_yield.sql",
         include_str!("../sql/analytics/20_yield.sql"),
     ),
     (
         "30_lengths.sql",
         include_str!("../sql/analytics/30_lengths.sql"),
-    ),
-    (
-        "31_lengths_distilled.sql",
-        include_str!("../sql/analytics/31_lengths_distilled.sql"),
     ),
     (
         "40_diversity.sql",
@@ -49,18 +49,26 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
-/// Subsets compared at an equal sample size (the diversity query).
-const SUBSETS: &[&str] = &["candidates", "scored", "curated", "rewritten"];
-
-/// Stage order of the paper's pipeline; other stages follow by name.
+/// Stage order of the paper's pipeline, for roots whose manifest predates the recorded order;
+/// other stages follow by name.
 const ORDER: &[&str] = &[
     "candidates",
     "backtranslated",
     "scored",
+    "rescored",
     "curated",
     "rewritten",
     "distilled",
 ];
+
+/// A set of pairs the lengths and diversity queries compare: a table and the SQL of its
+/// instruction and response.
+#[derive(Debug, Clone, Serialize)]
+struct Subset {
+    name: String,
+    instruction: String,
+    response: String,
+}
 
 /// One table of the report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -77,43 +85,54 @@ pub struct Table {
 }
 
 /// Computes the funnel and every analytics query for the run under `root`.
-pub async fn stats(
-    root: &str,
-    extra: Option<&Path>,
-    tokenizer: &str,
-    sample: Option<u64>,
-    labels: Option<&Path>,
-) -> Result<Vec<Table>> {
+pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
     let root = Location::parse(root)?;
     let (ctx, mut stages) = pipeline::open_root(&root).await?;
+    let order = crate::manifest::read(&root)
+        .await?
+        .map(|m| m.order)
+        .filter(|o| !o.is_empty())
+        .unwrap_or_else(|| ORDER.iter().map(|s| s.to_string()).collect());
     stages.sort_by_key(|s| {
         (
-            ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()),
+            order.iter().position(|o| o == s).unwrap_or(order.len()),
             s.clone(),
         )
     });
-    if let Some(path) = labels {
+    let funnel = funnel(&root, &stages).await?;
+    if let Some(path) = opts.labels {
         ctx.register_batch("labels", read_labels(path)?)?;
         stages.push("labels".to_string());
     }
-    let tokens = TokenCounter::load(tokenizer, Path::new("."))?;
+    if let Some(seed) = opts.seed {
+        let seed = Location::parse(seed)?;
+        pipeline::register_store(&ctx, &seed);
+        ctx.register_parquet("seed", seed.dir_url(), Default::default())
+            .await
+            .map_err(|e| Error::Job(format!("seed pairs {}: {e}", seed.describe())))?;
+        stages.push("seed".to_string());
+    }
+    let tokens = TokenCounter::load(opts.tokenizer, Path::new("."))?;
     for udf in crate::udf::scalar_udfs(tokens) {
         ctx.register_udf(udf);
     }
+    let subsets = subsets(&ctx, &stages).await?;
+    let rewrites = rewrites(&ctx, &stages).await?;
     // Equal sample size for diversity: the smallest subset's, unless the user sets one.
     let mut smallest = u64::MAX;
-    for subset in SUBSETS {
-        if let Some(s) = pipeline::read_stage_stats(&root, subset).await? {
-            smallest = smallest.min(s.rows_out);
-        }
+    for subset in &subsets {
+        let rows = ctx.table(subset.name.as_str()).await?.count().await? as u64;
+        smallest = smallest.min(rows);
     }
-    let sample = sample.unwrap_or(if smallest == u64::MAX { 0 } else { smallest });
-    let mut tables = vec![funnel(&root, &stages).await?];
+    let sample = opts
+        .sample
+        .unwrap_or(if smallest == u64::MAX { 0 } else { smallest });
+    let mut tables = vec![funnel];
     let mut queries: Vec<(String, String)> = BUILTIN
         .iter()
         .map(|(n, q)| (n.to_string(), q.to_string()))
         .collect();
-    if let Some(dir) = extra {
+    if let Some(dir) = opts.analytics {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| Error::Job(format!("analytics directory {}: {e}", dir.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -127,11 +146,72 @@ pub async fn stats(
     }
     for (name, template) in queries {
         let sql = minijinja::Environment::new()
-            .render_str(&template, minijinja::context! { sample => sample })
+            .render_str(
+                &template,
+                minijinja::context! {
+                    sample => sample, stages => &stages, rewrites => &rewrites,
+                    subsets => minijinja::Value::from(minijinja::value::Serde(&subsets)),
+                },
+            )
             .map_err(|e| Error::Job(format!("analytics query {name}: {e}")))?;
         tables.push(run_query(&ctx, &name, &sql, &stages).await?);
     }
     Ok(tables)
+}
+
+/// What `stats` reads besides the run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatsOptions<'a> {
+    /// A directory of the user's analytics queries, run after the built-in ones.
+    pub analytics: Option<&'a Path>,
+    /// Tokenizer for token counts (`cl100k_base`, `o200k_base` or a `tokenizer.json`).
+    pub tokenizer: &'a str,
+    /// Rows per subset for diversity (default: the smallest subset's size).
+    pub sample: Option<u64>,
+    /// Human labels of pairs for judge agreement.
+    pub labels: Option<&'a Path>,
+    /// Seed pairs (the directory `backforth seed` wrote), compared as a subset.
+    pub seed: Option<&'a str>,
+}
+
+/// The candidates, every stage with an `instruction` column, and the seed, in that order.
+async fn subsets(ctx: &datafusion::prelude::SessionContext, stages: &[String]) -> Result<Vec<Subset>> {
+    let mut out = Vec::new();
+    for stage in stages.iter().filter(|s| *s != "labels") {
+        let schema = ctx.table(stage.as_str()).await?.schema().clone();
+        let has = |c: &str| schema.has_column_with_unqualified_name(c);
+        let instruction = if has("instruction") {
+            "instruction"
+        } else if stage == "candidates" {
+            "CAST(NULL AS VARCHAR)"
+        } else {
+            continue;
+        };
+        let response = if has("response") { "response" } else { "text" };
+        if has(response) {
+            out.push(Subset {
+                name: stage.clone(),
+                instruction: instruction.into(),
+                response: response.into(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Stages that wrote a `response` beside the web `text` it was made from (the seed has no
+/// draft, and the distilled baseline never saw one).
+async fn rewrites(ctx: &datafusion::prelude::SessionContext, stages: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for stage in stages.iter().filter(|s| !matches!(s.as_str(), "labels" | "seed" | "distilled")) {
+        let schema = ctx.table(stage.as_str()).await?.schema().clone();
+        if schema.has_column_with_unqualified_name("response")
+            && schema.has_column_with_unqualified_name("text")
+        {
+            out.push(stage.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Human labels of pairs: CSV `id,label` (with a header) or JSON lines `{"id", "label"}`;

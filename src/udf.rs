@@ -210,7 +210,11 @@ impl LlmFunction {
             Ok(prompt) => {
                 self.client
                     .call(Request {
-                        task: self.spec.name.clone(),
+                        task: self
+                            .spec
+                            .builtin
+                            .clone()
+                            .unwrap_or_else(|| self.spec.name.clone()),
                         prompt,
                         system: self.spec.system.clone(),
                         max_tokens,

@@ -1,12 +1,13 @@
 -- Lengths per subset, mean and std, in characters (Humpback Table 2) and tokens (BaF Table 6)
+-- Subsets are the candidates, every stage with instructions (the response is `response` where
+-- the stage wrote one, else the web text), and the seed pairs with `stats --seed`.
 -- Tokens use `stats --tokenizer` (default cl100k_base, an approximation for other models).
--- requires: candidates, scored, curated, rewritten
+-- requires: candidates
 WITH subsets AS (
-    SELECT 1 AS ord, 'candidates' AS subset, CAST(NULL AS VARCHAR) AS instruction, text AS response
-    FROM candidates
-    UNION ALL SELECT 2, 'scored', instruction, text FROM scored
-    UNION ALL SELECT 3, 'curated', instruction, text FROM curated
-    UNION ALL SELECT 4, 'rewritten', instruction, response FROM rewritten
+{%- for s in subsets %}
+    {% if not loop.first %}UNION ALL {% endif %}SELECT {{ loop.index }} AS ord, '{{ s.name }}' AS subset,
+           {{ s.instruction }} AS instruction, {{ s.response }} AS response FROM {{ s.name }}
+{%- endfor %}
 ),
 measured AS (
     SELECT ord, subset,

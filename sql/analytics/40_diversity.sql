@@ -1,13 +1,13 @@
 -- Diversity: unique word trigrams across instructions and across responses, at an equal sample size
--- (BaF Figure 3). Each subset is cut to the first {{ sample }} rows by id, the smallest subset's size
--- unless `stats --sample` says otherwise.
--- requires: candidates, scored, curated, rewritten
+-- (BaF Figure 3). Each subset (as in the lengths table) is cut to its first {{ sample }} rows
+-- by id, the smallest subset's size unless `stats --sample` says otherwise.
+-- requires: candidates
 WITH samples AS (
-    SELECT 1 AS ord, 'candidates' AS subset, CAST(NULL AS VARCHAR) AS instruction, text AS response
-    FROM (SELECT * FROM candidates ORDER BY id LIMIT {{ sample }})
-    UNION ALL SELECT 2, 'scored', instruction, text FROM (SELECT * FROM scored ORDER BY id LIMIT {{ sample }})
-    UNION ALL SELECT 3, 'curated', instruction, text FROM (SELECT * FROM curated ORDER BY id LIMIT {{ sample }})
-    UNION ALL SELECT 4, 'rewritten', instruction, response FROM (SELECT * FROM rewritten ORDER BY id LIMIT {{ sample }})
+{%- for s in subsets %}
+    {% if not loop.first %}UNION ALL {% endif %}SELECT {{ loop.index }} AS ord, '{{ s.name }}' AS subset,
+           {{ s.instruction }} AS instruction, {{ s.response }} AS response
+    FROM (SELECT * FROM {{ s.name }} ORDER BY id LIMIT {{ sample }})
+{%- endfor %}
 ),
 instruction_grams AS (
     SELECT ord, subset, unnest(word_trigrams(instruction)) AS gram FROM samples

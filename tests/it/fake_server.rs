@@ -165,10 +165,35 @@ pub fn latency_for(state: &FakeState, prompt: &str) -> Duration {
     }
 }
 
+/// The answer `model` gives to `prompt`: a model whose name ends in `m1` (Humpback's second
+/// scorer) judges differently from the others, which all answer as [`answer_for`].
+pub fn answer_as(model: &str, prompt: &str) -> String {
+    if model.ends_with("m1") {
+        answer_for(&format!("{prompt}\n(m1)"))
+    } else {
+        answer_for(prompt)
+    }
+}
+
 /// The answer the fake gives to `prompt`, by what the prompt asks for.
 pub fn answer_for(prompt: &str) -> String {
     let h = hash(prompt);
-    if prompt.contains("Score: N") {
+    if prompt.contains("Verdict: good") {
+        match h % 8 {
+            0 => "The instruction is vague.\nVerdict: bad".to_string(),
+            1 => "Hard to say.".to_string(),
+            _ => "Clear and complete.\nVerdict: good".to_string(),
+        }
+    } else if prompt.contains("Using the reference text") {
+        let request = prompt.rsplit("Request:\n").next().unwrap_or("").trim();
+        match h % 8 {
+            0 => "I'm sorry, but I cannot help with that request.".to_string(),
+            1 => format!("According to the text, {request}"),
+            2 => "Yes.".to_string(),
+            3 => "It depends. ".repeat(8),
+            _ => format!("Polished answer ({:08x}) to: {request}", h as u32),
+        }
+    } else if prompt.contains("Score: N") {
         match h % 10 {
             // Reasoning that mentions other digits first; the last `Score:` must win.
             0 => "Between 2 and 3 points of detail are missing, so Score: 2 at first glance.\nScore: 4".to_string(),
@@ -228,7 +253,7 @@ async fn respond(state: Arc<FakeState>, body: Value) -> String {
         .entry(prompt.clone())
         .or_default() += 1;
     tokio::time::sleep(latency_for(&state, &prompt)).await;
-    let answer = answer_for(&prompt);
+    let answer = answer_as(body["model"].as_str().unwrap_or_default(), &prompt);
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     state.log.lock().unwrap().push(Exchange {
         prompt,

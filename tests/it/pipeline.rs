@@ -532,7 +532,7 @@ fn stats_reports_the_funnel_histogram_yield_and_lengths() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r[1].as_str().unwrap().parse::<u64>().unwrap())
+        .map(|r| r[3].as_str().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(
         total,
@@ -541,7 +541,7 @@ fn stats_reports_the_funnel_histogram_yield_and_lengths() {
     let yields = table("Yield per threshold");
     assert_eq!(cell(&yields, 2, 0), "score >= 5");
     assert_eq!(
-        cell(&yields, 2, 1),
+        cell(&yields, 2, 2),
         marker(&run.root, "curated")["rows_out"].to_string()
     );
     let lengths = table("Lengths per subset");

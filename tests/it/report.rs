@@ -40,11 +40,14 @@ fn report_renders_in_chromium_and_runs_no_script_from_the_data() {
     let root = dir.path().join("out");
     hand_made_root(&root);
     let html = dir.path().join("report.html");
+    let pngs = dir.path().join("png");
     backforth_ok(&[
         "report",
         root.to_str().unwrap(),
         "--out",
         html.to_str().unwrap(),
+        "--png",
+        pngs.to_str().unwrap(),
     ]);
     let source = std::fs::read_to_string(&html).unwrap();
     assert!(source.contains("what happened &lt;script&gt;alert(1)&lt;/script&gt;"));
@@ -60,9 +63,11 @@ fn report_renders_in_chromium_and_runs_no_script_from_the_data() {
         String::from_utf8_lossy(&dom.stderr)
     );
     let dom = String::from_utf8_lossy(&dom.stdout);
-    // Score histogram 3 bars, yield 3, lengths 4, diversity 4.
-    assert_eq!(dom.matches("<svg").count(), 4, "{dom}");
-    assert_eq!(dom.matches("<rect class=\"bar\"").count(), 14);
+    // Score histograms of iterations 0 and 1 with 3 bars each, yield 6 (3 thresholds x 2
+    // iterations), lengths 5, diversity 5; the transition matrix 3 rows x 6 cells.
+    assert_eq!(dom.matches("<svg").count(), 6, "{dom}");
+    assert_eq!(dom.matches("<rect class=\"bar\"").count(), 22);
+    assert_eq!(dom.matches("<rect class=\"cell\"").count(), 18);
     // The document's script is text in the page, and no script element exists.
     assert!(dom.contains("what happened &lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(
@@ -91,4 +96,56 @@ fn report_renders_in_chromium_and_runs_no_script_from_the_data() {
         "a screenshot with content: {} bytes",
         png.len()
     );
+}
+
+#[test]
+fn report_png_plots_have_bars_and_text() {
+    use resvg::tiny_skia::Pixmap;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    hand_made_root(&root);
+    let pngs = dir.path().join("png");
+    backforth_ok(&[
+        "report",
+        root.to_str().unwrap(),
+        "--out",
+        dir.path().join("report.html").to_str().unwrap(),
+        "--png",
+        pngs.to_str().unwrap(),
+    ]);
+    let mut names: Vec<String> = std::fs::read_dir(&pngs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "diversity.png",
+            "lengths.png",
+            "score_histogram_it0_m0.png",
+            "score_histogram_it1_m1.png",
+            "score_transitions.png",
+            "yield.png",
+        ]
+    );
+    for name in &names {
+        let pixmap = Pixmap::load_png(pngs.join(name)).unwrap();
+        let pixels = pixmap.pixels();
+        let bar = pixels
+            .iter()
+            .filter(|p| (p.red(), p.green(), p.blue()) == (0x4a, 0x7a, 0xb8))
+            .count();
+        // Glyphs are drawn: near-black pixels, beside the white background.
+        let ink = pixels
+            .iter()
+            .filter(|p| p.red() < 60 && p.green() < 60 && p.blue() < 60)
+            .count();
+        let white = pixels.iter().filter(|p| p.red() == 255 && p.green() == 255).count();
+        assert!(ink > 200, "{name}: {ink} text pixels");
+        assert!(white > pixels.len() / 4, "{name}: a white background");
+        if name != "score_transitions.png" {
+            assert!(bar > 1000, "{name}: {bar} bar pixels");
+        }
+    }
 }

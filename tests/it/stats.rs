@@ -13,8 +13,8 @@ fn marker(stage: &str, rows: u64) -> String {
     .to_string()
 }
 
-/// Three candidates `a`, `b`, `c`; `a` scores 5, `b` 3, `c` has no score; `a` is kept and
-/// rewritten with one word added.
+/// Three candidates `a`, `b`, `c`; `a` scores 5, `b` 3, `c` has no score (model m0); a second
+/// iteration (model m1) gives them 4, 3 and 5; `a` is kept and rewritten with one word added.
 pub fn hand_made_root(root: &std::path::Path) {
     let tables = [
         (
@@ -30,11 +30,22 @@ pub fn hand_made_root(root: &std::path::Path) {
         (
             "scored",
             3,
-            "SELECT id, instruction, text, CAST(score AS BIGINT) AS score, reason AS score_reason, 'x' AS source, \
+            "SELECT id, instruction, text, CAST(score AS BIGINT) AS score, reason AS score_reason, 'm0' AS score_model, 'x' AS source, \
             named_struct('prompt_tokens', CAST(200 AS BIGINT), 'completion_tokens', CAST(20 AS BIGINT)) AS judgement \
             FROM (VALUES ('a', 'what did the cat do', 'the cat sat on the mat', 5, NULL), \
                          ('b', 'where did the dog run', 'a dog ran in the park', 3, NULL), \
                          ('c', 'what happened <script>alert(1)</script>', 'the cat sat on the mat again', NULL, 'no_score')) AS t(id, instruction, text, score, reason)",
+        ),
+        (
+            "rescored",
+            3,
+            "SELECT id, instruction, text, CAST(score AS BIGINT) AS score, CAST(score_1 AS BIGINT) AS score_1, \
+            CAST(NULL AS VARCHAR) AS score_reason_1, 'm1' AS score_model_1, \
+            named_struct('prompt_tokens', CAST(200 AS BIGINT), 'completion_tokens', CAST(20 AS BIGINT)) AS judgement, \
+            named_struct('prompt_tokens', CAST(300 AS BIGINT), 'completion_tokens', CAST(30 AS BIGINT)) AS judgement_1 \
+            FROM (VALUES ('a', 'what did the cat do', 'the cat sat on the mat', 5, 4), \
+                         ('b', 'where did the dog run', 'a dog ran in the park', 3, 3), \
+                         ('c', 'what happened', 'the cat sat on the mat again', NULL, 5)) AS t(id, instruction, text, score, score_1)",
         ),
         (
             "curated",
@@ -99,26 +110,44 @@ fn every_statistic_on_a_hand_checked_dataset() {
     assert_eq!(
         rows("Score histogram"),
         vec![
-            v(&["3", "1", "33.3"]),
-            v(&["5", "1", "33.3"]),
-            v(&["none (no_score)", "1", "33.3"])
+            v(&["0", "m0", "3", "1", "33.3"]),
+            v(&["0", "m0", "5", "1", "33.3"]),
+            v(&["0", "m0", "none (no_score)", "1", "33.3"]),
+            v(&["1", "m1", "3", "1", "33.3"]),
+            v(&["1", "m1", "4", "1", "33.3"]),
+            v(&["1", "m1", "5", "1", "33.3"]),
         ]
     );
-    // 3 x (100 + 10) + 3 x (200 + 20) = 990 tokens spent before curation.
+    // b stays at 3, a goes from 5 to 4, c from no score to 5.
+    assert_eq!(
+        rows("Score transitions"),
+        vec![
+            v(&["3", "0", "0", "1", "0", "0", "0", "1"]),
+            v(&["5", "0", "0", "0", "1", "0", "0", "1"]),
+            v(&["none", "0", "0", "0", "0", "1", "0", "1"]),
+        ]
+    );
+    // 3 x (100 + 10) + 3 x (200 + 20) = 990 tokens spent before curation at iteration 0,
+    // and 3 x (300 + 30) = 990 more for iteration 1.
     assert_eq!(
         rows("Yield per threshold"),
         vec![
-            v(&["score >= 3", "2", "66.7", "495"]),
-            v(&["score >= 4", "1", "33.3", "990"]),
-            v(&["score >= 5", "1", "33.3", "990"]),
+            v(&["score >= 3", "0", "2", "66.7", "495"]),
+            v(&["score >= 4", "0", "1", "33.3", "990"]),
+            v(&["score >= 5", "0", "1", "33.3", "990"]),
+            v(&["score >= 3", "1", "3", "100.0", "660"]),
+            v(&["score >= 4", "1", "2", "66.7", "990"]),
+            v(&["score >= 5", "1", "1", "33.3", "1980"]),
         ]
     );
     // Response characters of the candidates: 22, 21 and 28.
     let lengths = rows("Lengths per subset");
+    let subsets: Vec<&str> = lengths.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(subsets, ["candidates", "scored", "rescored", "curated", "rewritten"]);
     assert_eq!(lengths[0][0..2], v(&["candidates", "3"]));
     assert_eq!(lengths[0][6], "23.7");
-    assert_eq!(lengths[3][0..2], v(&["rewritten", "1"]));
-    assert_eq!(lengths[3][6], "28.0");
+    assert_eq!(lengths[4][0..2], v(&["rewritten", "1"]));
+    assert_eq!(lengths[4][6], "28.0");
     // Equal sample size = the smallest subset (1 row): "the cat sat on the mat" has 4
     // trigrams, "what did the cat do" 3, the rewrite 5.
     assert_eq!(
@@ -126,6 +155,7 @@ fn every_statistic_on_a_hand_checked_dataset() {
         vec![
             v(&["candidates", "1", "0", "4"]),
             v(&["scored", "1", "3", "4"]),
+            v(&["rescored", "1", "3", "4"]),
             v(&["curated", "1", "3", "4"]),
             v(&["rewritten", "1", "3", "5"]),
         ]
@@ -133,7 +163,7 @@ fn every_statistic_on_a_hand_checked_dataset() {
     // 4 of the rewrite's 5 trigrams are in the draft; " today" is one more token.
     assert_eq!(
         rows("Rewrite overlap"),
-        vec![v(&["1", "0.8", "0.8", "0.8", "0.8", "1.0"])]
+        vec![v(&["rewritten", "1", "0.8", "0.8", "0.8", "0.8", "1.0"])]
     );
     // a: kept and good; b: dropped but good; c: dropped and bad.
     assert_eq!(
