@@ -3,6 +3,7 @@
 mod batch;
 mod concurrency;
 mod crash;
+mod examples;
 mod fake_server;
 mod faults;
 mod ingest;
