@@ -156,9 +156,41 @@ pub enum Command {
         /// Where the tag sentence goes.
         #[arg(long, value_enum, default_value = "none")]
         tag: TagMode,
-        /// The tag sentence.
+        /// The tag sentence of the synthetic pairs.
         #[arg(long, default_value = export::WEB_TAG)]
         tag_text: String,
+        /// Mix in the seed pairs of this directory (written by `backforth seed`).
+        #[arg(long)]
+        seed: Option<String>,
+        /// The tag sentence of the seed pairs.
+        #[arg(long, default_value = export::SEED_TAG)]
+        seed_tag_text: String,
+        /// Sample this many synthetic pairs (3200, 12800, 51200, ...); default all.
+        #[arg(long)]
+        size: Option<usize>,
+        /// Seed of the sample and of the mixed order: the same seed gives the same file.
+        #[arg(long, default_value_t = 0)]
+        sample_seed: u64,
+        /// Do not write the dataset card (README.md) beside the output.
+        #[arg(long)]
+        no_card: bool,
+    },
+    /// Seed pairs from Open Assistant trees: first turn, English, reply ranked 0, best quality
+    /// labels first; with the forward and reversed pairs for training the scorer and the
+    /// backward model.
+    Seed {
+        /// OASST messages (flat JSONL, .gz, .zst or Parquet) or trees JSONL.
+        #[arg(long)]
+        input: PathBuf,
+        /// Directory for seed.parquet, forward/backward pairs and seed_report.json.
+        #[arg(long)]
+        output: PathBuf,
+        /// Pairs to keep.
+        #[arg(long, default_value_t = crate::seed::DEFAULT_COUNT)]
+        count: usize,
+        /// Format of the forward and backward training files.
+        #[arg(long, value_enum, default_value = "openai-chat")]
+        format: Format,
     },
 }
 
@@ -386,17 +418,63 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             table,
             tag,
             tag_text,
+            seed,
+            seed_tag_text,
+            size,
+            sample_seed,
+            no_card,
         } => {
-            let n = export::export(&ExportOptions {
+            let counts = export::export(&ExportOptions {
                 root,
                 table,
                 format,
                 output: output.clone(),
                 tag,
                 tag_text,
+                seed,
+                seed_tag_text,
+                size,
+                sample_seed,
+                card: !no_card,
             })
             .await?;
-            eprintln!("wrote {n} pairs to {output}");
+            eprintln!(
+                "wrote {} pairs to {output} ({} synthetic of {}, {} seed)",
+                counts.synthetic + counts.seed,
+                counts.synthetic,
+                counts.available,
+                counts.seed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed {
+            input,
+            output,
+            count,
+            format,
+        } => {
+            let report = crate::seed::seed(&input, &output, count, format).await?;
+            for p in report.problems.iter().take(10) {
+                let tree = if p.tree.is_empty() { String::new() } else { format!(" [tree {}]", p.tree) };
+                eprintln!("{}: {}{tree}", p.at, p.message);
+            }
+            if report.problems.len() > 10 {
+                eprintln!("... {} more problems in seed_report.json", report.problems.len() - 10);
+            }
+            let summary: Vec<String> = crate::seed::problem_summary(&report.problems)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            eprintln!(
+                "{} messages in {} trees; {} malformed trees left out ({}); {} eligible pairs; kept {} in {}",
+                report.messages,
+                report.trees,
+                report.malformed_trees,
+                if summary.is_empty() { "none".to_string() } else { summary.join(" ") },
+                report.eligible,
+                report.kept,
+                output.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -534,6 +534,45 @@ impl Job {
         })
     }
 
+    /// What a dataset card records of the job: the settings that shape the data, without
+    /// endpoints (which may carry credentials) or key variable names.
+    pub fn settings(&self) -> serde_json::Value {
+        let models: BTreeMap<&str, serde_json::Value> = self
+            .models
+            .iter()
+            .filter(|(_, m)| m.declared)
+            .map(|(role, m)| {
+                (
+                    role.as_str(),
+                    serde_json::json!({
+                        "model": m.model, "api": m.api, "temperature": m.temperature,
+                        "top_p": m.top_p, "max_tokens": m.max_tokens, "extra": m.extra,
+                    }),
+                )
+            })
+            .collect();
+        let stages: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "from": s.from, "vars": s.vars}))
+            .collect();
+        let functions: Vec<serde_json::Value> = self
+            .functions
+            .iter()
+            .filter(|f| self.stages.iter().any(|s| s.sql.contains(&format!("{}(", f.name))))
+            .map(|f| serde_json::json!({"name": f.name, "model": f.role, "max_tokens": f.max_tokens, "logprobs": f.logprobs}))
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "prepare": self.prepare,
+            "curate": {"threshold": self.threshold, "iteration": self.curate_iteration},
+            "models": models,
+            "functions": functions,
+            "stages": stages,
+            "params": self.params,
+        })
+    }
+
     /// The LLM functions `sql` calls.
     pub fn functions_in<'a>(&'a self, sql: &'a str) -> impl Iterator<Item = &'a FunctionSpec> + 'a {
         self.functions

@@ -21,6 +21,7 @@ pub mod openai_batch;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod seed;
 pub mod stats;
 pub mod storage;
 pub mod text;

@@ -47,6 +47,10 @@ pub const DROP_COLUMN: &str = "_drop";
 pub const DROP_REASON_COLUMN: &str = "drop_reason";
 /// Directory of a sharded stage holding one marker per published shard.
 pub const SHARDS_DIR: &str = "_shards";
+
+/// The run's settings under the output root, for dataset cards: models, prompts' roles,
+/// stages and thresholds (never endpoints or keys).
+pub const JOB_FILE: &str = "_job.json";
 /// Table of the dedup keys kept by earlier input shards, for the stage that reads the input.
 pub const SEEN_KEYS: &str = "seen_keys";
 
@@ -604,7 +608,8 @@ impl Runner<'_> {
                 order: self.job.stages.iter().map(|s| s.name.clone()).collect(),
             },
         )
-        .await
+        .await?;
+        write_json(&self.root, &self.root.path(JOB_FILE), &self.job.settings()).await
     }
 
     async fn has_shard_markers(&self, stage: &str) -> Result<bool> {
