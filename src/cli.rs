@@ -95,10 +95,10 @@ pub enum Command {
         /// A directory of more analytics queries (`*.sql`) to report.
         #[arg(long)]
         analytics: Option<PathBuf>,
-        /// Tokenizer for token lengths: `cl100k_base` (default, an approximation for other
-        /// models), `o200k_base`, or a `tokenizer.json`.
-        #[arg(long, default_value = "cl100k_base")]
-        tokenizer: String,
+        /// Tokenizer for token lengths: `cl100k_base`, `o200k_base`, or a `tokenizer.json`
+        /// (default: the job's, else cl100k_base, labelled as an approximation).
+        #[arg(long)]
+        tokenizer: Option<String>,
         /// Rows per subset for the diversity comparison (default: the smallest subset's size).
         #[arg(long)]
         sample: Option<u64>,
@@ -119,8 +119,8 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Tokenizer for token lengths (as for `stats`).
-        #[arg(long, default_value = "cl100k_base")]
-        tokenizer: String,
+        #[arg(long)]
+        tokenizer: Option<String>,
         /// Human labels for the judge agreement table (as for `stats`).
         #[arg(long)]
         labels: Option<PathBuf>,
@@ -361,7 +361,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         } => {
             let opts = crate::stats::StatsOptions {
                 analytics: analytics.as_deref(),
-                tokenizer: &tokenizer,
+                tokenizer: tokenizer.as_deref(),
                 sample,
                 labels: labels.as_deref(),
                 seed: seed.as_deref(),
@@ -392,7 +392,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             png,
         } => {
             let opts = crate::stats::StatsOptions {
-                tokenizer: &tokenizer,
+                tokenizer: tokenizer.as_deref(),
                 labels: labels.as_deref(),
                 seed: seed.as_deref(),
                 ..Default::default()

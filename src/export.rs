@@ -418,7 +418,6 @@ async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
     let tables = crate::stats::stats(
         &opts.root,
         &crate::stats::StatsOptions {
-            tokenizer: "cl100k_base",
             seed: opts.seed.as_deref(),
             ..Default::default()
         },

@@ -562,9 +562,14 @@ impl Job {
             .filter(|f| self.stages.iter().any(|s| s.sql.contains(&format!("{}(", f.name))))
             .map(|f| serde_json::json!({"name": f.name, "model": f.role, "max_tokens": f.max_tokens, "logprobs": f.logprobs}))
             .collect();
+        let mut prepare = serde_json::json!(self.prepare);
+        if !matches!(self.prepare.tokenizer.as_str(), "cl100k_base" | "o200k_base") {
+            // A tokenizer.json path, made absolute so `stats` finds it from anywhere.
+            prepare["tokenizer"] = resolve_path(&self.base_dir, &self.prepare.tokenizer).into();
+        }
         serde_json::json!({
             "name": self.name,
-            "prepare": self.prepare,
+            "prepare": prepare,
             "curate": {"threshold": self.threshold, "iteration": self.curate_iteration},
             "models": models,
             "functions": functions,

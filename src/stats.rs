@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -112,7 +113,7 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
             .map_err(|e| Error::Job(format!("seed pairs {}: {e}", seed.describe())))?;
         stages.push("seed".to_string());
     }
-    let tokens = TokenCounter::load(opts.tokenizer, Path::new("."))?;
+    let (tokens, token_label) = tokenizer(&root, opts.tokenizer).await?;
     for udf in crate::udf::scalar_udfs(tokens) {
         ctx.register_udf(udf);
     }
@@ -154,7 +155,11 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
                 },
             )
             .map_err(|e| Error::Job(format!("analytics query {name}: {e}")))?;
-        tables.push(run_query(&ctx, &name, &sql, &stages).await?);
+        let mut table = run_query(&ctx, &name, &sql, &stages).await?;
+        if sql.contains("token_count(") {
+            table.title = format!("{} [tokens: {token_label}]", table.title);
+        }
+        tables.push(table);
     }
     Ok(tables)
 }
@@ -164,14 +169,42 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
 pub struct StatsOptions<'a> {
     /// A directory of the user's analytics queries, run after the built-in ones.
     pub analytics: Option<&'a Path>,
-    /// Tokenizer for token counts (`cl100k_base`, `o200k_base` or a `tokenizer.json`).
-    pub tokenizer: &'a str,
+    /// Tokenizer for token counts (`cl100k_base`, `o200k_base` or a `tokenizer.json`);
+    /// `None` takes the job's, else cl100k_base as a labelled approximation.
+    pub tokenizer: Option<&'a str>,
     /// Rows per subset for diversity (default: the smallest subset's size).
     pub sample: Option<u64>,
     /// Human labels of pairs for judge agreement.
     pub labels: Option<&'a Path>,
     /// Seed pairs (the directory `backforth seed` wrote), compared as a subset.
     pub seed: Option<&'a str>,
+}
+
+/// The tokenizer token counts use, and how the tables name it: the one asked for, else the
+/// job's (recorded in `_job.json`), else cl100k_base, said to be an approximation.
+async fn tokenizer(root: &Location, asked: Option<&str>) -> Result<(TokenCounter, String)> {
+    if let Some(spec) = asked {
+        return Ok((TokenCounter::load(spec, Path::new("."))?, spec.to_string()));
+    }
+    let job: Option<serde_json::Value> = match root.store.get(&root.path(pipeline::JOB_FILE)).await
+    {
+        Ok(got) => serde_json::from_slice(&got.bytes().await?).ok(),
+        Err(_) => None,
+    };
+    let named = job
+        .as_ref()
+        .and_then(|j| j.pointer("/prepare/tokenizer"))
+        .and_then(|t| t.as_str());
+    if let Some(spec) = named
+        && let Ok(tokens) = TokenCounter::load(spec, Path::new("."))
+    {
+        return Ok((tokens, format!("{spec}, the job's tokenizer")));
+    }
+    let label = match named {
+        Some(spec) => format!("cl100k_base, an approximation: the job's {spec} did not load"),
+        None => "cl100k_base, an approximation: no tokenizer named (--tokenizer)".to_string(),
+    };
+    Ok((TokenCounter::load("cl100k_base", Path::new("."))?, label))
 }
 
 /// The candidates, every stage with an `instruction` column, and the seed, in that order.

@@ -140,6 +140,16 @@ fn every_statistic_on_a_hand_checked_dataset() {
             v(&["score >= 5", "1", "1", "33.3", "1980"]),
         ]
     );
+    // No job recorded a tokenizer here: the counts say they are an approximation.
+    let lengths_title = tables
+        .iter()
+        .map(|t| t["title"].as_str().unwrap())
+        .find(|t| t.starts_with("Lengths per subset"))
+        .unwrap();
+    assert!(
+        lengths_title.ends_with("[tokens: cl100k_base, an approximation: no tokenizer named (--tokenizer)]"),
+        "{lengths_title}"
+    );
     // Response characters of the candidates: 22, 21 and 28.
     let lengths = rows("Lengths per subset");
     let subsets: Vec<&str> = lengths.iter().map(|r| r[0].as_str()).collect();
