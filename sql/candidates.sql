@@ -7,22 +7,38 @@
 --
 -- `_drop` names the rule that removed a row (NULL = kept). The runner writes dropped rows to
 -- candidates/_dropped/ and counts each reason, so the funnel always adds up.
-WITH units AS (
-    SELECT doc_id, source,
-           unnest(candidate_units(text, '{{ prepare.mode }}', {{ prepare.min_chars }},
-                                  {{ prepare.max_chars }}, {{ prepare.repeat_jaccard }})) AS unit
+--
+-- Order of the rules: boilerplate lines are stripped from the document (or only counted, in
+-- `boilerplate_lines`), units are cut and checked for length and headers, then the quality
+-- rules of [prepare.quality], then tokens, then exact dedup. With [prepare.near_dedup] each
+-- kept row gets its MinHash signature for the `deduped` stage.
+WITH cleaned AS (
+    SELECT doc_id, source, metadata, clean_document(text) AS doc
     FROM documents
 ),
+units AS (
+    SELECT doc_id, source, metadata, doc['boilerplate_lines'] AS boilerplate_lines,
+           unnest(candidate_units(doc['text'], '{{ prepare.mode }}', {{ prepare.min_chars }},
+                                  {{ prepare.max_chars }}, {{ prepare.repeat_jaccard }})) AS unit
+    FROM cleaned
+),
+checked AS (
+    SELECT *,
+           CASE WHEN unit['drop'] IS NULL THEN quality_problem(unit['text'], metadata) END
+               AS quality_drop
+    FROM units
+),
 measured AS (
-    SELECT doc_id, source,
+    SELECT doc_id, source, boilerplate_lines,
            unit['ordinal'] AS ordinal,
            unit['header'] AS header,
            unit['text'] AS text,
            -- Token counting is the expensive rule: only units that survived the cheap ones
            -- are counted.
-           CASE WHEN unit['drop'] IS NULL THEN token_count(unit['text']) END AS n_tokens,
-           unit['drop'] AS unit_drop
-    FROM units
+           CASE WHEN unit['drop'] IS NULL AND quality_drop IS NULL
+                THEN token_count(unit['text']) END AS n_tokens,
+           COALESCE(unit['drop'], quality_drop) AS unit_drop
+    FROM checked
 ),
 ruled AS (
     SELECT *,
@@ -49,6 +65,11 @@ SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        CAST(character_length(text) AS BIGINT) AS n_chars,
        n_tokens,
        source,
+       boilerplate_lines,
        dedup_key,
+{%- if prepare.near_dedup %}
+       CASE WHEN rule_drop IS NULL AND NOT seen_before AND copy_rank = 1
+            THEN minhash(text) END AS minhash,
+{%- endif %}
        COALESCE(rule_drop, CASE WHEN seen_before OR copy_rank > 1 THEN 'duplicate' END) AS _drop
 FROM ranked

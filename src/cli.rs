@@ -563,7 +563,7 @@ pub async fn sql(root: &str, query: &str) -> Result<String> {
     let root = Location::parse(root)?;
     let (ctx, _) = pipeline::open_root(&root).await?;
     let tokens = crate::tokens::TokenCounter::load("cl100k_base", std::path::Path::new("."))?;
-    for udf in crate::udf::scalar_udfs(tokens) {
+    for udf in crate::udf::scalar_udfs(tokens, Default::default()) {
         ctx.register_udf(udf);
     }
     let batches = ctx.sql(query).await?.collect().await?;

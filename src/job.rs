@@ -96,6 +96,12 @@ pub struct PrepareConfig {
     pub tokenizer: Option<String>,
     /// Word-trigram Jaccard similarity at which two sentences count as repeats (segments mode).
     pub repeat_jaccard: Option<f64>,
+    /// Quality rules, each off unless set (`[prepare.quality]`).
+    #[serde(default)]
+    pub quality: crate::quality::QualityRules,
+    /// MinHash signatures for near-dedup (`[prepare.near_dedup]`; the `deduped` stage uses
+    /// them); absent means no signatures.
+    pub near_dedup: Option<crate::minhash::NearDedup>,
 }
 
 /// `[curate]`: which scores are kept.
@@ -257,6 +263,7 @@ pub const BUILTIN_STAGES: &[(&str, &str, &str)] = &[
     ("judged", "backtranslated", include_str!("../sql/judged.sql")),
     ("polished", "judged", include_str!("../sql/polished.sql")),
     ("filtered", "rewritten", include_str!("../sql/filtered.sql")),
+    ("deduped", "candidates", include_str!("../sql/deduped.sql")),
 ];
 
 /// Verb-style names users type for built-in stages (`--stages prepare`).
@@ -434,6 +441,10 @@ pub struct PrepareSpec {
     pub tokenizer: String,
     /// Sentence-repeat similarity threshold.
     pub repeat_jaccard: f64,
+    /// Quality rules.
+    pub quality: crate::quality::QualityRules,
+    /// Near-dedup settings, when signatures are computed.
+    pub near_dedup: Option<crate::minhash::NearDedup>,
 }
 
 /// A job ready to run: defaults applied, overrides applied, templates loaded.
@@ -690,6 +701,8 @@ fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
             .clone()
             .unwrap_or_else(|| "cl100k_base".to_string()),
         repeat_jaccard: cfg.repeat_jaccard.unwrap_or(0.7),
+        quality: cfg.quality.clone(),
+        near_dedup: cfg.near_dedup,
     }
 }
 

@@ -84,6 +84,8 @@ pub fn fingerprint_stages(
                     "shard size",
                     &(job.execution.shard_rows, job.execution.input_shard_bytes),
                 );
+            } else if table == "near_duplicates" {
+                fp.add("near-dedup settings", &job.prepare.near_dedup);
             } else if let Some(upstream) = out.get(table) {
                 fp.add(format!("upstream {table}"), &upstream.digest());
             }

@@ -54,6 +54,10 @@ pub const JOB_FILE: &str = "_job.json";
 /// Table of the dedup keys kept by earlier input shards, for the stage that reads the input.
 pub const SEEN_KEYS: &str = "seen_keys";
 
+/// Name of the table of near-duplicates (`id`, `kept_id`, `similarity`) the runner computes
+/// from the `minhash` signatures of the other table a stage reads (see `sql/deduped.sql`).
+pub const NEAR_DUPLICATES: &str = "near_duplicates";
+
 /// What one stage did, written to its `_SUCCESS` marker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {
@@ -310,11 +314,23 @@ impl StagePlan {
     /// The one earlier stage a stage reads, when that is all it reads: such a stage runs shard
     /// by shard, each shard of its input giving one shard of its output.
     fn sharded_on<'a>(&'a self, job: &Job) -> Option<&'a str> {
-        match self.tables.as_slice() {
-            [one] if job.stages.iter().any(|s| &s.name == one) => Some(one.as_str()),
+        // The near-duplicate table is derived from the stage's input, not a second input.
+        let inputs: Vec<&String> = self.tables.iter().filter(|t| *t != NEAR_DUPLICATES).collect();
+        match inputs.as_slice() {
+            [one] if job.stages.iter().any(|s| &s.name == *one) => Some(one.as_str()),
             _ => None,
         }
     }
+
+    fn reads_near_duplicates(&self) -> bool {
+        self.tables.iter().any(|t| t == NEAR_DUPLICATES)
+    }
+}
+
+/// The near-duplicate table of a run and the version of the stage it was computed from.
+struct NearDuplicates {
+    table: Arc<datafusion::datasource::MemTable>,
+    version: String,
 }
 
 /// What every stage of a run shares.
@@ -514,7 +530,15 @@ impl Runner<'_> {
                     Ok((f.clone(), client))
                 })
                 .collect::<Result<_>>()?;
-        udf::register_all(&ctx, &functions, self.tokens.clone())?;
+        udf::register_all(
+            &ctx,
+            &functions,
+            self.tokens.clone(),
+            udf::PrepareRules {
+                quality: self.job.prepare.quality.clone(),
+                near_dedup: self.job.prepare.near_dedup.unwrap_or_default(),
+            },
+        )?;
         Ok(ctx)
     }
 
@@ -539,6 +563,7 @@ impl Runner<'_> {
                 let reads_input = tables.iter().any(|t| t == "documents");
                 let known = table == "documents"
                     || (table == SEEN_KEYS && reads_input)
+                    || (table == NEAR_DUPLICATES && tables.len() == 2)
                     || self
                         .job
                         .stages
@@ -888,6 +913,13 @@ impl Runner<'_> {
     /// rows) are skipped; this worker takes the shards it owns.
     async fn run_sharded(&self, plan: &StagePlan, upstream: &str) -> Result<StageStats> {
         let ids = self.shard_ids(plan).await?;
+        // Pass 2 of near-dedup: every worker computes the same clusters from all signatures.
+        let near = if plan.reads_near_duplicates() {
+            Some(self.near_duplicates(plan, upstream).await?)
+        } else {
+            None
+        };
+        let near = near.as_ref();
         let mine: Vec<&String> = ids
             .iter()
             .enumerate()
@@ -909,7 +941,7 @@ impl Runner<'_> {
             .max(1);
         let results: Vec<Result<StageStats>> = futures::stream::iter(mine)
             .map(|id| async move {
-                let stats = self.run_shard(plan, up_plan, id).await;
+                let stats = self.run_shard(plan, up_plan, id, near).await;
                 self.progress
                     .shards_done
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -930,7 +962,77 @@ impl Runner<'_> {
         Ok(total)
     }
 
-    async fn run_shard(&self, plan: &StagePlan, up: &StagePlan, id: &str) -> Result<StageStats> {
+    /// The near-duplicates of `from` (every shard's signatures) and the version of `from` they
+    /// were computed on, which every shard reading them depends on.
+    async fn near_duplicates(&self, plan: &StagePlan, from: &str) -> Result<NearDuplicates> {
+        self.require_complete(&plan.name, from).await?;
+        let ctx = self.session()?;
+        register_stage_table(&ctx, &self.root, from).await?;
+        let schema = ctx.table(from).await?.schema().clone();
+        if !schema.has_column_with_unqualified_name("minhash") {
+            return job_err!(
+                "stage '{}' reads {NEAR_DUPLICATES}, which needs the `minhash` signatures of '{from}': add [prepare.near_dedup] to the job",
+                plan.name
+            );
+        }
+        let batches = ctx
+            .sql(&format!("SELECT id, minhash FROM {from} WHERE minhash IS NOT NULL"))
+            .await?
+            .collect()
+            .await?;
+        let mut docs = Vec::new();
+        for batch in &batches {
+            let ids = cast(batch.column(0), &DataType::Utf8)?;
+            let ids = ids.as_string::<i32>();
+            let sigs = batch.column(1).as_list::<i32>();
+            for r in 0..batch.num_rows() {
+                let sig = sigs.value(r);
+                let sig = sig.as_primitive::<datafusion::arrow::datatypes::UInt32Type>();
+                docs.push((ids.value(r).to_string(), sig.values().to_vec()));
+            }
+        }
+        let params = self.job.prepare.near_dedup.unwrap_or_default();
+        let found = tokio::task::spawn_blocking(move || crate::minhash::duplicates(docs, &params))
+            .await
+            .map_err(|e| Error::Internal(format!("near-dedup task: {e}")))?;
+        tracing::info!(stage = %plan.name, duplicates = found.len(), "Near-duplicates found.");
+        let table_schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("kept_id", DataType::Utf8, false),
+            Field::new("similarity", DataType::Float64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            table_schema.clone(),
+            vec![
+                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                    found.iter().map(|d| d.id.as_str()),
+                )),
+                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                    found.iter().map(|d| d.kept_id.as_str()),
+                )),
+                Arc::new(datafusion::arrow::array::Float64Array::from_iter_values(
+                    found.iter().map(|d| d.similarity),
+                )),
+            ],
+        )?;
+        let table = datafusion::datasource::MemTable::try_new(table_schema, vec![vec![batch]])?;
+        let version = read_stage_stats(&self.root, from)
+            .await?
+            .map(|s| s.version())
+            .unwrap_or_default();
+        Ok(NearDuplicates {
+            table: Arc::new(table),
+            version,
+        })
+    }
+
+    async fn run_shard(
+        &self,
+        plan: &StagePlan,
+        up: &StagePlan,
+        id: &str,
+        near: Option<&NearDuplicates>,
+    ) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
         let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
         let up_file = self
@@ -967,7 +1069,11 @@ impl Runner<'_> {
                 up.name
             );
         }
-        let upstream = up_stats.map(|s| s.version()).unwrap_or_default();
+        let mut upstream = up_stats.map(|s| s.version()).unwrap_or_default();
+        if let Some(near) = near {
+            // Clusters span shards: a shard is stale when any part of its input changed.
+            upstream = format!("{upstream}+{}", near.version);
+        }
         if let Some(done) = read_json::<StageStats>(&self.root, &marker).await?
             && done.fingerprint == plan.fingerprint
             && done.failed() == 0
@@ -982,6 +1088,9 @@ impl Runner<'_> {
             ParquetReadOptions::default(),
         )
         .await?;
+        if let Some(near) = near {
+            ctx.register_table(NEAR_DUPLICATES, near.table.clone())?;
+        }
         let mut stats = self
             .execute(&ctx, plan, &out, PartNames::Shard(id.to_string()))
             .await?;

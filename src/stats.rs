@@ -114,7 +114,7 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
         stages.push("seed".to_string());
     }
     let (tokens, token_label) = tokenizer(&root, opts.tokenizer).await?;
-    for udf in crate::udf::scalar_udfs(tokens) {
+    for udf in crate::udf::scalar_udfs(tokens, Default::default()) {
         ctx.register_udf(udf);
     }
     let subsets = subsets(&ctx, &stages).await?;

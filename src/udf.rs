@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 use crate::job::FunctionSpec;
 use crate::llm::{ModelClient, Reply, Request};
+use crate::minhash::NearDedup;
+use crate::quality::QualityRules;
 use crate::text::{self, CandidateMode, UnitRules};
 use crate::tokens::TokenCounter;
 
@@ -63,25 +65,40 @@ fn parsed_score_type() -> DataType {
 }
 
 /// Registers every backforth function in `ctx`: the LLM functions bound to their clients, the
-/// parsers, and the prepare helpers using `tokens` for `token_count`.
+/// parsers, and the prepare helpers using `tokens` for `token_count` and `rules` for the
+/// quality rules and MinHash signatures.
 pub fn register_all(
     ctx: &SessionContext,
     functions: &[(FunctionSpec, ModelClient)],
     tokens: TokenCounter,
+    rules: PrepareRules,
 ) -> crate::error::Result<()> {
     for (spec, client) in functions {
         let udf = LlmFunction::new(spec.clone(), client.clone())?;
         ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
     }
-    for udf in scalar_udfs(tokens) {
+    for udf in scalar_udfs(tokens, rules) {
         ctx.register_udf(udf);
     }
     Ok(())
 }
 
+/// The job's settings behind `clean_document`, `quality_problem` and `minhash`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PrepareRules {
+    /// Quality rules.
+    pub quality: QualityRules,
+    /// MinHash parameters (the defaults when the job sets none).
+    pub near_dedup: NearDedup,
+}
+
 /// The pure (non-LLM) functions.
-pub fn scalar_udfs(tokens: TokenCounter) -> Vec<ScalarUDF> {
+pub fn scalar_udfs(tokens: TokenCounter, rules: PrepareRules) -> Vec<ScalarUDF> {
+    let rules = Arc::new(rules);
     vec![
+        ScalarUDF::new_from_impl(Prepare::new(PrepareKind::CleanDocument, &rules)),
+        ScalarUDF::new_from_impl(Prepare::new(PrepareKind::QualityProblem, &rules)),
+        ScalarUDF::new_from_impl(Prepare::new(PrepareKind::MinHash, &rules)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::ParseScore)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::ExtractTagged)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::TagProblem)),
@@ -768,6 +785,154 @@ fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
         None,
     );
     Ok(ColumnarValue::Array(Arc::new(list)))
+}
+
+/// Prepare functions that follow the job's settings.
+#[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
+enum PrepareKind {
+    /// `clean_document(text)` -> struct(text, boilerplate_lines)
+    CleanDocument,
+    /// `quality_problem(text [, metadata])` -> the first quality rule failed, or NULL
+    QualityProblem,
+    /// `minhash(text)` -> list of uint32, the MinHash signature
+    MinHash,
+}
+
+#[derive(Debug)]
+struct Prepare {
+    kind: PrepareKind,
+    rules: Arc<PrepareRules>,
+    key: String,
+    signature: Signature,
+}
+
+impl PartialEq for Prepare {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.key == other.key
+    }
+}
+
+impl Eq for Prepare {}
+
+impl std::hash::Hash for Prepare {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.kind.hash(state);
+        self.key.hash(state);
+    }
+}
+
+impl Prepare {
+    fn new(kind: PrepareKind, rules: &Arc<PrepareRules>) -> Self {
+        Self {
+            kind,
+            key: serde_json::to_string(rules.as_ref()).unwrap_or_default(),
+            rules: Arc::clone(rules),
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+
+    fn clean_type() -> DataType {
+        DataType::Struct(Fields::from(vec![
+            Field::new("text", DataType::Utf8, true),
+            Field::new("boilerplate_lines", DataType::Int64, true),
+        ]))
+    }
+}
+
+impl ScalarUDFImpl for Prepare {
+    fn name(&self) -> &str {
+        match self.kind {
+            PrepareKind::CleanDocument => "clean_document",
+            PrepareKind::QualityProblem => "quality_problem",
+            PrepareKind::MinHash => "minhash",
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        match self.kind {
+            PrepareKind::QualityProblem if arg_types.len() == 2 => {
+                coerce_strings(self.name(), &["text", "metadata"], arg_types)
+            }
+            _ => coerce_strings(self.name(), &["text"], arg_types),
+        }
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match self.kind {
+            PrepareKind::CleanDocument => Self::clean_type(),
+            PrepareKind::QualityProblem => DataType::Utf8,
+            PrepareKind::MinHash => {
+                DataType::List(Arc::new(Field::new("item", DataType::UInt32, true)))
+            }
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let cols = string_columns(&args.args, n)?;
+        let get = |c: usize, i: usize| {
+            cols.get(c)
+                .and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
+        };
+        let array: ArrayRef = match self.kind {
+            PrepareKind::CleanDocument => {
+                let mut text = StringBuilder::new();
+                let mut lines = Int64Builder::with_capacity(n);
+                for i in 0..n {
+                    match get(0, i) {
+                        Some(t) => {
+                            let (cleaned, count) = crate::quality::clean_document(
+                                t,
+                                self.rules.quality.strip_boilerplate,
+                            );
+                            text.append_value(cleaned);
+                            lines.append_value(count as i64);
+                        }
+                        None => {
+                            text.append_null();
+                            lines.append_null();
+                        }
+                    }
+                }
+                let DataType::Struct(fields) = Self::clean_type() else {
+                    unreachable!("a struct")
+                };
+                Arc::new(StructArray::new(
+                    fields,
+                    vec![Arc::new(text.finish()), Arc::new(lines.finish())],
+                    None,
+                ))
+            }
+            PrepareKind::QualityProblem => Arc::new(
+                (0..n)
+                    .map(|i| self.rules.quality.problem(get(0, i)?, get(1, i)))
+                    .collect::<StringArray>(),
+            ),
+            PrepareKind::MinHash => {
+                let mut list = datafusion::arrow::array::ListBuilder::new(
+                    datafusion::arrow::array::UInt32Builder::new(),
+                );
+                for i in 0..n {
+                    match get(0, i) {
+                        Some(t) => {
+                            list.values().append_slice(&crate::minhash::signature(
+                                t,
+                                &self.rules.near_dedup,
+                            ));
+                            list.append(true);
+                        }
+                        None => list.append(false),
+                    }
+                }
+                Arc::new(list.finish())
+            }
+        };
+        Ok(ColumnarValue::Array(array))
+    }
 }
 
 /// `token_count(text)`: tokens under the job's tokenizer.
