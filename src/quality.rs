@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct QualityRules {
     /// Languages kept (`en`, `de`, or ISO 639-3 `eng`): from the document's metadata
-    /// (`lang`, `language`) when it has one, else detected. Drop: `wrong_language`.
+    /// (`lang`, `language`) when it has one, else detected (texts the detector is unsure of
+    /// pass this rule). Drop: `wrong_language`.
     pub languages: Option<Vec<String>>,
     /// Fewest words a candidate may have. Drop: `too_few_words`.
     pub min_words: Option<usize>,
@@ -93,7 +94,12 @@ fn iso3(code: &str) -> String {
         .map_or(base, |(_, three)| three.to_string())
 }
 
-/// The language of a document: `lang`/`language` in its JSON metadata, else detected.
+/// Detections less sure than this are not used: whatlang's own "reliable" mark (0.9) leaves
+/// most paragraph-long English texts unjudged, 0.5 still keeps short mixed texts out.
+const DETECTION_CONFIDENCE: f64 = 0.5;
+
+/// The language of a document: `lang`/`language` in its JSON metadata, else detected when
+/// the detector is sure (short or mixed texts are not judged: `None`).
 pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
     let from_metadata = metadata
         .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
@@ -104,7 +110,9 @@ pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
         });
     match from_metadata {
         Some(code) => Some(iso3(&code)),
-        None => whatlang::detect(text).map(|info| info.lang().code().to_string()),
+        None => whatlang::detect(text)
+            .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
+            .map(|info| info.lang().code().to_string()),
     }
 }
 
@@ -128,11 +136,11 @@ impl QualityRules {
     /// The first rule `text` fails, as its drop reason; `metadata` is the document's JSON
     /// metadata (for its language).
     pub fn problem(&self, text: &str, metadata: Option<&str>) -> Option<&'static str> {
-        if let Some(wanted) = &self.languages {
-            let lang = language(text, metadata);
-            if !lang.is_some_and(|l| wanted.iter().any(|w| iso3(w) == l)) {
-                return Some("wrong_language");
-            }
+        if let Some(wanted) = &self.languages
+            && let Some(lang) = language(text, metadata)
+            && !wanted.iter().any(|w| iso3(w) == lang)
+        {
+            return Some("wrong_language");
         }
         let words: Vec<&str> = text.split_whitespace().collect();
         if self.min_words.is_some_and(|min| words.len() < min) {

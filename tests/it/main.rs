@@ -3,6 +3,7 @@
 mod batch;
 mod concurrency;
 mod crash;
+mod dedup;
 mod examples;
 mod fake_server;
 mod export;
@@ -13,6 +14,7 @@ mod limits;
 mod parse;
 mod pipeline;
 mod prepare;
+mod quality;
 mod report;
 mod resume;
 mod s3;

@@ -1,0 +1,202 @@
+//! Near-duplicate removal: planted copies at known Jaccard similarity are found, unrelated
+//! and half-similar documents are not merged, and the clusters are the same whatever the
+//! order of the input, the shard size or the worker split.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+
+use backforth::minhash::{NearDedup, duplicates, signature};
+
+use crate::util::{backforth_ok, rows, session};
+
+/// A deterministic pseudo-random stream (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn document(rng: &mut Rng, words: usize) -> Vec<String> {
+    (0..words).map(|_| format!("w{}", rng.next() % 5000)).collect()
+}
+
+/// `base` with `k` words replaced by words no document uses.
+fn edited(rng: &mut Rng, base: &[String], k: usize) -> Vec<String> {
+    let mut out = base.to_vec();
+    for i in 0..k {
+        let at = (rng.next() as usize) % out.len();
+        out[at] = format!("fresh{i}x{}", rng.next() % 1_000_000);
+    }
+    out
+}
+
+/// Exact Jaccard similarity of the word 5-gram sets.
+fn jaccard(a: &[String], b: &[String]) -> f64 {
+    let grams = |w: &[String]| -> HashSet<String> { w.windows(5).map(|g| g.join(" ")).collect() };
+    let (a, b) = (grams(a), grams(b));
+    a.intersection(&b).count() as f64 / a.union(&b).count() as f64
+}
+
+struct Planted {
+    docs: Vec<(String, Vec<String>)>,
+    /// duplicate id -> the id its cluster keeps
+    expected: BTreeMap<String, String>,
+}
+
+/// Six unrelated documents; near copies of the first two at about 0.9 and 0.85, a copy of
+/// the first copy (a chain), and a copy of the third at about 0.5 that must stay.
+fn planted() -> Planted {
+    let mut rng = Rng(0x5eed);
+    let base: Vec<Vec<String>> = (0..6).map(|_| document(&mut rng, 300)).collect();
+    let near_a = edited(&mut rng, &base[0], 3);
+    let near_b = edited(&mut rng, &base[1], 5);
+    let chain = edited(&mut rng, &near_a, 3);
+    let half = edited(&mut rng, &base[2], 28);
+    let (ja, jb, jc, jh) = (
+        jaccard(&base[0], &near_a),
+        jaccard(&base[1], &near_b),
+        jaccard(&near_a, &chain),
+        jaccard(&base[2], &half),
+    );
+    assert!((0.88..0.95).contains(&ja), "planted at {ja}");
+    assert!((0.8..0.9).contains(&jb), "planted at {jb}");
+    assert!((0.88..0.95).contains(&jc), "planted at {jc}");
+    assert!((0.4..0.6).contains(&jh), "planted at {jh}");
+    let mut docs: Vec<(String, Vec<String>)> = base
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (format!("doc-0{i}"), d))
+        .collect();
+    docs.push(("doc-50".into(), near_a));
+    docs.push(("doc-51".into(), near_b));
+    docs.push(("doc-52".into(), chain));
+    docs.push(("doc-53".into(), half));
+    let expected = [("doc-50", "doc-00"), ("doc-51", "doc-01"), ("doc-52", "doc-00")]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    Planted { docs, expected }
+}
+
+fn found(docs: &[(String, Vec<String>)], order: impl Fn(usize) -> usize) -> BTreeMap<String, String> {
+    let params = NearDedup::default();
+    let mut input: Vec<(String, Vec<u32>)> = docs
+        .iter()
+        .map(|(id, words)| (id.clone(), signature(&words.join(" "), &params)))
+        .collect();
+    input.sort_by_key(|(id, _)| order(id.bytes().map(|b| b as usize).sum()));
+    duplicates(input, &params)
+        .into_iter()
+        .map(|d| (d.id, d.kept_id))
+        .collect()
+}
+
+#[test]
+fn planted_near_duplicates_are_found_and_unrelated_documents_are_not_merged() {
+    let planted = planted();
+    assert_eq!(found(&planted.docs, |k| k), planted.expected);
+    // Any input order gives the same clusters.
+    assert_eq!(found(&planted.docs, |k| usize::MAX - k), planted.expected);
+    assert_eq!(found(&planted.docs, |k| k * 7919 % 101), planted.expected);
+    // The same text with other spacing and case is the same signature.
+    let params = NearDedup::default();
+    assert_eq!(
+        signature("The cat sat  on the MAT today", &params),
+        signature("the cat sat on the mat\ntoday", &params)
+    );
+}
+
+fn write_corpus(dir: &Path, docs: &[(String, Vec<String>)], files: usize) -> Vec<String> {
+    let mut paths = Vec::new();
+    for f in 0..files {
+        let path = dir.join(format!("part-{f}.jsonl"));
+        let mut body = String::new();
+        for (i, (id, words)) in docs.iter().enumerate() {
+            if i % files == f {
+                body.push_str(&serde_json::json!({"id": id, "text": words.join(" ")}).to_string());
+                body.push('\n');
+            }
+        }
+        std::fs::write(&path, body).unwrap();
+        paths.push(path.to_str().unwrap().to_string());
+    }
+    paths
+}
+
+fn write_job(dir: &Path, shard_rows: usize) -> String {
+    let job = dir.join(format!("dedup-{shard_rows}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = []\n[prepare.near_dedup]\n\
+             [execution]\nshard_rows = {shard_rows}\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"deduped\"\n"
+        ),
+    )
+    .unwrap();
+    job.to_str().unwrap().to_string()
+}
+
+async fn dropped(root: &Path) -> BTreeMap<String, String> {
+    let ctx = session(root).await;
+    let kept: BTreeSet<String> = rows(&ctx, "SELECT doc_id FROM deduped")
+        .await
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let out: BTreeMap<String, String> = rows(
+        &ctx,
+        "SELECT doc_id, near_duplicate_of, drop_reason FROM deduped_dropped",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        assert_eq!(r[2], "near_duplicate");
+        (r[0].clone(), r[1].trim_end_matches("#0").to_string())
+    })
+    .collect();
+    assert_eq!(kept.len() + out.len(), 10, "every candidate kept or dropped once");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clusters_are_the_same_whatever_the_shard_order_or_worker_split() {
+    let planted = planted();
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = write_corpus(dir.path(), &planted.docs, 3);
+    let run = |job: &str, root: &Path, inputs: &[String], extra: &[&str]| {
+        let mut args = vec!["run", job, "--output", root.to_str().unwrap()];
+        for input in inputs {
+            args.extend(["--input", input.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        backforth_ok(&args);
+    };
+
+    let one = dir.path().join("one");
+    run(&write_job(dir.path(), 4), &one, &inputs, &[]);
+    assert_eq!(dropped(&one).await, planted.expected);
+
+    // The files in the opposite order and smaller shards.
+    let reversed: Vec<String> = inputs.iter().rev().cloned().collect();
+    let other = dir.path().join("reversed");
+    run(&write_job(dir.path(), 2), &other, &reversed, &[]);
+    assert_eq!(dropped(&other).await, planted.expected);
+
+    // Two workers sharing one root, each computing the clusters from every signature.
+    let split = dir.path().join("split");
+    let job = write_job(dir.path(), 2);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| run(&job, &split, &inputs, &["--worker", "0/2"]));
+        let b = s.spawn(|| run(&job, &split, &inputs, &["--worker", "1/2"]));
+        (a.join(), b.join())
+    });
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(dropped(&split).await, planted.expected);
+}

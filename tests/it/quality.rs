@@ -1,0 +1,143 @@
+//! The quality rules of prepare, one hand-made document per rule, and in a run: each rule's
+//! drops counted under its own reason.
+
+use backforth::quality::{QualityRules, clean_document, is_boilerplate, language};
+
+use crate::util::{backforth_ok, marker};
+
+const GOOD: &str = "The kettle boils water quickly.\nPour it over the tea leaves and wait three minutes.\nThen remove the leaves, add milk if you like, and enjoy the cup.";
+
+#[test]
+fn each_rule_drops_its_document_and_keeps_a_good_one() {
+    let cases: Vec<(QualityRules, &str, Option<&str>, &str)> = vec![
+        (
+            (QualityRules { languages: Some(vec!["en".into()]), ..Default::default() }),
+            "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten.",
+            None,
+            "wrong_language",
+        ),
+        (
+            (QualityRules { languages: Some(vec!["en".into()]), ..Default::default() }),
+            GOOD,
+            Some(r#"{"lang": "fr"}"#),
+            "wrong_language",
+        ),
+        (
+            (QualityRules { min_words: Some(20), ..Default::default() }),
+            "Tea is nice, and cheap.",
+            None,
+            "too_few_words",
+        ),
+        (
+            (QualityRules { max_symbol_ratio: Some(0.1), ..Default::default() }),
+            "#tea #kettle #morning great cup... more soon... #blessed",
+            None,
+            "symbols",
+        ),
+        (
+            (QualityRules { max_non_alpha_words: Some(0.2), ..Default::default() }),
+            "Prices 12.50 14.00 9.99 | 3 x 4 = 12 -- 2024 100% tea",
+            None,
+            "non_alpha_words",
+        ),
+        (
+            (QualityRules { min_punctuated_lines: Some(0.5), ..Default::default() }),
+            "Home\nProducts\nKettles\nTea\nThe kettle boils water quickly.",
+            None,
+            "few_punctuated_lines",
+        ),
+        (
+            (QualityRules { max_repeated_lines: Some(0.3), ..Default::default() }),
+            "Buy now.\nBuy now.\nBuy now.\nThe kettle boils water quickly.",
+            None,
+            "repeated_lines",
+        ),
+        (
+            (QualityRules { max_repeated_paragraphs: Some(0.3), ..Default::default() }),
+            "Tea is good.\nReally.\n\nTea is good.\nReally.\n\nTea is good.\nReally.\n\nThe end.",
+            None,
+            "repeated_paragraphs",
+        ),
+    ];
+    for (rules, text, metadata, reason) in cases {
+        assert_eq!(rules.problem(text, metadata), Some(reason), "{text}");
+        assert_eq!(rules.problem(GOOD, Some(r#"{"lang": "en"}"#)), None, "{reason} keeps a good text");
+    }
+    // No rule set: nothing is dropped.
+    assert_eq!(QualityRules::default().problem("# ... 1 2 3", None), None);
+    // Metadata wins over detection; without it the detector decides.
+    assert_eq!(language(GOOD, Some(r#"{"language": "en-US"}"#)).as_deref(), Some("eng"));
+    assert_eq!(language(GOOD, None).as_deref(), Some("eng"));
+}
+
+#[test]
+fn boilerplate_lines_are_found_and_stripped_or_counted() {
+    for line in [
+        "We use cookies to improve your experience. Accept all cookies",
+        "© 2024 Example Ltd. All rights reserved.",
+        "Copyright 2023 Example Inc",
+        "Privacy Policy | Terms of Use",
+        "Skip to content",
+        "Home | About | Contact | Blog",
+        "Share on Facebook",
+        "Subscribe to our newsletter for weekly tips",
+    ] {
+        assert!(is_boilerplate(line), "{line}");
+    }
+    for line in [
+        "The cookies were baked at 180 degrees.",
+        "Home brewing needs patience and clean equipment.",
+        "Contact with water ruins the paper.",
+    ] {
+        assert!(!is_boilerplate(line), "{line}");
+    }
+    let page = "Skip to content\nHow to brew tea\nBoil the water.\n© 2024 Example Ltd. All rights reserved.";
+    assert_eq!(
+        clean_document(page, true),
+        ("How to brew tea\nBoil the water.".to_string(), 2)
+    );
+    assert_eq!(clean_document(page, false), (page.to_string(), 2));
+}
+
+#[test]
+fn a_run_counts_each_rule_under_its_own_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = [
+        ("good", GOOD),
+        ("german", "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten, dann genießen."),
+        ("short", "Tea is nice."),
+        ("menu", "Home\nProducts\nKettles\nTea\nCups\nSaucers\nThe kettle boils water quickly and you pour it."),
+        ("loop", "Buy our tea today.\nBuy our tea today.\nBuy our tea today.\nThe kettle boils water quickly and you pour it over leaves."),
+    ];
+    let input = dir.path().join("docs.jsonl");
+    let body: String = docs
+        .iter()
+        .map(|(id, text)| {
+            // The German one is left to the detector; the others say their language.
+            let meta = if *id == "german" { serde_json::json!({}) } else { serde_json::json!({"lang": "en"}) };
+            format!("{}\n", serde_json::json!({"id": id, "text": text, "metadata": meta}))
+        })
+        .collect();
+    std::fs::write(&input, body).unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"{}\"]\n\
+             [prepare.quality]\nlanguages = [\"en\"]\nmin_words = 8\n\
+             min_punctuated_lines = 0.5\nmax_repeated_lines = 0.3\nstrip_boilerplate = true\n\
+             [[stages]]\nname = \"candidates\"\n",
+            input.display()
+        ),
+    )
+    .unwrap();
+    backforth_ok(&["run", job.to_str().unwrap()]);
+    let m = marker(&dir.path().join("out"), "candidates");
+    assert_eq!(m["rows_out"], 1);
+    assert_eq!(
+        m["dropped"],
+        serde_json::json!({
+            "wrong_language": 1, "too_few_words": 1, "few_punctuated_lines": 1, "repeated_lines": 1,
+        })
+    );
+}
