@@ -2,8 +2,10 @@
 -- should see. Mode {{ prepare.mode }}: `document` keeps whole documents (BaF), `segments`
 -- keeps the text under each header (Humpback).
 --
--- The stage runs one input file at a time; `seen_keys` holds the dedup keys kept by the files
--- before this one, so exact dedup spans the whole input.
+-- The stage runs on each input file (shard) separately and in parallel; exact duplicates
+-- within a file are dropped here as `duplicate`, and once every shard is done the runner drops
+-- the rows whose text a file earlier by path already kept (`duplicate_across_files`), so the
+-- result does not depend on the order the shards ran in.
 --
 -- `_drop` names the rule that removed a row (NULL = kept). The runner writes dropped rows to
 -- candidates/_dropped/ and counts each reason, so the funnel always adds up.
@@ -13,11 +15,11 @@
 -- rules of [prepare.quality], then tokens, then exact dedup. With [prepare.near_dedup] each
 -- kept row gets its MinHash signature for the `deduped` stage.
 WITH cleaned AS (
-    SELECT doc_id, source, metadata, clean_document(text) AS doc
+    SELECT doc_id, source, metadata, file, line, clean_document(text) AS doc
     FROM documents
 ),
 units AS (
-    SELECT doc_id, source, metadata, doc['boilerplate_lines'] AS boilerplate_lines,
+    SELECT doc_id, source, metadata, file, line, doc['boilerplate_lines'] AS boilerplate_lines,
            unnest(candidate_units(doc['text'], '{{ prepare.mode }}', {{ prepare.min_chars }},
                                   {{ prepare.max_chars }}, {{ prepare.repeat_jaccard }})) AS unit
     FROM cleaned
@@ -29,7 +31,7 @@ checked AS (
     FROM units
 ),
 measured AS (
-    SELECT doc_id, source, boilerplate_lines,
+    SELECT doc_id, source, file, line, boilerplate_lines,
            unit['ordinal'] AS ordinal,
            unit['header'] AS header,
            unit['text'] AS text,
@@ -49,13 +51,12 @@ ruled AS (
     FROM measured
 ),
 ranked AS (
-    -- Exact dedup on normalised text: the first kept copy (by doc_id, ordinal) survives,
-    -- unless an earlier file already kept the same text.
-    SELECT r.*,
-           row_number() OVER (PARTITION BY r.dedup_key
-                              ORDER BY r.rule_drop IS NOT NULL, r.doc_id, r.ordinal) AS copy_rank,
-           s.dedup_key IS NOT NULL AS seen_before
-    FROM ruled r LEFT JOIN seen_keys s ON r.dedup_key = s.dedup_key
+    -- Exact dedup on normalised text within the file: the first kept copy (by doc_id,
+    -- ordinal) survives.
+    SELECT *,
+           row_number() OVER (PARTITION BY dedup_key
+                              ORDER BY rule_drop IS NOT NULL, doc_id, ordinal) AS copy_rank
+    FROM ruled
 )
 SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        doc_id,
@@ -65,11 +66,12 @@ SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        CAST(character_length(text) AS BIGINT) AS n_chars,
        n_tokens,
        source,
+       file,
+       line,
        boilerplate_lines,
        dedup_key,
 {%- if prepare.near_dedup %}
-       CASE WHEN rule_drop IS NULL AND NOT seen_before AND copy_rank = 1
-            THEN minhash(text) END AS minhash,
+       CASE WHEN rule_drop IS NULL AND copy_rank = 1 THEN minhash(text) END AS minhash,
 {%- endif %}
-       COALESCE(rule_drop, CASE WHEN seen_before OR copy_rank > 1 THEN 'duplicate' END) AS _drop
+       COALESCE(rule_drop, CASE WHEN copy_rank > 1 THEN 'duplicate' END) AS _drop
 FROM ranked

@@ -52,7 +52,9 @@ pub const SHARDS_DIR: &str = "_shards";
 /// stages and thresholds (never endpoints or keys).
 pub const JOB_FILE: &str = "_job.json";
 /// Table of the dedup keys kept by earlier input shards, for the stage that reads the input.
-pub const SEEN_KEYS: &str = "seen_keys";
+
+/// Drop reason of rows whose text a file earlier by path already kept.
+pub const ACROSS_FILES: &str = "duplicate_across_files";
 
 /// Name of the table of near-duplicates (`id`, `kept_id`, `similarity`) the runner computes
 /// from the `minhash` signatures of the other table a stage reads (see `sql/deduped.sql`).
@@ -456,7 +458,7 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
     let plan = runner.plan(crate::job::canonical_stage_name(stage))?;
     let ctx = runner.session()?;
     for table in &plan.tables {
-        if table == "documents" || table == SEEN_KEYS {
+        if table == "documents" {
             return job_err!(
                 "stage '{}' reads the input and calls no LLM; there is nothing to batch",
                 plan.name
@@ -560,9 +562,7 @@ impl Runner<'_> {
                 }
             }
             for table in &tables {
-                let reads_input = tables.iter().any(|t| t == "documents");
                 let known = table == "documents"
-                    || (table == SEEN_KEYS && reads_input)
                     || (table == NEAR_DUPLICATES && tables.len() == 2)
                     || self
                         .job
@@ -729,10 +729,9 @@ impl Runner<'_> {
         self.job.execution.shard_rows.unwrap_or(10_000).max(1)
     }
 
-    /// Runs the stage that reads `documents` one input file at a time, in order: each file
-    /// is an input shard, published by its marker and skipped on rerun. `seen_keys` holds the
-    /// dedup keys kept by the files before it, so exact dedup spans the whole input while
-    /// every shard is still final once written.
+    /// Runs the stage that reads `documents`: each input file (or row-group range of a large
+    /// Parquet file) is a shard, run in parallel with the others, published by its marker
+    /// and skipped on rerun. Then exact duplicates across files are dropped in one pass.
     async fn run_input_stage(&self, plan: &StagePlan) -> Result<StageStats> {
         let mut files = Vec::new();
         for input in &self.job.inputs {
@@ -749,36 +748,59 @@ impl Runner<'_> {
         self.progress
             .shards_total
             .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let parallel = self
+            .job
+            .execution
+            .target_partitions
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let results: Vec<Result<(String, StageStats)>> = futures::stream::iter(files.into_iter().enumerate())
+            .map(|(k, file)| {
+                let out = &out;
+                async move {
+                    let id = format!("{k:05}");
+                    let source = format!("{} ({} bytes)", file.describe(), file.size);
+                    let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+                    let stats = match read_json::<StageStats>(&self.root, &marker).await? {
+                        Some(done)
+                            if done.fingerprint == plan.fingerprint && done.upstream == source =>
+                        {
+                            done
+                        }
+                        _ => {
+                            let stats = self.run_input_shard(plan, &id, file).await?;
+                            let stats = StageStats {
+                                upstream: source,
+                                ..stats
+                            };
+                            write_json(&self.root, &marker, &stats).await?;
+                            stats
+                        }
+                    };
+                    self.progress
+                        .shards_done
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok((id, stats))
+                }
+            })
+            .buffered(parallel)
+            .collect()
+            .await;
+        let mut shards = Vec::new();
+        for r in results {
+            shards.push(r?);
+        }
+        self.drop_duplicates_across_files(plan, &mut shards).await?;
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
             input: Some(IngestCounts::default()),
             ..StageStats::default()
         };
-        let mut parts: Vec<String> = Vec::new();
-        for (k, file) in files.into_iter().enumerate() {
-            let id = format!("{k:05}");
-            let source = format!("{} ({} bytes)", file.describe(), file.size);
-            let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
-            let stats = match read_json::<StageStats>(&self.root, &marker).await? {
-                Some(done) if done.fingerprint == plan.fingerprint && done.upstream == source => {
-                    done
-                }
-                _ => {
-                    let stats = self.run_input_shard(plan, &id, file, &parts).await?;
-                    let stats = StageStats {
-                        upstream: source,
-                        ..stats
-                    };
-                    write_json(&self.root, &marker, &stats).await?;
-                    stats
-                }
-            };
-            self.progress
-                .shards_done
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut parts = Vec::new();
+        for (_, stats) in &shards {
             parts.extend(stats.shards.iter().cloned());
-            total.absorb(&stats);
+            total.absorb(stats);
         }
         total.shards = parts;
         write_json(&self.root, &out.path(SUCCESS_MARKER), &total).await?;
@@ -790,7 +812,6 @@ impl Runner<'_> {
         plan: &StagePlan,
         id: &str,
         file: crate::storage::InputFile,
-        earlier_parts: &[String],
     ) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
         // Parts of an attempt that died before its marker are replaced, never mixed in.
@@ -806,10 +827,6 @@ impl Runner<'_> {
                 Arc::clone(&ingest),
             )?),
         )?;
-        if plan.tables.iter().any(|t| t == SEEN_KEYS) {
-            self.register_seen_keys(&ctx, &plan.name, earlier_parts)
-                .await?;
-        }
         let mut stats = self
             .execute(
                 &ctx,
@@ -825,37 +842,116 @@ impl Runner<'_> {
         Ok(stats)
     }
 
-    /// `seen_keys(dedup_key)`: the keys kept by earlier input shards of `stage`.
-    async fn register_seen_keys(
+    /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
+    /// file) also kept: the copy with the smallest (file, doc_id, ordinal) survives, whatever
+    /// order the shards ran in. Affected parts are rewritten, the rows moved to
+    /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
+    /// marker counts them. Safe to repeat after a crash at any point.
+    async fn drop_duplicates_across_files(
         &self,
-        ctx: &SessionContext,
-        stage: &str,
-        earlier_parts: &[String],
+        plan: &StagePlan,
+        shards: &mut [(String, StageStats)],
     ) -> Result<()> {
-        let view = if earlier_parts.is_empty() {
-            let schema = Arc::new(Schema::new(vec![Field::new(
-                "dedup_key",
-                DataType::Utf8,
-                true,
-            )]));
-            ctx.read_batch(RecordBatch::new_empty(schema))?.into_view()
-        } else {
-            let urls: Vec<String> = earlier_parts
-                .iter()
-                .map(|p| {
-                    object_url(
-                        &self.root,
-                        &self.root.child(stage).path(&format!("part-{p}.parquet")),
-                    )
-                })
-                .collect();
-            ctx.read_parquet(urls, ParquetReadOptions::default())
-                .await?
-                .select_columns(&["dedup_key"])?
-                .into_view()
-        };
-        ctx.register_table(SEEN_KEYS, view)?;
+        let out = self.root.child(&plan.name);
+        let ctx = self.session()?;
+        register_stage_table(&ctx, &self.root, &plan.name).await?;
+        let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
+        let needed = ["dedup_key", "file", "doc_id", "ordinal", "id"];
+        if shards.len() < 2
+            || needed.iter().any(|c| !schema.has_column_with_unqualified_name(c))
+        {
+            return Ok(());
+        }
+        let batches = ctx
+            .sql(&format!(
+                "SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
+                 ORDER BY file, doc_id, ordinal) AS copy FROM {} WHERE dedup_key IS NOT NULL) \
+                 WHERE copy > 1",
+                plan.name
+            ))
+            .await?
+            .collect()
+            .await?;
+        let mut repeated: std::collections::HashSet<(String, String)> = Default::default();
+        for batch in &batches {
+            let (files, ids) = (cast(batch.column(0), &DataType::Utf8)?, cast(batch.column(1), &DataType::Utf8)?);
+            let (files, ids) = (files.as_string::<i32>(), ids.as_string::<i32>());
+            for r in 0..batch.num_rows() {
+                repeated.insert((files.value(r).to_string(), ids.value(r).to_string()));
+            }
+        }
+        for (shard, stats) in shards.iter_mut() {
+            let mut across = 0u64;
+            for part in &stats.shards {
+                across += self.move_repeated_rows(&out, part, &repeated).await?;
+            }
+            let before = stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0);
+            if across != before {
+                if across == 0 {
+                    stats.dropped.remove(ACROSS_FILES);
+                } else {
+                    stats.dropped.insert(ACROSS_FILES.to_string(), across);
+                }
+                stats.rows_out = stats.rows_in - stats.dropped.values().sum::<u64>();
+                let marker = out.child(SHARDS_DIR).path(&format!("{shard}.json"));
+                write_json(&self.root, &marker, &*stats).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Moves the rows of `part-<part>.parquet` listed in `repeated` to its `-across` dropped
+    /// part (adding to what an earlier pass moved); returns how many rows that part holds.
+    async fn move_repeated_rows(
+        &self,
+        out: &Location,
+        part: &str,
+        repeated: &std::collections::HashSet<(String, String)>,
+    ) -> Result<u64> {
+        let kept_path = out.path(&format!("part-{part}.parquet"));
+        let moved_path = out.child("_dropped").path(&format!("part-{part}-across.parquet"));
+        let kept = read_parquet_object(&self.root, &kept_path).await?;
+        let mut moved = match self.root.exists(&moved_path).await? {
+            true => read_parquet_object(&self.root, &moved_path).await?,
+            false => Vec::new(),
+        };
+        // Rows an interrupted pass already moved but did not yet remove from the part.
+        let mut already = std::collections::HashSet::new();
+        for batch in &moved {
+            already.extend(row_keys(batch)?);
+        }
+        let mut kept_now = Vec::new();
+        let mut newly = 0;
+        for batch in &kept {
+            let keys = row_keys(batch)?;
+            let hit: BooleanArray = keys.iter().map(|k| Some(repeated.contains(k))).collect();
+            if hit.true_count() == 0 {
+                kept_now.push(batch.clone());
+                continue;
+            }
+            newly += hit.true_count();
+            let fresh: BooleanArray = keys
+                .iter()
+                .map(|k| Some(repeated.contains(k) && !already.contains(k)))
+                .collect();
+            let n = fresh.true_count();
+            let dropped = filter_record_batch(batch, &fresh)?;
+            let reason = Arc::new(datafusion::arrow::array::StringArray::from(vec![ACROSS_FILES; n]));
+            let mut fields: Vec<Field> = dropped.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields.push(Field::new(DROP_REASON_COLUMN, DataType::Utf8, true));
+            let mut columns = dropped.columns().to_vec();
+            columns.push(reason);
+            moved.push(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?);
+            let keep = datafusion::arrow::compute::not(&hit)?;
+            kept_now.push(filter_record_batch(batch, &keep)?);
+        }
+        if newly > 0 {
+            // The dropped rows are written first: a crash before the part is rewritten finds
+            // them again next time, and the dropped part is rewritten with the same rows.
+            write_parquet_object(&self.root, &moved_path, &moved).await?;
+            write_parquet_object(&self.root, &kept_path, &kept_now).await?;
+        }
+        Ok(moved.iter().map(|b| b.num_rows() as u64).sum())
     }
 
     async fn wait_for(&self, plan: &StagePlan) -> Result<StageStats> {
@@ -1146,6 +1242,43 @@ async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
             delete_if_exists(dir, &meta.location).await?;
         }
     }
+    Ok(())
+}
+
+/// (file, id) of every row of `batch`, the key cross-file dedup works by.
+fn row_keys(batch: &RecordBatch) -> Result<Vec<(String, String)>> {
+    let file = cast(batch.column(batch.schema().index_of("file")?), &DataType::Utf8)?;
+    let id = cast(batch.column(batch.schema().index_of("id")?), &DataType::Utf8)?;
+    let (file, id) = (file.as_string::<i32>(), id.as_string::<i32>());
+    Ok((0..batch.num_rows())
+        .map(|r| (file.value(r).to_string(), id.value(r).to_string()))
+        .collect())
+}
+
+async fn read_parquet_object(
+    root: &Location,
+    path: &object_store::path::Path,
+) -> Result<Vec<RecordBatch>> {
+    let bytes = root.store.get(path).await?.bytes().await?;
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| Error::Execution(format!("reading {}: {e}", root.display(path))))?;
+    reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Execution(format!("reading {}: {e}", root.display(path))))
+}
+
+async fn write_parquet_object(
+    root: &Location,
+    path: &object_store::path::Path,
+    batches: &[RecordBatch],
+) -> Result<()> {
+    let Some(first) = batches.first() else {
+        return Ok(());
+    };
+    let bytes = crate::export::parquet_of(batches, first.schema())?;
+    root.store.put(path, PutPayload::from(bytes)).await?;
     Ok(())
 }
 

@@ -147,8 +147,8 @@ fn write_parquet(path: &Path) {
     w.close().unwrap();
 }
 
-#[test]
-fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
+#[tokio::test(flavor = "multi_thread")]
+async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -168,7 +168,7 @@ fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     let root = dir.path().join("out-error");
     let m = marker(&root, "candidates");
     assert_eq!(m["rows_out"], 3);
-    assert_eq!(m["dropped"], json!({"duplicate": 1}));
+    assert_eq!(m["dropped"], json!({"duplicate_across_files": 1}));
     assert_eq!(m["input"]["documents"], 4);
     let b: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("candidates/_shards/00001.json")).unwrap(),
@@ -176,8 +176,20 @@ fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     .unwrap();
     assert_eq!(
         b["dropped"],
-        json!({"duplicate": 1}),
+        json!({"duplicate_across_files": 1}),
         "the copy in the later file is the one dropped"
+    );
+    // The files named in the other order: shards run in another order, the same copy goes.
+    let other = dir.path().join("other-order");
+    backforth_ok(&[
+        "run", &job, "--stages", "prepare", "--output", other.to_str().unwrap(),
+        "--input", data.join("b.jsonl").to_str().unwrap(),
+        "--input", data.join("a.jsonl").to_str().unwrap(),
+    ]);
+    let ctx = crate::util::session(&other).await;
+    assert_eq!(
+        crate::util::rows(&ctx, "SELECT doc_id, drop_reason FROM candidates_dropped").await,
+        vec![vec!["b1".to_string(), "duplicate_across_files".to_string()]]
     );
 
     // A rerun redoes only the input shard whose marker is gone.
@@ -206,7 +218,7 @@ fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     );
     let m = marker(&root, "candidates");
     assert_eq!(m["rows_out"], 4);
-    assert_eq!(m["dropped"], json!({"duplicate": 2}));
+    assert_eq!(m["dropped"], json!({"duplicate_across_files": 2}));
 }
 
 #[test]
