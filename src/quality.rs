@@ -35,10 +35,19 @@ pub struct QualityRules {
     /// Largest share of paragraphs that repeat an earlier one (Gopher: 0.3). Drop:
     /// `repeated_paragraphs`.
     pub max_repeated_paragraphs: Option<f64>,
-    /// Remove boilerplate lines before candidates are cut (they are counted in
-    /// `boilerplate_lines` either way).
-    #[serde(default)]
-    pub strip_boilerplate: bool,
+    /// Boilerplate lines: `strip` removes them before candidates are cut, `count` only
+    /// counts them (`boilerplate_lines`); unset skips the scan.
+    pub boilerplate: Option<Boilerplate>,
+}
+
+/// What to do with boilerplate lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boilerplate {
+    /// Remove them, and count them.
+    Strip,
+    /// Count them only.
+    Count,
 }
 
 static BOILERPLATE: LazyLock<Regex> = LazyLock::new(|| {
@@ -61,6 +70,9 @@ pub fn is_boilerplate(line: &str) -> bool {
 
 /// The document without its boilerplate lines (when `strip`) and how many there were.
 pub fn clean_document(text: &str, strip: bool) -> (String, usize) {
+    if !strip {
+        return (text.to_string(), text.lines().filter(|l| is_boilerplate(l)).count());
+    }
     let mut count = 0;
     let mut kept = Vec::new();
     for line in text.lines() {

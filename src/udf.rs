@@ -882,17 +882,20 @@ impl ScalarUDFImpl for Prepare {
             PrepareKind::CleanDocument => {
                 let mut text = StringBuilder::new();
                 let mut lines = Int64Builder::with_capacity(n);
+                let mode = self.rules.quality.boilerplate;
                 for i in 0..n {
-                    match get(0, i) {
-                        Some(t) => {
-                            let (cleaned, count) = crate::quality::clean_document(
-                                t,
-                                self.rules.quality.strip_boilerplate,
-                            );
+                    match (get(0, i), mode) {
+                        (Some(t), Some(mode)) => {
+                            let strip = mode == crate::quality::Boilerplate::Strip;
+                            let (cleaned, count) = crate::quality::clean_document(t, strip);
                             text.append_value(cleaned);
                             lines.append_value(count as i64);
                         }
-                        None => {
+                        (Some(t), None) => {
+                            text.append_value(t);
+                            lines.append_null();
+                        }
+                        (None, _) => {
                             text.append_null();
                             lines.append_null();
                         }

@@ -125,7 +125,7 @@ fn a_run_counts_each_rule_under_its_own_reason() {
         format!(
             "output = \"out\"\n[input]\npaths = [\"{}\"]\n\
              [prepare.quality]\nlanguages = [\"en\"]\nmin_words = 8\n\
-             min_punctuated_lines = 0.5\nmax_repeated_lines = 0.3\nstrip_boilerplate = true\n\
+             min_punctuated_lines = 0.5\nmax_repeated_lines = 0.3\nboilerplate = \"strip\"\n\
              [[stages]]\nname = \"candidates\"\n",
             input.display()
         ),
