@@ -756,9 +756,7 @@ pub fn mock_reply(req: &Request) -> Reply {
     };
     // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.
     let tokens = |s: &str| {
-        tiktoken_rs::cl100k_base_singleton()
-            .encode_ordinary(s)
-            .len() as i64
+        bpe_openai::cl100k_base().count(s) as i64
     };
     if req.top_logprobs.is_some() {
         // A judge sure of one digit, with a little mass on its neighbours.

@@ -121,3 +121,19 @@ fn dedup_normalisation_ignores_case_and_whitespace() {
         normalize_for_dedup("how tide works")
     );
 }
+
+#[test]
+fn built_in_encodings_count_as_tiktoken_does() {
+    use backforth::tokens::TokenCounter;
+    let here = std::path::Path::new(".");
+    let cl100k = TokenCounter::load("cl100k_base", here).unwrap();
+    let o200k = TokenCounter::load("o200k_base", here).unwrap();
+    // Counts published for tiktoken's cl100k_base and o200k_base.
+    assert_eq!(cl100k.count("Hello, world!"), 4);
+    assert_eq!(cl100k.count("tiktoken is great!"), 6);
+    assert_eq!(o200k.count("Hello, world!"), 4);
+    assert_eq!(cl100k.count(""), 0);
+    // Long runs of spaces and non-Latin scripts go through the same pre-tokenizer rules.
+    assert_eq!(cl100k.count("a          b"), 3);
+    assert!(cl100k.count("東京は日本の首都です。") > 5);
+}
