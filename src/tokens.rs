@@ -63,7 +63,7 @@ impl TokenCounter {
     /// Number of tokens in `text`, without special tokens.
     pub fn count(&self, text: &str) -> usize {
         match self.inner.as_ref() {
-            Inner::Bpe(bpe) => bpe.count(text),
+            Inner::Bpe(bpe) => count_with_piece_cache(bpe, text),
             Inner::HuggingFace(tok) => tok
                 .encode_fast(text, false)
                 .map(|e| e.len())
@@ -77,4 +77,42 @@ impl TokenCounter {
     pub fn label(&self) -> &str {
         &self.label
     }
+}
+
+/// Pieces longer than this (in bytes) are rare and counted directly.
+const CACHED_PIECE_BYTES: usize = 24;
+
+/// Entries a thread keeps per encoding before starting over.
+const CACHE_ENTRIES: usize = 1 << 18;
+
+thread_local! {
+    /// Tokens per pre-token piece, one map per built-in encoding (by its address).
+    static PIECE_TOKENS: std::cell::RefCell<std::collections::HashMap<usize, std::collections::HashMap<Box<str>, u32>>> =
+        Default::default();
+}
+
+/// The encoding's count, pre-token piece by piece, with each thread remembering the pieces it
+/// has seen: prose repeats its words, so most pieces skip the byte-pair merge.
+fn count_with_piece_cache(bpe: &'static bpe_openai::Tokenizer, text: &str) -> usize {
+    let normal = bpe.normalize(text);
+    PIECE_TOKENS.with(|maps| {
+        let mut maps = maps.borrow_mut();
+        let cache = maps.entry(bpe as *const _ as usize).or_default();
+        if cache.len() > CACHE_ENTRIES {
+            cache.clear();
+        }
+        bpe.split(normal.as_str())
+            .map(|piece| {
+                if piece.len() > CACHED_PIECE_BYTES {
+                    return bpe.bpe.count(piece.as_bytes());
+                }
+                if let Some(n) = cache.get(piece) {
+                    return *n as usize;
+                }
+                let n = bpe.bpe.count(piece.as_bytes());
+                cache.insert(piece.into(), n as u32);
+                n
+            })
+            .sum()
+    })
 }

@@ -136,4 +136,8 @@ fn built_in_encodings_count_as_tiktoken_does() {
     // Long runs of spaces and non-Latin scripts go through the same pre-tokenizer rules.
     assert_eq!(cl100k.count("a          b"), 3);
     assert!(cl100k.count("東京は日本の首都です。") > 5);
+    // A second count of the same text is served by the piece cache and agrees.
+    let prose = "The kettle boils water quickly. Pour it over the tea leaves and wait.";
+    assert_eq!(cl100k.count(prose), 15);
+    assert_eq!(cl100k.count(prose), 15);
 }
