@@ -154,7 +154,15 @@ impl QualityRules {
         {
             return Some("wrong_language");
         }
-        let words: Vec<&str> = text.split_whitespace().collect();
+        let word_rules = self.min_words.is_some()
+            || self.max_symbol_ratio.is_some()
+            || self.max_non_alpha_words.is_some();
+        // Most jobs set no word rule: no need to split every candidate.
+        let words: Vec<&str> = if word_rules {
+            text.split_whitespace().collect()
+        } else {
+            Vec::new()
+        };
         if self.min_words.is_some_and(|min| words.len() < min) {
             return Some("too_few_words");
         }
