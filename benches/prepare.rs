@@ -40,12 +40,17 @@ impl Rng {
 /// A vocabulary of pronounceable words with a Zipf-like draw, so token counts and dedup keys
 /// behave like prose rather than noise.
 fn vocabulary() -> Vec<String> {
-    let syllables = ["ta", "ri", "mon", "sel", "ka", "vo", "den", "lu", "pra", "est", "ing", "or", "ba", "tes", "qui", "nal"];
+    let syllables = [
+        "ta", "ri", "mon", "sel", "ka", "vo", "den", "lu", "pra", "est", "ing", "or", "ba", "tes",
+        "qui", "nal",
+    ];
     let mut rng = Rng(7);
     (0..8000)
         .map(|_| {
             let n = 1 + rng.below(3) as usize;
-            (0..n).map(|_| syllables[rng.below(syllables.len() as u64) as usize]).collect()
+            (0..n)
+                .map(|_| syllables[rng.below(syllables.len() as u64) as usize])
+                .collect()
         })
         .collect()
 }
@@ -83,10 +88,13 @@ fn document(rng: &mut Rng, vocab: &[String]) -> String {
 
 /// Writes the corpus unless it is there; returns the files and the bytes of text in them.
 fn corpus(megabytes: u64) -> (Vec<PathBuf>, u64) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-corpus/{megabytes}mb"));
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-corpus/{megabytes}mb"));
     let done = dir.join("DONE");
     if let Ok(text) = std::fs::read_to_string(&done) {
-        let files = (0..FILES).map(|f| dir.join(format!("shard-{f:02}.jsonl.gz"))).collect();
+        let files = (0..FILES)
+            .map(|f| dir.join(format!("shard-{f:02}.jsonl.gz")))
+            .collect();
         return (files, text.trim().parse().unwrap());
     }
     std::fs::create_dir_all(&dir).unwrap();
@@ -123,7 +131,11 @@ fn corpus(megabytes: u64) -> (Vec<PathBuf>, u64) {
     });
     let total: u64 = totals.iter().sum();
     std::fs::write(&done, total.to_string()).unwrap();
-    eprintln!("generated {:.0} MB of text in {:.0}s", total as f64 / 1e6, started.elapsed().as_secs_f64());
+    eprintln!(
+        "generated {:.0} MB of text in {:.0}s",
+        total as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
     (corpus(megabytes).0, total)
 }
 
@@ -137,7 +149,10 @@ fn floor(files: &[PathBuf], threads: usize) -> f64 {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(path) = files.get(i) else { break };
-                    let reader = BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap()));
+                    let reader = BufReader::with_capacity(
+                        1 << 20,
+                        flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap()),
+                    );
                     let schema = Arc::new(Schema::new(vec![
                         Field::new("id", DataType::Utf8, true),
                         Field::new("text", DataType::Utf8, true),
@@ -145,7 +160,8 @@ fn floor(files: &[PathBuf], threads: usize) -> f64 {
                     let props = WriterProperties::builder()
                         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
                         .build();
-                    let mut writer = ArrowWriter::try_new(std::io::sink(), schema.clone(), Some(props)).unwrap();
+                    let mut writer =
+                        ArrowWriter::try_new(std::io::sink(), schema.clone(), Some(props)).unwrap();
                     let (mut ids, mut texts) = (Vec::new(), Vec::new());
                     for line in reader.lines() {
                         let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
@@ -164,7 +180,12 @@ fn floor(files: &[PathBuf], threads: usize) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-fn write(writer: &mut ArrowWriter<std::io::Sink>, schema: &Arc<Schema>, ids: &mut Vec<String>, texts: &mut Vec<String>) {
+fn write(
+    writer: &mut ArrowWriter<std::io::Sink>,
+    schema: &Arc<Schema>,
+    ids: &mut Vec<String>,
+    texts: &mut Vec<String>,
+) {
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
@@ -177,21 +198,33 @@ fn write(writer: &mut ArrowWriter<std::io::Sink>, schema: &Arc<Schema>, ids: &mu
 }
 
 fn main() {
-    let megabytes: u64 = std::env::var("PREPARE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let megabytes: u64 = std::env::var("PREPARE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (files, text_bytes) = corpus(megabytes);
     let mb = text_bytes as f64 / 1e6;
     println!("corpus: {mb:.0} MB of text in {FILES} gzip JSONL files; {threads} cores");
 
     let floor_s = floor(&files, threads);
-    println!("floor (gunzip + JSON + zstd Parquet, {threads} threads): {floor_s:.1}s, {:.0} MB/s", mb / floor_s);
+    println!(
+        "floor (gunzip + JSON + zstd Parquet, {threads} threads): {floor_s:.1}s, {:.0} MB/s",
+        mb / floor_s
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("prepare.toml");
-    let inputs: Vec<String> = files.iter().map(|f| format!("\"{}\"", f.display())).collect();
+    let inputs: Vec<String> = files
+        .iter()
+        .map(|f| format!("\"{}\"", f.display()))
+        .collect();
     std::fs::write(
         &job,
-        format!("output = \"out\"\n[input]\npaths = [{}]\n[[stages]]\nname = \"candidates\"\n", inputs.join(", ")),
+        format!(
+            "output = \"out\"\n[input]\npaths = [{}]\n[[stages]]\nname = \"candidates\"\n",
+            inputs.join(", ")
+        ),
     )
     .unwrap();
     let report = dir.path().join("time.txt");
@@ -205,8 +238,15 @@ fn main() {
         .unwrap();
     let prepare_s = started.elapsed().as_secs_f64();
     assert!(status.success());
-    let t: Vec<f64> = std::fs::read_to_string(&report).unwrap().split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    let marker: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/candidates/_SUCCESS")).unwrap()).unwrap();
+    let t: Vec<f64> = std::fs::read_to_string(&report)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let marker: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/candidates/_SUCCESS")).unwrap(),
+    )
+    .unwrap();
     println!(
         "prepare (backforth run --stages candidates): {prepare_s:.1}s, {:.0} MB/s, CPU {:.0}s, peak RSS {:.0} MiB; {} documents, {} kept, dropped {}",
         mb / prepare_s,
@@ -216,5 +256,8 @@ fn main() {
         marker["rows_out"],
         marker["dropped"]
     );
-    println!("prepare / floor: {:.2}x the floor's time", prepare_s / floor_s);
+    println!(
+        "prepare / floor: {:.2}x the floor's time",
+        prepare_s / floor_s
+    );
 }

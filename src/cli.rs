@@ -455,11 +455,18 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         } => {
             let report = crate::seed::seed(&input, &output, count, format).await?;
             for p in report.problems.iter().take(10) {
-                let tree = if p.tree.is_empty() { String::new() } else { format!(" [tree {}]", p.tree) };
+                let tree = if p.tree.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [tree {}]", p.tree)
+                };
                 eprintln!("{}: {}{tree}", p.at, p.message);
             }
             if report.problems.len() > 10 {
-                eprintln!("... {} more problems in seed_report.json", report.problems.len() - 10);
+                eprintln!(
+                    "... {} more problems in seed_report.json",
+                    report.problems.len() - 10
+                );
             }
             let summary: Vec<String> = crate::seed::problem_summary(&report.problems)
                 .iter()
@@ -470,7 +477,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 report.messages,
                 report.trees,
                 report.malformed_trees,
-                if summary.is_empty() { "none".to_string() } else { summary.join(" ") },
+                if summary.is_empty() {
+                    "none".to_string()
+                } else {
+                    summary.join(" ")
+                },
                 report.eligible,
                 report.kept,
                 output.display()

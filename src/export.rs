@@ -190,7 +190,9 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
 /// same seed picks the same pairs whatever order the table is read in.
 fn sample_key(seed: u64, origin: &str, id: &str) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(format!("{seed}\u{0}{origin}\u{0}{id}").as_bytes()))
+    hex::encode(Sha256::digest(
+        format!("{seed}\u{0}{origin}\u{0}{id}").as_bytes(),
+    ))
 }
 
 async fn read_pairs(ctx: &datafusion::prelude::SessionContext, table: &str) -> Result<Vec<Pair>> {
@@ -423,9 +425,18 @@ async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
         },
     )
     .await?;
-    let file_name = output.prefix.as_ref().rsplit('/').next().unwrap_or_default().to_string();
+    let file_name = output
+        .prefix
+        .as_ref()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let card = dataset_card(opts, counts, &file_name, &job, &tables);
-    output.store.put(&card_path, PutPayload::from(card.into_bytes())).await?;
+    output
+        .store
+        .put(&card_path, PutPayload::from(card.into_bytes()))
+        .await?;
     Ok(())
 }
 
@@ -453,8 +464,10 @@ pub fn dataset_card(
         counts.synthetic,
         counts.available,
         opts.table,
-        opts.size
-            .map_or(String::new(), |_| format!(", sampled with seed {}", opts.sample_seed))
+        opts.size.map_or(String::new(), |_| format!(
+            ", sampled with seed {}",
+            opts.sample_seed
+        ))
     );
     let _ = writeln!(card, "| seed pairs | {} |", counts.seed);
     let _ = writeln!(card, "| tag placement | {:?} |", opts.tag);
@@ -474,7 +487,12 @@ pub fn dataset_card(
         let _ = writeln!(
             card,
             "| {} |\n|{}",
-            table.columns.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | "),
+            table
+                .columns
+                .iter()
+                .map(|c| cell(c))
+                .collect::<Vec<_>>()
+                .join(" | "),
             "---|".repeat(table.columns.len())
         );
         for row in &table.rows {

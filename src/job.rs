@@ -253,14 +253,30 @@ pub struct Overrides {
 /// The built-in stages: name, the table it reads by default, SQL. The first six are the
 /// paper's pipeline in order; the rest are used by the Humpback and Kun jobs.
 pub const BUILTIN_STAGES: &[(&str, &str, &str)] = &[
-    ("candidates", "documents", include_str!("../sql/candidates.sql")),
-    ("backtranslated", "candidates", include_str!("../sql/backtranslated.sql")),
-    ("scored", "backtranslated", include_str!("../sql/scored.sql")),
+    (
+        "candidates",
+        "documents",
+        include_str!("../sql/candidates.sql"),
+    ),
+    (
+        "backtranslated",
+        "candidates",
+        include_str!("../sql/backtranslated.sql"),
+    ),
+    (
+        "scored",
+        "backtranslated",
+        include_str!("../sql/scored.sql"),
+    ),
     ("curated", "scored", include_str!("../sql/curated.sql")),
     ("rewritten", "curated", include_str!("../sql/rewritten.sql")),
     ("distilled", "curated", include_str!("../sql/distilled.sql")),
     ("rescored", "scored", include_str!("../sql/rescored.sql")),
-    ("judged", "backtranslated", include_str!("../sql/judged.sql")),
+    (
+        "judged",
+        "backtranslated",
+        include_str!("../sql/judged.sql"),
+    ),
     ("polished", "judged", include_str!("../sql/polished.sql")),
     ("filtered", "rewritten", include_str!("../sql/filtered.sql")),
     ("deduped", "candidates", include_str!("../sql/deduped.sql")),
@@ -574,7 +590,10 @@ impl Job {
             .map(|f| serde_json::json!({"name": f.name, "model": f.role, "max_tokens": f.max_tokens, "logprobs": f.logprobs}))
             .collect();
         let mut prepare = serde_json::json!(self.prepare);
-        if !matches!(self.prepare.tokenizer.as_str(), "cl100k_base" | "o200k_base") {
+        if !matches!(
+            self.prepare.tokenizer.as_str(),
+            "cl100k_base" | "o200k_base"
+        ) {
             // A tokenizer.json path, made absolute so `stats` finds it from anywhere.
             prepare["tokenizer"] = resolve_path(&self.base_dir, &self.prepare.tokenizer).into();
         }
@@ -627,7 +646,10 @@ impl Job {
 /// replaced by the extending file's value.
 fn read_job_table(path: &Path, depth: usize) -> Result<toml::Table> {
     if depth > 8 {
-        return job_err!("{}: `extends` nests more than 8 files deep (a cycle?)", path.display());
+        return job_err!(
+            "{}: `extends` nests more than 8 files deep (a cycle?)",
+            path.display()
+        );
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Job(format!("cannot read job file {}: {e}", path.display())))?;
@@ -637,7 +659,10 @@ fn read_job_table(path: &Path, depth: usize) -> Result<toml::Table> {
         return Ok(table);
     };
     let Some(base) = base.as_str() else {
-        return job_err!("{}: `extends` must be a path to another job file", path.display());
+        return job_err!(
+            "{}: `extends` must be a path to another job file",
+            path.display()
+        );
     };
     let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
     let mut merged = read_job_table(&base_path, depth + 1)?;
@@ -829,9 +854,13 @@ fn resolve_function(
     base_dir: &Path,
 ) -> Result<FunctionSpec> {
     let valid = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !valid {
-        return job_err!("[functions.{name}]: a function name is lower-case letters, digits and '_'");
+        return job_err!(
+            "[functions.{name}]: a function name is lower-case letters, digits and '_'"
+        );
     }
     let base = match (&cfg.like, builtin_function(name)) {
         (Some(like), None) => match builtin_function(like) {
@@ -853,9 +882,7 @@ fn resolve_function(
         (Some(args), None) if !args.is_empty() => args.clone(),
         (None, Some(b)) => b.args.iter().map(|a| a.to_string()).collect(),
         (Some(_), Some(_)) => {
-            return job_err!(
-                "[functions.{name}] takes the arguments of its built-in; drop `args`"
-            );
+            return job_err!("[functions.{name}] takes the arguments of its built-in; drop `args`");
         }
         _ => {
             return job_err!(
@@ -863,11 +890,17 @@ fn resolve_function(
             );
         }
     };
-    let Some(role) = cfg.model.clone().or_else(|| base.map(|b| b.role.to_string())) else {
+    let Some(role) = cfg
+        .model
+        .clone()
+        .or_else(|| base.map(|b| b.role.to_string()))
+    else {
         return job_err!("[functions.{name}] needs `model` (a role of [models])");
     };
     let Some(model) = models.get(&role) else {
-        return job_err!("[functions.{name}] uses model role '{role}', which [models] does not define");
+        return job_err!(
+            "[functions.{name}] uses model role '{role}', which [models] does not define"
+        );
     };
     let scoring = SCORING_FUNCTIONS.contains(&name)
         || base.is_some_and(|b| SCORING_FUNCTIONS.contains(&b.name));
@@ -890,7 +923,10 @@ fn resolve_function(
         (Some(path), _) => {
             let path = base_dir.join(path);
             std::fs::read_to_string(&path).map_err(|e| {
-                Error::Job(format!("[functions.{name}] template {}: {e}", path.display()))
+                Error::Job(format!(
+                    "[functions.{name}] template {}: {e}",
+                    path.display()
+                ))
             })?
         }
         (None, Some(builtin)) => builtin.to_string(),
@@ -908,7 +944,9 @@ fn resolve_function(
         logprobs,
         fallback: logprobs.then(|| {
             (
-                text_template.unwrap_or(include_str!("prompts/score_pair.txt")).to_string(),
+                text_template
+                    .unwrap_or(include_str!("prompts/score_pair.txt"))
+                    .to_string(),
                 text_max_tokens,
             )
         }),

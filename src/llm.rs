@@ -755,9 +755,7 @@ pub fn mock_reply(req: &Request) -> Reply {
         _ => format!("Here is a short answer.\n\n{}", tail.trim()),
     };
     // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.
-    let tokens = |s: &str| {
-        bpe_openai::cl100k_base().count(s) as i64
-    };
+    let tokens = |s: &str| bpe_openai::cl100k_base().count(s) as i64;
     if req.top_logprobs.is_some() {
         // A judge sure of one digit, with a little mass on its neighbours.
         let best = 1 + (h % 5) as i64;

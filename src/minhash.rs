@@ -89,7 +89,10 @@ pub fn signature(text: &str, params: &NearDedup) -> Vec<u32> {
     let shingles: Vec<u64> = if words.len() <= n {
         vec![fnv1a(words.join(" ").as_bytes())]
     } else {
-        words.windows(n).map(|w| fnv1a(w.join(" ").as_bytes())).collect()
+        words
+            .windows(n)
+            .map(|w| fnv1a(w.join(" ").as_bytes()))
+            .collect()
     };
     permutations(params.num_perm())
         .into_iter()
@@ -148,11 +151,9 @@ pub fn duplicates(mut docs: Vec<(String, Vec<u32>)>, params: &NearDedup) -> Vec<
             let Some(values) = sig.get(band * rows..(band + 1) * rows) else {
                 continue;
             };
-            let key = values
-                .iter()
-                .fold(fnv1a(&band.to_le_bytes()), |h, v| {
-                    (h ^ *v as u64).wrapping_mul(0x100000001b3)
-                });
+            let key = values.iter().fold(fnv1a(&band.to_le_bytes()), |h, v| {
+                (h ^ *v as u64).wrapping_mul(0x100000001b3)
+            });
             let bucket = buckets.entry(key).or_default();
             for &j in bucket.iter().take(BUCKET_PROBES) {
                 let sim = estimated_jaccard(sig, &docs[j].1);

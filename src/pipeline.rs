@@ -317,7 +317,11 @@ impl StagePlan {
     /// by shard, each shard of its input giving one shard of its output.
     fn sharded_on<'a>(&'a self, job: &Job) -> Option<&'a str> {
         // The near-duplicate table is derived from the stage's input, not a second input.
-        let inputs: Vec<&String> = self.tables.iter().filter(|t| *t != NEAR_DUPLICATES).collect();
+        let inputs: Vec<&String> = self
+            .tables
+            .iter()
+            .filter(|t| *t != NEAR_DUPLICATES)
+            .collect();
         match inputs.as_slice() {
             [one] if job.stages.iter().any(|s| &s.name == *one) => Some(one.as_str()),
             _ => None,
@@ -754,38 +758,40 @@ impl Runner<'_> {
             .target_partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let results: Vec<Result<(String, StageStats)>> = futures::stream::iter(files.into_iter().enumerate())
-            .map(|(k, file)| {
-                let out = &out;
-                async move {
-                    let id = format!("{k:05}");
-                    let source = format!("{} ({} bytes)", file.describe(), file.size);
-                    let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
-                    let stats = match read_json::<StageStats>(&self.root, &marker).await? {
-                        Some(done)
-                            if done.fingerprint == plan.fingerprint && done.upstream == source =>
-                        {
-                            done
-                        }
-                        _ => {
-                            let stats = self.run_input_shard(plan, &id, file).await?;
-                            let stats = StageStats {
-                                upstream: source,
-                                ..stats
-                            };
-                            write_json(&self.root, &marker, &stats).await?;
-                            stats
-                        }
-                    };
-                    self.progress
-                        .shards_done
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok((id, stats))
-                }
-            })
-            .buffered(parallel)
-            .collect()
-            .await;
+        let results: Vec<Result<(String, StageStats)>> =
+            futures::stream::iter(files.into_iter().enumerate())
+                .map(|(k, file)| {
+                    let out = &out;
+                    async move {
+                        let id = format!("{k:05}");
+                        let source = format!("{} ({} bytes)", file.describe(), file.size);
+                        let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+                        let stats = match read_json::<StageStats>(&self.root, &marker).await? {
+                            Some(done)
+                                if done.fingerprint == plan.fingerprint
+                                    && done.upstream == source =>
+                            {
+                                done
+                            }
+                            _ => {
+                                let stats = self.run_input_shard(plan, &id, file).await?;
+                                let stats = StageStats {
+                                    upstream: source,
+                                    ..stats
+                                };
+                                write_json(&self.root, &marker, &stats).await?;
+                                stats
+                            }
+                        };
+                        self.progress
+                            .shards_done
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok((id, stats))
+                    }
+                })
+                .buffered(parallel)
+                .collect()
+                .await;
         let mut shards = Vec::new();
         for r in results {
             shards.push(r?);
@@ -858,7 +864,9 @@ impl Runner<'_> {
         let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
         let needed = ["dedup_key", "file", "doc_id", "ordinal", "id"];
         if shards.len() < 2
-            || needed.iter().any(|c| !schema.has_column_with_unqualified_name(c))
+            || needed
+                .iter()
+                .any(|c| !schema.has_column_with_unqualified_name(c))
         {
             return Ok(());
         }
@@ -874,7 +882,10 @@ impl Runner<'_> {
             .await?;
         let mut repeated: std::collections::HashSet<(String, String)> = Default::default();
         for batch in &batches {
-            let (files, ids) = (cast(batch.column(0), &DataType::Utf8)?, cast(batch.column(1), &DataType::Utf8)?);
+            let (files, ids) = (
+                cast(batch.column(0), &DataType::Utf8)?,
+                cast(batch.column(1), &DataType::Utf8)?,
+            );
             let (files, ids) = (files.as_string::<i32>(), ids.as_string::<i32>());
             for r in 0..batch.num_rows() {
                 repeated.insert((files.value(r).to_string(), ids.value(r).to_string()));
@@ -909,7 +920,9 @@ impl Runner<'_> {
         repeated: &std::collections::HashSet<(String, String)>,
     ) -> Result<u64> {
         let kept_path = out.path(&format!("part-{part}.parquet"));
-        let moved_path = out.child("_dropped").path(&format!("part-{part}-across.parquet"));
+        let moved_path = out
+            .child("_dropped")
+            .path(&format!("part-{part}-across.parquet"));
         let kept = read_parquet_object(&self.root, &kept_path).await?;
         let mut moved = match self.root.exists(&moved_path).await? {
             true => read_parquet_object(&self.root, &moved_path).await?,
@@ -936,12 +949,22 @@ impl Runner<'_> {
                 .collect();
             let n = fresh.true_count();
             let dropped = filter_record_batch(batch, &fresh)?;
-            let reason = Arc::new(datafusion::arrow::array::StringArray::from(vec![ACROSS_FILES; n]));
-            let mut fields: Vec<Field> = dropped.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+            let reason = Arc::new(datafusion::arrow::array::StringArray::from(
+                vec![ACROSS_FILES; n],
+            ));
+            let mut fields: Vec<Field> = dropped
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
             fields.push(Field::new(DROP_REASON_COLUMN, DataType::Utf8, true));
             let mut columns = dropped.columns().to_vec();
             columns.push(reason);
-            moved.push(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?);
+            moved.push(RecordBatch::try_new(
+                Arc::new(Schema::new(fields)),
+                columns,
+            )?);
             let keep = datafusion::arrow::compute::not(&hit)?;
             kept_now.push(filter_record_batch(batch, &keep)?);
         }
@@ -1072,7 +1095,9 @@ impl Runner<'_> {
             );
         }
         let batches = ctx
-            .sql(&format!("SELECT id, minhash FROM {from} WHERE minhash IS NOT NULL"))
+            .sql(&format!(
+                "SELECT id, minhash FROM {from} WHERE minhash IS NOT NULL"
+            ))
             .await?
             .collect()
             .await?;
@@ -1247,8 +1272,14 @@ async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
 
 /// (file, id) of every row of `batch`, the key cross-file dedup works by.
 fn row_keys(batch: &RecordBatch) -> Result<Vec<(String, String)>> {
-    let file = cast(batch.column(batch.schema().index_of("file")?), &DataType::Utf8)?;
-    let id = cast(batch.column(batch.schema().index_of("id")?), &DataType::Utf8)?;
+    let file = cast(
+        batch.column(batch.schema().index_of("file")?),
+        &DataType::Utf8,
+    )?;
+    let id = cast(
+        batch.column(batch.schema().index_of("id")?),
+        &DataType::Utf8,
+    )?;
     let (file, id) = (file.as_string::<i32>(), id.as_string::<i32>());
     Ok((0..batch.num_rows())
         .map(|r| (file.value(r).to_string(), id.value(r).to_string()))
@@ -1338,7 +1369,10 @@ pub fn render_sql(job: &Job, stage: &StageSpec) -> Result<String> {
         .iter()
         .map(|f| {
             let model = job.models.get(&f.role).map_or("", |m| m.model.as_str());
-            (f.name.as_str(), BTreeMap::from([("role", f.role.as_str()), ("model", model)]))
+            (
+                f.name.as_str(),
+                BTreeMap::from([("role", f.role.as_str()), ("model", model)]),
+            )
         })
         .collect();
     let ctx = minijinja::context! {

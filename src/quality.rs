@@ -71,7 +71,10 @@ pub fn is_boilerplate(line: &str) -> bool {
 /// The document without its boilerplate lines (when `strip`) and how many there were.
 pub fn clean_document(text: &str, strip: bool) -> (String, usize) {
     if !strip {
-        return (text.to_string(), text.lines().filter(|l| is_boilerplate(l)).count());
+        return (
+            text.to_string(),
+            text.lines().filter(|l| is_boilerplate(l)).count(),
+        );
     }
     let mut count = 0;
     let mut kept = Vec::new();
@@ -92,14 +95,33 @@ pub fn clean_document(text: &str, strip: bool) -> (String, usize) {
 
 /// Two-letter codes for the languages people name most; three-letter codes pass as they are.
 const ISO_639_1: &[(&str, &str)] = &[
-    ("en", "eng"), ("de", "deu"), ("fr", "fra"), ("es", "spa"), ("it", "ita"), ("pt", "por"),
-    ("nl", "nld"), ("ru", "rus"), ("zh", "cmn"), ("ja", "jpn"), ("ko", "kor"), ("ar", "arb"),
-    ("pl", "pol"), ("sv", "swe"), ("tr", "tur"), ("uk", "ukr"), ("hi", "hin"), ("vi", "vie"),
+    ("en", "eng"),
+    ("de", "deu"),
+    ("fr", "fra"),
+    ("es", "spa"),
+    ("it", "ita"),
+    ("pt", "por"),
+    ("nl", "nld"),
+    ("ru", "rus"),
+    ("zh", "cmn"),
+    ("ja", "jpn"),
+    ("ko", "kor"),
+    ("ar", "arb"),
+    ("pl", "pol"),
+    ("sv", "swe"),
+    ("tr", "tur"),
+    ("uk", "ukr"),
+    ("hi", "hin"),
+    ("vi", "vie"),
 ];
 
 fn iso3(code: &str) -> String {
     let code = code.trim().to_ascii_lowercase();
-    let base = code.split(['-', '_']).next().unwrap_or_default().to_string();
+    let base = code
+        .split(['-', '_'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
     ISO_639_1
         .iter()
         .find(|(two, _)| *two == base)
@@ -129,7 +151,11 @@ pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
 }
 
 fn share(part: usize, whole: usize) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 fn repeated_share<'a>(items: impl Iterator<Item = &'a str>) -> f64 {
@@ -167,19 +193,27 @@ impl QualityRules {
             return Some("too_few_words");
         }
         if let Some(max) = self.max_symbol_ratio {
-            let symbols = text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
+            let symbols =
+                text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
             if share(symbols, words.len()) > max {
                 return Some("symbols");
             }
         }
         if let Some(max) = self.max_non_alpha_words {
-            let non_alpha = words.iter().filter(|w| !w.chars().any(char::is_alphabetic)).count();
+            let non_alpha = words
+                .iter()
+                .filter(|w| !w.chars().any(char::is_alphabetic))
+                .count();
             if share(non_alpha, words.len()) > max {
                 return Some("non_alpha_words");
             }
         }
         if let Some(min) = self.min_punctuated_lines {
-            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
             let ended = lines
                 .iter()
                 .filter(|l| l.ends_with(['.', '!', '?', '"', '\'', '”', '’']))
@@ -188,7 +222,10 @@ impl QualityRules {
                 return Some("few_punctuated_lines");
             }
         }
-        if self.max_repeated_lines.is_some_and(|max| repeated_share(text.lines()) > max) {
+        if self
+            .max_repeated_lines
+            .is_some_and(|max| repeated_share(text.lines()) > max)
+        {
             return Some("repeated_lines");
         }
         if self

@@ -107,11 +107,17 @@ pub fn write_pngs(plots: &[Plot], dir: &Path) -> Result<Vec<std::path::PathBuf>>
         .faces()
         .flat_map(|f| f.families.iter().map(|(name, _)| name.clone()))
         .collect();
-    let sans = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica"]
-        .iter()
-        .find(|want| families.iter().any(|f| f == *want))
-        .map(|f| f.to_string())
-        .unwrap_or_else(|| families[0].clone());
+    let sans = [
+        "DejaVu Sans",
+        "Liberation Sans",
+        "Noto Sans",
+        "Arial",
+        "Helvetica",
+    ]
+    .iter()
+    .find(|want| families.iter().any(|f| f == *want))
+    .map(|f| f.to_string())
+    .unwrap_or_else(|| families[0].clone());
     options.fontdb_mut().set_sans_serif_family(sans);
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Execution(format!("creating {}: {e}", dir.display())))?;
@@ -119,13 +125,19 @@ pub fn write_pngs(plots: &[Plot], dir: &Path) -> Result<Vec<std::path::PathBuf>>
     for plot in plots {
         let tree = usvg::Tree::from_str(&plot.svg, &options)
             .map_err(|e| Error::Internal(format!("plot {} is not valid SVG: {e}", plot.name)))?;
-        let size = tree.size().to_int_size().scale_by(2.0).ok_or_else(|| {
-            Error::Internal(format!("plot {} has no size", plot.name))
-        })?;
+        let size = tree
+            .size()
+            .to_int_size()
+            .scale_by(2.0)
+            .ok_or_else(|| Error::Internal(format!("plot {} has no size", plot.name)))?;
         let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height())
             .ok_or_else(|| Error::Internal(format!("plot {} is empty", plot.name)))?;
         pixmap.fill(tiny_skia::Color::WHITE);
-        resvg::render(&tree, tiny_skia::Transform::from_scale(2.0, 2.0), &mut pixmap.as_mut());
+        resvg::render(
+            &tree,
+            tiny_skia::Transform::from_scale(2.0, 2.0),
+            &mut pixmap.as_mut(),
+        );
         let path = dir.join(format!("{}.png", plot.name));
         pixmap
             .save_png(&path)
@@ -223,7 +235,10 @@ fn plots_for(table: &Table) -> Vec<Plot> {
         }
         "Score transitions" => vec![Plot {
             name: "score_transitions".into(),
-            svg: heatmap("iteration 0 score (rows) to iteration 1 score (columns)", table),
+            svg: heatmap(
+                "iteration 0 score (rows) to iteration 1 score (columns)",
+                table,
+            ),
         }],
         "Yield per threshold" => {
             let (Some(threshold), Some(kept)) = (column("threshold"), column("kept")) else {
@@ -261,7 +276,13 @@ fn plots_for(table: &Table) -> Vec<Plot> {
 
 fn file_safe(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

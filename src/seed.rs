@@ -99,8 +99,8 @@ pub fn read_messages(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Me
     if name.ends_with(".parquet") {
         return read_parquet(input);
     }
-    let file = std::fs::File::open(input)
-        .map_err(|e| Error::Job(format!("seed input {name}: {e}")))?;
+    let file =
+        std::fs::File::open(input).map_err(|e| Error::Job(format!("seed input {name}: {e}")))?;
     let reader: Box<dyn Read> = if name.ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else if name.ends_with(".zst") {
@@ -263,9 +263,7 @@ fn parquet_message(batch: &RecordBatch, r: usize, at: &str) -> Result<Message> {
         })
     };
     let id = required("message_id")?;
-    let flag = |name: &str| -> Result<Option<bool>> {
-        Ok(text(name)?.map(|v| v == "true"))
-    };
+    let flag = |name: &str| -> Result<Option<bool>> { Ok(text(name)?.map(|v| v == "true")) };
     let quality = match batch.column_by_name("labels") {
         Some(labels) => {
             let json = datafusion::arrow::util::display::array_value_to_string(labels, r)?;
@@ -278,7 +276,9 @@ fn parquet_message(batch: &RecordBatch, r: usize, at: &str) -> Result<Message> {
         tree: text("message_tree_id")?.unwrap_or_else(|| id.clone()),
         role: required("role")?,
         lang: text("lang")?.unwrap_or_default(),
-        rank: text("rank")?.and_then(|v| v.parse::<f64>().ok()).map(|v| v as i64),
+        rank: text("rank")?
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as i64),
         text: required("text")?,
         rejected: flag("deleted")? == Some(true) || flag("review_result")? == Some(false),
         quality,
@@ -293,7 +293,12 @@ fn labels_from_display(shown: &str) -> Option<f64> {
     let list = |key: &str| -> Option<Vec<String>> {
         let start = shown.find(&format!("{key}: ["))? + key.len() + 3;
         let end = start + shown[start..].find(']')?;
-        Some(shown[start..end].split(',').map(|s| s.trim().to_string()).collect())
+        Some(
+            shown[start..end]
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+        )
     };
     let names = list("name")?;
     let values = list("value")?;
@@ -322,7 +327,10 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
         if m.role != "prompter" && m.role != "assistant" {
             report(
                 m,
-                format!("message {} has role '{}' (expected prompter or assistant)", m.id, m.role),
+                format!(
+                    "message {} has role '{}' (expected prompter or assistant)",
+                    m.id, m.role
+                ),
                 &mut bad,
             );
         }
@@ -330,10 +338,24 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
     for m in messages {
         match &m.parent {
             Some(p) if !by_id.contains_key(p.as_str()) => {
-                report(m, format!("message {} names parent {p}, which is not in the input", m.id), &mut bad);
+                report(
+                    m,
+                    format!(
+                        "message {} names parent {p}, which is not in the input",
+                        m.id
+                    ),
+                    &mut bad,
+                );
             }
             None if m.role != "prompter" => {
-                report(m, format!("tree starts with message {} by '{}', not a prompter", m.id, m.role), &mut bad);
+                report(
+                    m,
+                    format!(
+                        "tree starts with message {} by '{}', not a prompter",
+                        m.id, m.role
+                    ),
+                    &mut bad,
+                );
             }
             _ => {}
         }
@@ -342,7 +364,11 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
         let mut cur = m;
         while let Some(parent) = cur.parent.as_deref().and_then(|p| by_id.get(p)) {
             if !seen.insert(&parent.id) {
-                report(m, format!("the parents of message {} form a cycle", m.id), &mut bad);
+                report(
+                    m,
+                    format!("the parents of message {} form a cycle", m.id),
+                    &mut bad,
+                );
                 break;
             }
             cur = parent;
@@ -373,8 +399,13 @@ pub fn select(messages: &[Message], bad: &HashSet<String>, count: usize) -> (u64
         })
         .collect();
     let eligible = pairs.len() as u64;
-    let quality = |p: &SeedPair| p.instruction_quality.unwrap_or(0.0) + p.response_quality.unwrap_or(0.0);
-    pairs.sort_by(|a, b| quality(b).total_cmp(&quality(a)).then_with(|| a.id.cmp(&b.id)));
+    let quality =
+        |p: &SeedPair| p.instruction_quality.unwrap_or(0.0) + p.response_quality.unwrap_or(0.0);
+    pairs.sort_by(|a, b| {
+        quality(b)
+            .total_cmp(&quality(a))
+            .then_with(|| a.id.cmp(&b.id))
+    });
     pairs.truncate(count);
     (eligible, pairs)
 }
@@ -388,7 +419,12 @@ pub async fn seed(input: &Path, out: &Path, count: usize, format: Format) -> Res
     let messages = read_messages(input, &mut problems)?;
     let mut bad = malformed_trees(&messages, &mut problems);
     // A message that could not be read leaves its tree incomplete.
-    bad.extend(problems.iter().filter(|p| !p.tree.is_empty()).map(|p| p.tree.clone()));
+    bad.extend(
+        problems
+            .iter()
+            .filter(|p| !p.tree.is_empty())
+            .map(|p| p.tree.clone()),
+    );
     let (eligible, pairs) = select(&messages, &bad, count);
     let trees: HashSet<&str> = messages.iter().map(|m| m.tree.as_str()).collect();
     std::fs::create_dir_all(out)
@@ -402,8 +438,14 @@ pub async fn seed(input: &Path, out: &Path, count: usize, format: Format) -> Res
         .map(|p| Pair::untagged(&p.id, &p.response, &p.instruction))
         .collect();
     let ext = format.extension();
-    write(&out.join(format!("forward.{ext}")), export::encode(&forward, format, TagMode::None)?)?;
-    write(&out.join(format!("backward.{ext}")), export::encode(&backward, format, TagMode::None)?)?;
+    write(
+        &out.join(format!("forward.{ext}")),
+        export::encode(&forward, format, TagMode::None)?,
+    )?;
+    write(
+        &out.join(format!("backward.{ext}")),
+        export::encode(&backward, format, TagMode::None)?,
+    )?;
     write(&out.join("seed.parquet"), seed_parquet(&pairs)?)?;
     let report = SeedReport {
         messages: messages.len() as u64,
@@ -419,7 +461,8 @@ pub async fn seed(input: &Path, out: &Path, count: usize, format: Format) -> Res
 }
 
 fn write(path: &PathBuf, bytes: Vec<u8>) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::Execution(format!("writing {}: {e}", path.display())))
+    std::fs::write(path, bytes)
+        .map_err(|e| Error::Execution(format!("writing {}: {e}", path.display())))
 }
 
 fn seed_parquet(pairs: &[SeedPair]) -> Result<Vec<u8>> {

@@ -208,7 +208,10 @@ async fn tokenizer(root: &Location, asked: Option<&str>) -> Result<(TokenCounter
 }
 
 /// The candidates, every stage with an `instruction` column, and the seed, in that order.
-async fn subsets(ctx: &datafusion::prelude::SessionContext, stages: &[String]) -> Result<Vec<Subset>> {
+async fn subsets(
+    ctx: &datafusion::prelude::SessionContext,
+    stages: &[String],
+) -> Result<Vec<Subset>> {
     let mut out = Vec::new();
     for stage in stages.iter().filter(|s| *s != "labels") {
         let schema = ctx.table(stage.as_str()).await?.schema().clone();
@@ -234,9 +237,15 @@ async fn subsets(ctx: &datafusion::prelude::SessionContext, stages: &[String]) -
 
 /// Stages that wrote a `response` beside the web `text` it was made from (the seed has no
 /// draft, and the distilled baseline never saw one).
-async fn rewrites(ctx: &datafusion::prelude::SessionContext, stages: &[String]) -> Result<Vec<String>> {
+async fn rewrites(
+    ctx: &datafusion::prelude::SessionContext,
+    stages: &[String],
+) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for stage in stages.iter().filter(|s| !matches!(s.as_str(), "labels" | "seed" | "distilled")) {
+    for stage in stages
+        .iter()
+        .filter(|s| !matches!(s.as_str(), "labels" | "seed" | "distilled"))
+    {
         let schema = ctx.table(stage.as_str()).await?.schema().clone();
         if schema.has_column_with_unqualified_name("response")
             && schema.has_column_with_unqualified_name("text")

@@ -546,7 +546,8 @@ pub struct Verdict {
 }
 
 static VERDICT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\bverdict\**\s*[:=]\s*\**\s*\[?\s*(good|bad)\b|【(好|差)】").expect("valid regex")
+    Regex::new(r"(?i)\bverdict\**\s*[:=]\s*\**\s*\[?\s*(good|bad)\b|【(好|差)】")
+        .expect("valid regex")
 });
 
 /// Parses `Verdict: good|bad` (or Kun's 【好】/【差】). The last verdict wins, as with scores;
@@ -577,7 +578,12 @@ pub fn parse_verdict(raw: Option<&str>, finish_reason: Option<&str>) -> Verdict 
 fn phrase_regex(phrases: &[&str]) -> Regex {
     let alternatives: Vec<String> = phrases
         .iter()
-        .map(|p| p.split(' ').map(regex::escape).collect::<Vec<_>>().join(r"\s+"))
+        .map(|p| {
+            p.split(' ')
+                .map(regex::escape)
+                .collect::<Vec<_>>()
+                .join(r"\s+")
+        })
         .collect();
     Regex::new(&format!(r"(?i)\b(?:{})\b", alternatives.join("|"))).expect("valid regex")
 }
@@ -650,8 +656,7 @@ pub const SOURCE_REFERENCE_PHRASES: &[&str] = &[
 
 static REFUSAL: LazyLock<Regex> = LazyLock::new(|| phrase_regex(REFUSAL_PHRASES));
 static SELF_REFERENCE: LazyLock<Regex> = LazyLock::new(|| phrase_regex(SELF_REFERENCE_PHRASES));
-static SOURCE_REFERENCE: LazyLock<Regex> =
-    LazyLock::new(|| phrase_regex(SOURCE_REFERENCE_PHRASES));
+static SOURCE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| phrase_regex(SOURCE_REFERENCE_PHRASES));
 
 /// The first refusal or apology phrase in `text`, as written.
 pub fn refusal_phrase(text: &str) -> Option<&str> {

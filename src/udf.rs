@@ -703,9 +703,11 @@ fn max_repeats(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
         Some(a) => Some(cast(&a.to_array(n)?, &DataType::Int64)?),
         None => None,
     };
-    let periods = periods
-        .as_ref()
-        .map(|p| p.as_any().downcast_ref::<Int64Array>().expect("cast to Int64"));
+    let periods = periods.as_ref().map(|p| {
+        p.as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("cast to Int64")
+    });
     let counts: Int64Array = (0..n)
         .map(|i| {
             let period = match periods {

@@ -22,7 +22,9 @@ impl Rng {
 }
 
 fn document(rng: &mut Rng, words: usize) -> Vec<String> {
-    (0..words).map(|_| format!("w{}", rng.next() % 5000)).collect()
+    (0..words)
+        .map(|_| format!("w{}", rng.next() % 5000))
+        .collect()
 }
 
 /// `base` with `k` words replaced by words no document uses.
@@ -76,14 +78,21 @@ fn planted() -> Planted {
     docs.push(("doc-51".into(), near_b));
     docs.push(("doc-52".into(), chain));
     docs.push(("doc-53".into(), half));
-    let expected = [("doc-50", "doc-00"), ("doc-51", "doc-01"), ("doc-52", "doc-00")]
-        .into_iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let expected = [
+        ("doc-50", "doc-00"),
+        ("doc-51", "doc-01"),
+        ("doc-52", "doc-00"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
     Planted { docs, expected }
 }
 
-fn found(docs: &[(String, Vec<String>)], order: impl Fn(usize) -> usize) -> BTreeMap<String, String> {
+fn found(
+    docs: &[(String, Vec<String>)],
+    order: impl Fn(usize) -> usize,
+) -> BTreeMap<String, String> {
     let params = NearDedup::default();
     let mut input: Vec<(String, Vec<u32>)> = docs
         .iter()
@@ -160,7 +169,11 @@ async fn dropped(root: &Path) -> BTreeMap<String, String> {
         (r[0].clone(), r[1].trim_end_matches("#0").to_string())
     })
     .collect();
-    assert_eq!(kept.len() + out.len(), 10, "every candidate kept or dropped once");
+    assert_eq!(
+        kept.len() + out.len(),
+        10,
+        "every candidate kept or dropped once"
+    );
     out
 }
 

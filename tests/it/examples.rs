@@ -82,7 +82,13 @@ async fn humpback_scores_twice_and_curates_on_the_second_iteration() {
         0,
         "segments mode: every candidate sits under a header"
     );
-    for stage in ["candidates", "backtranslated", "scored", "rescored", "curated"] {
+    for stage in [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "rescored",
+        "curated",
+    ] {
         drops(&root, stage).await;
     }
     // Both iterations side by side, each naming its judge.
@@ -113,7 +119,9 @@ async fn humpback_scores_twice_and_curates_on_the_second_iteration() {
     );
     // Two scoring calls per pair, one per model.
     assert_eq!(
-        marker(&root, "rescored")["llm"]["requests"].as_u64().unwrap() as i64,
+        marker(&root, "rescored")["llm"]["requests"]
+            .as_u64()
+            .unwrap() as i64,
         scored
     );
 }
@@ -131,7 +139,9 @@ async fn kun_judges_instructions_polishes_and_filters_with_counted_reasons() {
         "judged drops: {judged:?}"
     );
     assert!(
-        reasons(&judged).iter().any(|r| r.starts_with("no_verdict:")),
+        reasons(&judged)
+            .iter()
+            .any(|r| r.starts_with("no_verdict:")),
         "judged drops: {judged:?}"
     );
     assert_eq!(
@@ -150,14 +160,23 @@ async fn kun_judges_instructions_polishes_and_filters_with_counted_reasons() {
     for row in rows(&ctx, "SELECT response FROM filtered").await {
         let text = &row[0];
         assert!(backforth::text::refusal_phrase(text).is_none(), "{text}");
-        assert!(backforth::text::self_reference_phrase(text).is_none(), "{text}");
+        assert!(
+            backforth::text::self_reference_phrase(text).is_none(),
+            "{text}"
+        );
         assert!(text.chars().count() >= 20, "{text}");
         assert!(backforth::text::max_repeats(text, 50) <= 5, "{text}");
     }
     // The stats funnel shows every reason.
     let out = backforth_ok(&["stats", root.to_str().unwrap()]);
     let stats = String::from_utf8_lossy(&out.stdout);
-    for reason in ["judged_bad", "refusal=", "self_reference=", "too_short=", "repetition="] {
+    for reason in [
+        "judged_bad",
+        "refusal=",
+        "self_reference=",
+        "too_short=",
+        "repetition=",
+    ] {
         assert!(stats.contains(reason), "{reason} missing from:\n{stats}");
     }
 }
@@ -172,7 +191,11 @@ async fn bft_ablations_rewrite_everything_or_only_filter() {
     assert!(!rewrite_only.join("scored").exists());
     let ctx = session(&rewrite_only).await;
     let backtranslated = count(&ctx, "SELECT count(*) FROM backtranslated").await as u64;
-    let rewrite_drops: u64 = drops(&rewrite_only, "rewritten").await.iter().map(|d| d.1).sum();
+    let rewrite_drops: u64 = drops(&rewrite_only, "rewritten")
+        .await
+        .iter()
+        .map(|d| d.1)
+        .sum();
     assert_eq!(
         count(&ctx, "SELECT count(*) FROM rewritten").await as u64 + rewrite_drops,
         backtranslated,
@@ -204,5 +227,8 @@ async fn bft_ablations_rewrite_everything_or_only_filter() {
     assert_eq!(lines.lines().count() as i64, kept);
     let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
     let text = &rows(&ctx, "SELECT text FROM curated ORDER BY id LIMIT 1").await[0][0];
-    assert_eq!(first["messages"].as_array().unwrap().last().unwrap()["content"], *text);
+    assert_eq!(
+        first["messages"].as_array().unwrap().last().unwrap()["content"],
+        *text
+    );
 }

@@ -74,15 +74,25 @@ async fn export_mixes_tagged_seed_and_a_reproducible_sample_with_a_card() {
             .map(|r| (r[0].clone(), r[1].clone()))
             .collect();
     let seeds: HashMap<&str, &str> = [
-        ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water."),
-        ("What is the capital of France?", "Paris is the capital of France."),
+        (
+            "How do I boil an egg?",
+            "Put the egg in boiling water for nine minutes, then cool it in cold water.",
+        ),
+        (
+            "What is the capital of France?",
+            "Paris is the capital of France.",
+        ),
         ("Name a prime number.", "Seven is a prime number."),
     ]
     .into();
 
     let a = dir.path().join("a/train.jsonl");
     std::fs::create_dir_all(a.parent().unwrap()).unwrap();
-    let lines = export(&a, &seed, &["--tag", "system", "--size", "5", "--sample-seed", "7"]);
+    let lines = export(
+        &a,
+        &seed,
+        &["--tag", "system", "--size", "5", "--sample-seed", "7"],
+    );
     assert_eq!(lines.len(), 5 + 3);
     let (mut n_seed, mut n_web) = (0, 0);
     for line in &lines {
@@ -92,7 +102,10 @@ async fn export_mixes_tagged_seed_and_a_reproducible_sample_with_a_card() {
             n_seed += 1;
         } else {
             assert_eq!(system, WEB_TAG);
-            assert_eq!(rewritten[&user], assistant, "a synthetic pair: the web text answers");
+            assert_eq!(
+                rewritten[&user], assistant,
+                "a synthetic pair: the web text answers"
+            );
             n_web += 1;
         }
     }
@@ -101,11 +114,19 @@ async fn export_mixes_tagged_seed_and_a_reproducible_sample_with_a_card() {
     // The same seed gives the same file; another seed another sample.
     let again = dir.path().join("again/train.jsonl");
     std::fs::create_dir_all(again.parent().unwrap()).unwrap();
-    export(&again, &seed, &["--tag", "system", "--size", "5", "--sample-seed", "7"]);
+    export(
+        &again,
+        &seed,
+        &["--tag", "system", "--size", "5", "--sample-seed", "7"],
+    );
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&again).unwrap());
     let other = dir.path().join("other/train.jsonl");
     std::fs::create_dir_all(other.parent().unwrap()).unwrap();
-    let other_lines = export(&other, &seed, &["--tag", "system", "--size", "5", "--sample-seed", "8"]);
+    let other_lines = export(
+        &other,
+        &seed,
+        &["--tag", "system", "--size", "5", "--sample-seed", "8"],
+    );
     let users = |ls: &[Value]| -> std::collections::BTreeSet<String> {
         ls.iter().map(|l| chat(l).1).collect()
     };
@@ -128,15 +149,21 @@ async fn export_mixes_tagged_seed_and_a_reproducible_sample_with_a_card() {
     // The card: counts, tags, the job's settings and the run's statistics.
     let card = std::fs::read_to_string(dir.path().join("a/README.md")).unwrap();
     assert!(card.starts_with("<!-- written by backforth export -->"));
-    assert!(card.contains(&format!(
-        "| synthetic pairs | 5 (of {} in `backtranslated`, sampled with seed 7) |",
-        rewritten.len()
-    )), "{card}");
+    assert!(
+        card.contains(&format!(
+            "| synthetic pairs | 5 (of {} in `backtranslated`, sampled with seed 7) |",
+            rewritten.len()
+        )),
+        "{card}"
+    );
     assert!(card.contains("| seed pairs | 3 |"));
     assert!(card.contains(&format!("| seed tag | {SEED_TAG} |")));
     assert!(card.contains("\"threshold\": 5"), "{card}");
     assert!(card.contains("### Funnel"));
-    assert!(card.contains("| seed | 3 |"), "the seed is a subset of the lengths table");
+    assert!(
+        card.contains("| seed | 3 |"),
+        "the seed is a subset of the lengths table"
+    );
 }
 
 #[test]
@@ -146,8 +173,15 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
     let root = sample_root();
     let out = dir.path().join("big.jsonl");
     let run = backforth(&[
-        "export", "--root", root.to_str().unwrap(), "--seed", seed.to_str().unwrap(),
-        "--size", "100000", "--output", out.to_str().unwrap(),
+        "export",
+        "--root",
+        root.to_str().unwrap(),
+        "--seed",
+        seed.to_str().unwrap(),
+        "--size",
+        "100000",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--size 100000: 'rewritten' holds only"));
@@ -156,10 +190,16 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::write(mine.join("README.md"), "# my project\n").unwrap();
     let run = backforth(&[
-        "export", "--root", root.to_str().unwrap(),
-        "--output", mine.join("train.jsonl").to_str().unwrap(),
+        "export",
+        "--root",
+        root.to_str().unwrap(),
+        "--output",
+        mine.join("train.jsonl").to_str().unwrap(),
     ]);
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("was not written by backforth"));
-    assert_eq!(std::fs::read_to_string(mine.join("README.md")).unwrap(), "# my project\n");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("README.md")).unwrap(),
+        "# my project\n"
+    );
 }

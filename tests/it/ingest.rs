@@ -182,9 +182,16 @@ async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     // The files named in the other order: shards run in another order, the same copy goes.
     let other = dir.path().join("other-order");
     backforth_ok(&[
-        "run", &job, "--stages", "prepare", "--output", other.to_str().unwrap(),
-        "--input", data.join("b.jsonl").to_str().unwrap(),
-        "--input", data.join("a.jsonl").to_str().unwrap(),
+        "run",
+        &job,
+        "--stages",
+        "prepare",
+        "--output",
+        other.to_str().unwrap(),
+        "--input",
+        data.join("b.jsonl").to_str().unwrap(),
+        "--input",
+        data.join("a.jsonl").to_str().unwrap(),
     ]);
     let ctx = crate::util::session(&other).await;
     assert_eq!(

@@ -546,7 +546,10 @@ fn stats_reports_the_funnel_histogram_yield_and_lengths() {
     );
     let lengths = table("Lengths per subset");
     assert!(
-        lengths["title"].as_str().unwrap().ends_with("[tokens: cl100k_base, the job's tokenizer]"),
+        lengths["title"]
+            .as_str()
+            .unwrap()
+            .ends_with("[tokens: cl100k_base, the job's tokenizer]"),
         "{lengths}"
     );
     assert_eq!(cell(&lengths, 0, 0), "candidates");

@@ -11,49 +11,73 @@ const GOOD: &str = "The kettle boils water quickly.\nPour it over the tea leaves
 fn each_rule_drops_its_document_and_keeps_a_good_one() {
     let cases: Vec<(QualityRules, &str, Option<&str>, &str)> = vec![
         (
-            (QualityRules { languages: Some(vec!["en".into()]), ..Default::default() }),
+            (QualityRules {
+                languages: Some(vec!["en".into()]),
+                ..Default::default()
+            }),
             "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten.",
             None,
             "wrong_language",
         ),
         (
-            (QualityRules { languages: Some(vec!["en".into()]), ..Default::default() }),
+            (QualityRules {
+                languages: Some(vec!["en".into()]),
+                ..Default::default()
+            }),
             GOOD,
             Some(r#"{"lang": "fr"}"#),
             "wrong_language",
         ),
         (
-            (QualityRules { min_words: Some(20), ..Default::default() }),
+            (QualityRules {
+                min_words: Some(20),
+                ..Default::default()
+            }),
             "Tea is nice, and cheap.",
             None,
             "too_few_words",
         ),
         (
-            (QualityRules { max_symbol_ratio: Some(0.1), ..Default::default() }),
+            (QualityRules {
+                max_symbol_ratio: Some(0.1),
+                ..Default::default()
+            }),
             "#tea #kettle #morning great cup... more soon... #blessed",
             None,
             "symbols",
         ),
         (
-            (QualityRules { max_non_alpha_words: Some(0.2), ..Default::default() }),
+            (QualityRules {
+                max_non_alpha_words: Some(0.2),
+                ..Default::default()
+            }),
             "Prices 12.50 14.00 9.99 | 3 x 4 = 12 -- 2024 100% tea",
             None,
             "non_alpha_words",
         ),
         (
-            (QualityRules { min_punctuated_lines: Some(0.5), ..Default::default() }),
+            (QualityRules {
+                min_punctuated_lines: Some(0.5),
+                ..Default::default()
+            }),
             "Home\nProducts\nKettles\nTea\nThe kettle boils water quickly.",
             None,
             "few_punctuated_lines",
         ),
         (
-            (QualityRules { max_repeated_lines: Some(0.3), ..Default::default() }),
+            (QualityRules {
+                max_repeated_lines: Some(0.3),
+                ..Default::default()
+            }),
             "Buy now.\nBuy now.\nBuy now.\nThe kettle boils water quickly.",
             None,
             "repeated_lines",
         ),
         (
-            (QualityRules { max_repeated_paragraphs: Some(0.3), ..Default::default() }),
+            (QualityRules {
+                max_repeated_paragraphs: Some(0.3),
+                ..Default::default()
+            }),
             "Tea is good.\nReally.\n\nTea is good.\nReally.\n\nTea is good.\nReally.\n\nThe end.",
             None,
             "repeated_paragraphs",
@@ -61,12 +85,19 @@ fn each_rule_drops_its_document_and_keeps_a_good_one() {
     ];
     for (rules, text, metadata, reason) in cases {
         assert_eq!(rules.problem(text, metadata), Some(reason), "{text}");
-        assert_eq!(rules.problem(GOOD, Some(r#"{"lang": "en"}"#)), None, "{reason} keeps a good text");
+        assert_eq!(
+            rules.problem(GOOD, Some(r#"{"lang": "en"}"#)),
+            None,
+            "{reason} keeps a good text"
+        );
     }
     // No rule set: nothing is dropped.
     assert_eq!(QualityRules::default().problem("# ... 1 2 3", None), None);
     // Metadata wins over detection; without it the detector decides.
-    assert_eq!(language(GOOD, Some(r#"{"language": "en-US"}"#)).as_deref(), Some("eng"));
+    assert_eq!(
+        language(GOOD, Some(r#"{"language": "en-US"}"#)).as_deref(),
+        Some("eng")
+    );
     assert_eq!(language(GOOD, None).as_deref(), Some("eng"));
 }
 
@@ -104,18 +135,34 @@ fn a_run_counts_each_rule_under_its_own_reason() {
     let dir = tempfile::tempdir().unwrap();
     let docs = [
         ("good", GOOD),
-        ("german", "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten, dann genießen."),
+        (
+            "german",
+            "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten, dann genießen.",
+        ),
         ("short", "Tea is nice."),
-        ("menu", "Home\nProducts\nKettles\nTea\nCups\nSaucers\nThe kettle boils water quickly and you pour it."),
-        ("loop", "Buy our tea today.\nBuy our tea today.\nBuy our tea today.\nThe kettle boils water quickly and you pour it over leaves."),
+        (
+            "menu",
+            "Home\nProducts\nKettles\nTea\nCups\nSaucers\nThe kettle boils water quickly and you pour it.",
+        ),
+        (
+            "loop",
+            "Buy our tea today.\nBuy our tea today.\nBuy our tea today.\nThe kettle boils water quickly and you pour it over leaves.",
+        ),
     ];
     let input = dir.path().join("docs.jsonl");
     let body: String = docs
         .iter()
         .map(|(id, text)| {
             // The German one is left to the detector; the others say their language.
-            let meta = if *id == "german" { serde_json::json!({}) } else { serde_json::json!({"lang": "en"}) };
-            format!("{}\n", serde_json::json!({"id": id, "text": text, "metadata": meta}))
+            let meta = if *id == "german" {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({"lang": "en"})
+            };
+            format!(
+                "{}\n",
+                serde_json::json!({"id": id, "text": text, "metadata": meta})
+            )
         })
         .collect();
     std::fs::write(&input, body).unwrap();

@@ -141,7 +141,10 @@ fn report_png_plots_have_bars_and_text() {
             .iter()
             .filter(|p| p.red() < 60 && p.green() < 60 && p.blue() < 60)
             .count();
-        let white = pixels.iter().filter(|p| p.red() == 255 && p.green() == 255).count();
+        let white = pixels
+            .iter()
+            .filter(|p| p.red() == 255 && p.green() == 255)
+            .count();
         assert!(ink > 200, "{name}: {ink} text pixels");
         assert!(white > pixels.len() / 4, "{name}: a white background");
         if name != "score_transitions.png" {

@@ -75,13 +75,21 @@ async fn seed_keeps_first_turn_english_rank_zero_by_quality_and_reports_bad_tree
     assert_eq!(find("not valid JSON").0, format!("{file}:13"));
     assert_eq!(
         find("names parent nope, which is not in the input"),
-        (format!("{file}:12"), "t5".into(), "message a7 names parent nope, which is not in the input; tree left out".into())
+        (
+            format!("{file}:12"),
+            "t5".into(),
+            "message a7 names parent nope, which is not in the input; tree left out".into()
+        )
     );
     assert_eq!(find("form a cycle").1, "t6");
     assert_eq!(find("has role 'moderator'").1, "t7");
     assert_eq!(
         find("column 'text' is missing"),
-        (format!("{file}:21"), "t9".into(), "column 'text' is missing or not a string; tree left out".into())
+        (
+            format!("{file}:21"),
+            "t9".into(),
+            "column 'text' is missing or not a string; tree left out".into()
+        )
     );
 
     // Best quality first; the forward file is instruction -> response, backward the reverse.
@@ -98,23 +106,43 @@ async fn seed_keeps_first_turn_english_rank_zero_by_quality_and_reports_bad_tree
     assert_eq!(
         forward.iter().map(turns).collect::<Vec<_>>(),
         vec![
-            vec![("user".into(), egg.0.clone()), ("assistant".into(), egg.1.clone())],
-            vec![("user".into(), paris.0.clone()), ("assistant".into(), paris.1.clone())],
+            vec![
+                ("user".into(), egg.0.clone()),
+                ("assistant".into(), egg.1.clone())
+            ],
+            vec![
+                ("user".into(), paris.0.clone()),
+                ("assistant".into(), paris.1.clone())
+            ],
         ]
     );
     assert_eq!(
         backward.iter().map(turns).collect::<Vec<_>>(),
         vec![
-            vec![("user".into(), egg.1.clone()), ("assistant".into(), egg.0.clone())],
-            vec![("user".into(), paris.1.clone()), ("assistant".into(), paris.0.clone())],
+            vec![
+                ("user".into(), egg.1.clone()),
+                ("assistant".into(), egg.0.clone())
+            ],
+            vec![
+                ("user".into(), paris.1.clone()),
+                ("assistant".into(), paris.0.clone())
+            ],
         ]
     );
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_parquet("seed", out.join("seed.parquet").to_str().unwrap(), Default::default())
-        .await
-        .unwrap();
+    ctx.register_parquet(
+        "seed",
+        out.join("seed.parquet").to_str().unwrap(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
-        rows(&ctx, "SELECT id, tree, instruction_quality, response_quality FROM seed").await,
+        rows(
+            &ctx,
+            "SELECT id, tree, instruction_quality, response_quality FROM seed"
+        )
+        .await,
         vec![
             vec!["a1".to_string(), "t1".into(), "0.9".into(), "0.8".into()],
             vec!["a6".to_string(), "t4".into(), "0.7".into(), "0.9".into()],
@@ -150,7 +178,10 @@ fn seed_reads_nested_trees_and_leaves_out_a_tree_whose_parents_disagree() {
             .unwrap();
     assert_eq!(report["malformed_trees"], 1);
     assert_eq!(report["problems"][0]["tree"], "t3");
-    assert_eq!(report["problems"][0]["at"], "tests/fixtures/oasst/trees.jsonl:3");
+    assert_eq!(
+        report["problems"][0]["at"],
+        "tests/fixtures/oasst/trees.jsonl:3"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,20 +199,47 @@ async fn seed_reads_the_parquet_message_table_of_the_hugging_face_release() {
         )
     };
     let sql = [
-        row("p1", "CAST(NULL AS VARCHAR)", "t1", "prompter", "NULL", "Why is the sky blue?", 0.4),
-        row("a1", "'p1'", "t1", "assistant", "0", "Air scatters blue light most.", 0.5),
-        row("p2", "CAST(NULL AS VARCHAR)", "t2", "prompter", "NULL", "What is two plus two?", 0.9),
+        row(
+            "p1",
+            "CAST(NULL AS VARCHAR)",
+            "t1",
+            "prompter",
+            "NULL",
+            "Why is the sky blue?",
+            0.4,
+        ),
+        row(
+            "a1",
+            "'p1'",
+            "t1",
+            "assistant",
+            "0",
+            "Air scatters blue light most.",
+            0.5,
+        ),
+        row(
+            "p2",
+            "CAST(NULL AS VARCHAR)",
+            "t2",
+            "prompter",
+            "NULL",
+            "What is two plus two?",
+            0.9,
+        ),
         row("a2", "'p2'", "t2", "assistant", "0", "Four.", 0.9),
         row("a3", "'p2'", "t2", "assistant", "1", "Five.", 0.1),
     ]
     .join(" UNION ALL ");
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.sql(&format!("COPY ({sql}) TO '{}' STORED AS PARQUET", file.display()))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    ctx.sql(&format!(
+        "COPY ({sql}) TO '{}' STORED AS PARQUET",
+        file.display()
+    ))
+    .await
+    .unwrap()
+    .collect()
+    .await
+    .unwrap();
     let out = dir.path().join("seed");
     backforth_ok(&[
         "seed",
@@ -190,8 +248,10 @@ async fn seed_reads_the_parquet_message_table_of_the_hugging_face_release() {
         "--output",
         out.to_str().unwrap(),
     ]);
-    let forward: Vec<Vec<(String, String)>> =
-        lines(&out.join("forward.jsonl")).iter().map(turns).collect();
+    let forward: Vec<Vec<(String, String)>> = lines(&out.join("forward.jsonl"))
+        .iter()
+        .map(turns)
+        .collect();
     assert_eq!(forward.len(), 2);
     // t2 first: its quality labels sum to 1.8 against t1's 0.9.
     assert_eq!(forward[0][1].1, "Four.");

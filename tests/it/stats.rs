@@ -147,13 +147,17 @@ fn every_statistic_on_a_hand_checked_dataset() {
         .find(|t| t.starts_with("Lengths per subset"))
         .unwrap();
     assert!(
-        lengths_title.ends_with("[tokens: cl100k_base, an approximation: no tokenizer named (--tokenizer)]"),
+        lengths_title
+            .ends_with("[tokens: cl100k_base, an approximation: no tokenizer named (--tokenizer)]"),
         "{lengths_title}"
     );
     // Response characters of the candidates: 22, 21 and 28.
     let lengths = rows("Lengths per subset");
     let subsets: Vec<&str> = lengths.iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(subsets, ["candidates", "scored", "rescored", "curated", "rewritten"]);
+    assert_eq!(
+        subsets,
+        ["candidates", "scored", "rescored", "curated", "rewritten"]
+    );
     assert_eq!(lengths[0][0..2], v(&["candidates", "3"]));
     assert_eq!(lengths[0][6], "23.7");
     assert_eq!(lengths[4][0..2], v(&["rewritten", "1"]));
