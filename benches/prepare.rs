@@ -21,21 +21,12 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
+#[path = "../tests/it/rng.rs"]
+mod rng;
+
+use rng::Rng;
+
 const FILES: usize = 16;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A vocabulary of pronounceable words with a Zipf-like draw, so token counts and dedup keys
 /// behave like prose rather than noise.

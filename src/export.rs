@@ -221,17 +221,8 @@ async fn read_pairs(ctx: &datafusion::prelude::SessionContext, table: &str) -> R
 }
 
 async fn read_seed(dir: &str) -> Result<Vec<Pair>> {
-    let location = Location::parse(dir)?;
     let ctx = datafusion::prelude::SessionContext::new();
-    crate::pipeline::register_store(&ctx, &location);
-    ctx.register_parquet("seed", location.dir_url(), Default::default())
-        .await
-        .map_err(|e| {
-            Error::Job(format!(
-                "--seed {}: no seed pairs there ({e}); write them with `backforth seed`",
-                location.describe()
-            ))
-        })?;
+    crate::seed::register(&ctx, dir).await?;
     read_pairs(&ctx, "seed").await
 }
 

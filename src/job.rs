@@ -586,7 +586,7 @@ impl Job {
         let functions: Vec<serde_json::Value> = self
             .functions
             .iter()
-            .filter(|f| self.stages.iter().any(|s| s.sql.contains(&format!("{}(", f.name))))
+            .filter(|f| self.stages.iter().any(|s| calls(&s.sql, &f.name)))
             .map(|f| serde_json::json!({"name": f.name, "model": f.role, "max_tokens": f.max_tokens, "logprobs": f.logprobs}))
             .collect();
         let mut prepare = serde_json::json!(self.prepare);
@@ -610,9 +610,7 @@ impl Job {
 
     /// The LLM functions `sql` calls.
     pub fn functions_in<'a>(&'a self, sql: &'a str) -> impl Iterator<Item = &'a FunctionSpec> + 'a {
-        self.functions
-            .iter()
-            .filter(move |f| sql.contains(&format!("{}(", f.name)))
+        self.functions.iter().filter(move |f| calls(sql, &f.name))
     }
 
     /// The stage names to run for `--stages a,b` (aliases accepted), in job order.
@@ -639,6 +637,11 @@ impl Job {
             .map(|s| s.name.clone())
             .collect())
     }
+}
+
+/// Whether `sql` calls the function `name`.
+fn calls(sql: &str, name: &str) -> bool {
+    sql.contains(&format!("{name}("))
 }
 
 /// Reads a job file as a TOML table, with the file it `extends` (a path relative to it)

@@ -57,9 +57,23 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+
+fn fnv1a_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    fnv1a_extend(FNV_OFFSET, bytes)
+}
+
+/// FNV-1a of the words joined by single spaces, without building the joined string.
+fn shingle_hash(words: &[String]) -> u64 {
+    words.iter().enumerate().fold(FNV_OFFSET, |h, (i, w)| {
+        let h = if i == 0 { h } else { fnv1a_extend(h, b" ") };
+        fnv1a_extend(h, w.as_bytes())
     })
 }
 
@@ -87,12 +101,9 @@ pub fn signature(text: &str, params: &NearDedup) -> Vec<u32> {
     let words = text::words(text);
     let n = params.ngram.max(1);
     let shingles: Vec<u64> = if words.len() <= n {
-        vec![fnv1a(words.join(" ").as_bytes())]
+        vec![shingle_hash(&words)]
     } else {
-        words
-            .windows(n)
-            .map(|w| fnv1a(w.join(" ").as_bytes()))
-            .collect()
+        words.windows(n).map(shingle_hash).collect()
     };
     permutations(params.num_perm())
         .into_iter()

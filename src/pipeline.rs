@@ -758,12 +758,13 @@ impl Runner<'_> {
             .target_partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let results: Vec<Result<(String, StageStats)>> =
+        let results: Vec<Result<(String, String, StageStats)>> =
             futures::stream::iter(files.into_iter().enumerate())
                 .map(|(k, file)| {
                     let out = &out;
                     async move {
                         let id = format!("{k:05}");
+                        let shown = file.display.clone();
                         let source = format!("{} ({} bytes)", file.describe(), file.size);
                         let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
                         let stats = match read_json::<StageStats>(&self.root, &marker).await? {
@@ -786,7 +787,7 @@ impl Runner<'_> {
                         self.progress
                             .shards_done
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Ok((id, stats))
+                        Ok((id, shown, stats))
                     }
                 })
                 .buffered(parallel)
@@ -804,7 +805,7 @@ impl Runner<'_> {
             ..StageStats::default()
         };
         let mut parts = Vec::new();
-        for (_, stats) in &shards {
+        for (_, _, stats) in &shards {
             parts.extend(stats.shards.iter().cloned());
             total.absorb(stats);
         }
@@ -856,7 +857,7 @@ impl Runner<'_> {
     async fn drop_duplicates_across_files(
         &self,
         plan: &StagePlan,
-        shards: &mut [(String, StageStats)],
+        shards: &mut [(String, String, StageStats)],
     ) -> Result<()> {
         let out = self.root.child(&plan.name);
         let ctx = self.session()?;
@@ -891,10 +892,14 @@ impl Runner<'_> {
                 repeated.insert((files.value(r).to_string(), ids.value(r).to_string()));
             }
         }
-        for (shard, stats) in shards.iter_mut() {
+        let files: std::collections::HashSet<&str> =
+            repeated.iter().map(|(file, _)| file.as_str()).collect();
+        for (shard, file, stats) in shards.iter_mut() {
+            // Parts of a file with no repeated row are not read, only their earlier moves counted.
+            let in_file = files.contains(file.as_str()).then_some(&repeated);
             let mut across = 0u64;
             for part in &stats.shards {
-                across += self.move_repeated_rows(&out, part, &repeated).await?;
+                across += self.move_repeated_rows(&out, part, in_file).await?;
             }
             let before = stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0);
             if across != before {
@@ -913,21 +918,25 @@ impl Runner<'_> {
 
     /// Moves the rows of `part-<part>.parquet` listed in `repeated` to its `-across` dropped
     /// part (adding to what an earlier pass moved); returns how many rows that part holds.
+    /// `None`: nothing of this part's file repeats, so only earlier moves are counted.
     async fn move_repeated_rows(
         &self,
         out: &Location,
         part: &str,
-        repeated: &std::collections::HashSet<(String, String)>,
+        repeated: Option<&std::collections::HashSet<(String, String)>>,
     ) -> Result<u64> {
         let kept_path = out.path(&format!("part-{part}.parquet"));
         let moved_path = out
             .child("_dropped")
             .path(&format!("part-{part}-across.parquet"));
-        let kept = read_parquet_object(&self.root, &kept_path).await?;
         let mut moved = match self.root.exists(&moved_path).await? {
             true => read_parquet_object(&self.root, &moved_path).await?,
             false => Vec::new(),
         };
+        let Some(repeated) = repeated else {
+            return Ok(moved.iter().map(|b| b.num_rows() as u64).sum());
+        };
+        let kept = read_parquet_object(&self.root, &kept_path).await?;
         // Rows an interrupted pass already moved but did not yet remove from the part.
         let mut already = std::collections::HashSet::new();
         for batch in &moved {

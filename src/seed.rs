@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StructArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use serde::Serialize;
@@ -55,6 +55,8 @@ pub struct Problem {
     pub at: String,
     /// The tree left out (empty when the line could not be read at all).
     pub tree: String,
+    /// What kind of problem (`cycle`, `missing parent`, ...), for the summary.
+    pub kind: &'static str,
     /// What is wrong and what was done.
     pub message: String,
 }
@@ -94,10 +96,10 @@ pub struct SeedReport {
 }
 
 /// Reads every message of `input`, collecting unreadable lines as problems.
-pub fn read_messages(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Message>> {
+pub async fn read_messages(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Message>> {
     let name = input.display().to_string();
     if name.ends_with(".parquet") {
-        return read_parquet(input);
+        return read_parquet(input, problems).await;
     }
     let file =
         std::fs::File::open(input).map_err(|e| Error::Job(format!("seed input {name}: {e}")))?;
@@ -121,6 +123,7 @@ pub fn read_messages(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Me
                 problems.push(Problem {
                     at,
                     tree: String::new(),
+                    kind: "unreadable line",
                     message: format!("not valid JSON ({e}); line skipped"),
                 });
                 continue;
@@ -161,6 +164,7 @@ fn flatten_tree(
         problems.push(Problem {
             at: at.to_string(),
             tree: message.tree.clone(),
+            kind: "parent mismatch",
             message: format!(
                 "message {} sits under {parent} but names parent {written}; tree left out",
                 message.id
@@ -188,6 +192,7 @@ fn message_from_json(
     let missing = |name: &str| Problem {
         at: at.to_string(),
         tree: tree.clone().unwrap_or_default(),
+        kind: "missing field",
         message: format!("column '{name}' is missing or not a string; tree left out"),
     };
     let id = field("message_id").ok_or_else(|| missing("message_id"))?;
@@ -220,90 +225,115 @@ fn parallel_label(v: &Value, label: &str) -> Option<f64> {
     values.get(i)?.as_f64()
 }
 
-fn read_parquet(input: &Path) -> Result<Vec<Message>> {
-    let rt = tokio::runtime::Handle::try_current();
-    let path = input.to_path_buf();
-    let read = async move {
-        let ctx = datafusion::prelude::SessionContext::new();
-        let df = ctx
-            .read_parquet(path.to_string_lossy().as_ref(), Default::default())
-            .await?;
-        Ok::<_, Error>(df.collect().await?)
-    };
-    let batches = match rt {
-        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(read))?,
-        Err(_) => tokio::runtime::Runtime::new()?.block_on(read)?,
-    };
+async fn read_parquet(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Message>> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    let batches = ctx
+        .read_parquet(input.to_string_lossy().as_ref(), Default::default())
+        .await?
+        .collect()
+        .await?;
     let name = input.display().to_string();
     let mut out = Vec::new();
     let mut row = 0;
     for batch in &batches {
+        let columns = MessageColumns::new(batch)?;
         for r in 0..batch.num_rows() {
             row += 1;
-            out.push(parquet_message(batch, r, &format!("{name}:row {row}"))?);
+            match columns.message(r, &format!("{name}:row {row}")) {
+                Ok(m) => out.push(m),
+                Err(p) => problems.push(p),
+            }
         }
     }
     Ok(out)
 }
 
-fn parquet_message(batch: &RecordBatch, r: usize, at: &str) -> Result<Message> {
-    let text = |name: &str| -> Result<Option<String>> {
-        let Some(col) = batch.column_by_name(name) else {
-            return Ok(None);
-        };
-        let col = cast(col, &DataType::Utf8)?;
-        let col = col.as_string::<i32>();
-        Ok((!col.is_null(r)).then(|| col.value(r).to_string()))
-    };
-    let required = |name: &str| -> Result<String> {
-        text(name)?.ok_or_else(|| Error::Input {
-            file: at.to_string(),
-            line: r as u64 + 1,
-            message: format!("column '{name}' is missing or null"),
-        })
-    };
-    let id = required("message_id")?;
-    let flag = |name: &str| -> Result<Option<bool>> { Ok(text(name)?.map(|v| v == "true")) };
-    let quality = match batch.column_by_name("labels") {
-        Some(labels) => {
-            let json = datafusion::arrow::util::display::array_value_to_string(labels, r)?;
-            labels_from_display(&json)
-        }
-        None => None,
-    };
-    Ok(Message {
-        parent: text("parent_id")?,
-        tree: text("message_tree_id")?.unwrap_or_else(|| id.clone()),
-        role: required("role")?,
-        lang: text("lang")?.unwrap_or_default(),
-        rank: text("rank")?
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as i64),
-        text: required("text")?,
-        rejected: flag("deleted")? == Some(true) || flag("review_result")? == Some(false),
-        quality,
-        at: at.to_string(),
-        id,
-    })
+/// The columns of one batch of the flat message table, each cast once.
+struct MessageColumns {
+    text: HashMap<&'static str, ArrayRef>,
+    labels: Option<StructArray>,
 }
 
-/// The quality value from Arrow's display of the labels struct,
-/// `{name: [spam, quality, ...], value: [0.0, 0.75, ...], count: [...]}`.
-fn labels_from_display(shown: &str) -> Option<f64> {
-    let list = |key: &str| -> Option<Vec<String>> {
-        let start = shown.find(&format!("{key}: ["))? + key.len() + 3;
-        let end = start + shown[start..].find(']')?;
-        Some(
-            shown[start..end]
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect(),
-        )
-    };
-    let names = list("name")?;
-    let values = list("value")?;
-    let i = names.iter().position(|n| n == "quality")?;
-    values.get(i)?.parse().ok()
+impl MessageColumns {
+    const TEXT: [&'static str; 9] = [
+        "message_id",
+        "parent_id",
+        "message_tree_id",
+        "role",
+        "lang",
+        "rank",
+        "text",
+        "deleted",
+        "review_result",
+    ];
+
+    fn new(batch: &RecordBatch) -> Result<Self> {
+        let mut text = HashMap::new();
+        for name in Self::TEXT {
+            if let Some(col) = batch.column_by_name(name) {
+                text.insert(name, cast(col, &DataType::Utf8)?);
+            }
+        }
+        let labels = batch
+            .column_by_name("labels")
+            .and_then(|c| c.as_struct_opt().cloned());
+        Ok(Self { text, labels })
+    }
+
+    fn get(&self, name: &str, r: usize) -> Option<String> {
+        let col = self.text.get(name)?.as_string::<i32>();
+        (!col.is_null(r)).then(|| col.value(r).to_string())
+    }
+
+    /// The `quality` value among the labels, stored as parallel lists `name` and `value`.
+    fn quality(&self, r: usize) -> Option<f64> {
+        let labels = self.labels.as_ref().filter(|l| !l.is_null(r))?;
+        let names = labels
+            .column_by_name("name")?
+            .as_list_opt::<i32>()?
+            .value(r);
+        let values = labels
+            .column_by_name("value")?
+            .as_list_opt::<i32>()?
+            .value(r);
+        let names = cast(&names, &DataType::Utf8).ok()?;
+        let values = cast(&values, &DataType::Float64).ok()?;
+        let i = names
+            .as_string::<i32>()
+            .iter()
+            .position(|n| n == Some("quality"))?;
+        let values = values.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        (!values.is_null(i)).then(|| values.value(i))
+    }
+
+    fn message(&self, r: usize, at: &str) -> std::result::Result<Message, Problem> {
+        let tree = self.get("message_tree_id", r);
+        let required = |name: &str| {
+            self.get(name, r).ok_or_else(|| Problem {
+                at: at.to_string(),
+                tree: tree.clone().unwrap_or_default(),
+                kind: "missing field",
+                message: format!("column '{name}' is missing or null; tree left out"),
+            })
+        };
+        let id = required("message_id")?;
+        let flag = |name: &str| self.get(name, r).map(|v| v == "true");
+        Ok(Message {
+            parent: self.get("parent_id", r),
+            tree: tree.clone().unwrap_or_else(|| id.clone()),
+            role: required("role")?,
+            lang: self.get("lang", r).unwrap_or_default(),
+            rank: self
+                .get("rank", r)
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| v as i64),
+            text: required("text")?,
+            rejected: flag("deleted") == Some(true) || flag("review_result") == Some(false),
+            quality: self.quality(r),
+            at: at.to_string(),
+            id,
+        })
+    }
 }
 
 /// Trees that cannot be trusted: a duplicate id, an unknown role, a parent that is not in the
@@ -311,22 +341,30 @@ fn labels_from_display(shown: &str) -> Option<f64> {
 pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> HashSet<String> {
     let mut bad = HashSet::new();
     let mut by_id: HashMap<&str, &Message> = HashMap::new();
-    let mut report = |m: &Message, message: String, bad: &mut HashSet<String>| {
-        if bad.insert(m.tree.clone()) {
-            problems.push(Problem {
-                at: m.at.clone(),
-                tree: m.tree.clone(),
-                message: format!("{message}; tree left out"),
-            });
-        }
-    };
+    let mut report =
+        |m: &Message, kind: &'static str, message: String, bad: &mut HashSet<String>| {
+            if bad.insert(m.tree.clone()) {
+                problems.push(Problem {
+                    at: m.at.clone(),
+                    tree: m.tree.clone(),
+                    kind,
+                    message: format!("{message}; tree left out"),
+                });
+            }
+        };
     for m in messages {
         if by_id.insert(&m.id, m).is_some() {
-            report(m, format!("message id {} appears twice", m.id), &mut bad);
+            report(
+                m,
+                "duplicate id",
+                format!("message id {} appears twice", m.id),
+                &mut bad,
+            );
         }
         if m.role != "prompter" && m.role != "assistant" {
             report(
                 m,
+                "unknown or misplaced role",
                 format!(
                     "message {} has role '{}' (expected prompter or assistant)",
                     m.id, m.role
@@ -340,6 +378,7 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
             Some(p) if !by_id.contains_key(p.as_str()) => {
                 report(
                     m,
+                    "missing parent",
                     format!(
                         "message {} names parent {p}, which is not in the input",
                         m.id
@@ -350,6 +389,7 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
             None if m.role != "prompter" => {
                 report(
                     m,
+                    "unknown or misplaced role",
                     format!(
                         "tree starts with message {} by '{}', not a prompter",
                         m.id, m.role
@@ -366,6 +406,7 @@ pub fn malformed_trees(messages: &[Message], problems: &mut Vec<Problem>) -> Has
             if !seen.insert(&parent.id) {
                 report(
                     m,
+                    "cycle",
                     format!("the parents of message {} form a cycle", m.id),
                     &mut bad,
                 );
@@ -416,7 +457,7 @@ pub fn select(messages: &[Message], bad: &HashSet<String>, count: usize) -> (u64
 /// `seed_report.json` (counts and every problem).
 pub async fn seed(input: &Path, out: &Path, count: usize, format: Format) -> Result<SeedReport> {
     let mut problems = Vec::new();
-    let messages = read_messages(input, &mut problems)?;
+    let messages = read_messages(input, &mut problems).await?;
     let mut bad = malformed_trees(&messages, &mut problems);
     // A message that could not be read leaves its tree incomplete.
     bad.extend(
@@ -497,26 +538,25 @@ fn seed_parquet(pairs: &[SeedPair]) -> Result<Vec<u8>> {
     export::parquet_of(&[batch], schema)
 }
 
-/// Problems grouped by what went wrong, for the summary line.
-pub fn problem_summary(problems: &[Problem]) -> BTreeMap<String, u64> {
+/// Registers the pairs `backforth seed` wrote under `dir` (a path or URL) as table `seed`.
+pub async fn register(ctx: &datafusion::prelude::SessionContext, dir: &str) -> Result<()> {
+    let location = crate::storage::Location::parse(dir)?;
+    crate::pipeline::register_store(ctx, &location);
+    ctx.register_parquet("seed", location.dir_url(), Default::default())
+        .await
+        .map_err(|e| {
+            Error::Job(format!(
+                "--seed {}: no seed pairs there ({e}); write them with `backforth seed`",
+                location.describe()
+            ))
+        })
+}
+
+/// Problems counted by kind, for the summary line.
+pub fn problem_summary(problems: &[Problem]) -> BTreeMap<&'static str, u64> {
     let mut out = BTreeMap::new();
     for p in problems {
-        let kind = if p.message.contains("cycle") {
-            "cycle"
-        } else if p.message.contains("not in the input") {
-            "missing parent"
-        } else if p.message.contains("has role") || p.message.contains("not a prompter") {
-            "unknown or misplaced role"
-        } else if p.message.contains("sits under") {
-            "parent mismatch"
-        } else if p.message.contains("appears twice") {
-            "duplicate id"
-        } else if p.message.contains("not valid JSON") {
-            "unreadable line"
-        } else {
-            "missing field"
-        };
-        *out.entry(kind.to_string()).or_insert(0) += 1;
+        *out.entry(p.kind).or_insert(0) += 1;
     }
     out
 }

@@ -106,11 +106,7 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
         stages.push("labels".to_string());
     }
     if let Some(seed) = opts.seed {
-        let seed = Location::parse(seed)?;
-        pipeline::register_store(&ctx, &seed);
-        ctx.register_parquet("seed", seed.dir_url(), Default::default())
-            .await
-            .map_err(|e| Error::Job(format!("seed pairs {}: {e}", seed.describe())))?;
+        crate::seed::register(&ctx, seed).await?;
         stages.push("seed".to_string());
     }
     let (tokens, token_label) = tokenizer(&root, opts.tokenizer).await?;

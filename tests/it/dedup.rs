@@ -7,23 +7,12 @@ use std::path::Path;
 
 use backforth::minhash::{NearDedup, duplicates, signature};
 
+use crate::rng::Rng;
 use crate::util::{backforth_ok, rows, session};
-
-/// A deterministic pseudo-random stream (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn document(rng: &mut Rng, words: usize) -> Vec<String> {
     (0..words)
-        .map(|_| format!("w{}", rng.next() % 5000))
+        .map(|_| format!("w{}", rng.below(5000)))
         .collect()
 }
 
@@ -31,8 +20,8 @@ fn document(rng: &mut Rng, words: usize) -> Vec<String> {
 fn edited(rng: &mut Rng, base: &[String], k: usize) -> Vec<String> {
     let mut out = base.to_vec();
     for i in 0..k {
-        let at = (rng.next() as usize) % out.len();
-        out[at] = format!("fresh{i}x{}", rng.next() % 1_000_000);
+        let at = rng.below(out.len() as u64) as usize;
+        out[at] = format!("fresh{i}x{}", rng.below(1_000_000));
     }
     out
 }

@@ -17,6 +17,7 @@ mod prepare;
 mod quality;
 mod report;
 mod resume;
+mod rng;
 mod s3;
 mod schemas;
 mod seed;

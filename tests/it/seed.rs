@@ -231,15 +231,7 @@ async fn seed_reads_the_parquet_message_table_of_the_hugging_face_release() {
     ]
     .join(" UNION ALL ");
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.sql(&format!(
-        "COPY ({sql}) TO '{}' STORED AS PARQUET",
-        file.display()
-    ))
-    .await
-    .unwrap()
-    .collect()
-    .await
-    .unwrap();
+    crate::util::copy_to_parquet(&ctx, &sql, &file).await;
     let out = dir.path().join("seed");
     backforth_ok(&[
         "seed",

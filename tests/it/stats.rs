@@ -68,15 +68,7 @@ pub fn hand_made_root(root: &std::path::Path) {
             let dir = root.join(stage);
             std::fs::create_dir_all(&dir).unwrap();
             let file = dir.join("part-00000.parquet");
-            ctx.sql(&format!(
-                "COPY ({sql}) TO '{}' STORED AS PARQUET",
-                file.display()
-            ))
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+            crate::util::copy_to_parquet(&ctx, &sql, &file).await;
             std::fs::write(dir.join("_SUCCESS"), marker(stage, rows)).unwrap();
         }
     });

@@ -94,3 +94,16 @@ pub fn marker(root: &Path, stage: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(root.join(stage).join("_SUCCESS")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// Writes the rows of `sql` to the Parquet file `path`.
+pub async fn copy_to_parquet(ctx: &SessionContext, sql: &str, path: &Path) {
+    ctx.sql(&format!(
+        "COPY ({sql}) TO '{}' STORED AS PARQUET",
+        path.display()
+    ))
+    .await
+    .unwrap()
+    .collect()
+    .await
+    .unwrap();
+}
