@@ -84,8 +84,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The funnel and the data statistics of a run: score histogram, yield per threshold,
-    /// lengths; the queries are `sql/analytics/*.sql` plus any in `--analytics DIR`.
+    /// The funnel and the data statistics of a run: score histograms per iteration and model,
+    /// transitions, yield, lengths, diversity, overlap; the queries are `sql/analytics/*.sql`
+    /// plus any in `--analytics DIR`.
     Stats {
         /// Output root of a run.
         root: String,
@@ -110,8 +111,8 @@ pub enum Command {
         #[arg(long)]
         seed: Option<String>,
     },
-    /// One self-contained HTML file with the tables of `stats`, bar charts as inline SVG, and
-    /// pairs to read per score level.
+    /// One self-contained HTML file with the tables of `stats`, plots as inline SVG (and as PNG
+    /// with `--png`), and pairs to read per score level.
     Report {
         /// Output root of a run.
         root: String,

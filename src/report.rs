@@ -175,18 +175,7 @@ fn plots_for(table: &Table) -> Vec<Plot> {
     if table.skipped.is_some() || table.rows.is_empty() {
         return Vec::new();
     }
-    const KINDS: [&str; 6] = [
-        "Score histogram",
-        "Score transitions",
-        "Yield per threshold",
-        "Lengths per subset",
-        "Diversity",
-        "",
-    ];
-    let kind = KINDS
-        .into_iter()
-        .find(|k| table.title.starts_with(k))
-        .unwrap_or_default();
+    let kind = |prefix: &str| table.title.starts_with(prefix);
     let column = |name: &str| table.columns.iter().position(|c| c == name);
     let bars = |label: usize, value: usize, rows: &[&Vec<String>]| -> Vec<(String, f64)> {
         rows.iter()
@@ -203,8 +192,8 @@ fn plots_for(table: &Table) -> Vec<Plot> {
             _ => Vec::new(),
         }
     };
-    match kind {
-        "Score histogram" => {
+    match () {
+        _ if kind("Score histogram") => {
             let (Some(it), Some(model), Some(score), Some(pairs)) = (
                 column("iteration"),
                 column("model"),
@@ -233,14 +222,14 @@ fn plots_for(table: &Table) -> Vec<Plot> {
                 })
                 .collect()
         }
-        "Score transitions" => vec![Plot {
+        _ if kind("Score transitions") => vec![Plot {
             name: "score_transitions".into(),
             svg: heatmap(
                 "iteration 0 score (rows) to iteration 1 score (columns)",
                 table,
             ),
         }],
-        "Yield per threshold" => {
+        _ if kind("Yield per threshold") => {
             let (Some(threshold), Some(kept)) = (column("threshold"), column("kept")) else {
                 return Vec::new();
             };
@@ -258,13 +247,13 @@ fn plots_for(table: &Table) -> Vec<Plot> {
                 svg: bar_chart("pairs kept per threshold", &bars),
             }]
         }
-        "Lengths per subset" => single(
+        _ if kind("Lengths per subset") => single(
             "lengths",
             "mean response tokens per subset",
             "subset",
             "response_tokens",
         ),
-        "Diversity" => single(
+        _ if kind("Diversity") => single(
             "diversity",
             "unique response trigrams per subset",
             "subset",

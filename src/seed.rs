@@ -226,13 +226,20 @@ fn parallel_label(v: &Value, label: &str) -> Option<f64> {
 }
 
 async fn read_parquet(input: &Path, problems: &mut Vec<Problem>) -> Result<Vec<Message>> {
+    let name = input.display().to_string();
+    let unreadable = |e: datafusion::error::DataFusionError| {
+        Error::Job(format!(
+            "seed input {name}: not a readable Parquet file ({e})"
+        ))
+    };
     let ctx = datafusion::prelude::SessionContext::new();
     let batches = ctx
         .read_parquet(input.to_string_lossy().as_ref(), Default::default())
-        .await?
+        .await
+        .map_err(unreadable)?
         .collect()
-        .await?;
-    let name = input.display().to_string();
+        .await
+        .map_err(unreadable)?;
     let mut out = Vec::new();
     let mut row = 0;
     for batch in &batches {
