@@ -3,10 +3,15 @@
 //! as a labelled stand-in. The built-in encodings count with `bpe-openai`, which gives
 //! tiktoken's counts several times faster: counting is most of prepare's CPU.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+
+mod split;
+
+pub use split::Pattern;
 
 /// Counts tokens of text; cheap to clone and share between threads.
 #[derive(Clone)]
@@ -16,7 +21,7 @@ pub struct TokenCounter {
 }
 
 enum Inner {
-    Bpe(&'static bpe_openai::Tokenizer),
+    Bpe(Pattern),
     HuggingFace(Box<tokenizers::Tokenizer>),
 }
 
@@ -31,13 +36,13 @@ impl TokenCounter {
     /// `tokenizer.json`, resolved against `base_dir` when relative.
     pub fn load(spec: &str, base_dir: &Path) -> Result<Self> {
         let builtin = match spec {
-            "cl100k_base" => Some(bpe_openai::cl100k_base()),
-            "o200k_base" => Some(bpe_openai::o200k_base()),
+            "cl100k_base" => Some(Pattern::Cl100k),
+            "o200k_base" => Some(Pattern::O200k),
             _ => None,
         };
-        if let Some(bpe) = builtin {
+        if let Some(pattern) = builtin {
             return Ok(Self {
-                inner: Arc::new(Inner::Bpe(bpe)),
+                inner: Arc::new(Inner::Bpe(pattern)),
                 label: format!("{spec} (an approximation unless the model uses it)"),
             });
         }
@@ -63,7 +68,7 @@ impl TokenCounter {
     /// Number of tokens in `text`, without special tokens.
     pub fn count(&self, text: &str) -> usize {
         match self.inner.as_ref() {
-            Inner::Bpe(bpe) => count_with_piece_cache(bpe, text),
+            Inner::Bpe(pattern) => count_with_piece_cache(*pattern, text),
             Inner::HuggingFace(tok) => tok
                 .encode_fast(text, false)
                 .map(|e| e.len())
@@ -79,39 +84,74 @@ impl TokenCounter {
     }
 }
 
-/// Pieces longer than this (in bytes) are rare and counted directly.
-const CACHED_PIECE_BYTES: usize = 24;
+fn encoding(pattern: Pattern) -> &'static bpe_openai::Tokenizer {
+    match pattern {
+        Pattern::Cl100k => bpe_openai::cl100k_base(),
+        Pattern::O200k => bpe_openai::o200k_base(),
+    }
+}
+
+/// The pieces a built-in encoding cuts `text` into before the byte-pair merge, exactly as its
+/// regex does: ASCII stretches are scanned by hand, the rest asked of the regex piece by
+/// piece. (Neither encoding normalises its input.)
+pub fn pieces(pattern: Pattern, text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
+            encoding(pattern)
+                .split(rest)
+                .next()
+                .map_or(rest.len(), str::len)
+        });
+        let (piece, tail) = rest.split_at(n);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Pieces up to this many bytes are cached, keyed by their bytes packed in a `u128` with the
+/// length in the top byte; longer ones are rare in prose and merged every time.
+const CACHED_PIECE_BYTES: usize = 15;
 
 /// Entries a thread keeps per encoding before starting over.
 const CACHE_ENTRIES: usize = 1 << 18;
 
+type PieceCache = HashMap<u128, u32, foldhash::fast::FixedState>;
+
 thread_local! {
-    /// Tokens per pre-token piece, one map per built-in encoding (by its address).
-    static PIECE_TOKENS: std::cell::RefCell<std::collections::HashMap<usize, std::collections::HashMap<Box<str>, u32>>> =
-        Default::default();
+    /// Tokens per short piece, one map per built-in encoding.
+    static PIECE_TOKENS: std::cell::RefCell<[PieceCache; 2]> = Default::default();
 }
 
-/// The encoding's count, pre-token piece by piece, with each thread remembering the pieces it
-/// has seen: prose repeats its words, so most pieces skip the byte-pair merge.
-fn count_with_piece_cache(bpe: &'static bpe_openai::Tokenizer, text: &str) -> usize {
-    let normal = bpe.normalize(text);
-    PIECE_TOKENS.with(|maps| {
-        let mut maps = maps.borrow_mut();
-        let cache = maps.entry(bpe as *const _ as usize).or_default();
+fn piece_key(piece: &[u8]) -> u128 {
+    let mut bytes = [0u8; 16];
+    bytes[..piece.len()].copy_from_slice(piece);
+    bytes[15] = piece.len() as u8;
+    u128::from_le_bytes(bytes)
+}
+
+/// The encoding's count, piece by piece, with each thread remembering the short pieces it has
+/// seen: prose repeats its words, so most pieces skip the byte-pair merge.
+fn count_with_piece_cache(pattern: Pattern, text: &str) -> usize {
+    let bpe = &encoding(pattern).bpe;
+    PIECE_TOKENS.with(|caches| {
+        let mut caches = caches.borrow_mut();
+        let cache = &mut caches[pattern as usize];
         if cache.len() > CACHE_ENTRIES {
             cache.clear();
         }
-        bpe.split(normal.as_str())
+        pieces(pattern, text)
             .map(|piece| {
+                let piece = piece.as_bytes();
                 if piece.len() > CACHED_PIECE_BYTES {
-                    return bpe.bpe.count(piece.as_bytes());
+                    return bpe.count(piece);
                 }
-                if let Some(n) = cache.get(piece) {
-                    return *n as usize;
-                }
-                let n = bpe.bpe.count(piece.as_bytes());
-                cache.insert(piece.into(), n as u32);
-                n
+                *cache
+                    .entry(piece_key(piece))
+                    .or_insert_with(|| bpe.count(piece) as u32) as usize
             })
             .sum()
     })

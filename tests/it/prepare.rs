@@ -141,3 +141,129 @@ fn built_in_encodings_count_as_tiktoken_does() {
     assert_eq!(cl100k.count(prose), 15);
     assert_eq!(cl100k.count(prose), 15);
 }
+
+/// Fragments that exercise every branch of the pre-tokenizer patterns: contractions in both
+/// cases, letter case changes, digit runs, punctuation before newlines and `/`, each kind of
+/// ASCII whitespace, and non-ASCII characters whose Unicode class decides the piece (a
+/// folding `ſ` and Kelvin sign, no-break and line separators, NEL, a title-case and a
+/// modifier letter, a combining mark, non-Latin digits and letters, an emoji).
+const FRAGMENTS: &[&str] = &[
+    "a",
+    "b",
+    "Z",
+    "Q",
+    "s",
+    "S",
+    "t",
+    "re",
+    "RE",
+    "ve",
+    "m",
+    "ll",
+    "LL",
+    "d",
+    "D",
+    "word",
+    "Word",
+    "WORD",
+    "camelCase",
+    "'",
+    "''",
+    "0",
+    "12",
+    "3456",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\r",
+    "\x0b",
+    "\x0c",
+    ".",
+    ",",
+    "/",
+    "//",
+    "_",
+    "-",
+    "!?",
+    "(",
+    ")",
+    "\"",
+    "\0",
+    "\x7f",
+    "é",
+    "ſ",
+    "\u{212a}",
+    "\u{a0}",
+    "\u{2028}",
+    "\u{85}",
+    "—",
+    "中文",
+    "١٢٣",
+    "Ⅻ",
+    "ǅ",
+    "ʰ",
+    "\u{301}",
+    "🙂",
+    "ß",
+    "İ",
+    "’",
+];
+
+#[test]
+fn hand_scanned_pieces_are_the_regex_pieces() {
+    use crate::rng::Rng;
+    use backforth::tokens::{Pattern, pieces};
+    let mut texts: Vec<String> = Vec::new();
+    for file in ["examples/data/sample-0001.jsonl"] {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            let doc: serde_json::Value = serde_json::from_str(line).unwrap();
+            texts.push(doc["text"].as_str().unwrap().to_string());
+        }
+    }
+    let mut rng = Rng(42);
+    for _ in 0..20_000 {
+        let n = rng.below(24);
+        texts.push(
+            (0..n)
+                .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    for (pattern, bpe) in [
+        (Pattern::Cl100k, bpe_openai::cl100k_base()),
+        (Pattern::O200k, bpe_openai::o200k_base()),
+    ] {
+        for text in &texts {
+            let ours: Vec<&str> = pieces(pattern, text).collect();
+            let regex: Vec<&str> = bpe.split(text).collect();
+            assert_eq!(ours, regex, "{pattern:?} on {text:?}");
+        }
+    }
+}
+
+#[test]
+fn cached_counts_equal_the_encodings_own() {
+    use backforth::tokens::TokenCounter;
+    let here = std::path::Path::new(".");
+    let mut rng = crate::rng::Rng(7);
+    for (name, bpe) in [
+        ("cl100k_base", bpe_openai::cl100k_base()),
+        ("o200k_base", bpe_openai::o200k_base()),
+    ] {
+        let counter = TokenCounter::load(name, here).unwrap();
+        // Twice over, so the second round is answered from the piece cache.
+        for round in 0..2 {
+            let mut draw = crate::rng::Rng(rng.0 ^ round);
+            for _ in 0..3_000 {
+                let n = draw.below(40);
+                let text: String = (0..n)
+                    .map(|_| FRAGMENTS[draw.below(FRAGMENTS.len() as u64) as usize])
+                    .collect();
+                assert_eq!(counter.count(&text), bpe.count(&text), "{name} on {text:?}");
+            }
+        }
+        rng.next();
+    }
+}
