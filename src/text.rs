@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use regex::Regex;
+use sha2::{Digest, Sha256};
 
 /// How documents become candidate responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -325,6 +326,56 @@ pub fn normalize_for_dedup(text: &str) -> String {
     }
     out
 }
+
+/// The first 16 bytes of SHA-256 over [`normalize_for_dedup`]`(text)`: the exact-dedup key.
+/// ASCII text is normalised straight into the hash through a small buffer, a table lookup
+/// and no branch per byte: building the normalised copy of every candidate cost more than
+/// hashing it.
+pub fn dedup_digest(text: &str) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    if text.is_ascii() {
+        let mut buf = [0u8; 8192];
+        let mut len = 0;
+        // Leading whitespace is dropped as if a space had come before it.
+        let mut after_space = true;
+        for &b in text.as_bytes() {
+            let mapped = ASCII_DEDUP[b as usize];
+            let space = mapped == b' ';
+            buf[len] = mapped;
+            len += usize::from(!(space && after_space));
+            after_space = space;
+            if len == buf.len() {
+                // The last byte may be a trailing space, so it stays for the next round.
+                hasher.update(&buf[..len - 1]);
+                buf[0] = buf[len - 1];
+                len = 1;
+            }
+        }
+        if after_space && len > 0 {
+            len -= 1;
+        }
+        hasher.update(&buf[..len]);
+    } else {
+        hasher.update(normalize_for_dedup(text).as_bytes());
+    }
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&hasher.finalize()[..16]);
+    key
+}
+
+/// ASCII as exact dedup compares it: lower case, and every whitespace character a space.
+const ASCII_DEDUP: [u8; 128] = {
+    let mut table = [0u8; 128];
+    let mut b = 0;
+    while b < 128 {
+        table[b] = match b as u8 {
+            b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r' => b' ',
+            c => c.to_ascii_lowercase(),
+        };
+        b += 1;
+    }
+    table
+};
 
 /// A score parsed from a judge's output, or why there is none.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,7 +23,6 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 use futures::future::join_all;
-use sha2::{Digest, Sha256};
 
 use crate::job::FunctionSpec;
 use crate::llm::{ModelClient, Reply, Request};
@@ -568,10 +567,7 @@ impl ScalarUDFImpl for Pure {
             ),
             PureKind::DedupKey => Arc::new(
                 (0..n)
-                    .map(|i| {
-                        let normal = text::normalize_for_dedup(get(0, i)?);
-                        Some(hex::encode(&Sha256::digest(normal.as_bytes())[..16]))
-                    })
+                    .map(|i| Some(hex::encode(text::dedup_digest(get(0, i)?))))
                     .collect::<StringArray>(),
             ),
             PureKind::LogprobScore => {

@@ -1,7 +1,8 @@
 //! The prepare rules on small hand-made documents.
 
 use backforth::text::{
-    CandidateMode, UnitRules, cut_units, header_problem, normalize_for_dedup, segments,
+    CandidateMode, UnitRules, cut_units, dedup_digest, header_problem, normalize_for_dedup,
+    segments,
 };
 
 fn segment_rules() -> UnitRules {
@@ -119,6 +120,39 @@ fn dedup_normalisation_ignores_case_and_whitespace() {
     assert_ne!(
         normalize_for_dedup("how tides work"),
         normalize_for_dedup("how tide works")
+    );
+}
+
+#[test]
+fn dedup_digest_hashes_the_normalised_text() {
+    use sha2::{Digest, Sha256};
+    let mut rng = crate::rng::Rng(11);
+    let mut texts = vec![
+        String::new(),
+        " \t\x0b\x0c\r\n".to_string(),
+        "x".repeat(20_000),
+    ];
+    // Long texts cross the digest's internal buffer with whitespace at its edge.
+    for edge in [8190, 8191, 8192] {
+        texts.push(format!("{}  {}", "a".repeat(edge), "B".repeat(9000)));
+        texts.push(format!("{} ", "a".repeat(edge)));
+        texts.push(format!(" \n{}\t", "a".repeat(edge)));
+    }
+    for _ in 0..2_000 {
+        let n = rng.below(60);
+        texts.push(
+            (0..n)
+                .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    for text in &texts {
+        let expected = Sha256::digest(normalize_for_dedup(text).as_bytes());
+        assert_eq!(dedup_digest(text), expected[..16], "{text:?}");
+    }
+    assert_eq!(
+        dedup_digest("How  Tides\n\nWork "),
+        dedup_digest("how tides work")
     );
 }
 
