@@ -2,18 +2,19 @@
 -- should see. Mode {{ prepare.mode }}: `document` keeps whole documents (BaF), `segments`
 -- keeps the text under each header (Humpback).
 --
--- The stage runs on each input file (shard) separately and in parallel; exact duplicates
--- within a file are dropped here as `duplicate`, and once every shard is done the runner drops
--- the rows whose text a file earlier by path already kept (`duplicate_across_files`), so the
--- result does not depend on the order the shards ran in.
+-- The stage runs on each input file (shard) separately and in parallel. Exact dedup is the
+-- runner's, on `dedup_key`: within a file the first kept copy survives and the later ones are
+-- dropped as `duplicate`; once every shard is done, rows whose text a file earlier by path
+-- already kept are dropped as `duplicate_across_files`. So the result does not depend on the
+-- order the shards ran in.
 --
 -- `_drop` names the rule that removed a row (NULL = kept). The runner writes dropped rows to
 -- candidates/_dropped/ and counts each reason, so the funnel always adds up.
 --
 -- Order of the rules: boilerplate lines are stripped from the document (or only counted, in
 -- `boilerplate_lines`), units are cut and checked for length and headers, then the quality
--- rules of [prepare.quality], then tokens, then exact dedup. With [prepare.near_dedup] each
--- kept row gets its MinHash signature for the `deduped` stage.
+-- rules of [prepare.quality], then tokens. With [prepare.near_dedup] each kept row gets its
+-- MinHash signature for the `deduped` stage.
 WITH cleaned AS (
     SELECT doc_id, source, metadata, file, line, clean_document(text) AS doc
     FROM documents
@@ -49,14 +50,6 @@ ruled AS (
                AS rule_drop,
            dedup_key(text) AS dedup_key
     FROM measured
-),
-ranked AS (
-    -- Exact dedup on normalised text within the file: the first kept copy (by doc_id,
-    -- ordinal) survives.
-    SELECT *,
-           row_number() OVER (PARTITION BY dedup_key
-                              ORDER BY rule_drop IS NOT NULL, doc_id, ordinal) AS copy_rank
-    FROM ruled
 )
 SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        doc_id,
@@ -71,7 +64,7 @@ SELECT concat(doc_id, '#', CAST(ordinal AS VARCHAR)) AS id,
        boilerplate_lines,
        dedup_key,
 {%- if prepare.near_dedup %}
-       CASE WHEN rule_drop IS NULL AND copy_rank = 1 THEN minhash(text) END AS minhash,
+       CASE WHEN rule_drop IS NULL THEN minhash(text) END AS minhash,
 {%- endif %}
-       COALESCE(rule_drop, CASE WHEN copy_rank > 1 THEN 'duplicate' END) AS _drop
-FROM ranked
+       rule_drop AS _drop
+FROM ruled

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{cast, filter_record_batch, is_null};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::config::Dialect;
@@ -20,6 +20,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::parquet::arrow::AsyncArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
@@ -45,6 +46,8 @@ pub const SUCCESS_MARKER: &str = "_SUCCESS";
 pub const DROP_COLUMN: &str = "_drop";
 /// Column holding the drop reason in `<stage>/_dropped/`.
 pub const DROP_REASON_COLUMN: &str = "drop_reason";
+/// Column of the input stage holding the exact-dedup key (a hash of the normalised text).
+pub const DEDUP_KEY_COLUMN: &str = "dedup_key";
 /// Directory of a sharded stage holding one marker per published shard.
 pub const SHARDS_DIR: &str = "_shards";
 
@@ -522,7 +525,11 @@ impl Runner<'_> {
     /// A fresh session with every function registered; one per stage or shard, so shards
     /// can bind the same table name to different files at the same time.
     fn session(&self) -> Result<SessionContext> {
-        let ctx = new_session(self.job.execution.target_partitions, self.window)?;
+        self.session_with(self.job.execution.target_partitions)
+    }
+
+    fn session_with(&self, target_partitions: Option<usize>) -> Result<SessionContext> {
+        let ctx = new_session(target_partitions, self.window)?;
         register_store(&ctx, &self.root);
         let functions: Vec<_> =
             self.job
@@ -719,8 +726,27 @@ impl Runner<'_> {
         out: &Location,
         names: PartNames,
     ) -> Result<StageStats> {
-        let (stats, shards) =
-            execute_to_parts(ctx, &plan.sql, &plan.tables, out, names, &self.progress).await?;
+        self.execute_with(ctx, plan, out, names, None).await
+    }
+
+    async fn execute_with(
+        &self,
+        ctx: &SessionContext,
+        plan: &StagePlan,
+        out: &Location,
+        names: PartNames,
+        first_copies: Option<FirstCopies>,
+    ) -> Result<StageStats> {
+        let (stats, shards) = execute_to_parts(
+            ctx,
+            &plan.sql,
+            &plan.tables,
+            out,
+            names,
+            &self.progress,
+            first_copies,
+        )
+        .await?;
         Ok(StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -824,7 +850,9 @@ impl Runner<'_> {
         // Parts of an attempt that died before its marker are replaced, never mixed in.
         delete_parts_of(&out, id).await?;
         delete_parts_of(&out.child("_dropped"), id).await?;
-        let ctx = self.session()?;
+        // One partition: rows reach the writer in the file's order, which is what makes the
+        // first copy of a text the same one on every run. Shards run side by side instead.
+        let ctx = self.session_with(Some(1))?;
         let ingest = Arc::new(IngestStats::default());
         ctx.register_table(
             "documents",
@@ -835,7 +863,7 @@ impl Runner<'_> {
             )?),
         )?;
         let mut stats = self
-            .execute(
+            .execute_with(
                 &ctx,
                 plan,
                 &out,
@@ -843,6 +871,7 @@ impl Runner<'_> {
                     prefix: Some(id.to_string()),
                     rows: self.shard_rows(),
                 },
+                Some(FirstCopies::default()),
             )
             .await?;
         stats.input = Some(ingest.snapshot());
@@ -850,7 +879,8 @@ impl Runner<'_> {
     }
 
     /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
-    /// file) also kept: the copy with the smallest (file, doc_id, ordinal) survives, whatever
+    /// file, when a large file ran as several shards) also kept: the copy with the smallest
+    /// (file, line, ordinal) survives, whatever
     /// order the shards ran in. Affected parts are rewritten, the rows moved to
     /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
     /// marker counts them. Safe to repeat after a crash at any point.
@@ -863,7 +893,7 @@ impl Runner<'_> {
         let ctx = self.session()?;
         register_stage_table(&ctx, &self.root, &plan.name).await?;
         let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
-        let needed = ["dedup_key", "file", "doc_id", "ordinal", "id"];
+        let needed = [DEDUP_KEY_COLUMN, "file", "line", "ordinal", "id"];
         if shards.len() < 2
             || needed
                 .iter()
@@ -874,7 +904,7 @@ impl Runner<'_> {
         let batches = ctx
             .sql(&format!(
                 "SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
-                 ORDER BY file, doc_id, ordinal) AS copy FROM {} WHERE dedup_key IS NOT NULL) \
+                 ORDER BY file, line, ordinal) AS copy FROM {} WHERE dedup_key IS NOT NULL) \
                  WHERE copy > 1",
                 plan.name
             ))
@@ -1422,8 +1452,48 @@ enum PartNames {
     Shard(String),
 }
 
-/// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`.
-/// Returns the counts and the ids of the parts written.
+/// Exact dedup within one input shard, in read order: a row the SQL kept whose `dedup_key` an
+/// earlier kept row of the shard had is dropped as `duplicate`, so the file's first copy
+/// survives. (A window over the key did the same in SQL, but its sort held the whole shard in
+/// memory and stalled the stream; copies across files are the runner's second pass.)
+#[derive(Default)]
+struct FirstCopies(std::collections::HashSet<u128>);
+
+impl FirstCopies {
+    /// The drop reasons of `batch` with repeats marked `duplicate`.
+    fn mark(&mut self, batch: &RecordBatch, reasons: ArrayRef) -> Result<ArrayRef> {
+        let Ok(k) = batch.schema().index_of(DEDUP_KEY_COLUMN) else {
+            return Err(Error::Job(format!(
+                "the input stage's SQL must return a `{DEDUP_KEY_COLUMN}` column for exact dedup"
+            )));
+        };
+        let keys = cast(batch.column(k), &DataType::Utf8)?;
+        let keys = keys.as_string::<i32>();
+        let old = reasons.as_string::<i32>();
+        let marked: StringArray = (0..batch.num_rows())
+            .map(|row| match (old.is_null(row), keys.is_null(row)) {
+                (true, false) if !self.0.insert(key_bits(keys.value(row))) => Some("duplicate"),
+                (true, _) => None,
+                (false, _) => Some(old.value(row)),
+            })
+            .collect();
+        Ok(Arc::new(marked))
+    }
+}
+
+/// The 128 bits of a hex `dedup_key`; any other key is hashed to 128 bits.
+fn key_bits(key: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    if hex::decode_to_slice(key, &mut bytes).is_err() {
+        use sha2::{Digest, Sha256};
+        bytes.copy_from_slice(&Sha256::digest(key.as_bytes())[..16]);
+    }
+    u128::from_le_bytes(bytes)
+}
+
+/// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`;
+/// with `first_copies`, repeated texts are dropped too. Returns the counts and the ids of the
+/// parts written.
 async fn execute_to_parts(
     ctx: &SessionContext,
     sql: &str,
@@ -1431,6 +1501,7 @@ async fn execute_to_parts(
     out: &Location,
     names: PartNames,
     progress: &Progress,
+    mut first_copies: Option<FirstCopies>,
 ) -> Result<(StageStats, Vec<String>)> {
     let df = ctx.sql(sql).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -1440,6 +1511,11 @@ async fn execute_to_parts(
         inherited.extend(input.schema().fields().iter().map(|f| f.name().clone()));
     }
     let drop_index = schema.index_of(DROP_COLUMN).ok();
+    if first_copies.is_some() && drop_index.is_none() {
+        return Err(Error::Job(format!(
+            "the input stage's SQL must return a `{DROP_COLUMN}` column (NULL to keep a row)"
+        )));
+    }
     let kept_schema = match drop_index {
         Some(i) => Arc::new(schema.project(&kept_columns(schema.fields().len(), i))?),
         None => Arc::clone(&schema),
@@ -1467,7 +1543,10 @@ async fn execute_to_parts(
         plan = %datafusion::physical_plan::displayable(plan.as_ref()).indent(true),
         "Physical plan."
     );
-    let mut stream = datafusion::physical_plan::execute_stream(plan, ctx.task_ctx())?;
+    let mut stream = on_worker(datafusion::physical_plan::execute_stream(
+        plan,
+        ctx.task_ctx(),
+    )?);
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         stats.rows_in += batch.num_rows() as u64;
@@ -1481,7 +1560,10 @@ async fn execute_to_parts(
             kept.write(&batch).await?;
             continue;
         };
-        let reasons = cast(batch.column(i), &DataType::Utf8)?;
+        let mut reasons = cast(batch.column(i), &DataType::Utf8)?;
+        if let Some(first) = first_copies.as_mut() {
+            reasons = first.mark(&batch, reasons)?;
+        }
         let keep: BooleanArray = is_null(&reasons)?;
         let kept_batch = filter_record_batch(
             &batch.project(&kept_columns(batch.num_columns(), i))?,
@@ -1510,6 +1592,25 @@ async fn execute_to_parts(
         d.finish().await?;
     }
     Ok((stats, parts))
+}
+
+/// Drives `stream` in a task of its own. A plan of one partition has no exchange, so all its
+/// operators run inside the consumer's `poll_next`: without this, input shards polled side by
+/// side from one task all ran on one thread.
+fn on_worker(
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+) -> datafusion::execution::SendableRecordBatchStream {
+    let mut builder = RecordBatchReceiverStreamBuilder::new(stream.schema(), 2);
+    let tx = builder.tx();
+    builder.spawn(async move {
+        while let Some(batch) = stream.next().await {
+            if tx.send(batch).await.is_err() {
+                break; // the consumer stopped
+            }
+        }
+        Ok(())
+    });
+    builder.build()
 }
 
 fn kept_columns(n: usize, drop_index: usize) -> Vec<usize> {
@@ -1557,8 +1658,15 @@ impl PartWriter {
         let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).expect("valid level"),
+                ZstdLevel::try_new(
+                    std::env::var("BF_ZSTD")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(3),
+                )
+                .expect("valid level"),
             ))
+            .set_dictionary_enabled(std::env::var("BF_DICT").is_err())
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))

@@ -295,3 +295,56 @@ fn a_large_parquet_file_is_cut_into_row_group_shards() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn within_a_file_the_first_copy_survives_across_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // 10,000 lines (three reader batches) with ids counting down, so the file's first copy
+    // is never the one with the smallest id; every 7th line repeats a text from 5,000 lines
+    // earlier, in other case and spacing.
+    let mut lines = String::new();
+    let mut expected_drops = 0;
+    for i in 0..10_000u32 {
+        let text = if i >= 5_000 && i % 7 == 0 {
+            expected_drops += 1;
+            format!(
+                "NOTE   {} on the tides of bay {}.",
+                i - 5_000,
+                (i - 5_000) % 97
+            )
+        } else {
+            format!("Note {i} on the tides of bay {}.", i % 97)
+        };
+        lines += &(json!({"id": format!("d{:05}", 99_999 - i), "text": text}).to_string() + "\n");
+    }
+    std::fs::write(data.join("a.jsonl"), lines).unwrap();
+    let job = job(dir.path(), "data/", "error");
+    for round in 0..2 {
+        let root = dir.path().join(format!("out-{round}"));
+        backforth_ok(&[
+            "run",
+            &job,
+            "--stages",
+            "prepare",
+            "--output",
+            root.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            marker(&root, "candidates")["dropped"],
+            json!({"duplicate": expected_drops})
+        );
+        let ctx = crate::util::session(&root).await;
+        let wrong = crate::util::rows(
+            &ctx,
+            "SELECT count(*) FROM candidates_dropped WHERE line <= 5000 OR text NOT LIKE 'NOTE%'",
+        )
+        .await;
+        assert_eq!(
+            wrong,
+            vec![vec!["0".to_string()]],
+            "only the later copies are dropped"
+        );
+    }
+}
