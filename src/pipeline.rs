@@ -737,16 +737,19 @@ impl Runner<'_> {
         names: PartNames,
         first_copies: Option<FirstCopies>,
     ) -> Result<StageStats> {
-        let (stats, shards) = execute_to_parts(
-            ctx,
-            &plan.sql,
-            &plan.tables,
-            out,
+        // A task of its own, so shards running side by side also encode their Parquet on
+        // different threads.
+        let (stats, shards) = tokio::spawn(execute_to_parts(
+            ctx.clone(),
+            plan.sql.clone(),
+            plan.tables.clone(),
+            out.clone(),
             names,
-            &self.progress,
+            Arc::clone(&self.progress),
             first_copies,
-        )
-        .await?;
+        ))
+        .await
+        .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
         Ok(StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -1495,18 +1498,18 @@ fn key_bits(key: &str) -> u128 {
 /// with `first_copies`, repeated texts are dropped too. Returns the counts and the ids of the
 /// parts written.
 async fn execute_to_parts(
-    ctx: &SessionContext,
-    sql: &str,
-    tables: &[String],
-    out: &Location,
+    ctx: SessionContext,
+    sql: String,
+    tables: Vec<String>,
+    out: Location,
     names: PartNames,
-    progress: &Progress,
+    progress: Arc<Progress>,
     mut first_copies: Option<FirstCopies>,
 ) -> Result<(StageStats, Vec<String>)> {
-    let df = ctx.sql(sql).await?;
+    let df = ctx.sql(&sql).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut inherited = Vec::new();
-    for table in tables {
+    for table in &tables {
         let input = ctx.table(table.as_str()).await?;
         inherited.extend(input.schema().fields().iter().map(|f| f.name().clone()));
     }
