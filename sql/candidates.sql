@@ -21,8 +21,13 @@ WITH cleaned AS (
 ),
 units AS (
     SELECT doc_id, source, metadata, file, line, doc['boilerplate_lines'] AS boilerplate_lines,
+{%- if prepare.mode == "document" %}
+           -- One unit per document, with no list to unnest.
+           document_unit(doc['text'], {{ prepare.min_chars }}, {{ prepare.max_chars }}) AS unit
+{%- else %}
            unnest(candidate_units(doc['text'], '{{ prepare.mode }}', {{ prepare.min_chars }},
                                   {{ prepare.max_chars }}, {{ prepare.repeat_jaccard }})) AS unit
+{%- endif %}
     FROM cleaned
 ),
 checked AS (

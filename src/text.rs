@@ -87,19 +87,12 @@ const NAVIGATION_WORDS: &[&str] = &[
 /// Cuts a document into candidate units under `rules`, marking each with its drop reason.
 pub fn cut_units(text: &str, rules: &UnitRules) -> Vec<Unit> {
     match rules.mode {
-        CandidateMode::Document => {
-            let drop = if text.trim().is_empty() {
-                Some("empty")
-            } else {
-                length_problem(text.trim(), rules)
-            };
-            vec![Unit {
-                ordinal: 0,
-                header: None,
-                text: text.trim().to_string(),
-                drop,
-            }]
-        }
+        CandidateMode::Document => vec![Unit {
+            ordinal: 0,
+            header: None,
+            text: text.trim().to_string(),
+            drop: document_problem(text, rules),
+        }],
         CandidateMode::Segments => segments(text)
             .into_iter()
             .enumerate()
@@ -119,6 +112,16 @@ pub fn cut_units(text: &str, rules: &UnitRules) -> Vec<Unit> {
                 }
             })
             .collect(),
+    }
+}
+
+/// Why a whole document (document mode) is not a candidate: `empty`, `too_short`, `too_long`.
+pub fn document_problem(text: &str, rules: &UnitRules) -> Option<&'static str> {
+    let text = text.trim();
+    if text.is_empty() {
+        Some("empty")
+    } else {
+        length_problem(text, rules)
     }
 }
 

@@ -104,6 +104,7 @@ pub fn scalar_udfs(tokens: TokenCounter, rules: PrepareRules) -> Vec<ScalarUDF> 
         ScalarUDF::new_from_impl(Pure::new(PureKind::CleanInstruction)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::DedupKey)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::CandidateUnits)),
+        ScalarUDF::new_from_impl(Pure::new(PureKind::DocumentUnit)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::LogprobScore)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::WordTrigrams)),
         ScalarUDF::new_from_impl(Pure::new(PureKind::TrigramOverlap)),
@@ -389,6 +390,8 @@ enum PureKind {
     DedupKey,
     /// `candidate_units(text, mode, min_chars, max_chars, repeat_jaccard)` -> list of units
     CandidateUnits,
+    /// `document_unit(text, min_chars, max_chars)` -> the whole document as one unit
+    DocumentUnit,
     /// `logprob_score(top_logprobs)` -> struct(expected, mass) over the digits 1-5
     LogprobScore,
     /// `word_trigrams(text)` -> list of the text's word trigrams
@@ -457,6 +460,7 @@ impl Pure {
                 &["text", "mode", "min_chars", "max_chars", "repeat_jaccard"],
                 &[],
             ),
+            PureKind::DocumentUnit => ("document_unit", &["text", "min_chars", "max_chars"], &[]),
         }
     }
 }
@@ -494,6 +498,9 @@ impl ScalarUDFImpl for Pure {
                 DataType::Float64,
             ]);
         }
+        if self.kind == PureKind::DocumentUnit {
+            return Ok(vec![DataType::Utf8, DataType::Int64, DataType::Int64]);
+        }
         let names: Vec<&str> = required.iter().chain(optional.iter()).copied().collect();
         coerce_strings(name, &names[..arg_types.len()], arg_types)
     }
@@ -512,6 +519,7 @@ impl ScalarUDFImpl for Pure {
             PureKind::CandidateUnits => {
                 DataType::List(Arc::new(Field::new("item", unit_type(), true)))
             }
+            PureKind::DocumentUnit => unit_type(),
             PureKind::JudgeScore => judge_score_type(),
             PureKind::ParseVerdict => verdict_type(),
             PureKind::MaxRepeats => DataType::Int64,
@@ -523,6 +531,9 @@ impl ScalarUDFImpl for Pure {
         let n = args.number_rows;
         if self.kind == PureKind::CandidateUnits {
             return candidate_units(&args.args, n);
+        }
+        if self.kind == PureKind::DocumentUnit {
+            return document_unit(&args.args, n);
         }
         if self.kind == PureKind::MaxRepeats {
             return max_repeats(&args.args, n);
@@ -640,7 +651,9 @@ impl ScalarUDFImpl for Pure {
                     .map(|i| text::source_reference_phrase(get(0, i)?))
                     .collect::<StringArray>(),
             ),
-            PureKind::CandidateUnits | PureKind::MaxRepeats => unreachable!("handled above"),
+            PureKind::CandidateUnits | PureKind::DocumentUnit | PureKind::MaxRepeats => {
+                unreachable!("handled above")
+            }
         };
         Ok(ColumnarValue::Array(array))
     }
@@ -785,6 +798,55 @@ fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
     Ok(ColumnarValue::Array(Arc::new(list)))
 }
 
+/// Document mode without a list to unnest: one unit per row, the text trimmed. The common
+/// case, where no text has whitespace to trim, shares the input's buffers instead of copying
+/// every document.
+fn document_unit(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
+    let int = |i, name| match scalar_arg(args, i, name)? {
+        ScalarValue::Int64(Some(v)) if v >= 0 => Ok(v as usize),
+        other => exec_err!("document_unit: {name} must be a non-negative integer, got {other}"),
+    };
+    let rules = UnitRules {
+        mode: CandidateMode::Document,
+        min_chars: int(1, "min_chars")?,
+        max_chars: int(2, "max_chars")?,
+        repeat_jaccard: 1.0,
+    };
+    let texts = string_columns(&args[..1], n)?.remove(0);
+    let drop: StringArray = texts
+        .iter()
+        .map(|t| match t {
+            Some(t) => text::document_problem(t, &rules),
+            None => Some("empty"),
+        })
+        .collect();
+    let untrimmed =
+        texts.null_count() == 0 && texts.iter().flatten().all(|t| t.trim().len() == t.len());
+    let body: ArrayRef = if untrimmed {
+        Arc::new(texts)
+    } else {
+        Arc::new(
+            texts
+                .iter()
+                .map(|t| Some(t.unwrap_or("").trim()))
+                .collect::<StringArray>(),
+        )
+    };
+    let DataType::Struct(fields) = unit_type() else {
+        unreachable!("a struct")
+    };
+    Ok(ColumnarValue::Array(Arc::new(StructArray::new(
+        fields,
+        vec![
+            Arc::new(Int64Array::from(vec![0; n])),
+            datafusion::arrow::array::new_null_array(&DataType::Utf8, n),
+            body,
+            Arc::new(drop),
+        ],
+        None,
+    ))))
+}
+
 /// Prepare functions that follow the job's settings.
 #[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
 enum PrepareKind {
@@ -877,6 +939,21 @@ impl ScalarUDFImpl for Prepare {
                 .and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
         };
         let array: ArrayRef = match self.kind {
+            PrepareKind::CleanDocument if self.rules.quality.boilerplate.is_none() => {
+                // Nothing to strip or count: the documents' own buffers, not a copy.
+                let DataType::Struct(fields) = Self::clean_type() else {
+                    unreachable!("a struct")
+                };
+                let text = cols.into_iter().next().expect("one argument");
+                Arc::new(StructArray::new(
+                    fields,
+                    vec![
+                        Arc::new(text),
+                        datafusion::arrow::array::new_null_array(&DataType::Int64, n),
+                    ],
+                    None,
+                ))
+            }
             PrepareKind::CleanDocument => {
                 let mut text = StringBuilder::new();
                 let mut lines = Int64Builder::with_capacity(n);
