@@ -906,10 +906,15 @@ impl Runner<'_> {
         }
         let batches = ctx
             .sql(&format!(
-                "SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
-                 ORDER BY file, line, ordinal) AS copy FROM {} WHERE dedup_key IS NOT NULL) \
+                // Repeats are rare: a hash aggregate finds their keys, and only those rows are
+                // ranked (sorting every row's key cost more than the rest of the pass).
+                "WITH repeated AS (SELECT dedup_key FROM {t} WHERE dedup_key IS NOT NULL \
+                 GROUP BY dedup_key HAVING count(*) > 1) \
+                 SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
+                 ORDER BY file, line, ordinal) AS copy FROM {t} \
+                 WHERE dedup_key IN (SELECT dedup_key FROM repeated)) \
                  WHERE copy > 1",
-                plan.name
+                t = plan.name
             ))
             .await?
             .collect()
