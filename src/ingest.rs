@@ -2,6 +2,7 @@
 //! (plain, gzip, zstd) and Parquet, as the `documents` table: one streaming partition per file,
 //! decoded as it is read, never downloaded whole.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Mutex};
@@ -246,6 +247,23 @@ struct LineProblem {
     message: String,
 }
 
+/// A document line whose fields have the usual types, read without building a JSON tree for
+/// it: the fast path of [`parse_line`].
+#[derive(serde::Deserialize)]
+struct PlainLine<'a> {
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    added: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    created: Option<Cow<'a, str>>,
+    metadata: Option<Value>,
+}
+
 fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
     let line = std::str::from_utf8(bytes).map_err(|e| LineProblem {
         reason: "invalid_utf8",
@@ -255,6 +273,20 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
     if line.is_empty() {
         return Ok(None);
     }
+    if let Ok(doc) = serde_json::from_str::<PlainLine>(line) {
+        if let Some(text) = doc.text {
+            return Ok(Some(Doc {
+                id: doc.id.map(Cow::into_owned),
+                text: text.into_owned(),
+                source: doc.source.map(Cow::into_owned),
+                added: doc.added.map(Cow::into_owned),
+                created: doc.created.map(Cow::into_owned),
+                metadata: doc.metadata.filter(|m| !m.is_null()).map(|m| m.to_string()),
+            }));
+        }
+    }
+    // Anything unusual (a number for an id, a missing text, not JSON at all) takes the
+    // general path, which also words the problem.
     let value: Value = serde_json::from_str(line).map_err(|e| LineProblem {
         reason: "invalid_json",
         message: format!("not valid JSON: {e}"),
@@ -363,12 +395,19 @@ impl DocBatch {
 
     fn finish(&mut self) -> RecordBatch {
         let rows = std::mem::take(&mut self.rows);
+        // The next batch gets room for as much text as this one had: growing a builder by
+        // doubling copied every batch's text several times over.
+        let text_bytes = self.text.values_slice().len();
+        let mut text = std::mem::replace(
+            &mut self.text,
+            StringBuilder::with_capacity(BATCH_ROWS, text_bytes + text_bytes / 8),
+        );
         let file: StringArray = std::iter::repeat_n(Some(self.file.as_str()), rows).collect();
         RecordBatch::try_new(
             documents_schema(),
             vec![
                 Arc::new(self.doc_id.finish()),
-                Arc::new(self.text.finish()),
+                Arc::new(text.finish()),
                 Arc::new(self.source.finish()),
                 Arc::new(self.added.finish()),
                 Arc::new(self.created.finish()),
