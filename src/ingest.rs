@@ -164,10 +164,28 @@ fn read_jsonl(
     tx: &tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>,
 ) -> Result<(), Error> {
     let get = handle.block_on(file.store.get(&file.path))?;
-    let bytes = get
-        .into_stream()
-        .map_err(|e| std::io::Error::other(e.to_string()));
-    let raw = SyncIoBridge::new_with_handle(StreamReader::new(bytes), handle.clone());
+    let raw: Box<dyn Read> = match get.payload {
+        // A local file is read here, on this blocking thread: its byte stream would hand over
+        // every 8 KiB chunk from a blocking task of its own.
+        object_store::GetResultPayload::File(mut local, _) => {
+            use std::io::{Seek, SeekFrom};
+            local
+                .seek(SeekFrom::Start(get.range.start))
+                .map_err(|e| Error::Input {
+                    file: file.display.clone(),
+                    line: 0,
+                    message: format!("cannot read: {e}"),
+                })?;
+            Box::new(local.take(get.range.end - get.range.start))
+        }
+        object_store::GetResultPayload::Stream(bytes) => {
+            let bytes = bytes.map_err(|e| std::io::Error::other(e.to_string()));
+            Box::new(SyncIoBridge::new_with_handle(
+                StreamReader::new(bytes),
+                handle.clone(),
+            ))
+        }
+    };
     let decoded: Box<dyn Read> = match file.format {
         InputFormat::JsonlGzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(raw))),
         InputFormat::JsonlZstd => {
