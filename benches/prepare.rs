@@ -149,7 +149,9 @@ fn floor(files: &[PathBuf], threads: usize) -> f64 {
                         Field::new("text", DataType::Utf8, true),
                     ]));
                     let props = WriterProperties::builder()
-                        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                        .set_compression(Compression::ZSTD(
+                            ZstdLevel::try_new(backforth::pipeline::PART_ZSTD_LEVEL).unwrap(),
+                        ))
                         .build();
                     let mut writer =
                         ArrowWriter::try_new(std::io::sink(), schema.clone(), Some(props)).unwrap();

@@ -48,6 +48,8 @@ pub const DROP_COLUMN: &str = "_drop";
 pub const DROP_REASON_COLUMN: &str = "drop_reason";
 /// Column of the input stage holding the exact-dedup key (a hash of the normalised text).
 pub const DEDUP_KEY_COLUMN: &str = "dedup_key";
+/// zstd level of every Parquet part a stage writes (the prepare benchmark's floor uses it too).
+pub const PART_ZSTD_LEVEL: i32 = 1;
 /// Directory of a sharded stage holding one marker per published shard.
 pub const SHARDS_DIR: &str = "_shards";
 
