@@ -138,14 +138,7 @@ fn dedup_digest_hashes_the_normalised_text() {
         texts.push(format!("{} ", "a".repeat(edge)));
         texts.push(format!(" \n{}\t", "a".repeat(edge)));
     }
-    for _ in 0..2_000 {
-        let n = rng.below(60);
-        texts.push(
-            (0..n)
-                .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
-                .collect(),
-        );
-    }
+    texts.extend((0..2_000).map(|_| fuzzed(&mut rng, 60)));
     for text in &texts {
         let expected = Sha256::digest(normalize_for_dedup(text).as_bytes());
         assert_eq!(dedup_digest(text), expected[..16], "{text:?}");
@@ -245,6 +238,14 @@ const FRAGMENTS: &[&str] = &[
     "’",
 ];
 
+/// Up to `max - 1` random fragments joined.
+fn fuzzed(rng: &mut crate::rng::Rng, max: u64) -> String {
+    let n = rng.below(max);
+    (0..n)
+        .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
+        .collect()
+}
+
 #[test]
 fn hand_scanned_pieces_are_the_regex_pieces() {
     use crate::rng::Rng;
@@ -257,14 +258,7 @@ fn hand_scanned_pieces_are_the_regex_pieces() {
         }
     }
     let mut rng = Rng(42);
-    for _ in 0..20_000 {
-        let n = rng.below(24);
-        texts.push(
-            (0..n)
-                .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
-                .collect(),
-        );
-    }
+    texts.extend((0..20_000).map(|_| fuzzed(&mut rng, 24)));
     for (pattern, bpe) in [
         (Pattern::Cl100k, bpe_openai::cl100k_base()),
         (Pattern::O200k, bpe_openai::o200k_base()),
@@ -291,10 +285,7 @@ fn cached_counts_equal_the_encodings_own() {
         for round in 0..2 {
             let mut draw = crate::rng::Rng(rng.0 ^ round);
             for _ in 0..3_000 {
-                let n = draw.below(40);
-                let text: String = (0..n)
-                    .map(|_| FRAGMENTS[draw.below(FRAGMENTS.len() as u64) as usize])
-                    .collect();
+                let text = fuzzed(&mut draw, 40);
                 assert_eq!(counter.count(&text), bpe.count(&text), "{name} on {text:?}");
             }
         }
