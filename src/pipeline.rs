@@ -56,7 +56,6 @@ pub const SHARDS_DIR: &str = "_shards";
 /// The run's settings under the output root, for dataset cards: models, prompts' roles,
 /// stages and thresholds (never endpoints or keys).
 pub const JOB_FILE: &str = "_job.json";
-/// Table of the dedup keys kept by earlier input shards, for the stage that reads the input.
 
 /// Drop reason of rows whose text a file earlier by path already kept.
 pub const ACROSS_FILES: &str = "duplicate_across_files";
@@ -885,8 +884,8 @@ impl Runner<'_> {
 
     /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
     /// file, when a large file ran as several shards) also kept: the copy with the smallest
-    /// (file, line, ordinal) survives, whatever
-    /// order the shards ran in. Affected parts are rewritten, the rows moved to
+    /// (file, line, ordinal) survives, whatever order the shards ran in. Affected parts are
+    /// rewritten, the rows moved to
     /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
     /// marker counts them. Safe to repeat after a crash at any point.
     async fn drop_duplicates_across_files(
@@ -998,9 +997,7 @@ impl Runner<'_> {
                 .collect();
             let n = fresh.true_count();
             let dropped = filter_record_batch(batch, &fresh)?;
-            let reason = Arc::new(datafusion::arrow::array::StringArray::from(
-                vec![ACROSS_FILES; n],
-            ));
+            let reason = Arc::new(StringArray::from(vec![ACROSS_FILES; n]));
             let mut fields: Vec<Field> = dropped
                 .schema()
                 .fields()
@@ -1174,10 +1171,10 @@ impl Runner<'_> {
         let batch = RecordBatch::try_new(
             table_schema.clone(),
             vec![
-                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                Arc::new(StringArray::from_iter_values(
                     found.iter().map(|d| d.id.as_str()),
                 )),
-                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                Arc::new(StringArray::from_iter_values(
                     found.iter().map(|d| d.kept_id.as_str()),
                 )),
                 Arc::new(datafusion::arrow::array::Float64Array::from_iter_values(
@@ -1470,17 +1467,13 @@ enum PartNames {
 struct FirstCopies(std::collections::HashSet<u128>);
 
 impl FirstCopies {
-    /// The drop reasons of `batch` with repeats marked `duplicate`.
-    fn mark(&mut self, batch: &RecordBatch, reasons: ArrayRef) -> Result<ArrayRef> {
-        let Ok(k) = batch.schema().index_of(DEDUP_KEY_COLUMN) else {
-            return Err(Error::Job(format!(
-                "the input stage's SQL must return a `{DEDUP_KEY_COLUMN}` column for exact dedup"
-            )));
-        };
-        let keys = cast(batch.column(k), &DataType::Utf8)?;
+    /// The drop reasons `reasons` with repeats of `keys` among the kept rows marked
+    /// `duplicate`.
+    fn mark(&mut self, keys: &ArrayRef, reasons: ArrayRef) -> Result<ArrayRef> {
+        let keys = cast(keys, &DataType::Utf8)?;
         let keys = keys.as_string::<i32>();
         let old = reasons.as_string::<i32>();
-        let marked: StringArray = (0..batch.num_rows())
+        let marked: StringArray = (0..keys.len())
             .map(|row| match (old.is_null(row), keys.is_null(row)) {
                 (true, false) if !self.0.insert(key_bits(keys.value(row))) => Some("duplicate"),
                 (true, _) => None,
@@ -1521,9 +1514,11 @@ async fn execute_to_parts(
         inherited.extend(input.schema().fields().iter().map(|f| f.name().clone()));
     }
     let drop_index = schema.index_of(DROP_COLUMN).ok();
-    if first_copies.is_some() && drop_index.is_none() {
+    let key_index = schema.index_of(DEDUP_KEY_COLUMN).ok();
+    if first_copies.is_some() && (drop_index.is_none() || key_index.is_none()) {
         return Err(Error::Job(format!(
-            "the input stage's SQL must return a `{DROP_COLUMN}` column (NULL to keep a row)"
+            "the input stage's SQL must return a `{DROP_COLUMN}` column (NULL to keep a row) and \
+             a `{DEDUP_KEY_COLUMN}` column for exact dedup"
         )));
     }
     let kept_schema = match drop_index {
@@ -1571,8 +1566,8 @@ async fn execute_to_parts(
             continue;
         };
         let mut reasons = cast(batch.column(i), &DataType::Utf8)?;
-        if let Some(first) = first_copies.as_mut() {
-            reasons = first.mark(&batch, reasons)?;
+        if let (Some(first), Some(k)) = (first_copies.as_mut(), key_index) {
+            reasons = first.mark(batch.column(k), reasons)?;
         }
         let keep: BooleanArray = is_null(&reasons)?;
         let kept_batch = filter_record_batch(
@@ -1668,15 +1663,8 @@ impl PartWriter {
         let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(
-                    std::env::var("BF_ZSTD")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(3),
-                )
-                .expect("valid level"),
+                ZstdLevel::try_new(PART_ZSTD_LEVEL).expect("valid level"),
             ))
-            .set_dictionary_enabled(std::env::var("BF_DICT").is_err())
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))

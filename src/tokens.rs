@@ -178,13 +178,17 @@ fn count_with_piece_cache(pattern: Pattern, text: &str) -> usize {
         let mut caches = caches.borrow_mut();
         let cache = caches[pattern as usize].get_or_insert_with(PieceCache::new);
         let bytes = text.as_bytes();
+        // Pieces are contiguous, so each starts where the ones before it end.
+        let mut at = 0;
         pieces(pattern, text)
             .map(|piece| {
-                if piece.len() > CACHED_PIECE_BYTES {
-                    return bpe.count(piece.as_bytes());
+                let len = piece.len();
+                at += len;
+                if len > CACHED_PIECE_BYTES {
+                    bpe.count(piece.as_bytes())
+                } else {
+                    cache.count(bytes, at - len, len, |p| bpe.count(p))
                 }
-                let at = piece.as_ptr() as usize - text.as_ptr() as usize;
-                cache.count(bytes, at, piece.len(), |p| bpe.count(p))
             })
             .sum()
     })

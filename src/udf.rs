@@ -737,6 +737,14 @@ fn scalar_arg(args: &[ColumnarValue], i: usize, name: &str) -> Result<ScalarValu
     }
 }
 
+/// Argument `i` (`name`) of `function`, which must be a non-negative integer literal.
+fn count_arg(args: &[ColumnarValue], i: usize, function: &str, name: &str) -> Result<usize> {
+    match scalar_arg(args, i, name)? {
+        ScalarValue::Int64(Some(v)) if v >= 0 => Ok(v as usize),
+        other => exec_err!("{function}: {name} must be a non-negative integer, got {other}"),
+    }
+}
+
 fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
     let mode = match scalar_arg(args, 1, "mode")? {
         ScalarValue::Utf8(Some(m)) => CandidateMode::parse(&m),
@@ -745,10 +753,7 @@ fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
     let Some(mode) = mode else {
         return exec_err!("candidate_units: mode must be 'document' or 'segments'");
     };
-    let int = |i, name| match scalar_arg(args, i, name)? {
-        ScalarValue::Int64(Some(v)) if v >= 0 => Ok(v as usize),
-        other => exec_err!("candidate_units: {name} must be a non-negative integer, got {other}"),
-    };
+    let int = |i, name| count_arg(args, i, "candidate_units", name);
     let repeat_jaccard = match scalar_arg(args, 4, "repeat_jaccard")? {
         ScalarValue::Float64(Some(v)) => v,
         other => return exec_err!("candidate_units: repeat_jaccard must be a number, got {other}"),
@@ -798,14 +803,10 @@ fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
     Ok(ColumnarValue::Array(Arc::new(list)))
 }
 
-/// Document mode without a list to unnest: one unit per row, the text trimmed. The common
-/// case, where no text has whitespace to trim, shares the input's buffers instead of copying
-/// every document.
+/// Document mode without a list to unnest: one unit per row, the text trimmed. When no text
+/// of the batch has whitespace to trim, the unit texts share the input's buffers.
 fn document_unit(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
-    let int = |i, name| match scalar_arg(args, i, name)? {
-        ScalarValue::Int64(Some(v)) if v >= 0 => Ok(v as usize),
-        other => exec_err!("document_unit: {name} must be a non-negative integer, got {other}"),
-    };
+    let int = |i, name| count_arg(args, i, "document_unit", name);
     let rules = UnitRules {
         mode: CandidateMode::Document,
         min_chars: int(1, "min_chars")?,
@@ -939,51 +940,37 @@ impl ScalarUDFImpl for Prepare {
                 .and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
         };
         let array: ArrayRef = match self.kind {
-            PrepareKind::CleanDocument if self.rules.quality.boilerplate.is_none() => {
-                // Nothing to strip or count: the documents' own buffers, not a copy.
-                let DataType::Struct(fields) = Self::clean_type() else {
-                    unreachable!("a struct")
-                };
-                let text = cols.into_iter().next().expect("one argument");
-                Arc::new(StructArray::new(
-                    fields,
-                    vec![
-                        Arc::new(text),
-                        datafusion::arrow::array::new_null_array(&DataType::Int64, n),
-                    ],
-                    None,
-                ))
-            }
             PrepareKind::CleanDocument => {
-                let mut text = StringBuilder::new();
-                let mut lines = Int64Builder::with_capacity(n);
-                let mode = self.rules.quality.boilerplate;
-                for i in 0..n {
-                    match (get(0, i), mode) {
-                        (Some(t), Some(mode)) => {
-                            let strip = mode == crate::quality::Boilerplate::Strip;
-                            let (cleaned, count) = crate::quality::clean_document(t, strip);
-                            text.append_value(cleaned);
-                            lines.append_value(count as i64);
+                let (text, lines): (ArrayRef, ArrayRef) = match self.rules.quality.boilerplate {
+                    // Nothing to strip or count: the documents' own buffers, not a copy.
+                    None => (
+                        Arc::new(cols[0].clone()),
+                        datafusion::arrow::array::new_null_array(&DataType::Int64, n),
+                    ),
+                    Some(mode) => {
+                        let strip = mode == crate::quality::Boilerplate::Strip;
+                        let mut text = StringBuilder::new();
+                        let mut lines = Int64Builder::with_capacity(n);
+                        for i in 0..n {
+                            match get(0, i) {
+                                Some(t) => {
+                                    let (cleaned, count) = crate::quality::clean_document(t, strip);
+                                    text.append_value(cleaned);
+                                    lines.append_value(count as i64);
+                                }
+                                None => {
+                                    text.append_null();
+                                    lines.append_null();
+                                }
+                            }
                         }
-                        (Some(t), None) => {
-                            text.append_value(t);
-                            lines.append_null();
-                        }
-                        (None, _) => {
-                            text.append_null();
-                            lines.append_null();
-                        }
+                        (Arc::new(text.finish()), Arc::new(lines.finish()))
                     }
-                }
+                };
                 let DataType::Struct(fields) = Self::clean_type() else {
                     unreachable!("a struct")
                 };
-                Arc::new(StructArray::new(
-                    fields,
-                    vec![Arc::new(text.finish()), Arc::new(lines.finish())],
-                    None,
-                ))
+                Arc::new(StructArray::new(fields, vec![text, lines], None))
             }
             PrepareKind::QualityProblem => Arc::new(
                 (0..n)
