@@ -636,21 +636,16 @@ impl ScalarUDFImpl for Pure {
                     None,
                 ))
             }
-            PureKind::RefusalPhrase => Arc::new(
-                (0..n)
-                    .map(|i| text::refusal_phrase(get(0, i)?))
-                    .collect::<StringArray>(),
-            ),
-            PureKind::SelfReferencePhrase => Arc::new(
-                (0..n)
-                    .map(|i| text::self_reference_phrase(get(0, i)?))
-                    .collect::<StringArray>(),
-            ),
-            PureKind::SourceReferencePhrase => Arc::new(
-                (0..n)
-                    .map(|i| text::source_reference_phrase(get(0, i)?))
-                    .collect::<StringArray>(),
-            ),
+            PureKind::RefusalPhrase
+            | PureKind::SelfReferencePhrase
+            | PureKind::SourceReferencePhrase => {
+                let find: fn(&str) -> Option<&str> = match self.kind {
+                    PureKind::RefusalPhrase => text::refusal_phrase,
+                    PureKind::SelfReferencePhrase => text::self_reference_phrase,
+                    _ => text::source_reference_phrase,
+                };
+                Arc::new((0..n).map(|i| find(get(0, i)?)).collect::<StringArray>())
+            }
             PureKind::CandidateUnits | PureKind::DocumentUnit | PureKind::MaxRepeats => {
                 unreachable!("handled above")
             }
