@@ -94,20 +94,34 @@ fn encoding(pattern: Pattern) -> &'static bpe_openai::Tokenizer {
 /// regex does: ASCII stretches are scanned by hand, the rest asked of the regex piece by
 /// piece. (Neither encoding normalises its input.)
 pub fn pieces(pattern: Pattern, text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
+    let mut at = 0;
     std::iter::from_fn(move || {
-        if rest.is_empty() {
+        if at == text.len() {
             return None;
         }
-        let n = split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
-            encoding(pattern)
-                .split(rest)
-                .next()
-                .map_or(rest.len(), str::len)
-        });
-        let (piece, tail) = rest.split_at(n);
-        rest = tail;
-        Some(piece)
+        let n = piece_len(pattern, text, at);
+        at += n;
+        Some(&text[at - n..at])
+    })
+}
+
+/// Length of the piece at `text[at..]` (not empty): common words from one window, other
+/// ASCII by the hand scanner, and the regex when a non-ASCII character decides.
+#[inline]
+fn piece_len(pattern: Pattern, text: &str, at: usize) -> usize {
+    let bytes = text.as_bytes();
+    if let Some(window) = bytes.get(at..at + split::WINDOW) {
+        let window = window.try_into().expect("a window's length");
+        if let Some(n) = split::word_in_window(pattern, window) {
+            return n;
+        }
+    }
+    let rest = &text[at..];
+    split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
+        encoding(pattern)
+            .split(rest)
+            .next()
+            .map_or(rest.len(), str::len)
     })
 }
 
@@ -116,23 +130,35 @@ pub fn pieces(pattern: Pattern, text: &str) -> impl Iterator<Item = &str> {
 /// its high nibble. Longer pieces are rare in prose and merged every time.
 const CACHED_PIECE_BYTES: usize = 15;
 
-/// Slots of a thread's piece cache, as a power of two: 1 MiB per encoding, which measured
-/// faster than 2 MiB (fewer cache misses) and than 256 KiB (more merges).
+/// Slots of a thread's piece cache, as a power of two: 1 MiB per encoding.
 const CACHE_BITS: u32 = 16;
 
-/// A direct-mapped cache of piece counts: one probe of one cache line, and a new piece simply
-/// replaces what was in its slot. A hash map cost several times more per piece.
-struct PieceCache(Vec<u128>);
+/// Slots that share one cache line and one hash: a word that collides with a more frequent
+/// one no longer evicts it at every use.
+const WAYS: usize = 4;
+
+/// One cache line of slots, most recently used first.
+#[derive(Clone, Copy, Default)]
+#[repr(align(64))]
+struct Set([u128; WAYS]);
+
+/// A set-associative cache of piece counts: one cache line per piece, least recently used
+/// piece of the line replaced. A hash map cost several times more per piece, and a
+/// direct-mapped table merged a conflicting piece again at nearly every use.
+struct PieceCache(Vec<Set>);
 
 const COUNT_SHIFT: u32 = 124;
+
+const SET_BITS: u32 = CACHE_BITS - WAYS.trailing_zeros();
 
 impl PieceCache {
     fn new() -> Self {
         // 0 would be the empty piece, which is never looked up.
-        Self(vec![0; 1 << CACHE_BITS])
+        Self(vec![Set::default(); 1 << SET_BITS])
     }
 
     /// Tokens in the piece `text[at..at + len]` (1 to 15 bytes), merged by `merge` on a miss.
+    #[inline]
     fn count(
         &mut self,
         text: &[u8],
@@ -155,13 +181,29 @@ impl PieceCache {
         } | ((len as u128) << 120);
         let mixed = ((key as u64) ^ ((key >> 64) as u64).rotate_left(29))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let slot = &mut self.0[(mixed >> (64 - CACHE_BITS)) as usize];
-        if *slot & !(0xF << COUNT_SHIFT) != key {
-            let n = merge(&text[at..at + len]) as u128;
-            debug_assert!(n <= 15, "a piece of at most 15 bytes has at most 15 tokens");
-            *slot = key | (n << COUNT_SHIFT);
-        }
-        (*slot >> COUNT_SHIFT) as usize
+        let set = &mut self.0[(mixed >> (64 - SET_BITS)) as usize].0;
+        let without_count = !(0xF << COUNT_SHIFT);
+        let slot = match set.iter().position(|&slot| slot & without_count == key) {
+            Some(way) => {
+                let hit = set[way];
+                for j in (1..=way).rev() {
+                    set[j] = set[j - 1];
+                }
+                set[0] = hit;
+                hit
+            }
+            None => {
+                let n = merge(&text[at..at + len]) as u128;
+                debug_assert!(n <= 15, "a piece of at most 15 bytes has at most 15 tokens");
+                let new = key | (n << COUNT_SHIFT);
+                for j in (1..WAYS).rev() {
+                    set[j] = set[j - 1];
+                }
+                set[0] = new;
+                new
+            }
+        };
+        (slot >> COUNT_SHIFT) as usize
     }
 }
 
@@ -178,18 +220,17 @@ fn count_with_piece_cache(pattern: Pattern, text: &str) -> usize {
         let mut caches = caches.borrow_mut();
         let cache = caches[pattern as usize].get_or_insert_with(PieceCache::new);
         let bytes = text.as_bytes();
-        // Pieces are contiguous, so each starts where the ones before it end.
+        let mut total = 0;
         let mut at = 0;
-        pieces(pattern, text)
-            .map(|piece| {
-                let len = piece.len();
-                at += len;
-                if len > CACHED_PIECE_BYTES {
-                    bpe.count(piece.as_bytes())
-                } else {
-                    cache.count(bytes, at - len, len, |p| bpe.count(p))
-                }
-            })
-            .sum()
+        while at < bytes.len() {
+            let len = piece_len(pattern, text, at);
+            total += if len > CACHED_PIECE_BYTES {
+                bpe.count(&bytes[at..at + len])
+            } else {
+                cache.count(bytes, at, len, |p| bpe.count(p))
+            };
+            at += len;
+        }
+        total
     })
 }

@@ -16,6 +16,62 @@ pub enum Pattern {
     O200k,
 }
 
+/// Bytes [`word_in_window`] looks at: one unaligned load.
+pub const WINDOW: usize = 16;
+
+const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
+
+/// `b` in every byte.
+const fn splat(b: u8) -> u128 {
+    b as u128 * 0x0101_0101_0101_0101_0101_0101_0101_0101
+}
+
+/// High bit of each byte set where the byte is in `lo..=hi` (both below 0x80); the other
+/// bits are garbage. Setting each byte's high bit first means no subtraction borrows from
+/// its neighbour.
+fn in_range(w: u128, lo: u8, hi: u8) -> u128 {
+    let ascii = !w & HIGH;
+    ((w | HIGH) - splat(lo)) & !((w | HIGH) - splat(hi + 1)) & ascii
+}
+
+/// The piece starting a window of text when it is the common word shape, from sixteen bytes
+/// in one go: an optional space, then letters (cl100k), or then `Upper? Lower+` (o200k),
+/// ended inside the window by an ASCII byte that cannot continue it. `None` hands the piece
+/// to [`ascii_piece`], which decides every shape; `tests/it/prepare.rs` holds both to the
+/// regex.
+#[inline]
+pub fn word_in_window(pattern: Pattern, window: [u8; WINDOW]) -> Option<usize> {
+    let w = u128::from_le_bytes(window);
+    let lower = in_range(w, b'a', b'z');
+    let upper = in_range(w, b'A', b'Z');
+    let letters = lower | upper;
+    // The space joins the word only if a letter follows it.
+    let start = u32::from(window[0] == b' ') * 8;
+    if (letters >> start) & 0x80 == 0 {
+        return None;
+    }
+    let from = |bits: u128, at: u32| (bits >> at) << at;
+    let end = match pattern {
+        Pattern::Cl100k => from(!letters & HIGH, start).trailing_zeros(),
+        Pattern::O200k => {
+            // One capital at most: a run of capitals is the pattern's other word shape.
+            let first = start + 8 * u32::from(upper & (0x80 << start) != 0);
+            if (lower >> first) & 0x80 == 0 {
+                return None;
+            }
+            let end = from(!lower & HIGH, first).trailing_zeros();
+            // A contraction may follow.
+            if end < 128 && window[end as usize / 8] == b'\'' {
+                return None;
+            }
+            end
+        }
+    };
+    // Past the window, or at a non-ASCII byte that may be a letter: the slow path decides.
+    let n = end as usize / 8;
+    (n < WINDOW && window[n] < 0x80).then_some(n)
+}
+
 /// A byte's class in the patterns; `None` for non-ASCII (the regex must decide).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {

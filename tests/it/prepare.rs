@@ -194,6 +194,8 @@ const FRAGMENTS: &[&str] = &[
     "Word",
     "WORD",
     "camelCase",
+    "internationalisation",
+    "Unbelievably",
     "'",
     "''",
     "0",
