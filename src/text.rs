@@ -331,39 +331,103 @@ pub fn normalize_for_dedup(text: &str) -> String {
 }
 
 /// The first 16 bytes of SHA-256 over [`normalize_for_dedup`]`(text)`: the exact-dedup key.
-/// ASCII text is normalised straight into the hash through a small buffer, a table lookup
-/// and no branch per byte: building the normalised copy of every candidate cost more than
-/// hashing it.
+/// ASCII text is normalised straight into the hash through a small buffer, sixteen bytes at a
+/// time where they hold no whitespace but single spaces (most of prose): building the
+/// normalised copy of every candidate cost more than hashing it.
 pub fn dedup_digest(text: &str) -> [u8; 16] {
     let mut hasher = Sha256::new();
     if text.is_ascii() {
-        let mut buf = [0u8; 8192];
-        let mut len = 0;
-        // Leading whitespace is dropped as if a space had come before it.
-        let mut after_space = true;
-        for &b in text.as_bytes() {
-            let mapped = ASCII_DEDUP[b as usize];
-            let space = mapped == b' ';
-            buf[len] = mapped;
-            len += usize::from(!(space && after_space));
-            after_space = space;
-            if len == buf.len() {
-                // The last byte may be a trailing space, so it stays for the next round.
-                hasher.update(&buf[..len - 1]);
-                buf[0] = buf[len - 1];
-                len = 1;
+        let mut out = Collapsed::new();
+        let mut chunks = text.as_bytes().chunks_exact(16);
+        for chunk in &mut chunks {
+            let window = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
+            if !out.push_plain(window) {
+                chunk.iter().for_each(|&b| out.push(b, &mut hasher));
             }
+            out.flush_if_full(&mut hasher);
         }
-        if after_space && len > 0 {
-            len -= 1;
-        }
-        hasher.update(&buf[..len]);
+        chunks
+            .remainder()
+            .iter()
+            .for_each(|&b| out.push(b, &mut hasher));
+        out.finish(&mut hasher);
     } else {
         hasher.update(normalize_for_dedup(text).as_bytes());
     }
     let mut key = [0u8; 16];
     key.copy_from_slice(&hasher.finalize()[..16]);
     key
+}
+
+/// ASCII being lower-cased and its whitespace collapsed on the way into a hash.
+struct Collapsed {
+    buf: [u8; 8192],
+    len: usize,
+    /// Leading whitespace is dropped as if a space had come before it.
+    after_space: bool,
+}
+
+impl Collapsed {
+    fn new() -> Self {
+        Self {
+            buf: [0; 8192],
+            len: 0,
+            after_space: true,
+        }
+    }
+
+    fn push(&mut self, b: u8, hasher: &mut Sha256) {
+        let mapped = ASCII_DEDUP[b as usize];
+        let space = mapped == b' ';
+        self.buf[self.len] = mapped;
+        self.len += usize::from(!(space && self.after_space));
+        self.after_space = space;
+        self.flush_if_full(hasher);
+    }
+
+    /// Appends sixteen bytes lower-cased when their only whitespace is single spaces, none
+    /// right after a space; otherwise appends nothing and returns false.
+    fn push_plain(&mut self, window: u128) -> bool {
+        let spaces = ascii_bytes_in(window, b' ', b' ');
+        let whitespace = spaces | ascii_bytes_in(window, b'\t', b'\r');
+        let previous = (whitespace << 8) | u128::from(self.after_space) << 7;
+        if whitespace != spaces || whitespace & previous != 0 {
+            return false;
+        }
+        // An upper-case letter's high bit moved to 0x20 makes it lower case.
+        let lower = window | (ascii_bytes_in(window, b'A', b'Z') >> 2);
+        self.buf[self.len..self.len + 16].copy_from_slice(&lower.to_le_bytes());
+        self.len += 16;
+        self.after_space = spaces >> 127 != 0;
+        true
+    }
+
+    /// Hashes all but the last byte when another sixteen might not fit: the last may be a
+    /// trailing space.
+    fn flush_if_full(&mut self, hasher: &mut Sha256) {
+        if self.len + 16 > self.buf.len() {
+            hasher.update(&self.buf[..self.len - 1]);
+            self.buf[0] = self.buf[self.len - 1];
+            self.len = 1;
+        }
+    }
+
+    fn finish(mut self, hasher: &mut Sha256) {
+        if self.after_space && self.len > 0 {
+            self.len -= 1;
+        }
+        hasher.update(&self.buf[..self.len]);
+    }
+}
+
+/// High bit of each byte of `w` set where the byte is ASCII in `lo..=hi`, all other bits
+/// clear: sixteen byte tests in a few word operations. Each byte's high bit is set before the
+/// subtractions so no byte borrows from its neighbour.
+pub(crate) fn ascii_bytes_in(w: u128, lo: u8, hi: u8) -> u128 {
+    const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
+    let splat = |b: u8| b as u128 * (u128::MAX / 255);
+    let ascii = !w & HIGH;
+    ((w | HIGH) - splat(lo)) & !((w | HIGH) - splat(hi + 1)) & ascii
 }
 
 /// ASCII as exact dedup compares it: lower case, and every whitespace character a space.

@@ -576,11 +576,22 @@ impl ScalarUDFImpl for Pure {
                     .map(|i| text::clean_instruction(get(0, i)?))
                     .collect::<StringArray>(),
             ),
-            PureKind::DedupKey => Arc::new(
-                (0..n)
-                    .map(|i| Some(hex::encode(text::dedup_digest(get(0, i)?))))
-                    .collect::<StringArray>(),
-            ),
+            PureKind::DedupKey => {
+                // Hex into a stack buffer and one presized builder: no string per row.
+                let mut keys = StringBuilder::with_capacity(n, 32 * n);
+                let mut hex = [0u8; 32];
+                for i in 0..n {
+                    match get(0, i) {
+                        Some(value) => {
+                            hex::encode_to_slice(text::dedup_digest(value), &mut hex)
+                                .expect("32 hex digits for 16 bytes");
+                            keys.append_value(std::str::from_utf8(&hex).expect("hex is ASCII"));
+                        }
+                        None => keys.append_null(),
+                    }
+                }
+                Arc::new(keys.finish())
+            }
             PureKind::LogprobScore => {
                 let mut expected = Float64Builder::with_capacity(n);
                 let mut mass = Float64Builder::with_capacity(n);

@@ -16,23 +16,12 @@ pub enum Pattern {
     O200k,
 }
 
+use crate::text::ascii_bytes_in;
+
 /// Bytes [`word_in_window`] looks at: one unaligned load.
 pub const WINDOW: usize = 16;
 
 const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
-
-/// `b` in every byte.
-const fn splat(b: u8) -> u128 {
-    b as u128 * 0x0101_0101_0101_0101_0101_0101_0101_0101
-}
-
-/// High bit of each byte set where the byte is in `lo..=hi` (both below 0x80); the other
-/// bits are garbage. Setting each byte's high bit first means no subtraction borrows from
-/// its neighbour.
-fn in_range(w: u128, lo: u8, hi: u8) -> u128 {
-    let ascii = !w & HIGH;
-    ((w | HIGH) - splat(lo)) & !((w | HIGH) - splat(hi + 1)) & ascii
-}
 
 /// The piece starting a window of text when it is the common word shape, from sixteen bytes
 /// in one go: an optional space, then letters (cl100k), or then `Upper? Lower+` (o200k),
@@ -42,8 +31,8 @@ fn in_range(w: u128, lo: u8, hi: u8) -> u128 {
 #[inline]
 pub fn word_in_window(pattern: Pattern, window: [u8; WINDOW]) -> Option<usize> {
     let w = u128::from_le_bytes(window);
-    let lower = in_range(w, b'a', b'z');
-    let upper = in_range(w, b'A', b'Z');
+    let lower = ascii_bytes_in(w, b'a', b'z');
+    let upper = ascii_bytes_in(w, b'A', b'Z');
     let letters = lower | upper;
     // The space joins the word only if a letter follows it.
     let start = u32::from(window[0] == b' ') * 8;
