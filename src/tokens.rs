@@ -99,30 +99,31 @@ pub fn pieces(pattern: Pattern, text: &str) -> impl Iterator<Item = &str> {
         if at == text.len() {
             return None;
         }
-        let n = piece_len(pattern, text, at);
+        let (n, _) = piece_len(pattern, text, at);
         at += n;
         Some(&text[at - n..at])
     })
 }
 
 /// Length of the piece at `text[at..]` (not empty): common words from one window, other
-/// ASCII by the hand scanner, and the regex when a non-ASCII character decides.
+/// ASCII by the hand scanner, and the regex when a non-ASCII character decides. With the
+/// length comes the window the piece was found in, if it was.
 #[inline]
-fn piece_len(pattern: Pattern, text: &str, at: usize) -> usize {
-    let bytes = text.as_bytes();
-    if let Some(window) = bytes.get(at..at + split::WINDOW) {
-        let window = window.try_into().expect("a window's length");
+fn piece_len(pattern: Pattern, text: &str, at: usize) -> (usize, Option<u128>) {
+    if let Some(window) = text.as_bytes().get(at..at + split::WINDOW) {
+        let window = u128::from_le_bytes(window.try_into().expect("a window's length"));
         if let Some(n) = split::word_in_window(pattern, window) {
-            return n;
+            return (n, Some(window));
         }
     }
     let rest = &text[at..];
-    split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
+    let n = split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
         encoding(pattern)
             .split(rest)
             .next()
             .map_or(rest.len(), str::len)
-    })
+    });
+    (n, None)
 }
 
 /// Pieces up to this many bytes are cached: a slot is the piece's bytes packed in a `u128`,
@@ -157,28 +158,28 @@ impl PieceCache {
         Self(vec![Set::default(); 1 << SET_BITS])
     }
 
-    /// Tokens in the piece `text[at..at + len]` (1 to 15 bytes), merged by `merge` on a miss.
+    /// Tokens in the piece `text[at..at + len]` (1 to 15 bytes), merged by `merge` on a miss;
+    /// `window` holds the text from `at` when the caller has it loaded.
     #[inline]
     fn count(
         &mut self,
         text: &[u8],
         at: usize,
         len: usize,
+        window: Option<u128>,
         merge: impl FnOnce(&[u8]) -> usize,
     ) -> usize {
-        let key = match text.get(at..at + 16) {
-            // One unaligned load: filling a stack array byte-wise and reading it back as a
-            // u128 stalled on store forwarding.
-            Some(window) => {
-                let bytes = u128::from_le_bytes(window.try_into().expect("16 bytes"));
-                bytes & ((1u128 << (8 * len)) - 1)
+        let bytes = window.unwrap_or_else(|| {
+            // Filling a stack array byte-wise and reading it back as a u128 stalled on store
+            // forwarding, so a whole window is loaded where the text has one.
+            let mut bytes = [0u8; 16];
+            match text.get(at..at + 16) {
+                Some(window) => bytes.copy_from_slice(window),
+                None => bytes[..len].copy_from_slice(&text[at..at + len]),
             }
-            None => {
-                let mut bytes = [0u8; 16];
-                bytes[..len].copy_from_slice(&text[at..at + len]);
-                u128::from_le_bytes(bytes)
-            }
-        } | ((len as u128) << 120);
+            u128::from_le_bytes(bytes)
+        });
+        let key = (bytes & ((1u128 << (8 * len)) - 1)) | ((len as u128) << 120);
         let mixed = ((key as u64) ^ ((key >> 64) as u64).rotate_left(29))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let set = &mut self.0[(mixed >> (64 - SET_BITS)) as usize].0;
@@ -223,11 +224,11 @@ fn count_with_piece_cache(pattern: Pattern, text: &str) -> usize {
         let mut total = 0;
         let mut at = 0;
         while at < bytes.len() {
-            let len = piece_len(pattern, text, at);
+            let (len, window) = piece_len(pattern, text, at);
             total += if len > CACHED_PIECE_BYTES {
                 bpe.count(&bytes[at..at + len])
             } else {
-                cache.count(bytes, at, len, |p| bpe.count(p))
+                cache.count(bytes, at, len, window, |p| bpe.count(p))
             };
             at += len;
         }

@@ -29,13 +29,12 @@ const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
 /// to [`ascii_piece`], which decides every shape; `tests/it/prepare.rs` holds both to the
 /// regex.
 #[inline]
-pub fn word_in_window(pattern: Pattern, window: [u8; WINDOW]) -> Option<usize> {
-    let w = u128::from_le_bytes(window);
+pub fn word_in_window(pattern: Pattern, w: u128) -> Option<usize> {
     let lower = ascii_bytes_in(w, b'a', b'z');
     let upper = ascii_bytes_in(w, b'A', b'Z');
     let letters = lower | upper;
     // The space joins the word only if a letter follows it.
-    let start = u32::from(window[0] == b' ') * 8;
+    let start = u32::from(w as u8 == b' ') * 8;
     if (letters >> start) & 0x80 == 0 {
         return None;
     }
@@ -50,15 +49,14 @@ pub fn word_in_window(pattern: Pattern, window: [u8; WINDOW]) -> Option<usize> {
             }
             let end = from(!lower & HIGH, first).trailing_zeros();
             // A contraction may follow.
-            if end < 128 && window[end as usize / 8] == b'\'' {
+            if end < 128 && (w >> (end - 7)) as u8 == b'\'' {
                 return None;
             }
             end
         }
     };
     // Past the window, or at a non-ASCII byte that may be a letter: the slow path decides.
-    let n = end as usize / 8;
-    (n < WINDOW && window[n] < 0x80).then_some(n)
+    (end < 128 && (w >> end) & 1 == 0).then_some(end as usize / 8)
 }
 
 /// A byte's class in the patterns; `None` for non-ASCII (the regex must decide).
