@@ -820,24 +820,28 @@ fn document_unit(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
         repeat_jaccard: 1.0,
     };
     let texts = string_columns(&args[..1], n)?.remove(0);
-    let drop: StringArray = texts
-        .iter()
-        .map(|t| match t {
-            Some(t) => text::document_problem(t, &rules),
+    let mut drop = StringBuilder::with_capacity(n, 0);
+    let mut bodies = Vec::with_capacity(n);
+    for text in texts.iter() {
+        let body = text.map(str::trim);
+        drop.append_option(match body {
+            Some(body) => text::document_problem(body, &rules),
             None => Some("empty"),
-        })
-        .collect();
-    let untrimmed =
-        texts.null_count() == 0 && texts.iter().flatten().all(|t| t.trim().len() == t.len());
-    let body: ArrayRef = if untrimmed {
+        });
+        bodies.push(body);
+    }
+    let drop = drop.finish();
+    let offsets = texts.value_offsets();
+    let text_bytes = (offsets[n] - offsets[0]) as usize;
+    let trimmed = texts.null_count() == 0
+        && bodies.iter().flatten().map(|b| b.len()).sum::<usize>() == text_bytes;
+    let body: ArrayRef = if trimmed {
         Arc::new(texts)
     } else {
-        Arc::new(
-            texts
-                .iter()
-                .map(|t| Some(t.unwrap_or("").trim()))
-                .collect::<StringArray>(),
-        )
+        // Presized: collecting into a growing buffer copied each batch's text several times.
+        let mut trimmed = StringBuilder::with_capacity(n, text_bytes);
+        bodies.iter().for_each(|b| trimmed.append_value(b.unwrap_or("")));
+        Arc::new(trimmed.finish())
     };
     let DataType::Struct(fields) = unit_type() else {
         unreachable!("a struct")
