@@ -201,45 +201,37 @@ fn read_jsonl(
     };
     let mut reader = BufReader::with_capacity(1 << 20, decoded);
     let mut batch = DocBatch::new(&file.display);
-    let mut buf = Vec::new();
+    let mut split_line = Vec::new();
     let mut line_no = 0u64;
+    let cannot_read = |line: u64, e: std::io::Error| Error::Input {
+        file: file.display.clone(),
+        line,
+        message: format!("cannot read or decompress: {e}"),
+    };
     loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| Error::Input {
-                file: file.display.clone(),
-                line: line_no + 1,
-                message: format!("cannot read or decompress: {e}"),
-            })?;
-        if n == 0 {
+        let chunk = reader.fill_buf().map_err(|e| cannot_read(line_no + 1, e))?;
+        if chunk.is_empty() {
             break;
         }
         line_no += 1;
-        match parse_line(&buf) {
-            Ok(None) => {}
-            Ok(Some(doc)) => {
-                batch.push(doc, line_no);
-                if batch.len() >= BATCH_ROWS {
-                    stats.add_documents(batch.len() as u64);
-                    if tx.blocking_send(Ok(batch.finish())).is_err() {
-                        return Ok(()); // the query was cancelled
-                    }
-                }
+        // A line inside the read buffer is parsed where it is; only one that straddles the
+        // buffer's end is copied out.
+        let flow = match memchr::memchr(b'\n', chunk) {
+            Some(end) => {
+                let flow = take_line(&chunk[..end], line_no, &mut batch, policy, stats, tx, file);
+                reader.consume(end + 1);
+                flow
             }
-            Err(problem) => match policy {
-                BadLinePolicy::Skip => stats.add_skip(problem.reason),
-                BadLinePolicy::Error => {
-                    return Err(Error::Input {
-                        file: file.display.clone(),
-                        line: line_no,
-                        message: format!(
-                            "{}; fix the line, or set [input] on_bad_line = \"skip\" to count and skip such lines",
-                            problem.message
-                        ),
-                    });
-                }
-            },
+            None => {
+                split_line.clear();
+                reader
+                    .read_until(b'\n', &mut split_line)
+                    .map_err(|e| cannot_read(line_no, e))?;
+                take_line(&split_line, line_no, &mut batch, policy, stats, tx, file)
+            }
+        };
+        if !flow? {
+            return Ok(()); // the query was cancelled
         }
     }
     if batch.len() > 0 {
@@ -249,14 +241,50 @@ fn read_jsonl(
     Ok(())
 }
 
-/// One parsed document line.
-#[derive(Debug, PartialEq)]
-struct Doc {
-    id: Option<String>,
-    text: String,
-    source: Option<String>,
-    added: Option<String>,
-    created: Option<String>,
+/// Adds one line's document to `batch`, sending the batch when full, or counts the line as
+/// bad (or stops, as `policy` says). False once the receiver has gone.
+fn take_line(
+    line: &[u8],
+    line_no: u64,
+    batch: &mut DocBatch,
+    policy: BadLinePolicy,
+    stats: &IngestStats,
+    tx: &tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>,
+    file: &InputFile,
+) -> Result<bool, Error> {
+    match parse_line(line) {
+        Ok(None) => {}
+        Ok(Some(doc)) => {
+            batch.push(doc, line_no);
+            if batch.len() >= BATCH_ROWS {
+                stats.add_documents(batch.len() as u64);
+                return Ok(tx.blocking_send(Ok(batch.finish())).is_ok());
+            }
+        }
+        Err(problem) => match policy {
+            BadLinePolicy::Skip => stats.add_skip(problem.reason),
+            BadLinePolicy::Error => {
+                return Err(Error::Input {
+                    file: file.display.clone(),
+                    line: line_no,
+                    message: format!(
+                        "{}; fix the line, or set [input] on_bad_line = \"skip\" to count and skip such lines",
+                        problem.message
+                    ),
+                });
+            }
+        },
+    }
+    Ok(true)
+}
+
+/// One parsed document line, borrowing from the line where JSON needed no unescaping.
+struct Doc<'a> {
+    id: Option<Cow<'a, str>>,
+    text: Cow<'a, str>,
+    source: Option<Cow<'a, str>>,
+    added: Option<Cow<'a, str>>,
+    created: Option<Cow<'a, str>>,
     metadata: Option<String>,
 }
 
@@ -282,7 +310,7 @@ struct PlainLine<'a> {
     metadata: Option<Value>,
 }
 
-fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
+fn parse_line(bytes: &[u8]) -> Result<Option<Doc<'_>>, LineProblem> {
     let line = std::str::from_utf8(bytes).map_err(|e| LineProblem {
         reason: "invalid_utf8",
         message: format!("not valid UTF-8 ({e})"),
@@ -294,11 +322,11 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
     if let Ok(doc) = serde_json::from_str::<PlainLine>(line) {
         if let Some(text) = doc.text {
             return Ok(Some(Doc {
-                id: doc.id.map(Cow::into_owned),
-                text: text.into_owned(),
-                source: doc.source.map(Cow::into_owned),
-                added: doc.added.map(Cow::into_owned),
-                created: doc.created.map(Cow::into_owned),
+                id: doc.id,
+                text,
+                source: doc.source,
+                added: doc.added,
+                created: doc.created,
                 metadata: doc.metadata.filter(|m| !m.is_null()).map(|m| m.to_string()),
             }));
         }
@@ -335,8 +363,8 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
     };
     let mut scalar = |name: &str| match obj.remove(name) {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(other) => Some(other.to_string()),
+        Some(Value::String(s)) => Some(Cow::Owned(s)),
+        Some(other) => Some(Cow::Owned(other.to_string())),
     };
     Ok(Some(Doc {
         id: scalar("id"),
@@ -347,7 +375,7 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc>, LineProblem> {
             .remove("metadata")
             .filter(|m| !m.is_null())
             .map(|m| m.to_string()),
-        text,
+        text: Cow::Owned(text),
     }))
 }
 
@@ -398,10 +426,12 @@ impl DocBatch {
 
     fn push(&mut self, doc: Doc, line: u64) {
         // A document without an id is named by where it came from, which is stable across runs.
-        let id = doc
-            .id
-            .unwrap_or_else(|| format!("{}:{line}", self.file_stem));
-        self.doc_id.append_value(id);
+        match doc.id {
+            Some(id) => self.doc_id.append_value(id),
+            None => self
+                .doc_id
+                .append_value(format!("{}:{line}", self.file_stem)),
+        }
         self.text.append_value(doc.text);
         self.source.append_option(doc.source);
         self.added.append_option(doc.added);

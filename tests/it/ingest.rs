@@ -348,3 +348,54 @@ async fn within_a_file_the_first_copy_survives_across_batches() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_across_and_beyond_the_read_buffer_keep_their_text_and_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    // Lines are parsed inside the reader's 1 MiB buffer when they fit: here many lines cross
+    // its edge, one is three times its size, one ends in CRLF, and the last has no newline.
+    let long = "River banks erode slowly. ".repeat(120_000);
+    let mut lines = Vec::new();
+    for i in 0..3_000 {
+        let text = if i == 1_500 {
+            long.clone()
+        } else {
+            format!(
+                "Line {i} says something about the delta {}.",
+                "and more ".repeat(i % 50)
+            )
+        };
+        lines.push(json!({"id": format!("d{i}"), "text": text}).to_string());
+    }
+    lines[10].push('\r');
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(lines.join("\n").as_bytes()).unwrap();
+    std::fs::write(dir.path().join("d.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    let job_path = job(dir.path(), "d.jsonl.gz", "error");
+    std::fs::write(
+        &job_path,
+        std::fs::read_to_string(&job_path).unwrap()
+            + "[prepare]\nmax_chars = 0\nmax_tokens = 10000000\n",
+    )
+    .unwrap();
+    backforth_ok(&["run", &job_path, "--stages", "prepare"]);
+    let root = dir.path().join("out-error");
+    assert_eq!(marker(&root, "candidates")["input"]["documents"], 3_000);
+    let ctx = crate::util::session(&root).await;
+    let rows = crate::util::rows(
+        &ctx,
+        "SELECT count(*), sum(CASE WHEN line = CAST(substr(doc_id, 2) AS BIGINT) + 1 THEN 1 END), \
+         max(n_chars), sum(CASE WHEN text LIKE concat('Line ', substr(doc_id, 2), ' says%') THEN 1 END) \
+         FROM candidates",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "3000".to_string(),
+            "3000".to_string(),
+            long.trim().chars().count().to_string(),
+            "2999".to_string()
+        ]]
+    );
+}
