@@ -388,17 +388,16 @@ impl Collapsed {
     /// Appends sixteen bytes lower-cased when their only whitespace is single spaces, none
     /// right after a space; otherwise appends nothing and returns false.
     fn push_plain(&mut self, window: u128) -> bool {
-        let spaces = ascii_bytes_in(window, b' ', b' ');
-        let whitespace = spaces | ascii_bytes_in(window, b'\t', b'\r');
-        let previous = (whitespace << 8) | u128::from(self.after_space) << 7;
-        if whitespace != spaces || whitespace & previous != 0 {
+        let kinds = ByteKinds::of(window);
+        let previous = (kinds.whitespace << 1) | u32::from(self.after_space);
+        if kinds.whitespace != kinds.space || kinds.whitespace & previous != 0 {
             return false;
         }
         // An upper-case letter's high bit moved to 0x20 makes it lower case.
         let lower = window | (ascii_bytes_in(window, b'A', b'Z') >> 2);
         self.buf[self.len..self.len + 16].copy_from_slice(&lower.to_le_bytes());
         self.len += 16;
-        self.after_space = spaces >> 127 != 0;
+        self.after_space = kinds.space >> 15 != 0;
         true
     }
 
@@ -420,14 +419,85 @@ impl Collapsed {
     }
 }
 
+/// What each byte of a 16-byte window is, one bit per byte (bit `i` for byte `i`): the tests
+/// the tokenizer's word scan and exact dedup make, for sixteen bytes at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteKinds {
+    /// `a` to `z`.
+    pub lower: u32,
+    /// `A` to `Z`.
+    pub upper: u32,
+    /// The space character.
+    pub space: u32,
+    /// ASCII whitespace: space, `\t`, `\n`, `\x0B`, `\x0C`, `\r`.
+    pub whitespace: u32,
+    /// Bytes of multi-byte UTF-8 characters.
+    pub non_ascii: u32,
+}
+
+impl ByteKinds {
+    /// The kinds of the bytes of `window` (little-endian: byte 0 is the first), with SSE2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub fn of(window: u128) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of every x86_64 CPU; the intrinsics read only this vector.
+        unsafe {
+            let v = _mm_loadu_si128((&window as *const u128).cast());
+            // Signed byte compares: non-ASCII bytes are negative and fall in no range.
+            let within = |lo: u8, hi: u8| {
+                let above = _mm_cmpgt_epi8(v, _mm_set1_epi8(lo as i8 - 1));
+                let below = _mm_cmplt_epi8(v, _mm_set1_epi8(hi as i8 + 1));
+                _mm_movemask_epi8(_mm_and_si128(above, below)) as u32
+            };
+            let space = within(b' ', b' ');
+            Self {
+                lower: within(b'a', b'z'),
+                upper: within(b'A', b'Z'),
+                space,
+                whitespace: space | within(b'\t', b'\r'),
+                non_ascii: _mm_movemask_epi8(v) as u32,
+            }
+        }
+    }
+
+    /// The kinds of the bytes of `window`.
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    pub fn of(window: u128) -> Self {
+        Self::portable(window)
+    }
+
+    /// The same answer as [`ByteKinds::of`] from plain integer operations, for CPUs without
+    /// SSE2 (public so tests can hold the two to one answer).
+    pub fn portable(window: u128) -> Self {
+        let space = high_bits(ascii_bytes_in(window, b' ', b' '));
+        Self {
+            lower: high_bits(ascii_bytes_in(window, b'a', b'z')),
+            upper: high_bits(ascii_bytes_in(window, b'A', b'Z')),
+            space,
+            whitespace: space | high_bits(ascii_bytes_in(window, b'\t', b'\r')),
+            non_ascii: high_bits(window & HIGH_BITS),
+        }
+    }
+}
+
+const HIGH_BITS: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
+
 /// High bit of each byte of `w` set where the byte is ASCII in `lo..=hi`, all other bits
-/// clear: sixteen byte tests in a few word operations. Each byte's high bit is set before the
-/// subtractions so no byte borrows from its neighbour.
-pub(crate) fn ascii_bytes_in(w: u128, lo: u8, hi: u8) -> u128 {
-    const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
+/// clear. Each byte's high bit is set before the subtractions so no byte borrows from its
+/// neighbour.
+fn ascii_bytes_in(w: u128, lo: u8, hi: u8) -> u128 {
     let splat = |b: u8| b as u128 * (u128::MAX / 255);
-    let ascii = !w & HIGH;
-    ((w | HIGH) - splat(lo)) & !((w | HIGH) - splat(hi + 1)) & ascii
+    let ascii = !w & HIGH_BITS;
+    ((w | HIGH_BITS) - splat(lo)) & !((w | HIGH_BITS) - splat(hi + 1)) & ascii
+}
+
+/// The high bit of each byte of `w` (no other bit set) gathered into bit `i` for byte `i`:
+/// one multiplication per eight bytes lands each byte's bit in the top byte, without carries.
+fn high_bits(w: u128) -> u32 {
+    let gather = |x: u64| (x.wrapping_mul(0x0002_0408_1020_4081) >> 56) as u32;
+    gather(w as u64) | gather((w >> 64) as u64) << 8
 }
 
 /// ASCII as exact dedup compares it: lower case, and every whitespace character a space.

@@ -840,7 +840,9 @@ fn document_unit(args: &[ColumnarValue], n: usize) -> Result<ColumnarValue> {
     } else {
         // Presized: collecting into a growing buffer copied each batch's text several times.
         let mut trimmed = StringBuilder::with_capacity(n, text_bytes);
-        bodies.iter().for_each(|b| trimmed.append_value(b.unwrap_or("")));
+        bodies
+            .iter()
+            .for_each(|b| trimmed.append_value(b.unwrap_or("")));
         Arc::new(trimmed.finish())
     };
     let DataType::Struct(fields) = unit_type() else {

@@ -16,12 +16,10 @@ pub enum Pattern {
     O200k,
 }
 
-use crate::text::ascii_bytes_in;
+use crate::text::ByteKinds;
 
 /// Bytes [`word_in_window`] looks at: one unaligned load.
 pub const WINDOW: usize = 16;
-
-const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
 
 /// The piece starting a window of text when it is the common word shape, from sixteen bytes
 /// in one go: an optional space, then letters (cl100k), or then `Upper? Lower+` (o200k),
@@ -30,33 +28,37 @@ const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
 /// regex.
 #[inline]
 pub fn word_in_window(pattern: Pattern, w: u128) -> Option<usize> {
-    let lower = ascii_bytes_in(w, b'a', b'z');
-    let upper = ascii_bytes_in(w, b'A', b'Z');
+    let ByteKinds {
+        lower,
+        upper,
+        non_ascii,
+        ..
+    } = ByteKinds::of(w);
     let letters = lower | upper;
     // The space joins the word only if a letter follows it.
-    let start = u32::from(w as u8 == b' ') * 8;
-    if (letters >> start) & 0x80 == 0 {
+    let start = u32::from(w as u8 == b' ');
+    if (letters >> start) & 1 == 0 {
         return None;
     }
-    let from = |bits: u128, at: u32| (bits >> at) << at;
+    let from = |bits: u32, at: u32| (bits >> at) << at;
     let end = match pattern {
-        Pattern::Cl100k => from(!letters & HIGH, start).trailing_zeros(),
+        Pattern::Cl100k => from(!letters, start).trailing_zeros(),
         Pattern::O200k => {
             // One capital at most: a run of capitals is the pattern's other word shape.
-            let first = start + 8 * u32::from(upper & (0x80 << start) != 0);
-            if (lower >> first) & 0x80 == 0 {
+            let first = start + ((upper >> start) & 1);
+            if (lower >> first) & 1 == 0 {
                 return None;
             }
-            let end = from(!lower & HIGH, first).trailing_zeros();
+            let end = from(!lower, first).trailing_zeros();
             // A contraction may follow.
-            if end < 128 && (w >> (end - 7)) as u8 == b'\'' {
+            if end < 16 && (w >> (8 * end)) as u8 == b'\'' {
                 return None;
             }
             end
         }
     };
     // Past the window, or at a non-ASCII byte that may be a letter: the slow path decides.
-    (end < 128 && (w >> end) & 1 == 0).then_some(end as usize / 8)
+    (end < 16 && (non_ascii >> end) & 1 == 0).then_some(end as usize)
 }
 
 /// A byte's class in the patterns; `None` for non-ASCII (the regex must decide).
