@@ -885,9 +885,9 @@ impl Runner<'_> {
     /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
     /// file, when a large file ran as several shards) also kept: the copy with the smallest
     /// (file, line, ordinal) survives, whatever order the shards ran in. Affected parts are
-    /// rewritten, the rows moved to
-    /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
-    /// marker counts them. Safe to repeat after a crash at any point.
+    /// rewritten, the rows moved to `_dropped/<part>-across.parquet` under
+    /// `duplicate_across_files`, and each shard's marker counts them. Safe to repeat after a
+    /// crash at any point.
     async fn drop_duplicates_across_files(
         &self,
         plan: &StagePlan,

@@ -107,14 +107,15 @@ pub fn pieces(pattern: Pattern, text: &str) -> impl Iterator<Item = &str> {
 
 /// Length of the piece at `text[at..]` (not empty): common words from one window, other
 /// ASCII by the hand scanner, and the regex when a non-ASCII character decides. With the
-/// length comes the window the piece was found in, if it was.
+/// length comes the 16-byte window at `at`, unless the text ends within it.
 #[inline]
 fn piece_len(pattern: Pattern, text: &str, at: usize) -> (usize, Option<u128>) {
-    if let Some(window) = text.as_bytes().get(at..at + split::WINDOW) {
-        let window = u128::from_le_bytes(window.try_into().expect("a window's length"));
-        if let Some(n) = split::word_in_window(pattern, window) {
-            return (n, Some(window));
-        }
+    let window = text
+        .as_bytes()
+        .get(at..at + split::WINDOW)
+        .map(|w| u128::from_le_bytes(w.try_into().expect("a window's length")));
+    if let Some(n) = window.and_then(|w| split::word_in_window(pattern, w)) {
+        return (n, window);
     }
     let rest = &text[at..];
     let n = split::ascii_piece(pattern, rest.as_bytes()).unwrap_or_else(|| {
@@ -123,7 +124,7 @@ fn piece_len(pattern: Pattern, text: &str, at: usize) -> (usize, Option<u128>) {
             .next()
             .map_or(rest.len(), str::len)
     });
-    (n, None)
+    (n, window)
 }
 
 /// Pieces up to this many bytes are cached: a slot is the piece's bytes packed in a `u128`,
@@ -159,7 +160,7 @@ impl PieceCache {
     }
 
     /// Tokens in the piece `text[at..at + len]` (1 to 15 bytes), merged by `merge` on a miss;
-    /// `window` holds the text from `at` when the caller has it loaded.
+    /// `window` is the text's 16 bytes from `at`, if it has that many.
     #[inline]
     fn count(
         &mut self,
@@ -170,13 +171,8 @@ impl PieceCache {
         merge: impl FnOnce(&[u8]) -> usize,
     ) -> usize {
         let bytes = window.unwrap_or_else(|| {
-            // Filling a stack array byte-wise and reading it back as a u128 stalled on store
-            // forwarding, so a whole window is loaded where the text has one.
             let mut bytes = [0u8; 16];
-            match text.get(at..at + 16) {
-                Some(window) => bytes.copy_from_slice(window),
-                None => bytes[..len].copy_from_slice(&text[at..at + len]),
-            }
+            bytes[..len].copy_from_slice(&text[at..at + len]);
             u128::from_le_bytes(bytes)
         });
         let key = (bytes & ((1u128 << (8 * len)) - 1)) | ((len as u128) << 120);
@@ -184,26 +180,19 @@ impl PieceCache {
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let set = &mut self.0[(mixed >> (64 - SET_BITS)) as usize].0;
         let without_count = !(0xF << COUNT_SHIFT);
-        let slot = match set.iter().position(|&slot| slot & without_count == key) {
-            Some(way) => {
-                let hit = set[way];
-                for j in (1..=way).rev() {
-                    set[j] = set[j - 1];
-                }
-                set[0] = hit;
-                hit
-            }
+        let (way, slot) = match set.iter().position(|&slot| slot & without_count == key) {
+            Some(way) => (way, set[way]),
             None => {
                 let n = merge(&text[at..at + len]) as u128;
                 debug_assert!(n <= 15, "a piece of at most 15 bytes has at most 15 tokens");
-                let new = key | (n << COUNT_SHIFT);
-                for j in (1..WAYS).rev() {
-                    set[j] = set[j - 1];
-                }
-                set[0] = new;
-                new
+                (WAYS - 1, key | (n << COUNT_SHIFT))
             }
         };
+        // Most recently used first: the hit (or the new piece, over the last) moves to the front.
+        for j in (1..=way).rev() {
+            set[j] = set[j - 1];
+        }
+        set[0] = slot;
         (slot >> COUNT_SHIFT) as usize
     }
 }
