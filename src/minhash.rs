@@ -10,13 +10,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::text;
-
 /// Near-dedup settings (`[prepare.near_dedup]`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NearDedup {
-    /// LSH bands; `bands * rows` hash functions make a signature.
+    /// LSH bands; a signature holds `bands * rows` values.
     pub bands: usize,
     /// Hash values per band.
     pub rows: usize,
@@ -41,78 +39,185 @@ impl Default for NearDedup {
 }
 
 impl NearDedup {
-    /// Hash functions per signature.
+    /// Values per signature (the bins of one-permutation hashing).
     pub fn num_perm(&self) -> usize {
         self.bands * self.rows
     }
 }
 
-const MERSENNE_61: u64 = (1 << 61) - 1;
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e3779b97f4a7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
+/// The FNV-1a offset basis, used to seed band keys.
 const FNV_OFFSET: u64 = 0xcbf29ce484222325;
 
-fn fnv1a_extend(h: u64, bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
-}
-
 fn fnv1a(bytes: &[u8]) -> u64 {
-    fnv1a_extend(FNV_OFFSET, bytes)
-}
-
-/// FNV-1a of the words joined by single spaces, without building the joined string.
-fn shingle_hash(words: &[String]) -> u64 {
-    words.iter().enumerate().fold(FNV_OFFSET, |h, (i, w)| {
-        let h = if i == 0 { h } else { fnv1a_extend(h, b" ") };
-        fnv1a_extend(h, w.as_bytes())
+    bytes.iter().fold(FNV_OFFSET, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
     })
 }
 
-/// The permutations `(a * x + b) mod (2^61 - 1)`, fixed for every run and machine.
-fn permutations(n: usize) -> Vec<(u64, u64)> {
-    let mut state = 0x6261636b666f7274; // "backfort"
+/// Murmur3's 64-bit finaliser: every input bit reaches every output bit, so the bin and the
+/// value taken from one shingle hash are independent.
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51afd7ed558ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ceb9fe1a85ec53);
+    h ^ (h >> 33)
+}
+
+const MIX: u64 = 0x9e3779b97f4a7c15;
+
+/// Hashes one word from its bytes, eight at a time, without a lower-cased copy.
+#[derive(Default)]
+struct WordHash {
+    state: u64,
+    pending: u64,
+    filled: u32,
+    len: u64,
+}
+
+impl WordHash {
+    fn push(&mut self, byte: u8) {
+        self.pending |= (byte as u64) << (8 * self.filled);
+        self.filled += 1;
+        self.len += 1;
+        if self.filled == 8 {
+            self.state = (self.state ^ self.pending)
+                .wrapping_mul(MIX)
+                .rotate_left(31);
+            self.pending = 0;
+            self.filled = 0;
+        }
+    }
+
+    fn push_char(&mut self, c: char) {
+        let mut utf8 = [0; 4];
+        for &b in c.encode_utf8(&mut utf8).as_bytes() {
+            self.push(b);
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.len > 0
+    }
+
+    /// The word's hash; the hasher is ready for the next word.
+    fn finish(&mut self) -> u64 {
+        let h = fmix64(self.state ^ self.pending ^ self.len.rotate_right(8));
+        *self = Self::default();
+        h
+    }
+}
+
+/// Calls `word` with the hash of each word of `text` as [`words`](crate::text::words) cuts them: runs of
+/// letters, digits and inner apostrophes, lower-cased.
+fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
+    let mut hash = WordHash::default();
+    // Apostrophes are held back until a letter follows, so a word's edges never keep one.
+    let mut apostrophes = 0;
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let in_word = if b.is_ascii() {
+            i += 1;
+            if b.is_ascii_alphanumeric() {
+                for _ in 0..apostrophes {
+                    hash.push(b'\'');
+                }
+                apostrophes = 0;
+                hash.push(b.to_ascii_lowercase());
+                true
+            } else if b == b'\'' {
+                apostrophes += usize::from(hash.started());
+                true
+            } else {
+                false
+            }
+        } else {
+            let c = text[i..].chars().next().expect("a char boundary");
+            i += c.len_utf8();
+            if c.is_alphanumeric() {
+                for _ in 0..apostrophes {
+                    hash.push(b'\'');
+                }
+                apostrophes = 0;
+                c.to_lowercase().for_each(|l| hash.push_char(l));
+                true
+            } else {
+                false
+            }
+        };
+        if !in_word && hash.started() {
+            word(hash.finish());
+            apostrophes = 0;
+        }
+    }
+    if hash.started() {
+        word(hash.finish());
+    }
+}
+
+/// The hash of `n` consecutive word hashes, the oldest first (`ring` holds them from `start`).
+fn shingle_hash(ring: &[u64], start: usize) -> u64 {
+    let n = ring.len();
     (0..n)
-        .map(|_| {
-            let a = splitmix64(&mut state) % (MERSENNE_61 - 1) + 1;
-            let b = splitmix64(&mut state) % MERSENNE_61;
-            (a, b)
+        .fold(MIX, |h, j| {
+            (h ^ ring[(start + j) % n])
+                .wrapping_mul(MIX)
+                .rotate_left(27)
         })
-        .collect()
+        .wrapping_add(n as u64)
 }
 
-fn mod_mersenne(x: u128) -> u64 {
-    let folded = (x & MERSENNE_61 as u128) + (x >> 61);
-    let folded = (folded & MERSENNE_61 as u128) + (folded >> 61);
-    (folded as u64) % MERSENNE_61
-}
+/// Bins never filled by a shingle hold this (values are 32-bit).
+const EMPTY: u64 = u64::MAX;
 
-/// The MinHash signature of `text`: for each hash function, the smallest hash over the
-/// text's lower-cased word n-grams (the whole text is one shingle when it is shorter).
+/// The MinHash signature of `text`, one value per bin (`bands * rows` bins), over its
+/// lower-cased word n-grams (the whole text is one shingle when it is shorter).
+///
+/// One-permutation hashing with optimal densification (Shrivastava, ICML 2017): each shingle
+/// is hashed once, its hash picks a bin and the bin keeps the smallest value, so a document
+/// costs one hash per word instead of one per word and bin; two signatures still agree in a
+/// bin with probability equal to the Jaccard similarity of the shingle sets. An empty bin
+/// copies the value of the first filled bin on its own fixed probe sequence, the same for
+/// every document, so equal shingle sets still give equal signatures.
 pub fn signature(text: &str, params: &NearDedup) -> Vec<u32> {
-    let words = text::words(text);
+    let bins = params.num_perm().max(1);
     let n = params.ngram.max(1);
-    let shingles: Vec<u64> = if words.len() <= n {
-        vec![shingle_hash(&words)]
-    } else {
-        words.windows(n).map(shingle_hash).collect()
+    let mut mins = vec![EMPTY; bins];
+    let mut keep = |shingle: u64| {
+        let h = fmix64(shingle);
+        let bin = (((h >> 32) * bins as u64) >> 32) as usize;
+        mins[bin] = mins[bin].min(h & u64::from(u32::MAX));
     };
-    permutations(params.num_perm())
-        .into_iter()
-        .map(|(a, b)| {
-            shingles
-                .iter()
-                .map(|&x| mod_mersenne(a as u128 * x as u128 + b as u128) as u32)
-                .min()
-                .unwrap_or(u32::MAX)
+    let mut ring = vec![0u64; n];
+    let mut seen = 0usize;
+    word_hashes(text, |w| {
+        ring[seen % n] = w;
+        seen += 1;
+        if seen >= n {
+            keep(shingle_hash(&ring, seen % n));
+        }
+    });
+    if seen < n {
+        keep(shingle_hash(&ring[..seen], 0));
+    }
+    densified(&mins)
+}
+
+/// `mins` with each empty bin given the value of a filled one (at least one is filled).
+fn densified(mins: &[u64]) -> Vec<u32> {
+    let bins = mins.len() as u64;
+    mins.iter()
+        .enumerate()
+        .map(|(bin, &value)| {
+            let mut probe = bin as u64;
+            let mut value = value;
+            while value == EMPTY {
+                probe = fmix64(probe.wrapping_add(MIX) ^ ((bin as u64) << 32));
+                value = mins[(((probe >> 32) * bins) >> 32) as usize];
+            }
+            value as u32
         })
         .collect()
 }
@@ -195,4 +300,54 @@ pub fn duplicates(mut docs: Vec<(String, Vec<u32>)>, params: &NearDedup) -> Vec<
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_of(word: &str) -> u64 {
+        let mut hash = WordHash::default();
+        word.bytes().for_each(|b| hash.push(b));
+        hash.finish()
+    }
+
+    #[test]
+    fn words_are_hashed_as_text_words_cuts_them() {
+        let texts = [
+            "The cat's  toys -- 'quoted' words'' and ''leading, 42nd x'y'z '''",
+            "Ünïcode ÉCOLE straße 東京 tower, naïve café; ÅNGSTRÖM İstanbul",
+            "tabs\tand\nnewlines\r\nmixed\u{a0}nbsp 1,000.5 e-mail a@b.c",
+            "",
+            "'''",
+            "a",
+            "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGH abcdefg",
+        ];
+        for text in texts {
+            let mut streamed = Vec::new();
+            word_hashes(text, |h| streamed.push(h));
+            let expected: Vec<u64> = crate::text::words(text)
+                .iter()
+                .map(|w| hash_of(w))
+                .collect();
+            assert_eq!(streamed, expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn every_bin_is_filled_and_equal_texts_agree() {
+        let params = NearDedup::default();
+        for text in ["", "one", "two words", "a b c d e f g h i j k l m n o p"] {
+            let sig = signature(text, &params);
+            assert_eq!(sig.len(), params.num_perm());
+            assert_eq!(sig, signature(&text.to_uppercase(), &params), "{text:?}");
+        }
+        // A long text fills nearly every bin itself: its values are not a few copied ones.
+        let long: String = (0..2000)
+            .map(|i| format!("w{} ", i * 7919 % 10007))
+            .collect();
+        let distinct: std::collections::HashSet<u32> =
+            signature(&long, &params).into_iter().collect();
+        assert!(distinct.len() > 120, "{} distinct values", distinct.len());
+    }
 }

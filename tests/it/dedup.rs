@@ -202,3 +202,48 @@ async fn clusters_are_the_same_whatever_the_shard_order_or_worker_split() {
     b.unwrap();
     assert_eq!(dropped(&split).await, planted.expected);
 }
+
+/// Detection rate and estimate error over many pairs whose exact Jaccard similarity falls in
+/// `band` (edits drawn from `edits`).
+fn rates(seed: u64, edits: std::ops::Range<u64>, band: std::ops::Range<f64>) -> (f64, f64, usize) {
+    let params = NearDedup::default();
+    let mut rng = Rng(seed);
+    let (mut pairs, mut merged, mut error) = (0, 0, 0.0);
+    while pairs < 300 {
+        let base = document(&mut rng, 300);
+        let k = edits.start + rng.below(edits.end - edits.start);
+        let near = edited(&mut rng, &base, k as usize);
+        let exact = jaccard(&base, &near);
+        if !band.contains(&exact) {
+            continue;
+        }
+        let (a, b) = (
+            signature(&base.join(" "), &params),
+            signature(&near.join(" "), &params),
+        );
+        error += (backforth::minhash::estimated_jaccard(&a, &b) - exact).abs();
+        let found = duplicates(vec![("a".into(), a), ("b".into(), b)], &params);
+        merged += usize::from(!found.is_empty());
+        pairs += 1;
+    }
+    (merged as f64 / pairs as f64, error / pairs as f64, pairs)
+}
+
+/// The figures the README quotes for the default 32 x 4 bins and threshold 0.75.
+#[test]
+fn detection_rates_at_known_similarity_match_the_documented_ones() {
+    let (high, high_err, _) = rates(1, 2..4, 0.85..1.0);
+    let (at_08, err_08, _) = rates(2, 5..9, 0.78..0.82);
+    let (at_06, err_06, _) = rates(3, 12..20, 0.57..0.63);
+    eprintln!(
+        "merged: J>=0.85 {high:.3}, J~0.8 {at_08:.3}, J~0.6 {at_06:.3}; \
+         mean |estimate - J|: {high_err:.3}, {err_08:.3}, {err_06:.3}"
+    );
+    assert!(high >= 0.99, "pairs above 0.85 merged {high}");
+    assert!((0.8..=0.99).contains(&at_08), "pairs at 0.8 merged {at_08}");
+    assert!(at_06 <= 0.01, "pairs at 0.6 merged {at_06}");
+    // 128 bins: the estimate's standard error is sqrt(J(1-J)/128), about 0.035 at 0.8.
+    for err in [high_err, err_08, err_06] {
+        assert!(err < 0.04, "mean estimate error {err}");
+    }
+}
