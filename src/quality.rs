@@ -6,7 +6,7 @@
 //! Thresholds follow the usual web-text heuristics (Gopher's and C4's) but none is on unless
 //! the job asks, so the paper pipelines stay as published.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -50,47 +50,42 @@ pub enum Boilerplate {
     Count,
 }
 
-static BOILERPLATE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?ix)
-        \b(we|this\ (web)?site)\ uses?\ cookies\b | \baccept\ (all\ )?cookies\b | \bcookie\ (policy|settings|preferences)\b
-        | \ball\ rights\ reserved\b | ^\s*(copyright|©|\(c\))\s | \bprivacy\ policy\b.*\bterms\b | \bterms\ of\ (use|service)\b.*\bprivacy\b
-        | ^\s*skip\ to\ (main\ )?content\s*$ | ^\s*(share\ (this|on)|follow\ us\ on)\b | \bsubscribe\ to\ our\ newsletter\b
-        | ^\s*(sign\ in|log\ in|register)\s*(\||/|$) | ^\s*(home|about(\ us)?|contact(\ us)?|blog|shop|faq)\s*(\||»|›|/|·)\s*\S
-        ",
-    )
-    .expect("valid regex")
+/// Page furniture, one alternative per kind; `^` and `$` are a line's ends.
+const BOILERPLATE_PATTERN: &str = r"
+    \b(we|this\ (web)?site)\ uses?\ cookies\b | \baccept\ (all\ )?cookies\b | \bcookie\ (policy|settings|preferences)\b
+    | \ball\ rights\ reserved\b | ^\s*(copyright|©|\(c\))\s | \bprivacy\ policy\b.*\bterms\b | \bterms\ of\ (use|service)\b.*\bprivacy\b
+    | ^\s*skip\ to\ (main\ )?content\s*$ | ^\s*(share\ (this|on)|follow\ us\ on)\b | \bsubscribe\ to\ our\ newsletter\b
+    | ^\s*(sign\ in|log\ in|register)\s*(\||/|$) | ^\s*(home|about(\ us)?|contact(\ us)?|blog|shop|faq)\s*(\||»|›|/|·)\s*\S
+";
+
+static BOILERPLATE_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!("(?ix){BOILERPLATE_PATTERN}")).expect("valid regex")
+});
+
+/// The same pattern over a whole document, `^`/`$` at every line: whatever a line matches,
+/// the document matches too, so one scan clears the documents without boilerplate (most).
+static BOILERPLATE_ANYWHERE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!("(?imx){BOILERPLATE_PATTERN}")).expect("valid regex")
 });
 
 /// Whether a line is page furniture: a cookie notice, a copyright or legal footer, a
 /// share/follow/subscribe prompt, or a navigation menu (`Home | About | Contact`).
 pub fn is_boilerplate(line: &str) -> bool {
-    BOILERPLATE.is_match(line)
+    BOILERPLATE_LINE.is_match(line)
 }
 
-/// The document without its boilerplate lines (when `strip`) and how many there were.
-pub fn clean_document(text: &str, strip: bool) -> (String, usize) {
-    if !strip {
-        return (
-            text.to_string(),
-            text.lines().filter(|l| is_boilerplate(l)).count(),
-        );
+/// The document without its boilerplate lines (when `strip`) and how many there were; the
+/// document itself, not a copy, when nothing is removed.
+pub fn clean_document(text: &str, strip: bool) -> (Cow<'_, str>, usize) {
+    if !BOILERPLATE_ANYWHERE.is_match(text) {
+        return (Cow::Borrowed(text), 0);
     }
-    let mut count = 0;
-    let mut kept = Vec::new();
-    for line in text.lines() {
-        if is_boilerplate(line) {
-            count += 1;
-            if strip {
-                continue;
-            }
-        }
-        kept.push(line);
-    }
+    let count = text.lines().filter(|l| is_boilerplate(l)).count();
     if !strip || count == 0 {
-        return (text.to_string(), count);
+        return (Cow::Borrowed(text), count);
     }
-    (kept.join("\n"), count)
+    let kept: Vec<&str> = text.lines().filter(|l| !is_boilerplate(l)).collect();
+    (Cow::Owned(kept.join("\n")), count)
 }
 
 /// Two-letter codes for the languages people name most; three-letter codes pass as they are.
@@ -135,19 +130,25 @@ const DETECTION_CONFIDENCE: f64 = 0.5;
 /// The language of a document: `lang`/`language` in its JSON metadata, else detected when
 /// the detector is sure (short or mixed texts are not judged: `None`).
 pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
-    let from_metadata = metadata
-        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
-        .and_then(|m| {
-            ["lang", "language"]
-                .iter()
-                .find_map(|k| m.get(k).and_then(|v| v.as_str()).map(str::to_string))
-        });
-    match from_metadata {
-        Some(code) => Some(iso3(&code)),
-        None => whatlang::detect(text)
-            .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
-            .map(|info| info.lang().code().to_string()),
+    /// Only the two keys are read; the rest of the metadata (URLs, line ids) is skipped
+    /// without building a tree.
+    #[derive(Deserialize)]
+    struct Keys {
+        lang: Option<serde_json::Value>,
+        language: Option<serde_json::Value>,
     }
+    let from_metadata = metadata
+        .and_then(|m| serde_json::from_str::<Keys>(m).ok())
+        .and_then(|keys| {
+            [keys.lang, keys.language]
+                .into_iter()
+                .find_map(|v| v.as_ref().and_then(|v| v.as_str()).map(iso3))
+        });
+    from_metadata.or_else(|| {
+        whatlang::detect(text)
+            .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
+            .map(|info| info.lang().code().to_string())
+    })
 }
 
 fn share(part: usize, whole: usize) -> f64 {
@@ -158,16 +159,101 @@ fn share(part: usize, whole: usize) -> f64 {
     }
 }
 
+/// Counts over a text's whitespace-separated words, taken in one pass without a list of them.
+#[derive(Debug, Default, PartialEq)]
+struct WordStats {
+    words: usize,
+    /// Words without a letter.
+    without_letter: usize,
+    /// `#` signs, `...` (each three dots of a run) and `…`.
+    symbols: usize,
+}
+
+impl WordStats {
+    fn of(text: &str) -> Self {
+        let mut stats = Self::default();
+        let (mut in_word, mut has_letter, mut dots) = (false, false, 0);
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            let (space, letter) = if b.is_ascii() {
+                i += 1;
+                stats.symbols += usize::from(b == b'#');
+                if b == b'.' {
+                    dots += 1;
+                } else {
+                    stats.symbols += dots / 3;
+                    dots = 0;
+                }
+                // `char::is_whitespace` on ASCII: space, \t \n \x0B \x0C \r.
+                (matches!(b, b' ' | b'\t'..=b'\r'), b.is_ascii_alphabetic())
+            } else {
+                let c = text[i..].chars().next().expect("a char boundary");
+                i += c.len_utf8();
+                stats.symbols += dots / 3 + usize::from(c == '…');
+                dots = 0;
+                (c.is_whitespace(), c.is_alphabetic())
+            };
+            if space {
+                if in_word {
+                    stats.without_letter += usize::from(!has_letter);
+                }
+                in_word = false;
+            } else {
+                if !in_word {
+                    stats.words += 1;
+                    has_letter = false;
+                }
+                in_word = true;
+                has_letter |= letter;
+            }
+        }
+        if in_word {
+            stats.without_letter += usize::from(!has_letter);
+        }
+        stats.symbols += dots / 3;
+        stats
+    }
+}
+
+/// The share of non-empty trimmed `items` that repeat an earlier one.
 fn repeated_share<'a>(items: impl Iterator<Item = &'a str>) -> f64 {
-    let mut seen = HashSet::new();
+    let mut seen = rustc_hash::FxHashSet::default();
     let (mut total, mut repeated) = (0, 0);
     for item in items.map(str::trim).filter(|i| !i.is_empty()) {
         total += 1;
-        if !seen.insert(item) {
-            repeated += 1;
-        }
+        repeated += usize::from(!seen.insert(item));
     }
     share(repeated, total)
+}
+
+/// The text cut at blank-line separators (`\n\n`), as `str::split("\n\n")` cuts it.
+fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match memchr::memmem::find(current.as_bytes(), b"\n\n") {
+            Some(at) => {
+                rest = Some(&current[at + 2..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
+/// The share of non-empty trimmed lines that end in sentence punctuation or a closing quote.
+fn punctuated_share(text: &str) -> f64 {
+    let (mut lines, mut ended) = (0, 0);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        lines += 1;
+        ended += usize::from(line.ends_with(['.', '!', '?', '"', '\'', '”', '’']));
+    }
+    share(ended, lines)
 }
 
 impl QualityRules {
@@ -180,47 +266,33 @@ impl QualityRules {
         {
             return Some("wrong_language");
         }
-        let word_rules = self.min_words.is_some()
+        // Most jobs set no word rule: no need to scan every candidate's words.
+        if self.min_words.is_some()
             || self.max_symbol_ratio.is_some()
-            || self.max_non_alpha_words.is_some();
-        // Most jobs set no word rule: no need to split every candidate.
-        let words: Vec<&str> = if word_rules {
-            text.split_whitespace().collect()
-        } else {
-            Vec::new()
-        };
-        if self.min_words.is_some_and(|min| words.len() < min) {
-            return Some("too_few_words");
-        }
-        if let Some(max) = self.max_symbol_ratio {
-            let symbols =
-                text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
-            if share(symbols, words.len()) > max {
+            || self.max_non_alpha_words.is_some()
+        {
+            let words = WordStats::of(text);
+            if self.min_words.is_some_and(|min| words.words < min) {
+                return Some("too_few_words");
+            }
+            if self
+                .max_symbol_ratio
+                .is_some_and(|max| share(words.symbols, words.words) > max)
+            {
                 return Some("symbols");
             }
-        }
-        if let Some(max) = self.max_non_alpha_words {
-            let non_alpha = words
-                .iter()
-                .filter(|w| !w.chars().any(char::is_alphabetic))
-                .count();
-            if share(non_alpha, words.len()) > max {
+            if self
+                .max_non_alpha_words
+                .is_some_and(|max| share(words.without_letter, words.words) > max)
+            {
                 return Some("non_alpha_words");
             }
         }
-        if let Some(min) = self.min_punctuated_lines {
-            let lines: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            let ended = lines
-                .iter()
-                .filter(|l| l.ends_with(['.', '!', '?', '"', '\'', '”', '’']))
-                .count();
-            if share(ended, lines.len()) < min {
-                return Some("few_punctuated_lines");
-            }
+        if self
+            .min_punctuated_lines
+            .is_some_and(|min| punctuated_share(text) < min)
+        {
+            return Some("few_punctuated_lines");
         }
         if self
             .max_repeated_lines
@@ -230,10 +302,62 @@ impl QualityRules {
         }
         if self
             .max_repeated_paragraphs
-            .is_some_and(|max| repeated_share(text.split("\n\n")) > max)
+            .is_some_and(|max| repeated_share(paragraphs(text)) > max)
         {
             return Some("repeated_paragraphs");
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Texts built from the characters the counts turn on: whitespace of every kind, dots,
+    /// `#`, ellipses, letters and digits in and out of ASCII, blank lines.
+    fn fuzzed(seed: u64) -> Vec<String> {
+        let pieces = [
+            " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\u{a0}", "\u{85}", "\u{2003}",
+            ".", "..", "...", "#", "…", "a", "Tea", "42", "ß", "東京", "-", "'", "é", "½", "!",
+        ];
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..400)
+            .map(|_| {
+                let len = rng.usize(..40);
+                (0..len)
+                    .map(|_| pieces[rng.usize(..pieces.len())])
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn word_stats_match_splitting_on_whitespace() {
+        for text in fuzzed(0x9e37) {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let expected = WordStats {
+                words: words.len(),
+                without_letter: words
+                    .iter()
+                    .filter(|w| !w.chars().any(char::is_alphabetic))
+                    .count(),
+                symbols: text.matches('#').count()
+                    + text.matches("...").count()
+                    + text.matches('…').count(),
+            };
+            assert_eq!(WordStats::of(&text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn paragraphs_are_cut_as_split_cuts_them() {
+        for text in fuzzed(0x5eed)
+            .into_iter()
+            .chain(["\n\n\n".into(), "".into()])
+        {
+            let expected: Vec<&str> = text.split("\n\n").collect();
+            assert_eq!(paragraphs(&text).collect::<Vec<_>>(), expected, "{text:?}");
+        }
     }
 }

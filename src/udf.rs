@@ -5,6 +5,7 @@
 //! prepare helpers are plain scalar UDFs, so thresholds and parsers can be re-run on stored raw
 //! outputs without calling an LLM again.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -961,22 +962,28 @@ impl ScalarUDFImpl for Prepare {
                     ),
                     Some(mode) => {
                         let strip = mode == crate::quality::Boilerplate::Strip;
-                        let mut text = StringBuilder::new();
-                        let mut lines = Int64Builder::with_capacity(n);
-                        for i in 0..n {
-                            match get(0, i) {
-                                Some(t) => {
-                                    let (cleaned, count) = crate::quality::clean_document(t, strip);
-                                    text.append_value(cleaned);
-                                    lines.append_value(count as i64);
-                                }
-                                None => {
-                                    text.append_null();
-                                    lines.append_null();
-                                }
+                        let cleaned: Vec<Option<(Cow<str>, usize)>> = (0..n)
+                            .map(|i| get(0, i).map(|t| crate::quality::clean_document(t, strip)))
+                            .collect();
+                        let lines: Int64Array = cleaned
+                            .iter()
+                            .map(|c| c.as_ref().map(|(_, count)| *count as i64))
+                            .collect();
+                        let changed = cleaned
+                            .iter()
+                            .any(|c| matches!(c, Some((Cow::Owned(_), _))));
+                        let text: ArrayRef = if changed {
+                            let bytes = cleaned.iter().flatten().map(|(t, _)| t.len()).sum();
+                            let mut text = StringBuilder::with_capacity(n, bytes);
+                            for c in &cleaned {
+                                text.append_option(c.as_ref().map(|(t, _)| t));
                             }
-                        }
-                        (Arc::new(text.finish()), Arc::new(lines.finish()))
+                            Arc::new(text.finish())
+                        } else {
+                            // Nothing stripped in this batch: the documents' own buffers.
+                            Arc::new(cols[0].clone())
+                        };
+                        (text, Arc::new(lines))
                     }
                 };
                 let DataType::Struct(fields) = Self::clean_type() else {

@@ -101,18 +101,22 @@ fn each_rule_drops_its_document_and_keeps_a_good_one() {
     assert_eq!(language(GOOD, None).as_deref(), Some("eng"));
 }
 
+const BOILERPLATE: [&str; 10] = [
+    "We use cookies to improve your experience. Accept all cookies",
+    "© 2024 Example Ltd. All rights reserved.",
+    "Copyright 2023 Example Inc",
+    "Privacy Policy | Terms of Use",
+    "Skip to content",
+    "Home | About | Contact | Blog",
+    "Share on Facebook",
+    "Subscribe to our newsletter for weekly tips",
+    "Sign in",
+    "  Log in | Register",
+];
+
 #[test]
 fn boilerplate_lines_are_found_and_stripped_or_counted() {
-    for line in [
-        "We use cookies to improve your experience. Accept all cookies",
-        "© 2024 Example Ltd. All rights reserved.",
-        "Copyright 2023 Example Inc",
-        "Privacy Policy | Terms of Use",
-        "Skip to content",
-        "Home | About | Contact | Blog",
-        "Share on Facebook",
-        "Subscribe to our newsletter for weekly tips",
-    ] {
+    for line in BOILERPLATE {
         assert!(is_boilerplate(line), "{line}");
     }
     for line in [
@@ -125,9 +129,20 @@ fn boilerplate_lines_are_found_and_stripped_or_counted() {
     let page = "Skip to content\nHow to brew tea\nBoil the water.\n© 2024 Example Ltd. All rights reserved.";
     assert_eq!(
         clean_document(page, true),
-        ("How to brew tea\nBoil the water.".to_string(), 2)
+        ("How to brew tea\nBoil the water.".into(), 2)
     );
-    assert_eq!(clean_document(page, false), (page.to_string(), 2));
+    assert_eq!(clean_document(page, false), (page.into(), 2));
+    // Each kind of line is found inside a document too, after CRLF lines and before others.
+    for line in BOILERPLATE {
+        let page = format!("How to brew tea\r\nBoil the water.\r\n{line}\r\nPour it.");
+        assert_eq!(
+            clean_document(&page, true),
+            ("How to brew tea\nBoil the water.\nPour it.".into(), 1),
+            "{line}"
+        );
+    }
+    let clean = "The cookies were baked.\nHome brewing needs patience.";
+    assert_eq!(clean_document(clean, true), (clean.into(), 0));
 }
 
 #[test]
