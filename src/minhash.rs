@@ -89,6 +89,27 @@ impl WordHash {
         }
     }
 
+    /// ASCII letters and digits, lower-cased (`| 0x20` leaves digits as they are), eight
+    /// bytes to one mixing step once the pending bytes are aligned.
+    fn push_ascii_alphanumeric(&mut self, mut run: &[u8]) {
+        while self.filled != 0 && !run.is_empty() {
+            self.push(run[0] | 0x20);
+            run = &run[1..];
+        }
+        let mut chunks = run.chunks_exact(8);
+        for chunk in &mut chunks {
+            let eight =
+                u64::from_le_bytes(chunk.try_into().expect("eight bytes")) | 0x2020_2020_2020_2020;
+            self.state = (self.state ^ eight).wrapping_mul(MIX).rotate_left(31);
+            self.len += 8;
+        }
+        chunks.remainder().iter().for_each(|&b| self.push(b | 0x20));
+    }
+
+    fn push_apostrophes(&mut self, count: usize) {
+        (0..count).for_each(|_| self.push(b'\''));
+    }
+
     fn push_char(&mut self, c: char) {
         let mut utf8 = [0; 4];
         for &b in c.encode_utf8(&mut utf8).as_bytes() {
@@ -118,34 +139,31 @@ fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        let in_word = if b.is_ascii() {
+        let in_word = if b.is_ascii_alphanumeric() {
+            let run = bytes[i..]
+                .iter()
+                .position(|b| !b.is_ascii_alphanumeric())
+                .unwrap_or(bytes.len() - i);
+            hash.push_apostrophes(std::mem::take(&mut apostrophes));
+            hash.push_ascii_alphanumeric(&bytes[i..i + run]);
+            i += run;
+            true
+        } else if b == b'\'' {
             i += 1;
-            if b.is_ascii_alphanumeric() {
-                for _ in 0..apostrophes {
-                    hash.push(b'\'');
-                }
-                apostrophes = 0;
-                hash.push(b.to_ascii_lowercase());
-                true
-            } else if b == b'\'' {
-                apostrophes += usize::from(hash.started());
-                true
-            } else {
-                false
-            }
+            apostrophes += usize::from(hash.started());
+            true
+        } else if b.is_ascii() {
+            i += 1;
+            false
         } else {
             let c = text[i..].chars().next().expect("a char boundary");
             i += c.len_utf8();
-            if c.is_alphanumeric() {
-                for _ in 0..apostrophes {
-                    hash.push(b'\'');
-                }
-                apostrophes = 0;
+            let alphanumeric = c.is_alphanumeric();
+            if alphanumeric {
+                hash.push_apostrophes(std::mem::take(&mut apostrophes));
                 c.to_lowercase().for_each(|l| hash.push_char(l));
-                true
-            } else {
-                false
             }
+            alphanumeric
         };
         if !in_word && hash.started() {
             word(hash.finish());
@@ -157,16 +175,49 @@ fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     }
 }
 
-/// The hash of `n` consecutive word hashes, the oldest first (`ring` holds them from `start`).
-fn shingle_hash(ring: &[u64], start: usize) -> u64 {
-    let n = ring.len();
-    (0..n)
-        .fold(MIX, |h, j| {
-            (h ^ ring[(start + j) % n])
-                .wrapping_mul(MIX)
-                .rotate_left(27)
-        })
-        .wrapping_add(n as u64)
+/// The hash of the last `n` words, updated word by word: the polynomial
+/// `w[0]·B^(n-1) + … + w[n-1]` (wrapping), so a word enters and the oldest leaves in O(1).
+struct Shingles {
+    /// The last `n` word hashes; `next` is the oldest once `seen >= n`.
+    window: Vec<u64>,
+    next: usize,
+    seen: usize,
+    hash: u64,
+    /// `B^n`, what the oldest word's term is multiplied by when it leaves.
+    leaving: u64,
+}
+
+/// The polynomial's base (odd, so multiplying by it loses no bits).
+const BASE: u64 = 0xd6e8feb86659fd93;
+
+impl Shingles {
+    fn new(n: usize) -> Self {
+        Self {
+            window: vec![0; n],
+            next: 0,
+            seen: 0,
+            hash: 0,
+            leaving: (0..n).fold(1, |p: u64, _| p.wrapping_mul(BASE)),
+        }
+    }
+
+    /// Adds a word; the hash of the `n`-gram it completes, if it completes one.
+    fn push(&mut self, word: u64) -> Option<u64> {
+        let n = self.window.len();
+        let oldest = std::mem::replace(&mut self.window[self.next], word);
+        self.next = if self.next + 1 == n { 0 } else { self.next + 1 };
+        self.seen += 1;
+        self.hash = self.hash.wrapping_mul(BASE).wrapping_add(word);
+        if self.seen > n {
+            self.hash = self.hash.wrapping_sub(oldest.wrapping_mul(self.leaving));
+        }
+        (self.seen >= n).then_some(self.hash)
+    }
+
+    /// The one shingle of a text shorter than `n` words: all of them.
+    fn short_text(&self) -> Option<u64> {
+        (self.seen < self.window.len()).then_some(self.hash ^ self.seen as u64)
+    }
 }
 
 /// Bins never filled by a shingle hold this (values are 32-bit).
@@ -190,17 +241,14 @@ pub fn signature(text: &str, params: &NearDedup) -> Vec<u32> {
         let bin = (((h >> 32) * bins as u64) >> 32) as usize;
         mins[bin] = mins[bin].min(h & u64::from(u32::MAX));
     };
-    let mut ring = vec![0u64; n];
-    let mut seen = 0usize;
+    let mut shingles = Shingles::new(n);
     word_hashes(text, |w| {
-        ring[seen % n] = w;
-        seen += 1;
-        if seen >= n {
-            keep(shingle_hash(&ring, seen % n));
+        if let Some(shingle) = shingles.push(w) {
+            keep(shingle);
         }
     });
-    if seen < n {
-        keep(shingle_hash(&ring[..seen], 0));
+    if let Some(all) = shingles.short_text() {
+        keep(all);
     }
     densified(&mins)
 }
@@ -322,6 +370,8 @@ mod tests {
             "'''",
             "a",
             "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGH abcdefg",
+            // Runs of ASCII that start after other bytes of their word, off the 8-byte grid.
+            "x'ABCDEFGHIJKLMNOPQRS éabcdefghijklmnopq Don'tStopBelievingNow",
         ];
         for text in texts {
             let mut streamed = Vec::new();
@@ -332,6 +382,27 @@ mod tests {
                 .collect();
             assert_eq!(streamed, expected, "{text:?}");
         }
+    }
+
+    #[test]
+    fn rolling_shingle_hashes_equal_hashes_of_each_window() {
+        let words: Vec<u64> = (1..=40u64).map(|i| fmix64(i * 0x1234_5678)).collect();
+        for n in 1..=7 {
+            let mut shingles = Shingles::new(n);
+            for (at, &w) in words.iter().enumerate() {
+                let direct = (at + 1 >= n).then(|| {
+                    words[at + 1 - n..=at]
+                        .iter()
+                        .fold(0u64, |h, &w| h.wrapping_mul(BASE).wrapping_add(w))
+                });
+                assert_eq!(shingles.push(w), direct, "n {n}, word {at}");
+            }
+            assert_eq!(shingles.short_text(), None);
+        }
+        let mut short = Shingles::new(5);
+        short.push(words[0]);
+        short.push(words[1]);
+        assert!(short.short_text().is_some());
     }
 
     #[test]

@@ -58,15 +58,13 @@ const BOILERPLATE_PATTERN: &str = r"
     | ^\s*(sign\ in|log\ in|register)\s*(\||/|$) | ^\s*(home|about(\ us)?|contact(\ us)?|blog|shop|faq)\s*(\||»|›|/|·)\s*\S
 ";
 
-static BOILERPLATE_LINE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!("(?ix){BOILERPLATE_PATTERN}")).expect("valid regex")
-});
+static BOILERPLATE_LINE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!("(?ix){BOILERPLATE_PATTERN}")).expect("valid regex"));
 
 /// The same pattern over a whole document, `^`/`$` at every line: whatever a line matches,
 /// the document matches too, so one scan clears the documents without boilerplate (most).
-static BOILERPLATE_ANYWHERE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!("(?imx){BOILERPLATE_PATTERN}")).expect("valid regex")
-});
+static BOILERPLATE_ANYWHERE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!("(?imx){BOILERPLATE_PATTERN}")).expect("valid regex"));
 
 /// Whether a line is page furniture: a cookie notice, a copyright or legal footer, a
 /// share/follow/subscribe prompt, or a navigation menu (`Home | About | Contact`).
@@ -169,36 +167,67 @@ struct WordStats {
     symbols: usize,
 }
 
+/// What [`WordStats`] needs to know of an ASCII byte, one bit each.
+const SPACE: u8 = 1;
+const LETTER: u8 = 2;
+const HASH: u8 = 4;
+const DOT: u8 = 8;
+const NON_ASCII: u8 = 16;
+
+/// The classes of every byte: `char::is_whitespace` and `is_alphabetic` restricted to ASCII,
+/// and the bytes that need a look beyond themselves (dots come in runs, other bytes start
+/// multi-byte characters).
+static CLASS: [u8; 256] = {
+    let mut class = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        class[b] = if !byte.is_ascii() {
+            NON_ASCII
+        } else if matches!(byte, b' ' | b'\t'..=b'\r') {
+            SPACE
+        } else if byte.is_ascii_alphabetic() {
+            LETTER
+        } else if byte == b'#' {
+            HASH
+        } else if byte == b'.' {
+            DOT
+        } else {
+            0
+        };
+        b += 1;
+    }
+    class
+};
+
 impl WordStats {
     fn of(text: &str) -> Self {
-        let mut stats = Self::default();
-        let (mut in_word, mut has_letter, mut dots) = (false, false, 0);
         let bytes = text.as_bytes();
+        let mut stats = Self::default();
+        let (mut in_word, mut has_letter) = (false, false);
         let mut i = 0;
         while i < bytes.len() {
-            let b = bytes[i];
-            let (space, letter) = if b.is_ascii() {
+            let class = CLASS[bytes[i] as usize];
+            let (space, letter) = if class & (SPACE | DOT | NON_ASCII) == 0 {
                 i += 1;
-                stats.symbols += usize::from(b == b'#');
-                if b == b'.' {
-                    dots += 1;
-                } else {
-                    stats.symbols += dots / 3;
-                    dots = 0;
-                }
-                // `char::is_whitespace` on ASCII: space, \t \n \x0B \x0C \r.
-                (matches!(b, b' ' | b'\t'..=b'\r'), b.is_ascii_alphabetic())
+                stats.symbols += usize::from(class == HASH);
+                (false, class == LETTER)
+            } else if class == SPACE {
+                i += 1;
+                (true, false)
+            } else if class == DOT {
+                let run = bytes[i..].iter().take_while(|&&b| b == b'.').count();
+                i += run;
+                stats.symbols += run / 3;
+                (false, false)
             } else {
                 let c = text[i..].chars().next().expect("a char boundary");
                 i += c.len_utf8();
-                stats.symbols += dots / 3 + usize::from(c == '…');
-                dots = 0;
+                stats.symbols += usize::from(c == '…');
                 (c.is_whitespace(), c.is_alphabetic())
             };
             if space {
-                if in_word {
-                    stats.without_letter += usize::from(!has_letter);
-                }
+                stats.without_letter += usize::from(in_word && !has_letter);
                 in_word = false;
             } else {
                 if !in_word {
@@ -209,10 +238,7 @@ impl WordStats {
                 has_letter |= letter;
             }
         }
-        if in_word {
-            stats.without_letter += usize::from(!has_letter);
-        }
-        stats.symbols += dots / 3;
+        stats.without_letter += usize::from(in_word && !has_letter);
         stats
     }
 }
