@@ -6,8 +6,6 @@
 //! input stage (a `minhash` column), then every worker reads all signatures and computes the
 //! same clusters, since nothing depends on shard order (documents are taken in id order).
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
 /// Near-dedup settings (`[prepare.near_dedup]`).
@@ -289,6 +287,56 @@ pub struct Duplicate {
     pub similarity: f64,
 }
 
+/// The signatures of many documents, stored flat: two allocations, not two per document.
+#[derive(Debug, Default)]
+pub struct Signatures {
+    width: usize,
+    ids: String,
+    id_ends: Vec<usize>,
+    values: Vec<u32>,
+}
+
+impl Signatures {
+    /// An empty set for signatures of `width` values (`bands * rows`).
+    pub fn new(width: usize) -> Self {
+        Self {
+            width,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a document; false (and nothing added) when its signature is not `width` long,
+    /// as when it was computed with other near-dedup settings.
+    pub fn push(&mut self, id: &str, signature: &[u32]) -> bool {
+        if signature.len() != self.width {
+            return false;
+        }
+        self.ids.push_str(id);
+        self.id_ends.push(self.ids.len());
+        self.values.extend_from_slice(signature);
+        true
+    }
+
+    /// Documents added.
+    pub fn len(&self) -> usize {
+        self.id_ends.len()
+    }
+
+    /// Whether none were added.
+    pub fn is_empty(&self) -> bool {
+        self.id_ends.is_empty()
+    }
+
+    fn id(&self, doc: usize) -> &str {
+        let start = if doc == 0 { 0 } else { self.id_ends[doc - 1] };
+        &self.ids[start..self.id_ends[doc]]
+    }
+
+    fn signature(&self, doc: usize) -> &[u32] {
+        &self.values[doc * self.width..(doc + 1) * self.width]
+    }
+}
+
 fn find(parent: &mut [usize], mut i: usize) -> usize {
     while parent[i] != i {
         parent[i] = parent[parent[i]];
@@ -301,49 +349,89 @@ fn find(parent: &mut [usize], mut i: usize) -> usize {
 /// for chains of edits, bounded so a bucket of thousands of copies stays linear.
 const BUCKET_PROBES: usize = 8;
 
-/// Clusters of near-duplicates among `docs` (id, signature); every document but the
-/// smallest id of its cluster is returned. The result does not depend on the input order.
-pub fn duplicates(mut docs: Vec<(String, Vec<u32>)>, params: &NearDedup) -> Vec<Duplicate> {
-    docs.sort_by(|a, b| a.0.cmp(&b.0));
-    docs.dedup_by(|a, b| a.0 == b.0);
-    let mut parent: Vec<usize> = (0..docs.len()).collect();
-    let mut matched: Vec<f64> = vec![0.0; docs.len()];
+/// A matched pair (ranks in id order) and its estimated similarity.
+type Edge = (usize, usize, f64);
+
+/// The pairs band `band` finds: documents (`docs`, in id order) whose values in the band
+/// are equal form a bucket, and each member is compared with the first few before it until
+/// one reaches the threshold.
+fn band_edges(sigs: &Signatures, docs: &[usize], band: usize, params: &NearDedup) -> Vec<Edge> {
     let rows = params.rows.max(1);
-    for band in 0..params.bands {
-        let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
-        for (i, (_, sig)) in docs.iter().enumerate() {
-            let Some(values) = sig.get(band * rows..(band + 1) * rows) else {
-                continue;
-            };
-            let key = values.iter().fold(fnv1a(&band.to_le_bytes()), |h, v| {
-                (h ^ *v as u64).wrapping_mul(0x100000001b3)
-            });
-            let bucket = buckets.entry(key).or_default();
-            for &j in bucket.iter().take(BUCKET_PROBES) {
-                let sim = estimated_jaccard(sig, &docs[j].1);
+    let values = band * rows..(band + 1) * rows;
+    let seed = fnv1a(&band.to_le_bytes());
+    let mut keys: Vec<(u64, usize)> = docs
+        .iter()
+        .enumerate()
+        .map(|(rank, &doc)| {
+            let key = sigs.signature(doc)[values.clone()]
+                .iter()
+                .fold(seed, |h, v| (h ^ *v as u64).wrapping_mul(0x100000001b3));
+            (key, rank)
+        })
+        .collect();
+    // Sorted by key, then rank: each bucket's members in id order, as if inserted in turn.
+    keys.sort_unstable();
+    let mut edges = Vec::new();
+    for bucket in keys.chunk_by(|a, b| a.0 == b.0) {
+        for (at, &(_, i)) in bucket.iter().enumerate().skip(1) {
+            let sig = sigs.signature(docs[i]);
+            for &(_, j) in &bucket[..at.min(BUCKET_PROBES)] {
+                let sim = estimated_jaccard(sig, sigs.signature(docs[j]));
                 if sim >= params.threshold {
-                    let (ri, rj) = (find(&mut parent, i), find(&mut parent, j));
-                    if ri != rj {
-                        // The smaller index (smaller id) is the root, so it is the one kept.
-                        let (low, high) = (ri.min(rj), ri.max(rj));
-                        parent[high] = low;
-                    }
-                    matched[i] = matched[i].max(sim);
-                    matched[j] = matched[j].max(sim);
+                    edges.push((i, j, sim));
                     break;
                 }
             }
-            if bucket.len() < BUCKET_PROBES {
-                bucket.push(i);
-            }
         }
+    }
+    edges
+}
+
+/// Clusters of near-duplicates among `sigs`; every document but the smallest id of its
+/// cluster is returned. The result does not depend on the order documents were added (of
+/// equal ids the first added is used). Bands are searched on all cores.
+pub fn duplicates(sigs: &Signatures, params: &NearDedup) -> Vec<Duplicate> {
+    let mut docs: Vec<usize> = (0..sigs.len()).collect();
+    docs.sort_by(|&a, &b| sigs.id(a).cmp(sigs.id(b)));
+    docs.dedup_by(|a, b| sigs.id(*a) == sigs.id(*b));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, params.bands.max(1));
+    let edges: Vec<Edge> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let docs = &docs;
+                scope.spawn(move || {
+                    (t..params.bands)
+                        .step_by(threads)
+                        .flat_map(|band| band_edges(sigs, docs, band, params))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a band worker does not panic"))
+            .collect()
+    });
+    // Components do not depend on the order edges are joined in; the smaller rank (the
+    // smaller id) becomes the root, so it is the one kept.
+    let mut parent: Vec<usize> = (0..docs.len()).collect();
+    let mut matched = vec![0.0f64; docs.len()];
+    for (i, j, sim) in edges {
+        let (ri, rj) = (find(&mut parent, i), find(&mut parent, j));
+        if ri != rj {
+            parent[ri.max(rj)] = ri.min(rj);
+        }
+        matched[i] = matched[i].max(sim);
+        matched[j] = matched[j].max(sim);
     }
     (0..docs.len())
         .filter_map(|i| {
             let root = find(&mut parent, i);
             (root != i).then(|| Duplicate {
-                id: docs[i].0.clone(),
-                kept_id: docs[root].0.clone(),
+                id: sigs.id(docs[i]).to_string(),
+                kept_id: sigs.id(docs[root]).to_string(),
                 similarity: matched[i],
             })
         })

@@ -20,6 +20,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::parquet::arrow::AsyncArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::schema::types::ColumnPath;
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -1140,26 +1141,38 @@ impl Runner<'_> {
                 plan.name
             );
         }
-        let batches = ctx
+        let params = self.job.prepare.near_dedup.unwrap_or_default();
+        let mut stream = ctx
             .sql(&format!(
                 "SELECT id, minhash FROM {from} WHERE minhash IS NOT NULL"
             ))
             .await?
-            .collect()
+            .execute_stream()
             .await?;
-        let mut docs = Vec::new();
-        for batch in &batches {
+        let mut sigs = crate::minhash::Signatures::new(params.num_perm());
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
             let ids = cast(batch.column(0), &DataType::Utf8)?;
             let ids = ids.as_string::<i32>();
-            let sigs = batch.column(1).as_list::<i32>();
-            for r in 0..batch.num_rows() {
-                let sig = sigs.value(r);
-                let sig = sig.as_primitive::<datafusion::arrow::datatypes::UInt32Type>();
-                docs.push((ids.value(r).to_string(), sig.values().to_vec()));
+            let lists = batch.column(1).as_list::<i32>();
+            let values = lists
+                .values()
+                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>()
+                .values();
+            for (r, ends) in lists.value_offsets().windows(2).enumerate() {
+                let sig = &values[ends[0] as usize..ends[1] as usize];
+                if !sigs.push(ids.value(r), sig) {
+                    return job_err!(
+                        "stage '{}': the signature of '{}' in '{from}' has {} values, but [prepare.near_dedup] makes {} (bands x rows): run '{from}' again with these settings",
+                        plan.name,
+                        ids.value(r),
+                        sig.len(),
+                        params.num_perm()
+                    );
+                }
             }
         }
-        let params = self.job.prepare.near_dedup.unwrap_or_default();
-        let found = tokio::task::spawn_blocking(move || crate::minhash::duplicates(docs, &params))
+        let found = tokio::task::spawn_blocking(move || crate::minhash::duplicates(&sigs, &params))
             .await
             .map_err(|e| Error::Internal(format!("near-dedup task: {e}")))?;
         tracing::info!(stage = %plan.name, duplicates = found.len(), "Near-duplicates found.");
@@ -1633,6 +1646,30 @@ struct PartWriter {
     written: Vec<String>,
 }
 
+/// How parts are written: zstd at [`PART_ZSTD_LEVEL`], row groups of 64 Ki rows; columns of
+/// hash values (`minhash` signatures, `dedup_key`) skip dictionary encoding, which never pays
+/// off on random values, and signatures are stored uncompressed, since zstd cannot shrink
+/// them and spent a tenth of a near-dedup run trying.
+fn part_properties(schema: &Schema) -> WriterProperties {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(PART_ZSTD_LEVEL).expect("valid level"),
+        ))
+        .set_max_row_group_row_count(Some(64 * 1024));
+    if let Ok(field) = schema.field_with_name("minhash")
+        && let DataType::List(item) = field.data_type()
+    {
+        let path = ColumnPath::new(vec!["minhash".into(), "list".into(), item.name().clone()]);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_compression(path, Compression::UNCOMPRESSED);
+    }
+    if schema.field_with_name("dedup_key").is_ok() {
+        props = props.set_column_dictionary_enabled(ColumnPath::from("dedup_key"), false);
+    }
+    props.build()
+}
+
 impl PartWriter {
     fn new(dir: Location, schema: SchemaRef, names: PartNames) -> Self {
         Self {
@@ -1661,12 +1698,7 @@ impl PartWriter {
         self.written.push(id);
         // Streams to the store: multipart upload once the buffer fills, a single PUT otherwise.
         let sink = BufWriter::new(Arc::clone(&self.dir.store), path);
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(PART_ZSTD_LEVEL).expect("valid level"),
-            ))
-            .set_max_row_group_row_count(Some(64 * 1024))
-            .build();
+        let props = part_properties(&self.schema);
         let writer = AsyncArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))
             .map_err(|e| Error::Execution(format!("opening a Parquet writer: {e}")))?;
         self.current = Some((writer, 0));

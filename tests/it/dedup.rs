@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use backforth::minhash::{NearDedup, duplicates, signature};
+use backforth::minhash::{NearDedup, Signatures, duplicates, signature};
 
 use crate::rng::Rng;
 use crate::util::{backforth_ok, rows, session};
@@ -88,7 +88,11 @@ fn found(
         .map(|(id, words)| (id.clone(), signature(&words.join(" "), &params)))
         .collect();
     input.sort_by_key(|(id, _)| order(id.bytes().map(|b| b as usize).sum()));
-    duplicates(input, &params)
+    let mut sigs = Signatures::new(params.num_perm());
+    for (id, sig) in &input {
+        assert!(sigs.push(id, sig));
+    }
+    duplicates(&sigs, &params)
         .into_iter()
         .map(|d| (d.id, d.kept_id))
         .collect()
@@ -166,6 +170,33 @@ async fn dropped(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// Signatures are random numbers: written without a dictionary and without compression.
+fn signatures_are_stored_plain(stage: &Path) {
+    use datafusion::parquet::basic::{Compression, Encoding};
+    use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+    let parts: Vec<_> = std::fs::read_dir(stage)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert!(!parts.is_empty());
+    for part in parts {
+        let reader = SerializedFileReader::new(std::fs::File::open(&part).unwrap()).unwrap();
+        for group in reader.metadata().row_groups() {
+            let column = group
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == "minhash.list.item")
+                .expect("a minhash column");
+            assert_eq!(column.compression(), Compression::UNCOMPRESSED);
+            assert!(
+                !column.encodings().any(|e| e == Encoding::RLE_DICTIONARY),
+                "{part:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn clusters_are_the_same_whatever_the_shard_order_or_worker_split() {
     let planted = planted();
@@ -183,6 +214,7 @@ async fn clusters_are_the_same_whatever_the_shard_order_or_worker_split() {
     let one = dir.path().join("one");
     run(&write_job(dir.path(), 4), &one, &inputs, &[]);
     assert_eq!(dropped(&one).await, planted.expected);
+    signatures_are_stored_plain(&one.join("candidates"));
 
     // The files in the opposite order and smaller shards.
     let reversed: Vec<String> = inputs.iter().rev().cloned().collect();
@@ -222,7 +254,9 @@ fn rates(seed: u64, edits: std::ops::Range<u64>, band: std::ops::Range<f64>) -> 
             signature(&near.join(" "), &params),
         );
         error += (backforth::minhash::estimated_jaccard(&a, &b) - exact).abs();
-        let found = duplicates(vec![("a".into(), a), ("b".into(), b)], &params);
+        let mut sigs = Signatures::new(params.num_perm());
+        assert!(sigs.push("a", &a) && sigs.push("b", &b));
+        let found = duplicates(&sigs, &params);
         merged += usize::from(!found.is_empty());
         pairs += 1;
     }
@@ -245,5 +279,35 @@ fn detection_rates_at_known_similarity_match_the_documented_ones() {
     // 128 bins: the estimate's standard error is sqrt(J(1-J)/128), about 0.035 at 0.8.
     for err in [high_err, err_08, err_06] {
         assert!(err < 0.04, "mean estimate error {err}");
+    }
+}
+
+/// Forty near copies of one document (each two edits from it) and twenty exact copies of
+/// another: more members than a bucket compares, still one cluster each, kept at the
+/// smallest id; a signature of the wrong width is refused.
+#[test]
+fn families_larger_than_a_bucket_are_one_cluster_each() {
+    let params = NearDedup::default();
+    let mut rng = Rng(0xfa4);
+    let (first, second) = (document(&mut rng, 300), document(&mut rng, 300));
+    let mut sigs = Signatures::new(params.num_perm());
+    // Added out of id order: the result is by id.
+    for copy in (0..40).rev() {
+        let text = edited(&mut rng, &first, 2).join(" ");
+        assert!(sigs.push(&format!("a{copy:02}"), &signature(&text, &params)));
+    }
+    for copy in 0..20 {
+        assert!(sigs.push(
+            &format!("b{copy:02}"),
+            &signature(&second.join(" "), &params)
+        ));
+    }
+    assert!(!sigs.push("short", &[1, 2, 3]));
+    let found = duplicates(&sigs, &params);
+    assert_eq!(found.len(), 39 + 19);
+    for d in &found {
+        let kept = if d.id.starts_with('a') { "a00" } else { "b00" };
+        assert_eq!(d.kept_id, kept, "{}", d.id);
+        assert!(d.similarity >= params.threshold);
     }
 }
