@@ -6,7 +6,7 @@
 //! counted in the stage's `_SUCCESS` marker. So every row that entered a stage is either in
 //! its output or in a counted drop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,13 +17,13 @@ use datafusion::common::config::Dialect;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::parquet::arrow::AsyncArrowWriter;
+use datafusion::parquet::arrow::{ArrowWriter, AsyncArrowWriter};
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::schema::types::ColumnPath;
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -921,7 +921,8 @@ impl Runner<'_> {
             .await?
             .collect()
             .await?;
-        let mut repeated: std::collections::HashSet<(String, String)> = Default::default();
+        // file -> ids of its rows that a copy elsewhere outranks.
+        let mut repeated: HashMap<String, HashSet<String>> = HashMap::new();
         for batch in &batches {
             let (files, ids) = (
                 cast(batch.column(0), &DataType::Utf8)?,
@@ -929,18 +930,36 @@ impl Runner<'_> {
             );
             let (files, ids) = (files.as_string::<i32>(), ids.as_string::<i32>());
             for r in 0..batch.num_rows() {
-                repeated.insert((files.value(r).to_string(), ids.value(r).to_string()));
+                repeated
+                    .entry(files.value(r).to_string())
+                    .or_default()
+                    .insert(ids.value(r).to_string());
             }
         }
-        let files: std::collections::HashSet<&str> =
-            repeated.iter().map(|(file, _)| file.as_str()).collect();
-        for (shard, file, stats) in shards.iter_mut() {
-            // Parts of a file with no repeated row are not read, only their earlier moves counted.
-            let in_file = files.contains(file.as_str()).then_some(&repeated);
-            let mut across = 0u64;
-            for part in &stats.shards {
-                across += self.move_repeated_rows(&out, part, in_file).await?;
-            }
+        let repeated = Arc::new(repeated);
+        // Every part is read and rewritten on its own task: on the web, short pages repeat in
+        // nearly every file, so this pass can touch the whole output.
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let moves = shards.iter().flat_map(|(_, file, stats)| {
+            stats.shards.iter().map(|part| {
+                let (root, out, part) = (self.root.clone(), out.clone(), part.clone());
+                let (repeated, file) = (Arc::clone(&repeated), file.clone());
+                tokio::spawn(async move {
+                    let ids = repeated.get(&file);
+                    move_repeated_rows(&root, &out, &part, ids).await
+                })
+            })
+        });
+        let counts: Vec<u64> = futures::stream::iter(moves)
+            .buffered(parallel)
+            .map(|joined| {
+                joined.map_err(|e| Error::Internal(format!("moving repeated rows: {e}")))?
+            })
+            .try_collect()
+            .await?;
+        let mut counts = counts.into_iter();
+        for (shard, _, stats) in shards.iter_mut() {
+            let across: u64 = counts.by_ref().take(stats.shards.len()).sum();
             let before = stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0);
             if across != before {
                 if across == 0 {
@@ -954,74 +973,6 @@ impl Runner<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Moves the rows of `part-<part>.parquet` listed in `repeated` to its `-across` dropped
-    /// part (adding to what an earlier pass moved); returns how many rows that part holds.
-    /// `None`: nothing of this part's file repeats, so only earlier moves are counted.
-    async fn move_repeated_rows(
-        &self,
-        out: &Location,
-        part: &str,
-        repeated: Option<&std::collections::HashSet<(String, String)>>,
-    ) -> Result<u64> {
-        let kept_path = out.path(&format!("part-{part}.parquet"));
-        let moved_path = out
-            .child("_dropped")
-            .path(&format!("part-{part}-across.parquet"));
-        let mut moved = match self.root.exists(&moved_path).await? {
-            true => read_parquet_object(&self.root, &moved_path).await?,
-            false => Vec::new(),
-        };
-        let Some(repeated) = repeated else {
-            return Ok(moved.iter().map(|b| b.num_rows() as u64).sum());
-        };
-        let kept = read_parquet_object(&self.root, &kept_path).await?;
-        // Rows an interrupted pass already moved but did not yet remove from the part.
-        let mut already = std::collections::HashSet::new();
-        for batch in &moved {
-            already.extend(row_keys(batch)?);
-        }
-        let mut kept_now = Vec::new();
-        let mut newly = 0;
-        for batch in &kept {
-            let keys = row_keys(batch)?;
-            let hit: BooleanArray = keys.iter().map(|k| Some(repeated.contains(k))).collect();
-            if hit.true_count() == 0 {
-                kept_now.push(batch.clone());
-                continue;
-            }
-            newly += hit.true_count();
-            let fresh: BooleanArray = keys
-                .iter()
-                .map(|k| Some(repeated.contains(k) && !already.contains(k)))
-                .collect();
-            let n = fresh.true_count();
-            let dropped = filter_record_batch(batch, &fresh)?;
-            let reason = Arc::new(StringArray::from(vec![ACROSS_FILES; n]));
-            let mut fields: Vec<Field> = dropped
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone())
-                .collect();
-            fields.push(Field::new(DROP_REASON_COLUMN, DataType::Utf8, true));
-            let mut columns = dropped.columns().to_vec();
-            columns.push(reason);
-            moved.push(RecordBatch::try_new(
-                Arc::new(Schema::new(fields)),
-                columns,
-            )?);
-            let keep = datafusion::arrow::compute::not(&hit)?;
-            kept_now.push(filter_record_batch(batch, &keep)?);
-        }
-        if newly > 0 {
-            // The dropped rows are written first: a crash before the part is rewritten finds
-            // them again next time, and the dropped part is rewritten with the same rows.
-            write_parquet_object(&self.root, &moved_path, &moved).await?;
-            write_parquet_object(&self.root, &kept_path, &kept_now).await?;
-        }
-        Ok(moved.iter().map(|b| b.num_rows() as u64).sum())
     }
 
     async fn wait_for(&self, plan: &StagePlan) -> Result<StageStats> {
@@ -1329,20 +1280,86 @@ async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// (file, id) of every row of `batch`, the key cross-file dedup works by.
-fn row_keys(batch: &RecordBatch) -> Result<Vec<(String, String)>> {
-    let file = cast(
-        batch.column(batch.schema().index_of("file")?),
+/// Moves the rows of `part-<part>.parquet` whose ids are in `repeated` (its file's outranked
+/// copies) to its `-across` dropped part, adding to what an earlier pass moved; returns how
+/// many rows that part holds. `None`: nothing of this part's file repeats, so only earlier
+/// moves are counted.
+async fn move_repeated_rows(
+    root: &Location,
+    out: &Location,
+    part: &str,
+    repeated: Option<&HashSet<String>>,
+) -> Result<u64> {
+    let kept_path = out.path(&format!("part-{part}.parquet"));
+    let moved_path = out
+        .child("_dropped")
+        .path(&format!("part-{part}-across.parquet"));
+    let mut moved = match root.exists(&moved_path).await? {
+        true => read_parquet_object(root, &moved_path).await?,
+        false => Vec::new(),
+    };
+    let Some(repeated) = repeated else {
+        return Ok(moved.iter().map(|b| b.num_rows() as u64).sum());
+    };
+    let kept = read_parquet_object(root, &kept_path).await?;
+    // Rows an interrupted pass already moved but did not yet remove from the part.
+    let mut already = HashSet::new();
+    for batch in &moved {
+        let ids = string_column(batch, "id")?;
+        already.extend(ids.iter().flatten().map(str::to_string));
+    }
+    let mut kept_now = Vec::new();
+    let mut newly = 0;
+    for batch in &kept {
+        let ids = string_column(batch, "id")?;
+        let hit: BooleanArray = ids
+            .iter()
+            .map(|id| Some(id.is_some_and(|id| repeated.contains(id))))
+            .collect();
+        if hit.true_count() == 0 {
+            kept_now.push(batch.clone());
+            continue;
+        }
+        newly += hit.true_count();
+        let fresh: BooleanArray = ids
+            .iter()
+            .map(|id| Some(id.is_some_and(|id| repeated.contains(id) && !already.contains(id))))
+            .collect();
+        let n = fresh.true_count();
+        let dropped = filter_record_batch(batch, &fresh)?;
+        let reason = Arc::new(StringArray::from(vec![ACROSS_FILES; n]));
+        let mut fields: Vec<Field> = dropped
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(DROP_REASON_COLUMN, DataType::Utf8, true));
+        let mut columns = dropped.columns().to_vec();
+        columns.push(reason);
+        moved.push(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?);
+        let keep = datafusion::arrow::compute::not(&hit)?;
+        kept_now.push(filter_record_batch(batch, &keep)?);
+    }
+    if newly > 0 {
+        // The dropped rows are written first: a crash before the part is rewritten finds
+        // them again next time, and the dropped part is rewritten with the same rows.
+        write_parquet_object(root, &moved_path, &moved).await?;
+        write_parquet_object(root, &kept_path, &kept_now).await?;
+    }
+    Ok(moved.iter().map(|b| b.num_rows() as u64).sum())
+}
+
+/// A column of `batch` as strings (cast when stored as a view or dictionary).
+fn string_column(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+    let column = cast(
+        batch.column(batch.schema().index_of(name)?),
         &DataType::Utf8,
     )?;
-    let id = cast(
-        batch.column(batch.schema().index_of("id")?),
-        &DataType::Utf8,
-    )?;
-    let (file, id) = (file.as_string::<i32>(), id.as_string::<i32>());
-    Ok((0..batch.num_rows())
-        .map(|r| (file.value(r).to_string(), id.value(r).to_string()))
-        .collect())
+    Ok(column.as_string::<i32>().clone())
 }
 
 async fn read_parquet_object(
@@ -1367,7 +1384,19 @@ async fn write_parquet_object(
     let Some(first) = batches.first() else {
         return Ok(());
     };
-    let bytes = crate::export::parquet_of(batches, first.schema())?;
+    let schema = first.schema();
+    let mut bytes = Vec::new();
+    let mut writer =
+        ArrowWriter::try_new(&mut bytes, schema.clone(), Some(part_properties(&schema)))
+            .map_err(|e| Error::Execution(format!("Parquet writer: {e}")))?;
+    for batch in batches {
+        writer
+            .write(batch)
+            .map_err(|e| Error::Execution(format!("writing {}: {e}", root.display(path))))?;
+    }
+    writer
+        .close()
+        .map_err(|e| Error::Execution(format!("closing {}: {e}", root.display(path))))?;
     root.store.put(path, PutPayload::from(bytes)).await?;
     Ok(())
 }
