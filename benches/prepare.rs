@@ -272,18 +272,7 @@ fn main() {
     let candidates = "[[stages]]\nname = \"candidates\"\n";
 
     let default = job("default", "", candidates);
-    let run = timed(dir.path(), &default, "candidates");
-    let marker = success(&dir.path().join("default"), "candidates");
-    println!(
-        "prepare, default rules (candidates): {:.1}s, {:.0} MB/s, CPU {:.0}s, peak RSS {:.0} MiB; {} documents, {} kept, dropped {}",
-        run.seconds,
-        mb / run.seconds,
-        run.cpu,
-        run.rss_mib,
-        marker["input"]["documents"],
-        marker["rows_out"],
-        marker["dropped"]
-    );
+    let run = step("prepare, default rules", &default, "candidates", mb);
     println!(
         "prepare / floor: {:.2}x the floor's time",
         run.seconds / floor_s
@@ -295,28 +284,8 @@ fn main() {
         ALL_RULES,
         &format!("{candidates}[[stages]]\nname = \"deduped\"\n"),
     );
-    let rules = timed(dir.path(), &all, "candidates");
-    let marker = success(&dir.path().join("all"), "candidates");
-    println!(
-        "prepare, every rule + MinHash (candidates): {:.1}s, {:.0} MB/s, CPU {:.0}s, peak RSS {:.0} MiB; {} kept, dropped {}",
-        rules.seconds,
-        mb / rules.seconds,
-        rules.cpu,
-        rules.rss_mib,
-        marker["rows_out"],
-        marker["dropped"]
-    );
-    let dedup = timed(dir.path(), &all, "deduped");
-    let marker = success(&dir.path().join("all"), "deduped");
-    println!(
-        "near-dedup pass (deduped): {:.1}s, {:.0} MB/s of the input's text, CPU {:.0}s, peak RSS {:.0} MiB; {} kept, dropped {}",
-        dedup.seconds,
-        mb / dedup.seconds,
-        dedup.cpu,
-        dedup.rss_mib,
-        marker["rows_out"],
-        marker["dropped"]
-    );
+    let rules = step("prepare, every rule + MinHash", &all, "candidates", mb);
+    let dedup = step("near-dedup pass", &all, "deduped", mb);
     let total = rules.seconds + dedup.seconds;
     println!(
         "every rule + near-dedup: {total:.1}s, {:.0} MB/s, {:.2}x the floor's time",
@@ -330,6 +299,26 @@ const ALL_RULES: &str = "[prepare.quality]\nlanguages = [\"en\"]\nmin_words = 50
     max_symbol_ratio = 0.1\nmax_non_alpha_words = 0.2\nmin_punctuated_lines = 0.5\n\
     max_repeated_lines = 0.3\nmax_repeated_paragraphs = 0.3\nboilerplate = \"strip\"\n\
     [prepare.near_dedup]\n";
+
+/// Runs one stage of `job` and prints its time, MB/s of the input's text, CPU, peak RSS and
+/// what it kept and dropped.
+fn step(label: &str, job: &Path, stage: &str, mb: f64) -> Timed {
+    let dir = job.parent().unwrap();
+    let run = timed(dir, job, stage);
+    let output = dir.join(job.file_stem().unwrap());
+    let marker = success(&output, stage);
+    println!(
+        "{label} ({stage}): {:.1}s, {:.0} MB/s, CPU {:.0}s, peak RSS {:.0} MiB; {} rows in, {} kept, dropped {}",
+        run.seconds,
+        mb / run.seconds,
+        run.cpu,
+        run.rss_mib,
+        marker["rows_in"],
+        marker["rows_out"],
+        marker["dropped"]
+    );
+    run
+}
 
 /// Wall time, CPU and peak RSS of one `backforth run`.
 struct Timed {

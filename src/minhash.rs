@@ -64,6 +64,13 @@ fn fmix64(mut h: u64) -> u64 {
 
 const MIX: u64 = 0x9e3779b97f4a7c15;
 
+/// The hash of one word already cut and lower-cased, as [`word_hashes`] hashes it.
+pub fn word_hash(word: &str) -> u64 {
+    let mut hash = WordHash::default();
+    word.bytes().for_each(|b| hash.push(b));
+    hash.finish()
+}
+
 /// Hashes one word from its bytes, eight at a time, without a lower-cased copy.
 #[derive(Default)]
 struct WordHash {
@@ -129,7 +136,7 @@ impl WordHash {
 
 /// Calls `word` with the hash of each word of `text` as [`words`](crate::text::words) cuts them: runs of
 /// letters, digits and inner apostrophes, lower-cased.
-fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
+pub fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     let mut hash = WordHash::default();
     // Apostrophes are held back until a letter follows, so a word's edges never keep one.
     let mut apostrophes = 0;
@@ -175,7 +182,7 @@ fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
 
 /// The hash of the last `n` words, updated word by word: the polynomial
 /// `w[0]·B^(n-1) + … + w[n-1]` (wrapping), so a word enters and the oldest leaves in O(1).
-struct Shingles {
+pub struct Shingles {
     /// The last `n` word hashes; `next` is the oldest once `seen >= n`.
     window: Vec<u64>,
     next: usize,
@@ -186,10 +193,11 @@ struct Shingles {
 }
 
 /// The polynomial's base (odd, so multiplying by it loses no bits).
-const BASE: u64 = 0xd6e8feb86659fd93;
+pub const BASE: u64 = 0xd6e8feb86659fd93;
 
 impl Shingles {
-    fn new(n: usize) -> Self {
+    /// Shingles of `n` words.
+    pub fn new(n: usize) -> Self {
         Self {
             window: vec![0; n],
             next: 0,
@@ -200,7 +208,7 @@ impl Shingles {
     }
 
     /// Adds a word; the hash of the `n`-gram it completes, if it completes one.
-    fn push(&mut self, word: u64) -> Option<u64> {
+    pub fn push(&mut self, word: u64) -> Option<u64> {
         let n = self.window.len();
         let oldest = std::mem::replace(&mut self.window[self.next], word);
         self.next = if self.next + 1 == n { 0 } else { self.next + 1 };
@@ -213,7 +221,7 @@ impl Shingles {
     }
 
     /// The one shingle of a text shorter than `n` words: all of them.
-    fn short_text(&self) -> Option<u64> {
+    pub fn short_text(&self) -> Option<u64> {
         (self.seen < self.window.len()).then_some(self.hash ^ self.seen as u64)
     }
 }
@@ -436,77 +444,4 @@ pub fn duplicates(sigs: &Signatures, params: &NearDedup) -> Vec<Duplicate> {
             })
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hash_of(word: &str) -> u64 {
-        let mut hash = WordHash::default();
-        word.bytes().for_each(|b| hash.push(b));
-        hash.finish()
-    }
-
-    #[test]
-    fn words_are_hashed_as_text_words_cuts_them() {
-        let texts = [
-            "The cat's  toys -- 'quoted' words'' and ''leading, 42nd x'y'z '''",
-            "Ünïcode ÉCOLE straße 東京 tower, naïve café; ÅNGSTRÖM İstanbul",
-            "tabs\tand\nnewlines\r\nmixed\u{a0}nbsp 1,000.5 e-mail a@b.c",
-            "",
-            "'''",
-            "a",
-            "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGH abcdefg",
-            // Runs of ASCII that start after other bytes of their word, off the 8-byte grid.
-            "x'ABCDEFGHIJKLMNOPQRS éabcdefghijklmnopq Don'tStopBelievingNow",
-        ];
-        for text in texts {
-            let mut streamed = Vec::new();
-            word_hashes(text, |h| streamed.push(h));
-            let expected: Vec<u64> = crate::text::words(text)
-                .iter()
-                .map(|w| hash_of(w))
-                .collect();
-            assert_eq!(streamed, expected, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn rolling_shingle_hashes_equal_hashes_of_each_window() {
-        let words: Vec<u64> = (1..=40u64).map(|i| fmix64(i * 0x1234_5678)).collect();
-        for n in 1..=7 {
-            let mut shingles = Shingles::new(n);
-            for (at, &w) in words.iter().enumerate() {
-                let direct = (at + 1 >= n).then(|| {
-                    words[at + 1 - n..=at]
-                        .iter()
-                        .fold(0u64, |h, &w| h.wrapping_mul(BASE).wrapping_add(w))
-                });
-                assert_eq!(shingles.push(w), direct, "n {n}, word {at}");
-            }
-            assert_eq!(shingles.short_text(), None);
-        }
-        let mut short = Shingles::new(5);
-        short.push(words[0]);
-        short.push(words[1]);
-        assert!(short.short_text().is_some());
-    }
-
-    #[test]
-    fn every_bin_is_filled_and_equal_texts_agree() {
-        let params = NearDedup::default();
-        for text in ["", "one", "two words", "a b c d e f g h i j k l m n o p"] {
-            let sig = signature(text, &params);
-            assert_eq!(sig.len(), params.num_perm());
-            assert_eq!(sig, signature(&text.to_uppercase(), &params), "{text:?}");
-        }
-        // A long text fills nearly every bin itself: its values are not a few copied ones.
-        let long: String = (0..2000)
-            .map(|i| format!("w{} ", i * 7919 % 10007))
-            .collect();
-        let distinct: std::collections::HashSet<u32> =
-            signature(&long, &params).into_iter().collect();
-        assert!(distinct.len() > 120, "{} distinct values", distinct.len());
-    }
 }

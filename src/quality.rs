@@ -165,12 +165,13 @@ fn share(part: usize, whole: usize) -> f64 {
 
 /// Counts over a text's whitespace-separated words, taken in one pass without a list of them.
 #[derive(Debug, Default, PartialEq)]
-struct WordStats {
-    words: usize,
+pub struct WordStats {
+    /// Whitespace-separated words.
+    pub words: usize,
     /// Words without a letter.
-    without_letter: usize,
+    pub without_letter: usize,
     /// `#` signs, `...` (each three dots of a run) and `…`.
-    symbols: usize,
+    pub symbols: usize,
 }
 
 /// What [`WordStats`] needs to know of an ASCII byte, one bit each.
@@ -207,7 +208,8 @@ static CLASS: [u8; 256] = {
 };
 
 impl WordStats {
-    fn of(text: &str) -> Self {
+    /// The counts of `text`.
+    pub fn of(text: &str) -> Self {
         let bytes = text.as_bytes();
         let mut stats = Self::default();
         let (mut in_word, mut has_letter) = (false, false);
@@ -261,7 +263,7 @@ fn repeated_share<'a>(items: impl Iterator<Item = &'a str>) -> f64 {
 }
 
 /// The text cut at blank-line separators (`\n\n`), as `str::split("\n\n")` cuts it.
-fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
+pub fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
@@ -339,57 +341,5 @@ impl QualityRules {
             return Some("repeated_paragraphs");
         }
         None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Texts built from the characters the counts turn on: whitespace of every kind, dots,
-    /// `#`, ellipses, letters and digits in and out of ASCII, blank lines.
-    fn fuzzed(seed: u64) -> Vec<String> {
-        let pieces = [
-            " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\u{a0}", "\u{85}", "\u{2003}",
-            ".", "..", "...", "#", "…", "a", "Tea", "42", "ß", "東京", "-", "'", "é", "½", "!",
-        ];
-        let mut rng = fastrand::Rng::with_seed(seed);
-        (0..400)
-            .map(|_| {
-                let len = rng.usize(..40);
-                (0..len)
-                    .map(|_| pieces[rng.usize(..pieces.len())])
-                    .collect()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn word_stats_match_splitting_on_whitespace() {
-        for text in fuzzed(0x9e37) {
-            let words: Vec<&str> = text.split_whitespace().collect();
-            let expected = WordStats {
-                words: words.len(),
-                without_letter: words
-                    .iter()
-                    .filter(|w| !w.chars().any(char::is_alphabetic))
-                    .count(),
-                symbols: text.matches('#').count()
-                    + text.matches("...").count()
-                    + text.matches('…').count(),
-            };
-            assert_eq!(WordStats::of(&text), expected, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn paragraphs_are_cut_as_split_cuts_them() {
-        for text in fuzzed(0x5eed)
-            .into_iter()
-            .chain(["\n\n\n".into(), "".into()])
-        {
-            let expected: Vec<&str> = text.split("\n\n").collect();
-            assert_eq!(paragraphs(&text).collect::<Vec<_>>(), expected, "{text:?}");
-        }
     }
 }

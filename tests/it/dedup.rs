@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use backforth::minhash::{NearDedup, Signatures, duplicates, signature};
+use backforth::minhash::{
+    BASE, NearDedup, Shingles, Signatures, duplicates, signature, word_hash, word_hashes,
+};
 
 use crate::rng::Rng;
 use crate::util::{backforth_ok, rows, session};
@@ -310,4 +312,65 @@ fn families_larger_than_a_bucket_are_one_cluster_each() {
         assert_eq!(d.kept_id, kept, "{}", d.id);
         assert!(d.similarity >= params.threshold);
     }
+}
+
+#[test]
+fn words_are_hashed_as_text_words_cuts_them() {
+    let texts = [
+        "The cat's  toys -- 'quoted' words'' and ''leading, 42nd x'y'z '''",
+        "Ünïcode ÉCOLE straße 東京 tower, naïve café; ÅNGSTRÖM İstanbul",
+        "tabs\tand\nnewlines\r\nmixed\u{a0}nbsp 1,000.5 e-mail a@b.c",
+        "",
+        "'''",
+        "a",
+        "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGH abcdefg",
+        // Runs of ASCII that start after other bytes of their word, off the 8-byte grid.
+        "x'ABCDEFGHIJKLMNOPQRS éabcdefghijklmnopq Don'tStopBelievingNow",
+    ];
+    for text in texts {
+        let mut streamed = Vec::new();
+        word_hashes(text, |h| streamed.push(h));
+        let expected: Vec<u64> = backforth::text::words(text)
+            .iter()
+            .map(|w| word_hash(w))
+            .collect();
+        assert_eq!(streamed, expected, "{text:?}");
+    }
+}
+
+#[test]
+fn rolling_shingle_hashes_equal_hashes_of_each_window() {
+    let words: Vec<u64> = (1..=40u64).map(|i| word_hash(&format!("w{i}"))).collect();
+    for n in 1..=7 {
+        let mut shingles = Shingles::new(n);
+        for (at, &w) in words.iter().enumerate() {
+            let direct = (at + 1 >= n).then(|| {
+                words[at + 1 - n..=at]
+                    .iter()
+                    .fold(0u64, |h, &w| h.wrapping_mul(BASE).wrapping_add(w))
+            });
+            assert_eq!(shingles.push(w), direct, "n {n}, word {at}");
+        }
+        assert_eq!(shingles.short_text(), None);
+    }
+    let mut short = Shingles::new(5);
+    short.push(words[0]);
+    short.push(words[1]);
+    assert!(short.short_text().is_some());
+}
+
+#[test]
+fn every_bin_is_filled_and_equal_texts_agree() {
+    let params = NearDedup::default();
+    for text in ["", "one", "two words", "a b c d e f g h i j k l m n o p"] {
+        let sig = signature(text, &params);
+        assert_eq!(sig.len(), params.num_perm());
+        assert_eq!(sig, signature(&text.to_uppercase(), &params), "{text:?}");
+    }
+    // A long text fills nearly every bin itself: its values are not a few copied ones.
+    let long: String = (0..2000)
+        .map(|i| format!("w{} ", i * 7919 % 10007))
+        .collect();
+    let distinct: std::collections::HashSet<u32> = signature(&long, &params).into_iter().collect();
+    assert!(distinct.len() > 120, "{} distinct values", distinct.len());
 }

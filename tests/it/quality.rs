@@ -1,7 +1,9 @@
 //! The quality rules of prepare, one hand-made document per rule, and in a run: each rule's
 //! drops counted under its own reason.
 
-use backforth::quality::{QualityRules, clean_document, is_boilerplate, language};
+use backforth::quality::{
+    QualityRules, WordStats, clean_document, is_boilerplate, language, paragraphs,
+};
 
 use crate::util::{backforth_ok, marker};
 
@@ -202,4 +204,51 @@ fn a_run_counts_each_rule_under_its_own_reason() {
             "wrong_language": 1, "too_few_words": 1, "few_punctuated_lines": 1, "repeated_lines": 1,
         })
     );
+}
+
+/// Texts built from the characters the counts turn on: whitespace of every kind, dots,
+/// `#`, ellipses, letters and digits in and out of ASCII, blank lines.
+fn fuzzed(seed: u64) -> Vec<String> {
+    let pieces = [
+        " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\u{a0}", "\u{85}", "\u{2003}", ".",
+        "..", "...", "#", "…", "a", "Tea", "42", "ß", "東京", "-", "'", "é", "½", "!",
+    ];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..400)
+        .map(|_| {
+            let len = rng.usize(..40);
+            (0..len)
+                .map(|_| pieces[rng.usize(..pieces.len())])
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn word_stats_match_splitting_on_whitespace() {
+    for text in fuzzed(0x9e37) {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let expected = WordStats {
+            words: words.len(),
+            without_letter: words
+                .iter()
+                .filter(|w| !w.chars().any(char::is_alphabetic))
+                .count(),
+            symbols: text.matches('#').count()
+                + text.matches("...").count()
+                + text.matches('…').count(),
+        };
+        assert_eq!(WordStats::of(&text), expected, "{text:?}");
+    }
+}
+
+#[test]
+fn paragraphs_are_cut_as_split_cuts_them() {
+    for text in fuzzed(0x5eed)
+        .into_iter()
+        .chain(["\n\n\n".into(), "".into()])
+    {
+        let expected: Vec<&str> = text.split("\n\n").collect();
+        assert_eq!(paragraphs(&text).collect::<Vec<_>>(), expected, "{text:?}");
+    }
 }
