@@ -349,16 +349,18 @@ fn parquet_bytes(pairs: &[Pair], mode: TagMode) -> Result<Vec<u8>> {
         schema.clone(),
         vec![Arc::new(ids.finish()), Arc::new(messages)],
     )?;
-    parquet_of(&[batch], schema)
+    parquet_of(&[batch], schema, None)
 }
 
-/// `batches` as the bytes of one Parquet file.
+/// `batches` as the bytes of one Parquet file, written with `props` (the crate's defaults
+/// when `None`).
 pub fn parquet_of(
     batches: &[RecordBatch],
     schema: datafusion::arrow::datatypes::SchemaRef,
+    props: Option<datafusion::parquet::file::properties::WriterProperties>,
 ) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None)
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(&mut buf, schema, props)
         .map_err(|e| Error::Execution(format!("Parquet writer: {e}")))?;
     for batch in batches {
         writer

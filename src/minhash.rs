@@ -134,8 +134,8 @@ impl WordHash {
     }
 }
 
-/// Calls `word` with the hash of each word of `text` as [`words`](crate::text::words) cuts them: runs of
-/// letters, digits and inner apostrophes, lower-cased.
+/// Calls `word` with the hash of each word of `text` as [`words`](crate::text::words) cuts
+/// them: runs of letters, digits and inner apostrophes, lower-cased.
 pub fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     let mut hash = WordHash::default();
     // Apostrophes are held back until a letter follows, so a word's edges never keep one.

@@ -17,7 +17,7 @@ use datafusion::common::config::Dialect;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::parquet::arrow::{ArrowWriter, AsyncArrowWriter};
+use datafusion::parquet::arrow::AsyncArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::schema::types::ColumnPath;
@@ -1384,19 +1384,8 @@ async fn write_parquet_object(
     let Some(first) = batches.first() else {
         return Ok(());
     };
-    let schema = first.schema();
-    let mut bytes = Vec::new();
-    let mut writer =
-        ArrowWriter::try_new(&mut bytes, schema.clone(), Some(part_properties(&schema)))
-            .map_err(|e| Error::Execution(format!("Parquet writer: {e}")))?;
-    for batch in batches {
-        writer
-            .write(batch)
-            .map_err(|e| Error::Execution(format!("writing {}: {e}", root.display(path))))?;
-    }
-    writer
-        .close()
-        .map_err(|e| Error::Execution(format!("closing {}: {e}", root.display(path))))?;
+    let props = part_properties(&first.schema());
+    let bytes = crate::export::parquet_of(batches, first.schema(), Some(props))?;
     root.store.put(path, PutPayload::from(bytes)).await?;
     Ok(())
 }
@@ -1678,7 +1667,7 @@ struct PartWriter {
 /// How parts are written: zstd at [`PART_ZSTD_LEVEL`], row groups of 64 Ki rows; columns of
 /// hash values (`minhash` signatures, `dedup_key`) skip dictionary encoding, which never pays
 /// off on random values, and signatures are stored uncompressed, since zstd cannot shrink
-/// them and spent a tenth of a near-dedup run trying.
+/// them.
 fn part_properties(schema: &Schema) -> WriterProperties {
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
@@ -1693,8 +1682,8 @@ fn part_properties(schema: &Schema) -> WriterProperties {
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_compression(path, Compression::UNCOMPRESSED);
     }
-    if schema.field_with_name("dedup_key").is_ok() {
-        props = props.set_column_dictionary_enabled(ColumnPath::from("dedup_key"), false);
+    if schema.field_with_name(DEDUP_KEY_COLUMN).is_ok() {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(DEDUP_KEY_COLUMN), false);
     }
     props.build()
 }

@@ -84,12 +84,25 @@ pub fn clean_document(text: &str, strip: bool) -> (Cow<'_, str>, usize) {
     if !BOILERPLATE_ANYWHERE.is_match(text) {
         return (Cow::Borrowed(text), 0);
     }
-    let count = text.lines().filter(|l| is_boilerplate(l)).count();
-    if !strip || count == 0 {
-        return (Cow::Borrowed(text), count);
+    if !strip {
+        return (
+            Cow::Borrowed(text),
+            text.lines().filter(|l| is_boilerplate(l)).count(),
+        );
     }
-    let kept: Vec<&str> = text.lines().filter(|l| !is_boilerplate(l)).collect();
-    (Cow::Owned(kept.join("\n")), count)
+    let mut count = 0;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let boilerplate = is_boilerplate(l);
+            count += usize::from(boilerplate);
+            !boilerplate
+        })
+        .collect();
+    match count {
+        0 => (Cow::Borrowed(text), 0),
+        _ => (Cow::Owned(kept.join("\n")), count),
+    }
 }
 
 /// Two-letter codes for the languages people name most; three-letter codes pass as they are.

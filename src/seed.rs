@@ -542,7 +542,7 @@ fn seed_parquet(pairs: &[SeedPair]) -> Result<Vec<u8>> {
             floats(|p| p.response_quality),
         ],
     )?;
-    export::parquet_of(&[batch], schema)
+    export::parquet_of(&[batch], schema, None)
 }
 
 /// Registers the pairs `backforth seed` wrote under `dir` (a path or URL) as table `seed`.
