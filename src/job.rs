@@ -538,6 +538,9 @@ impl Job {
                 file.curate.threshold
             );
         }
+        if let Some(near) = &prepare.near_dedup {
+            near.check()?;
+        }
         if file.curate.iteration > 1 {
             return job_err!(
                 "[curate] iteration = {}: there are two scoring iterations, 0 (scored) and 1 (rescored)",

@@ -37,6 +37,27 @@ impl Default for NearDedup {
 }
 
 impl NearDedup {
+    /// A plan error naming the setting that cannot work: no bands, rows or words per
+    /// shingle, or a threshold outside (0, 1].
+    pub fn check(&self) -> crate::error::Result<()> {
+        for (name, value) in [
+            ("bands", self.bands),
+            ("rows", self.rows),
+            ("ngram", self.ngram),
+        ] {
+            if value == 0 {
+                return crate::job_err!("[prepare.near_dedup] {name} = 0: it must be at least 1");
+            }
+        }
+        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
+            return crate::job_err!(
+                "[prepare.near_dedup] threshold = {} is not an estimated Jaccard similarity in (0, 1]",
+                self.threshold
+            );
+        }
+        Ok(())
+    }
+
     /// Values per signature (the bins of one-permutation hashing).
     pub fn num_perm(&self) -> usize {
         self.bands * self.rows

@@ -128,6 +128,14 @@ fn job_errors_name_the_problem() {
             "threshold = 7 is outside the 1-5 score scale",
         ),
         (
+            "[prepare.near_dedup]\nrows = 0\n",
+            "[prepare.near_dedup] rows = 0: it must be at least 1",
+        ),
+        (
+            "[prepare.near_dedup]\nthreshold = 75\n",
+            "[prepare.near_dedup] threshold = 75 is not an estimated Jaccard similarity in (0, 1]",
+        ),
+        (
             "[models.scorer]\nendpoint = \"localhost:8000\"\nmodel = \"m\"\n",
             "neither an http(s) URL nor 'mock'",
         ),
