@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{cast, filter_record_batch, is_null};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::config::Dialect;
@@ -40,6 +40,10 @@ use crate::storage::{Location, list_inputs};
 use crate::tokens::TokenCounter;
 use crate::worker::Worker;
 use crate::{exec_err, job_err, udf};
+
+mod exact_dedup;
+
+use exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
 
 /// Name of the marker a complete stage output carries; it holds the stage's [`StageStats`].
 pub const SUCCESS_MARKER: &str = "_SUCCESS";
@@ -342,6 +346,28 @@ impl StagePlan {
 struct NearDuplicates {
     table: Arc<datafusion::datasource::MemTable>,
     version: String,
+}
+
+/// The marker of one shard of the stage that reads the input: its counts, and what its
+/// exact dedup against other shards relied on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InputShardMarker {
+    #[serde(flatten)]
+    stats: StageStats,
+    /// Of the rows dropped as `duplicate_across_files`, those dropped while the shard ran;
+    /// the others were moved out of its parts by the pass after every shard.
+    #[serde(default)]
+    dropped_while_running: u64,
+    /// Shard id -> input of the shards whose kept copies made this one drop rows while it
+    /// ran: if one of those inputs changes, the drops may no longer hold, so this shard is
+    /// redone too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    outranked_by: BTreeMap<String, String>,
+}
+
+/// Id of the `k`-th shard of the stage that reads the input.
+fn input_shard_id(k: usize) -> String {
+    format!("{k:05}")
 }
 
 /// What every stage of a run shares.
@@ -779,6 +805,17 @@ impl Runner<'_> {
             .unwrap_or(256 << 20)
             .max(1);
         let files = split_large_parquet(files, shard_bytes).await?;
+        let sources: BTreeMap<String, String> = files
+            .iter()
+            .enumerate()
+            .map(|(k, file)| {
+                (
+                    input_shard_id(k),
+                    format!("{} ({} bytes)", file.describe(), file.size),
+                )
+            })
+            .collect();
+        let kept = Arc::new(KeptCopies::new(files.iter().map(|f| f.display.as_str())));
         let out = self.root.child(&plan.name);
         self.progress
             .shards_total
@@ -789,36 +826,58 @@ impl Runner<'_> {
             .target_partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let results: Vec<Result<(String, String, StageStats)>> =
+        let results: Vec<Result<(String, String, InputShardMarker)>> =
             futures::stream::iter(files.into_iter().enumerate())
                 .map(|(k, file)| {
-                    let out = &out;
+                    let (out, sources, kept) = (&out, &sources, &kept);
                     async move {
-                        let id = format!("{k:05}");
+                        let id = input_shard_id(k);
                         let shown = file.display.clone();
-                        let source = format!("{} ({} bytes)", file.describe(), file.size);
-                        let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
-                        let stats = match read_json::<StageStats>(&self.root, &marker).await? {
+                        let source = sources[&id].clone();
+                        let path = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+                        let marker = match read_json::<InputShardMarker>(&self.root, &path).await? {
                             Some(done)
-                                if done.fingerprint == plan.fingerprint
-                                    && done.upstream == source =>
+                                if done.stats.fingerprint == plan.fingerprint
+                                    && done.stats.upstream == source
+                                    && done
+                                        .outranked_by
+                                        .iter()
+                                        .all(|(id, input)| sources.get(id) == Some(input)) =>
                             {
                                 done
                             }
                             _ => {
-                                let stats = self.run_input_shard(plan, &id, file).await?;
-                                let stats = StageStats {
-                                    upstream: source,
-                                    ..stats
+                                let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
+                                let stats = self.run_input_shard(plan, &id, file, dedup).await?;
+                                let outranked_by = kept
+                                    .outranking(k as u32)
+                                    .into_iter()
+                                    .map(|j| {
+                                        let id = input_shard_id(j as usize);
+                                        let input = sources[&id].clone();
+                                        (id, input)
+                                    })
+                                    .collect();
+                                let marker = InputShardMarker {
+                                    dropped_while_running: stats
+                                        .dropped
+                                        .get(ACROSS_FILES)
+                                        .copied()
+                                        .unwrap_or(0),
+                                    outranked_by,
+                                    stats: StageStats {
+                                        upstream: source,
+                                        ..stats
+                                    },
                                 };
-                                write_json(&self.root, &marker, &stats).await?;
-                                stats
+                                write_json(&self.root, &path, &marker).await?;
+                                marker
                             }
                         };
                         self.progress
                             .shards_done
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Ok((id, shown, stats))
+                        Ok((id, shown, marker))
                     }
                 })
                 .buffered(parallel)
@@ -836,9 +895,9 @@ impl Runner<'_> {
             ..StageStats::default()
         };
         let mut parts = Vec::new();
-        for (_, _, stats) in &shards {
-            parts.extend(stats.shards.iter().cloned());
-            total.absorb(stats);
+        for (_, _, marker) in &shards {
+            parts.extend(marker.stats.shards.iter().cloned());
+            total.absorb(&marker.stats);
         }
         total.shards = parts;
         write_json(&self.root, &out.path(SUCCESS_MARKER), &total).await?;
@@ -850,6 +909,7 @@ impl Runner<'_> {
         plan: &StagePlan,
         id: &str,
         file: crate::storage::InputFile,
+        dedup: FirstCopies,
     ) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
         // Parts of an attempt that died before its marker are replaced, never mixed in.
@@ -876,7 +936,7 @@ impl Runner<'_> {
                     prefix: Some(id.to_string()),
                     rows: self.shard_rows(),
                 },
-                Some(FirstCopies::default()),
+                Some(dedup),
             )
             .await?;
         stats.input = Some(ingest.snapshot());
@@ -884,15 +944,16 @@ impl Runner<'_> {
     }
 
     /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
-    /// file, when a large file ran as several shards) also kept: the copy with the smallest
-    /// (file, line, ordinal) survives, whatever order the shards ran in. Affected parts are
-    /// rewritten, the rows moved to `_dropped/<part>-across.parquet` under
-    /// `duplicate_across_files`, and each shard's marker counts them. Safe to repeat after a
-    /// crash at any point.
+    /// file, when a large file ran as several shards) also kept, which their shards could not
+    /// drop while running: the copy with the smallest (file, line, ordinal) survives, whatever
+    /// order the shards ran in. Affected parts are rewritten, the rows moved to
+    /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
+    /// marker counts them with those it dropped itself. Safe to repeat after a crash at any
+    /// point.
     async fn drop_duplicates_across_files(
         &self,
         plan: &StagePlan,
-        shards: &mut [(String, String, StageStats)],
+        shards: &mut [(String, String, InputShardMarker)],
     ) -> Result<()> {
         let out = self.root.child(&plan.name);
         let ctx = self.session()?;
@@ -937,29 +998,40 @@ impl Runner<'_> {
             }
         }
         let repeated = Arc::new(repeated);
-        // Every part is read and rewritten on its own task: on the web, short pages repeat in
-        // nearly every file, so this pass can touch the whole output.
+        // Each part on a task of its own, several at once: copies the shards could not drop
+        // while they ran (those of shards run side by side, or in another run) can be spread
+        // over many parts.
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let moves = shards.iter().flat_map(|(_, file, stats)| {
-            stats.shards.iter().map(|part| {
-                let (root, out, part) = (self.root.clone(), out.clone(), part.clone());
-                let (repeated, file) = (Arc::clone(&repeated), file.clone());
-                tokio::spawn(async move {
-                    let ids = repeated.get(&file);
-                    move_repeated_rows(&root, &out, &part, ids).await
+        let (out_dir, repeated) = (&out, &repeated);
+        let moves = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (_, file, marker))| {
+                marker.stats.shards.iter().map(move |part| {
+                    let (root, out, part) = (self.root.clone(), out_dir.clone(), part.clone());
+                    let (repeated, file) = (Arc::clone(repeated), file.clone());
+                    tokio::spawn(async move {
+                        let ids = repeated.get(&file);
+                        let moved = move_repeated_rows(&root, &out, &part, ids).await;
+                        moved.map(|n| (k, n))
+                    })
                 })
-            })
-        });
-        let counts: Vec<u64> = futures::stream::iter(moves)
-            .buffered(parallel)
+            });
+        // Unordered: a part being rewritten must not hold up the parts queued after it.
+        let counts: Vec<(usize, u64)> = futures::stream::iter(moves)
+            .buffer_unordered(parallel)
             .map(|joined| {
                 joined.map_err(|e| Error::Internal(format!("moving repeated rows: {e}")))?
             })
             .try_collect()
             .await?;
-        let mut counts = counts.into_iter();
-        for (shard, _, stats) in shards.iter_mut() {
-            let across: u64 = counts.by_ref().take(stats.shards.len()).sum();
+        let mut moved_from = vec![0; shards.len()];
+        for (k, n) in counts {
+            moved_from[k] += n;
+        }
+        for ((shard, _, marker), moved) in shards.iter_mut().zip(moved_from) {
+            let across = marker.dropped_while_running + moved;
+            let stats = &mut marker.stats;
             let before = stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0);
             if across != before {
                 if across == 0 {
@@ -968,8 +1040,8 @@ impl Runner<'_> {
                     stats.dropped.insert(ACROSS_FILES.to_string(), across);
                 }
                 stats.rows_out = stats.rows_in - stats.dropped.values().sum::<u64>();
-                let marker = out.child(SHARDS_DIR).path(&format!("{shard}.json"));
-                write_json(&self.root, &marker, &*stats).await?;
+                let path = out.child(SHARDS_DIR).path(&format!("{shard}.json"));
+                write_json(&self.root, &path, &*marker).await?;
             }
         }
         Ok(())
@@ -1280,89 +1352,7 @@ async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Moves the rows of `part-<part>.parquet` whose ids are in `repeated` (its file's outranked
-/// copies) to its `-across` dropped part, adding to what an earlier pass moved; returns how
-/// many rows that part holds. `None`: nothing of this part's file repeats, so only earlier
-/// moves are counted.
-async fn move_repeated_rows(
-    root: &Location,
-    out: &Location,
-    part: &str,
-    repeated: Option<&HashSet<String>>,
-) -> Result<u64> {
-    let kept_path = out.path(&format!("part-{part}.parquet"));
-    let moved_path = out
-        .child("_dropped")
-        .path(&format!("part-{part}-across.parquet"));
-    let mut moved = match root.exists(&moved_path).await? {
-        true => read_parquet_object(root, &moved_path).await?,
-        false => Vec::new(),
-    };
-    let Some(repeated) = repeated else {
-        return Ok(moved.iter().map(|b| b.num_rows() as u64).sum());
-    };
-    let kept = read_parquet_object(root, &kept_path).await?;
-    // Rows an interrupted pass already moved but did not yet remove from the part.
-    let mut already = HashSet::new();
-    for batch in &moved {
-        let ids = string_column(batch, "id")?;
-        already.extend(ids.iter().flatten().map(str::to_string));
-    }
-    let mut kept_now = Vec::new();
-    let mut newly = 0;
-    for batch in &kept {
-        let ids = string_column(batch, "id")?;
-        let hit: BooleanArray = ids
-            .iter()
-            .map(|id| Some(id.is_some_and(|id| repeated.contains(id))))
-            .collect();
-        if hit.true_count() == 0 {
-            kept_now.push(batch.clone());
-            continue;
-        }
-        newly += hit.true_count();
-        let fresh: BooleanArray = ids
-            .iter()
-            .map(|id| Some(id.is_some_and(|id| repeated.contains(id) && !already.contains(id))))
-            .collect();
-        let n = fresh.true_count();
-        let dropped = filter_record_batch(batch, &fresh)?;
-        let reason = Arc::new(StringArray::from(vec![ACROSS_FILES; n]));
-        let mut fields: Vec<Field> = dropped
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(DROP_REASON_COLUMN, DataType::Utf8, true));
-        let mut columns = dropped.columns().to_vec();
-        columns.push(reason);
-        moved.push(RecordBatch::try_new(
-            Arc::new(Schema::new(fields)),
-            columns,
-        )?);
-        let keep = datafusion::arrow::compute::not(&hit)?;
-        kept_now.push(filter_record_batch(batch, &keep)?);
-    }
-    if newly > 0 {
-        // The dropped rows are written first: a crash before the part is rewritten finds
-        // them again next time, and the dropped part is rewritten with the same rows.
-        write_parquet_object(root, &moved_path, &moved).await?;
-        write_parquet_object(root, &kept_path, &kept_now).await?;
-    }
-    Ok(moved.iter().map(|b| b.num_rows() as u64).sum())
-}
-
-/// A column of `batch` as strings (cast when stored as a view or dictionary).
-fn string_column(batch: &RecordBatch, name: &str) -> Result<StringArray> {
-    let column = cast(
-        batch.column(batch.schema().index_of(name)?),
-        &DataType::Utf8,
-    )?;
-    Ok(column.as_string::<i32>().clone())
-}
-
-async fn read_parquet_object(
+pub(crate) async fn read_parquet_object(
     root: &Location,
     path: &object_store::path::Path,
 ) -> Result<Vec<RecordBatch>> {
@@ -1376,7 +1366,7 @@ async fn read_parquet_object(
         .map_err(|e| Error::Execution(format!("reading {}: {e}", root.display(path))))
 }
 
-async fn write_parquet_object(
+pub(crate) async fn write_parquet_object(
     root: &Location,
     path: &object_store::path::Path,
     batches: &[RecordBatch],
@@ -1490,41 +1480,6 @@ enum PartNames {
     Shard(String),
 }
 
-/// Exact dedup within one input shard, in read order: a row the SQL kept whose `dedup_key` an
-/// earlier kept row of the shard had is dropped as `duplicate`, so the file's first copy
-/// survives. (A window over the key did the same in SQL, but its sort held the whole shard in
-/// memory and stalled the stream; copies across files are the runner's second pass.)
-#[derive(Default)]
-struct FirstCopies(std::collections::HashSet<u128>);
-
-impl FirstCopies {
-    /// The drop reasons `reasons` with repeats of `keys` among the kept rows marked
-    /// `duplicate`.
-    fn mark(&mut self, keys: &ArrayRef, reasons: ArrayRef) -> Result<ArrayRef> {
-        let keys = cast(keys, &DataType::Utf8)?;
-        let keys = keys.as_string::<i32>();
-        let old = reasons.as_string::<i32>();
-        let marked: StringArray = (0..keys.len())
-            .map(|row| match (old.is_null(row), keys.is_null(row)) {
-                (true, false) if !self.0.insert(key_bits(keys.value(row))) => Some("duplicate"),
-                (true, _) => None,
-                (false, _) => Some(old.value(row)),
-            })
-            .collect();
-        Ok(Arc::new(marked))
-    }
-}
-
-/// The 128 bits of a hex `dedup_key`; any other key is hashed to 128 bits.
-fn key_bits(key: &str) -> u128 {
-    let mut bytes = [0u8; 16];
-    if hex::decode_to_slice(key, &mut bytes).is_err() {
-        use sha2::{Digest, Sha256};
-        bytes.copy_from_slice(&Sha256::digest(key.as_bytes())[..16]);
-    }
-    u128::from_le_bytes(bytes)
-}
-
 /// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`;
 /// with `first_copies`, repeated texts are dropped too. Returns the counts and the ids of the
 /// parts written.
@@ -1546,6 +1501,7 @@ async fn execute_to_parts(
     }
     let drop_index = schema.index_of(DROP_COLUMN).ok();
     let key_index = schema.index_of(DEDUP_KEY_COLUMN).ok();
+    let position_indexes = ["file", "line", "ordinal"].map(|c| schema.index_of(c).ok());
     if first_copies.is_some() && (drop_index.is_none() || key_index.is_none()) {
         return Err(Error::Job(format!(
             "the input stage's SQL must return a `{DROP_COLUMN}` column (NULL to keep a row) and \
@@ -1598,7 +1554,11 @@ async fn execute_to_parts(
         };
         let mut reasons = cast(batch.column(i), &DataType::Utf8)?;
         if let (Some(first), Some(k)) = (first_copies.as_mut(), key_index) {
-            reasons = first.mark(batch.column(k), reasons)?;
+            let positions = match position_indexes {
+                [Some(f), Some(l), Some(o)] => Some([f, l, o].map(|c| batch.column(c))),
+                _ => None,
+            };
+            reasons = first.mark(batch.column(k), reasons, positions)?;
         }
         let keep: BooleanArray = is_null(&reasons)?;
         let kept_batch = filter_record_batch(

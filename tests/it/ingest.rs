@@ -1,5 +1,6 @@
 //! Document ingest: formats, and bad lines named by file and line (or counted and skipped).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -226,6 +227,166 @@ async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     let m = marker(&root, "candidates");
     assert_eq!(m["rows_out"], 4);
     assert_eq!(m["dropped"], json!({"duplicate_across_files": 2}));
+}
+
+/// Six files drawing their documents from twenty texts, so most texts repeat within and
+/// across files. Returns the inputs in path order and, per doc_id, the drop reason exact dedup
+/// must give: `duplicate` after an earlier copy in the same file, `duplicate_across_files`
+/// after one in a file earlier by path, none for the first copy.
+fn repeating_corpus(dir: &Path) -> (Vec<String>, BTreeMap<String, Option<&'static str>>) {
+    let mut rng = crate::rng::Rng(0xd0c5);
+    let texts: Vec<String> = (0..20)
+        .map(|t| format!("Text number {t} is about the harbour, its {t} cranes and tides."))
+        .collect();
+    let (mut inputs, mut expected) = (Vec::new(), BTreeMap::new());
+    let mut seen_in_earlier_files = std::collections::BTreeSet::new();
+    for f in 0..6 {
+        let mut body = String::new();
+        let mut seen_here = std::collections::BTreeSet::new();
+        for line in 0..25 {
+            let t = rng.below(texts.len() as u64) as usize;
+            let id = format!("f{f}-{line}");
+            body += &(json!({"id": id, "text": texts[t]}).to_string() + "\n");
+            let reason = if !seen_here.insert(t) {
+                Some("duplicate")
+            } else if seen_in_earlier_files.contains(&t) {
+                Some("duplicate_across_files")
+            } else {
+                None
+            };
+            expected.insert(id, reason);
+        }
+        seen_in_earlier_files.extend(seen_here);
+        let path = dir.join(format!("f{f}.jsonl"));
+        std::fs::write(&path, body).unwrap();
+        inputs.push(path.to_str().unwrap().to_string());
+    }
+    (inputs, expected)
+}
+
+/// Per doc_id of the candidates under `root`, its drop reason (none when kept).
+async fn reasons(root: &Path) -> BTreeMap<String, Option<&'static str>> {
+    let ctx = crate::util::session(root).await;
+    let mut out = BTreeMap::new();
+    for row in crate::util::rows(&ctx, "SELECT doc_id FROM candidates").await {
+        out.insert(row[0].clone(), None);
+    }
+    let dropped = "SELECT doc_id, drop_reason FROM candidates_dropped";
+    for row in crate::util::rows(&ctx, dropped).await {
+        let reason = match row[1].as_str() {
+            "duplicate" => "duplicate",
+            "duplicate_across_files" => "duplicate_across_files",
+            other => panic!("unexpected drop reason {other}"),
+        };
+        assert!(
+            out.insert(row[0].clone(), Some(reason)).is_none(),
+            "{row:?} twice"
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exact_copies_keep_the_first_by_path_whatever_order_the_shards_ran_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (inputs, expected) = repeating_corpus(dir.path());
+    let reversed: Vec<String> = inputs.iter().rev().cloned().collect();
+    // One shard at a time in path order drops nearly every copy while its shard runs; in
+    // reverse order none can be, and the pass after moves them all; two at a time, some of
+    // each.
+    for (name, files, parallel) in [
+        ("forward-1", &inputs, 1),
+        ("reverse-1", &reversed, 1),
+        ("forward-2", &inputs, 2),
+        ("reverse-2", &reversed, 2),
+    ] {
+        let job = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &job,
+            format!("output = \"{name}\"\n[input]\npaths = []\n[execution]\ntarget_partitions = {parallel}\n"),
+        )
+        .unwrap();
+        let mut args = vec!["run", job.to_str().unwrap(), "--stages", "prepare"];
+        for input in files {
+            args.extend(["--input", input.as_str()]);
+        }
+        backforth_ok(&args);
+        let root = dir.path().join(name);
+        assert_eq!(reasons(&root).await, expected, "{name}");
+        let m = marker(&root, "candidates");
+        let count = |reason| expected.values().filter(|r| **r == Some(reason)).count();
+        assert_eq!(
+            m["dropped"],
+            json!({"duplicate": count("duplicate"), "duplicate_across_files": count("duplicate_across_files")}),
+            "{name}"
+        );
+        // Both ways of dropping a copy across files were taken where they must be.
+        let while_running: u64 = std::fs::read_dir(root.join("candidates/_shards"))
+            .unwrap()
+            .map(|e| {
+                let m: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap())
+                        .unwrap();
+                m["dropped_while_running"].as_u64().unwrap()
+            })
+            .sum();
+        match name {
+            "forward-1" => assert_eq!(while_running as usize, count("duplicate_across_files")),
+            "reverse-1" => assert_eq!(while_running, 0),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_shard_that_dropped_copies_kept_by_a_changed_file_is_redone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let doc = |id: &str, text: &str| json!({"id": id, "text": text}).to_string() + "\n";
+    std::fs::write(
+        data.join("a.jsonl"),
+        doc("a1", "Tides turn twice a day.") + &doc("a2", "Gulls nest on cliffs."),
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("b.jsonl"),
+        doc("b1", "Tides turn twice a day.") + &doc("b2", "Ferries run hourly."),
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    // One shard at a time: b.jsonl runs after a.jsonl and drops b1 while it runs.
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"data/\"]\n[execution]\ntarget_partitions = 1\n",
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    backforth_ok(&["run", job, "--stages", "prepare"]);
+    let root = dir.path().join("out");
+    let b: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("candidates/_shards/00001.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(b["dropped_while_running"], 1);
+    assert_eq!(b["outranked_by"].as_object().unwrap().len(), 1);
+    assert!(
+        !root
+            .join("candidates/_dropped/part-00001-0000-across.parquet")
+            .exists()
+    );
+
+    // a.jsonl changes: a1 is gone, so b1 is the first copy now and must be kept, though
+    // b.jsonl itself did not change.
+    std::fs::write(
+        data.join("a.jsonl"),
+        doc("a1", "Tides turned, once.") + &doc("a2", "Gulls nest on cliffs."),
+    )
+    .unwrap();
+    backforth_ok(&["run", job, "--stages", "prepare"]);
+    let m = marker(&root, "candidates");
+    assert_eq!(m["rows_out"], 4, "{m}");
+    assert_eq!(m["dropped"], json!({}));
 }
 
 #[test]
