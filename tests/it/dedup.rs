@@ -172,7 +172,8 @@ async fn dropped(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// Signatures are random numbers: written without a dictionary and without compression.
+/// Signatures are random numbers: written without a dictionary and without compression; the
+/// dedup key, text and ids, unique per row, without a dictionary.
 fn signatures_are_stored_plain(stage: &Path) {
     use datafusion::parquet::basic::{Compression, Encoding};
     use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
@@ -185,16 +186,25 @@ fn signatures_are_stored_plain(stage: &Path) {
     for part in parts {
         let reader = SerializedFileReader::new(std::fs::File::open(&part).unwrap()).unwrap();
         for group in reader.metadata().row_groups() {
-            let column = group
-                .columns()
-                .iter()
-                .find(|c| c.column_path().string() == "minhash.list.item")
-                .expect("a minhash column");
-            assert_eq!(column.compression(), Compression::UNCOMPRESSED);
-            assert!(
-                !column.encodings().any(|e| e == Encoding::RLE_DICTIONARY),
-                "{part:?}"
+            let column = |path: &str| {
+                group
+                    .columns()
+                    .iter()
+                    .find(|c| c.column_path().string() == path)
+                    .unwrap_or_else(|| panic!("a {path} column in {part:?}"))
+            };
+            assert_eq!(
+                column("minhash.list.item").compression(),
+                Compression::UNCOMPRESSED
             );
+            for path in ["minhash.list.item", "dedup_key", "text", "id", "doc_id"] {
+                assert!(
+                    !column(path)
+                        .encodings()
+                        .any(|e| e == Encoding::RLE_DICTIONARY),
+                    "{path} in {part:?}"
+                );
+            }
         }
     }
 }
