@@ -144,8 +144,14 @@ fn iso3(code: &str) -> String {
 /// most paragraph-long English texts unjudged, 0.5 still keeps short mixed texts out.
 const DETECTION_CONFIDENCE: f64 = 0.5;
 
-/// The language of a document: `lang`/`language` in its JSON metadata, else detected when
-/// the detector is sure (short or mixed texts are not judged: `None`).
+/// Bytes of a document the detector reads: its trigram scoring runs at about 10 MB/s, and a
+/// page's first two kilobytes of prose (boilerplate is stripped before) name its language as
+/// surely as the whole page.
+pub const DETECTED_PREFIX_BYTES: usize = 2048;
+
+/// The language of a document: `lang`/`language` in its JSON metadata, else detected from its
+/// first [`DETECTED_PREFIX_BYTES`] when the detector is sure (short or mixed texts are not
+/// judged: `None`).
 pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
     /// Only the two keys are read; the rest of the metadata (URLs, line ids) is skipped
     /// without building a tree.
@@ -162,10 +168,22 @@ pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
                 .find_map(|v| v.as_ref().and_then(|v| v.as_str()).map(iso3))
         });
     from_metadata.or_else(|| {
-        whatlang::detect(text)
+        whatlang::detect(prefix(text, DETECTED_PREFIX_BYTES))
             .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
             .map(|info| info.lang().code().to_string())
     })
+}
+
+/// At most `bytes` of `text`, ending at a character boundary.
+fn prefix(text: &str, bytes: usize) -> &str {
+    if text.len() <= bytes {
+        return text;
+    }
+    let mut end = bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn share(part: usize, whole: usize) -> f64 {

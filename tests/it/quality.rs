@@ -2,7 +2,8 @@
 //! drops counted under its own reason.
 
 use backforth::quality::{
-    QualityRules, WordStats, clean_document, is_boilerplate, language, paragraphs,
+    DETECTED_PREFIX_BYTES, QualityRules, WordStats, clean_document, is_boilerplate, language,
+    paragraphs,
 };
 
 use crate::util::{backforth_ok, marker};
@@ -101,6 +102,18 @@ fn each_rule_drops_its_document_and_keeps_a_good_one() {
         Some("eng")
     );
     assert_eq!(language(GOOD, None).as_deref(), Some("eng"));
+    // Only the first DETECTED_PREFIX_BYTES are read, cut at a character boundary wherever
+    // the limit falls inside an umlaut.
+    let german = "Über die Brücke fährt täglich ein Zug, und die Fähre läuft stündlich. ";
+    let english = "The harbour master keeps a log of every ship that comes and goes. ";
+    for pad in 0..16 {
+        let mut text = " ".repeat(pad);
+        while text.len() < DETECTED_PREFIX_BYTES {
+            text.push_str(german);
+        }
+        text.push_str(&english.repeat(200));
+        assert_eq!(language(&text, None).as_deref(), Some("deu"), "pad {pad}");
+    }
 }
 
 const BOILERPLATE: [&str; 10] = [
