@@ -8,6 +8,8 @@
 
 use serde::Serialize;
 
+use crate::text::ByteKinds;
+
 /// Near-dedup settings (`[prepare.near_dedup]`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,10 +168,7 @@ pub fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     while i < bytes.len() {
         let b = bytes[i];
         let in_word = if b.is_ascii_alphanumeric() {
-            let run = bytes[i..]
-                .iter()
-                .position(|b| !b.is_ascii_alphanumeric())
-                .unwrap_or(bytes.len() - i);
+            let run = alphanumeric_run(&bytes[i..]);
             hash.push_apostrophes(std::mem::take(&mut apostrophes));
             hash.push_ascii_alphanumeric(&bytes[i..i + run]);
             i += run;
@@ -199,6 +198,24 @@ pub fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
     if hash.started() {
         word(hash.finish());
     }
+}
+
+/// Length of the run of ASCII letters and digits `bytes` starts with: sixteen bytes at a time
+/// (a byte loop mispredicted at nearly every word's end).
+fn alphanumeric_run(bytes: &[u8]) -> usize {
+    let mut run = 0;
+    while let Some(window) = bytes.get(run..run + 16) {
+        let kinds = ByteKinds::of(u128::from_le_bytes(window.try_into().expect("16 bytes")));
+        let more = (!(kinds.lower | kinds.upper | kinds.digit)).trailing_zeros() as usize;
+        run += more;
+        if more < 16 {
+            return run;
+        }
+    }
+    run + bytes[run..]
+        .iter()
+        .position(|b| !b.is_ascii_alphanumeric())
+        .unwrap_or(bytes.len() - run)
 }
 
 /// The hash of the last `n` words, updated word by word: the polynomial

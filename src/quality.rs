@@ -12,6 +12,8 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::text::ByteKinds;
+
 /// `[prepare.quality]`: each rule is off unless set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,46 +241,115 @@ static CLASS: [u8; 256] = {
 };
 
 impl WordStats {
-    /// The counts of `text`.
+    /// The counts of `text`: sixteen bytes at a time where they hold neither dots nor
+    /// non-ASCII bytes (most of prose), byte by byte around those.
     pub fn of(text: &str) -> Self {
         let bytes = text.as_bytes();
-        let mut stats = Self::default();
-        let (mut in_word, mut has_letter) = (false, false);
+        let mut scan = WordScan::default();
         let mut i = 0;
         while i < bytes.len() {
-            let class = CLASS[bytes[i] as usize];
-            let (space, letter) = if class & (SPACE | DOT | NON_ASCII) == 0 {
-                i += 1;
-                stats.symbols += usize::from(class == HASH);
-                (false, class == LETTER)
-            } else if class == SPACE {
-                i += 1;
-                (true, false)
-            } else if class == DOT {
-                let run = bytes[i..].iter().take_while(|&&b| b == b'.').count();
-                i += run;
-                stats.symbols += run / 3;
-                (false, false)
-            } else {
-                let c = text[i..].chars().next().expect("a char boundary");
-                i += c.len_utf8();
-                stats.symbols += usize::from(c == '…');
-                (c.is_whitespace(), c.is_alphabetic())
+            let Some(window) = bytes.get(i..i + 16) else {
+                i = scan.step(text, i);
+                continue;
             };
-            if space {
-                stats.without_letter += usize::from(in_word && !has_letter);
-                in_word = false;
+            let window = u128::from_le_bytes(window.try_into().expect("16 bytes"));
+            let kinds = ByteKinds::of(window);
+            let special = kinds.non_ascii | ByteKinds::equal(window, b'.');
+            if special == 0 {
+                scan.window(&kinds, ByteKinds::equal(window, b'#'));
+                i += 16;
             } else {
-                if !in_word {
-                    stats.words += 1;
-                    has_letter = false;
+                // Byte by byte past the first dot or multi-byte character.
+                let past = i + special.trailing_zeros() as usize;
+                while i <= past {
+                    i = scan.step(text, i);
                 }
-                in_word = true;
-                has_letter |= letter;
             }
         }
-        stats.without_letter += usize::from(in_word && !has_letter);
-        stats
+        scan.finish()
+    }
+}
+
+/// [`WordStats`] being counted, and whether the last byte seen was inside a word (and had a
+/// letter by then).
+#[derive(Default)]
+struct WordScan {
+    stats: WordStats,
+    in_word: bool,
+    has_letter: bool,
+}
+
+impl WordScan {
+    /// Counts the byte, dot run or character at `text[i..]`; returns where the next starts.
+    fn step(&mut self, text: &str, mut i: usize) -> usize {
+        let bytes = text.as_bytes();
+        let class = CLASS[bytes[i] as usize];
+        let (space, letter) = if class & (SPACE | DOT | NON_ASCII) == 0 {
+            i += 1;
+            self.stats.symbols += usize::from(class == HASH);
+            (false, class == LETTER)
+        } else if class == SPACE {
+            i += 1;
+            (true, false)
+        } else if class == DOT {
+            let run = bytes[i..].iter().take_while(|&&b| b == b'.').count();
+            i += run;
+            self.stats.symbols += run / 3;
+            (false, false)
+        } else {
+            let c = text[i..].chars().next().expect("a char boundary");
+            i += c.len_utf8();
+            self.stats.symbols += usize::from(c == '…');
+            (c.is_whitespace(), c.is_alphabetic())
+        };
+        if space {
+            self.stats.without_letter += usize::from(self.in_word && !self.has_letter);
+            self.in_word = false;
+        } else {
+            if !self.in_word {
+                self.stats.words += 1;
+                self.has_letter = false;
+            }
+            self.in_word = true;
+            self.has_letter |= letter;
+        }
+        i
+    }
+
+    /// Counts sixteen ASCII bytes without dots, of the given kinds and `#` positions (bit `i`
+    /// for byte `i`).
+    fn window(&mut self, kinds: &ByteKinds, hashes: u32) {
+        const ALL: u32 = 0xFFFF;
+        let word = !kinds.whitespace & ALL;
+        if self.in_word && word & 1 == 0 {
+            // The word running into this window ended with the last one.
+            self.stats.without_letter += usize::from(!self.has_letter);
+            self.in_word = false;
+        }
+        let starts = word & !((word << 1) | u32::from(self.in_word));
+        self.stats.words += starts.count_ones() as usize;
+        self.stats.symbols += hashes.count_ones() as usize;
+        // Letters spread forward through their word, doubling the reach each step: bit `i`
+        // of `reach_k` is set when bytes `i - k ..= i` are all in one word.
+        let mut lettered = (kinds.lower | kinds.upper) | u32::from(self.in_word && self.has_letter);
+        let reach_1 = word & (word << 1);
+        let reach_2 = reach_1 & (reach_1 << 1);
+        let reach_4 = reach_2 & (reach_2 << 2);
+        let reach_8 = reach_4 & (reach_4 << 4);
+        lettered |= (lettered << 1) & reach_1;
+        lettered |= (lettered << 2) & reach_2;
+        lettered |= (lettered << 4) & reach_4;
+        lettered |= (lettered << 8) & reach_8;
+        // Words ending inside the window; one reaching its last byte may go on.
+        let ends = word & !(word >> 1) & (ALL >> 1);
+        self.stats.without_letter += (ends & !lettered).count_ones() as usize;
+        self.in_word = word >> 15 != 0;
+        self.has_letter = lettered >> 15 != 0;
+    }
+
+    fn finish(mut self) -> WordStats {
+        self.stats.without_letter += usize::from(self.in_word && !self.has_letter);
+        self.stats
     }
 }
 

@@ -427,6 +427,8 @@ pub struct ByteKinds {
     pub lower: u32,
     /// `A` to `Z`.
     pub upper: u32,
+    /// `0` to `9`.
+    pub digit: u32,
     /// The space character.
     pub space: u32,
     /// ASCII whitespace: space, `\t`, `\n`, `\x0B`, `\x0C`, `\r`.
@@ -454,6 +456,7 @@ impl ByteKinds {
             Self {
                 lower: within(b'a', b'z'),
                 upper: within(b'A', b'Z'),
+                digit: within(b'0', b'9'),
                 space,
                 whitespace: space | within(b'\t', b'\r'),
                 non_ascii: _mm_movemask_epi8(v) as u32,
@@ -475,10 +478,36 @@ impl ByteKinds {
         Self {
             lower: high_bits(ascii_bytes_in(window, b'a', b'z')),
             upper: high_bits(ascii_bytes_in(window, b'A', b'Z')),
+            digit: high_bits(ascii_bytes_in(window, b'0', b'9')),
             space,
             whitespace: space | high_bits(ascii_bytes_in(window, b'\t', b'\r')),
             non_ascii: high_bits(window & HIGH_BITS),
         }
+    }
+
+    /// The bytes of `window` equal to the ASCII byte `byte`, with SSE2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub fn equal(window: u128, byte: u8) -> u32 {
+        use std::arch::x86_64::*;
+        debug_assert!(byte.is_ascii());
+        // SAFETY: SSE2 is part of every x86_64 CPU; the intrinsics read only this vector.
+        unsafe {
+            let v = _mm_loadu_si128((&window as *const u128).cast());
+            _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(byte as i8))) as u32
+        }
+    }
+
+    /// The bytes of `window` equal to the ASCII byte `byte`.
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    pub fn equal(window: u128, byte: u8) -> u32 {
+        Self::portable_equal(window, byte)
+    }
+
+    /// The same answer as [`ByteKinds::equal`] from plain integer operations.
+    pub fn portable_equal(window: u128, byte: u8) -> u32 {
+        high_bits(ascii_bytes_in(window, byte, byte))
     }
 }
 

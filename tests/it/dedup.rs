@@ -337,7 +337,18 @@ fn words_are_hashed_as_text_words_cuts_them() {
         // Runs of ASCII that start after other bytes of their word, off the 8-byte grid.
         "x'ABCDEFGHIJKLMNOPQRS éabcdefghijklmnopq Don'tStopBelievingNow",
     ];
-    for text in texts {
+    // Words of every length around the 16-byte windows the scan reads, inside and at the end.
+    let lengths: Vec<String> = (1..=49)
+        .map(|n| {
+            let word: String = (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+            format!("{word}.{word}9 {word}")
+        })
+        .collect();
+    for text in texts
+        .iter()
+        .copied()
+        .chain(lengths.iter().map(String::as_str))
+    {
         let mut streamed = Vec::new();
         word_hashes(text, |h| streamed.push(h));
         let expected: Vec<u64> = backforth::text::words(text)

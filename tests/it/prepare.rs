@@ -155,24 +155,31 @@ fn byte_kinds_of_a_window_match_byte_by_byte_tests() {
     let mut rng = crate::rng::Rng(5);
     // Each byte from a draw weighted to the class edges ('@', '[', '`', '{', tab to CR, space,
     // 0x7F, 0x80, 0xFF), then anything.
-    let edges = b"@AZ[`az{\x08\t\n\x0b\x0c\r\x0e \x1f!\x7f\x80\xc3\xff";
+    let edges = b"@AZ[`az{/09:#.\x08\t\n\x0b\x0c\r\x0e \x1f!\x7f\x80\xc3\xff";
     for _ in 0..100_000 {
         let bytes: [u8; 16] = std::array::from_fn(|_| match rng.below(3) {
             0 => edges[rng.below(edges.len() as u64) as usize],
             _ => rng.below(256) as u8,
         });
-        let mask =
-            |test: fn(u8) -> bool| (0..16).fold(0u32, |m, i| m | u32::from(test(bytes[i])) << i);
+        let mask = |test: &dyn Fn(u8) -> bool| {
+            (0..16).fold(0u32, |m, i| m | u32::from(test(bytes[i])) << i)
+        };
         let expected = ByteKinds {
-            lower: mask(|b| b.is_ascii_lowercase()),
-            upper: mask(|b| b.is_ascii_uppercase()),
-            space: mask(|b| b == b' '),
-            whitespace: mask(|b| matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')),
-            non_ascii: mask(|b| b >= 0x80),
+            lower: mask(&|b| b.is_ascii_lowercase()),
+            upper: mask(&|b| b.is_ascii_uppercase()),
+            digit: mask(&|b| b.is_ascii_digit()),
+            space: mask(&|b| b == b' '),
+            whitespace: mask(&|b| matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')),
+            non_ascii: mask(&|b| b >= 0x80),
         };
         let window = u128::from_le_bytes(bytes);
         assert_eq!(ByteKinds::of(window), expected, "{bytes:?}");
         assert_eq!(ByteKinds::portable(window), expected, "{bytes:?}");
+        for byte in [b'#', b'.', b'\'', b' '] {
+            let equal = mask(&|b| b == byte);
+            assert_eq!(ByteKinds::equal(window, byte), equal, "{bytes:?}");
+            assert_eq!(ByteKinds::portable_equal(window, byte), equal, "{bytes:?}");
+        }
     }
 }
 

@@ -229,12 +229,23 @@ fn fuzzed(seed: u64) -> Vec<String> {
         " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\u{a0}", "\u{85}", "\u{2003}", ".",
         "..", "...", "#", "…", "a", "Tea", "42", "ß", "東京", "-", "'", "é", "½", "!",
     ];
+    // Mostly ASCII words, so that whole 16-byte windows hold no dot and no multi-byte
+    // character, and words cross the windows' edges at every offset.
+    let ascii = [
+        " ", " ", " ", "\n", "\t", "a", "Tea", "planks", "42", "#", "-", "'", "!", "x9",
+    ];
     let mut rng = fastrand::Rng::with_seed(seed);
-    (0..400)
-        .map(|_| {
-            let len = rng.usize(..40);
+    (0..800)
+        .map(|k| {
+            let (from, len): (&[&str], usize) = match k % 2 {
+                0 => (&pieces, rng.usize(..40)),
+                _ => (&ascii, rng.usize(..120)),
+            };
             (0..len)
-                .map(|_| pieces[rng.usize(..pieces.len())])
+                .map(|_| match rng.u8(..20) {
+                    0 => pieces[rng.usize(..pieces.len())],
+                    _ => from[rng.usize(..from.len())],
+                })
                 .collect()
         })
         .collect()
