@@ -117,21 +117,36 @@ impl WordHash {
         }
     }
 
-    /// ASCII letters and digits, lower-cased (`| 0x20` leaves digits as they are), eight
-    /// bytes to one mixing step once the pending bytes are aligned.
-    fn push_ascii_alphanumeric(&mut self, mut run: &[u8]) {
-        while self.filled != 0 && !run.is_empty() {
-            self.push(run[0] | 0x20);
-            run = &run[1..];
+    /// The first `run` bytes of `bytes`, ASCII letters and digits, lower-cased (`| 0x20`
+    /// leaves digits as they are): eight bytes to one mixing step once the pending bytes are
+    /// aligned, and the last few taken in one load when `bytes` goes on past them.
+    fn push_ascii_alphanumeric(&mut self, bytes: &[u8], run: usize) {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
+        let mut at = 0;
+        while self.filled != 0 && at < run {
+            self.push(bytes[at] | 0x20);
+            at += 1;
         }
-        let mut chunks = run.chunks_exact(8);
-        for chunk in &mut chunks {
-            let eight =
-                u64::from_le_bytes(chunk.try_into().expect("eight bytes")) | 0x2020_2020_2020_2020;
-            self.state = (self.state ^ eight).wrapping_mul(MIX).rotate_left(31);
+        while run - at >= 8 {
+            let eight = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
+            self.state = (self.state ^ (eight | LOWER))
+                .wrapping_mul(MIX)
+                .rotate_left(31);
             self.len += 8;
+            at += 8;
         }
-        chunks.remainder().iter().for_each(|&b| self.push(b | 0x20));
+        let left = run - at;
+        match bytes.get(at..at + 8) {
+            Some(eight) if left > 0 => {
+                // `filled` is 0 here: the loop above emptied it or the run is done.
+                let keep = u64::MAX >> (64 - 8 * left);
+                let eight = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
+                self.pending = (eight | LOWER) & keep;
+                self.filled = left as u32;
+                self.len += left as u64;
+            }
+            _ => bytes[at..run].iter().for_each(|&b| self.push(b | 0x20)),
+        }
     }
 
     fn push_apostrophes(&mut self, count: usize) {
@@ -170,7 +185,7 @@ pub fn word_hashes(text: &str, mut word: impl FnMut(u64)) {
         let in_word = if b.is_ascii_alphanumeric() {
             let run = alphanumeric_run(&bytes[i..]);
             hash.push_apostrophes(std::mem::take(&mut apostrophes));
-            hash.push_ascii_alphanumeric(&bytes[i..i + run]);
+            hash.push_ascii_alphanumeric(&bytes[i..], run);
             i += run;
             true
         } else if b == b'\'' {
