@@ -25,8 +25,9 @@ use crate::error::Result;
 use crate::storage::Location;
 
 /// Kept texts a run remembers across its shards; past this many, new texts are no longer
-/// remembered (each costs about 48 bytes) and their later copies are left to the pass after.
-const REMEMBERED_TEXTS: usize = 4 << 20;
+/// remembered and their later copies are left to the pass after. 3 Mi entries of 40 bytes
+/// stay within a table of 4 Mi slots: at most about 170 MB.
+const REMEMBERED_TEXTS: usize = 3 << 20;
 
 /// Where a row comes from, in the order that decides which copy survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
