@@ -11,6 +11,7 @@
 //! Dropping while running spares that pass most rewrites: on the web, short pages repeat in
 //! nearly every file, and rewriting a part costs a decode and an encode of all its rows.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +41,7 @@ struct Position {
 
 /// The earliest kept copy of a text seen so far in this run, and the shard that kept it.
 #[derive(Clone, Copy)]
-struct Copy {
+struct FirstCopy {
     at: Position,
     shard: u32,
 }
@@ -48,7 +49,7 @@ struct Copy {
 #[derive(Default)]
 struct Remembered {
     /// Key halves, not a `u128`, so an entry is 8- rather than 16-byte aligned.
-    first: HashMap<[u64; 2], Copy>,
+    first: HashMap<[u64; 2], FirstCopy>,
     /// Shard -> the shards whose copies outranked rows it dropped.
     outranked_by: HashMap<u32, BTreeSet<u32>>,
 }
@@ -138,18 +139,18 @@ impl FirstCopies {
                 let halves = [key as u64, (key >> 64) as u64];
                 let len = remembered.first.len();
                 match remembered.first.entry(halves) {
-                    std::collections::hash_map::Entry::Occupied(first) if first.get().at < here => {
+                    Entry::Occupied(first) if first.get().at < here => {
                         let by = first.get().shard;
                         remembered.outranked_by.entry(shard).or_default().insert(by);
                         *reason = Some(ACROSS_FILES);
                     }
                     // This copy comes first: a copy already written elsewhere is moved later.
-                    std::collections::hash_map::Entry::Occupied(mut first) => {
-                        first.insert(Copy { at: here, shard });
+                    Entry::Occupied(mut first) => {
+                        first.insert(FirstCopy { at: here, shard });
                     }
-                    std::collections::hash_map::Entry::Vacant(slot) => {
+                    Entry::Vacant(slot) => {
                         if len < REMEMBERED_TEXTS {
-                            slot.insert(Copy { at: here, shard });
+                            slot.insert(FirstCopy { at: here, shard });
                         }
                     }
                 }
