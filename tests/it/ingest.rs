@@ -148,22 +148,34 @@ fn write_parquet(path: &Path) {
     w.close().unwrap();
 }
 
+/// Writes `(id, text)` documents to the JSONL file `path`.
+fn write_docs(path: &Path, docs: &[(&str, &str)]) {
+    let body: String = docs
+        .iter()
+        .map(|(id, text)| json!({"id": id, "text": text}).to_string() + "\n")
+        .collect();
+    std::fs::write(path, body).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let doc = |id: &str, text: &str| json!({"id": id, "text": text}).to_string() + "\n";
-    std::fs::write(
-        data.join("a.jsonl"),
-        doc("a1", "Rivers carry silt to the sea.") + &doc("a2", "Bridges need inspection."),
-    )
-    .unwrap();
-    std::fs::write(
-        data.join("b.jsonl"),
-        doc("b1", "rivers  carry silt to the SEA.") + &doc("b2", "Orchards need pruning."),
-    )
-    .unwrap();
+    write_docs(
+        &data.join("a.jsonl"),
+        &[
+            ("a1", "Rivers carry silt to the sea."),
+            ("a2", "Bridges need inspection."),
+        ],
+    );
+    write_docs(
+        &data.join("b.jsonl"),
+        &[
+            ("b1", "rivers  carry silt to the SEA."),
+            ("b2", "Orchards need pruning."),
+        ],
+    );
     let job = job(dir.path(), "data/", "error");
     backforth_ok(&["run", &job, "--stages", "prepare"]);
     let root = dir.path().join("out-error");
@@ -214,11 +226,13 @@ async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
     assert_eq!(marker(&root, "candidates")["rows_out"], 3);
 
     // A new file sorting last becomes a new shard; the others are kept.
-    std::fs::write(
-        data.join("c.jsonl"),
-        doc("c1", "Orchards need pruning.") + &doc("c2", "Lanterns light the harbour."),
-    )
-    .unwrap();
+    write_docs(
+        &data.join("c.jsonl"),
+        &[
+            ("c1", "Orchards need pruning."),
+            ("c2", "Lanterns light the harbour."),
+        ],
+    );
     backforth_ok(&["run", &job, "--stages", "prepare"]);
     assert_eq!(
         std::fs::metadata(&part_a).unwrap().modified().unwrap(),
@@ -343,17 +357,20 @@ fn a_shard_that_dropped_copies_kept_by_a_changed_file_is_redone() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let doc = |id: &str, text: &str| json!({"id": id, "text": text}).to_string() + "\n";
-    std::fs::write(
-        data.join("a.jsonl"),
-        doc("a1", "Tides turn twice a day.") + &doc("a2", "Gulls nest on cliffs."),
-    )
-    .unwrap();
-    std::fs::write(
-        data.join("b.jsonl"),
-        doc("b1", "Tides turn twice a day.") + &doc("b2", "Ferries run hourly."),
-    )
-    .unwrap();
+    write_docs(
+        &data.join("a.jsonl"),
+        &[
+            ("a1", "Tides turn twice a day."),
+            ("a2", "Gulls nest on cliffs."),
+        ],
+    );
+    write_docs(
+        &data.join("b.jsonl"),
+        &[
+            ("b1", "Tides turn twice a day."),
+            ("b2", "Ferries run hourly."),
+        ],
+    );
     let job = dir.path().join("job.toml");
     // One shard at a time: b.jsonl runs after a.jsonl and drops b1 while it runs.
     std::fs::write(
@@ -378,11 +395,13 @@ fn a_shard_that_dropped_copies_kept_by_a_changed_file_is_redone() {
 
     // a.jsonl changes: a1 is gone, so b1 is the first copy now and must be kept, though
     // b.jsonl itself did not change.
-    std::fs::write(
-        data.join("a.jsonl"),
-        doc("a1", "Tides turned, once.") + &doc("a2", "Gulls nest on cliffs."),
-    )
-    .unwrap();
+    write_docs(
+        &data.join("a.jsonl"),
+        &[
+            ("a1", "Tides turned, once."),
+            ("a2", "Gulls nest on cliffs."),
+        ],
+    );
     backforth_ok(&["run", job, "--stages", "prepare"]);
     let m = marker(&root, "candidates");
     assert_eq!(m["rows_out"], 4, "{m}");
