@@ -829,55 +829,14 @@ impl Runner<'_> {
         let results: Vec<Result<(String, String, InputShardMarker)>> =
             futures::stream::iter(files.into_iter().enumerate())
                 .map(|(k, file)| {
-                    let (out, sources, kept) = (&out, &sources, &kept);
+                    let (sources, kept) = (&sources, &kept);
                     async move {
-                        let id = input_shard_id(k);
                         let shown = file.display.clone();
-                        let source = sources[&id].clone();
-                        let path = out.child(SHARDS_DIR).path(&format!("{id}.json"));
-                        let marker = match read_json::<InputShardMarker>(&self.root, &path).await? {
-                            Some(done)
-                                if done.stats.fingerprint == plan.fingerprint
-                                    && done.stats.upstream == source
-                                    && done
-                                        .outranked_by
-                                        .iter()
-                                        .all(|(id, input)| sources.get(id) == Some(input)) =>
-                            {
-                                done
-                            }
-                            _ => {
-                                let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
-                                let stats = self.run_input_shard(plan, &id, file, dedup).await?;
-                                let outranked_by = kept
-                                    .outranking(k as u32)
-                                    .into_iter()
-                                    .map(|j| {
-                                        let id = input_shard_id(j as usize);
-                                        let input = sources[&id].clone();
-                                        (id, input)
-                                    })
-                                    .collect();
-                                let marker = InputShardMarker {
-                                    dropped_while_running: stats
-                                        .dropped
-                                        .get(ACROSS_FILES)
-                                        .copied()
-                                        .unwrap_or(0),
-                                    outranked_by,
-                                    stats: StageStats {
-                                        upstream: source,
-                                        ..stats
-                                    },
-                                };
-                                write_json(&self.root, &path, &marker).await?;
-                                marker
-                            }
-                        };
+                        let marker = self.input_shard(plan, k, file, sources, kept).await?;
                         self.progress
                             .shards_done
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Ok((id, shown, marker))
+                        Ok((input_shard_id(k), shown, marker))
                     }
                 })
                 .buffered(parallel)
@@ -902,6 +861,57 @@ impl Runner<'_> {
         total.shards = parts;
         write_json(&self.root, &out.path(SUCCESS_MARKER), &total).await?;
         Ok(total)
+    }
+
+    /// Shard `k` of the input stage: its marker when it was published under this definition
+    /// and every input its dedup relied on is unchanged, else the shard run and published
+    /// now. `sources` holds each shard's input by id.
+    async fn input_shard(
+        &self,
+        plan: &StagePlan,
+        k: usize,
+        file: crate::storage::InputFile,
+        sources: &BTreeMap<String, String>,
+        kept: &Arc<KeptCopies>,
+    ) -> Result<InputShardMarker> {
+        let id = input_shard_id(k);
+        let source = sources[&id].clone();
+        let path = self
+            .root
+            .child(&plan.name)
+            .child(SHARDS_DIR)
+            .path(&format!("{id}.json"));
+        if let Some(done) = read_json::<InputShardMarker>(&self.root, &path).await?
+            && done.stats.fingerprint == plan.fingerprint
+            && done.stats.upstream == source
+            && done
+                .outranked_by
+                .iter()
+                .all(|(id, input)| sources.get(id) == Some(input))
+        {
+            return Ok(done);
+        }
+        let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
+        let stats = self.run_input_shard(plan, &id, file, dedup).await?;
+        let outranked_by = kept
+            .outranking(k as u32)
+            .into_iter()
+            .map(|j| {
+                let id = input_shard_id(j as usize);
+                let input = sources[&id].clone();
+                (id, input)
+            })
+            .collect();
+        let marker = InputShardMarker {
+            dropped_while_running: stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0),
+            outranked_by,
+            stats: StageStats {
+                upstream: source,
+                ..stats
+            },
+        };
+        write_json(&self.root, &path, &marker).await?;
+        Ok(marker)
     }
 
     async fn run_input_shard(
