@@ -146,9 +146,9 @@ fn iso3(code: &str) -> String {
 /// most paragraph-long English texts unjudged, 0.5 still keeps short mixed texts out.
 const DETECTION_CONFIDENCE: f64 = 0.5;
 
-/// Bytes of a document the detector reads: its trigram scoring runs at about 10 MB/s, and a
-/// page's first two kilobytes of prose (boilerplate is stripped before) name its language as
-/// surely as the whole page.
+/// Bytes of a document the detector reads: whatlang counts every trigram it is given, on top
+/// of a fixed cost per document, and a page's first two kilobytes of prose (boilerplate is
+/// stripped before) name its language as surely as the whole page.
 pub const DETECTED_PREFIX_BYTES: usize = 2048;
 
 /// The language of a document: `lang`/`language` in its JSON metadata, else detected from its
