@@ -155,6 +155,11 @@ pub const DETECTED_PREFIX_BYTES: usize = 2048;
 /// first [`DETECTED_PREFIX_BYTES`] when the detector is sure (short or mixed texts are not
 /// judged: `None`).
 pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
+    metadata_language(metadata).or_else(|| detected_language(text))
+}
+
+/// The language a document's JSON metadata states (`lang`, `language`), as ISO 639-3.
+fn metadata_language(metadata: Option<&str>) -> Option<String> {
     /// Only the two keys are read; the rest of the metadata (URLs, line ids) is skipped
     /// without building a tree.
     #[derive(Deserialize)]
@@ -162,18 +167,17 @@ pub fn language(text: &str, metadata: Option<&str>) -> Option<String> {
         lang: Option<serde_json::Value>,
         language: Option<serde_json::Value>,
     }
-    let from_metadata = metadata
-        .and_then(|m| serde_json::from_str::<Keys>(m).ok())
-        .and_then(|keys| {
-            [keys.lang, keys.language]
-                .into_iter()
-                .find_map(|v| v.as_ref().and_then(|v| v.as_str()).map(iso3))
-        });
-    from_metadata.or_else(|| {
-        whatlang::detect(prefix(text, DETECTED_PREFIX_BYTES))
-            .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
-            .map(|info| info.lang().code().to_string())
-    })
+    let keys = serde_json::from_str::<Keys>(metadata?).ok()?;
+    [keys.lang, keys.language]
+        .into_iter()
+        .find_map(|v| v.as_ref().and_then(|v| v.as_str()).map(iso3))
+}
+
+/// The language whatlang finds in the text's first [`DETECTED_PREFIX_BYTES`], when it is sure.
+fn detected_language(text: &str) -> Option<String> {
+    whatlang::detect(prefix(text, DETECTED_PREFIX_BYTES))
+        .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
+        .map(|info| info.lang().code().to_string())
 }
 
 /// At most `bytes` of `text`, ending at a character boundary.
@@ -394,14 +398,37 @@ fn punctuated_share(text: &str) -> f64 {
 
 impl QualityRules {
     /// The first rule `text` fails, as its drop reason; `metadata` is the document's JSON
-    /// metadata (for its language).
+    /// metadata (for its language). A language the metadata states is checked first; a
+    /// detected one last, so a document failing another rule too is counted under that rule.
     pub fn problem(&self, text: &str, metadata: Option<&str>) -> Option<&'static str> {
-        if let Some(wanted) = &self.languages
-            && let Some(lang) = language(text, metadata)
-            && !wanted.iter().any(|w| iso3(w) == lang)
+        let wrong = |lang: &str| {
+            self.languages
+                .as_ref()
+                .is_some_and(|wanted| !wanted.iter().any(|w| iso3(w) == lang))
+        };
+        let stated = self
+            .languages
+            .as_ref()
+            .and_then(|_| metadata_language(metadata));
+        if stated.as_deref().is_some_and(wrong) {
+            return Some("wrong_language");
+        }
+        if let Some(rule) = self.text_problem(text) {
+            return Some(rule);
+        }
+        // The detector costs more than every other rule together: it runs last, on what
+        // they kept.
+        if self.languages.is_some()
+            && stated.is_none()
+            && detected_language(text).as_deref().is_some_and(wrong)
         {
             return Some("wrong_language");
         }
+        None
+    }
+
+    /// The first rule other than the language that `text` fails.
+    fn text_problem(&self, text: &str) -> Option<&'static str> {
         // Most jobs set no word rule: no need to scan every candidate's words.
         if self.min_words.is_some()
             || self.max_symbol_ratio.is_some()

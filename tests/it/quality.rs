@@ -96,6 +96,19 @@ fn each_rule_drops_its_document_and_keeps_a_good_one() {
     }
     // No rule set: nothing is dropped.
     assert_eq!(QualityRules::default().problem("# ... 1 2 3", None), None);
+    // A stated language is checked before the other rules, a detected one after them (the
+    // detector is the costliest rule).
+    let strict = QualityRules {
+        languages: Some(vec!["en".into()]),
+        min_words: Some(30),
+        ..Default::default()
+    };
+    let short_german = "Der Wasserkocher bringt das Wasser schnell zum Kochen. Gießen Sie es über die Teeblätter und warten Sie drei Minuten.";
+    assert_eq!(strict.problem(short_german, None), Some("too_few_words"));
+    assert_eq!(
+        strict.problem(short_german, Some(r#"{"lang": "de"}"#)),
+        Some("wrong_language")
+    );
     // Metadata wins over detection; without it the detector decides.
     assert_eq!(
         language(GOOD, Some(r#"{"language": "en-US"}"#)).as_deref(),
