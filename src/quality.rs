@@ -245,8 +245,8 @@ static CLASS: [u8; 256] = {
 };
 
 impl WordStats {
-    /// The counts of `text`: sixteen bytes at a time where they hold neither dots nor
-    /// non-ASCII bytes (most of prose), byte by byte around those.
+    /// The counts of `text`: sixteen bytes at a time where they hold no run of dots and no
+    /// non-ASCII byte (most of prose), byte by byte around those.
     pub fn of(text: &str) -> Self {
         let bytes = text.as_bytes();
         let mut scan = WordScan::default();
@@ -258,12 +258,15 @@ impl WordStats {
             };
             let window = u128::from_le_bytes(window.try_into().expect("16 bytes"));
             let kinds = ByteKinds::of(window);
-            let special = kinds.non_ascii | ByteKinds::equal(window, b'.');
+            // A lone dot counts for nothing; a run of them (which may go on past the
+            // window's last byte) is counted byte by byte.
+            let dots = ByteKinds::equal(window, b'.');
+            let special = kinds.non_ascii | (dots & (dots >> 1)) | (dots & 0x8000);
             if special == 0 {
                 scan.window(&kinds, ByteKinds::equal(window, b'#'));
                 i += 16;
             } else {
-                // Byte by byte past the first dot or multi-byte character.
+                // Byte by byte past the first run of dots or multi-byte character.
                 let past = i + special.trailing_zeros() as usize;
                 while i <= past {
                     i = scan.step(text, i);
@@ -320,8 +323,8 @@ impl WordScan {
         i
     }
 
-    /// Counts sixteen ASCII bytes without dots, of the given kinds and `#` positions (bit `i`
-    /// for byte `i`).
+    /// Counts sixteen ASCII bytes without a run of dots, of the given kinds and `#` positions
+    /// (bit `i` for byte `i`).
     fn window(&mut self, kinds: &ByteKinds, hashes: u32) {
         const ALL: u32 = 0xFFFF;
         let word = !kinds.whitespace & ALL;

@@ -245,7 +245,8 @@ fn fuzzed(seed: u64) -> Vec<String> {
     // Mostly ASCII words, so that whole 16-byte windows hold no dot and no multi-byte
     // character, and words cross the windows' edges at every offset.
     let ascii = [
-        " ", " ", " ", "\n", "\t", "a", "Tea", "planks", "42", "#", "-", "'", "!", "x9",
+        " ", " ", " ", "\n", "\t", "a", "Tea", "planks", "42", "#", "-", "'", "!", "x9", ".", ". ",
+        "..",
     ];
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..800)
