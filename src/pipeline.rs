@@ -365,6 +365,11 @@ struct InputShardMarker {
     outranked_by: BTreeMap<String, String>,
 }
 
+/// Where the marker publishing shard `id` of the stage under `stage_dir` is written.
+fn shard_marker_path(stage_dir: &Location, id: &str) -> object_store::path::Path {
+    stage_dir.child(SHARDS_DIR).path(&format!("{id}.json"))
+}
+
 /// Id of the `k`-th shard of the stage that reads the input.
 fn input_shard_id(k: usize) -> String {
     format!("{k:05}")
@@ -876,11 +881,7 @@ impl Runner<'_> {
     ) -> Result<InputShardMarker> {
         let id = input_shard_id(k);
         let source = sources[&id].clone();
-        let path = self
-            .root
-            .child(&plan.name)
-            .child(SHARDS_DIR)
-            .path(&format!("{id}.json"));
+        let path = shard_marker_path(&self.root.child(&plan.name), &id);
         if let Some(done) = read_json::<InputShardMarker>(&self.root, &path).await?
             && done.stats.fingerprint == plan.fingerprint
             && done.stats.upstream == source
@@ -1050,7 +1051,7 @@ impl Runner<'_> {
                     stats.dropped.insert(ACROSS_FILES.to_string(), across);
                 }
                 stats.rows_out = stats.rows_in - stats.dropped.values().sum::<u64>();
-                let path = out.child(SHARDS_DIR).path(&format!("{shard}.json"));
+                let path = shard_marker_path(&out, shard);
                 write_json(&self.root, &path, &*marker).await?;
             }
         }
@@ -1247,17 +1248,12 @@ impl Runner<'_> {
         near: Option<&NearDuplicates>,
     ) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
-        let marker = out.child(SHARDS_DIR).path(&format!("{id}.json"));
+        let marker = shard_marker_path(&out, id);
         let up_file = self
             .root
             .child(&up.name)
             .path(&format!("part-{id}.parquet"));
-        let shard_marker = |name: &str| {
-            self.root
-                .child(&up.name)
-                .child(SHARDS_DIR)
-                .path(&format!("{name}.json"))
-        };
+        let shard_marker = |name: &str| shard_marker_path(&self.root.child(&up.name), name);
         // The marker this shard's input was published by: the upstream shard's own, or for
         // parts of the input stage the marker of the input file they came from.
         let up_marker = if up.sharded_on(self.job).is_some() {
@@ -1314,7 +1310,7 @@ impl Runner<'_> {
 
     /// Writes the stage's `_SUCCESS` (totals over all shards) once every shard is published.
     async fn publish_if_all_shards(&self, plan: &StagePlan, ids: &[String]) -> Result<()> {
-        let dir = self.root.child(&plan.name).child(SHARDS_DIR);
+        let dir = self.root.child(&plan.name);
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -1322,7 +1318,7 @@ impl Runner<'_> {
             ..StageStats::default()
         };
         for id in ids {
-            match read_json::<StageStats>(&self.root, &dir.path(&format!("{id}.json"))).await? {
+            match read_json::<StageStats>(&self.root, &shard_marker_path(&dir, id)).await? {
                 Some(s) if s.fingerprint == plan.fingerprint => total.absorb(&s),
                 _ => return Ok(()),
             }

@@ -404,30 +404,21 @@ impl QualityRules {
     /// metadata (for its language). A language the metadata states is checked first; a
     /// detected one last, so a document failing another rule too is counted under that rule.
     pub fn problem(&self, text: &str, metadata: Option<&str>) -> Option<&'static str> {
-        let wrong = |lang: &str| {
-            self.languages
-                .as_ref()
-                .is_some_and(|wanted| !wanted.iter().any(|w| iso3(w) == lang))
+        let Some(wanted) = &self.languages else {
+            return self.text_problem(text);
         };
-        let stated = self
-            .languages
-            .as_ref()
-            .and_then(|_| metadata_language(metadata));
-        if stated.as_deref().is_some_and(wrong) {
-            return Some("wrong_language");
+        let wrong = |lang: &str| !wanted.iter().any(|w| iso3(w) == lang);
+        match metadata_language(metadata) {
+            Some(stated) if wrong(&stated) => Some("wrong_language"),
+            Some(_) => self.text_problem(text),
+            // The detector costs more than every other rule together: it runs last, on what
+            // they kept.
+            None => self.text_problem(text).or_else(|| {
+                detected_language(text)
+                    .is_some_and(|lang| wrong(&lang))
+                    .then_some("wrong_language")
+            }),
         }
-        if let Some(rule) = self.text_problem(text) {
-            return Some(rule);
-        }
-        // The detector costs more than every other rule together: it runs last, on what
-        // they kept.
-        if self.languages.is_some()
-            && stated.is_none()
-            && detected_language(text).as_deref().is_some_and(wrong)
-        {
-            return Some("wrong_language");
-        }
-        None
     }
 
     /// The first rule other than the language that `text` fails.

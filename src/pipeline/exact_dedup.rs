@@ -115,34 +115,40 @@ impl FirstCopies {
         let keys = cast(keys, &DataType::Utf8)?;
         let keys = keys.as_string::<i32>();
         let old = reasons.as_string::<i32>();
-        let mut marked: Vec<Option<&str>> = (0..keys.len())
-            .map(|row| match (old.is_null(row), keys.is_null(row)) {
-                (true, false) if !self.within.insert(key_bits(keys.value(row))) => {
-                    Some("duplicate")
-                }
-                (true, _) => None,
+        let mut marked: Vec<Option<&str>> = Vec::with_capacity(keys.len());
+        // Rows still kept after dedup within the shard, with their keys.
+        let mut firsts = Vec::new();
+        for row in 0..keys.len() {
+            marked.push(match (old.is_null(row), keys.is_null(row)) {
                 (false, _) => Some(old.value(row)),
-            })
-            .collect();
-        if let Some(positions) = positions {
+                (true, true) => None,
+                (true, false) => {
+                    let key = key_bits(keys.value(row));
+                    if self.within.insert(key) {
+                        firsts.push((row, key));
+                        None
+                    } else {
+                        Some("duplicate")
+                    }
+                }
+            });
+        }
+        if let Some(positions) = positions
+            && !firsts.is_empty()
+        {
             let (kept, shard) = (&self.kept, self.shard);
             let at = Positions::of(kept, positions)?;
             let mut remembered = kept.remembered.lock().expect("not poisoned");
-            for (row, reason) in marked.iter_mut().enumerate() {
-                let Some(here) = at
-                    .get(row)
-                    .filter(|_| reason.is_none() && keys.is_valid(row))
-                else {
+            for (row, key) in firsts {
+                let Some(here) = at.get(row) else {
                     continue;
                 };
-                let key = key_bits(keys.value(row));
-                let halves = [key as u64, (key >> 64) as u64];
                 let len = remembered.first.len();
-                match remembered.first.entry(halves) {
+                match remembered.first.entry([key as u64, (key >> 64) as u64]) {
                     Entry::Occupied(first) if first.get().at < here => {
                         let by = first.get().shard;
                         remembered.outranked_by.entry(shard).or_default().insert(by);
-                        *reason = Some(ACROSS_FILES);
+                        marked[row] = Some(ACROSS_FILES);
                     }
                     // This copy comes first: a copy already written elsewhere is moved later.
                     Entry::Occupied(mut first) => {
