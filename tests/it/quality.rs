@@ -3,7 +3,7 @@
 
 use backforth::quality::{
     DETECTED_PREFIX_BYTES, QualityRules, WordStats, clean_document, is_boilerplate, language,
-    paragraphs,
+    paragraphs, plainly_english,
 };
 
 use crate::util::{backforth_ok, marker};
@@ -130,6 +130,88 @@ fn each_rule_drops_its_document_and_keeps_a_good_one() {
         assert_eq!(language(&text, None).as_deref(), Some("deu"), "pad {pad}");
     }
     assert!(inside_a_character > 0);
+}
+
+/// Paragraphs written for the tests (`tests/fixtures/languages/`), each with the ISO 639-3
+/// code of the language its file name starts with.
+fn language_fixtures() -> Vec<(String, &'static str, String)> {
+    let codes = [
+        ("da", "dan"),
+        ("de", "deu"),
+        ("en", "eng"),
+        ("es", "spa"),
+        ("fr", "fra"),
+        ("it", "ita"),
+        ("nl", "nld"),
+        ("pl", "pol"),
+        ("pt", "por"),
+        ("ro", "ron"),
+        ("sv", "swe"),
+    ];
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/languages");
+    let mut fixtures: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "txt"))
+        .map(|path| {
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let code = codes
+                .iter()
+                .find(|(two, _)| name.starts_with(two))
+                .unwrap()
+                .1;
+            (name, code, std::fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    fixtures.sort();
+    fixtures
+}
+
+#[test]
+fn plainly_english_prose_skips_the_detector_and_agrees_with_it() {
+    let fixtures = language_fixtures();
+    assert_eq!(fixtures.len(), 14);
+    for (name, code, text) in &fixtures {
+        // English prose is decided by its function words; menus, product data and every other
+        // language go to whatlang.
+        let prose = name == "en-news" || name == "en-howto";
+        assert_eq!(plainly_english(text), prose, "{name}");
+        // The shop page is menus and figures: whatlang is unsure, and what the detector cannot
+        // judge passes the language rule.
+        let sure = name != "en-menu";
+        let expected = sure.then_some(*code);
+        assert_eq!(language(text, None).as_deref(), expected, "{name}");
+        let detected = whatlang::detect(text).unwrap();
+        assert_eq!(detected.lang().code(), *code, "{name}: whatlang alone");
+        assert_eq!(detected.confidence() >= 0.5, sure, "{name}: whatlang alone");
+    }
+    // The share is of words, in any letter case, a multi-byte character inside its word; a
+    // share of fewer than 20 words is not trusted.
+    let text = |english: &str, other: &str, n: usize| format!("{english} {}", other.repeat(n));
+    assert!(plainly_english(&text("The AND", "Kaffee ", 18)));
+    assert!(
+        !plainly_english(&text("the and", "Kaffee ", 17)),
+        "19 words"
+    );
+    assert!(
+        !plainly_english(&text("the and", "Kaffee ", 19)),
+        "2 of 21 words"
+    );
+    assert!(
+        plainly_english(&text("it's THE", "Kaffee ", 17)),
+        "it, s, the"
+    );
+    assert!(
+        !plainly_english(&text("it's THE", "Kaffee ", 18)),
+        "it, s, the"
+    );
+    assert!(plainly_english(&text("the and", "für ", 18)));
+    // Words other languages share are not counted.
+    assert!(!plainly_english(&text(
+        "the",
+        "a in is of to was will for ",
+        3
+    )));
 }
 
 const BOILERPLATE: [&str; 10] = [
