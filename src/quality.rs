@@ -195,93 +195,142 @@ const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
 const ENGLISH_MIN_WORDS: usize = 20;
 
 /// Whether at least [`ENGLISH_ONLY_WORD_SHARE`] of `text`'s (at least [`ENGLISH_MIN_WORDS`])
-/// words are function words no other European language spells the same way. whatlang pays a
-/// fixed ~150 µs per document scoring some 40 trigram profiles; this costs one pass over the
-/// words, and answers for most English web text, which is most of what prepare reads.
+/// words are [`ENGLISH_ONLY_WORDS`]. whatlang pays a fixed ~150 µs per document scoring some
+/// 40 trigram profiles; this is one pass over the bytes, and answers for most English web
+/// text, which is most of what prepare reads.
 pub fn plainly_english(text: &str) -> bool {
-    let (mut words, mut english) = (0usize, 0usize);
-    // A multi-byte character belongs to its word: "für" must not leave an "f".
-    for word in text
-        .as_bytes()
-        .split(|&b| !(b.is_ascii_alphanumeric() || b >= 0x80))
-        .filter(|word| !word.is_empty())
-    {
-        words += 1;
-        english += usize::from(english_only(word));
-    }
+    let (words, english) = english_only_words(text);
     words >= ENGLISH_MIN_WORDS && english as f64 >= ENGLISH_ONLY_WORD_SHARE * words as f64
 }
 
 /// Frequent English words that are not words of German, Dutch, the Scandinavian, Romance or
 /// West Slavic languages (so not `a`, `in`, `is`, `of`, `to`, `on`, `was`, `will`, `for`, `my`,
-/// `we`, `her`, `also`, `are`), in any letter case.
-fn english_only(word: &[u8]) -> bool {
-    const LONGEST: usize = 7;
-    if word.len() < 2 || word.len() > LONGEST {
-        return false;
+/// `we`, `her`, `have`, `also`, `are`), lowercase; they match in any letter case.
+pub const ENGLISH_ONLY_WORDS: [&str; 55] = [
+    "the", "and", "that", "with", "this", "which", "from", "they", "their", "them", "been",
+    "would", "there", "were", "what", "when", "your", "you", "it", "its", "not", "but", "has",
+    "had", "can", "about", "into", "our", "these", "those", "who", "she", "his", "him", "should",
+    "could", "than", "then", "such", "other", "some", "only", "because", "after", "how", "where",
+    "why", "does", "did", "being", "very", "any", "each", "many", "much",
+];
+
+/// `text`'s words (runs of ASCII letters, digits and multi-byte characters, so "für" is one
+/// word) and how many of them are [`ENGLISH_ONLY_WORDS`]: word bytes found sixteen at a time,
+/// then each word looked up without a branch on what it is (a byte loop, and a loop per
+/// word, mispredicted at nearly every word).
+pub fn english_only_words(text: &str) -> (usize, usize) {
+    let bytes = text.as_bytes();
+    let word_bits = word_bits(bytes);
+    let (mut words, mut english) = (0, 0);
+    let mut before = 0; // whether the byte before this block is a word byte
+    for (block, &bits) in word_bits.iter().enumerate() {
+        let after = word_bits.get(block + 1).copied().unwrap_or(0);
+        let mut starts = bits & !(bits << 1 | before);
+        before = bits >> 63;
+        words += starts.count_ones() as usize;
+        while starts != 0 {
+            let start = starts.trailing_zeros();
+            starts &= starts - 1;
+            // The word's bits from its start on, the next block's after this one's.
+            let ahead = ((u128::from(after) << 64 | u128::from(bits)) >> start) as u64;
+            let len = (!ahead).trailing_zeros();
+            let at = block * 64 + start as usize;
+            let word = packed_lowercase(bytes, at, len);
+            english += usize::from(word != 0 && ENGLISH_TABLE.slot(word) == word);
+        }
     }
-    let mut lower = [0u8; LONGEST];
-    for (to, from) in lower.iter_mut().zip(word) {
-        *to = from.to_ascii_lowercase();
+    (words, english)
+}
+
+/// One bit per byte of `bytes` (bit `i % 64` of block `i / 64`), set for word bytes: ASCII
+/// letters and digits, and bytes of multi-byte characters.
+fn word_bits(bytes: &[u8]) -> Vec<u64> {
+    let mut bits = vec![0u64; bytes.len().div_ceil(64)];
+    let mut windows = bytes.chunks_exact(16);
+    for (i, window) in windows.by_ref().enumerate() {
+        let kinds = ByteKinds::of(u128::from_le_bytes(window.try_into().expect("16 bytes")));
+        let word = kinds.lower | kinds.upper | kinds.digit | kinds.non_ascii;
+        bits[i / 4] |= u64::from(word) << (16 * (i % 4));
     }
-    matches!(
-        &lower[..word.len()],
-        b"the"
-            | b"and"
-            | b"that"
-            | b"with"
-            | b"this"
-            | b"which"
-            | b"from"
-            | b"they"
-            | b"their"
-            | b"them"
-            | b"been"
-            | b"would"
-            | b"there"
-            | b"were"
-            | b"what"
-            | b"when"
-            | b"your"
-            | b"you"
-            | b"it"
-            | b"its"
-            | b"not"
-            | b"but"
-            | b"has"
-            | b"had"
-            | b"can"
-            | b"about"
-            | b"into"
-            | b"our"
-            | b"these"
-            | b"those"
-            | b"who"
-            | b"she"
-            | b"his"
-            | b"him"
-            | b"should"
-            | b"could"
-            | b"than"
-            | b"then"
-            | b"such"
-            | b"other"
-            | b"some"
-            | b"only"
-            | b"because"
-            | b"after"
-            | b"how"
-            | b"where"
-            | b"why"
-            | b"does"
-            | b"did"
-            | b"being"
-            | b"very"
-            | b"any"
-            | b"each"
-            | b"many"
-            | b"much"
-    )
+    let done = bytes.len() - windows.remainder().len();
+    for (i, &b) in windows.remainder().iter().enumerate() {
+        let at = done + i;
+        bits[at / 64] |= u64::from(b.is_ascii_alphanumeric() || !b.is_ascii()) << (at % 64);
+    }
+    bits
+}
+
+/// The `len` bytes at `at`, lowercased (OR 0x20 lowercases ASCII letters and keeps digits; a
+/// multi-byte character stays non-ASCII, so matches no English word) and packed first byte
+/// lowest; 0 for words longer than [`ENGLISH_TABLE`]'s.
+fn packed_lowercase(bytes: &[u8], at: usize, len: u32) -> u64 {
+    const LONGEST: u32 = 7;
+    let word = match bytes.get(at..at + 8) {
+        Some(eight) => u64::from_le_bytes(eight.try_into().expect("8 bytes")),
+        None => bytes[at..]
+            .iter()
+            .rev()
+            .fold(0, |word, &b| word << 8 | u64::from(b)),
+    };
+    let keep =
+        (u64::MAX >> (64 - 8 * len.clamp(1, LONGEST))) & u64::from(len <= LONGEST).wrapping_neg();
+    (word | 0x2020_2020_2020_2020) & keep
+}
+
+/// [`ENGLISH_ONLY_WORDS`] packed as [`packed_lowercase`] packs words.
+static ENGLISH_TABLE: PackedWords<512> = PackedWords::of(&ENGLISH_ONLY_WORDS);
+
+/// A set of words of at most eight bytes, each packed into a `u64` (first byte lowest), found
+/// in one probe: the hash's multiplier is searched at compile time until no two words share a
+/// slot.
+struct PackedWords<const SLOTS: usize> {
+    slots: [u64; SLOTS],
+    multiplier: u64,
+}
+
+impl<const SLOTS: usize> PackedWords<SLOTS> {
+    const fn of(words: &[&str]) -> Self {
+        assert!(SLOTS.is_power_of_two() && words.len() * 8 <= SLOTS);
+        let mut multiplier = 0x9e37_79b9_7f4a_7c15u64;
+        loop {
+            if let Some(slots) = Self::place(words, multiplier) {
+                return Self { slots, multiplier };
+            }
+            multiplier = multiplier.wrapping_add(0x2545_f491_4f6c_dd1e);
+        }
+    }
+
+    /// The words in their slots, or `None` when two of them share one.
+    const fn place(words: &[&str], multiplier: u64) -> Option<[u64; SLOTS]> {
+        let mut slots = [0u64; SLOTS];
+        let mut w = 0;
+        while w < words.len() {
+            let word = words[w].as_bytes();
+            assert!(!word.is_empty() && word.len() <= 8);
+            let mut packed = 0u64;
+            let mut i = 0;
+            while i < word.len() {
+                packed |= (word[i] as u64) << (8 * i);
+                i += 1;
+            }
+            let slot = Self::index(packed, multiplier);
+            if slots[slot] != 0 {
+                return None;
+            }
+            slots[slot] = packed;
+            w += 1;
+        }
+        Some(slots)
+    }
+
+    const fn index(packed: u64, multiplier: u64) -> usize {
+        (packed.wrapping_mul(multiplier) >> (64 - SLOTS.trailing_zeros())) as usize
+    }
+
+    /// What the slot of `packed` holds: `packed` itself when it is one of the words.
+    fn slot(&self, packed: u64) -> u64 {
+        self.slots[Self::index(packed, self.multiplier)]
+    }
 }
 
 /// At most `bytes` of `text`, ending at a character boundary.

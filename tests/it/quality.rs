@@ -2,8 +2,8 @@
 //! drops counted under its own reason.
 
 use backforth::quality::{
-    DETECTED_PREFIX_BYTES, QualityRules, WordStats, clean_document, is_boilerplate, language,
-    paragraphs, plainly_english,
+    DETECTED_PREFIX_BYTES, ENGLISH_ONLY_WORDS, QualityRules, WordStats, clean_document,
+    english_only_words, is_boilerplate, language, paragraphs, plainly_english,
 };
 
 use crate::util::{backforth_ok, marker};
@@ -212,6 +212,39 @@ fn plainly_english_prose_skips_the_detector_and_agrees_with_it() {
         "a in is of to was will for ",
         3
     )));
+}
+
+#[test]
+fn english_only_words_are_counted_as_splitting_on_non_word_bytes_counts_them() {
+    // Listed words in every case, words that only start or end like them, words running
+    // into digits and multi-byte characters, at every offset of the 16-byte windows.
+    let pieces = [
+        "the", "The", "THE", "because", "Because", "becausE", "becauses", "them", "theme", "thee",
+        "it", "It's", "its", "an", "and", "much", "muchness", "2the", "the2", "für", "théme",
+        "ßthe", "東京", "a", " ", "  ", "\n", ".", "-", "'", "é", "\u{a0}", "0",
+    ];
+    let reference = |text: &str| {
+        let words: Vec<String> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || !c.is_ascii()))
+            .filter(|word| !word.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let english = words
+            .iter()
+            .filter(|word| ENGLISH_ONLY_WORDS.contains(&word.as_str()))
+            .count();
+        (words.len(), english)
+    };
+    let mut rng = fastrand::Rng::with_seed(0xe2);
+    let mut english = 0;
+    for _ in 0..3000 {
+        let text: String = (0..rng.usize(..60))
+            .map(|_| pieces[rng.usize(..pieces.len())])
+            .collect();
+        assert_eq!(english_only_words(&text), reference(&text), "{text:?}");
+        english += reference(&text).1;
+    }
+    assert!(english > 1000, "the fuzz finds listed words: {english}");
 }
 
 const BOILERPLATE: [&str; 10] = [
