@@ -331,29 +331,39 @@ pub fn normalize_for_dedup(text: &str) -> String {
 }
 
 /// The first 16 bytes of SHA-256 over [`normalize_for_dedup`]`(text)`: the exact-dedup key.
-/// ASCII text is normalised straight into the hash through a small buffer, sixteen bytes at a
-/// time where they hold no whitespace but single spaces (most of prose): building the
-/// normalised copy of every candidate cost more than hashing it.
+/// The text is normalised straight into the hash through a small buffer, sixteen bytes at a
+/// time where they are ASCII and hold no whitespace but single spaces (most of prose), a
+/// character at a time around the rest: building the normalised copy of every candidate cost
+/// more than hashing it, and most web pages hold some non-ASCII (curly quotes, dashes, ©).
 pub fn dedup_digest(text: &str) -> [u8; 16] {
     let mut hasher = Sha256::new();
-    if text.is_ascii() {
-        let mut out = Collapsed::new();
-        let mut chunks = text.as_bytes().chunks_exact(16);
-        for chunk in &mut chunks {
+    let mut out = Collapsed::new();
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let mut ascii = bytes.len() - at;
+        if let Some(chunk) = bytes.get(at..at + 16) {
             let window = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
-            if !out.push_plain(window) {
-                chunk.iter().for_each(|&b| out.push(b, &mut hasher));
+            ascii = ((window & HIGH_BITS).trailing_zeros() / 8) as usize;
+            if ascii == 16 {
+                if !out.push_plain(window) {
+                    chunk.iter().for_each(|&b| out.push(b, &mut hasher));
+                }
+                out.flush_if_full(&mut hasher);
+                at += 16;
+                continue;
             }
-            out.flush_if_full(&mut hasher);
         }
-        chunks
-            .remainder()
-            .iter()
-            .for_each(|&b| out.push(b, &mut hasher));
-        out.finish(&mut hasher);
-    } else {
-        hasher.update(normalize_for_dedup(text).as_bytes());
+        // The ASCII bytes before the first other character, then that character.
+        let plain = bytes[at..].iter().take(ascii).take_while(|b| b.is_ascii());
+        let plain = plain.map(|&b| out.push(b, &mut hasher)).count();
+        at += plain;
+        if let Some(c) = text[at..].chars().next().filter(|c| !c.is_ascii()) {
+            out.push_char(c, &mut hasher);
+            at += c.len_utf8();
+        }
     }
+    out.finish(&mut hasher);
     let mut key = [0u8; 16];
     key.copy_from_slice(&hasher.finalize()[..16]);
     key
@@ -382,6 +392,20 @@ impl Collapsed {
         self.buf[self.len] = mapped;
         self.len += usize::from(!(space && self.after_space));
         self.after_space = space;
+        self.flush_if_full(hasher);
+    }
+
+    /// Appends a character that is not ASCII: a space for whitespace, else lower-cased.
+    fn push_char(&mut self, c: char, hasher: &mut Sha256) {
+        if c.is_whitespace() {
+            return self.push(b' ', hasher);
+        }
+        for lower in c.to_lowercase() {
+            // At most three characters of four bytes: they fit the sixteen kept free.
+            let len = lower.encode_utf8(&mut self.buf[self.len..]).len();
+            self.len += len;
+        }
+        self.after_space = false;
         self.flush_if_full(hasher);
     }
 
