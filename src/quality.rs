@@ -191,8 +191,9 @@ fn detected_language(text: &str) -> Option<String> {
 /// paragraphs in ten other European languages 0–1.5% (`tests/fixtures/languages/`).
 const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
 
-/// Texts with fewer words are left to whatlang: a share of a handful of words says little.
-const ENGLISH_MIN_WORDS: usize = 20;
+/// Texts with fewer words are left to whatlang: in a few dozen words of another language, a
+/// name or a title in English ("The Beatles") can make up a tenth.
+const ENGLISH_MIN_WORDS: usize = 40;
 
 /// Whether at least [`ENGLISH_ONLY_WORD_SHARE`] of `text`'s (at least [`ENGLISH_MIN_WORDS`])
 /// words are [`ENGLISH_ONLY_WORDS`]. whatlang pays a fixed ~150 µs per document scoring some

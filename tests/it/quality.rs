@@ -186,32 +186,22 @@ fn plainly_english_prose_skips_the_detector_and_agrees_with_it() {
         assert_eq!(detected.confidence() >= 0.5, sure, "{name}: whatlang alone");
     }
     // The share is of words, in any letter case, a multi-byte character inside its word; a
-    // share of fewer than 20 words is not trusted.
+    // share of fewer than 40 words is not trusted.
     let text = |english: &str, other: &str, n: usize| format!("{english} {}", other.repeat(n));
-    assert!(plainly_english(&text("The AND", "Kaffee ", 18)));
+    let four = "The AND which THAT";
+    assert!(plainly_english(&text(four, "Kaffee ", 36)));
+    assert!(!plainly_english(&text(four, "Kaffee ", 35)), "39 words");
     assert!(
-        !plainly_english(&text("the and", "Kaffee ", 17)),
-        "19 words"
+        !plainly_english(&text(four, "Kaffee ", 37)),
+        "4 of 41 words"
     );
-    assert!(
-        !plainly_english(&text("the and", "Kaffee ", 19)),
-        "2 of 21 words"
-    );
-    assert!(
-        plainly_english(&text("it's THE", "Kaffee ", 17)),
-        "it, s, the"
-    );
-    assert!(
-        !plainly_english(&text("it's THE", "Kaffee ", 18)),
-        "it, s, the"
-    );
-    assert!(plainly_english(&text("the and", "für ", 18)));
+    let apostrophe = "it's THE which that";
+    assert!(plainly_english(&text(apostrophe, "Kaffee ", 35)), "it, s");
+    assert!(!plainly_english(&text(apostrophe, "Kaffee ", 36)), "it, s");
+    assert!(plainly_english(&text(four, "für ", 36)));
     // Words other languages share are not counted.
-    assert!(!plainly_english(&text(
-        "the",
-        "a in is of to was will for ",
-        3
-    )));
+    let shared = "a in is of to was will for ";
+    assert!(!plainly_english(&text(four, shared, 5)));
 }
 
 #[test]
