@@ -355,8 +355,14 @@ pub fn dedup_digest(text: &str) -> [u8; 16] {
             }
         }
         // The ASCII bytes before the first other character, then that character.
-        let plain = bytes[at..].iter().take(ascii).take_while(|b| b.is_ascii());
-        let plain = plain.map(|&b| out.push(b, &mut hasher)).count();
+        let plain = bytes[at..]
+            .iter()
+            .take(ascii)
+            .take_while(|b| b.is_ascii())
+            .count();
+        for &b in &bytes[at..at + plain] {
+            out.push(b, &mut hasher);
+        }
         at += plain;
         if let Some(c) = text[at..].chars().next().filter(|c| !c.is_ascii()) {
             out.push_char(c, &mut hasher);
