@@ -242,7 +242,31 @@ pub async fn open_root(root: &Location) -> Result<(SessionContext, Vec<String>)>
     register_store(&ctx, root);
     let stages = require_any_stage(root).await?;
     register_complete_stages(&ctx, root, stages.clone()).await?;
+    register_dropped_rows(&ctx, root, &stages).await?;
     Ok((ctx, stages))
+}
+
+/// Registers the rows each complete stage dropped (`<stage>/_dropped/`, the reason in
+/// `drop_reason`) as the table `<stage>_dropped`, so SQL can show what a rule removed (empty
+/// when the stage dropped nothing); no stage's own table is shadowed.
+async fn register_dropped_rows(
+    ctx: &SessionContext,
+    root: &Location,
+    stages: &[String],
+) -> Result<()> {
+    for stage in stages {
+        let table = format!("{stage}_dropped");
+        if stages.contains(&table) || read_stage_stats(root, stage).await?.is_none() {
+            continue;
+        }
+        let dir = root.child(stage).child("_dropped");
+        let mut parts = dir.store.list(Some(&dir.prefix));
+        if parts.try_next().await?.is_some() {
+            ctx.register_parquet(&table, dir.dir_url(), ParquetReadOptions::default())
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Registers every complete stage output under `root` as a table; returns their names.

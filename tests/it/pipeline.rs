@@ -291,6 +291,50 @@ fn requests_sent_equal_the_rows_that_needed_them() {
 }
 
 #[test]
+fn sql_shows_each_stages_dropped_rows_by_reason() {
+    let run = sample_run();
+    let root = run.root.to_str().unwrap();
+    let printed_counts = |table: &str| {
+        let query = format!(
+            "SELECT drop_reason, count(*) AS n FROM {table} GROUP BY drop_reason ORDER BY drop_reason"
+        );
+        let out = backforth_ok(&["sql", "--root", root, &query]);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let counts: serde_json::Map<String, serde_json::Value> = stdout
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .skip(1) // the header
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+                (
+                    cells[0].to_string(),
+                    cells[1].parse::<u64>().unwrap().into(),
+                )
+            })
+            .collect();
+        counts
+    };
+    // The rows are the ones each stage's marker counts, reason by reason.
+    for stage in ["candidates", "curated"] {
+        let dropped = printed_counts(&format!("{stage}_dropped"));
+        assert!(!dropped.is_empty(), "{stage}");
+        assert_eq!(
+            serde_json::Value::Object(dropped),
+            marker(&run.root, stage)["dropped"],
+            "{stage}"
+        );
+    }
+    // A stage that dropped nothing has an empty one.
+    assert_eq!(
+        marker(&run.root, "backtranslated")["dropped"],
+        serde_json::json!({})
+    );
+    assert!(printed_counts("backtranslated_dropped").is_empty());
+    let out = backforth(&["sql", "--root", root, "SELECT count(*) FROM nosuch_dropped"]);
+    assert!(!out.status.success());
+}
+
+#[test]
 fn sql_answers_a_group_by_over_scored() {
     let run = sample_run();
     let out = backforth_ok(&[
