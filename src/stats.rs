@@ -48,6 +48,10 @@ const BUILTIN: &[(&str, &str)] = &[
         "60_judge_agreement.sql",
         include_str!("../sql/analytics/60_judge_agreement.sql"),
     ),
+    (
+        "70_dropped.sql",
+        include_str!("../sql/analytics/70_dropped.sql"),
+    ),
 ];
 
 /// Stage order of the paper's pipeline, for roots whose manifest predates the recorded order;
@@ -115,6 +119,7 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
     }
     let subsets = subsets(&ctx, &stages).await?;
     let rewrites = rewrites(&ctx, &stages).await?;
+    let dropped = dropped(&ctx, &stages).await?;
     // Equal sample size for diversity: the smallest subset's, unless the user sets one.
     let mut smallest = u64::MAX;
     for subset in &subsets {
@@ -147,6 +152,7 @@ pub async fn stats(root: &str, opts: &StatsOptions<'_>) -> Result<Vec<Table>> {
                 &template,
                 minijinja::context! {
                     sample => sample, stages => &stages, rewrites => &rewrites,
+                    dropped => &dropped,
                     subsets => minijinja::Value::from(minijinja::value::Serde(&subsets)),
                 },
             )
@@ -246,6 +252,24 @@ async fn rewrites(
         if schema.has_column_with_unqualified_name("response")
             && schema.has_column_with_unqualified_name("text")
         {
+            out.push(stage.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Stages, in `stages`' order, whose dropped rows are a table (`<stage>_dropped`) with the
+/// dropped `text`.
+async fn dropped(
+    ctx: &datafusion::prelude::SessionContext,
+    stages: &[String],
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for stage in stages {
+        let Ok(table) = ctx.table(format!("{stage}_dropped").as_str()).await else {
+            continue;
+        };
+        if table.schema().has_column_with_unqualified_name("text") {
             out.push(stage.clone());
         }
     }

@@ -324,6 +324,33 @@ fn sql_shows_each_stages_dropped_rows_by_reason() {
             "{stage}"
         );
     }
+    // `stats` shows the same counts, stage by stage in the job's order, each with an example.
+    let out = backforth_ok(&["stats", root, "--format", "json"]);
+    let tables: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let dropped = tables
+        .iter()
+        .find(|t| t["title"].as_str().unwrap().starts_with("Dropped rows"))
+        .unwrap();
+    let rows: Vec<Vec<String>> = serde_json::from_value(dropped["rows"].clone()).unwrap();
+    let stages: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert!(
+        stages.is_sorted_by_key(|s| *s != "candidates"),
+        "{stages:?}"
+    );
+    for stage in ["candidates", "curated"] {
+        let counts: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .filter(|r| r[0] == stage)
+            .map(|r| (r[1].clone(), r[2].parse::<u64>().unwrap().into()))
+            .collect();
+        assert_eq!(
+            serde_json::Value::Object(counts),
+            marker(&run.root, stage)["dropped"],
+            "{stage}"
+        );
+    }
+    let too_long = rows.iter().find(|r| r[1] == "too_many_tokens").unwrap();
+    assert!(!too_long[3].is_empty() && too_long[3].chars().count() <= 100);
     // A stage that dropped nothing has an empty one.
     assert_eq!(
         marker(&run.root, "backtranslated")["dropped"],

@@ -176,4 +176,6 @@ fn every_statistic_on_a_hand_checked_dataset() {
         rows("Judge agreement"),
         vec![v(&["3", "1", "0", "1", "1.0", "0.5"])]
     );
+    // No stage here kept the rows it dropped.
+    assert!(rows("Dropped rows").is_empty());
 }
