@@ -190,11 +190,11 @@ fn detected_language(text: &str) -> Option<String> {
 /// Dolma sample documents 12–28% (the other three, mostly menus, 2–7%, go to whatlang);
 /// paragraphs in ten other European languages 0%, a German page under an English menu 1.5%
 /// (`tests/fixtures/languages/`).
-const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
+pub const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
 
 /// Texts with fewer words are left to whatlang: in a few dozen words of another language, a
 /// name or a title in English ("The Beatles") can make up a tenth.
-const ENGLISH_MIN_WORDS: usize = 40;
+pub const ENGLISH_MIN_WORDS: usize = 40;
 
 /// Whether at least [`ENGLISH_ONLY_WORD_SHARE`] of `text`'s (at least [`ENGLISH_MIN_WORDS`])
 /// words are [`ENGLISH_ONLY_WORDS`]. whatlang pays a fixed ~150 µs per document scoring some
