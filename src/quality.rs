@@ -173,23 +173,20 @@ fn metadata_language(metadata: Option<&str>) -> Option<String> {
         .find_map(|v| v.as_ref().and_then(|v| v.as_str()).map(iso3))
 }
 
-/// The language of the text's first [`DETECTED_PREFIX_BYTES`]: English when it is
-/// [`plainly_english`], else what whatlang finds when it is sure.
+/// The language whatlang finds in the text's first [`DETECTED_PREFIX_BYTES`], when it is sure.
 fn detected_language(text: &str) -> Option<String> {
-    let prefix = prefix(text, DETECTED_PREFIX_BYTES);
-    if plainly_english(prefix) {
-        return Some("eng".to_string());
-    }
-    whatlang::detect(prefix)
+    whatlang::detect(prefix(text, DETECTED_PREFIX_BYTES))
         .filter(|info| info.confidence() >= DETECTION_CONFIDENCE)
         .map(|info| info.lang().code().to_string())
 }
 
 /// The share of words spelled as only English spells them (`the`, `and`, `which`, ...) from
-/// which a text is English without asking whatlang. Measured on the first 2 KiB: 27 of the 30
-/// Dolma sample documents 12–28% (the other three, mostly menus, 2–7%, go to whatlang);
-/// paragraphs in ten other European languages 0%, a German page under an English menu 1.5%
-/// (`tests/fixtures/languages/`).
+/// which a job keeping English keeps a text without asking whatlang. Measured on the first
+/// 2 KiB: 27 of the 30 Dolma sample documents 12–28% (the other three, mostly menus, 2–7%, go
+/// to whatlang); paragraphs in ten other European languages 0%, a German page under an English
+/// menu 1.5% (`tests/fixtures/languages/`). Pages half in English pass it too: of Debian's
+/// translated man pages, the 9 that reach it but that whatlang calls another language each
+/// have whole paragraphs left in English.
 pub const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
 
 /// Texts with fewer words are left to whatlang: in a few dozen words of another language, a
@@ -197,9 +194,9 @@ pub const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
 pub const ENGLISH_MIN_WORDS: usize = 40;
 
 /// Whether at least [`ENGLISH_ONLY_WORD_SHARE`] of `text`'s (at least [`ENGLISH_MIN_WORDS`])
-/// words are [`ENGLISH_ONLY_WORDS`]. whatlang pays a fixed ~150 µs per document scoring some
-/// 40 trigram profiles; this is one pass over the bytes, and answers for most English web
-/// text, which is most of what prepare reads.
+/// words are [`ENGLISH_ONLY_WORDS`]: enough English for a job that keeps English. whatlang
+/// pays a fixed ~150 µs per document scoring some 40 trigram profiles; this is one pass over
+/// the bytes, and answers for most English web text, which is most of what prepare reads.
 pub fn plainly_english(text: &str) -> bool {
     let (words, english) = english_only_words(text);
     words >= ENGLISH_MIN_WORDS && english as f64 >= ENGLISH_ONLY_WORD_SHARE * words as f64
@@ -567,8 +564,14 @@ impl QualityRules {
             Some(stated) if wrong(&stated) => Some("wrong_language"),
             Some(_) => self.text_problem(text),
             // The detector costs more than every other rule together: it runs last, on what
-            // they kept.
+            // they kept, and not at all on what a job keeping English keeps anyway. Only such a
+            // job may skip it: a page half in English is English enough for it, but may be
+            // what a job keeping German wants.
             None => self.text_problem(text).or_else(|| {
+                let keeps_english = !wrong("eng");
+                if keeps_english && plainly_english(prefix(text, DETECTED_PREFIX_BYTES)) {
+                    return None;
+                }
                 detected_language(text)
                     .is_some_and(|lang| wrong(&lang))
                     .then_some("wrong_language")

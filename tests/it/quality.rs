@@ -168,22 +168,42 @@ fn language_fixtures() -> Vec<(String, &'static str, String)> {
 }
 
 #[test]
-fn plainly_english_prose_skips_the_detector_and_agrees_with_it() {
+fn a_job_keeping_english_keeps_plainly_english_text_without_the_detector() {
     let fixtures = language_fixtures();
-    assert_eq!(fixtures.len(), 14);
+    assert_eq!(fixtures.len(), 15);
+    let keeping = |language: &str| QualityRules {
+        languages: Some(vec![language.into()]),
+        ..Default::default()
+    };
+    let (english_job, german_job) = (keeping("en"), keeping("de"));
     for (name, code, text) in &fixtures {
-        // English prose is decided by its function words; menus, product data and every other
-        // language go to whatlang.
-        let prose = name == "en-news" || name == "en-howto";
-        assert_eq!(plainly_english(text), prose, "{name}");
-        // The shop page is menus and figures: whatlang is unsure, and what the detector cannot
-        // judge passes the language rule.
+        // English prose is plainly English by its function words, and so is a German page
+        // with English paragraphs; menus, product data and every other language are not.
+        let english_enough = ["en-news", "en-howto", "de-en-mixed"].contains(&name.as_str());
+        assert_eq!(plainly_english(text), english_enough, "{name}");
+        // whatlang names each file's language, except the shop page of menus and figures,
+        // where it is unsure (and what it cannot judge passes the rule).
         let sure = name != "en-menu";
-        let expected = sure.then_some(*code);
-        assert_eq!(language(text, None).as_deref(), expected, "{name}");
         let detected = whatlang::detect(text).unwrap();
-        assert_eq!(detected.lang().code(), *code, "{name}: whatlang alone");
-        assert_eq!(detected.confidence() >= 0.5, sure, "{name}: whatlang alone");
+        assert_eq!(detected.lang().code(), *code, "{name}: whatlang");
+        assert_eq!(detected.confidence() >= 0.5, sure, "{name}: whatlang");
+        assert_eq!(
+            language(text, None).as_deref(),
+            sure.then_some(*code),
+            "{name}"
+        );
+        // A job keeping English keeps what is English enough without asking whatlang; a job
+        // keeping German asks whatlang, so it keeps the half-English German page.
+        let kept_by = |job: &QualityRules, language: &str| {
+            let kept = job.problem(text, None).is_none();
+            assert_eq!(
+                kept,
+                !sure || *code == language || (language == "eng" && english_enough),
+                "{name} in a job keeping {language}"
+            );
+        };
+        kept_by(&english_job, "eng");
+        kept_by(&german_job, "deu");
     }
     // The share is of words, in any letter case, a multi-byte character inside its word; a
     // share of fewer than 40 words is not trusted.
