@@ -180,65 +180,105 @@ fn detected_language(text: &str) -> Option<String> {
         .map(|info| info.lang().code().to_string())
 }
 
-/// The share of words spelled as only English spells them (`the`, `and`, `which`, ...) from
-/// which a job keeping English keeps a text without asking whatlang. Measured on the first
-/// 2 KiB: 27 of the 30 Dolma sample documents 12–28% (the other three, mostly menus, 2–7%, go
-/// to whatlang); paragraphs in ten other European languages 0%, a German page under an English
-/// menu 1.5% (`tests/fixtures/languages/`). Pages half in English pass it too: of Debian's
-/// translated man pages, the 9 that reach it but that whatlang calls another language each
-/// have whole paragraphs left in English.
-pub const ENGLISH_ONLY_WORD_SHARE: f64 = 0.10;
-
-/// Texts with fewer words are left to whatlang: in a few dozen words of another language, a
-/// name or a title in English ("The Beatles") can make up a tenth.
-pub const ENGLISH_MIN_WORDS: usize = 40;
-
-/// Whether at least [`ENGLISH_ONLY_WORD_SHARE`] of `text`'s (at least [`ENGLISH_MIN_WORDS`])
-/// words are [`ENGLISH_ONLY_WORDS`]: enough English for a job that keeps English. whatlang
-/// pays a fixed ~150 µs per document scoring some 40 trigram profiles; this is one pass over
-/// the bytes, and answers for most English web text, which is most of what prepare reads.
-pub fn plainly_english(text: &str) -> bool {
-    let (words, english) = english_only_words(text);
-    words >= ENGLISH_MIN_WORDS && english as f64 >= ENGLISH_ONLY_WORD_SHARE * words as f64
+/// Function words only one language spells so, by which a job keeping that language keeps a
+/// text without asking whatlang (which pays a fixed ~150 µs per document scoring some 40
+/// trigram profiles; a list costs one pass over the bytes). Only keeping: a page with whole
+/// paragraphs in a language is enough of it for a job that keeps it, but whatlang may rightly
+/// name the page's other language, which another job must still see.
+pub struct FunctionWords {
+    /// ISO 639-3 code of the language.
+    pub language: &'static str,
+    /// The words, lowercase ASCII; they match in any letter case.
+    pub words: &'static [&'static str],
+    /// Share of a text's words they must make up.
+    pub share: f64,
+    table: PackedWords<512>,
 }
 
-/// Frequent English words that are not words of German, Dutch, the Scandinavian, Romance or
-/// West Slavic languages (so not `a`, `in`, `is`, `of`, `to`, `on`, `was`, `will`, `for`, `my`,
-/// `we`, `her`, `have`, `also`, `are`), lowercase; they match in any letter case.
-pub const ENGLISH_ONLY_WORDS: [&str; 55] = [
-    "the", "and", "that", "with", "this", "which", "from", "they", "their", "them", "been",
-    "would", "there", "were", "what", "when", "your", "you", "it", "its", "not", "but", "has",
-    "had", "can", "about", "into", "our", "these", "those", "who", "she", "his", "him", "should",
-    "could", "than", "then", "such", "other", "some", "only", "because", "after", "how", "where",
-    "why", "does", "did", "being", "very", "any", "each", "many", "much",
-];
+/// Texts with fewer words are left to whatlang: in a few dozen words of another language, a
+/// name or a title ("The Beatles") can make up a tenth.
+pub const FUNCTION_WORDS_MIN_WORDS: usize = 40;
 
-/// `text`'s words (runs of ASCII letters, digits and multi-byte characters, so "für" is one
-/// word) and how many of them are [`ENGLISH_ONLY_WORDS`]: word bytes found sixteen at a time,
-/// then each word looked up without a branch on what it is (a byte loop, then a loop over
-/// each word, cost three times as much: both mispredicted at nearly every word).
-pub fn english_only_words(text: &str) -> (usize, usize) {
-    let bytes = text.as_bytes();
-    let word_bits = word_bits(bytes);
-    let (mut words, mut english) = (0, 0);
-    let mut before = 0; // whether the byte before this block is a word byte
-    for (block, &bits) in word_bits.iter().enumerate() {
-        let after = word_bits.get(block + 1).copied().unwrap_or(0);
-        let mut starts = bits & !(bits << 1 | before);
-        before = bits >> 63;
-        words += starts.count_ones() as usize;
-        while starts != 0 {
-            let start = starts.trailing_zeros();
-            starts &= starts - 1;
-            // The word's bits from its start on, the next block's after this one's.
-            let ahead = ((u128::from(after) << 64 | u128::from(bits)) >> start) as u64;
-            let len = (!ahead).trailing_zeros();
-            let at = block * 64 + start as usize;
-            let word = packed_lowercase(bytes, at, len);
-            english += usize::from(word != 0 && ENGLISH_TABLE.slot(word) == word);
+/// English: not `a`, `in`, `is`, `of`, `to`, `on`, `was`, `will`, `for`, `my`, `we`, `her`,
+/// `have`, `also`, `are`, which German, Dutch, the Scandinavian, Romance or West Slavic
+/// languages spell too. Measured on the first 2 KiB: 27 of the 30 Dolma sample documents
+/// 12–28% (the other three, mostly menus, 2–7%, go to whatlang); paragraphs in ten other
+/// European languages 0% (`tests/fixtures/languages/`); of Debian's translated man pages, 9
+/// reach 10% while whatlang names another language, each with whole paragraphs in English.
+pub static ENGLISH: FunctionWords = FunctionWords::new(
+    "eng",
+    &[
+        "the", "and", "that", "with", "this", "which", "from", "they", "their", "them", "been",
+        "would", "there", "were", "what", "when", "your", "you", "it", "its", "not", "but", "has",
+        "had", "can", "about", "into", "our", "these", "those", "who", "she", "his", "him",
+        "should", "could", "than", "then", "such", "other", "some", "only", "because", "after",
+        "how", "where", "why", "does", "did", "being", "very", "any", "each", "many", "much",
+    ],
+    0.10,
+);
+
+/// German: not `der`, `die`, `das`, `den`, `in`, `zu`, `von`, `mit`, `ein`, `es`, `hier`, which
+/// Dutch, Danish, Swedish, Portuguese or English spell too. Measured on the first 2 KiB of
+/// Debian's man pages: 127 of the 171 German ones reach 8% (median 11.5%; the rest are mostly
+/// left in English), none of the pages in 16 other languages goes above 1.1%.
+pub static GERMAN: FunctionWords = FunctionWords::new(
+    "deu",
+    &[
+        "und", "nicht", "sich", "auch", "ist", "wird", "werden", "wurde", "sind", "oder", "durch",
+        "dass", "nach", "bei", "eine", "einen", "einem", "einer", "noch", "mehr", "zum", "zur",
+        "vom", "diese", "dieser", "dieses", "haben", "aber", "kann", "nur", "schon", "sehr",
+        "wieder",
+    ],
+    0.08,
+);
+
+/// The languages a job can keep without whatlang.
+pub static PLAIN_LANGUAGES: [&FunctionWords; 2] = [&ENGLISH, &GERMAN];
+
+impl FunctionWords {
+    const fn new(language: &'static str, words: &'static [&'static str], share: f64) -> Self {
+        Self {
+            language,
+            words,
+            share,
+            table: PackedWords::of(words),
         }
     }
-    (words, english)
+
+    /// Whether at least [`FunctionWords::share`] of `text`'s words (of at least
+    /// [`FUNCTION_WORDS_MIN_WORDS`]) are these.
+    pub fn plainly(&self, text: &str) -> bool {
+        let (words, found) = self.count(text);
+        words >= FUNCTION_WORDS_MIN_WORDS && found as f64 >= self.share * words as f64
+    }
+
+    /// `text`'s words (runs of ASCII letters, digits and multi-byte characters, so "für" is
+    /// one word) and how many of them are these: word bytes found sixteen at a time, then each
+    /// word looked up without a branch on what it is (a byte loop, then a loop over each word,
+    /// cost three times as much: both mispredicted at nearly every word).
+    pub fn count(&self, text: &str) -> (usize, usize) {
+        let bytes = text.as_bytes();
+        let word_bits = word_bits(bytes);
+        let (mut words, mut found) = (0, 0);
+        let mut before = 0; // whether the byte before this block is a word byte
+        for (block, &bits) in word_bits.iter().enumerate() {
+            let after = word_bits.get(block + 1).copied().unwrap_or(0);
+            let mut starts = bits & !(bits << 1 | before);
+            before = bits >> 63;
+            words += starts.count_ones() as usize;
+            while starts != 0 {
+                let start = starts.trailing_zeros();
+                starts &= starts - 1;
+                // The word's bits from its start on, the next block's after this one's.
+                let ahead = ((u128::from(after) << 64 | u128::from(bits)) >> start) as u64;
+                let len = (!ahead).trailing_zeros();
+                let at = block * 64 + start as usize;
+                let word = packed_lowercase(bytes, at, len);
+                found += usize::from(word != 0 && self.table.slot(word) == word);
+            }
+        }
+        (words, found)
+    }
 }
 
 /// One bit per byte of `bytes` (bit `i % 64` of block `i / 64`), set for word bytes: ASCII
@@ -260,7 +300,7 @@ fn word_bits(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// The `len` bytes at `at`, lowercased (OR 0x20 lowercases ASCII letters and keeps digits; a
-/// multi-byte character stays non-ASCII, so matches no English word) and packed first byte
+/// multi-byte character stays non-ASCII, so matches no listed word) and packed first byte
 /// lowest; 0 for words longer than a `u64` holds.
 fn packed_lowercase(bytes: &[u8], at: usize, len: u32) -> u64 {
     const LONGEST: u32 = 8;
@@ -275,9 +315,6 @@ fn packed_lowercase(bytes: &[u8], at: usize, len: u32) -> u64 {
         (u64::MAX >> (64 - 8 * len.clamp(1, LONGEST))) & u64::from(len <= LONGEST).wrapping_neg();
     (word | 0x2020_2020_2020_2020) & keep
 }
-
-/// [`ENGLISH_ONLY_WORDS`] packed as [`packed_lowercase`] packs words.
-static ENGLISH_TABLE: PackedWords<512> = PackedWords::of(&ENGLISH_ONLY_WORDS);
 
 /// A set of words of at most eight bytes, each packed into a `u64` (first byte lowest), found
 /// in one probe: the hash's multiplier is searched at compile time until no two words share a
@@ -564,12 +601,13 @@ impl QualityRules {
             Some(stated) if wrong(&stated) => Some("wrong_language"),
             Some(_) => self.text_problem(text),
             // The detector costs more than every other rule together: it runs last, on what
-            // they kept, and not at all on what a job keeping English keeps anyway. Only such a
-            // job may skip it: a page half in English is English enough for it, but may be
-            // what a job keeping German wants.
+            // they kept, and not at all on text plainly in a language the job keeps.
             None => self.text_problem(text).or_else(|| {
-                let keeps_english = !wrong("eng");
-                if keeps_english && plainly_english(prefix(text, DETECTED_PREFIX_BYTES)) {
+                let prefix = prefix(text, DETECTED_PREFIX_BYTES);
+                if PLAIN_LANGUAGES
+                    .iter()
+                    .any(|l| !wrong(l.language) && l.plainly(prefix))
+                {
                     return None;
                 }
                 detected_language(text)

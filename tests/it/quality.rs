@@ -2,8 +2,8 @@
 //! drops counted under its own reason.
 
 use backforth::quality::{
-    DETECTED_PREFIX_BYTES, ENGLISH_ONLY_WORDS, QualityRules, WordStats, clean_document,
-    english_only_words, is_boilerplate, language, paragraphs, plainly_english,
+    DETECTED_PREFIX_BYTES, ENGLISH, GERMAN, PLAIN_LANGUAGES, QualityRules, WordStats,
+    clean_document, is_boilerplate, language, paragraphs,
 };
 
 use crate::util::{backforth_ok, marker};
@@ -168,9 +168,9 @@ fn language_fixtures() -> Vec<(String, &'static str, String)> {
 }
 
 #[test]
-fn a_job_keeping_english_keeps_plainly_english_text_without_the_detector() {
+fn a_job_keeps_text_plainly_in_its_language_without_the_detector() {
     let fixtures = language_fixtures();
-    assert_eq!(fixtures.len(), 15);
+    assert_eq!(fixtures.len(), 16);
     let keeping = |language: &str| QualityRules {
         languages: Some(vec![language.into()]),
         ..Default::default()
@@ -178,9 +178,12 @@ fn a_job_keeping_english_keeps_plainly_english_text_without_the_detector() {
     let (english_job, german_job) = (keeping("en"), keeping("de"));
     for (name, code, text) in &fixtures {
         // English prose is plainly English by its function words, and so is a German page
-        // with English paragraphs; menus, product data and every other language are not.
-        let english_enough = ["en-news", "en-howto", "de-en-mixed"].contains(&name.as_str());
-        assert_eq!(plainly_english(text), english_enough, "{name}");
+        // with English paragraphs; a shop page in English with a German review is plainly
+        // German; menus, product data and the other languages are neither.
+        let english = ["en-news", "en-howto", "de-en-mixed"].contains(&name.as_str());
+        let german = ["de", "en-de-shop"].contains(&name.as_str());
+        assert_eq!(ENGLISH.plainly(text), english, "{name}: English");
+        assert_eq!(GERMAN.plainly(text), german, "{name}: German");
         // whatlang names each file's language, except the shop page of menus and figures,
         // where it is unsure (and what it cannot judge passes the rule).
         let sure = name != "en-menu";
@@ -192,69 +195,84 @@ fn a_job_keeping_english_keeps_plainly_english_text_without_the_detector() {
             sure.then_some(*code),
             "{name}"
         );
-        // A job keeping English keeps what is English enough without asking whatlang; a job
-        // keeping German asks whatlang, so it keeps the half-English German page.
-        let kept_by = |job: &QualityRules, language: &str| {
+        // A job keeps what is plainly in its language without asking whatlang, and asks
+        // whatlang about the rest: the English job keeps the German page with English
+        // paragraphs, the German job keeps it too (whatlang says German), and the English
+        // shop page with a German review.
+        let kept_by = |job: &QualityRules, language: &str, plainly: bool| {
             let kept = job.problem(text, None).is_none();
             assert_eq!(
                 kept,
-                !sure || *code == language || (language == "eng" && english_enough),
+                !sure || *code == language || plainly,
                 "{name} in a job keeping {language}"
             );
         };
-        kept_by(&english_job, "eng");
-        kept_by(&german_job, "deu");
+        kept_by(&english_job, "eng", english);
+        kept_by(&german_job, "deu", german);
     }
     // The share is of words, in any letter case, a multi-byte character inside its word; a
     // share of fewer than 40 words is not trusted.
-    let text = |english: &str, other: &str, n: usize| format!("{english} {}", other.repeat(n));
+    let text = |listed: &str, other: &str, n: usize| format!("{listed} {}", other.repeat(n));
     let four = "The AND which THAT";
-    assert!(plainly_english(&text(four, "Kaffee ", 36)));
-    assert!(!plainly_english(&text(four, "Kaffee ", 35)), "39 words");
+    assert!(ENGLISH.plainly(&text(four, "Kaffee ", 36)));
+    assert!(!ENGLISH.plainly(&text(four, "Kaffee ", 35)), "39 words");
     assert!(
-        !plainly_english(&text(four, "Kaffee ", 37)),
+        !ENGLISH.plainly(&text(four, "Kaffee ", 37)),
         "4 of 41 words"
     );
     let apostrophe = "it's THE which that";
-    assert!(plainly_english(&text(apostrophe, "Kaffee ", 35)), "it, s");
-    assert!(!plainly_english(&text(apostrophe, "Kaffee ", 36)), "it, s");
-    assert!(plainly_english(&text(four, "für ", 36)));
+    assert!(ENGLISH.plainly(&text(apostrophe, "Kaffee ", 35)), "it, s");
+    assert!(!ENGLISH.plainly(&text(apostrophe, "Kaffee ", 36)), "it, s");
+    assert!(ENGLISH.plainly(&text(four, "für ", 36)));
+    let german = "UND nicht Sich auch";
+    assert!(
+        GERMAN.plainly(&text(german, "coffee ", 46)),
+        "4 of 50 words"
+    );
+    assert!(
+        !GERMAN.plainly(&text(german, "coffee ", 47)),
+        "4 of 51 words"
+    );
     // Words other languages share are not counted.
-    let shared = "a in is of to was will for ";
-    assert!(!plainly_english(&text(four, shared, 5)));
+    assert!(!ENGLISH.plainly(&text(four, "a in is of to was will for ", 5)));
+    assert!(!GERMAN.plainly(&text("und", "der die das den in zu von mit ein es ", 4)));
 }
 
 #[test]
-fn english_only_words_are_counted_as_splitting_on_non_word_bytes_counts_them() {
+fn function_words_are_counted_as_splitting_on_non_word_bytes_counts_them() {
     // Listed words in every case, words that only start or end like them, words running
     // into digits and multi-byte characters, at every offset of the 16-byte windows.
     let pieces = [
         "the", "The", "THE", "because", "Because", "becausE", "becauses", "them", "theme", "thee",
         "it", "It's", "its", "an", "and", "much", "muchness", "2the", "the2", "für", "théme",
-        "ßthe", "東京", "a", " ", "  ", "\n", ".", "-", "'", "é", "\u{a0}", "0",
+        "ßthe", "東京", "a", " ", "  ", "\n", ".", "-", "'", "é", "\u{a0}", "0", "und", "Und",
+        "UNDO", "wieder", "wiederum", "dass", "daß", "nicht", "nichts",
     ];
-    let reference = |text: &str| {
-        let words: Vec<String> = text
-            .split(|c: char| !(c.is_ascii_alphanumeric() || !c.is_ascii()))
-            .filter(|word| !word.is_empty())
-            .map(str::to_ascii_lowercase)
-            .collect();
-        let english = words
-            .iter()
-            .filter(|word| ENGLISH_ONLY_WORDS.contains(&word.as_str()))
-            .count();
-        (words.len(), english)
-    };
-    let mut rng = fastrand::Rng::with_seed(0xe2);
-    let mut english = 0;
-    for _ in 0..3000 {
-        let text: String = (0..rng.usize(..60))
-            .map(|_| pieces[rng.usize(..pieces.len())])
-            .collect();
-        assert_eq!(english_only_words(&text), reference(&text), "{text:?}");
-        english += reference(&text).1;
+    for language in PLAIN_LANGUAGES {
+        let reference = |text: &str| {
+            let words: Vec<String> = text
+                .split(|c: char| !(c.is_ascii_alphanumeric() || !c.is_ascii()))
+                .filter(|word| !word.is_empty())
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let found = words
+                .iter()
+                .filter(|word| language.words.contains(&word.as_str()))
+                .count();
+            (words.len(), found)
+        };
+        let mut rng = fastrand::Rng::with_seed(0xe2);
+        let mut found = 0;
+        for _ in 0..3000 {
+            let text: String = (0..rng.usize(..60))
+                .map(|_| pieces[rng.usize(..pieces.len())])
+                .collect();
+            assert_eq!(language.count(&text), reference(&text), "{text:?}");
+            found += reference(&text).1;
+        }
+        let name = language.language;
+        assert!(found > 300, "the fuzz finds {name} words: {found}");
     }
-    assert!(english > 1000, "the fuzz finds listed words: {english}");
 }
 
 const BOILERPLATE: [&str; 10] = [
