@@ -241,14 +241,14 @@ pub async fn open_root(root: &Location) -> Result<(SessionContext, Vec<String>)>
     let ctx = new_session(None, Window::for_cap(1))?;
     register_store(&ctx, root);
     let stages = require_any_stage(root).await?;
-    register_complete_stages(&ctx, root, stages.clone()).await?;
-    register_dropped_rows(&ctx, root, &stages).await?;
+    let registered = register_complete_stages(&ctx, root, stages.clone()).await?;
+    register_dropped_rows(&ctx, root, &registered).await?;
     Ok((ctx, stages))
 }
 
-/// Registers the rows each complete stage dropped (`<stage>/_dropped/`, the reason in
-/// `drop_reason`) as the table `<stage>_dropped`, so SQL can show what a rule removed (empty
-/// when the stage dropped nothing); no stage's own table is shadowed.
+/// Registers the rows each of `stages` (complete, registered) dropped (`<stage>/_dropped/`,
+/// the reason in `drop_reason`) as the table `<stage>_dropped`, so SQL can show what a rule
+/// removed (empty when the stage dropped nothing); no stage's own table is shadowed.
 async fn register_dropped_rows(
     ctx: &SessionContext,
     root: &Location,
@@ -256,7 +256,7 @@ async fn register_dropped_rows(
 ) -> Result<()> {
     for stage in stages {
         let table = format!("{stage}_dropped");
-        if stages.contains(&table) || read_stage_stats(root, stage).await?.is_none() {
+        if stages.contains(&table) {
             continue;
         }
         let dir = root.child(stage).child("_dropped");
