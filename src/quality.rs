@@ -551,7 +551,8 @@ impl WordScan {
 
 /// The share of non-empty trimmed `items` that repeat an earlier one.
 fn repeated_share<'a>(items: impl Iterator<Item = &'a str>) -> f64 {
-    let mut seen = rustc_hash::FxHashSet::default();
+    // Sized for a page's usual lines at once: growing the table cost as much as filling it.
+    let mut seen = rustc_hash::FxHashSet::with_capacity_and_hasher(64, rustc_hash::FxBuildHasher);
     let (mut total, mut repeated) = (0, 0);
     for item in items.map(str::trim).filter(|i| !i.is_empty()) {
         total += 1;
