@@ -130,16 +130,17 @@ const ISO_639_1: &[(&str, &str)] = &[
 ];
 
 fn iso3(code: &str) -> String {
-    let code = code.trim().to_ascii_lowercase();
-    let base = code
-        .split(['-', '_'])
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    iso3_any_case(code).to_ascii_lowercase()
+}
+
+/// [`iso3`] without lower-casing, so without a copy: the per-document language checks compare
+/// it ignoring case.
+fn iso3_any_case(code: &str) -> &str {
+    let base = code.trim().split(['-', '_']).next().unwrap_or_default();
     ISO_639_1
         .iter()
-        .find(|(two, _)| *two == base)
-        .map_or(base, |(_, three)| three.to_string())
+        .find(|(two, _)| two.eq_ignore_ascii_case(base))
+        .map_or(base, |(_, three)| three)
 }
 
 /// Detections less sure than this are not used: whatlang's own "reliable" mark (0.9) leaves
@@ -617,7 +618,11 @@ impl QualityRules {
         let Some(wanted) = &self.languages else {
             return self.text_problem(text);
         };
-        let wrong = |lang: &str| !wanted.iter().any(|w| iso3(w) == lang);
+        let wrong = |lang: &str| {
+            !wanted
+                .iter()
+                .any(|w| iso3_any_case(w).eq_ignore_ascii_case(lang))
+        };
         match metadata_language(metadata) {
             Some(stated) if wrong(&stated) => Some("wrong_language"),
             Some(_) => self.text_problem(text),
