@@ -9,18 +9,13 @@
 //!
 //!     cargo bench --profile dev --bench llm_stage
 //!
-//! `ROWS_PER_SLOT` (30), `BASE_MS` (200) and `PER_TOKEN_US` (1000) change the load; the journal
-//! is on except in the rows marked `journal off`.
-
-#[path = "../tests/it/fake_server.rs"]
-#[allow(dead_code)]
-mod fake_server;
+//! `ROWS_PER_SLOT` (30), `BASE_MS` (200) and `PER_TOKEN_US` (1000) change the load.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use fake_server::{FakeServer, FakeState, latency_for};
+use backforth_testkit::fake_server::{FakeServer, FakeState, latency_for};
 
 fn var(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -77,13 +72,7 @@ fn main() {
     );
     // The last row repeats 64 slots on a corpus ten times larger: memory follows the window,
     // not the corpus.
-    for (slots, journal, scale) in [
-        (64usize, "on", 1),
-        (256, "on", 1),
-        (1024, "on", 1),
-        (1024, "off", 1),
-        (64, "on", 10),
-    ] {
+    for (slots, scale) in [(64usize, 1), (256, 1), (1024, 1), (64, 10)] {
         let rows = slots * rows_per_slot * scale;
         let job = write_job(dir.path(), rows);
         let server = FakeServer::start_with(FakeState {
@@ -91,7 +80,7 @@ fn main() {
             per_token,
             ..FakeState::default()
         });
-        let out = dir.path().join(format!("out-{slots}-{journal}-{scale}"));
+        let out = dir.path().join(format!("out-{slots}-{scale}"));
         let report = dir.path().join("time.txt");
         let mut cmd = if time {
             let mut c = Command::new("/usr/bin/time");
@@ -110,7 +99,6 @@ fn main() {
             ])
             .args(["--endpoint", &server.url(), "--model", "m"])
             .args(["--concurrency", &slots.to_string()])
-            .env("BACKFORTH_JOURNAL", journal)
             .env("BACKFORTH_LOG", "error")
             .stderr(std::process::Stdio::null())
             .status()
@@ -142,7 +130,7 @@ fn main() {
             "client CPU and RSS: /usr/bin/time not found".to_string()
         };
         println!(
-            "slots {slots:>5}, rows {rows:>6}, journal {journal:>3}: {actual:.2}s, ideal {ideal:.2}s, utilisation {:.1}%, {resources}",
+            "slots {slots:>5}, rows {rows:>6}: {actual:.2}s, ideal {ideal:.2}s, utilisation {:.1}%, {resources}",
             100.0 * ideal / actual
         );
     }

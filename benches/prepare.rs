@@ -23,10 +23,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
-#[path = "../tests/it/rng.rs"]
-mod rng;
-
-use rng::Rng;
+use backforth_testkit::rng::Rng;
 
 const FILES: usize = 16;
 
@@ -220,7 +217,7 @@ fn floor(files: &[PathBuf], threads: usize) -> f64 {
                     ]));
                     let props = WriterProperties::builder()
                         .set_compression(Compression::ZSTD(
-                            ZstdLevel::try_new(backforth::pipeline::PART_ZSTD_LEVEL).unwrap(),
+                            ZstdLevel::try_new(backforth::root::objects::PART_ZSTD_LEVEL).unwrap(),
                         ))
                         .build();
                     let mut writer =

@@ -5,6 +5,9 @@ use datafusion::error::DataFusionError;
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The cause of an [`Error::Failed`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Every failure backforth reports, grouped by who has to act on it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,15 +24,47 @@ pub enum Error {
         /// What is wrong, naming the column, and what to do about it.
         message: String,
     },
-    /// Running a stage failed (storage, SQL execution, a server refusing every request).
+    /// Running a stage failed (a server refusing every request, a budget spent, ...).
     #[error("execution error: {0}")]
     Execution(String),
+    /// Running a stage failed because something underneath did (storage, Arrow, I/O, HTTP);
+    /// `context` says what was being done.
+    #[error("execution error: {context}: {source}")]
+    Failed {
+        /// What was being done, e.g. "writing out/scored/part-00000.parquet".
+        context: String,
+        /// What failed underneath.
+        #[source]
+        source: Cause,
+    },
     /// An error raised inside the query engine; its own message says plan or execution.
     #[error("{0}")]
-    DataFusion(Box<DataFusionError>),
+    DataFusion(#[source] Box<DataFusionError>),
     /// An invariant of backforth broke: a bug to report.
     #[error("internal error (a bug in backforth, please report it): {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// An [`Error::Failed`]: `source` failed while doing `context`.
+    pub fn failed(context: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Error::Failed {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Says what was being done when a lower layer failed.
+pub trait Context<T> {
+    /// Wraps the error as [`Error::Failed`] with the context `what()` gives.
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<Cause>> Context<T> for std::result::Result<T, E> {
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::failed(what(), e))
+    }
 }
 
 impl From<DataFusionError> for Error {
@@ -57,19 +92,19 @@ impl From<DataFusionError> for Error {
 
 impl From<object_store::Error> for Error {
     fn from(err: object_store::Error) -> Self {
-        Error::Execution(format!("storage: {err}"))
+        Error::failed("storage", err)
     }
 }
 
 impl From<datafusion::arrow::error::ArrowError> for Error {
     fn from(err: datafusion::arrow::error::ArrowError) -> Self {
-        Error::Execution(format!("arrow: {err}"))
+        Error::failed("arrow", err)
     }
 }
 
 impl From<std::io::Error> for Error {
     fn from(err: std::io::Error) -> Self {
-        Error::Execution(format!("i/o: {err}"))
+        Error::failed("i/o", err)
     }
 }
 
@@ -81,12 +116,12 @@ impl From<Error> for DataFusionError {
 
 /// Builds an `Err(Error::Job(..))` with `format!` syntax.
 #[macro_export]
-macro_rules! job_err {
+macro_rules! job_error {
     ($($arg:tt)*) => { Err($crate::error::Error::Job(format!($($arg)*))) };
 }
 
 /// Builds an `Err(Error::Execution(..))` with `format!` syntax.
 #[macro_export]
-macro_rules! exec_err {
+macro_rules! execution_error {
     ($($arg:tt)*) => { Err($crate::error::Error::Execution(format!($($arg)*))) };
 }

@@ -4,29 +4,23 @@
 //! answers (`backtranslate`), an LLM scores each pair and SQL keeps the best (`score`,
 //! `curate`), and an LLM rewrites each kept text into an assistant-quality answer (`rewrite`).
 //! Stages are SQL over Parquet run by DataFusion; LLM calls are async UDFs.
+//!
+//! The layout, from the command line down: `cli` parses and dispatches; `job` is the job file
+//! and the catalog of built-in stages and functions; `run` executes a job into an output
+//! root whose contract is `root`; `engine` holds every DataFusion trait implementation;
+//! `llm` talks to models; `prepare` turns documents into candidates; `parse` reads LLM
+//! output; `outputs` is what users read back (stats, report, export, seed, estimate).
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod engine;
 pub mod error;
-pub mod estimate;
-pub mod exec;
-pub mod export;
-pub mod ingest;
 pub mod job;
-pub mod journal;
-pub mod limits;
 pub mod llm;
-pub mod manifest;
-pub mod minhash;
-pub mod openai_batch;
-pub mod pipeline;
-pub mod progress;
-pub mod quality;
-pub mod report;
-pub mod seed;
-pub mod stats;
+pub mod outputs;
+pub mod parse;
+pub mod prepare;
+pub mod root;
+pub mod run;
 pub mod storage;
-pub mod text;
-pub mod tokens;
-pub mod udf;
-pub mod worker;

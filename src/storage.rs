@@ -12,7 +12,7 @@ use object_store::path::Path;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::job_err;
+use crate::job_error;
 
 /// A directory-like place: a store, the URL DataFusion knows it by, and a prefix inside it.
 #[derive(Debug, Clone)]
@@ -43,7 +43,7 @@ impl Location {
             .map_err(|e| Error::Job(format!("'{location}' is not a valid URL: {e}")))?;
         let bucket = url.host_str().unwrap_or_default().to_string();
         if bucket.is_empty() {
-            return job_err!("'{location}' names no bucket");
+            return job_error!("'{location}' names no bucket");
         }
         let store: Arc<dyn ObjectStore> = match url.scheme() {
             "s3" => Arc::new(
@@ -65,7 +65,7 @@ impl Location {
                     .map_err(|e| Error::Job(format!("Azure store for {location}: {e}")))?,
             ),
             other => {
-                return job_err!(
+                return job_error!(
                     "'{location}': scheme '{other}' is not supported (use a path, file://, s3://, gs:// or az://)"
                 );
             }
@@ -230,7 +230,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
         _ => (spec.to_string(), None),
     };
     if has_glob(&base) {
-        return job_err!(
+        return job_error!(
             "input '{spec}': wildcards are supported in the last path component only for URLs"
         );
     }
@@ -283,7 +283,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
         })
         .collect();
     if files.is_empty() {
-        return job_err!(
+        return job_error!(
             "input '{spec}' matches no document files (.jsonl, .json, .jsonl.gz, .jsonl.zst, .parquet)"
         );
     }
@@ -313,7 +313,7 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
         });
     }
     if files.is_empty() {
-        return job_err!("input '{spec}' matches no document files");
+        return job_error!("input '{spec}' matches no document files");
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::fake_server::{FakeServer, answer_for};
-use crate::util::{backforth_ok, marker, rows, session};
+use crate::support::fake_server::{FakeServer, answer_for};
+use crate::support::util::{backforth_ok, marker, rows, session};
 
 /// What `vllm run-batch` does with a request line, answered by the fake's rules.
 fn run_batch(line: &Value, fail: bool) -> Value {
@@ -233,7 +233,7 @@ fn openai_batch_api_partial_failures_expiry_resubmission_and_resume() {
 
 #[test]
 fn request_files_stay_within_the_batch_api_limits() {
-    use backforth::openai_batch::{MAX_LINES, split_files};
+    use backforth::outputs::batch_api::{MAX_LINES, split_files};
     let lines: Vec<Value> = (0..2 * MAX_LINES + 1)
         .map(|i| json!({"custom_id": i}))
         .collect();

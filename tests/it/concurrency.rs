@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::fake_server::FakeServer;
-use crate::util::{backforth_ok, marker};
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth_ok, marker};
 
 #[test]
 fn llm_stage_keeps_every_slot_busy() {

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
-use crate::util::{backforth_ok, rows, session};
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth_ok, rows, session};
 
 const DOCS: usize = 300;
 const CAP: usize = 8;
@@ -195,7 +195,7 @@ fn failed_rows_are_dead_lettered_counted_and_retried_on_rerun() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("1 row(s) lost their LLM call"), "{stderr}");
-    let m = crate::util::marker(&root, "backtranslated");
+    let m = crate::support::util::marker(&root, "backtranslated");
     assert_eq!(m["dropped"]["llm_error"], 1, "{m}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -214,7 +214,7 @@ fn failed_rows_are_dead_lettered_counted_and_retried_on_rerun() {
     *server.state.fail_if_contains.lock().unwrap() = None;
     let before = server.requests();
     backforth_ok(&args(job, root.to_str().unwrap(), &url, "8"));
-    let m = crate::util::marker(&root, "backtranslated");
+    let m = crate::support::util::marker(&root, "backtranslated");
     assert!(m["dropped"].get("llm_error").is_none(), "{m}");
     assert_eq!(m["rows_out"], DOCS);
     let new_requests = server.requests() - before;

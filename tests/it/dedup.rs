@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use backforth::minhash::{
+use backforth::prepare::minhash::{
     BASE, NearDedup, Shingles, Signatures, duplicates, signature, word_hash, word_hashes,
 };
 
-use crate::rng::Rng;
-use crate::util::{backforth_ok, rows, session};
+use crate::support::rng::Rng;
+use crate::support::util::{backforth_ok, rows, session};
 
 fn document(rng: &mut Rng, words: usize) -> Vec<String> {
     (0..words)
@@ -265,7 +265,7 @@ fn rates(seed: u64, edits: std::ops::Range<u64>, band: std::ops::Range<f64>) -> 
             signature(&base.join(" "), &params),
             signature(&near.join(" "), &params),
         );
-        error += (backforth::minhash::estimated_jaccard(&a, &b) - exact).abs();
+        error += (backforth::prepare::minhash::estimated_jaccard(&a, &b) - exact).abs();
         let mut sigs = Signatures::new(params.num_perm());
         assert!(sigs.push("a", &a) && sigs.push("b", &b));
         let found = duplicates(&sigs, &params);
@@ -351,7 +351,7 @@ fn words_are_hashed_as_text_words_cuts_them() {
     {
         let mut streamed = Vec::new();
         word_hashes(text, |h| streamed.push(h));
-        let expected: Vec<u64> = backforth::text::words(text)
+        let expected: Vec<u64> = backforth::prepare::segment::words(text)
             .iter()
             .map(|w| word_hash(w))
             .collect();

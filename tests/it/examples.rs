@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::fake_server::FakeServer;
-use crate::util::{backforth_ok, count, marker, repo, rows, session};
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth_ok, count, marker, repo, rows, session};
 
 /// Runs `job` (a path under the repository) on the sample corpus against `server`.
 fn run(job: &str, server: &FakeServer, root: &Path) {
@@ -159,13 +159,13 @@ async fn kun_judges_instructions_polishes_and_filters_with_counted_reasons() {
     // What passed the filters has none of what they look for.
     for row in rows(&ctx, "SELECT response FROM filtered").await {
         let text = &row[0];
-        assert!(backforth::text::refusal_phrase(text).is_none(), "{text}");
+        assert!(backforth::parse::refusal_phrase(text).is_none(), "{text}");
         assert!(
-            backforth::text::self_reference_phrase(text).is_none(),
+            backforth::parse::self_reference_phrase(text).is_none(),
             "{text}"
         );
         assert!(text.chars().count() >= 20, "{text}");
-        assert!(backforth::text::max_repeats(text, 50) <= 5, "{text}");
+        assert!(backforth::parse::max_repeats(text, 50) <= 5, "{text}");
     }
     // The stats funnel shows every reason.
     let out = backforth_ok(&["stats", root.to_str().unwrap()]);

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::pipeline::sample_root;
-use crate::util::{backforth, backforth_ok, rows, session};
+use crate::support::util::{backforth, backforth_ok, rows, session};
 
 const SEED_TAG: &str = "Answer in the style of an AI Assistant.";
 const WEB_TAG: &str = "Answer with knowledge from web search.";

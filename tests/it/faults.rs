@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::fake_server::{FakeServer, FakeState, Fault};
-use crate::util::{marker, rows, session};
+use crate::support::fake_server::{FakeServer, FakeState, Fault};
+use crate::support::util::{marker, rows, session};
 
 const CASES: &[&str] = &[
     "ra429", "plain429", "err500", "err503", "dropped", "slow", "garbled", "dead", "fine",

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::util::{backforth, backforth_ok, marker};
+use crate::support::util::{backforth, backforth_ok, marker};
 
 const GOOD: &str = r#"{"id": "a", "text": "A perfectly good document about rivers and bridges.", "source": "t", "metadata": {"k": 1}}"#;
 
@@ -206,9 +206,10 @@ async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
         "--input",
         data.join("a.jsonl").to_str().unwrap(),
     ]);
-    let ctx = crate::util::session(&other).await;
+    let ctx = crate::support::util::session(&other).await;
     assert_eq!(
-        crate::util::rows(&ctx, "SELECT doc_id, drop_reason FROM candidates_dropped").await,
+        crate::support::util::rows(&ctx, "SELECT doc_id, drop_reason FROM candidates_dropped")
+            .await,
         vec![vec!["b1".to_string(), "duplicate_across_files".to_string()]]
     );
 
@@ -248,7 +249,7 @@ async fn each_input_file_is_a_shard_deduplicated_against_the_files_before_it() {
 /// must give: `duplicate` after an earlier copy in the same file, `duplicate_across_files`
 /// after one in a file earlier by path, none for the first copy.
 fn repeating_corpus(dir: &Path) -> (Vec<String>, BTreeMap<String, Option<&'static str>>) {
-    let mut rng = crate::rng::Rng(0xd0c5);
+    let mut rng = crate::support::rng::Rng(0xd0c5);
     let texts: Vec<String> = (0..20)
         .map(|t| format!("Text number {t} is about the harbour, its {t} cranes and tides."))
         .collect();
@@ -280,13 +281,13 @@ fn repeating_corpus(dir: &Path) -> (Vec<String>, BTreeMap<String, Option<&'stati
 
 /// Per doc_id of the candidates under `root`, its drop reason (none when kept).
 async fn reasons(root: &Path) -> BTreeMap<String, Option<&'static str>> {
-    let ctx = crate::util::session(root).await;
+    let ctx = crate::support::util::session(root).await;
     let mut out = BTreeMap::new();
-    for row in crate::util::rows(&ctx, "SELECT doc_id FROM candidates").await {
+    for row in crate::support::util::rows(&ctx, "SELECT doc_id FROM candidates").await {
         out.insert(row[0].clone(), None);
     }
     let dropped = "SELECT doc_id, drop_reason FROM candidates_dropped";
-    for row in crate::util::rows(&ctx, dropped).await {
+    for row in crate::support::util::rows(&ctx, dropped).await {
         let reason = match row[1].as_str() {
             "duplicate" => "duplicate",
             "duplicate_across_files" => "duplicate_across_files",
@@ -515,8 +516,8 @@ async fn within_a_file_the_first_copy_survives_across_batches() {
             marker(&root, "candidates")["dropped"],
             json!({"duplicate": expected_drops})
         );
-        let ctx = crate::util::session(&root).await;
-        let wrong = crate::util::rows(
+        let ctx = crate::support::util::session(&root).await;
+        let wrong = crate::support::util::rows(
             &ctx,
             "SELECT count(*) FROM candidates_dropped WHERE line <= 5000 OR text NOT LIKE 'NOTE%'",
         )
@@ -561,8 +562,8 @@ async fn lines_across_and_beyond_the_read_buffer_keep_their_text_and_numbers() {
     backforth_ok(&["run", &job_path, "--stages", "prepare"]);
     let root = dir.path().join("out-error");
     assert_eq!(marker(&root, "candidates")["input"]["documents"], 3_000);
-    let ctx = crate::util::session(&root).await;
-    let rows = crate::util::rows(
+    let ctx = crate::support::util::session(&root).await;
+    let rows = crate::support::util::rows(
         &ctx,
         "SELECT count(*), sum(CASE WHEN line = CAST(substr(doc_id, 2) AS BIGINT) + 1 THEN 1 END), \
          max(n_chars), sum(CASE WHEN text LIKE concat('Line ', substr(doc_id, 2), ' says%') THEN 1 END) \

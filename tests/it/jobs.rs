@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::fake_server::FakeServer;
-use crate::util::{backforth, backforth_ok, marker, repo};
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth, backforth_ok, marker, repo};
 
 fn write_job(dir: &std::path::Path, body: &str) -> String {
     let sample = repo().join("examples/data");
@@ -185,8 +185,8 @@ fn job_errors_name_the_problem() {
 
 #[test]
 fn logprob_scoring_gives_expected_scores_and_falls_back_to_text() {
-    use crate::fake_server::first_token_alternatives;
-    use crate::util::{rows, session};
+    use crate::support::fake_server::first_token_alternatives;
+    use crate::support::util::{rows, session};
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(1));
     let job = write_job(

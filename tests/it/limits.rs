@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
-use crate::util::backforth_ok;
+use crate::support::fake_server::FakeServer;
+use crate::support::util::backforth_ok;
 
 fn run(limit: &str, docs: usize) -> Vec<(Instant, usize)> {
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +89,7 @@ fn input_tokens_per_minute_hold() {
 
 #[test]
 fn a_throttling_server_shrinks_the_window() {
-    use crate::fake_server::FakeState;
+    use crate::support::fake_server::FakeState;
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let docs = 240;

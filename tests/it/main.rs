@@ -1,12 +1,12 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
 mod batch;
+mod catalog;
 mod concurrency;
 mod crash;
 mod dedup;
 mod examples;
 mod export;
-mod fake_server;
 mod faults;
 mod ingest;
 mod jobs;
@@ -17,9 +17,8 @@ mod prepare;
 mod quality;
 mod report;
 mod resume;
-mod rng;
 mod s3;
 mod schemas;
 mod seed;
 mod stats;
-mod util;
+mod support;

@@ -1,6 +1,6 @@
 //! Parsers over adversarial LLM outputs, with the reason checked.
 
-use backforth::text::{clean_instruction, extract_tagged, parse_score, tag_problem};
+use backforth::parse::{clean_instruction, extract_tagged, parse_score, tag_problem};
 
 fn score(raw: &str) -> (Option<i64>, Option<&'static str>) {
     let p = parse_score(Some(raw), Some("stop"));
@@ -116,7 +116,7 @@ fn instructions_lose_labels_and_quotes() {
 
 #[test]
 fn logprob_scores_weigh_the_digits() {
-    use backforth::text::logprob_score;
+    use backforth::parse::logprob_score;
     let ln = |p: f64| p.ln();
     // 0.5 on "4", 0.25 on " 4" (the same digit), 0.25 on "5": expected 4.25, mass 1.
     let top = serde_json::json!([["4", ln(0.5)], [" 4", ln(0.25)], ["5", ln(0.25)]]).to_string();
@@ -138,7 +138,7 @@ fn logprob_scores_weigh_the_digits() {
 
 #[test]
 fn trigrams_and_overlap_on_hand_checked_text() {
-    use backforth::text::{ngram_overlap, word_ngrams};
+    use backforth::parse::{ngram_overlap, word_ngrams};
     assert_eq!(
         word_ngrams("The cat sat on the mat.", 3),
         vec!["the cat sat", "cat sat on", "sat on the", "on the mat"]

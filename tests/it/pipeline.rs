@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use backforth::text::{extract_tagged, tag_problem};
+use backforth::parse::{extract_tagged, tag_problem};
 use serde_json::{Value, json};
 
-use crate::fake_server::FakeServer;
-use crate::util::{backforth, backforth_ok, count, marker, rows, session};
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth, backforth_ok, count, marker, rows, session};
 
 /// The stages of examples/bft.toml, in order.
 pub const STAGES: [&str; 6] = [

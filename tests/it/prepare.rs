@@ -1,9 +1,7 @@
 //! The prepare rules on small hand-made documents.
 
-use backforth::text::{
-    CandidateMode, UnitRules, cut_units, dedup_digest, header_problem, normalize_for_dedup,
-    segments,
-};
+use backforth::prepare::dedup_key::{dedup_digest, normalize_for_dedup};
+use backforth::prepare::segment::{CandidateMode, UnitRules, cut_units, header_problem, segments};
 
 fn segment_rules() -> UnitRules {
     UnitRules {
@@ -126,7 +124,7 @@ fn dedup_normalisation_ignores_case_and_whitespace() {
 #[test]
 fn dedup_digest_hashes_the_normalised_text() {
     use sha2::{Digest, Sha256};
-    let mut rng = crate::rng::Rng(11);
+    let mut rng = crate::support::rng::Rng(11);
     let mut texts = vec![
         String::new(),
         " \t\x0b\x0c\r\n".to_string(),
@@ -153,8 +151,8 @@ fn dedup_digest_hashes_the_normalised_text() {
 
 #[test]
 fn byte_kinds_of_a_window_match_byte_by_byte_tests() {
-    use backforth::text::ByteKinds;
-    let mut rng = crate::rng::Rng(5);
+    use backforth::prepare::bytes::ByteKinds;
+    let mut rng = crate::support::rng::Rng(5);
     // Each byte from a draw weighted to the class edges ('@', '[', '`', '{', tab to CR, space,
     // 0x7F, 0x80, 0xFF), then anything.
     let edges = b"@AZ[`az{/09:#.\x08\t\n\x0b\x0c\r\x0e \x1f!\x7f\x80\xc3\xff";
@@ -187,7 +185,7 @@ fn byte_kinds_of_a_window_match_byte_by_byte_tests() {
 
 #[test]
 fn built_in_encodings_count_as_tiktoken_does() {
-    use backforth::tokens::TokenCounter;
+    use backforth::prepare::tokens::TokenCounter;
     let here = std::path::Path::new(".");
     let cl100k = TokenCounter::load("cl100k_base", here).unwrap();
     let o200k = TokenCounter::load("o200k_base", here).unwrap();
@@ -277,7 +275,7 @@ const FRAGMENTS: &[&str] = &[
 ];
 
 /// Up to `max - 1` random fragments joined.
-fn fuzzed(rng: &mut crate::rng::Rng, max: u64) -> String {
+fn fuzzed(rng: &mut crate::support::rng::Rng, max: u64) -> String {
     let n = rng.below(max);
     (0..n)
         .map(|_| FRAGMENTS[rng.below(FRAGMENTS.len() as u64) as usize])
@@ -286,8 +284,8 @@ fn fuzzed(rng: &mut crate::rng::Rng, max: u64) -> String {
 
 #[test]
 fn hand_scanned_pieces_are_the_regex_pieces() {
-    use crate::rng::Rng;
-    use backforth::tokens::{Pattern, pieces};
+    use crate::support::rng::Rng;
+    use backforth::prepare::tokens::{Pattern, pieces};
     let mut texts: Vec<String> = Vec::new();
     for file in ["examples/data/sample-0001.jsonl"] {
         for line in std::fs::read_to_string(file).unwrap().lines() {
@@ -311,9 +309,9 @@ fn hand_scanned_pieces_are_the_regex_pieces() {
 
 #[test]
 fn cached_counts_equal_the_encodings_own() {
-    use backforth::tokens::TokenCounter;
+    use backforth::prepare::tokens::TokenCounter;
     let here = std::path::Path::new(".");
-    let mut rng = crate::rng::Rng(7);
+    let mut rng = crate::support::rng::Rng(7);
     for (name, bpe) in [
         ("cl100k_base", bpe_openai::cl100k_base()),
         ("o200k_base", bpe_openai::o200k_base()),
@@ -321,7 +319,7 @@ fn cached_counts_equal_the_encodings_own() {
         let counter = TokenCounter::load(name, here).unwrap();
         // Twice over, so the second round is answered from the piece cache.
         for round in 0..2 {
-            let mut draw = crate::rng::Rng(rng.0 ^ round);
+            let mut draw = crate::support::rng::Rng(rng.0 ^ round);
             for _ in 0..3_000 {
                 let text = fuzzed(&mut draw, 40);
                 assert_eq!(counter.count(&text), bpe.count(&text), "{name} on {text:?}");

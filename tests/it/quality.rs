@@ -1,12 +1,12 @@
 //! The quality rules of prepare, one hand-made document per rule, and in a run: each rule's
 //! drops counted under its own reason.
 
-use backforth::quality::{
+use backforth::prepare::quality::{
     DETECTED_PREFIX_BYTES, ENGLISH, FRENCH, GERMAN, PLAIN_LANGUAGES, QualityRules, WordStats,
     clean_document, is_boilerplate, language, paragraphs,
 };
 
-use crate::util::{backforth_ok, marker};
+use crate::support::util::{backforth_ok, marker};
 
 const GOOD: &str = "The kettle boils water quickly.\nPour it over the tea leaves and wait three minutes.\nThen remove the leaves, add milk if you like, and enjoy the cup.";
 

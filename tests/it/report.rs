@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::stats::hand_made_root;
-use crate::util::backforth_ok;
+use crate::support::util::backforth_ok;
 
 fn chromium() -> PathBuf {
     std::env::var_os("BACKFORTH_CHROMIUM")

@@ -4,9 +4,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::crash::{corpus, snapshot};
-use crate::fake_server::FakeServer;
-use crate::util::{backforth, backforth_ok, marker};
-use backforth::worker::Worker;
+use crate::support::fake_server::FakeServer;
+use crate::support::util::{backforth, backforth_ok, marker};
+use backforth::run::worker::Worker;
 
 fn run_args<'a>(job: &'a str, root: &'a str, url: &'a str) -> Vec<&'a str> {
     vec![

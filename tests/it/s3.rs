@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
-use crate::util::repo;
+use crate::support::fake_server::FakeServer;
+use crate::support::util::repo;
 
 /// A moto S3 server on 127.0.0.1, stopped on drop.
 pub struct Moto {

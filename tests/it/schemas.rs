@@ -1,11 +1,11 @@
 //! Each stage's output schema is the one written down in `schemas/`.
 //! `BACKFORTH_BLESS=1 cargo test schemas` rewrites the files from a run; review the diff.
 
-use backforth::pipeline::schema_doc;
+use backforth::root::tables::schema_doc;
 use datafusion::prelude::SessionContext;
 
 use crate::pipeline::{STAGES, sample_root};
-use crate::util::repo;
+use crate::support::util::repo;
 
 #[test]
 fn stage_outputs_match_schemas_dir() {

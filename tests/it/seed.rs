@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::util::{backforth_ok, rows};
+use crate::support::util::{backforth_ok, rows};
 
 fn lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -231,7 +231,7 @@ async fn seed_reads_the_parquet_message_table_of_the_hugging_face_release() {
     ]
     .join(" UNION ALL ");
     let ctx = datafusion::prelude::SessionContext::new();
-    crate::util::copy_to_parquet(&ctx, &sql, &file).await;
+    crate::support::util::copy_to_parquet(&ctx, &sql, &file).await;
     let out = dir.path().join("seed");
     backforth_ok(&[
         "seed",

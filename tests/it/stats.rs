@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::util::backforth_ok;
+use crate::support::util::backforth_ok;
 
 fn marker(stage: &str, rows: u64) -> String {
     serde_json::json!({
@@ -68,7 +68,7 @@ pub fn hand_made_root(root: &std::path::Path) {
             let dir = root.join(stage);
             std::fs::create_dir_all(&dir).unwrap();
             let file = dir.join("part-00000.parquet");
-            crate::util::copy_to_parquet(&ctx, &sql, &file).await;
+            crate::support::util::copy_to_parquet(&ctx, &sql, &file).await;
             std::fs::write(dir.join("_SUCCESS"), marker(stage, rows)).unwrap();
         }
     });

@@ -1,0 +1,262 @@
+//! LLM functions as async UDFs: each renders its prompt template per row and calls its model
+//! role; the reply is a struct column (text, usage, error, ...) so nothing the server said is
+//! lost and parsers can run again on stored replies.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    StructArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::not_impl_err;
+use datafusion::error::Result;
+use datafusion::logical_expr::async_udf::AsyncScalarUDFImpl;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+use futures::future::join_all;
+
+use crate::engine::args::string_columns;
+use crate::error::Error;
+use crate::job::FunctionSpec;
+use crate::llm::client::ModelClient;
+use crate::llm::reply::{Reply, Request};
+use crate::parse::logprob_score;
+
+/// The struct every LLM function returns.
+pub fn llm_reply_type() -> DataType {
+    DataType::Struct(llm_reply_fields())
+}
+
+fn llm_reply_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("text", DataType::Utf8, true),
+        Field::new("finish_reason", DataType::Utf8, true),
+        Field::new("prompt_tokens", DataType::Int64, true),
+        Field::new("completion_tokens", DataType::Int64, true),
+        Field::new("latency_ms", DataType::Int64, true),
+        Field::new("attempts", DataType::Int32, true),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("cached", DataType::Boolean, true),
+        Field::new("cost_usd", DataType::Float64, true),
+        Field::new("top_logprobs", DataType::Utf8, true),
+    ])
+}
+
+/// An LLM function: renders its template for each row and calls its model role.
+#[derive(Debug)]
+pub struct LlmFunction {
+    spec: FunctionSpec,
+    client: ModelClient,
+    templates: minijinja::Environment<'static>,
+    signature: Signature,
+}
+
+impl PartialEq for LlmFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.spec == other.spec
+    }
+}
+
+impl Eq for LlmFunction {}
+
+impl std::hash::Hash for LlmFunction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.spec.name.hash(state);
+    }
+}
+
+impl LlmFunction {
+    /// Binds `spec` to `client`, checking that the template parses.
+    pub fn new(spec: FunctionSpec, client: ModelClient) -> crate::error::Result<Self> {
+        let mut templates = minijinja::Environment::new();
+        templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        templates
+            .add_template_owned("prompt", spec.template.clone())
+            .map_err(|e| Error::Job(format!("template of {}: {e}", spec.name)))?;
+        if let Some((fallback, _)) = &spec.fallback {
+            templates
+                .add_template_owned("fallback", fallback.clone())
+                .map_err(|e| Error::Job(format!("fallback template of {}: {e}", spec.name)))?;
+        }
+        Ok(Self {
+            templates,
+            // Not `user_defined`: DataFusion's async wrapper does not forward `coerce_types`.
+            signature: Signature::string(spec.args.len(), Volatility::Volatile),
+            spec,
+            client,
+        })
+    }
+
+    fn render(&self, template: &str, values: &[&str]) -> std::result::Result<String, String> {
+        let ctx: BTreeMap<&str, String> = self
+            .spec
+            .args
+            .iter()
+            .map(String::as_str)
+            .zip(values.iter().map(|v| v.to_string()))
+            .collect();
+        self.templates
+            .get_template(template)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| format!("template: {e}"))
+    }
+
+    async fn call_row(&self, values: Vec<&str>) -> Reply {
+        let first = self
+            .ask(
+                "prompt",
+                &values,
+                self.spec.max_tokens,
+                self.spec.logprobs.then_some(20),
+            )
+            .await;
+        let Some((_, max_tokens)) = &self.spec.fallback else {
+            return first;
+        };
+        let has_digit = first
+            .top_logprobs
+            .as_deref()
+            .and_then(logprob_score)
+            .is_some();
+        if first.error.is_some() || has_digit {
+            return first;
+        }
+        // No digit among the likely first tokens: ask for the text judgement instead, and
+        // keep the first reply's alternatives so the row shows why.
+        let text = self.ask("fallback", &values, *max_tokens, None).await;
+        Reply {
+            top_logprobs: first.top_logprobs,
+            attempts: first.attempts + text.attempts,
+            prompt_tokens: Some(first.prompt_tokens.unwrap_or(0) + text.prompt_tokens.unwrap_or(0)),
+            completion_tokens: Some(
+                first.completion_tokens.unwrap_or(0) + text.completion_tokens.unwrap_or(0),
+            ),
+            cost_usd: first.cost_usd + text.cost_usd,
+            latency_ms: first.latency_ms + text.latency_ms,
+            cached: first.cached && text.cached,
+            ..text
+        }
+    }
+
+    async fn ask(
+        &self,
+        template: &str,
+        values: &[&str],
+        max_tokens: u32,
+        top_logprobs: Option<u32>,
+    ) -> Reply {
+        match self.render(template, values) {
+            Ok(prompt) => {
+                self.client
+                    .call(Request {
+                        mock: self.spec.mock,
+                        prompt,
+                        system: self.spec.system.clone(),
+                        max_tokens,
+                        top_logprobs,
+                    })
+                    .await
+            }
+            Err(error) => Reply {
+                error: Some(error),
+                ..Reply::default()
+            },
+        }
+    }
+}
+
+impl ScalarUDFImpl for LlmFunction {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(llm_reply_type())
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        not_impl_err!(
+            "{} calls an LLM and runs only asynchronously",
+            self.spec.name
+        )
+    }
+}
+
+#[async_trait]
+impl AsyncScalarUDFImpl for LlmFunction {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let columns = string_columns(&args.args, n)?;
+        let rows = (0..n).map(|i| {
+            let values: Option<Vec<&str>> = columns
+                .iter()
+                .map(|c| (!c.is_null(i)).then(|| c.value(i)))
+                .collect();
+            async move {
+                match values {
+                    // A row with a NULL argument has nothing to ask; no request is sent.
+                    None => None,
+                    Some(values) => Some(self.call_row(values).await),
+                }
+            }
+        });
+        // Every row of the batch is started at once; the endpoint's slots bound what is on the
+        // wire, and LlmWindowExec keeps several batches in flight so no batch waits alone.
+        let replies = join_all(rows).await;
+        Ok(ColumnarValue::Array(replies_to_array(&replies)))
+    }
+}
+
+/// Builds the reply struct column; `None` rows are NULL.
+pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
+    let n = replies.len();
+    let mut text = StringBuilder::new();
+    let mut finish = StringBuilder::new();
+    let mut prompt_tokens = Int64Builder::with_capacity(n);
+    let mut completion_tokens = Int64Builder::with_capacity(n);
+    let mut latency = Int64Builder::with_capacity(n);
+    let mut attempts = Int32Builder::with_capacity(n);
+    let mut error = StringBuilder::new();
+    let mut cached = BooleanBuilder::with_capacity(n);
+    let mut cost = Float64Builder::with_capacity(n);
+    let mut top = StringBuilder::new();
+    for reply in replies {
+        let r = reply.clone().unwrap_or_default();
+        text.append_option(r.text);
+        finish.append_option(r.finish_reason);
+        prompt_tokens.append_option(r.prompt_tokens);
+        completion_tokens.append_option(r.completion_tokens);
+        latency.append_option(reply.as_ref().map(|r| r.latency_ms));
+        attempts.append_option(reply.as_ref().map(|r| r.attempts));
+        error.append_option(r.error);
+        cached.append_option(reply.as_ref().map(|r| r.cached));
+        cost.append_option(reply.as_ref().map(|r| r.cost_usd));
+        top.append_option(r.top_logprobs);
+    }
+    let fields = llm_reply_fields();
+    let nulls = replies.iter().map(Option::is_some).collect::<Vec<bool>>();
+    Arc::new(StructArray::new(
+        fields,
+        vec![
+            Arc::new(text.finish()),
+            Arc::new(finish.finish()),
+            Arc::new(prompt_tokens.finish()),
+            Arc::new(completion_tokens.finish()),
+            Arc::new(latency.finish()),
+            Arc::new(attempts.finish()),
+            Arc::new(error.finish()),
+            Arc::new(cached.finish()),
+            Arc::new(cost.finish()),
+            Arc::new(top.finish()),
+        ],
+        Some(nulls.into()),
+    ))
+}

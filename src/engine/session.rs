@@ -1,0 +1,80 @@
+//! The DataFusion session every command uses, and the functions registered in it.
+
+use std::sync::Arc;
+
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::async_udf::AsyncScalarUDF;
+
+use crate::engine::llm_function::LlmFunction;
+use crate::engine::parsers::PARSERS;
+use crate::engine::prepare_functions::{PrepareRules, UNITS, configured_udfs};
+use crate::engine::pure::pure_udf;
+use crate::engine::window::{LlmWindowRule, Window};
+use crate::error::Result;
+use crate::job::FunctionSpec;
+use crate::llm::client::ModelClient;
+use crate::prepare::tokens::TokenCounter;
+use crate::storage::Location;
+
+/// Builds the session every command uses: list-files cache off (stages read what earlier
+/// stages wrote in the same process), LLM calls planned with [`LlmWindowExec`](crate::engine::window::LlmWindowExec).
+pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<SessionContext> {
+    let mut config = SessionConfig::new();
+    // Leaf-expression pushdown copies `call['text']` down to the call and so duplicates the
+    // async LLM call once per field read (4 requests a row for backtranslated.sql).
+    config
+        .options_mut()
+        .optimizer
+        .enable_leaf_expression_pushdown = false;
+    if let Some(p) = target_partitions {
+        config = config.with_target_partitions(p.max(1));
+    }
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+        .build_arc()?;
+    let state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_physical_optimizer_rule(Arc::new(LlmWindowRule::new(window)))
+        .build();
+    Ok(SessionContext::new_with_state(state))
+}
+
+/// Registers the object store of `location` with `ctx` (local disk is always known).
+pub fn register_store(ctx: &SessionContext, location: &Location) {
+    if location.store_url.scheme() != "file" {
+        ctx.register_object_store(&location.store_url, Arc::clone(&location.store));
+    }
+}
+
+/// Registers every backforth function in `ctx`: the LLM functions bound to their clients, the
+/// parsers, and the prepare helpers using `tokens` for `token_count` and `rules` for the
+/// quality rules and MinHash signatures.
+pub fn register_functions(
+    ctx: &SessionContext,
+    functions: &[(FunctionSpec, ModelClient)],
+    tokens: TokenCounter,
+    rules: PrepareRules,
+) -> Result<()> {
+    for (spec, client) in functions {
+        let udf = LlmFunction::new(spec.clone(), client.clone())?;
+        ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
+    }
+    for udf in scalar_udfs(tokens, rules) {
+        ctx.register_udf(udf);
+    }
+    Ok(())
+}
+
+/// Every function that calls no LLM: parsers and prepare helpers.
+pub fn scalar_udfs(tokens: TokenCounter, rules: PrepareRules) -> Vec<ScalarUDF> {
+    let mut udfs = configured_udfs(tokens, rules);
+    udfs.extend(UNITS.iter().chain(PARSERS).map(pure_udf));
+    udfs
+}

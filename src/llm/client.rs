@@ -1,0 +1,366 @@
+//! The LLM client of one model role: answers from the journal, shares identical calls in
+//! flight, and otherwise asks its [`Backend`]: the OpenAI-compatible HTTP API, the offline
+//! `mock`, or an offline batch being written down.
+//!
+//! Over HTTP, each [`Endpoint`] holds the cap on requests in flight, shared by every stage and
+//! partition of the process; retries with backoff and jitter happen inside a call, so a row
+//! only fails after its last attempt. Failures become values ([`Reply::error`]) rather than
+//! errors: one bad row never stops a stage.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::job::{Api, ModelSpec};
+use crate::llm::endpoint::Endpoint;
+use crate::llm::journal::Journal;
+use crate::llm::limits::Slot;
+use crate::llm::reply::{Reply, Request};
+use crate::llm::wire::{
+    describe_reqwest_error, is_quota_exhausted, parse_completion, request_body, snippet,
+};
+
+type InFlight = Shared<BoxFuture<'static, Reply>>;
+
+/// Where a role's requests go when neither the journal nor an identical call in flight
+/// answers them.
+#[async_trait::async_trait]
+pub trait Backend: std::fmt::Debug + Send + Sync {
+    /// Answers `req` (whose journal key is `key`) for `client`.
+    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply;
+}
+
+/// The OpenAI-compatible HTTP API of the role's endpoints.
+#[derive(Debug)]
+pub struct Http;
+
+#[async_trait::async_trait]
+impl Backend for Http {
+    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply {
+        client.call_http(req, key).await
+    }
+}
+
+/// An API key read from the environment; never printed.
+#[derive(Clone)]
+pub(crate) struct ApiKey(pub(crate) String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// A model role bound to its endpoints: what an LLM function calls.
+#[derive(Debug, Clone)]
+pub struct ModelClient {
+    pub(crate) spec: ModelSpec,
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
+    pub(crate) key: Option<ApiKey>,
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
+    pub(crate) spent: Arc<AtomicU64>,
+    /// The run's budget in millionths of a dollar, if it has one.
+    pub(crate) budget: Option<u64>,
+    pub(crate) backend: Arc<dyn Backend>,
+}
+
+impl ModelClient {
+    /// The role's resolved settings.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The endpoint that counts calls answered without a request of their own.
+    pub(crate) fn home(&self) -> &Endpoint {
+        &self.endpoints[0]
+    }
+
+    /// A slot for the next attempt, on the endpoint that frees one first among those not
+    /// resting and with quota left (all with quota left, when every one is resting): so each
+    /// request goes to the least-loaded replica at the moment it can be sent. `None` when no
+    /// endpoint has quota left.
+    async fn acquire_slot(&self) -> Option<(&Arc<Endpoint>, Slot)> {
+        let usable: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.quota().is_none())
+            .collect();
+        let awake: Vec<&Arc<Endpoint>> = usable.iter().copied().filter(|e| !e.resting()).collect();
+        let candidates = if awake.is_empty() { usable } else { awake };
+        if candidates.is_empty() {
+            return None;
+        }
+        // Free slots now: take the replica with the most. Otherwise wait for the first.
+        if let Some(best) = candidates.iter().max_by_key(|e| e.slots.available())
+            && let Some(slot) = best.slots.try_acquire()
+        {
+            return Some((best, slot));
+        }
+        let waits = candidates.iter().map(|e| Box::pin(e.slots.acquire()));
+        let (slot, index, _) = futures::future::select_all(waits).await;
+        Some((candidates[index], slot))
+    }
+
+    /// A stable hash of everything that determines the answer: model, API, sampling and the
+    /// rendered request. Equal keys mean an answer can be reused.
+    pub fn request_key(&self, req: &Request) -> String {
+        let s = &self.spec;
+        let mut h = Sha256::new();
+        for part in [
+            s.model.as_str(),
+            if s.api == Api::Chat {
+                "chat"
+            } else {
+                "completions"
+            },
+            &s.temperature.to_string(),
+            &s.top_p.to_string(),
+            &req.max_tokens.to_string(),
+            &req.top_logprobs
+                .map_or(String::new(), |n| format!("top_logprobs={n}")),
+            &serde_json::to_string(&s.extra).unwrap_or_default(),
+            req.system.as_deref().unwrap_or(""),
+            &req.prompt,
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Sends `req` (or joins an identical request already in flight) and returns its reply.
+    pub async fn call(&self, req: Request) -> Reply {
+        let key = self.request_key(&req);
+        if let Some(reply) = self.journal.get(&key) {
+            self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
+            return reply;
+        }
+        let (future, leader) = {
+            let mut map = self.in_flight.lock().expect("lock poisoned");
+            match map.get(&key) {
+                Some(existing) => (existing.clone(), false),
+                None => {
+                    let this = self.clone();
+                    let done_key = key.clone();
+                    // The entry goes when the call ends, even if the row that started it was
+                    // cancelled meanwhile and a follower finished the work.
+                    let fut = async move {
+                        let reply = this.call_uncached(&req, &done_key).await;
+                        this.in_flight
+                            .lock()
+                            .expect("lock poisoned")
+                            .remove(&done_key);
+                        reply
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key.clone(), fut.clone());
+                    (fut, true)
+                }
+            }
+        };
+        let mut reply = future.await;
+        if !leader {
+            self.home().stats.shared.fetch_add(1, Ordering::Relaxed);
+            reply.cached = true;
+        }
+        reply
+    }
+
+    async fn call_uncached(&self, req: &Request, key: &str) -> Reply {
+        let started = Instant::now();
+        let mut reply = self.backend.send(self, req, key).await;
+        reply.latency_ms = started.elapsed().as_millis() as i64;
+        reply.cost_usd = self
+            .spec
+            .cost_usd(reply.prompt_tokens, reply.completion_tokens);
+        let stats = &self.home().stats;
+        stats
+            .cost_micro_usd
+            .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
+        self.spent
+            .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
+        if reply.error.is_some() {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.prompt_tokens.fetch_add(
+            reply.prompt_tokens.unwrap_or(0).max(0) as u64,
+            Ordering::Relaxed,
+        );
+        stats.completion_tokens.fetch_add(
+            reply.completion_tokens.unwrap_or(0).max(0) as u64,
+            Ordering::Relaxed,
+        );
+        reply
+    }
+
+    async fn call_http(&self, req: &Request, key: &str) -> Reply {
+        let (path, body) = request_body(&self.spec, req);
+        let max_attempts = self.spec.max_attempts as i32;
+        let mut last_error = String::new();
+        for attempt in 1..=max_attempts {
+            // Hold a slot only while the request is on the wire, not while backing off.
+            let Some((endpoint, _slot)) = self.acquire_slot().await else {
+                return Reply {
+                    attempts: attempt - 1,
+                    error: self.home().quota(),
+                    ..Reply::default()
+                };
+            };
+            // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
+            if let Some(budget) = self.budget
+                && self.spent.load(Ordering::Relaxed) >= budget
+            {
+                return Reply {
+                    attempts: attempt - 1,
+                    error: Some(budget_message(budget)),
+                    ..Reply::default()
+                };
+            }
+            let url = format!("{}/{path}", endpoint.base_url);
+            let estimate = (
+                (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
+                req.max_tokens as f64,
+            );
+            endpoint.limits.admit(estimate.0, estimate.1).await;
+            let outcome = {
+                endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let outcome = self.send_once(endpoint, &url, &body).await;
+                let usage = match &outcome {
+                    Ok(r) => (r.prompt_tokens, r.completion_tokens),
+                    // A failed request generated nothing; its prompt still counts.
+                    Err(_) => (Some(estimate.0 as i64), Some(0)),
+                };
+                endpoint.limits.settle(estimate, usage);
+                match &outcome {
+                    Ok(_) => {
+                        endpoint.slots.on_success();
+                        endpoint.record_health(true);
+                    }
+                    Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
+                    Err(_) => endpoint.record_health(false),
+                }
+                if let Ok(reply) = &outcome {
+                    // The slot is held until the response is durable, so a kill loses at
+                    // most the requests in flight.
+                    self.journal.record(key, reply).await;
+                }
+                outcome
+            };
+            match outcome {
+                Ok(mut reply) => {
+                    reply.attempts = attempt;
+                    return reply;
+                }
+                Err(Failure::Fatal(msg)) => {
+                    return Reply {
+                        attempts: attempt,
+                        error: Some(msg),
+                        ..Reply::default()
+                    };
+                }
+                Err(Failure::Retry { message, after, .. }) => {
+                    last_error = message;
+                    if attempt < max_attempts {
+                        tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt))).await;
+                    }
+                }
+            }
+        }
+        Reply {
+            attempts: max_attempts,
+            error: Some(format!(
+                "gave up after {max_attempts} attempts: {last_error}"
+            )),
+            ..Reply::default()
+        }
+    }
+
+    /// One HTTP attempt on `endpoint`: the reply, or whether and when to retry.
+    async fn send_once(
+        &self,
+        endpoint: &Endpoint,
+        url: &str,
+        body: &Value,
+    ) -> Result<Reply, Failure> {
+        let mut request = endpoint.http.post(url).json(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(&key.0);
+        }
+        let response = request.send().await.map_err(|e| Failure::Retry {
+            message: describe_reqwest_error(&e),
+            after: None,
+            throttle: false,
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 600.0)));
+        let text = response.text().await.map_err(|e| Failure::Retry {
+            message: format!("reading the body: {}", describe_reqwest_error(&e)),
+            after: None,
+            throttle: false,
+        })?;
+        if status.as_u16() == 429 && is_quota_exhausted(&text) {
+            let message = format!(
+                "HTTP 429 from {}: the account's quota is exhausted ({})",
+                endpoint.base_url,
+                snippet(&text)
+            );
+            *endpoint.quota.lock().expect("lock poisoned") = Some(message.clone());
+            return Err(Failure::Fatal(message));
+        }
+        if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+            return Err(Failure::Retry {
+                message: format!("HTTP {status}: {}", snippet(&text)),
+                after: retry_after,
+                throttle: status.as_u16() == 429,
+            });
+        }
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Err(Failure::Fatal(format!(
+                "HTTP {status}: the server refused the credentials; check ${}",
+                self.spec.api_key_env
+            )));
+        }
+        if !status.is_success() {
+            return Err(Failure::Fatal(format!("HTTP {status}: {}", snippet(&text))));
+        }
+        parse_completion(&text, self.spec.api).map_err(|message| Failure::Retry {
+            message,
+            after: None,
+            throttle: false,
+        })
+    }
+}
+
+pub(crate) fn budget_message(budget: u64) -> String {
+    format!("the job's budget of ${:.2} is spent", budget as f64 / 1e6)
+}
+
+enum Failure {
+    Retry {
+        message: String,
+        after: Option<Duration>,
+        /// The server said to slow down (HTTP 429), as opposed to failing.
+        throttle: bool,
+    },
+    Fatal(String),
+}
+
+/// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.
+fn backoff(attempt: i32) -> Duration {
+    let cap = (0.5 * 2f64.powi(attempt - 1)).min(30.0);
+    Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
+}

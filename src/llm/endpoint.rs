@@ -1,0 +1,97 @@
+//! One server (base URL): its cap on requests in flight, its rate limits, its health, its
+//! quota, and the counters of what was sent to it.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::llm::limits::{Aimd, Limits};
+use crate::llm::reply::{EndpointStats, Usage};
+
+/// One server (base URL) and everything shared by the calls to it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub(crate) base_url: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) slots: Arc<Aimd>,
+    pub(crate) stats: EndpointStats,
+    health: Mutex<Health>,
+    /// Set when the server said the quota is exhausted; later calls fail without a request.
+    pub(crate) quota: Mutex<Option<String>>,
+    pub(crate) limits: Limits,
+}
+
+impl Endpoint {
+    pub(crate) fn new(
+        base_url: &str,
+        concurrency: usize,
+        timeout: Duration,
+        limits: Limits,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(concurrency)
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self {
+            base_url: base_url.to_string(),
+            http,
+            slots: Aimd::new(concurrency),
+            stats: EndpointStats::default(),
+            health: Mutex::new(Health::default()),
+            quota: Mutex::new(None),
+            limits,
+        }
+    }
+
+    /// Snapshot of this endpoint's counters.
+    pub fn usage(&self) -> Usage {
+        let s = &self.stats;
+        Usage {
+            requests: s.requests.load(Ordering::Relaxed),
+            shared: s.shared.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            journaled: s.journaled.load(Ordering::Relaxed),
+            prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
+            cost_usd: s.cost_micro_usd.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// Consecutive failures of an endpoint, and until when it rests after too many.
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    resting_until: Option<Instant>,
+}
+
+/// Failures in a row after which an endpoint rests.
+const FAILURES_BEFORE_REST: u32 = 3;
+/// How long a failing endpoint rests before it is tried again.
+const REST: Duration = Duration::from_secs(30);
+
+impl Endpoint {
+    pub(crate) fn resting(&self) -> bool {
+        let health = self.health.lock().expect("lock poisoned");
+        health.resting_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    pub(crate) fn record_health(&self, ok: bool) {
+        let mut health = self.health.lock().expect("lock poisoned");
+        if ok {
+            *health = Health::default();
+            return;
+        }
+        health.failures += 1;
+        if health.failures >= FAILURES_BEFORE_REST {
+            health.failures = 0;
+            health.resting_until = Some(Instant::now() + REST);
+            tracing::warn!(endpoint = %self.base_url, "Endpoint keeps failing; resting it for 30 s.");
+        }
+    }
+
+    pub(crate) fn quota(&self) -> Option<String> {
+        self.quota.lock().expect("lock poisoned").clone()
+    }
+}

@@ -1,0 +1,142 @@
+//! The OpenAI-compatible wire format: request bodies, completion bodies, and error texts safe
+//! to show (no URL, which may carry credentials).
+
+use serde_json::{Value, json};
+
+use crate::job::{Api, ModelSpec};
+use crate::llm::reply::{Reply, Request};
+
+/// A 429 that no amount of waiting fixes: OpenAI's `insufficient_quota` and its kin, as
+/// opposed to a throttle.
+pub(crate) fn is_quota_exhausted(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    lower.contains("insufficient_quota")
+        || lower.contains("quota exceeded")
+        || lower.contains("exceeded your current quota")
+}
+
+pub(crate) fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        // Without the URL: it is known to the caller and may carry credentials.
+        e.without_url_ref().to_string()
+    }
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut msg = self.to_string();
+        if let Some(url) = self.url() {
+            msg = msg.replace(url.as_str(), "<url>");
+        }
+        msg
+    }
+}
+
+pub(crate) fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace('\n', " ")
+}
+
+/// Parses an OpenAI-compatible chat or completions response body.
+pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("malformed response body: {e}"))?;
+    let choice = v
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| format!("response has no choices: {}", snippet(body)))?;
+    let text = match api {
+        Api::Chat => choice.pointer("/message/content"),
+        Api::Completions => choice.get("text"),
+    }
+    .and_then(Value::as_str)
+    .ok_or_else(|| format!("response choice has no text: {}", snippet(body)))?;
+    let usage = v.get("usage");
+    let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
+    // Chat: logprobs.content[0].top_logprobs = [{token, logprob}]; completions:
+    // logprobs.top_logprobs[0] = {token: logprob}.
+    let top: Option<Vec<(String, f64)>> = match api {
+        Api::Chat => choice
+            .pointer("/logprobs/content/0/top_logprobs")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(|t| {
+                        Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))
+                    })
+                    .collect()
+            }),
+        Api::Completions => choice
+            .pointer("/logprobs/top_logprobs/0")
+            .and_then(Value::as_object)
+            .map(|map| {
+                map.iter()
+                    .filter_map(|(t, p)| Some((t.clone(), p.as_f64()?)))
+                    .collect()
+            }),
+    };
+    Ok(Reply {
+        top_logprobs: top.map(|t| json!(t).to_string()),
+        text: Some(text.to_string()),
+        finish_reason: choice
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+        ..Reply::default()
+    })
+}
+
+/// Parses a completion body of either API (a batch result does not say which it answers).
+pub fn parse_any_completion(body: &Value) -> Result<Reply, String> {
+    let text = body.to_string();
+    let is_chat = body.pointer("/choices/0/message").is_some();
+    parse_completion(&text, if is_chat { Api::Chat } else { Api::Completions })
+}
+
+/// The API path (after the base URL) and the JSON body of a request.
+pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
+    let mut body = match s.api {
+        Api::Chat => {
+            let mut messages = Vec::new();
+            if let Some(system) = &req.system {
+                messages.push(json!({"role": "system", "content": system}));
+            }
+            messages.push(json!({"role": "user", "content": req.prompt}));
+            json!({"model": s.model, "messages": messages})
+        }
+        Api::Completions => json!({"model": s.model, "prompt": req.prompt}),
+    };
+    let obj = body.as_object_mut().expect("built as an object");
+    obj.insert("temperature".into(), json!(s.temperature));
+    obj.insert("top_p".into(), json!(s.top_p));
+    obj.insert("max_tokens".into(), json!(req.max_tokens));
+    if let Some(n) = req.top_logprobs {
+        match s.api {
+            Api::Chat => {
+                obj.insert("logprobs".into(), json!(true));
+                obj.insert("top_logprobs".into(), json!(n));
+            }
+            Api::Completions => {
+                obj.insert("logprobs".into(), json!(n));
+            }
+        }
+    }
+    for (k, v) in &s.extra {
+        obj.insert(k.clone(), v.clone());
+    }
+    let path = match s.api {
+        Api::Chat => "chat/completions",
+        Api::Completions => "completions",
+    };
+    (path, body)
+}

@@ -1,0 +1,10 @@
+//! Web documents to candidate responses, at Parquet speed: reading documents, cutting them
+//! into units, the quality rules, exact-dedup keys, MinHash signatures and token counts.
+
+pub mod bytes;
+pub mod dedup_key;
+pub mod ingest;
+pub mod minhash;
+pub mod quality;
+pub mod segment;
+pub mod tokens;

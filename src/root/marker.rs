@@ -1,0 +1,125 @@
+//! The marker a stage or shard publishes its output with, and how markers are read.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::llm::reply::Usage;
+use crate::prepare::ingest::IngestCounts;
+use crate::root::names::{SUCCESS_MARKER, shard_marker_path};
+use crate::root::objects::{read_json, write_json};
+use crate::storage::Location;
+
+/// What one stage did, written to its `_SUCCESS` marker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    /// Stage name.
+    pub stage: String,
+    /// Rows that entered (= kept + dropped).
+    pub rows_in: u64,
+    /// Rows in the stage's output.
+    pub rows_out: u64,
+    /// Dropped rows by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// LLM requests and tokens spent by the stage.
+    pub llm: Usage,
+    /// Documents read and lines skipped, for stages that read the input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<IngestCounts>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Fingerprint of the job's definition of the stage when it was written.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// Ids of the shards the counts cover.
+    #[serde(default)]
+    pub shards: Vec<String>,
+    /// Digest of the upstream markers this output was computed from: when an upstream shard
+    /// is redone (say, to retry failed rows), what was computed from it is redone too.
+    #[serde(default)]
+    pub upstream: String,
+    /// Input shards only: of the rows dropped as `duplicate_across_files`, those dropped
+    /// while the shard ran; the others were moved out of its parts by the pass after every
+    /// shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_while_running: Option<u64>,
+    /// Input shards only: shard id -> input of the shards whose kept copies made this one
+    /// drop rows while it ran. If one of those inputs changes, the drops may no longer hold,
+    /// so this shard is redone too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outranked_by: BTreeMap<String, String>,
+}
+
+impl StageStats {
+    /// Adds another shard's counts to these.
+    pub fn absorb(&mut self, other: &StageStats) {
+        self.rows_in += other.rows_in;
+        self.rows_out += other.rows_out;
+        for (reason, n) in &other.dropped {
+            *self.dropped.entry(reason.clone()).or_default() += n;
+        }
+        self.llm = self.llm.plus(&other.llm);
+        self.seconds += other.seconds;
+        if let (Some(mine), Some(theirs)) = (self.input.as_mut(), other.input.as_ref()) {
+            mine.documents += theirs.documents;
+            for (reason, n) in &theirs.skipped {
+                *mine.skipped.entry(reason.clone()).or_default() += n;
+            }
+        }
+    }
+
+    /// A short hash of what the output holds (definition, shards and counts, not timings), so
+    /// what was computed from it can tell when it was redone differently.
+    pub fn version(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let key = serde_json::json!([
+            self.fingerprint,
+            self.shards,
+            self.rows_in,
+            self.rows_out,
+            self.dropped
+        ]);
+        hex::encode(&Sha256::digest(key.to_string().as_bytes())[..12])
+    }
+
+    /// True when this output is current: written under `fingerprint`, from the upstream
+    /// version `upstream`, and without rows whose LLM call failed (a rerun retries those).
+    pub fn is_current(&self, fingerprint: &str, upstream: &str) -> bool {
+        self.fingerprint == fingerprint && self.upstream == upstream && self.failed() == 0
+    }
+
+    /// Rows whose LLM call failed after every retry.
+    pub fn failed(&self) -> u64 {
+        self.dropped.get("llm_error").copied().unwrap_or(0)
+    }
+}
+
+/// Reads the `_SUCCESS` marker of `stage` under `root`, or `None` when the stage is not complete.
+pub async fn read_stage_stats(root: &Location, stage: &str) -> Result<Option<StageStats>> {
+    read_json(root, &root.child(stage).path(SUCCESS_MARKER)).await
+}
+
+/// Publishes `stage` under `root` as complete, with its totals.
+pub async fn write_stage_stats(root: &Location, stage: &str, stats: &StageStats) -> Result<()> {
+    write_json(root, &root.child(stage).path(SUCCESS_MARKER), stats).await
+}
+
+/// Reads the marker of shard `id` of `stage`, or `None` when the shard is not published.
+pub async fn read_shard_stats(
+    root: &Location,
+    stage: &str,
+    id: &str,
+) -> Result<Option<StageStats>> {
+    read_json(root, &shard_marker_path(&root.child(stage), id)).await
+}
+
+/// Publishes shard `id` of `stage`.
+pub async fn write_shard_stats(
+    root: &Location,
+    stage: &str,
+    id: &str,
+    stats: &StageStats,
+) -> Result<()> {
+    write_json(root, &shard_marker_path(&root.child(stage), id), stats).await
+}

@@ -1,0 +1,155 @@
+//! Objects under an output root: JSON markers, Parquet parts, deletes that tolerate absence.
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::schema::types::ColumnPath;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
+
+use crate::error::{Context, Error, Result};
+use crate::root::names::{DEDUP_KEY_COLUMN, is_part_of_input_shard};
+use crate::storage::Location;
+
+/// zstd level of every Parquet part a stage writes (the prepare benchmark's floor uses it too).
+pub const PART_ZSTD_LEVEL: i32 = 1;
+
+/// The URL DataFusion reads the object at `path` by.
+pub fn object_url(root: &Location, path: &object_store::path::Path) -> String {
+    format!(
+        "{}/{}",
+        root.store_url.as_str().trim_end_matches('/'),
+        path.as_ref()
+    )
+}
+
+/// Deletes the parts of input shard `id` directly under `dir`.
+pub async fn delete_parts_of(dir: &Location, id: &str) -> Result<()> {
+    let listing = dir.store.list_with_delimiter(Some(&dir.prefix)).await?;
+    for meta in listing.objects {
+        if meta
+            .location
+            .filename()
+            .is_some_and(|n| is_part_of_input_shard(n, id))
+        {
+            delete_if_exists(dir, &meta.location).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the Parquet object at `path` whole.
+pub async fn read_parquet_object(
+    root: &Location,
+    path: &object_store::path::Path,
+) -> Result<Vec<RecordBatch>> {
+    let bytes = root.store.get(path).await?.bytes().await?;
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .with_context(|| format!("reading {}", root.display(path)))?;
+    reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", root.display(path)))
+}
+
+/// Writes `batches` as one Parquet object at `path`, encoded as stage parts are.
+pub async fn write_parquet_object(
+    root: &Location,
+    path: &object_store::path::Path,
+    batches: &[RecordBatch],
+) -> Result<()> {
+    let Some(first) = batches.first() else {
+        return Ok(());
+    };
+    let props = part_properties(&first.schema());
+    let bytes = parquet_of(batches, first.schema(), Some(props))?;
+    root.store.put(path, PutPayload::from(bytes)).await?;
+    Ok(())
+}
+
+/// Deletes the object at `path`; an object already gone is fine.
+pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
+    match root.store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the JSON object at `path`, or `None` when there is none.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    root: &Location,
+    path: &object_store::path::Path,
+) -> Result<Option<T>> {
+    match root.store.get(path).await {
+        Ok(got) => {
+            let bytes = got.bytes().await?;
+            serde_json::from_slice(&bytes).map(Some).with_context(|| {
+                format!(
+                    "{}: unreadable marker (delete it to redo that work)",
+                    root.display(path)
+                )
+            })
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes `value` as the JSON object at `path`.
+pub async fn write_json<T: Serialize>(
+    root: &Location,
+    path: &object_store::path::Path,
+    value: &T,
+) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("marker serialisation: {e}")))?;
+    root.store.put(path, PutPayload::from(body)).await?;
+    Ok(())
+}
+
+/// How parts are written: zstd at [`PART_ZSTD_LEVEL`], row groups of 64 Ki rows; columns of
+/// hash values (`minhash` signatures, `dedup_key`) and of values unique per row (`text`, `id`,
+/// `doc_id`) skip dictionary encoding, which never pays off there: the writer hashed every
+/// value until its dictionary overflowed, then compressed that dictionary too. Signatures are
+/// stored uncompressed, since zstd cannot shrink them.
+pub fn part_properties(schema: &Schema) -> WriterProperties {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(PART_ZSTD_LEVEL).expect("valid level"),
+        ))
+        .set_max_row_group_row_count(Some(64 * 1024));
+    if let Ok(field) = schema.field_with_name("minhash")
+        && let DataType::List(item) = field.data_type()
+    {
+        let path = ColumnPath::new(vec!["minhash".into(), "list".into(), item.name().clone()]);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_compression(path, Compression::UNCOMPRESSED);
+    }
+    for unique in [DEDUP_KEY_COLUMN, "text", "id", "doc_id"] {
+        if schema.field_with_name(unique).is_ok() {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(unique), false);
+        }
+    }
+    props.build()
+}
+
+/// `batches` encoded as one Parquet file in memory.
+pub fn parquet_of(
+    batches: &[RecordBatch],
+    schema: SchemaRef,
+    props: Option<WriterProperties>,
+) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(&mut buf, schema, props)
+        .with_context(|| format!("Parquet writer"))?;
+    for batch in batches {
+        writer
+            .write(batch)
+            .with_context(|| format!("writing Parquet"))?;
+    }
+    writer.close().with_context(|| format!("closing Parquet"))?;
+    Ok(buf)
+}

@@ -1,0 +1,293 @@
+//! The stage that reads the input: one shard per input file (or row-group range of a large
+//! Parquet file), run side by side, each published by its marker; then exact duplicates
+//! across files are dropped in one pass.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::prelude::SessionContext;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::engine::documents::documents_table;
+use crate::error::{Error, Result};
+use crate::job::catalog::DOCUMENTS;
+use crate::prepare::ingest::{IngestCounts, IngestStats, split_large_parquet};
+use crate::root::marker::{StageStats, read_shard_stats, write_shard_stats, write_stage_stats};
+use crate::root::names::{ACROSS_FILES, DEDUP_KEY_COLUMN, DROPPED_DIR, PartNames, input_shard_id};
+use crate::root::objects::delete_parts_of;
+use crate::root::tables::register_stage_table;
+use crate::run::exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
+use crate::run::plan::StagePlan;
+use crate::run::runner::Runner;
+use crate::storage::{InputFile, list_inputs};
+
+impl Runner<'_> {
+    /// Runs the stage that reads `documents`: each input file (or row-group range of a large
+    /// Parquet file) is a shard, run in parallel with the others, published by its marker
+    /// and skipped on rerun. Then exact duplicates across files are dropped in one pass.
+    pub(super) async fn run_input_stage(&self, plan: &StagePlan) -> Result<StageStats> {
+        let mut files = Vec::new();
+        for input in &self.job.inputs {
+            files.extend(list_inputs(input).await?);
+        }
+        let shard_bytes = self
+            .job
+            .execution
+            .input_shard_bytes
+            .unwrap_or(256 << 20)
+            .max(1);
+        let files = split_large_parquet(files, shard_bytes).await?;
+        let sources: BTreeMap<String, String> = files
+            .iter()
+            .enumerate()
+            .map(|(k, file)| {
+                (
+                    input_shard_id(k),
+                    format!("{} ({} bytes)", file.describe(), file.size),
+                )
+            })
+            .collect();
+        let kept = Arc::new(KeptCopies::new(files.iter().map(|f| f.display.as_str())));
+        self.progress
+            .shards_total
+            .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let parallel = self
+            .job
+            .execution
+            .target_partitions
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let results: Vec<Result<(String, String, StageStats)>> =
+            futures::stream::iter(files.into_iter().enumerate())
+                .map(|(k, file)| {
+                    let (sources, kept) = (&sources, &kept);
+                    async move {
+                        let shown = file.display.clone();
+                        let marker = self.input_shard(plan, k, file, sources, kept).await?;
+                        self.progress
+                            .shards_done
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok((input_shard_id(k), shown, marker))
+                    }
+                })
+                .buffered(parallel)
+                .collect()
+                .await;
+        let mut shards = Vec::new();
+        for r in results {
+            shards.push(r?);
+        }
+        self.drop_duplicates_across_files(plan, &mut shards).await?;
+        let mut total = StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            input: Some(IngestCounts::default()),
+            ..StageStats::default()
+        };
+        let mut parts = Vec::new();
+        for (_, _, marker) in &shards {
+            parts.extend(marker.shards.iter().cloned());
+            total.absorb(marker);
+        }
+        total.shards = parts;
+        write_stage_stats(&self.root, &plan.name, &total).await?;
+        Ok(total)
+    }
+
+    /// Shard `k` of the input stage: its marker when it was published under this definition
+    /// and every input its dedup relied on is unchanged, else the shard run and published
+    /// now. `sources` holds each shard's input by id.
+    pub(super) async fn input_shard(
+        &self,
+        plan: &StagePlan,
+        k: usize,
+        file: InputFile,
+        sources: &BTreeMap<String, String>,
+        kept: &Arc<KeptCopies>,
+    ) -> Result<StageStats> {
+        let id = input_shard_id(k);
+        let source = sources[&id].clone();
+        if let Some(done) = read_shard_stats(&self.root, &plan.name, &id).await?
+            && done.is_current(&plan.fingerprint, &source)
+            && done
+                .outranked_by
+                .iter()
+                .all(|(id, input)| sources.get(id) == Some(input))
+        {
+            return Ok(done);
+        }
+        let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
+        let stats = self.run_input_shard(plan, &id, file, dedup).await?;
+        let outranked_by = kept
+            .outranking(k as u32)
+            .into_iter()
+            .map(|j| {
+                let id = input_shard_id(j as usize);
+                let input = sources[&id].clone();
+                (id, input)
+            })
+            .collect();
+        let marker = StageStats {
+            dropped_while_running: Some(stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0)),
+            outranked_by,
+            upstream: source,
+            ..stats
+        };
+        write_shard_stats(&self.root, &plan.name, &id, &marker).await?;
+        Ok(marker)
+    }
+
+    pub(super) async fn run_input_shard(
+        &self,
+        plan: &StagePlan,
+        id: &str,
+        file: InputFile,
+        dedup: FirstCopies,
+    ) -> Result<StageStats> {
+        let out = self.root.child(&plan.name);
+        // Parts of an attempt that died before its marker are replaced, never mixed in.
+        delete_parts_of(&out, id).await?;
+        delete_parts_of(&out.child(DROPPED_DIR), id).await?;
+        // One partition: rows reach the writer in the file's order, which is what makes the
+        // first copy of a text the same one on every run. Shards run side by side instead.
+        let ctx = self.session_with(Some(1))?;
+        let ingest = Arc::new(IngestStats::default());
+        ctx.register_table(
+            DOCUMENTS,
+            Arc::new(documents_table(
+                vec![file],
+                self.job.on_bad_line,
+                Arc::clone(&ingest),
+            )?),
+        )?;
+        let mut stats = self
+            .execute_with(
+                &ctx,
+                plan,
+                &out,
+                PartNames::Numbered {
+                    shard: Some(id.to_string()),
+                    rows: self.shard_rows(),
+                },
+                Some(dedup),
+            )
+            .await?;
+        stats.input = Some(ingest.snapshot());
+        Ok(stats)
+    }
+
+    /// Drops kept rows whose `dedup_key` a file earlier by path (or an earlier row of the same
+    /// file, when a large file ran as several shards) also kept, which their shards could not
+    /// drop while running: the copy with the smallest (file, line, ordinal) survives, whatever
+    /// order the shards ran in. Affected parts are rewritten, the rows moved to
+    /// `_dropped/<part>-across.parquet` under `duplicate_across_files`, and each shard's
+    /// marker counts them with those it dropped itself. Safe to repeat after a crash at any
+    /// point.
+    pub(super) async fn drop_duplicates_across_files(
+        &self,
+        plan: &StagePlan,
+        shards: &mut [(String, String, StageStats)],
+    ) -> Result<()> {
+        let out = self.root.child(&plan.name);
+        let ctx = self.session()?;
+        register_stage_table(&ctx, &self.root, &plan.name).await?;
+        let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
+        let needed = [DEDUP_KEY_COLUMN, "file", "line", "ordinal", "id"];
+        if shards.len() < 2
+            || needed
+                .iter()
+                .any(|c| !schema.has_column_with_unqualified_name(c))
+        {
+            return Ok(());
+        }
+        let repeated = Arc::new(outranked_rows(&ctx, &plan.name).await?);
+        // Each part on a task of its own, several at once: copies the shards could not drop
+        // while they ran (those of shards run side by side, or in another run) can be spread
+        // over many parts.
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (out_dir, repeated) = (&out, &repeated);
+        let moves = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (_, file, marker))| {
+                marker.shards.iter().map(move |part| {
+                    let (root, out, part) = (self.root.clone(), out_dir.clone(), part.clone());
+                    let (repeated, file) = (Arc::clone(repeated), file.clone());
+                    tokio::spawn(async move {
+                        let ids = repeated.get(&file);
+                        let moved = move_repeated_rows(&root, &out, &part, ids).await;
+                        moved.map(|n| (k, n))
+                    })
+                })
+            });
+        // Unordered: a part being rewritten must not hold up the parts queued after it.
+        let counts: Vec<(usize, u64)> = futures::stream::iter(moves)
+            .buffer_unordered(parallel)
+            .map(|joined| {
+                joined.map_err(|e| Error::Internal(format!("moving repeated rows: {e}")))?
+            })
+            .try_collect()
+            .await?;
+        let mut moved_from = vec![0; shards.len()];
+        for (k, n) in counts {
+            moved_from[k] += n;
+        }
+        for ((shard, _, marker), moved) in shards.iter_mut().zip(moved_from) {
+            let across = marker.dropped_while_running.unwrap_or(0) + moved;
+            let stats = &mut *marker;
+            let before = stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0);
+            if across != before {
+                if across == 0 {
+                    stats.dropped.remove(ACROSS_FILES);
+                } else {
+                    stats.dropped.insert(ACROSS_FILES.to_string(), across);
+                }
+                stats.rows_out = stats.rows_in - stats.dropped.values().sum::<u64>();
+                write_shard_stats(&self.root, &plan.name, shard, stats).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// File -> ids of its kept rows whose text a copy earlier by (file, line, ordinal) also kept,
+/// in the registered table `stage`.
+async fn outranked_rows(
+    ctx: &SessionContext,
+    stage: &str,
+) -> Result<HashMap<String, HashSet<String>>> {
+    let batches = ctx
+        .sql(&format!(
+            // Repeats are rare: a hash aggregate finds their keys, and only those rows are
+            // ranked (sorting every row's key cost more than the rest of the pass).
+            "WITH repeated AS (SELECT dedup_key FROM {t} WHERE dedup_key IS NOT NULL \
+                 GROUP BY dedup_key HAVING count(*) > 1) \
+                 SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
+                 ORDER BY file, line, ordinal) AS copy FROM {t} \
+                 WHERE dedup_key IN (SELECT dedup_key FROM repeated)) \
+                 WHERE copy > 1",
+            t = stage
+        ))
+        .await?
+        .collect()
+        .await?;
+    // file -> ids of its rows that a copy elsewhere outranks.
+    let mut repeated: HashMap<String, HashSet<String>> = HashMap::new();
+    for batch in &batches {
+        let (files, ids) = (
+            cast(batch.column(0), &DataType::Utf8)?,
+            cast(batch.column(1), &DataType::Utf8)?,
+        );
+        let (files, ids) = (files.as_string::<i32>(), ids.as_string::<i32>());
+        for r in 0..batch.num_rows() {
+            repeated
+                .entry(files.value(r).to_string())
+                .or_default()
+                .insert(ids.value(r).to_string());
+        }
+    }
+    Ok(repeated)
+}

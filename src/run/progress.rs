@@ -1,0 +1,105 @@
+//! Progress of a running stage: shards and rows done, requests per second, tokens, errors and
+//! an ETA. On a terminal one line is redrawn every second; otherwise a plain log line is
+//! written every ten seconds (`BACKFORTH_PROGRESS_SECS` changes either), so batch logs stay
+//! readable.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::llm::pool::LlmPool;
+
+/// Counters a stage updates as it goes.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Shards this process has to do in the stage.
+    pub shards_total: AtomicU64,
+    /// Shards done (skipped ones included).
+    pub shards_done: AtomicU64,
+    /// Rows written (kept or dropped).
+    pub rows: AtomicU64,
+}
+
+/// Reports a stage's progress until dropped.
+pub struct Reporter {
+    task: tokio::task::JoinHandle<()>,
+    terminal: bool,
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.task.abort();
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+impl Reporter {
+    /// Starts reporting `stage`, reading `progress` and the pool's counters.
+    pub fn start(stage: &str, progress: Arc<Progress>, pool: Arc<LlmPool>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let default = if terminal { 1.0 } else { 10.0 };
+        let secs = std::env::var("BACKFORTH_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| *s > 0.0)
+            .unwrap_or(default);
+        let every = Duration::from_secs_f64(secs);
+        let stage = stage.to_string();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let base = pool.usage();
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let line = describe(&stage, &progress, &pool, &base, started.elapsed());
+                if terminal {
+                    eprint!("\r{line}\x1b[K");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    tracing::info!("{line}");
+                }
+            }
+        });
+        Self { task, terminal }
+    }
+}
+
+fn describe(
+    stage: &str,
+    progress: &Progress,
+    pool: &LlmPool,
+    base: &crate::llm::reply::Usage,
+    elapsed: Duration,
+) -> String {
+    let usage = pool.usage().since(base);
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let total = progress.shards_total.load(Ordering::Relaxed);
+    let done = progress.shards_done.load(Ordering::Relaxed);
+    let eta = if done > 0 && total > done {
+        let left = secs * (total - done) as f64 / done as f64;
+        format!(", ETA {}", human(left))
+    } else {
+        String::new()
+    };
+    format!(
+        "{stage}: shards {done}/{total}, rows {}, {:.1} req/s, {} tokens, {} errors, {} elapsed{eta}",
+        progress.rows.load(Ordering::Relaxed),
+        usage.requests as f64 / secs,
+        usage.prompt_tokens + usage.completion_tokens,
+        usage.failures,
+        human(secs),
+    )
+}
+
+fn human(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}

@@ -1,0 +1,172 @@
+//! What every stage of a run shares: the job, the output root, the model clients and
+//! journal, the stage plans; and how a stage's SQL is executed into parts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::prelude::SessionContext;
+
+use crate::engine::prepare_functions::PrepareRules;
+use crate::engine::session::{new_session, register_functions, register_store};
+use crate::engine::window::Window;
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::job_error;
+use crate::llm::journal::Journal;
+use crate::llm::pool::LlmPool;
+use crate::prepare::tokens::TokenCounter;
+use crate::root::marker::{StageStats, read_stage_stats};
+use crate::root::names::PartNames;
+use crate::run::exact_dedup::FirstCopies;
+use crate::run::manifest;
+use crate::run::parts::execute_to_parts;
+use crate::run::plan::{StagePlan, plan_stages};
+use crate::run::progress::Progress;
+use crate::run::worker::Worker;
+use crate::storage::Location;
+
+/// What every stage of a run shares.
+pub(super) struct Runner<'a> {
+    pub(super) job: &'a Job,
+    pub(super) root: Location,
+    pub(super) pool: Arc<LlmPool>,
+    pub(super) journal: Arc<Journal>,
+    pub(super) tokens: TokenCounter,
+    pub(super) window: Window,
+    pub(super) worker: Worker,
+    pub(super) plans: Vec<StagePlan>,
+    pub(super) fingerprints: BTreeMap<String, manifest::Fingerprint>,
+    pub(super) progress: Arc<Progress>,
+}
+
+impl<'a> Runner<'a> {
+    pub(super) fn new(
+        job: &'a Job,
+        root: Location,
+        pool: Arc<LlmPool>,
+        journal: Arc<Journal>,
+        worker: Worker,
+    ) -> Result<Self> {
+        let mut runner = Runner {
+            job,
+            window: Window::for_cap(pool.max_concurrency()),
+            tokens: TokenCounter::load(&job.prepare.tokenizer, &job.base_dir)?,
+            root,
+            pool,
+            journal,
+            worker,
+            plans: Vec::new(),
+            fingerprints: BTreeMap::new(),
+            progress: Arc::new(Progress::default()),
+        };
+        let (plans, fingerprints) = plan_stages(job, &runner.session()?)?;
+        runner.plans = plans;
+        runner.fingerprints = fingerprints;
+        Ok(runner)
+    }
+}
+
+impl Runner<'_> {
+    /// A fresh session with every function registered; one per stage or shard, so shards
+    /// can bind the same table name to different files at the same time.
+    pub(super) fn session(&self) -> Result<SessionContext> {
+        self.session_with(self.job.execution.target_partitions)
+    }
+
+    pub(super) fn session_with(&self, target_partitions: Option<usize>) -> Result<SessionContext> {
+        let ctx = new_session(target_partitions, self.window)?;
+        register_store(&ctx, &self.root);
+        let functions: Vec<_> =
+            self.job
+                .functions
+                .iter()
+                .map(|f| {
+                    let client =
+                        self.pool.model(&f.role).cloned().ok_or_else(|| {
+                            Error::Internal(format!("no client for role {}", f.role))
+                        })?;
+                    Ok((f.clone(), client))
+                })
+                .collect::<Result<_>>()?;
+        register_functions(
+            &ctx,
+            &functions,
+            self.tokens.clone(),
+            PrepareRules {
+                quality: self.job.prepare.quality.clone(),
+                near_dedup: self.job.prepare.near_dedup.unwrap_or_default(),
+            },
+        )?;
+        Ok(ctx)
+    }
+
+    /// The stage's `_SUCCESS`, if it is complete under the current fingerprint.
+    pub(super) async fn complete(&self, plan: &StagePlan) -> Result<Option<StageStats>> {
+        Ok(read_stage_stats(&self.root, &plan.name)
+            .await?
+            .filter(|s| s.fingerprint == plan.fingerprint))
+    }
+
+    pub(super) async fn require_complete(&self, stage: &str, table: &str) -> Result<()> {
+        let plan = self.plan(table)?;
+        if self.complete(plan).await?.is_none() {
+            return job_error!(
+                "stage '{stage}' reads '{table}', which has no complete output under {}; run it first (--stages {table})",
+                self.root.describe()
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn plan(&self, stage: &str) -> Result<&StagePlan> {
+        self.plans
+            .iter()
+            .find(|p| p.name == stage)
+            .ok_or_else(|| Error::Internal(format!("no plan for stage {stage}")))
+    }
+
+    /// Runs `plan`'s SQL in `ctx` and writes it under `out`; the counts name the stage, its
+    /// fingerprint and the parts written.
+    pub(super) async fn execute(
+        &self,
+        ctx: &SessionContext,
+        plan: &StagePlan,
+        out: &Location,
+        names: PartNames,
+    ) -> Result<StageStats> {
+        self.execute_with(ctx, plan, out, names, None).await
+    }
+
+    pub(super) async fn execute_with(
+        &self,
+        ctx: &SessionContext,
+        plan: &StagePlan,
+        out: &Location,
+        names: PartNames,
+        first_copies: Option<FirstCopies>,
+    ) -> Result<StageStats> {
+        // A task of its own, so shards running side by side also encode their Parquet on
+        // different threads.
+        let (stats, shards) = tokio::spawn(execute_to_parts(
+            ctx.clone(),
+            plan.sql.clone(),
+            plan.tables.clone(),
+            out.clone(),
+            names,
+            Arc::clone(&self.progress),
+            first_copies,
+        ))
+        .await
+        .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
+        Ok(StageStats {
+            stage: plan.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            shards,
+            ..stats
+        })
+    }
+
+    pub(super) fn shard_rows(&self) -> usize {
+        self.job.execution.shard_rows.unwrap_or(10_000).max(1)
+    }
+}
