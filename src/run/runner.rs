@@ -40,6 +40,7 @@ pub(super) struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
+    /// Binds `job` to its output root, clients and journal, and plans every stage.
     pub(super) fn new(
         job: &'a Job,
         root: Location,
@@ -73,6 +74,7 @@ impl Runner<'_> {
         self.session_with(self.job.execution.target_partitions)
     }
 
+    /// A fresh session of `target_partitions` partitions (the job's when `None`).
     pub(super) fn session_with(&self, target_partitions: Option<usize>) -> Result<SessionContext> {
         let ctx = new_session(target_partitions, self.window)?;
         register_store(&ctx, &self.root);
@@ -107,6 +109,7 @@ impl Runner<'_> {
             .filter(|s| s.fingerprint == plan.fingerprint))
     }
 
+    /// Fails, saying what to run first, when `table` (read by `stage`) is not complete.
     pub(super) async fn require_complete(&self, stage: &str, table: &str) -> Result<()> {
         let plan = self.plan(table)?;
         if self.complete(plan).await?.is_none() {
@@ -118,6 +121,7 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// The plan of `stage`.
     pub(super) fn plan(&self, stage: &str) -> Result<&StagePlan> {
         self.plans
             .iter()
@@ -137,6 +141,7 @@ impl Runner<'_> {
         self.execute_with(ctx, plan, out, names, None).await
     }
 
+    /// [`Runner::execute`], dropping repeated texts with `first_copies` (the input stage).
     pub(super) async fn execute_with(
         &self,
         ctx: &SessionContext,
@@ -166,6 +171,7 @@ impl Runner<'_> {
         })
     }
 
+    /// Rows per part of the stages that cut their output into shards.
     pub(super) fn shard_rows(&self) -> usize {
         self.job.execution.shard_rows.unwrap_or(10_000).max(1)
     }

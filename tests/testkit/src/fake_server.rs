@@ -361,196 +361,194 @@ fn batch_api(
 }
 
 /// Serves HTTP/1.1 requests on one keep-alive connection until the client closes it.
-async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    let mut stream = BufReader::new(socket);
+/// One HTTP/1.1 request as the fake server reads it.
+struct HttpRequest {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// Reads the next request of a keep-alive connection; `None` when the client is gone.
+async fn read_request(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> Option<HttpRequest> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut request_line = String::new();
+    if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("").to_string();
+    let path = words.next().unwrap_or("").to_string();
+    let mut content_length = 0usize;
+    let mut authorization = None;
     loop {
-        let mut request_line = String::new();
-        if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-            return;
+        let mut header = String::new();
+        if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
+            return None;
         }
-        let path = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("")
-            .to_string();
-        let mut content_length = 0usize;
-        let mut authorization = None;
-        loop {
-            let mut header = String::new();
-            if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    content_length = value.trim().parse().unwrap_or(0);
-                } else if name.eq_ignore_ascii_case("authorization") {
-                    authorization = Some(value.trim().to_string());
-                }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_string());
             }
         }
-        let mut body = vec![0u8; content_length];
-        if stream.read_exact(&mut body).await.is_err() {
-            return;
-        }
+    }
+    let mut body = vec![0u8; content_length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(HttpRequest {
+        method,
+        path,
+        authorization,
+        body,
+    })
+}
+
+/// A whole response, head and body, to be sent in one write: a head and a body sent
+/// separately meet Nagle's algorithm and the client's delayed ACK, adding 40 ms to every
+/// reply.
+fn http_response(status: &str, extra_headers: &str, payload: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\n{extra_headers}content-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+}
+
+async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::io::BufReader::new(socket);
+    while let Some(request) = read_request(&mut stream).await {
         state
             .headers
             .lock()
             .unwrap()
-            .push((path.clone(), authorization));
-        let method = request_line
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string();
-        if let Some(reply) = batch_api(&state, &method, &path, &body) {
-            let payload = reply.1;
-            let head = format!(
-                "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                reply.0,
-                payload.len()
-            );
-            if stream
-                .get_mut()
-                .write_all((head + &payload).as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
-        let failing = state.fail_if_contains.lock().unwrap().clone();
-        let request: Option<Value> = serde_json::from_slice(&body).ok();
-        let fault = request.as_ref().and_then(|req| {
-            let prompt = prompt_of(req);
-            let mut faults = state.faults.lock().unwrap();
-            faults
-                .iter_mut()
-                .find(|(needle, _)| prompt.contains(needle.as_str()))
-                .and_then(|(_, list)| list.pop_front())
-        });
-        let over_capacity = state
-            .capacity
-            .is_some_and(|c| state.in_flight.load(Ordering::SeqCst) >= c);
-        let fault = if over_capacity {
-            state.throttled.fetch_add(1, Ordering::SeqCst);
-            Some(Fault::TooMany(None))
-        } else {
-            fault
+            .push((request.path.clone(), request.authorization.clone()));
+        // `None`: an injected dropped connection.
+        let Some(response) = answer_http(&state, &request).await else {
+            return;
         };
-        if let Some(fault) = fault {
-            state.requests.fetch_add(1, Ordering::SeqCst);
-            if let Some(req) = &request {
-                *state
-                    .per_prompt
-                    .lock()
-                    .unwrap()
-                    .entry(prompt_of(req))
-                    .or_default() += 1;
-            }
-            let reply = |status: &str, extra: &str, payload: &str| {
-                format!(
-                    "HTTP/1.1 {status}\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
-                    payload.len()
-                )
-            };
-            let response = match fault {
-                Fault::TooMany(after) => {
-                    let header = after
-                        .map(|s| format!("retry-after: {s}\r\n"))
-                        .unwrap_or_default();
-                    reply(
-                        "429 Too Many Requests",
-                        &header,
-                        r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
-                    )
-                }
-                Fault::Quota => reply(
-                    "429 Too Many Requests",
-                    "",
-                    r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
-                ),
-                Fault::Status(code) => reply(
-                    &format!("{code} Fault"),
-                    "",
-                    r#"{"error":{"message":"injected"}}"#,
-                ),
-                Fault::Drop => return,
-                Fault::Slow(wait) => {
-                    tokio::time::sleep(wait).await;
-                    let prompt = request.as_ref().map(prompt_of).unwrap_or_default();
-                    let answer = answer_for(&prompt);
-                    let body = if path.ends_with("/chat/completions") {
-                        chat_json(prompt.len(), &answer)
-                    } else {
-                        completion_json(prompt.len(), &answer)
-                    };
-                    reply("200 OK", "", &body.to_string())
-                }
-                Fault::Malformed => reply("200 OK", "", r#"{"choices": "not a list"#),
-            };
-            if stream
-                .get_mut()
-                .write_all(response.as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
-        if let (Some(needle), Some(req)) = (&failing, &request)
-            && prompt_of(req).contains(needle.as_str())
-        {
-            state.requests.fetch_add(1, Ordering::SeqCst);
-            let payload = r#"{"error":{"message":"injected failure"}}"#;
-            let head = format!(
-                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                payload.len()
-            );
-            if stream
-                .get_mut()
-                .write_all((head + payload).as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
-        let (status, reply) = match serde_json::from_slice::<Value>(&body) {
-            Ok(request) if path.ends_with("/chat/completions") => {
-                ("200 OK", chat(Arc::clone(&state), request).await)
-            }
-            Ok(request) if path.ends_with("/completions") => {
-                ("200 OK", completions(Arc::clone(&state), request).await)
-            }
-            _ => (
-                "404 Not Found",
-                json!({"error": {"message": "unknown route or bad JSON"}}),
-            ),
-        };
-        let payload = reply.to_string();
-        let head = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            payload.len()
-        );
-        // One write: a head and a body sent separately meet Nagle's algorithm and the
-        // client's delayed ACK, adding 40 ms to every reply.
         if stream
             .get_mut()
-            .write_all((head + &payload).as_bytes())
+            .write_all(response.as_bytes())
             .await
             .is_err()
         {
             return;
         }
     }
+}
+
+/// The response to `http`, or `None` to drop the connection.
+async fn answer_http(state: &Arc<FakeState>, http: &HttpRequest) -> Option<String> {
+    if let Some((status, payload)) = batch_api(state, &http.method, &http.path, &http.body) {
+        return Some(http_response(status, "", &payload));
+    }
+    let request: Option<Value> = serde_json::from_slice(&http.body).ok();
+    if let Some(fault) = next_fault(state, request.as_ref()) {
+        return fault_response(state, fault, &http.path, request.as_ref()).await;
+    }
+    let failing = state.fail_if_contains.lock().unwrap().clone();
+    if let (Some(needle), Some(req)) = (&failing, &request)
+        && prompt_of(req).contains(needle.as_str())
+    {
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        let payload = r#"{"error":{"message":"injected failure"}}"#;
+        return Some(http_response("500 Internal Server Error", "", payload));
+    }
+    let (status, reply) = match request {
+        Some(request) if http.path.ends_with("/chat/completions") => {
+            ("200 OK", chat(Arc::clone(state), request).await)
+        }
+        Some(request) if http.path.ends_with("/completions") => {
+            ("200 OK", completions(Arc::clone(state), request).await)
+        }
+        _ => (
+            "404 Not Found",
+            json!({"error": {"message": "unknown route or bad JSON"}}),
+        ),
+    };
+    Some(http_response(status, "", &reply.to_string()))
+}
+
+/// The fault injected for this request: a 429 when the server is at capacity, else the next
+/// fault queued for a prompt it contains.
+fn next_fault(state: &FakeState, request: Option<&Value>) -> Option<Fault> {
+    let queued = request.and_then(|req| {
+        let prompt = prompt_of(req);
+        let mut faults = state.faults.lock().unwrap();
+        faults
+            .iter_mut()
+            .find(|(needle, _)| prompt.contains(needle.as_str()))
+            .and_then(|(_, list)| list.pop_front())
+    });
+    let over_capacity = state
+        .capacity
+        .is_some_and(|c| state.in_flight.load(Ordering::SeqCst) >= c);
+    if over_capacity {
+        state.throttled.fetch_add(1, Ordering::SeqCst);
+        return Some(Fault::TooMany(None));
+    }
+    queued
+}
+
+/// The response of an injected fault (counted as a request), or `None` to drop the
+/// connection.
+async fn fault_response(
+    state: &FakeState,
+    fault: Fault,
+    path: &str,
+    request: Option<&Value>,
+) -> Option<String> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(req) = request {
+        *state
+            .per_prompt
+            .lock()
+            .unwrap()
+            .entry(prompt_of(req))
+            .or_default() += 1;
+    }
+    Some(match fault {
+        Fault::TooMany(after) => {
+            let header = after
+                .map(|s| format!("retry-after: {s}\r\n"))
+                .unwrap_or_default();
+            http_response(
+                "429 Too Many Requests",
+                &header,
+                r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+            )
+        }
+        Fault::Quota => http_response(
+            "429 Too Many Requests",
+            "",
+            r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+        ),
+        Fault::Status(code) => http_response(
+            &format!("{code} Fault"),
+            "",
+            r#"{"error":{"message":"injected"}}"#,
+        ),
+        Fault::Drop => return None,
+        Fault::Slow(wait) => {
+            tokio::time::sleep(wait).await;
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            let answer = answer_for(&prompt);
+            let body = if path.ends_with("/chat/completions") {
+                chat_json(prompt.len(), &answer)
+            } else {
+                completion_json(prompt.len(), &answer)
+            };
+            http_response("200 OK", "", &body.to_string())
+        }
+        Fault::Malformed => http_response("200 OK", "", r#"{"choices": "not a list"#),
+    })
 }
 
 async fn chat(state: Arc<FakeState>, body: Value) -> Value {
