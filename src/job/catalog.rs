@@ -32,7 +32,7 @@ pub struct BuiltinStage {
 const STAGES: &[BuiltinStage] = &[
     BuiltinStage {
         name: "candidates",
-        from: "documents",
+        from: DOCUMENTS,
         aliases: &["prepare"],
         default: true,
         sql: include_str!("../../sql/candidates.sql"),

@@ -23,6 +23,7 @@ use crate::job::{FunctionSpec, Job};
 use crate::prepare::tokens::TokenCounter;
 use crate::root::marker::read_stage_stats;
 use crate::root::tables::register_complete_stages;
+use crate::run::plan::referenced_tables;
 use crate::run::{RunOptions, run};
 use crate::storage::Location;
 
@@ -65,12 +66,17 @@ fn expected_tokens(job: &Job, expected: ExpectedOutput, text_tokens: f64) -> f64
 
 /// Estimates every LLM stage of `job`; runs the input stage first if it is not complete.
 pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
-    let input_stages: Vec<String> = job
-        .stages
-        .iter()
-        .filter(|s| s.sql.contains(DOCUMENTS))
-        .map(|s| s.name.clone())
-        .collect();
+    let ctx = new_session(None, Window::for_cap(1))?;
+    let mut input_stages = Vec::new();
+    for stage in &job.stages {
+        let sql = render_sql(job, stage)?;
+        if referenced_tables(&ctx, &sql, &stage.name)?
+            .iter()
+            .any(|t| t == DOCUMENTS)
+        {
+            input_stages.push(stage.name.clone());
+        }
+    }
     run(
         job,
         &RunOptions {
@@ -80,7 +86,6 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
     )
     .await?;
     let root = Location::parse(&job.output)?;
-    let ctx = new_session(None, Window::for_cap(1))?;
     register_store(&ctx, &root);
     register_complete_stages(&ctx, &root, input_stages.clone()).await?;
     let tokens = TokenCounter::load(&job.prepare.tokenizer, &job.base_dir)?;

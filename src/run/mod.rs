@@ -13,7 +13,7 @@ mod input;
 pub mod manifest;
 mod near_dup;
 mod parts;
-mod plan;
+pub mod plan;
 pub mod progress;
 mod runner;
 mod sharded;

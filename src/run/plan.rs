@@ -105,7 +105,8 @@ pub fn plan_stages(
     Ok((plans, fingerprints))
 }
 
-fn referenced_tables(ctx: &SessionContext, sql: &str, stage: &str) -> Result<Vec<String>> {
+/// The tables `sql` (the SQL of `stage`) reads, common table expressions left out.
+pub fn referenced_tables(ctx: &SessionContext, sql: &str, stage: &str) -> Result<Vec<String>> {
     let state = ctx.state();
     let statement = state
         .sql_to_statement(sql, &Dialect::Generic)
