@@ -141,8 +141,12 @@ pub struct ModelConfig {
     pub concurrency: Option<usize>,
     /// Seconds before a request is abandoned and retried.
     pub timeout_secs: Option<u64>,
-    /// Attempts per request before the row gets an error value.
+    /// Attempts per request before the row gets an error value (throttled attempts, HTTP
+    /// 429, do not count: they have `throttle_secs`).
     pub max_attempts: Option<u32>,
+    /// How long a request may keep being throttled (HTTP 429) before the row gets an error
+    /// value, counted from its first 429.
+    pub throttle_secs: Option<u64>,
     /// Extra JSON fields merged into each request body (e.g. vLLM's `repetition_penalty`).
     pub extra: Option<toml::Table>,
     /// Requests per minute allowed to the endpoint.

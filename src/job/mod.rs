@@ -50,8 +50,10 @@ pub struct ModelSpec {
     pub concurrency: usize,
     /// Per-request timeout in seconds.
     pub timeout_secs: u64,
-    /// Attempts per request.
+    /// Attempts per request that failed (not counting throttled ones).
     pub max_attempts: u32,
+    /// Seconds a request may keep being throttled, from its first 429.
+    pub throttle_secs: u64,
     /// Extra request-body fields.
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Requests per minute.
@@ -460,6 +462,7 @@ fn resolve_models(
                 .unwrap_or(64),
             timeout_secs: cfg.and_then(|c| c.timeout_secs).unwrap_or(600),
             max_attempts: cfg.and_then(|c| c.max_attempts).unwrap_or(5).max(1),
+            throttle_secs: cfg.and_then(|c| c.throttle_secs).unwrap_or(1800),
             extra: match cfg.and_then(|c| c.extra.clone()) {
                 Some(table) => match serde_json::to_value(table) {
                     Ok(serde_json::Value::Object(map)) => map,

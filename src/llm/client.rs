@@ -88,25 +88,34 @@ impl ModelClient {
     /// request goes to the least-loaded replica at the moment it can be sent. `None` when no
     /// endpoint has quota left.
     async fn acquire_slot(&self) -> Option<(&Arc<Endpoint>, Slot)> {
-        let usable: Vec<&Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .filter(|e| e.quota().is_none())
-            .collect();
-        let awake: Vec<&Arc<Endpoint>> = usable.iter().copied().filter(|e| !e.resting()).collect();
-        let candidates = if awake.is_empty() { usable } else { awake };
-        if candidates.is_empty() {
-            return None;
+        loop {
+            let usable: Vec<&Arc<Endpoint>> = self
+                .endpoints
+                .iter()
+                .filter(|e| e.quota().is_none())
+                .collect();
+            let awake: Vec<&Arc<Endpoint>> =
+                usable.iter().copied().filter(|e| !e.resting()).collect();
+            let all_resting = awake.is_empty();
+            let candidates = if all_resting { usable } else { awake };
+            if candidates.is_empty() {
+                return None;
+            }
+            // Free slots now: take the replica with the most. Otherwise wait for the first.
+            if let Some(best) = candidates.iter().max_by_key(|e| e.slots.available())
+                && let Some(slot) = best.slots.try_acquire()
+            {
+                return Some((best, slot));
+            }
+            let waits = candidates.iter().map(|e| Box::pin(e.slots.acquire()));
+            let (slot, index, _) = futures::future::select_all(waits).await;
+            let endpoint = candidates[index];
+            // A replica that failed while this row waited has started resting: its fast
+            // failures free slots quickly, which must not draw the waiting rows to it.
+            if all_resting || !endpoint.resting() {
+                return Some((endpoint, slot));
+            }
         }
-        // Free slots now: take the replica with the most. Otherwise wait for the first.
-        if let Some(best) = candidates.iter().max_by_key(|e| e.slots.available())
-            && let Some(slot) = best.slots.try_acquire()
-        {
-            return Some((best, slot));
-        }
-        let waits = candidates.iter().map(|e| Box::pin(e.slots.acquire()));
-        let (slot, index, _) = futures::future::select_all(waits).await;
-        Some((candidates[index], slot))
     }
 
     /// A stable hash of everything that determines the answer: model, API, sampling and the
@@ -202,86 +211,79 @@ impl ModelClient {
         reply
     }
 
+    /// Sends `req` over HTTP until it is answered, fails `max_attempts` times, or has been
+    /// throttled for `throttle_secs`. A slot is held only while a request is on the wire:
+    /// a row waiting out a backoff or a `Retry-After` leaves its slot to the others.
     async fn call_http(&self, req: &Request, key: &str) -> Reply {
         let (path, body) = request_body(&self.spec, req);
-        let max_attempts = self.spec.max_attempts as i32;
-        let mut last_error = String::new();
-        for attempt in 1..=max_attempts {
-            // Hold a slot only while the request is on the wire, not while backing off.
-            let Some((endpoint, _slot)) = self.acquire_slot().await else {
-                return Reply {
-                    attempts: attempt - 1,
-                    error: self.home().quota(),
-                    ..Reply::default()
-                };
+        let mut retries = Retries::new(&self.spec);
+        loop {
+            let Some((endpoint, slot)) = self.acquire_slot().await else {
+                return retries.stopped(self.home().quota());
             };
             // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
             if let Some(budget) = self.budget
                 && self.spent.load(Ordering::Relaxed) >= budget
             {
-                return Reply {
-                    attempts: attempt - 1,
-                    error: Some(budget_message(budget)),
-                    ..Reply::default()
-                };
+                return retries.stopped(Some(budget_message(budget)));
             }
-            let url = format!("{}/{path}", endpoint.base_url);
-            let estimate = (
-                (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
-                req.max_tokens as f64,
-            );
-            endpoint.limits.admit(estimate.0, estimate.1).await;
-            let outcome = {
-                endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let outcome = self.send_once(endpoint, &url, &body).await;
-                let usage = match &outcome {
-                    Ok(r) => (r.prompt_tokens, r.completion_tokens),
-                    // A failed request generated nothing; its prompt still counts.
-                    Err(_) => (Some(estimate.0 as i64), Some(0)),
-                };
-                endpoint.limits.settle(estimate, usage);
-                match &outcome {
-                    Ok(_) => {
-                        endpoint.slots.on_success();
-                        endpoint.record_health(true);
-                    }
-                    Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
-                    Err(_) => endpoint.record_health(false),
-                }
-                if let Ok(reply) = &outcome {
-                    // The slot is held until the response is durable, so a kill loses at
-                    // most the requests in flight.
-                    self.journal.record(key, reply).await;
-                }
-                outcome
-            };
-            match outcome {
+            retries.sent += 1;
+            let outcome = self.attempt(endpoint, &path, &body, req, key).await;
+            drop(slot);
+            let (message, after, throttle) = match outcome {
                 Ok(mut reply) => {
-                    reply.attempts = attempt;
+                    reply.attempts = retries.sent;
                     return reply;
                 }
-                Err(Failure::Fatal(msg)) => {
-                    return Reply {
-                        attempts: attempt,
-                        error: Some(msg),
-                        ..Reply::default()
-                    };
-                }
-                Err(Failure::Retry { message, after, .. }) => {
-                    last_error = message;
-                    if attempt < max_attempts {
-                        tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt))).await;
-                    }
-                }
+                Err(Failure::Fatal(message)) => return retries.stopped(Some(message)),
+                Err(Failure::Retry {
+                    message,
+                    after,
+                    throttle,
+                }) => (message, after, throttle),
+            };
+            match retries.wait(after, throttle) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return retries.gave_up(&message),
             }
         }
-        Reply {
-            attempts: max_attempts,
-            error: Some(format!(
-                "gave up after {max_attempts} attempts: {last_error}"
-            )),
-            ..Reply::default()
+    }
+
+    /// One request on `endpoint` under its rate limits, counted, its health and the slots'
+    /// size updated, and a reply journaled before the slot is given back (so a kill loses at
+    /// most the requests in flight).
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: &Value,
+        req: &Request,
+        key: &str,
+    ) -> Result<Reply, Failure> {
+        let url = format!("{}/{path}", endpoint.base_url);
+        let estimate = (
+            (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
+            req.max_tokens as f64,
+        );
+        endpoint.limits.admit(estimate.0, estimate.1).await;
+        endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.send_once(endpoint, &url, body).await;
+        let usage = match &outcome {
+            Ok(r) => (r.prompt_tokens, r.completion_tokens),
+            // A failed request generated nothing; its prompt still counts.
+            Err(_) => (Some(estimate.0 as i64), Some(0)),
+        };
+        endpoint.limits.settle(estimate, usage);
+        match &outcome {
+            Ok(reply) => {
+                endpoint.slots.on_success();
+                endpoint.record_health(true);
+                self.journal.record(key, reply).await;
+            }
+            Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
+            Err(_) => endpoint.record_health(false),
         }
+        outcome
     }
 
     /// One HTTP attempt on `endpoint`: the reply, or whether and when to retry.
@@ -357,6 +359,68 @@ enum Failure {
         throttle: bool,
     },
     Fatal(String),
+}
+
+/// How many times a request was sent and why it is retried: failures count against
+/// `max_attempts`, throttling against `throttle_secs` from the first 429.
+struct Retries {
+    sent: i32,
+    failures: u32,
+    max_attempts: u32,
+    throttles: i32,
+    throttled_until: Option<Instant>,
+    throttle_horizon: Duration,
+}
+
+impl Retries {
+    fn new(spec: &ModelSpec) -> Self {
+        Self {
+            sent: 0,
+            failures: 0,
+            max_attempts: spec.max_attempts.max(1),
+            throttles: 0,
+            throttled_until: None,
+            throttle_horizon: Duration::from_secs(spec.throttle_secs),
+        }
+    }
+
+    /// How long to wait before the next attempt, or `None` to give up.
+    fn wait(&mut self, after: Option<Duration>, throttle: bool) -> Option<Duration> {
+        if throttle {
+            self.throttles += 1;
+            let horizon = self.throttle_horizon;
+            let deadline = *self
+                .throttled_until
+                .get_or_insert_with(|| Instant::now() + horizon);
+            let left = deadline.checked_duration_since(Instant::now())?;
+            return Some(after.unwrap_or_else(|| backoff(self.throttles)).min(left));
+        }
+        self.failures += 1;
+        (self.failures < self.max_attempts)
+            .then(|| after.unwrap_or_else(|| backoff(self.failures as i32)))
+    }
+
+    /// The reply of a request stopped by `error` (a quota, a budget, a fatal answer).
+    fn stopped(&self, error: Option<String>) -> Reply {
+        Reply {
+            attempts: self.sent,
+            error,
+            ..Reply::default()
+        }
+    }
+
+    /// The reply of a request that used up its retries, the last failure being `last`.
+    fn gave_up(&self, last: &str) -> Reply {
+        let throttled = if self.failures < self.max_attempts {
+            format!(", throttled for {} s", self.throttle_horizon.as_secs())
+        } else {
+            String::new()
+        };
+        self.stopped(Some(format!(
+            "gave up after {} attempts{throttled}: {last}",
+            self.sent
+        )))
+    }
 }
 
 /// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.

@@ -248,3 +248,68 @@ fn a_budget_stops_the_run_cleanly_and_a_larger_one_resumes_it() {
         "{paid} paid calls, {per_call:.3} each"
     );
 }
+
+/// A row waiting out `Retry-After: 30` gives its slot back: with one slot, every other row is
+/// answered meanwhile. Throttling does not use up the attempts meant for failures: with
+/// `max_attempts = 1`, a row throttled twice is still answered.
+#[test]
+fn a_throttled_row_waits_without_holding_its_slot_or_using_its_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(100));
+    script(
+        &server,
+        "ra429",
+        vec![Fault::TooMany(Some(30)), Fault::TooMany(Some(1))],
+    );
+    let job = job(dir.path(), &server.url());
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("max_attempts = 4", "max_attempts = 1\nconcurrency = 1");
+    std::fs::write(&job, text).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_eq!(requests_for(&server, "ra429"), 3);
+    assert_eq!(
+        server
+            .state
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let log = server.log();
+    let first = log.iter().map(|e| e.started).min().unwrap();
+    let throttled = log
+        .iter()
+        .find(|e| e.prompt.contains("Case ra429 "))
+        .unwrap();
+    assert!(
+        throttled.started - first >= Duration::from_secs(31),
+        "{:?}",
+        throttled.started - first
+    );
+    // The slot the throttled row left was used: every other row is answered long before.
+    let others: Vec<_> = log
+        .iter()
+        .filter(|e| !e.prompt.contains("Case ra429 "))
+        .collect();
+    assert_eq!(others.len(), CASES.len() - 1);
+    for e in others {
+        assert!(e.finished - first < Duration::from_secs(10), "{}", e.prompt);
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let root = dir.path().join("out");
+    assert_eq!(
+        marker(&root, "backtranslated")["rows_out"],
+        CASES.len() as u64
+    );
+}
