@@ -223,6 +223,9 @@ pub struct ExecutionConfig {
     pub input_shard_bytes: Option<u64>,
     /// Stop cleanly once this run has spent this many US dollars at the models' prices.
     pub budget_usd: Option<f64>,
+    /// How long a worker waits for the others' share of a stage before it stops with a
+    /// message saying what it waited for (default 3,600 s).
+    pub wait_secs: Option<u64>,
 }
 
 /// Overrides given on the command line; they win over the job file.

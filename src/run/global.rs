@@ -1,7 +1,10 @@
-//! Stages run over all their input at once: the input stage (by worker 0) and stages reading
-//! several tables.
+//! Stages run over all their input at once (the input stage, whose shards every worker shares;
+//! stages reading several tables, run by worker 0), and how a worker waits for the others.
+
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
+use crate::execution_error;
 use crate::root::marker::{StageStats, read_stage_stats, write_stage_stats};
 use crate::root::names::{PartNames, SUCCESS_MARKER};
 use crate::root::objects::delete_if_exists;
@@ -10,13 +13,10 @@ use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
 
 impl Runner<'_> {
-    /// Runs a stage over all its input at once (stages reading `documents` or several
-    /// tables). Worker 0 runs it; other workers wait for its `_SUCCESS`.
+    /// Runs a stage over all its input at once: the stage reading `documents`, or one reading
+    /// several tables (worker 0 runs it; the other workers wait for its `_SUCCESS`).
     pub(super) async fn run_global(&self, plan: &StagePlan) -> Result<StageStats> {
         if plan.reads_documents() {
-            if self.worker.index != 0 {
-                return self.wait_for(plan).await;
-            }
             return self.run_input_stage(plan).await;
         }
         let mut upstream = Vec::new();
@@ -59,16 +59,45 @@ impl Runner<'_> {
         Ok(stats)
     }
 
+    /// Waits for worker 0 to complete `plan`.
     async fn wait_for(&self, plan: &StagePlan) -> Result<StageStats> {
-        tracing::info!(
-            stage = %plan.name,
-            "Waiting for worker 0 to complete this stage (it reads the whole input)."
+        let what = format!(
+            "worker 0 to complete '{}' (it reads several tables, so one worker runs it)",
+            plan.name
         );
+        self.wait_until(&what, || self.complete(plan)).await
+    }
+
+    /// Polls `check` until it gives a value, saying every minute what it waits for; stops
+    /// after `[execution] wait_secs` (default an hour) with a message naming it.
+    pub(super) async fn wait_until<T, F, Fut>(&self, what: &str, check: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let limit = Duration::from_secs(self.job.execution.wait_secs.unwrap_or(3600));
+        let started = Instant::now();
+        let mut said = None::<Instant>;
         loop {
-            if let Some(done) = self.complete(plan).await? {
+            if let Some(done) = check().await? {
                 return Ok(done);
             }
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if started.elapsed() >= limit {
+                return execution_error!(
+                    "this process is worker {} of {} and waited {} s for {what}; run the other workers with the same job and output (--worker I/N), or this one with --worker 0/1 to run alone. [execution] wait_secs sets how long to wait",
+                    self.worker.index,
+                    self.worker.count,
+                    limit.as_secs()
+                );
+            }
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                tracing::info!(
+                    worker = format!("{}/{}", self.worker.index, self.worker.count),
+                    "Waiting for {what}."
+                );
+                said = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 }

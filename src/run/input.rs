@@ -15,7 +15,9 @@ use crate::engine::documents::documents_table;
 use crate::error::{Error, Result};
 use crate::job::catalog::DOCUMENTS;
 use crate::prepare::ingest::{IngestCounts, IngestStats, split_large_parquet};
-use crate::root::marker::{StageStats, read_shard_stats, write_shard_stats, write_stage_stats};
+use crate::root::marker::{
+    StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
+};
 use crate::root::names::{ACROSS_FILES, DEDUP_KEY_COLUMN, DROPPED_DIR, PartNames, input_shard_id};
 use crate::root::objects::delete_parts_of;
 use crate::root::tables::register_stage_table;
@@ -26,20 +28,11 @@ use crate::storage::{InputFile, list_inputs};
 
 impl Runner<'_> {
     /// Runs the stage that reads `documents`: each input file (or row-group range of a large
-    /// Parquet file) is a shard, run in parallel with the others, published by its marker
-    /// and skipped on rerun. Then exact duplicates across files are dropped in one pass.
+    /// Parquet file) is a shard, published by its marker and skipped on rerun; each worker
+    /// runs its share, side by side. Once every shard is published, worker 0 drops exact
+    /// duplicates across files in one pass and publishes the stage; the others wait for it.
     pub(super) async fn run_input_stage(&self, plan: &StagePlan) -> Result<StageStats> {
-        let mut files = Vec::new();
-        for input in &self.job.inputs {
-            files.extend(list_inputs(input).await?);
-        }
-        let shard_bytes = self
-            .job
-            .execution
-            .input_shard_bytes
-            .unwrap_or(256 << 20)
-            .max(1);
-        let files = split_large_parquet(files, shard_bytes).await?;
+        let files = self.input_files().await?;
         let sources: BTreeMap<String, String> = files
             .iter()
             .enumerate()
@@ -50,41 +43,40 @@ impl Runner<'_> {
                 )
             })
             .collect();
-        let kept = Arc::new(KeptCopies::new(files.iter().map(|f| f.display.as_str())));
-        self.progress
-            .shards_total
-            .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let parallel = self
-            .job
-            .execution
-            .target_partitions
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .max(1);
-        let results: Vec<Result<(String, String, StageStats)>> =
-            futures::stream::iter(files.into_iter().enumerate())
-                .map(|(k, file)| {
-                    let (sources, kept) = (&sources, &kept);
-                    async move {
-                        let shown = file.display.clone();
-                        let marker = self.input_shard(plan, k, file, sources, kept).await?;
-                        self.progress
-                            .shards_done
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Ok((input_shard_id(k), shown, marker))
-                    }
+        let shown: Vec<String> = files.iter().map(|f| f.display.clone()).collect();
+        let digest = sources_digest(&sources);
+        let mut markers = self.run_own_input_shards(plan, files, &sources).await?;
+        if self.worker.index != 0 {
+            let what = format!(
+                "worker 0 to drop exact duplicates across files and publish '{}' (it does once every input shard is published)",
+                plan.name
+            );
+            return self
+                .wait_until(&what, || async {
+                    Ok(read_stage_stats(&self.root, &plan.name)
+                        .await?
+                        .filter(|s| s.is_current(&plan.fingerprint, &digest)))
                 })
-                .buffered(parallel)
-                .collect()
                 .await;
-        let mut shards = Vec::new();
-        for r in results {
-            shards.push(r?);
         }
+        self.await_input_shards(plan, &sources, &mut markers)
+            .await?;
+        // In input order (ids sort as numbers only up to 99,999 shards).
+        let mut shards: Vec<(String, String, StageStats)> = shown
+            .into_iter()
+            .enumerate()
+            .map(|(k, file)| {
+                let id = input_shard_id(k);
+                let marker = markers.remove(&id).expect("every shard awaited");
+                (id, file, marker)
+            })
+            .collect();
         self.drop_duplicates_across_files(plan, &mut shards).await?;
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
             input: Some(IngestCounts::default()),
+            upstream: digest,
             ..StageStats::default()
         };
         let mut parts = Vec::new();
@@ -95,6 +87,104 @@ impl Runner<'_> {
         total.shards = parts;
         write_stage_stats(&self.root, &plan.name, &total).await?;
         Ok(total)
+    }
+
+    /// Every file the job's inputs match, large Parquet files cut into row-group ranges.
+    async fn input_files(&self) -> Result<Vec<InputFile>> {
+        let mut files = Vec::new();
+        for input in &self.job.inputs {
+            files.extend(list_inputs(input).await?);
+        }
+        let shard_bytes = self
+            .job
+            .execution
+            .input_shard_bytes
+            .unwrap_or(256 << 20)
+            .max(1);
+        split_large_parquet(files, shard_bytes).await
+    }
+
+    /// Runs (or finds published) this worker's input shards, side by side; returns their
+    /// markers by shard id.
+    async fn run_own_input_shards(
+        &self,
+        plan: &StagePlan,
+        files: Vec<InputFile>,
+        sources: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, StageStats>> {
+        let kept = Arc::new(KeptCopies::new(files.iter().map(|f| f.display.as_str())));
+        let mine: Vec<(usize, InputFile)> = files
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| self.worker.owns(*k))
+            .collect();
+        self.progress
+            .shards_total
+            .store(mine.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let parallel = self
+            .job
+            .execution
+            .target_partitions
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let results: Vec<Result<(String, StageStats)>> = futures::stream::iter(mine)
+            .map(|(k, file)| {
+                let kept = &kept;
+                async move {
+                    let marker = self.input_shard(plan, k, file, sources, kept).await?;
+                    self.progress
+                        .shards_done
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok((input_shard_id(k), marker))
+                }
+            })
+            .buffered(parallel)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Adds to `markers` the other workers' input shards, waiting until each is published
+    /// under the current definition and inputs.
+    async fn await_input_shards(
+        &self,
+        plan: &StagePlan,
+        sources: &BTreeMap<String, String>,
+        markers: &mut BTreeMap<String, StageStats>,
+    ) -> Result<()> {
+        let missing = || -> Vec<String> {
+            sources
+                .keys()
+                .filter(|id| !markers.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        if missing().is_empty() {
+            return Ok(());
+        }
+        let what = |ids: &[String]| {
+            format!(
+                "the other workers to publish input shards {} of '{}' (worker of shard k: k mod {})",
+                list_some(ids),
+                plan.name,
+                self.worker.count
+            )
+        };
+        let found = self
+            .wait_until(&what(&missing()), || async {
+                let mut found = BTreeMap::new();
+                for id in missing() {
+                    if let Some(done) = read_shard_stats(&self.root, &plan.name, &id).await?
+                        && input_shard_current(&done, plan, &sources[&id], sources)
+                    {
+                        found.insert(id, done);
+                    }
+                }
+                Ok((found.len() == missing().len()).then_some(found))
+            })
+            .await?;
+        markers.extend(found);
+        Ok(())
     }
 
     /// Shard `k` of the input stage: its marker when it was published under this definition
@@ -111,11 +201,7 @@ impl Runner<'_> {
         let id = input_shard_id(k);
         let source = sources[&id].clone();
         if let Some(done) = read_shard_stats(&self.root, &plan.name, &id).await?
-            && done.is_current(&plan.fingerprint, &source)
-            && done
-                .outranked_by
-                .iter()
-                .all(|(id, input)| sources.get(id) == Some(input))
+            && input_shard_current(&done, plan, &source, sources)
         {
             return Ok(done);
         }
@@ -290,4 +376,36 @@ async fn outranked_rows(
         }
     }
     Ok(repeated)
+}
+
+/// True when an input shard's marker holds: written under the stage's definition from
+/// `source`, and every input its dedup relied on (`outranked_by`) unchanged.
+fn input_shard_current(
+    done: &StageStats,
+    plan: &StagePlan,
+    source: &str,
+    sources: &BTreeMap<String, String>,
+) -> bool {
+    done.is_current(&plan.fingerprint, source)
+        && done
+            .outranked_by
+            .iter()
+            .all(|(id, input)| sources.get(id) == Some(input))
+}
+
+/// A short hash of every input shard's source: what the published input stage was computed
+/// from, so a worker waiting for it can tell a stale one.
+fn sources_digest(sources: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(sources).expect("maps serialise");
+    hex::encode(&Sha256::digest(&json)[..12])
+}
+
+/// Up to five of `ids`, and how many more.
+fn list_some(ids: &[String]) -> String {
+    let shown = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    match ids.len() {
+        n if n > 5 => format!("{shown} and {} more", n - 5),
+        _ => shown,
+    }
 }

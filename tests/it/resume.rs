@@ -171,3 +171,68 @@ fn workers_come_from_flags_and_schedulers() {
     );
     assert!(Worker::detect(None, Some(2), env(&[("AWS_BATCH_JOB_ARRAY_INDEX", "2")])).is_err());
 }
+
+/// Every worker prepares its share of the input files. A worker left alone (here worker 1 of
+/// 2, from a Slurm variable left in its environment) prepares its share, then stops after
+/// `wait_secs` saying what it waited for; once worker 0 has run, a rerun of worker 1 finishes
+/// the job, and the output equals a single worker's.
+#[test]
+fn every_worker_prepares_its_share_and_a_lone_worker_says_what_it_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    // The corpus in four input files, so each of two workers has two input shards.
+    let docs = std::fs::read_to_string(dir.path().join("docs.jsonl")).unwrap();
+    let lines: Vec<&str> = docs.lines().collect();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    for (k, chunk) in lines.chunks(lines.len().div_ceil(4)).enumerate() {
+        std::fs::write(
+            dir.path().join(format!("docs/part-{k}.jsonl")),
+            chunk.join("\n") + "\n",
+        )
+        .unwrap();
+    }
+    let job = dir.path().join("job.toml");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("paths = [\"docs.jsonl\"]", "paths = [\"docs\"]")
+        .replace("[execution]\n", "[execution]\nwait_secs = 3\n");
+    std::fs::write(&job, text).unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let url = server.url();
+    let job_s = job.to_str().unwrap();
+
+    let reference = dir.path().join("reference");
+    backforth_ok(&run_args(job_s, reference.to_str().unwrap(), &url));
+    let expected = snapshot(&reference);
+
+    let root = dir.path().join("shared");
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(run_args(job_s, root.to_str().unwrap(), &url))
+            .args(extra)
+            .envs(env.iter().copied())
+            .env("BACKFORTH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let slurm = [("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "2")];
+    let alone = run(&slurm, &[]);
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert_eq!(alone.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("worker 1 of 2 and waited 3 s for worker 0"),
+        "{stderr}"
+    );
+    let mut published: Vec<String> = std::fs::read_dir(root.join("candidates/_shards"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    published.sort();
+    assert_eq!(published, ["00001.json", "00003.json"], "worker 1's share");
+
+    let zero = run(&[], &["--worker", "0/2"]);
+    assert!(zero.status.success(), "{}", String::from_utf8_lossy(&zero.stderr));
+    let again = run(&slurm, &[]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(snapshot(&root), expected);
+}
