@@ -169,6 +169,9 @@ pub struct InputFile {
     pub path: Path,
     /// Path or URL as shown in messages.
     pub display: String,
+    /// Its path under the input root (`sub/x.jsonl`): what ids derived from file and line
+    /// start with, unique across the input, the same wherever the input is mounted.
+    pub key: String,
     /// How it is encoded.
     pub format: InputFormat,
     /// Size in bytes, part of what identifies the file's content between runs.
@@ -242,6 +245,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
             return Ok(vec![InputFile {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
+                key: name.to_string(),
                 format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
                 size: meta.size,
                 row_groups: None,
@@ -272,9 +276,16 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                     return None;
                 }
             }
+            let key = meta
+                .location
+                .prefix_match(&location.prefix)?
+                .map(|part| part.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/");
             Some(InputFile {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
+                key,
                 format: InputFormat::from_name(&name)?,
                 size: meta.size,
                 row_groups: None,
@@ -291,6 +302,11 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
 }
 
 fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
+    // Keys are taken under the directory before the first wildcard.
+    let base: std::path::PathBuf = std::path::Path::new(spec)
+        .components()
+        .take_while(|c| !has_glob(&c.as_os_str().to_string_lossy()))
+        .collect();
     let paths = glob::glob(spec).map_err(|e| Error::Job(format!("input '{spec}': {e}")))?;
     let mut files = Vec::new();
     for entry in paths {
@@ -303,9 +319,15 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
             continue;
         };
         let location = Location::parse(&path.to_string_lossy())?;
+        let key = path
+            .strip_prefix(&base)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
         files.push(InputFile {
             store: location.store,
             display: path.display().to_string(),
+            key,
             format,
             size: std::fs::metadata(&path)?.len(),
             row_groups: None,
@@ -317,4 +339,26 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
+}
+
+/// Makes the keys of files matched by several inputs unique: each becomes the file's path
+/// under the deepest directory holding them all (`a/x.jsonl`, `b/x.jsonl` for inputs `a/`
+/// and `b/`). The files of one input keep their keys under it.
+pub fn keys_under_common_root(files: &mut [InputFile]) {
+    let dirs: Vec<Vec<&str>> = files
+        .iter()
+        .map(|f| {
+            let parts: Vec<&str> = f.display.split('/').collect();
+            parts[..parts.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    let Some(first) = dirs.first() else { return };
+    let common = dirs.iter().fold(first.len(), |n, d| {
+        n.min(d.len())
+            .min(first.iter().zip(d).take_while(|(a, b)| a == b).count())
+    });
+    for file in files.iter_mut() {
+        let parts: Vec<&str> = file.display.split('/').collect();
+        file.key = parts[common..].join("/");
+    }
 }

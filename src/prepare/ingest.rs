@@ -171,7 +171,7 @@ fn read_jsonl(
         _ => Box::new(raw),
     };
     let mut reader = BufReader::with_capacity(1 << 20, decoded);
-    let mut batch = DocBatch::new(&file.display);
+    let mut batch = DocBatch::new(&file.display, &file.key);
     let mut split_line = Vec::new();
     let mut line_no = 0u64;
     let cannot_read = |line: u64, e: std::io::Error| Error::Input {
@@ -363,7 +363,8 @@ fn json_kind(v: &Value) -> &'static str {
 
 struct DocBatch {
     file: String,
-    file_stem: String,
+    /// The file's path under the input root, which derived ids start with.
+    key: String,
     doc_id: StringBuilder,
     text: StringBuilder,
     source: StringBuilder,
@@ -375,11 +376,10 @@ struct DocBatch {
 }
 
 impl DocBatch {
-    fn new(file: &str) -> Self {
-        let file_stem = file.rsplit('/').next().unwrap_or(file).to_string();
+    fn new(file: &str, key: &str) -> Self {
         Self {
             file: file.to_string(),
-            file_stem,
+            key: key.to_string(),
             doc_id: StringBuilder::new(),
             text: StringBuilder::new(),
             source: StringBuilder::new(),
@@ -399,9 +399,7 @@ impl DocBatch {
         // A document without an id is named by where it came from, which is stable across runs.
         match doc.id {
             Some(id) => self.doc_id.append_value(id),
-            None => self
-                .doc_id
-                .append_value(format!("{}:{line}", self.file_stem)),
+            None => self.doc_id.append_value(format!("{}:{line}", self.key)),
         }
         self.text.append_value(doc.text);
         self.source.append_option(doc.source);
@@ -440,7 +438,7 @@ impl DocBatch {
 }
 
 fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
-    let display = file.display.clone();
+    let (display, key) = (file.display.clone(), file.key.clone());
     futures::stream::once(async move {
         let builder = parquet_builder(&file).await?;
         // Row numbers in messages count from the start of the file, not of the shard.
@@ -460,7 +458,8 @@ fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats
             .map_err(|e| input_error(&display, 0, e.to_string()))?;
         let converted = stream.map(move |batch| {
             let batch = batch.map_err(|e| input_error(&display, first_row + 1, e.to_string()))?;
-            let out = parquet_batch_to_documents(&batch, &display, first_row, policy, &stats)?;
+            let out =
+                parquet_batch_to_documents(&batch, &display, &key, first_row, policy, &stats)?;
             first_row += batch.num_rows() as u64;
             Ok(out)
         });
@@ -528,6 +527,7 @@ fn input_error(file: &str, line: u64, message: String) -> DataFusionError {
 fn parquet_batch_to_documents(
     batch: &RecordBatch,
     file: &str,
+    key: &str,
     first_row: u64,
     policy: BadLinePolicy,
     stats: &IngestStats,
@@ -564,7 +564,6 @@ fn parquet_batch_to_documents(
             "column 'text' is null; fix the row, or set [input] on_bad_line = \"skip\"".to_string(),
         ));
     }
-    let file_stem = file.rsplit('/').next().unwrap_or(file);
     let ids: StringArray = match column("id")? {
         Some(ids) => {
             let ids = ids
@@ -574,7 +573,7 @@ fn parquet_batch_to_documents(
             (0..n)
                 .map(|i| {
                     Some(if ids.is_null(i) {
-                        format!("{file_stem}:{}", first_row + i as u64 + 1)
+                        format!("{key}:{}", first_row + i as u64 + 1)
                     } else {
                         ids.value(i).to_string()
                     })
@@ -582,7 +581,7 @@ fn parquet_batch_to_documents(
                 .collect()
         }
         None => (0..n)
-            .map(|i| Some(format!("{file_stem}:{}", first_row + i as u64 + 1)))
+            .map(|i| Some(format!("{key}:{}", first_row + i as u64 + 1)))
             .collect(),
     };
     let nulls = || -> ArrayRef { Arc::new(StringArray::new_null(n)) };

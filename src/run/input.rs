@@ -24,7 +24,7 @@ use crate::root::tables::register_stage_table;
 use crate::run::exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
-use crate::storage::{InputFile, list_inputs};
+use crate::storage::{InputFile, keys_under_common_root, list_inputs};
 
 impl Runner<'_> {
     /// Runs the stage that reads `documents`: each input file (or row-group range of a large
@@ -72,6 +72,7 @@ impl Runner<'_> {
             })
             .collect();
         self.drop_duplicates_across_files(plan, &mut shards).await?;
+        self.require_unique_ids(plan).await?;
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -94,6 +95,9 @@ impl Runner<'_> {
         let mut files = Vec::new();
         for input in &self.job.inputs {
             files.extend(list_inputs(input).await?);
+        }
+        if self.job.inputs.len() > 1 {
+            keys_under_common_root(&mut files);
         }
         let shard_bytes = self
             .job
@@ -336,6 +340,56 @@ impl Runner<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Runner<'_> {
+    /// Fails, naming both places, when two kept documents of the input stage share an id:
+    /// near-dedup and the pass above tell rows apart by id. (Copies of one document with one
+    /// id were already dropped as duplicates.)
+    async fn require_unique_ids(&self, plan: &StagePlan) -> Result<()> {
+        let ctx = self.session()?;
+        register_stage_table(&ctx, &self.root, &plan.name).await?;
+        let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
+        if ["doc_id", "file", "line"]
+            .iter()
+            .any(|c| !schema.has_column_with_unqualified_name(c))
+        {
+            return Ok(());
+        }
+        let batches = ctx
+            .sql(&format!(
+                "SELECT doc_id, file, line FROM {t} WHERE doc_id IN \
+                 (SELECT doc_id FROM {t} GROUP BY doc_id \
+                  HAVING min(file) <> max(file) OR min(line) <> max(line)) \
+                 ORDER BY doc_id, file, line LIMIT 2",
+                t = plan.name
+            ))
+            .await?
+            .collect()
+            .await?;
+        let mut places = Vec::new();
+        for batch in &batches {
+            let columns: Vec<_> = (0..3)
+                .map(|c| cast(batch.column(c), &DataType::Utf8))
+                .collect::<std::result::Result<_, _>>()?;
+            for r in 0..batch.num_rows() {
+                let value = |c: usize| columns[c].as_string::<i32>().value(r).to_string();
+                places.push((value(0), value(1), value(2)));
+            }
+        }
+        let [(id, first_file, first_line), (_, file, line), ..] = places.as_slice() else {
+            return Ok(());
+        };
+        Err(Error::Input {
+            file: file.clone(),
+            line: line.parse().unwrap_or(0),
+            message: format!(
+                "document id '{id}' was already given to the document at {first_file}:{first_line}; \
+                 ids must be unique across the input: fix them, or leave out the `id` field to \
+                 derive each from its file and line"
+            ),
+        })
     }
 }
 

@@ -580,3 +580,87 @@ async fn lines_across_and_beyond_the_read_buffer_keep_their_text_and_numbers() {
         ]]
     );
 }
+
+/// Ids derived from file and line use the path under the input root, so two files of one
+/// name in different folders give distinct ids (with one input, or one input per folder).
+#[tokio::test(flavor = "multi_thread")]
+async fn files_of_one_name_in_different_folders_get_distinct_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    for folder in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(format!("docs/{folder}"))).unwrap();
+        let lines: String = (0..3)
+            .map(|i| {
+                json!({"text": format!("Folder {folder} holds document {i}, unlike any other.")})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("docs/{folder}/x.jsonl")), lines).unwrap();
+    }
+    let docs = dir.path().join("docs");
+    let expected: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|f| (1..=3).map(move |line| format!("{f}/x.jsonl:{line}")))
+        .collect();
+    for (name, inputs) in [
+        ("one-input", vec![docs.clone()]),
+        ("two-inputs", vec![docs.join("a"), docs.join("b")]),
+    ] {
+        let job = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&job, "output = \"out\"\n[input]\npaths = []\n").unwrap();
+        let job = job.to_str().unwrap().to_string();
+        let mut args = vec!["run".to_string(), job, "--stages".into(), "prepare".into()];
+        for input in &inputs {
+            args.extend(["--input".to_string(), input.to_str().unwrap().to_string()]);
+        }
+        args.extend([
+            "--output".to_string(),
+            dir.path().join(name).to_str().unwrap().to_string(),
+        ]);
+        backforth_ok(&args);
+        let ctx = crate::support::util::session(&dir.path().join(name)).await;
+        let ids: Vec<String> =
+            crate::support::util::rows(&ctx, "SELECT doc_id FROM candidates ORDER BY doc_id")
+                .await
+                .into_iter()
+                .map(|r| r[0].clone())
+                .collect();
+        assert_eq!(ids, expected, "{name}");
+    }
+}
+
+/// Two documents given one id are an error naming both places; nothing is published.
+#[test]
+fn duplicate_explicit_ids_are_an_error_naming_both_places() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    std::fs::write(
+        dir.path().join("docs/a.jsonl"),
+        [
+            json!({"id": "first", "text": "The first document speaks of rivers."}).to_string(),
+            json!({"id": "same", "text": "The second document speaks of bridges."}).to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("docs/b.jsonl"),
+        json!({"id": "same", "text": "Another document, about orchards, reuses the id."})
+            .to_string(),
+    )
+    .unwrap();
+    let out = backforth(&[
+        "run",
+        &job(dir.path(), "docs", "error"),
+        "--stages",
+        "prepare",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("b.jsonl:1: document id 'same' was already given to the document at")
+            && stderr.contains("a.jsonl:2"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out-error/candidates/_SUCCESS").exists());
+}

@@ -215,7 +215,10 @@ fn every_worker_prepares_its_share_and_a_lone_worker_says_what_it_waits_for() {
             .output()
             .unwrap()
     };
-    let slurm = [("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "2")];
+    let slurm = [
+        ("SLURM_ARRAY_TASK_ID", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "2"),
+    ];
     let alone = run(&slurm, &[]);
     let stderr = String::from_utf8_lossy(&alone.stderr);
     assert_eq!(alone.status.code(), Some(2), "{stderr}");
@@ -231,8 +234,16 @@ fn every_worker_prepares_its_share_and_a_lone_worker_says_what_it_waits_for() {
     assert_eq!(published, ["00001.json", "00003.json"], "worker 1's share");
 
     let zero = run(&[], &["--worker", "0/2"]);
-    assert!(zero.status.success(), "{}", String::from_utf8_lossy(&zero.stderr));
+    assert!(
+        zero.status.success(),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
     let again = run(&slurm, &[]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert_eq!(snapshot(&root), expected);
 }
