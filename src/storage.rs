@@ -176,6 +176,9 @@ pub struct InputFile {
     pub format: InputFormat,
     /// Size in bytes, part of what identifies the file's content between runs.
     pub size: u64,
+    /// The store's version of the content (ETag, else modification time): with the size,
+    /// what tells a file edited in place.
+    pub version: String,
     /// For a large Parquet file cut into several shards: the row groups this one reads.
     pub row_groups: Option<std::ops::Range<usize>>,
 }
@@ -248,6 +251,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 key: name.to_string(),
                 format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
                 size: meta.size,
+                version: version_of(&meta),
                 row_groups: None,
                 path: meta.location,
             }]);
@@ -288,6 +292,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 key,
                 format: InputFormat::from_name(&name)?,
                 size: meta.size,
+                version: version_of(&meta),
                 row_groups: None,
                 path: meta.location,
             })
@@ -330,6 +335,11 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
             key,
             format,
             size: std::fs::metadata(&path)?.len(),
+            version: std::fs::metadata(&path)?
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(String::new(), |d| format!("mtime {}", d.as_nanos())),
             row_groups: None,
             path: location.prefix,
         });
@@ -360,5 +370,16 @@ pub fn keys_under_common_root(files: &mut [InputFile]) {
     for file in files.iter_mut() {
         let parts: Vec<&str> = file.display.split('/').collect();
         file.key = parts[common..].join("/");
+    }
+}
+
+/// What identifies an object's content besides its size: its ETag, else its modification time.
+fn version_of(meta: &object_store::ObjectMeta) -> String {
+    match &meta.e_tag {
+        Some(tag) => format!("etag {tag}"),
+        None => format!(
+            "mtime {}",
+            meta.last_modified.timestamp_nanos_opt().unwrap_or(0)
+        ),
     }
 }

@@ -69,12 +69,14 @@ impl StageStats {
         }
     }
 
-    /// A short hash of what the output holds (definition, shards and counts, not timings), so
-    /// what was computed from it can tell when it was redone differently.
+    /// A short hash of what the output holds (definition, what it was computed from, shards
+    /// and counts, not timings), so what was computed from it can tell when it was redone
+    /// differently, even from another input of the same size.
     pub fn version(&self) -> String {
         use sha2::{Digest, Sha256};
         let key = serde_json::json!([
             self.fingerprint,
+            self.upstream,
             self.shards,
             self.rows_in,
             self.rows_out,

@@ -97,3 +97,10 @@ pub fn input_shard_of_part(id: &str) -> Option<&str> {
 pub fn shard_marker_path(stage_dir: &Location, id: &str) -> object_store::path::Path {
     stage_dir.child(SHARDS_DIR).path(&format!("{id}.json"))
 }
+
+/// The id of the part stored in the file `file` (`part-<id>.parquet`, or under `_dropped/`
+/// also `part-<id>-across.parquet`); `None` for any other file.
+pub fn part_id_of_file(file: &str) -> Option<&str> {
+    let id = file.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    Some(id.strip_suffix("-across").unwrap_or(id))
+}

@@ -9,7 +9,9 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
 use crate::error::{Context, Error, Result};
-use crate::root::names::{DEDUP_KEY_COLUMN, is_part_of_input_shard};
+use crate::root::names::{
+    DEDUP_KEY_COLUMN, DROPPED_DIR, SHARDS_DIR, is_part_of_input_shard, part_id_of_file,
+};
 use crate::storage::Location;
 
 /// zstd level of every Parquet part a stage writes (the prepare benchmark's floor uses it too).
@@ -152,4 +154,39 @@ pub fn parquet_of(
     }
     writer.close().with_context(|| format!("closing Parquet"))?;
     Ok(buf)
+}
+
+/// Deletes from the stage folder `dir` every shard not in `keep`: its marker, its parts and
+/// its dropped rows (`shard_of` maps a part id to its shard id). What is left over from an
+/// input file that is gone, or from an input set numbered differently, must not stay in
+/// the stage's table. Returns how many objects were deleted.
+pub async fn remove_shards_except(
+    dir: &Location,
+    keep: &std::collections::BTreeSet<String>,
+    shard_of: impl Fn(&str) -> &str,
+) -> Result<usize> {
+    let mut removed = 0;
+    for folder in [dir.clone(), dir.child(DROPPED_DIR), dir.child(SHARDS_DIR)] {
+        let listing = folder
+            .store
+            .list_with_delimiter(Some(&folder.prefix))
+            .await?;
+        for meta in listing.objects {
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            let shard = match name.strip_suffix(".json") {
+                Some(id) if folder.prefix.as_ref().ends_with(SHARDS_DIR) => id,
+                _ => match part_id_of_file(name) {
+                    Some(part) => shard_of(part),
+                    None => continue,
+                },
+            };
+            if !keep.contains(shard) {
+                delete_if_exists(&folder, &meta.location).await?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }

@@ -2,7 +2,7 @@
 //! Parquet file), run side by side, each published by its marker; then exact duplicates
 //! across files are dropped in one pass.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::AsArray;
@@ -18,8 +18,10 @@ use crate::prepare::ingest::{IngestCounts, IngestStats, split_large_parquet};
 use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
 };
-use crate::root::names::{ACROSS_FILES, DEDUP_KEY_COLUMN, DROPPED_DIR, PartNames, input_shard_id};
-use crate::root::objects::delete_parts_of;
+use crate::root::names::{
+    ACROSS_FILES, DEDUP_KEY_COLUMN, DROPPED_DIR, PartNames, input_shard_id, input_shard_of_part,
+};
+use crate::root::objects::{delete_parts_of, remove_shards_except};
 use crate::root::tables::register_stage_table;
 use crate::run::exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
 use crate::run::plan::StagePlan;
@@ -39,7 +41,12 @@ impl Runner<'_> {
             .map(|(k, file)| {
                 (
                     input_shard_id(k),
-                    format!("{} ({} bytes)", file.describe(), file.size),
+                    format!(
+                        "{} ({} bytes, {})",
+                        file.describe(),
+                        file.size,
+                        file.version
+                    ),
                 )
             })
             .collect();
@@ -61,6 +68,16 @@ impl Runner<'_> {
         }
         self.await_input_shards(plan, &sources, &mut markers)
             .await?;
+        // Before anything reads the stage as a table: rows of inputs that are gone (or of
+        // shards numbered otherwise before) would count as copies or keep stale ids.
+        let current: BTreeSet<String> = sources.keys().cloned().collect();
+        let stale = remove_shards_except(&self.root.child(&plan.name), &current, |part| {
+            input_shard_of_part(part).unwrap_or(part)
+        })
+        .await?;
+        if stale > 0 {
+            tracing::info!(stage = %plan.name, objects = stale, "Removed the shards of inputs that are gone.");
+        }
         // In input order (ids sort as numbers only up to 99,999 shards).
         let mut shards: Vec<(String, String, StageStats)> = shown
             .into_iter()

@@ -11,7 +11,7 @@ use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
 };
 use crate::root::names::{PartNames, input_shard_of_part, part_file};
-use crate::root::objects::object_url;
+use crate::root::objects::{object_url, remove_shards_except};
 use crate::run::near_dup::NearDuplicates;
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
@@ -171,6 +171,8 @@ impl Runner<'_> {
             }
         }
         total.shards = ids.to_vec();
+        let current = ids.iter().cloned().collect();
+        remove_shards_except(&self.root.child(&plan.name), &current, |part| part).await?;
         write_stage_stats(&self.root, &plan.name, &total).await
     }
 }

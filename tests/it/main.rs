@@ -9,6 +9,7 @@ mod examples;
 mod export;
 mod faults;
 mod ingest;
+mod inputs;
 mod jobs;
 mod limits;
 mod parse;
