@@ -238,6 +238,7 @@ impl Job {
         if let Some(near) = &prepare.near_dedup {
             near.check()?;
         }
+        check_budget(file.execution.budget_usd, &models)?;
         if file.curate.iteration > 1 {
             return job_error!(
                 "[curate] iteration = {}: there are two scoring iterations, 0 (scored) and 1 (rescored)",
@@ -398,6 +399,26 @@ fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
         quality: cfg.quality.clone(),
         near_dedup: cfg.near_dedup,
     }
+}
+
+/// A budget needs a positive amount and prices to count against it.
+fn check_budget(budget: Option<f64>, models: &BTreeMap<String, ModelSpec>) -> Result<()> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    if !(budget > 0.0 && budget.is_finite()) {
+        return job_error!("[execution] budget_usd = {budget}: it must be a positive amount");
+    }
+    let priced = models
+        .values()
+        .any(|m| m.price_input_per_mtok > 0.0 || m.price_output_per_mtok > 0.0);
+    if !priced {
+        return job_error!(
+            "[execution] budget_usd is set, but no model has prices, so nothing would count against it: \
+             set price_input_per_mtok and price_output_per_mtok in [models.ROLE]"
+        );
+    }
+    Ok(())
 }
 
 fn resolve_models(

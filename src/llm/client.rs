@@ -68,7 +68,7 @@ pub struct ModelClient {
     /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
     pub(crate) spent: Arc<AtomicU64>,
     /// The run's budget in millionths of a dollar, if it has one.
-    pub(crate) budget: Option<u64>,
+    pub(crate) budget: Option<Budget>,
     pub(crate) backend: Arc<dyn Backend>,
 }
 
@@ -223,9 +223,9 @@ impl ModelClient {
             };
             // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
             if let Some(budget) = self.budget
-                && self.spent.load(Ordering::Relaxed) >= budget
+                && budget.spent(&self.spent)
             {
-                return retries.stopped(Some(budget_message(budget)));
+                return retries.stopped(Some(budget.message()));
             }
             retries.sent += 1;
             let outcome = self.attempt(endpoint, &path, &body, req, key).await;
@@ -274,6 +274,12 @@ impl ModelClient {
             Err(_) => (Some(estimate.0 as i64), Some(0)),
         };
         endpoint.limits.settle(estimate, usage);
+        let outcome = outcome.map(|reply| Reply {
+            cost_usd: self
+                .spec
+                .cost_usd(reply.prompt_tokens, reply.completion_tokens),
+            ..reply
+        });
         match &outcome {
             Ok(reply) => {
                 endpoint.slots.on_success();
@@ -347,8 +353,33 @@ impl ModelClient {
     }
 }
 
-pub(crate) fn budget_message(budget: u64) -> String {
-    format!("the job's budget of ${:.2} is spent", budget as f64 / 1e6)
+/// What this process may spend: its share of what is left of the job's budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// This process's limit, in millionths of a dollar.
+    pub limit_micro: u64,
+    /// The job's whole budget, in dollars, for messages.
+    pub job_usd: f64,
+}
+
+impl Budget {
+    /// A limit of `limit_usd` out of a job budget of `job_usd`.
+    pub fn new(limit_usd: f64, job_usd: f64) -> Self {
+        Self {
+            limit_micro: (limit_usd.max(0.0) * 1e6).round() as u64,
+            job_usd,
+        }
+    }
+
+    /// True once `spent` (millionths of a dollar) reaches the limit.
+    pub fn spent(&self, spent: &AtomicU64) -> bool {
+        spent.load(Ordering::Relaxed) >= self.limit_micro
+    }
+
+    /// Why calls stop once it is spent.
+    pub fn message(&self) -> String {
+        format!("the job's budget of ${:.2} is spent", self.job_usd)
+    }
 }
 
 enum Failure {

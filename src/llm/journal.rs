@@ -37,6 +37,14 @@ struct Entry {
     completion_tokens: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<String>,
+    /// What the call cost at the model's prices, so a budget counts every worker's and every
+    /// earlier run's spend.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    cost_usd: f64,
+}
+
+fn is_zero(cost: &f64) -> bool {
+    *cost == 0.0
 }
 
 struct Pending {
@@ -51,6 +59,7 @@ pub struct Journal {
     writer: Option<mpsc::UnboundedSender<Pending>>,
     failed: Arc<AtomicBool>,
     loaded: u64,
+    spent_usd: f64,
 }
 
 impl std::fmt::Debug for Pending {
@@ -83,6 +92,7 @@ impl Journal {
             }
         }
         let loaded = known.len() as u64;
+        let spent_usd = known.values().map(|e| e.cost_usd).sum();
         let failed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_segments(dir, rx, Arc::clone(&failed)));
@@ -91,7 +101,13 @@ impl Journal {
             writer: Some(tx),
             failed,
             loaded,
+            spent_usd,
         })
+    }
+
+    /// What the responses found when the journal was opened cost, over every worker and run.
+    pub fn spent_usd(&self) -> f64 {
+        self.spent_usd
     }
 
     /// Responses found when the journal was opened.
@@ -122,6 +138,7 @@ impl Journal {
             prompt_tokens: reply.prompt_tokens,
             completion_tokens: reply.completion_tokens,
             top_logprobs: reply.top_logprobs.clone(),
+            cost_usd: reply.cost_usd,
         };
         self.known
             .lock()

@@ -19,7 +19,10 @@ pub struct Mock;
 impl Backend for Mock {
     async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply {
         client.home().stats.requests.fetch_add(1, Ordering::Relaxed);
-        let reply = mock_reply(req);
+        let mut reply = mock_reply(req);
+        reply.cost_usd = client
+            .spec()
+            .cost_usd(reply.prompt_tokens, reply.completion_tokens);
         client.journal.record(key, &reply).await;
         reply
     }

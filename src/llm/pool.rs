@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use crate::job::ModelSpec;
 use crate::llm::capture::Capture;
-use crate::llm::client::{ApiKey, Backend, Http, ModelClient, budget_message};
+use crate::llm::client::{ApiKey, Backend, Budget, Http, ModelClient};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::journal::Journal;
 use crate::llm::limits::Limits;
@@ -20,7 +20,7 @@ pub struct LlmPool {
     endpoints: HashMap<String, Arc<Endpoint>>,
     models: HashMap<String, ModelClient>,
     spent: Arc<AtomicU64>,
-    budget: Option<u64>,
+    budget: Option<Budget>,
 }
 
 impl LlmPool {
@@ -29,9 +29,9 @@ impl LlmPool {
     pub fn new<'a>(
         models: impl IntoIterator<Item = &'a ModelSpec>,
         journal: Arc<Journal>,
-        budget_usd: Option<f64>,
+        budget: Option<Budget>,
     ) -> Self {
-        Self::build(models, journal, budget_usd, None)
+        Self::build(models, journal, budget, None)
     }
 
     /// A pool whose calls are written to `capture` instead of being sent (answers already in
@@ -47,12 +47,12 @@ impl LlmPool {
     fn build<'a>(
         models: impl IntoIterator<Item = &'a ModelSpec>,
         journal: Arc<Journal>,
-        budget_usd: Option<f64>,
+        budget: Option<Budget>,
         capture: Option<Arc<Capture>>,
     ) -> Self {
         let models: Vec<&ModelSpec> = models.into_iter().collect();
         let mut pool = LlmPool {
-            budget: budget_usd.map(|b| (b * 1e6).round() as u64),
+            budget,
             ..LlmPool::default()
         };
         for spec in &models {
@@ -116,7 +116,7 @@ impl LlmPool {
     /// The budget's message once the run has spent it.
     pub fn budget_spent(&self) -> Option<String> {
         let budget = self.budget?;
-        (self.spent.load(Ordering::Relaxed) >= budget).then(|| budget_message(budget))
+        budget.spent(&self.spent).then(|| budget.message())
     }
 
     /// Why a role can send no more requests (the quota of all its endpoints is exhausted).

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::job::{Job, ModelSpec};
+use crate::llm::client::Budget;
 use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
 use crate::root::marker::StageStats;
@@ -66,11 +67,18 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     if journal.loaded() > 0 {
         tracing::info!(responses = journal.loaded(), "Response journal loaded.");
     }
-    let pool = Arc::new(LlmPool::new(
-        job.models.values(),
-        Arc::clone(&journal),
-        job.execution.budget_usd,
-    ));
+    let models: Vec<ModelSpec> = job
+        .models
+        .values()
+        .map(|m| worker_share(m, opts.worker))
+        .collect();
+    // What earlier runs and the other workers have spent is in the journal; what is left is
+    // split between the workers.
+    let budget = job.execution.budget_usd.map(|b| {
+        let left = (b - journal.spent_usd()).max(0.0);
+        Budget::new(left / opts.worker.count as f64, b)
+    });
+    let pool = Arc::new(LlmPool::new(&models, Arc::clone(&journal), budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
     let mut summary = RunSummary::default();
@@ -116,4 +124,20 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
         summary.stages.push(stats);
     }
     Ok(summary)
+}
+
+/// This worker's share of a model role's limits, so that the job's cap on requests in
+/// flight and its rates hold however many workers run at once: the cap is divided among the
+/// workers (each keeps at least one request in flight), and so are the rates.
+fn worker_share(spec: &ModelSpec, worker: Worker) -> ModelSpec {
+    let n = worker.count.max(1);
+    let cap = spec.concurrency / n + usize::from(worker.index < spec.concurrency % n);
+    let rate = |r: Option<f64>| r.map(|r| r / n as f64);
+    ModelSpec {
+        concurrency: cap.max(1),
+        requests_per_minute: rate(spec.requests_per_minute),
+        input_tokens_per_minute: rate(spec.input_tokens_per_minute),
+        output_tokens_per_minute: rate(spec.output_tokens_per_minute),
+        ..spec.clone()
+    }
 }

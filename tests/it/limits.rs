@@ -165,3 +165,146 @@ fn replicas_share_the_load_and_a_failing_one_is_rested() {
         "{wasted} requests to the dead replica"
     );
 }
+
+/// Writes `docs` documents in four input files and a job calling `url` with `extra` model
+/// settings and `execution` settings; returns the job's path.
+fn workers_job(
+    dir: &std::path::Path,
+    url: &str,
+    docs: usize,
+    extra: &str,
+    execution: &str,
+) -> String {
+    std::fs::create_dir_all(dir.join("docs")).unwrap();
+    for file in 0..4 {
+        let lines: String = (file..docs)
+            .step_by(4)
+            .map(|i| serde_json::json!({"id": format!("d{i}"), "text": format!("Worker test {i} is about thing {}.", i * 7)}).to_string() + "\n")
+            .collect();
+        std::fs::write(dir.join(format!("docs/part-{file}.jsonl")), lines).unwrap();
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs\"]\n\
+             [models.backward]\nendpoint = \"{url}\"\nmodel = \"m\"\n{extra}\n\
+             [execution]\nshard_rows = 10\n{execution}\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Runs `workers` workers of `job` at the same time with `args`; returns their outputs.
+fn run_workers(job: &str, workers: usize, args: &[&str]) -> Vec<std::process::Output> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|i| {
+                s.spawn(move || {
+                    std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+                        .args(["run", job])
+                        .args(args)
+                        .args(["--worker", &format!("{i}/{workers}")])
+                        .env("BACKFORTH_LOG", "warn")
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The cap on requests in flight is the job's, not each worker's: four workers started
+/// together with `--concurrency 16` never have more than 16 requests on the wire.
+#[test]
+fn the_cap_holds_across_workers_started_together() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(50));
+    let job = workers_job(dir.path(), &server.url(), 400, "", "");
+    for out in run_workers(&job, 4, &["--concurrency", "16"]) {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(server.log().len(), 400);
+    let peak = server.state.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (12..=16).contains(&peak),
+        "{peak} requests in flight at the peak"
+    );
+}
+
+/// A budget holds for the job: two workers together spend it once, not once each; a
+/// restart counts what was spent (from the journal) and sends nothing more; a larger budget
+/// finishes the job without paying for any call twice. A budget without prices is refused.
+#[test]
+fn a_budget_holds_across_workers_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(2));
+    let docs = 40;
+    // $1,000 per million prompt tokens: each call costs a few cents.
+    let priced = "price_input_per_mtok = 1000.0\nconcurrency = 1";
+    let job = workers_job(dir.path(), &server.url(), docs, priced, "budget_usd = 0.5");
+    let first = run_workers(&job, 2, &[]);
+    for out in &first {
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("budget of $0.50 is spent"));
+    }
+    let paid = server.requests();
+    let per_call = 0.5 / paid as f64;
+    assert!(paid >= 2 && paid < docs as u64, "{paid} calls paid");
+    // Each worker stops at its half, a call late at most: the job's spend is within one
+    // call per worker of the budget, not twice the budget.
+    let spent: f64 = server
+        .log()
+        .iter()
+        .map(|e| e.prompt.len() as f64 / 4.0 * 1000.0 / 1e6)
+        .sum();
+    assert!(
+        spent < 0.5 + 2.0 * 0.1,
+        "spent ${spent:.2} ({per_call:.3} per call)"
+    );
+
+    // Restarted with the same budget: what was spent is counted, nothing more is sent.
+    let again = run_workers(&job, 1, &[]);
+    assert_eq!(again[0].status.code(), Some(2));
+    assert_eq!(server.requests(), paid);
+
+    // A larger budget finishes the job; no call is paid twice.
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("budget_usd = 0.5", "budget_usd = 100");
+    std::fs::write(&job, text).unwrap();
+    for out in run_workers(&job, 2, &["--allow-changes"]) {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(server.requests(), docs as u64);
+
+    // Without prices nothing would count against a budget: refused.
+    let unpriced = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("price_input_per_mtok = 1000.0\n", "");
+    std::fs::write(&job, unpriced).unwrap();
+    let out = crate::support::util::backforth(&["run", &job]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no model has prices"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
