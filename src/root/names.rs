@@ -9,6 +9,8 @@ pub const SUCCESS_MARKER: &str = "_SUCCESS";
 pub const DROPPED_DIR: &str = "_dropped";
 /// Folder of a sharded stage holding one marker per published shard.
 pub const SHARDS_DIR: &str = "_shards";
+/// Folder of the leases of the processes running on the root, one per worker slot.
+pub const LEASES_DIR: &str = "_leases";
 /// The run's settings under the output root, for dataset cards: models, prompts' roles,
 /// stages and thresholds (never endpoints or keys).
 pub const JOB_FILE: &str = "_job.json";

@@ -13,8 +13,9 @@ use crate::error::{Context, Error, Result};
 use crate::job::catalog::{DOCUMENTS, NEAR_DUPLICATES};
 use crate::job::{Job, ModelSpec};
 use crate::job_error;
+use crate::root::marker::read_stage_stats;
 use crate::root::names::{JOB_FILE, SHARDS_DIR, SUCCESS_MARKER};
-use crate::root::objects::write_json;
+use crate::root::objects::{delete_if_exists, write_json};
 use crate::storage::Location;
 
 /// Name of the manifest under the output root.
@@ -183,9 +184,16 @@ pub async fn reconcile(
                 list.join("; ")
             );
         }
+        // Only the stage's publication is withdrawn: its shards carry their fingerprint and
+        // are redone by whichever worker owns them, each once. Deleting the folder would also
+        // delete what another worker, started with this one, has already recomputed.
         for (stage, _) in &changed {
             tracing::warn!(stage = %stage, "Job changed: recomputing the stage.");
-            root.child(stage).delete_all().await?;
+            if let Some(stats) = read_stage_stats(root, stage).await?
+                && stats.fingerprint != fingerprints[stage].digest()
+            {
+                delete_if_exists(root, &root.child(stage).path(SUCCESS_MARKER)).await?;
+            }
         }
     }
     write(

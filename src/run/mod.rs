@@ -10,6 +10,7 @@ pub mod batch;
 mod exact_dedup;
 mod global;
 mod input;
+pub mod lease;
 pub mod manifest;
 mod near_dup;
 mod parts;
@@ -28,6 +29,7 @@ use crate::llm::client::Budget;
 use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
 use crate::root::marker::StageStats;
+use crate::run::lease::Lease;
 use crate::run::progress::{Progress, Reporter};
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
@@ -61,8 +63,16 @@ pub struct RunOptions {
 
 /// Runs the stages of `job` that `opts` selects, in job order.
 pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
-    let to_run = job.select_stages(&opts.stages)?;
     let root = Location::parse(&job.output)?;
+    let lease = Lease::acquire(&root, opts.worker, &job.name).await?;
+    let result = run_stages(job, opts, root).await;
+    lease.release().await?;
+    result
+}
+
+/// [`run`], with this worker's lease on the root held.
+async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunSummary> {
+    let to_run = job.select_stages(&opts.stages)?;
     let journal = Arc::new(Journal::open(&root).await?);
     if journal.loaded() > 0 {
         tracing::info!(responses = journal.loaded(), "Response journal loaded.");

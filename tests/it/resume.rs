@@ -247,3 +247,106 @@ fn every_worker_prepares_its_share_and_a_lone_worker_says_what_it_waits_for() {
     );
     assert_eq!(snapshot(&root), expected);
 }
+
+/// `--allow-changes` with three workers started together: each changed shard is recomputed
+/// once, by its owner, and no worker deletes what another has already redone.
+#[test]
+fn allow_changes_with_three_workers_started_together_recomputes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let server = FakeServer::start(Duration::from_millis(2));
+    let url = server.url();
+    let job = dir.path().join("job.toml");
+    let job_s = job.to_str().unwrap();
+    let root = dir.path().join("shared");
+    backforth_ok(&run_args(job_s, root.to_str().unwrap(), &url));
+    let rewrites = marker(&root, "curated")["rows_out"].as_u64().unwrap();
+
+    std::fs::write(
+        dir.path().join("rewrite.txt"),
+        "Improve the draft into an answer to the question, between [RES] and [/RES].\nQuestion:\n{{ instruction }}\n\nDraft response:\n{{ draft }}\n",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text.push_str("[functions.rewrite]\ntemplate = \"rewrite.txt\"\n");
+    std::fs::write(&job, text).unwrap();
+    let reference = dir.path().join("reference");
+    backforth_ok(&run_args(job_s, reference.to_str().unwrap(), &url));
+    let before = server.requests();
+
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let (root, url) = (&root, &url);
+                s.spawn(move || {
+                    Command::new(env!("CARGO_BIN_EXE_backforth"))
+                        .args(run_args(job_s, root.to_str().unwrap(), url))
+                        .args(["--allow-changes", "--worker", &format!("{i}/3")])
+                        .env("BACKFORTH_LOG", "warn")
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for out in &outs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(snapshot(&root), snapshot(&reference));
+    // The reference run asked the new rewrites already; the shared root's are answered from
+    // its own journal only for unchanged requests, so each new rewrite is sent once more.
+    assert_eq!(server.requests(), before + rewrites);
+}
+
+/// A second run (not a worker of the same job) on a root in use is refused, told who holds it
+/// and since when; once the first is done, or when its holder is a process that is gone, the
+/// root can be used again.
+#[test]
+fn a_second_run_on_a_root_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let server = FakeServer::start(Duration::from_millis(5));
+    let url = server.url();
+    let job = dir.path().join("job.toml");
+    let job_s = job.to_str().unwrap();
+    let root = dir.path().join("out");
+    let args = |concurrency: &'static str| {
+        let mut args = run_args(job_s, root.to_str().unwrap(), &url);
+        *args.last_mut().unwrap() = concurrency;
+        args
+    };
+    let first = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args("1"))
+        .env("BACKFORTH_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let lease = root.join("_leases/worker-0-of-1.json");
+    while !lease.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = backforth(&args("8"));
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("is in use: worker 0/1 of job 'job' has run there since")
+            && stderr.contains(&format!("(pid {})", first.id())),
+        "{stderr}"
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success());
+    assert!(!lease.exists(), "released at the end");
+
+    // A lease left by a process that is gone (same host, no such pid) is taken over.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    std::fs::write(
+        &lease,
+        serde_json::json!({"host": host.trim(), "pid": 4_000_000, "job": "job", "since": 1, "renewed": 1}).to_string(),
+    )
+    .unwrap();
+    backforth_ok(&args("8"));
+}
