@@ -2,7 +2,7 @@
 //! published by its marker; the stage is complete once every shard is.
 
 use datafusion::prelude::ParquetReadOptions;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::error::Result;
 use crate::job::catalog::NEAR_DUPLICATES;
@@ -153,26 +153,51 @@ impl Runner<'_> {
     }
 
     /// Writes the stage's `_SUCCESS` (totals over all shards) once every shard is published.
+    /// Another worker may publish at the same time from markers read a moment earlier, so
+    /// after writing, the markers are read again and the totals rewritten until they agree:
+    /// the last publication always matches the shards as they are.
     pub(super) async fn publish_if_all_shards(
         &self,
         plan: &StagePlan,
         ids: &[String],
     ) -> Result<()> {
+        let Some(mut total) = self.shard_totals(plan, ids).await? else {
+            return Ok(());
+        };
+        let current = ids.iter().cloned().collect();
+        remove_shards_except(&self.root.child(&plan.name), &current, |part| part).await?;
+        for _ in 0..5 {
+            write_stage_stats(&self.root, &plan.name, &total).await?;
+            match self.shard_totals(plan, ids).await? {
+                Some(again) if again.version() == total.version() => return Ok(()),
+                Some(again) => total = again,
+                // A shard is being redone: its worker publishes when it is done.
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The totals over the markers of shards `ids`, read side by side; `None` while any is
+    /// missing or of another definition.
+    async fn shard_totals(&self, plan: &StagePlan, ids: &[String]) -> Result<Option<StageStats>> {
+        let markers: Vec<Option<StageStats>> = futures::stream::iter(ids)
+            .map(|id| read_shard_stats(&self.root, &plan.name, id))
+            .buffered(32)
+            .try_collect()
+            .await?;
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
             shards: ids.to_vec(),
             ..StageStats::default()
         };
-        for id in ids {
-            match read_shard_stats(&self.root, &plan.name, id).await? {
+        for marker in markers {
+            match marker {
                 Some(s) if s.fingerprint == plan.fingerprint => total.absorb(&s),
-                _ => return Ok(()),
+                _ => return Ok(None),
             }
         }
-        total.shards = ids.to_vec();
-        let current = ids.iter().cloned().collect();
-        remove_shards_except(&self.root.child(&plan.name), &current, |part| part).await?;
-        write_stage_stats(&self.root, &plan.name, &total).await
+        Ok(Some(total))
     }
 }

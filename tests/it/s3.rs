@@ -216,3 +216,119 @@ fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
         ))
         .unwrap();
 }
+
+/// Four workers started at the same time on the S3-compatible server, each killed at random
+/// moments and restarted until it finishes: the output equals a single uninterrupted run's,
+/// requests re-sent for prompts already answered stay within the in-flight window per kill,
+/// and the endpoint never sees more than the job's cap in flight across all workers.
+#[test]
+fn four_workers_on_s3_killed_and_restarted_equal_one_run() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CAP: usize = 8;
+    let moto = Moto::start();
+    moto.bucket("corpus");
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    // The corpus as eight input files, so every worker prepares a share.
+    let docs = std::fs::read_to_string(dir.path().join("docs.jsonl")).unwrap();
+    let lines: Vec<&str> = docs.lines().collect();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    for (k, chunk) in lines.chunks(lines.len().div_ceil(8)).enumerate() {
+        let file = dir.path().join(format!("in/part-{k}.jsonl"));
+        std::fs::write(&file, chunk.join("\n") + "\n").unwrap();
+        upload(&moto, &file, "corpus", &format!("in/part-{k}.jsonl"));
+    }
+    let job = dir.path().join("job.toml");
+    let job = job.to_str().unwrap();
+    let server = FakeServer::start(Duration::from_millis(10));
+    let url = server.url();
+    let cap = CAP.to_string();
+    let common = [
+        "--endpoint",
+        url.as_str(),
+        "--model",
+        "m",
+        "--concurrency",
+        cap.as_str(),
+    ];
+
+    let local = dir.path().join("local");
+    let local_in = dir.path().join("in");
+    let mut args = vec![
+        "run",
+        job,
+        "--input",
+        local_in.to_str().unwrap(),
+        "--output",
+        local.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let started = Instant::now();
+    ok(backforth_s3(&moto, &args));
+    let full = started.elapsed();
+    let expected = ok(backforth_s3(
+        &moto,
+        &["sql", "--root", local.to_str().unwrap(), QUERY],
+    ));
+    let answered = server.requests();
+    server.state.max_in_flight.store(0, Ordering::SeqCst);
+
+    let kills = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (moto, kills, common) = (&moto, &kills, &common);
+            s.spawn(move || {
+                let spec = format!("{worker}/4");
+                let mut args = vec![
+                    "run",
+                    job,
+                    "--input",
+                    "s3://corpus/in/",
+                    "--output",
+                    "s3://corpus/out",
+                    "--worker",
+                    spec.as_str(),
+                ];
+                args.extend(common.iter().copied());
+                let mut rng = fastrand::Rng::with_seed(worker as u64 * 7919 + fastrand::u64(..));
+                for _ in 0..2 {
+                    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+                        .args(&args)
+                        .envs(moto.env())
+                        .env("BACKFORTH_LOG", "warn")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    std::thread::sleep(full.mul_f64(0.3 + 1.2 * rng.f64()));
+                    if child.try_wait().unwrap().is_none() {
+                        child.kill().unwrap();
+                        kills.fetch_add(1, Ordering::SeqCst);
+                    }
+                    child.wait().unwrap();
+                }
+                ok(backforth_s3(moto, &args));
+            });
+        }
+    });
+    let got = ok(backforth_s3(
+        &moto,
+        &["sql", "--root", "s3://corpus/out", QUERY],
+    ));
+    assert_eq!(got, expected);
+    let kills = kills.load(Ordering::SeqCst);
+    assert!(kills >= 2, "the workers were killed ({kills} times)");
+    let peak = server.state.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        peak as usize <= CAP,
+        "{peak} requests in flight across the workers"
+    );
+    // The local reference asked every prompt once; the S3 run asked them again (its own
+    // journal), and repeats beyond that come only from requests in flight at a kill.
+    let repeats = server.requests() - 2 * answered;
+    assert!(
+        repeats <= (CAP * kills) as u64,
+        "{repeats} repeated requests after {kills} kills with a cap of {CAP}"
+    );
+    eprintln!("{kills} kills, {repeats} repeated requests, peak {peak} in flight");
+}
