@@ -1,8 +1,9 @@
 //! The response journal at bucket scale: a journal of `JOURNAL_RESPONSES` (default 1,000,000)
-//! responses is written through the journal's own API under a local root and under an
-//! S3-compatible server (moto, when `.ci/venv/bin/moto_server` or `$BACKFORTH_MOTO_SERVER` is
-//! there), then opened again in a fresh process, as every `run` of every worker does: time to
-//! open, objects read, peak RSS.
+//! responses, in shards of `JOURNAL_SHARD` (10,000) as a stage writes them, is written through
+//! the journal's own API under a local root and under an S3-compatible server (moto, when
+//! `.ci/venv/bin/moto_server` or `$BACKFORTH_MOTO_SERVER` is there), each shard compacted once
+//! published. Then, in a fresh process as a worker resuming one shard's worth of work does, the
+//! journal is opened and one shard's responses looked up: time, objects read, peak RSS.
 //!
 //!     cargo bench --bench journal
 //!
@@ -32,30 +33,38 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Records `n` responses of `bytes` characters under `root`, 4,096 at a time as a stage would.
-async fn write_journal(root: &str, n: u64, bytes: usize) {
-    let journal = Arc::new(
-        Journal::open(&Location::parse(root).unwrap())
-            .await
-            .unwrap(),
-    );
+/// Records `n` responses of `bytes` characters under `root`, shard by shard (4,096 at a
+/// time, as a stage's calls arrive), compacting each shard as the runner does once it is
+/// published.
+async fn write_journal(root: &str, n: u64, bytes: usize, shard: u64) {
+    let journal = Journal::open(&Location::parse(root).unwrap())
+        .await
+        .unwrap();
     let text: String = "word ".repeat(bytes / 5);
-    let mut i = 0;
-    while i < n {
-        let end = (i + 4096).min(n);
-        let calls = (i..end).map(|k| {
-            let journal = Arc::clone(&journal);
-            let reply = Reply {
-                text: Some(format!("{k} {text}")),
-                finish_reason: Some("stop".into()),
-                prompt_tokens: Some(500),
-                completion_tokens: Some(bytes as i64 / 4),
-                ..Reply::default()
-            };
-            async move { journal.record(&format!("{k:064x}"), &reply).await }
-        });
-        futures::future::join_all(calls).await;
-        i = end;
+    for first in (0..n).step_by(shard as usize) {
+        let scope = journal
+            .scope("backtranslated", &format!("{:05}", first / shard))
+            .await
+            .unwrap();
+        let end = (first + shard).min(n);
+        let mut i = first;
+        while i < end {
+            let to = (i + 4096).min(end);
+            let calls = (i..to).map(|k| {
+                let scope = Arc::clone(&scope);
+                let reply = Reply {
+                    text: Some(format!("{k} {text}")),
+                    finish_reason: Some("stop".into()),
+                    prompt_tokens: Some(500),
+                    completion_tokens: Some(bytes as i64 / 4),
+                    ..Reply::default()
+                };
+                async move { scope.record(&format!("{k:064x}"), &reply).await }
+            });
+            futures::future::join_all(calls).await;
+            i = to;
+        }
+        scope.compact().await.unwrap();
     }
     journal.check().unwrap();
 }
@@ -106,21 +115,35 @@ fn child(args: &[&str], env: &[(&str, String)]) -> (String, f64) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), rss)
 }
 
-fn child_write(root: &str, n: u64, bytes: usize) {
+fn child_write(root: &str, n: u64, bytes: usize, shard: u64) {
     let rt = runtime();
     let started = Instant::now();
-    rt.block_on(write_journal(root, n, bytes));
+    rt.block_on(write_journal(root, n, bytes, shard));
     let written = started.elapsed().as_secs_f64();
     println!("{written} {}", rt.block_on(objects(root)));
 }
 
-fn child_open(root: &str) {
+/// Opens the journal and the scope of one shard in the middle, and finds a response of it.
+fn child_open(root: &str, n: u64, shard: u64) {
     let rt = runtime();
     let started = Instant::now();
-    let journal = rt
-        .block_on(Journal::open(&Location::parse(root).unwrap()))
-        .unwrap();
-    println!("{} {}", started.elapsed().as_secs_f64(), journal.loaded());
+    let (loaded, read) = rt.block_on(async {
+        let journal = Journal::open(&Location::parse(root).unwrap())
+            .await
+            .unwrap();
+        let middle = n / shard / 2;
+        let scope = journal
+            .scope("backtranslated", &format!("{middle:05}"))
+            .await
+            .unwrap();
+        let key = format!("{:064x}", middle * shard + 1);
+        assert!(
+            scope.get(&key).is_some(),
+            "a response of the shard is found"
+        );
+        (scope.len(), journal.objects_read())
+    });
+    println!("{} {loaded} {read}", started.elapsed().as_secs_f64());
 }
 
 fn moto_binary() -> Option<PathBuf> {
@@ -132,18 +155,28 @@ fn moto_binary() -> Option<PathBuf> {
 }
 
 /// Writes then opens a journal of `n` responses under `root`, each in a fresh process.
-fn measure(place: &str, root: &str, n: u64, bytes: usize, env: &[(&str, String)]) {
-    let (out, _) = child(&["--write", root, &n.to_string(), &bytes.to_string()], env);
+fn measure(place: &str, root: &str, n: u64, bytes: usize, shard: u64, env: &[(&str, String)]) {
+    let (out, _) = child(
+        &[
+            "--write",
+            root,
+            &n.to_string(),
+            &bytes.to_string(),
+            &shard.to_string(),
+        ],
+        env,
+    );
     let mut words = out.split_whitespace();
     let written: f64 = words.next().unwrap().parse().unwrap();
     let objects: usize = words.next().unwrap().parse().unwrap();
-    let (out, rss) = child(&["--open", root], env);
+    let (out, rss) = child(&["--open", root, &n.to_string(), &shard.to_string()], env);
     let mut words = out.split_whitespace();
     let seconds: f64 = words.next().unwrap().parse().unwrap();
     let loaded: u64 = words.next().unwrap().parse().unwrap();
-    assert_eq!(loaded, n, "every response is found again");
+    let read: u64 = words.next().unwrap().parse().unwrap();
+    assert_eq!(loaded, shard.min(n), "the shard's responses are found");
     println!(
-        "{place:<6} {n:>9} responses: written in {written:.1}s as {objects} objects; opened in {seconds:.2}s reading {objects} objects, peak RSS {rss:.0} MiB"
+        "{place:<6} {n:>9} responses in {objects} objects (written in {written:.1}s): journal and one shard opened in {seconds:.3}s, {read} objects read, peak RSS {rss:.0} MiB"
     );
 }
 
@@ -163,22 +196,20 @@ fn create_bucket(addr: &str, bucket: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| args[i].parse::<u64>().unwrap();
     if let Some(i) = args.iter().position(|a| a == "--open") {
-        return child_open(&args[i + 1]);
+        return child_open(&args[i + 1], num(i + 2), num(i + 3));
     }
     if let Some(i) = args.iter().position(|a| a == "--write") {
-        return child_write(
-            &args[i + 1],
-            args[i + 2].parse().unwrap(),
-            args[i + 3].parse().unwrap(),
-        );
+        return child_write(&args[i + 1], num(i + 2), num(i + 3) as usize, num(i + 4));
     }
     let n = var("JOURNAL_RESPONSES", 1_000_000);
+    let shard = var("JOURNAL_SHARD", 10_000).max(1);
     let bytes = var("JOURNAL_TEXT_BYTES", 600) as usize;
 
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("root");
-    measure("local", local.to_str().unwrap(), n, bytes, &[]);
+    measure("local", local.to_str().unwrap(), n, bytes, shard, &[]);
 
     let Some(moto) = moto_binary() else {
         println!("s3: moto_server not found (see docs/testing.md); skipped");
@@ -210,7 +241,7 @@ fn main() {
         ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
         ("AWS_REGION", "us-east-1".to_string()),
     ];
-    measure("s3", "s3://journal/root", n, bytes, &env);
+    measure("s3", "s3://journal/root", n, bytes, shard, &env);
     let _ = server.kill();
     let _ = server.wait();
 }

@@ -184,6 +184,17 @@ pub struct InputFile {
 }
 
 impl InputFile {
+    /// A name for the responses of this file's rows that stays the same when other files
+    /// come or go: a short hash of its key and row groups.
+    pub fn journal_name(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let id = match &self.row_groups {
+            Some(r) => format!("{}#{}..{}", self.key, r.start, r.end),
+            None => self.key.clone(),
+        };
+        hex::encode(&Sha256::digest(id.as_bytes())[..8])
+    }
+
     /// The file, and its row groups when it is one shard of a larger file.
     pub fn describe(&self) -> String {
         match &self.row_groups {

@@ -23,6 +23,7 @@ use crate::engine::args::string_columns;
 use crate::error::Error;
 use crate::job::FunctionSpec;
 use crate::llm::client::ModelClient;
+use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request};
 use crate::parse::logprob_score;
 
@@ -51,6 +52,7 @@ fn llm_reply_fields() -> Fields {
 pub struct LlmFunction {
     spec: FunctionSpec,
     client: ModelClient,
+    journal: Arc<JournalScope>,
     templates: minijinja::Environment<'static>,
     signature: Signature,
 }
@@ -70,8 +72,13 @@ impl std::hash::Hash for LlmFunction {
 }
 
 impl LlmFunction {
-    /// Binds `spec` to `client`, checking that the template parses.
-    pub fn new(spec: FunctionSpec, client: ModelClient) -> crate::error::Result<Self> {
+    /// Binds `spec` to `client`, answering from and recording in `journal`, checking that
+    /// the template parses.
+    pub fn new(
+        spec: FunctionSpec,
+        client: ModelClient,
+        journal: Arc<JournalScope>,
+    ) -> crate::error::Result<Self> {
         let mut templates = minijinja::Environment::new();
         templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         templates
@@ -88,6 +95,7 @@ impl LlmFunction {
             signature: Signature::string(spec.args.len(), Volatility::Volatile),
             spec,
             client,
+            journal,
         })
     }
 
@@ -152,13 +160,16 @@ impl LlmFunction {
         match self.render(template, values) {
             Ok(prompt) => {
                 self.client
-                    .call(Request {
-                        mock: self.spec.mock,
-                        prompt,
-                        system: self.spec.system.clone(),
-                        max_tokens,
-                        top_logprobs,
-                    })
+                    .call(
+                        Request {
+                            mock: self.spec.mock,
+                            prompt,
+                            system: self.spec.system.clone(),
+                            max_tokens,
+                            top_logprobs,
+                        },
+                        &self.journal,
+                    )
                     .await
             }
             Err(error) => Reply {

@@ -18,6 +18,7 @@ use crate::engine::window::{LlmWindowRule, Window};
 use crate::error::Result;
 use crate::job::FunctionSpec;
 use crate::llm::client::ModelClient;
+use crate::llm::journal::JournalScope;
 use crate::prepare::tokens::TokenCounter;
 use crate::storage::Location;
 
@@ -53,17 +54,18 @@ pub fn register_store(ctx: &SessionContext, location: &Location) {
     }
 }
 
-/// Registers every backforth function in `ctx`: the LLM functions bound to their clients, the
-/// parsers, and the prepare helpers using `tokens` for `token_count` and `rules` for the
+/// Registers every backforth function in `ctx`: the LLM functions bound to their clients and
+/// to the journal of the shard the session runs, the parsers, and the prepare helpers using `tokens` for `token_count` and `rules` for the
 /// quality rules and MinHash signatures.
 pub fn register_functions(
     ctx: &SessionContext,
     functions: &[(FunctionSpec, ModelClient)],
+    journal: &Arc<JournalScope>,
     tokens: TokenCounter,
     rules: PrepareRules,
 ) -> Result<()> {
     for (spec, client) in functions {
-        let udf = LlmFunction::new(spec.clone(), client.clone())?;
+        let udf = LlmFunction::new(spec.clone(), client.clone(), Arc::clone(journal))?;
         ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
     }
     for udf in scalar_udfs(tokens, rules) {

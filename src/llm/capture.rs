@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use serde_json::{Value, json};
 
 use crate::llm::client::{Backend, ModelClient};
+use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::request_body;
 
@@ -25,7 +26,13 @@ impl Capture {
 
 #[async_trait::async_trait]
 impl Backend for Capture {
-    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply {
+    async fn send(
+        &self,
+        client: &ModelClient,
+        req: &Request,
+        key: &str,
+        _journal: &JournalScope,
+    ) -> Reply {
         if self
             .seen
             .lock()

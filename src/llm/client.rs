@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::job::{Api, ModelSpec};
 use crate::llm::endpoint::Endpoint;
-use crate::llm::journal::Journal;
+use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
@@ -32,8 +32,15 @@ type InFlight = Shared<BoxFuture<'static, Reply>>;
 /// answers them.
 #[async_trait::async_trait]
 pub trait Backend: std::fmt::Debug + Send + Sync {
-    /// Answers `req` (whose journal key is `key`) for `client`.
-    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply;
+    /// Answers `req` (whose journal key is `key`) for `client`, recording what it paid for
+    /// in `journal`.
+    async fn send(
+        &self,
+        client: &ModelClient,
+        req: &Request,
+        key: &str,
+        journal: &JournalScope,
+    ) -> Reply;
 }
 
 /// The OpenAI-compatible HTTP API of the role's endpoints.
@@ -42,8 +49,14 @@ pub struct Http;
 
 #[async_trait::async_trait]
 impl Backend for Http {
-    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply {
-        client.call_http(req, key).await
+    async fn send(
+        &self,
+        client: &ModelClient,
+        req: &Request,
+        key: &str,
+        journal: &JournalScope,
+    ) -> Reply {
+        client.call_http(req, key, journal).await
     }
 }
 
@@ -63,7 +76,6 @@ pub struct ModelClient {
     pub(crate) spec: ModelSpec,
     pub(crate) endpoints: Vec<Arc<Endpoint>>,
     pub(crate) key: Option<ApiKey>,
-    pub(crate) journal: Arc<Journal>,
     pub(crate) in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
     /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
     pub(crate) spent: Arc<AtomicU64>,
@@ -145,10 +157,11 @@ impl ModelClient {
         hex::encode(h.finalize())
     }
 
-    /// Sends `req` (or joins an identical request already in flight) and returns its reply.
-    pub async fn call(&self, req: Request) -> Reply {
+    /// Answers `req` from `journal`, or by joining an identical request already in flight,
+    /// or by sending it (recording the reply in `journal`).
+    pub async fn call(&self, req: Request, journal: &Arc<JournalScope>) -> Reply {
         let key = self.request_key(&req);
-        if let Some(reply) = self.journal.get(&key) {
+        if let Some(reply) = journal.get(&key) {
             self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
             return reply;
         }
@@ -159,10 +172,11 @@ impl ModelClient {
                 None => {
                     let this = self.clone();
                     let done_key = key.clone();
+                    let journal = Arc::clone(journal);
                     // The entry goes when the call ends, even if the row that started it was
                     // cancelled meanwhile and a follower finished the work.
                     let fut = async move {
-                        let reply = this.call_uncached(&req, &done_key).await;
+                        let reply = this.call_uncached(&req, &done_key, &journal).await;
                         this.in_flight
                             .lock()
                             .expect("lock poisoned")
@@ -184,9 +198,9 @@ impl ModelClient {
         reply
     }
 
-    async fn call_uncached(&self, req: &Request, key: &str) -> Reply {
+    async fn call_uncached(&self, req: &Request, key: &str, journal: &JournalScope) -> Reply {
         let started = Instant::now();
-        let mut reply = self.backend.send(self, req, key).await;
+        let mut reply = self.backend.send(self, req, key, journal).await;
         reply.latency_ms = started.elapsed().as_millis() as i64;
         reply.cost_usd = self
             .spec
@@ -214,7 +228,7 @@ impl ModelClient {
     /// Sends `req` over HTTP until it is answered, fails `max_attempts` times, or has been
     /// throttled for `throttle_secs`. A slot is held only while a request is on the wire:
     /// a row waiting out a backoff or a `Retry-After` leaves its slot to the others.
-    async fn call_http(&self, req: &Request, key: &str) -> Reply {
+    async fn call_http(&self, req: &Request, key: &str, journal: &JournalScope) -> Reply {
         let (path, body) = request_body(&self.spec, req);
         let mut retries = Retries::new(&self.spec);
         loop {
@@ -228,7 +242,9 @@ impl ModelClient {
                 return retries.stopped(Some(budget.message()));
             }
             retries.sent += 1;
-            let outcome = self.attempt(endpoint, &path, &body, req, key).await;
+            let outcome = self
+                .attempt(endpoint, &path, &body, req, key, journal)
+                .await;
             drop(slot);
             let (message, after, throttle) = match outcome {
                 Ok(mut reply) => {
@@ -259,6 +275,7 @@ impl ModelClient {
         body: &Value,
         req: &Request,
         key: &str,
+        journal: &JournalScope,
     ) -> Result<Reply, Failure> {
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
@@ -284,7 +301,7 @@ impl ModelClient {
             Ok(reply) => {
                 endpoint.slots.on_success();
                 endpoint.record_health(true);
-                self.journal.record(key, reply).await;
+                journal.record(key, reply).await;
             }
             Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
             Err(_) => endpoint.record_health(false),

@@ -2,30 +2,43 @@
 //! as soon as it arrives, keyed by the request's hash. A rerun on any machine answers a
 //! journaled request from here instead of paying for it again.
 //!
-//! Object stores cannot append, so responses are group-committed: a writer task collects what
-//! arrived while its previous write was in flight and writes it as one new segment object
-//! (`_journal/<writer>-<seq>.jsonl`). A call keeps its server slot until its response is
-//! durable, so at any moment the responses that a kill could lose are at most the requests
-//! in flight.
+//! The journal is kept per stage and shard (`_journal/<stage>/<shard>/`), so what a worker
+//! reads follows the shards it runs, not the history of the root, and memory holds only the
+//! responses of the shards running. While a shard runs, its responses are group-committed: a
+//! writer task collects what arrived while its previous write was in flight and writes it as
+//! one new segment object (`<writer>-<seq>.jsonl`); a call keeps its server slot until its
+//! response is durable, so a kill loses at most the requests in flight. Once the shard is
+//! published its segments are compacted into one object (`_journal/<stage>/<shard>.jsonl`).
+//! What every run reads whole is small: the results of offline batches (`_imported/`),
+//! segments of the flat layout of older versions, and one spend record per writer
+//! (`_spend/`), which the budget adds up over every worker and run.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Context, Error, Result};
 use crate::llm::reply::Reply;
+use crate::root::objects::{delete_if_exists, read_json, write_json};
 use crate::storage::Location;
 
 /// Directory of the journal under the output root.
 pub const JOURNAL_DIR: &str = "_journal";
+/// Results of offline batches, which any shard may ask for.
+const IMPORTED_DIR: &str = "_imported";
+/// One spend record per writer.
+const SPEND_DIR: &str = "_spend";
 
 /// Most responses written in one segment.
 const MAX_SEGMENT_ENTRIES: usize = 4096;
+/// Objects read at once when a scope or the journal is opened.
+const PARALLEL_READS: usize = 16;
 
 /// One journaled response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,73 +65,192 @@ struct Pending {
     done: oneshot::Sender<()>,
 }
 
-/// Responses recorded so far (by this and earlier runs) and the writer of new ones.
-#[derive(Debug)]
-pub struct Journal {
-    known: Mutex<HashMap<String, Entry>>,
-    writer: Option<mpsc::UnboundedSender<Pending>>,
-    failed: Arc<AtomicBool>,
-    loaded: u64,
-    spent_usd: f64,
-}
-
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.entry.key)
     }
 }
 
+/// What one writer (this process) has spent, written to `_spend/<writer>.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Spend {
+    spent_usd: f64,
+}
+
+/// The journal of an output root: opens the scope of each stage and shard, and knows what
+/// every worker and earlier run spent.
+#[derive(Debug)]
+pub struct Journal {
+    dir: Location,
+    writer: String,
+    seq: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+    /// Responses any shard may ask for: imported batch results and the flat layout.
+    shared: Arc<HashMap<String, Entry>>,
+    spend: Arc<tokio::sync::Mutex<Spend>>,
+    spent_at_open: f64,
+    objects_read: AtomicU64,
+}
+
 impl Journal {
-    /// Loads every segment under `<root>/_journal/` and starts the writer.
+    /// Opens the journal under `root`: reads what every run shares (batch results, older
+    /// segments, spend records), not the responses of each shard.
     pub async fn open(root: &Location) -> Result<Self> {
         let dir = root.child(JOURNAL_DIR);
-        let mut segments: Vec<_> = dir.store.list(Some(&dir.prefix)).try_collect().await?;
-        segments.sort_by(|a, b| a.location.cmp(&b.location));
-        let mut known = HashMap::new();
-        for meta in segments {
-            let bytes = dir.store.get(&meta.location).await?.bytes().await?;
-            for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-                if line.is_empty() {
-                    continue;
-                }
-                let entry: Entry = serde_json::from_slice(line).with_context(|| {
-                    format!(
-                        "journal segment {} line {} (move the segment away to continue; its responses will be requested again)",
-                        dir.display(&meta.location),
-                        i + 1
-                    )
-                })?;
-                known.insert(entry.key.clone(), entry);
+        let listing = dir.store.list_with_delimiter(Some(&dir.prefix)).await?;
+        let mut flat: Vec<ObjectMeta> = listing
+            .objects
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".jsonl"))
+            .collect();
+        let imported = dir.child(IMPORTED_DIR);
+        flat.extend(list(&imported).await?);
+        let objects_read = flat.len() as u64;
+        let shared = read_segments(&dir, flat).await?;
+        let spend_dir = dir.child(SPEND_DIR);
+        let mut spent_at_open = shared.values().map(|e| e.cost_usd).sum::<f64>();
+        for meta in list(&spend_dir).await? {
+            if let Some(spend) = read_json::<Spend>(&spend_dir, &meta.location).await? {
+                spent_at_open += spend.spent_usd;
             }
         }
-        let loaded = known.len() as u64;
-        let spent_usd = known.values().map(|e| e.cost_usd).sum();
-        let failed = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_segments(dir, rx, Arc::clone(&failed)));
         Ok(Self {
-            known: Mutex::new(known),
-            writer: Some(tx),
-            failed,
-            loaded,
-            spent_usd,
+            dir,
+            writer: writer_id(),
+            seq: Arc::default(),
+            failed: Arc::default(),
+            shared: Arc::new(shared),
+            spend: Arc::default(),
+            spent_at_open,
+            objects_read: AtomicU64::new(objects_read),
         })
     }
 
-    /// What the responses found when the journal was opened cost, over every worker and run.
-    pub fn spent_usd(&self) -> f64 {
-        self.spent_usd
+    /// Responses every scope shares (imported batch results, the flat layout of older runs).
+    pub fn loaded(&self) -> u64 {
+        self.shared.len() as u64
     }
 
-    /// Responses found when the journal was opened.
-    pub fn loaded(&self) -> u64 {
-        self.loaded
+    /// Journal objects fetched so far (segments and compacted shards; listings not counted):
+    /// when opened and by every scope.
+    pub fn objects_read(&self) -> u64 {
+        self.objects_read.load(Ordering::Relaxed)
+    }
+
+    /// What every worker and run had spent when the journal was opened.
+    pub fn spent_usd(&self) -> f64 {
+        self.spent_at_open
+    }
+
+    /// The responses of shard `shard` of `stage`, and the writer of new ones there.
+    pub async fn scope(&self, stage: &str, shard: &str) -> Result<Arc<JournalScope>> {
+        let stage_dir = self.dir.child(stage);
+        let segments = stage_dir.child(shard);
+        let mut objects = list(&segments).await?;
+        let compacted = stage_dir.path(&format!("{shard}.jsonl"));
+        if let Ok(meta) = stage_dir.store.head(&compacted).await {
+            objects.push(meta);
+        }
+        self.objects_read
+            .fetch_add(objects.len() as u64, Ordering::Relaxed);
+        let known = read_segments(&self.dir, objects).await?;
+        Ok(Arc::new(self.scope_over(
+            known,
+            Some(segments),
+            Some((stage_dir, compacted)),
+        )))
+    }
+
+    /// Every response of `stage`, whatever its shard, for writing down its requests for an
+    /// offline batch (it records nothing).
+    pub async fn stage_scope(&self, stage: &str) -> Result<Arc<JournalScope>> {
+        let stage_dir = self.dir.child(stage);
+        let objects: Vec<ObjectMeta> = stage_dir
+            .store
+            .list(Some(&stage_dir.prefix))
+            .try_collect()
+            .await?;
+        self.objects_read
+            .fetch_add(objects.len() as u64, Ordering::Relaxed);
+        let known = read_segments(&self.dir, objects).await?;
+        Ok(Arc::new(self.scope_over(known, None, None)))
+    }
+
+    /// Where the results of an offline batch are recorded: every run reads them.
+    pub fn import_scope(&self) -> Arc<JournalScope> {
+        Arc::new(self.scope_over(HashMap::new(), Some(self.dir.child(IMPORTED_DIR)), None))
+    }
+
+    fn scope_over(
+        &self,
+        known: HashMap<String, Entry>,
+        segments: Option<Location>,
+        compact_to: Option<(Location, Path)>,
+    ) -> JournalScope {
+        let writer = segments.clone().map(|dir| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_segments(
+                SegmentWriter {
+                    dir,
+                    name: self.writer.clone(),
+                    seq: Arc::clone(&self.seq),
+                    failed: Arc::clone(&self.failed),
+                    spend: Arc::clone(&self.spend),
+                    spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
+                },
+                rx,
+            ));
+            tx
+        });
+        JournalScope {
+            known: Mutex::new(known),
+            shared: Arc::clone(&self.shared),
+            writer,
+            segments,
+            compact_to,
+        }
+    }
+
+    /// Fails when a segment could not be written: completed work would not survive a crash.
+    pub fn check(&self) -> Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Error::Execution(
+                "the response journal could not be written (see the log); stopping so no paid response is lost".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The responses of one stage's shard (or of what every shard shares), and the writer of
+/// new ones: what an LLM function of that shard's session asks and records.
+#[derive(Debug)]
+pub struct JournalScope {
+    known: Mutex<HashMap<String, Entry>>,
+    shared: Arc<HashMap<String, Entry>>,
+    writer: Option<mpsc::UnboundedSender<Pending>>,
+    segments: Option<Location>,
+    compact_to: Option<(Location, Path)>,
+}
+
+impl JournalScope {
+    /// A scope that remembers nothing and writes nothing, for sessions that call no LLM
+    /// (planning, dedup passes).
+    pub fn none() -> Arc<Self> {
+        Arc::new(Self {
+            known: Mutex::default(),
+            shared: Arc::default(),
+            writer: None,
+            segments: None,
+            compact_to: None,
+        })
     }
 
     /// The journaled response for `key`, if any.
     pub fn get(&self, key: &str) -> Option<Reply> {
         let known = self.known.lock().expect("lock poisoned");
-        known.get(key).map(|e| Reply {
+        let e = known.get(key).or_else(|| self.shared.get(key))?;
+        Some(Reply {
             text: e.text.clone(),
             finish_reason: e.finish_reason.clone(),
             prompt_tokens: e.prompt_tokens,
@@ -127,6 +259,16 @@ impl Journal {
             cached: true,
             ..Reply::default()
         })
+    }
+
+    /// Responses this scope holds (not counting the shared ones).
+    pub fn len(&self) -> usize {
+        self.known.lock().expect("lock poisoned").len()
+    }
+
+    /// True when the scope holds no response of its own.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Records a successful response and waits until it is durable.
@@ -151,15 +293,83 @@ impl Journal {
         }
     }
 
-    /// Fails when a segment could not be written: completed work would not survive a crash.
-    pub fn check(&self) -> Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(Error::Execution(
-                "the response journal could not be written (see the log); stopping so no paid response is lost".into(),
-            ));
+    /// Folds the shard's segments into one object sorted by key, once its output is
+    /// published: a later run reads one object for the shard. The segments go only after
+    /// the compacted object is written, so a crash in between loses nothing.
+    pub async fn compact(&self) -> Result<()> {
+        let (Some(segments), Some((stage_dir, compacted))) = (&self.segments, &self.compact_to)
+        else {
+            return Ok(());
+        };
+        let written = list(segments).await?;
+        if written.is_empty() {
+            return Ok(());
+        }
+        let mut entries: Vec<Entry> = self
+            .known
+            .lock()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        stage_dir
+            .store
+            .put(compacted, PutPayload::from(lines_of(&entries)))
+            .await?;
+        for meta in written {
+            delete_if_exists(segments, &meta.location).await?;
         }
         Ok(())
     }
+}
+
+/// The objects directly and below `dir`.
+async fn list(dir: &Location) -> Result<Vec<ObjectMeta>> {
+    Ok(dir.store.list(Some(&dir.prefix)).try_collect().await?)
+}
+
+/// Every entry of the segment objects `objects` (under `dir`), read side by side; a later
+/// entry of a key replaces an earlier one.
+async fn read_segments(dir: &Location, objects: Vec<ObjectMeta>) -> Result<HashMap<String, Entry>> {
+    let store = Arc::clone(&dir.store);
+    let bodies: Vec<(Path, bytes::Bytes)> = futures::stream::iter(objects)
+        .map(|meta| {
+            let store = Arc::clone(&store);
+            async move {
+                let bytes = store.get(&meta.location).await?.bytes().await?;
+                Ok::<_, Error>((meta.location, bytes))
+            }
+        })
+        .buffered(PARALLEL_READS)
+        .try_collect()
+        .await?;
+    let mut known = HashMap::new();
+    for (path, bytes) in bodies {
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let entry: Entry = serde_json::from_slice(line).with_context(|| {
+                format!(
+                    "journal segment {} line {} (move the segment away to continue; its responses will be requested again)",
+                    dir.display(&path),
+                    i + 1
+                )
+            })?;
+            known.insert(entry.key.clone(), entry);
+        }
+    }
+    Ok(known)
+}
+
+fn lines_of(entries: &[Entry]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for entry in entries {
+        serde_json::to_writer(&mut body, entry).expect("entries serialise");
+        body.push(b'\n');
+    }
+    body
 }
 
 static WRITER_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -179,13 +389,42 @@ fn writer_id() -> String {
     )
 }
 
-async fn write_segments(
+/// Where one scope's writer task writes, and what it shares with the others of the process.
+struct SegmentWriter {
     dir: Location,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    name: String,
+    seq: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
-) {
-    let writer = writer_id();
-    let mut seq = 0u64;
+    spend: Arc<tokio::sync::Mutex<Spend>>,
+    spend_path: (Location, String),
+}
+
+impl SegmentWriter {
+    /// Writes `entries` as one new segment; then, when they cost anything, this process's
+    /// spend record.
+    async fn write(&self, entries: &[Entry]) -> Result<()> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path(&format!("{}-{seq:08}.jsonl", self.name));
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        self.dir
+            .store
+            .put_opts(&path, PutPayload::from(lines_of(entries)), opts)
+            .await?;
+        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
+        if cost > 0.0 {
+            let mut spend = self.spend.lock().await;
+            spend.spent_usd += cost;
+            let (dir, name) = &self.spend_path;
+            write_json(dir, &dir.path(&format!("{name}.json")), &*spend).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn write_segments(writer: SegmentWriter, mut rx: mpsc::UnboundedReceiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_SEGMENT_ENTRIES {
@@ -194,24 +433,10 @@ async fn write_segments(
                 Err(_) => break,
             }
         }
-        let mut body = Vec::new();
-        for p in &batch {
-            serde_json::to_writer(&mut body, &p.entry).expect("entries serialise");
-            body.push(b'\n');
-        }
-        let path = dir.path(&format!("{writer}-{seq:08}.jsonl"));
-        seq += 1;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        if let Err(e) = dir
-            .store
-            .put_opts(&path, PutPayload::from(body), opts)
-            .await
-        {
-            tracing::error!(error = %e, segment = %dir.display(&path), "Journal write failed.");
-            failed.store(true, Ordering::SeqCst);
+        let entries: Vec<Entry> = batch.iter().map(|p| p.entry.clone()).collect();
+        if let Err(e) = writer.write(&entries).await {
+            tracing::error!(error = %e, dir = %writer.dir.describe(), "Journal write failed.");
+            writer.failed.store(true, Ordering::SeqCst);
         }
         for p in batch {
             let _ = p.done.send(());

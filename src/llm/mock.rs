@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use crate::job::catalog::MockPrompt;
 use crate::llm::client::{Backend, ModelClient};
+use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request};
 
 /// The backend of `--endpoint mock`: every answer made by [`mock_reply`] and journaled like a
@@ -17,13 +18,19 @@ pub struct Mock;
 
 #[async_trait::async_trait]
 impl Backend for Mock {
-    async fn send(&self, client: &ModelClient, req: &Request, key: &str) -> Reply {
+    async fn send(
+        &self,
+        client: &ModelClient,
+        req: &Request,
+        key: &str,
+        journal: &JournalScope,
+    ) -> Reply {
         client.home().stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut reply = mock_reply(req);
         reply.cost_usd = client
             .spec()
             .cost_usd(reply.prompt_tokens, reply.completion_tokens);
-        client.journal.record(key, &reply).await;
+        journal.record(key, &reply).await;
         reply
     }
 }

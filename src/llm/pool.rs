@@ -9,7 +9,6 @@ use crate::job::ModelSpec;
 use crate::llm::capture::Capture;
 use crate::llm::client::{ApiKey, Backend, Budget, Http, ModelClient};
 use crate::llm::endpoint::Endpoint;
-use crate::llm::journal::Journal;
 use crate::llm::limits::Limits;
 use crate::llm::mock::Mock;
 use crate::llm::reply::Usage;
@@ -28,25 +27,22 @@ impl LlmPool {
     /// is the largest cap any of them asks for.
     pub fn new<'a>(
         models: impl IntoIterator<Item = &'a ModelSpec>,
-        journal: Arc<Journal>,
         budget: Option<Budget>,
     ) -> Self {
-        Self::build(models, journal, budget, None)
+        Self::build(models, budget, None)
     }
 
     /// A pool whose calls are written to `capture` instead of being sent (answers already in
     /// the journal are still used).
     pub fn capturing<'a>(
         models: impl IntoIterator<Item = &'a ModelSpec>,
-        journal: Arc<Journal>,
         capture: Arc<Capture>,
     ) -> Self {
-        Self::build(models, journal, None, Some(capture))
+        Self::build(models, None, Some(capture))
     }
 
     fn build<'a>(
         models: impl IntoIterator<Item = &'a ModelSpec>,
-        journal: Arc<Journal>,
         budget: Option<Budget>,
         capture: Option<Arc<Capture>>,
     ) -> Self {
@@ -90,7 +86,6 @@ impl LlmPool {
                     spec: (*spec).clone(),
                     endpoints,
                     key,
-                    journal: Arc::clone(&journal),
                     in_flight: Arc::default(),
                     spent: Arc::clone(&pool.spent),
                     budget: pool.budget,

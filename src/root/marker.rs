@@ -49,6 +49,11 @@ pub struct StageStats {
     /// so this shard is redone too.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outranked_by: BTreeMap<String, String>,
+    /// Shards only: the name of the shard's response journal, derived from the input file it
+    /// comes from rather than from its number, so a shard renumbered because another input
+    /// file went away still finds the responses it paid for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
 }
 
 impl StageStats {

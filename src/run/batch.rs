@@ -27,12 +27,11 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
     let capture = Arc::new(Capture::default());
     let pool = Arc::new(LlmPool::capturing(
         job.models.values(),
-        Arc::clone(&journal),
         Arc::clone(&capture),
     ));
     let runner = Runner::new(job, root, pool, journal, Worker::default())?;
     let plan = runner.plan(job.canonical_stage_name(stage))?;
-    let ctx = runner.session()?;
+    let ctx = runner.session_for(&runner.journal.stage_scope(&plan.name).await?)?;
     for table in &plan.tables {
         if table == DOCUMENTS {
             return job_error!(
@@ -56,6 +55,7 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
 pub async fn import_batch_results(job: &Job, file: &str, text: &str) -> Result<(u64, u64)> {
     let root = Location::parse(&job.output)?;
     let journal = Journal::open(&root).await?;
+    let imported = journal.import_scope();
     let mut replies = Vec::new();
     let mut failed = 0;
     for (i, line) in text
@@ -85,7 +85,7 @@ pub async fn import_batch_results(job: &Job, file: &str, text: &str) -> Result<(
         }
     }
     let recorded = replies.len() as u64;
-    futures::future::join_all(replies.iter().map(|(k, r)| journal.record(k, r))).await;
+    futures::future::join_all(replies.iter().map(|(k, r)| imported.record(k, r))).await;
     journal.check()?;
     Ok((recorded, failed))
 }

@@ -35,7 +35,8 @@ impl Runner<'_> {
         if self.worker.index != 0 {
             return self.wait_for(plan).await;
         }
-        let ctx = self.session()?;
+        let journal = self.journal_of(&plan.name, "all").await?;
+        let ctx = self.session_for(&journal)?;
         for table in &plan.tables {
             register_stage_table(&ctx, &self.root, table).await?;
         }
@@ -56,6 +57,7 @@ impl Runner<'_> {
             .await?;
         stats.upstream = upstream;
         write_stage_stats(&self.root, &plan.name, &stats).await?;
+        self.compact(&journal).await;
         Ok(stats)
     }
 

@@ -14,6 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::engine::documents::documents_table;
 use crate::error::{Error, Result};
 use crate::job::catalog::DOCUMENTS;
+use crate::llm::journal::JournalScope;
 use crate::prepare::ingest::{IngestCounts, IngestStats, split_large_parquet};
 use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
@@ -227,7 +228,11 @@ impl Runner<'_> {
             return Ok(done);
         }
         let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
-        let stats = self.run_input_shard(plan, &id, file, dedup).await?;
+        let journal_name = file.journal_name();
+        let journal = self.journal_of(&plan.name, &journal_name).await?;
+        let stats = self
+            .run_input_shard(plan, &id, file, dedup, &journal)
+            .await?;
         let outranked_by = kept
             .outranking(k as u32)
             .into_iter()
@@ -238,12 +243,14 @@ impl Runner<'_> {
             })
             .collect();
         let marker = StageStats {
+            journal: Some(journal_name),
             dropped_while_running: Some(stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0)),
             outranked_by,
             upstream: source,
             ..stats
         };
         write_shard_stats(&self.root, &plan.name, &id, &marker).await?;
+        self.compact(&journal).await;
         Ok(marker)
     }
 
@@ -253,6 +260,7 @@ impl Runner<'_> {
         id: &str,
         file: InputFile,
         dedup: FirstCopies,
+        journal: &Arc<JournalScope>,
     ) -> Result<StageStats> {
         let out = self.root.child(&plan.name);
         // Parts of an attempt that died before its marker are replaced, never mixed in.
@@ -260,7 +268,7 @@ impl Runner<'_> {
         delete_parts_of(&out.child(DROPPED_DIR), id).await?;
         // One partition: rows reach the writer in the file's order, which is what makes the
         // first copy of a text the same one on every run. Shards run side by side instead.
-        let ctx = self.session_with(Some(1))?;
+        let ctx = self.session_with(Some(1), journal)?;
         let ingest = Arc::new(IngestStats::default());
         ctx.register_table(
             DOCUMENTS,

@@ -75,7 +75,10 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     let to_run = job.select_stages(&opts.stages)?;
     let journal = Arc::new(Journal::open(&root).await?);
     if journal.loaded() > 0 {
-        tracing::info!(responses = journal.loaded(), "Response journal loaded.");
+        tracing::info!(
+            responses = journal.loaded(),
+            "Shared journal responses loaded."
+        );
     }
     let models: Vec<ModelSpec> = job
         .models
@@ -88,7 +91,7 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
         let left = (b - journal.spent_usd()).max(0.0);
         Budget::new(left / opts.worker.count as f64, b)
     });
-    let pool = Arc::new(LlmPool::new(&models, Arc::clone(&journal), budget));
+    let pool = Arc::new(LlmPool::new(&models, budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
     let mut summary = RunSummary::default();

