@@ -136,6 +136,10 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
         );
         summary.stages.push(stats);
     }
+    tracing::info!(
+        objects = runner.journal.objects_read(),
+        "Journal objects read."
+    );
     Ok(summary)
 }
 

@@ -350,3 +350,62 @@ fn a_second_run_on_a_root_in_use_is_refused() {
     .unwrap();
     backforth_ok(&args("8"));
 }
+
+/// The journal follows the shards: a published shard's responses are one compacted object
+/// under `_journal/<stage>/`, and a rerun that redoes one shard reads that shard's journal,
+/// not the root's whole history, and pays for nothing again.
+#[test]
+fn the_journal_is_kept_per_shard_and_a_rerun_reads_only_what_it_redoes() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let server = FakeServer::start(Duration::from_millis(1));
+    let url = server.url();
+    let job = dir.path().join("job.toml");
+    let root = dir.path().join("out");
+    let args = run_args(job.to_str().unwrap(), root.to_str().unwrap(), &url);
+    backforth_ok(&args);
+    let sent = server.requests();
+    let shards = marker(&root, "scored")["shards"].as_array().unwrap().len();
+    let compacted = |stage: &str| -> (usize, usize) {
+        let (mut files, mut segments) = (0, 0);
+        for entry in std::fs::read_dir(root.join("_journal").join(stage)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                segments += std::fs::read_dir(&path).unwrap().count();
+            } else {
+                files += 1;
+            }
+        }
+        (files, segments)
+    };
+    assert_eq!(compacted("backtranslated"), (shards, 0));
+    assert_eq!(compacted("scored"), (shards, 0));
+
+    // One shard of `scored` is redone (its marker gone): one compacted object is read.
+    let victim = std::fs::read_dir(root.join("scored/_shards"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(victim).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(&args)
+        .env("BACKFORTH_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let read: u64 = stderr
+        .lines()
+        .find(|l| l.contains("Journal objects read."))
+        .and_then(|l| l.split("objects=").nth(1))
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        read <= 3,
+        "{read} journal objects read to redo one shard of {shards}"
+    );
+    assert_eq!(server.requests(), sent);
+}
