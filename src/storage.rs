@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use object_store::ObjectStore;
-use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
 use url::Url;
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::job_error;
 
 /// A directory-like place: a store, the URL DataFusion knows it by, and a prefix inside it.
@@ -393,4 +394,44 @@ fn version_of(meta: &object_store::ObjectMeta) -> String {
             meta.last_modified.timestamp_nanos_opt().unwrap_or(0)
         ),
     }
+}
+
+/// Deletes the object at `path`; an object already gone is fine.
+pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
+    match root.store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the JSON object at `path`, or `None` when there is none.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    root: &Location,
+    path: &object_store::path::Path,
+) -> Result<Option<T>> {
+    match root.store.get(path).await {
+        Ok(got) => {
+            let bytes = got.bytes().await?;
+            serde_json::from_slice(&bytes).map(Some).with_context(|| {
+                format!(
+                    "{}: unreadable marker (delete it to redo that work)",
+                    root.display(path)
+                )
+            })
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes `value` as the JSON object at `path`.
+pub async fn write_json<T: Serialize>(
+    root: &Location,
+    path: &object_store::path::Path,
+    value: &T,
+) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("marker serialisation: {e}")))?;
+    root.store.put(path, PutPayload::from(body)).await?;
+    Ok(())
 }

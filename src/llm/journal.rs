@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Context, Error, Result};
 use crate::llm::reply::Reply;
-use crate::root::objects::{delete_if_exists, read_json, write_json};
 use crate::storage::Location;
+use crate::storage::{delete_if_exists, read_json, write_json};
 
 /// Directory of the journal under the output root.
 pub const JOURNAL_DIR: &str = "_journal";

@@ -8,8 +8,8 @@ use crate::error::Result;
 use crate::llm::reply::Usage;
 use crate::prepare::ingest::IngestCounts;
 use crate::root::names::{SUCCESS_MARKER, shard_marker_path};
-use crate::root::objects::{read_json, write_json};
 use crate::storage::Location;
+use crate::storage::{read_json, write_json};
 
 /// What one stage did, written to its `_SUCCESS` marker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -6,13 +6,12 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::schema::types::ColumnPath;
 use object_store::{ObjectStoreExt, PutPayload};
-use serde::Serialize;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::root::names::{
     DEDUP_KEY_COLUMN, DROPPED_DIR, SHARDS_DIR, is_part_of_input_shard, part_id_of_file,
 };
-use crate::storage::Location;
+use crate::storage::{Location, delete_if_exists};
 
 /// zstd level of every Parquet part a stage writes (the prepare benchmark's floor uses it too).
 pub const PART_ZSTD_LEVEL: i32 = 1;
@@ -68,46 +67,6 @@ pub async fn write_parquet_object(
     let props = part_properties(&first.schema());
     let bytes = parquet_of(batches, first.schema(), Some(props))?;
     root.store.put(path, PutPayload::from(bytes)).await?;
-    Ok(())
-}
-
-/// Deletes the object at `path`; an object already gone is fine.
-pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
-    match root.store.delete(path).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Reads the JSON object at `path`, or `None` when there is none.
-pub async fn read_json<T: serde::de::DeserializeOwned>(
-    root: &Location,
-    path: &object_store::path::Path,
-) -> Result<Option<T>> {
-    match root.store.get(path).await {
-        Ok(got) => {
-            let bytes = got.bytes().await?;
-            serde_json::from_slice(&bytes).map(Some).with_context(|| {
-                format!(
-                    "{}: unreadable marker (delete it to redo that work)",
-                    root.display(path)
-                )
-            })
-        }
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Writes `value` as the JSON object at `path`.
-pub async fn write_json<T: Serialize>(
-    root: &Location,
-    path: &object_store::path::Path,
-    value: &T,
-) -> Result<()> {
-    let body = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::Internal(format!("marker serialisation: {e}")))?;
-    root.store.put(path, PutPayload::from(body)).await?;
     Ok(())
 }
 

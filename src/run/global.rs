@@ -7,10 +7,10 @@ use crate::error::Result;
 use crate::execution_error;
 use crate::root::marker::{StageStats, read_stage_stats, write_stage_stats};
 use crate::root::names::{PartNames, SUCCESS_MARKER};
-use crate::root::objects::delete_if_exists;
 use crate::root::tables::register_stage_table;
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
+use crate::storage::delete_if_exists;
 
 impl Runner<'_> {
     /// Runs a stage over all its input at once: the stage reading `documents`, or one reading

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::job_error;
 use crate::root::names::LEASES_DIR;
-use crate::root::objects::{delete_if_exists, read_json, write_json};
 use crate::run::worker::Worker;
 use crate::storage::Location;
+use crate::storage::{delete_if_exists, read_json, write_json};
 
 /// A lease not renewed for this long is taken to belong to a dead process.
 const LEASE_SECS: u64 = 120;

@@ -15,8 +15,8 @@ use crate::job::{Job, ModelSpec};
 use crate::job_error;
 use crate::root::marker::read_stage_stats;
 use crate::root::names::{JOB_FILE, SHARDS_DIR, SUCCESS_MARKER};
-use crate::root::objects::{delete_if_exists, write_json};
 use crate::storage::Location;
+use crate::storage::{delete_if_exists, write_json};
 
 /// Name of the manifest under the output root.
 pub const MANIFEST: &str = "_manifest.json";
