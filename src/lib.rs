@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod escape;
 pub mod job;
 pub mod llm;
 pub mod outputs;

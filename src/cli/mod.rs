@@ -12,6 +12,7 @@ use clap::Parser;
 use crate::cli::args::{BatchAction, Cli, Command};
 use crate::cli::tables::{render_estimate, render_summary, sql};
 use crate::error::{Context, Error, Result};
+use crate::escape::escape_control;
 use crate::job::Job;
 use crate::job_error;
 use crate::outputs::export::{self, ExportOptions, Format};
@@ -40,7 +41,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", escape_control(&e.to_string()));
             ExitCode::from(2)
         }
     }
@@ -111,7 +112,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             write_report(&root, &opts, &out, png.as_deref()).await
         }
         Command::Sql { root, query } => {
-            print!("{}", sql(&root, &query).await?);
+            print!("{}", escape_control(&sql(&root, &query).await?));
             Ok(ExitCode::SUCCESS)
         }
         Command::Export {
@@ -180,7 +181,7 @@ async fn estimate(job: Job, sample: usize, json: bool) -> Result<ExitCode> {
 async fn print_stats(root: &str, opts: &StatsOptions<'_>, format: &str) -> Result<ExitCode> {
     let tables = stats(root, opts).await?;
     match format {
-        "table" => print!("{}", render_text(&tables)),
+        "table" => print!("{}", escape_control(&render_text(&tables))),
         "csv" => print!("{}", render_csv(&tables)),
         "json" => println!(
             "{}",
@@ -233,7 +234,10 @@ async fn select_seed(
         } else {
             format!(" [tree {}]", p.tree)
         };
-        eprintln!("{}: {}{tree}", p.at, p.message);
+        eprintln!(
+            "{}",
+            escape_control(&format!("{}: {}{tree}", p.at, p.message))
+        );
     }
     if report.problems.len() > 10 {
         eprintln!(
@@ -286,7 +290,10 @@ async fn batch(action: BatchAction) -> Result<ExitCode> {
             poll_secs,
         } => {
             let job = job.load()?;
-            let poll = std::time::Duration::from_secs_f64(poll_secs.max(0.01));
+            if !(poll_secs.is_finite() && poll_secs > 0.0) {
+                return job_error!("--poll-secs {poll_secs}: give a positive number of seconds");
+            }
+            let poll = std::time::Duration::from_secs_f64(poll_secs.clamp(0.01, 86_400.0));
             let summary = crate::outputs::batch_api::submit(&job, &stage, poll).await?;
             eprintln!(
                 "{} batches created, {} responses recorded in the journal, {} requests unanswered",

@@ -401,6 +401,45 @@ fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
     }
 }
 
+/// Numbers a model role's requests depend on, checked where they are given rather than
+/// where they would make the run misbehave (a rate of 0 or NaN, a cap no semaphore holds).
+fn check_model(spec: &ModelSpec) -> Result<()> {
+    let role = &spec.role;
+    if !(1..=MAX_CONCURRENCY).contains(&spec.concurrency) {
+        return job_error!(
+            "[models.{role}] concurrency = {}: give 1 to {MAX_CONCURRENCY} requests in flight (or --concurrency)",
+            spec.concurrency
+        );
+    }
+    for (name, rate) in [
+        ("requests_per_minute", spec.requests_per_minute),
+        ("input_tokens_per_minute", spec.input_tokens_per_minute),
+        ("output_tokens_per_minute", spec.output_tokens_per_minute),
+    ] {
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return job_error!(
+                "[models.{role}] {name} = {rate}: give a positive number, or leave it out for no limit"
+            );
+        }
+    }
+    for (name, value) in [
+        ("price_input_per_mtok", spec.price_input_per_mtok),
+        ("price_output_per_mtok", spec.price_output_per_mtok),
+        ("temperature", spec.temperature),
+        ("top_p", spec.top_p),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return job_error!("[models.{role}] {name} = {value}: give a number of at least 0");
+        }
+    }
+    Ok(())
+}
+
+/// The most requests in flight one endpoint may be given.
+pub const MAX_CONCURRENCY: usize = 100_000;
+
 /// A budget needs a positive amount and prices to count against it.
 fn check_budget(budget: Option<f64>, models: &BTreeMap<String, ModelSpec>) -> Result<()> {
     let Some(budget) = budget else {
@@ -499,9 +538,7 @@ fn resolve_models(
             declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };
-        if spec.concurrency == 0 {
-            return job_error!("[models.{role}] concurrency must be at least 1");
-        }
+        check_model(&spec)?;
         out.insert(role, spec);
     }
     Ok(out)

@@ -23,7 +23,8 @@ use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
-    describe_reqwest_error, is_quota_exhausted, parse_completion, request_body, snippet,
+    describe_reqwest_error, is_quota_exhausted, parse_completion, request_body, retry_after,
+    snippet,
 };
 
 type InFlight = Shared<BoxFuture<'static, Reply>>;
@@ -330,8 +331,7 @@ impl ModelClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 600.0)));
+            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let text = response.text().await.map_err(|e| Failure::Retry {
             message: format!("reading the body: {}", describe_reqwest_error(&e)),
             after: None,

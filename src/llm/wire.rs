@@ -1,6 +1,8 @@
 //! The OpenAI-compatible wire format: request bodies, completion bodies, and error texts safe
 //! to show (no URL, which may carry credentials).
 
+use std::time::{Duration, SystemTime};
+
 use serde_json::{Value, json};
 
 use crate::job::{Api, ModelSpec};
@@ -40,9 +42,11 @@ impl WithoutUrl for reqwest::Error {
     }
 }
 
+/// The start of a server's body for a message: one line, control characters escaped (it
+/// may end up in a terminal and in stored rows).
 pub(crate) fn snippet(text: &str) -> String {
     let t: String = text.chars().take(200).collect();
-    t.replace('\n', " ")
+    crate::escape::escape_control(&t.replace('\n', " ")).into_owned()
 }
 
 /// Parses an OpenAI-compatible chat or completions response body.
@@ -139,4 +143,65 @@ pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
         Api::Completions => "completions",
     };
     (path, body)
+}
+
+/// The longest wait a `Retry-After` is honoured for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// The wait a `Retry-After` header asks for, seconds or an HTTP date (`Sun, 06 Nov 1994
+/// 08:49:37 GMT`), at most [`MAX_RETRY_AFTER`]; `None` for anything else (`nan`, `inf`,
+/// negative, garbage), so the usual backoff applies.
+pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())));
+    }
+    let at = http_date(value)?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP dates are sent in.
+fn http_date(value: &str) -> Option<SystemTime> {
+    let mut parts = value.split_whitespace();
+    let _weekday = parts.next()?.strip_suffix(',')?;
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut clock = parts.next()?.split(':').map(|n| n.parse::<u64>().ok());
+    let (h, m, s) = (clock.next()??, clock.next()??, clock.next()??);
+    if parts.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * mo + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{Context, Error, Result};
+use crate::escape::escape_control;
+use crate::execution_error;
 use crate::job::Job;
 use crate::run::batch::{capture_stage_requests, import_batch_results};
 use crate::storage::Location;
@@ -230,12 +232,20 @@ async fn wait(
             let record = &records[i];
             let status = api.status(&record.id).await?;
             let state = status["status"].as_str().unwrap_or("").to_string();
-            if !matches!(
-                state.as_str(),
-                "completed" | "expired" | "failed" | "cancelled"
-            ) {
-                pending += 1;
-                continue;
+            match state.as_str() {
+                "completed" | "expired" | "failed" | "cancelled" => {}
+                "validating" | "in_progress" | "finalizing" | "cancelling" => {
+                    pending += 1;
+                    continue;
+                }
+                other => {
+                    return execution_error!(
+                        "Batch API, batch {}: unknown status '{}'; its id is kept in {}, so running `batch submit` again resumes polling",
+                        record.id,
+                        escape_control(other),
+                        root.display(state_path)
+                    );
+                }
             }
             if let Some(output) = status["output_file_id"].as_str() {
                 let text = api.content(output).await?;
@@ -291,7 +301,12 @@ fn api_for(job: &Job, stage: &str) -> Result<Api> {
             ))
         })?;
     Ok(Api {
-        http: reqwest::Client::new(),
+        // Uploads and downloads of batch files are large, but no request may hang forever.
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(1800))
+            .build()
+            .map_err(|e| Error::Internal(format!("an HTTP client: {e}")))?,
         base: base.clone(),
         key: std::env::var(&model.api_key_env)
             .ok()

@@ -30,7 +30,15 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
         Arc::clone(&capture),
     ));
     let runner = Runner::new(job, root, pool, journal, Worker::default())?;
-    let plan = runner.plan(job.canonical_stage_name(stage))?;
+    let name = job.canonical_stage_name(stage);
+    if !job.stages.iter().any(|s| s.name == name) {
+        let known: Vec<&str> = job.stages.iter().map(|s| s.name.as_str()).collect();
+        return job_error!(
+            "--stage {stage}: the job has no such stage (stages: {})",
+            known.join(", ")
+        );
+    }
+    let plan = runner.plan(name)?;
     let ctx = runner.session_for(&runner.journal.stage_scope(&plan.name).await?)?;
     for table in &plan.tables {
         if table == DOCUMENTS {

@@ -55,7 +55,17 @@ impl Runner<'_> {
             let batch = batch?;
             let ids = cast(batch.column(0), &DataType::Utf8)?;
             let ids = ids.as_string::<i32>();
-            let lists = batch.column(1).as_list::<i32>();
+            let column = cast(
+                batch.column(1),
+                &DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
+            )
+            .map_err(|e| {
+                Error::Job(format!(
+                    "stage '{}': the `minhash` column of '{from}' is not a list of signature values ({e}); run '{from}' again with [prepare.near_dedup]",
+                    plan.name
+                ))
+            })?;
+            let lists = column.as_list::<i32>();
             let values = lists.values().as_primitive::<UInt32Type>().values();
             for (r, ends) in lists.value_offsets().windows(2).enumerate() {
                 let sig = &values[ends[0] as usize..ends[1] as usize];

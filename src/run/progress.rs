@@ -44,8 +44,9 @@ impl Reporter {
         let secs = std::env::var("BACKFORTH_PROGRESS_SECS")
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
-            .filter(|s| *s > 0.0)
-            .unwrap_or(default);
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(default)
+            .clamp(0.1, 86_400.0);
         let every = Duration::from_secs_f64(secs);
         let stage = stage.to_string();
         let task = tokio::spawn(async move {

@@ -61,7 +61,15 @@ impl Worker {
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
             let count = match num("SLURM_ARRAY_TASK_COUNT")? {
                 Some(c) => Some(c),
-                None => num("SLURM_ARRAY_TASK_MAX")?.map(|max| max + 1 - min),
+                None => match num("SLURM_ARRAY_TASK_MAX")? {
+                    Some(max) if max >= min => Some(max + 1 - min),
+                    Some(max) => {
+                        return Err(Error::Job(format!(
+                            "$SLURM_ARRAY_TASK_MAX = {max} is below $SLURM_ARRAY_TASK_MIN = {min}"
+                        )));
+                    }
+                    None => None,
+                },
             };
             (
                 id.checked_sub(min),

@@ -65,6 +65,8 @@ pub struct FakeBatchApi {
 pub enum Fault {
     /// HTTP 429 with an optional `Retry-After` in seconds.
     TooMany(Option<u32>),
+    /// HTTP 429 with this `Retry-After` header value, whatever it says (`nan`, a date, ...).
+    RetryAfter(String),
     /// HTTP 429 saying the quota is exhausted.
     Quota,
     /// The given 5xx status.
@@ -525,6 +527,11 @@ async fn fault_response(
                 r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
             )
         }
+        Fault::RetryAfter(value) => http_response(
+            "429 Too Many Requests",
+            &format!("retry-after: {value}\r\n"),
+            r#"{"error":{"message":"slow down"}}"#,
+        ),
         Fault::Quota => http_response(
             "429 Too Many Requests",
             "",

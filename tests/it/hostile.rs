@@ -1,0 +1,224 @@
+//! Hostile servers, settings and text: each value below once made the tool panic, hang or
+//! print raw control characters; now each is a clear error, a sane clamp, or escaped.
+
+use std::time::{Duration, SystemTime};
+
+use backforth::llm::wire::{MAX_RETRY_AFTER, retry_after};
+
+use crate::support::fake_server::{FakeServer, Fault};
+use crate::support::util::{backforth, repo};
+
+#[test]
+fn retry_after_takes_seconds_or_a_date_and_nothing_else() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // 06 Nov 1994 08:49:37
+    for (value, expected) in [
+        ("2", Some(Duration::from_secs(2))),
+        ("0.5", Some(Duration::from_millis(500))),
+        (" 7 ", Some(Duration::from_secs(7))),
+        ("1e300", Some(MAX_RETRY_AFTER)),
+        ("nan", None),
+        ("NaN", None),
+        ("inf", None),
+        ("-inf", None),
+        ("-5", None),
+        ("soon", None),
+        ("", None),
+        ("Sun, 06 Nov 1994 08:49:37 GMT", Some(Duration::ZERO)),
+        (
+            "Sun, 06 Nov 1994 08:50:07 GMT",
+            Some(Duration::from_secs(30)),
+        ),
+        ("Sun, 06 Nov 1994 08:49:07 GMT", Some(Duration::ZERO)),
+        ("Mon, 07 Nov 1994 08:49:37 GMT", Some(MAX_RETRY_AFTER)),
+        ("Sun, 06 Nov 1994 25:49:37 GMT", None),
+        ("Sun, 06 Foo 1994 08:49:37 GMT", None),
+    ] {
+        assert_eq!(retry_after(value, now), expected, "{value:?}");
+    }
+}
+
+/// A server answering 429 with `Retry-After: nan` (and other nonsense) once made the run
+/// panic; now the usual backoff applies and every row is answered.
+#[test]
+fn nonsense_retry_after_headers_fall_back_to_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let values = ["nan", "inf", "-3", "1e999", "Tue, 99 Foo 2026 99:99:99 GMT"];
+    let docs: String = values
+        .iter()
+        .enumerate()
+        .map(|(i, _)| serde_json::json!({"id": format!("d{i}"), "text": format!("Header case {i} tells a story.")}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    for (i, value) in values.iter().enumerate() {
+        server.state.faults.lock().unwrap().push((
+            format!("Header case {i} "),
+            [Fault::RetryAfter(value.to_string())].into(),
+        ));
+    }
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.log().len(), values.len());
+}
+
+/// Settings that once panicked (or hung) are refused with a message naming them.
+#[test]
+fn impossible_settings_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document.\"}\n",
+    )
+    .unwrap();
+    let job = |extra: &str| {
+        let path = dir.path().join("job.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"mock\"\nmodel = \"m\"\n{extra}\n\
+                 [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n"
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let refused = |args: &[&str], env: &[(&str, &str)], says: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(args)
+            .envs(env.iter().copied())
+            .current_dir(repo())
+            .env("BACKFORTH_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    };
+    refused(
+        &["run", &job("requests_per_minute = 0")],
+        &[],
+        "requests_per_minute = 0",
+    );
+    refused(
+        &["run", &job("requests_per_minute = nan")],
+        &[],
+        "requests_per_minute = NaN",
+    );
+    refused(
+        &["run", &job("output_tokens_per_minute = -5.0")],
+        &[],
+        "output_tokens_per_minute = -5",
+    );
+    refused(
+        &["run", &job("temperature = inf")],
+        &[],
+        "temperature = inf",
+    );
+    refused(
+        &["run", &job(""), "--concurrency", "1000000000000"],
+        &[],
+        "concurrency = 1000000000000",
+    );
+    refused(
+        &["run", &job("")],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "5"),
+            ("SLURM_ARRAY_TASK_MAX", "4"),
+        ],
+        "SLURM_ARRAY_TASK_MAX = 4 is below",
+    );
+    refused(
+        &[
+            "batch",
+            "submit",
+            &job(""),
+            "--stage",
+            "backtranslate",
+            "--poll-secs",
+            "inf",
+        ],
+        &[],
+        "--poll-secs inf",
+    );
+    refused(
+        &[
+            "batch",
+            "export",
+            &job(""),
+            "--stage",
+            "backtranslatd",
+            "--to",
+            "/dev/null",
+        ],
+        &[],
+        "--stage backtranslatd: the job has no such stage",
+    );
+    // A progress period of infinity is clamped, not a panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", &job("")])
+        .env("BACKFORTH_PROGRESS_SECS", "inf")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An escape sequence in a document is printed escaped by `sql` and in errors, never raw.
+#[test]
+fn control_characters_in_data_are_escaped_when_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = "Clear \u{1b}[2J\u{1b}]0;owned\u{7} the screen.";
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        serde_json::json!({"id": "x", "text": hostile}).to_string() + "\n",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[[stages]]\nname = \"candidates\"\n",
+    )
+    .unwrap();
+    let run = backforth(&["run", job.to_str().unwrap()]);
+    assert!(run.status.success());
+    let root = dir.path().join("out");
+    let out = backforth(&[
+        "sql",
+        "--root",
+        root.to_str().unwrap(),
+        "SELECT text FROM candidates",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('\u{7}'),
+        "{stdout:?}"
+    );
+    assert!(stdout.contains("\\u{1b}[2J"), "{stdout}");
+    let out = backforth(&[
+        "sql",
+        "--root",
+        root.to_str().unwrap(),
+        &format!("SELECT nope FROM '{hostile}'"),
+    ]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'));
+}
