@@ -1,5 +1,5 @@
-//! Text from web pages or servers made safe to print: an escape sequence in a document must
-//! not rewrite the user's terminal.
+//! Text made safe to print: an escape sequence in a document must not rewrite the user's
+//! terminal, and a password in an endpoint URL must not reach a log.
 
 use std::borrow::Cow;
 
@@ -21,4 +21,16 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
 
 fn is_unsafe(c: char) -> bool {
     c.is_control() && c != '\n' && c != '\t'
+}
+
+/// `url` with any user name and password replaced by `***`, for logs, errors and stored rows.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("***");
+            let _ = parsed.set_password(None);
+            parsed.to_string().trim_end_matches('/').to_string()
+        }
+        _ => url.to_string(),
+    }
 }

@@ -131,6 +131,10 @@ pub struct ModelConfig {
     pub api: Api,
     /// Environment variable holding the API key (default `OPENAI_API_KEY`; unset means none).
     pub api_key_env: Option<String>,
+    /// Send the key over plain `http://` to a host that is not this machine (off by default:
+    /// a key in clear text can be read on the way).
+    #[serde(default)]
+    pub key_over_http: bool,
     /// Sampling temperature (papers: 1.0).
     pub temperature: Option<f64>,
     /// Nucleus sampling mass (papers: 0.9).
@@ -147,6 +151,9 @@ pub struct ModelConfig {
     /// How long a request may keep being throttled (HTTP 429) before the row gets an error
     /// value, counted from its first 429.
     pub throttle_secs: Option<u64>,
+    /// Longest reply body read, in bytes (default 1 MiB plus 256 bytes per `max_tokens`); a
+    /// longer one is a malformed reply: retried, then an error value on the row.
+    pub max_reply_bytes: Option<usize>,
     /// Extra JSON fields merged into each request body (e.g. vLLM's `repetition_penalty`).
     pub extra: Option<toml::Table>,
     /// Requests per minute allowed to the endpoint.

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::escape::redact_url;
 use crate::job::catalog::{
     BuiltinFunction, Catalog, DOCUMENTS, ExpectedOutput, MockAnswer, SCORE_LOGPROBS_TEMPLATE,
     SCORE_TEMPLATE,
@@ -40,6 +41,10 @@ pub struct ModelSpec {
     pub api: Api,
     /// Name of the environment variable with the API key (the key itself is never stored).
     pub api_key_env: String,
+    /// Whether the job named `api_key_env` for this role (rather than the default).
+    pub api_key_named: bool,
+    /// Whether the key may go over plain HTTP to a host that is not this machine.
+    pub key_over_http: bool,
     /// Sampling temperature.
     pub temperature: f64,
     /// Nucleus mass.
@@ -54,6 +59,8 @@ pub struct ModelSpec {
     pub max_attempts: u32,
     /// Seconds a request may keep being throttled, from its first 429.
     pub throttle_secs: u64,
+    /// Longest reply body read, in bytes.
+    pub max_reply_bytes: usize,
     /// Extra request-body fields.
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Requests per minute.
@@ -73,6 +80,27 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Whether this role's API key may be sent to `endpoint`. The default variable
+    /// (`OPENAI_API_KEY`) goes only to OpenAI; a variable the job names goes to the role's own
+    /// endpoints. Never over plain HTTP, except to this machine or when the job says
+    /// `key_over_http = true`.
+    pub fn sends_key_to(&self, endpoint: &str) -> bool {
+        let Ok(url) = url::Url::parse(endpoint) else {
+            return false;
+        };
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let plain = url.scheme() != "https";
+        if plain && !loopback && !self.key_over_http {
+            return false;
+        }
+        self.api_key_named || host == "api.openai.com"
+    }
+
     /// What a call with these token counts costs at the model's prices.
     pub fn cost_usd(&self, prompt: Option<i64>, completion: Option<i64>) -> f64 {
         (prompt.unwrap_or(0).max(0) as f64 * self.price_input_per_mtok
@@ -497,7 +525,8 @@ fn resolve_models(
             let url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
             if !(url || (endpoint == "mock" && endpoints.len() == 1)) {
                 return job_error!(
-                    "[models.{role}] endpoint '{endpoint}' is neither an http(s) URL nor 'mock' (alone)"
+                    "[models.{role}] endpoint '{}' is neither an http(s) URL nor 'mock' (alone)",
+                    redact_url(endpoint)
                 );
             }
         }
@@ -508,6 +537,8 @@ fn resolve_models(
                 .collect(),
             model,
             api: cfg.map(|c| c.api).unwrap_or_default(),
+            api_key_named: cfg.is_some_and(|c| c.api_key_env.is_some()),
+            key_over_http: cfg.is_some_and(|c| c.key_over_http),
             api_key_env: cfg
                 .and_then(|c| c.api_key_env.clone())
                 .unwrap_or_else(|| "OPENAI_API_KEY".to_string()),
@@ -523,6 +554,7 @@ fn resolve_models(
             timeout_secs: cfg.and_then(|c| c.timeout_secs).unwrap_or(600),
             max_attempts: cfg.and_then(|c| c.max_attempts).unwrap_or(5).max(1),
             throttle_secs: cfg.and_then(|c| c.throttle_secs).unwrap_or(1800),
+            max_reply_bytes: 0,
             extra: match cfg.and_then(|c| c.extra.clone()) {
                 Some(table) => match serde_json::to_value(table) {
                     Ok(serde_json::Value::Object(map)) => map,
@@ -538,6 +570,10 @@ fn resolve_models(
             declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };
+        let mut spec = spec;
+        spec.max_reply_bytes = cfg
+            .and_then(|c| c.max_reply_bytes)
+            .unwrap_or((1 << 20) + 256 * spec.max_tokens as usize);
         check_model(&spec)?;
         out.insert(role, spec);
     }

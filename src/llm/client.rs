@@ -318,7 +318,9 @@ impl ModelClient {
         body: &Value,
     ) -> Result<Reply, Failure> {
         let mut request = endpoint.http.post(url).json(body);
-        if let Some(key) = &self.key {
+        if let Some(key) = &self.key
+            && self.spec.sends_key_to(&endpoint.base_url)
+        {
             request = request.bearer_auth(&key.0);
         }
         let response = request.send().await.map_err(|e| Failure::Retry {
@@ -332,15 +334,11 @@ impl ModelClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        let text = response.text().await.map_err(|e| Failure::Retry {
-            message: format!("reading the body: {}", describe_reqwest_error(&e)),
-            after: None,
-            throttle: false,
-        })?;
+        let text = read_capped(response, self.spec.max_reply_bytes).await?;
         if status.as_u16() == 429 && is_quota_exhausted(&text) {
             let message = format!(
                 "HTTP 429 from {}: the account's quota is exhausted ({})",
-                endpoint.base_url,
+                endpoint.shown,
                 snippet(&text)
             );
             *endpoint.quota.lock().expect("lock poisoned") = Some(message.clone());
@@ -354,9 +352,17 @@ impl ModelClient {
             });
         }
         if status.as_u16() == 401 || status.as_u16() == 403 {
+            let env = &self.spec.api_key_env;
+            let why = if self.key.is_some() && !self.spec.sends_key_to(&endpoint.base_url) {
+                format!(
+                    "${env} is set but not sent to {}: a key goes to OpenAI, or to the endpoints of a role that names it (api_key_env), and over plain http only to this machine unless key_over_http = true",
+                    endpoint.shown
+                )
+            } else {
+                format!("check ${env}")
+            };
             return Err(Failure::Fatal(format!(
-                "HTTP {status}: the server refused the credentials; check ${}",
-                self.spec.api_key_env
+                "HTTP {status}: the server refused the credentials; {why}"
             )));
         }
         if !status.is_success() {
@@ -407,6 +413,30 @@ enum Failure {
         throttle: bool,
     },
     Fatal(String),
+}
+
+/// The body of `response`, read chunk by chunk and given up once it passes `cap` bytes: a
+/// server streaming an endless body, times the requests in flight, must not exhaust memory.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<String, Failure> {
+    let failed = |message: String| Failure::Retry {
+        message,
+        after: None,
+        throttle: false,
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| failed(format!("reading the body: {}", describe_reqwest_error(&e))))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(failed(format!(
+                "the reply is longer than {cap} bytes (max_reply_bytes); not read further"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// How many times a request was sent and why it is retried: failures count against

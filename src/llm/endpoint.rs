@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::escape::redact_url;
 use crate::llm::limits::{Aimd, Limits};
 use crate::llm::reply::{EndpointStats, Usage};
 
@@ -12,6 +13,8 @@ use crate::llm::reply::{EndpointStats, Usage};
 #[derive(Debug)]
 pub struct Endpoint {
     pub(crate) base_url: String,
+    /// The base URL as messages show it: without credentials.
+    pub(crate) shown: String,
     pub(crate) http: reqwest::Client,
     pub(crate) slots: Arc<Aimd>,
     pub(crate) stats: EndpointStats,
@@ -34,6 +37,7 @@ impl Endpoint {
             .build()
             .expect("a TLS backend is compiled in");
         Self {
+            shown: redact_url(base_url),
             base_url: base_url.to_string(),
             http,
             slots: Aimd::new(concurrency),
@@ -87,7 +91,7 @@ impl Endpoint {
         if health.failures >= FAILURES_BEFORE_REST {
             health.failures = 0;
             health.resting_until = Some(Instant::now() + REST);
-            tracing::warn!(endpoint = %self.base_url, "Endpoint keeps failing; resting it for 30 s.");
+            tracing::warn!(endpoint = %self.shown, "Endpoint keeps failing; resting it for 30 s.");
         }
     }
 

@@ -310,6 +310,6 @@ fn api_for(job: &Job, stage: &str) -> Result<Api> {
         base: base.clone(),
         key: std::env::var(&model.api_key_env)
             .ok()
-            .filter(|k| !k.is_empty()),
+            .filter(|k| !k.is_empty() && model.sends_key_to(base)),
     })
 }

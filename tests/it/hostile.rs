@@ -222,3 +222,207 @@ fn control_characters_in_data_are_escaped_when_printed() {
     ]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'));
 }
+
+/// A server streaming an endless body, and one sending a 1 GB body, cannot exhaust memory:
+/// the reply is given up past `max_reply_bytes`, retried, then an error value on its row; the
+/// run exits 1 with the other rows answered, and stays under 400 MiB.
+#[test]
+fn endless_and_huge_replies_end_as_errors_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    server.state.stream_if_contains.lock().unwrap().extend([
+        ("Reply case endless ".to_string(), None),
+        ("Reply case huge ".to_string(), Some(1 << 30)),
+    ]);
+    let cases = ["endless", "huge", "fine1", "fine2", "fine3"];
+    let docs: String = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!({"id": c, "text": format!("Reply case {c} tells a story.")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\nmax_attempts = 2\nconcurrency = 4\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let report = dir.path().join("rss.txt");
+    let time = std::path::Path::new("/usr/bin/time").exists();
+    let mut cmd = if time {
+        let mut c = std::process::Command::new("/usr/bin/time");
+        c.args(["-f", "%M", "-o", report.to_str().unwrap()])
+            .arg(env!("CARGO_BIN_EXE_backforth"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+    };
+    let out = cmd
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = dir.path().join("out");
+    let m = crate::support::util::marker(&root, "backtranslated");
+    assert_eq!(m["rows_out"], 3);
+    assert_eq!(m["dropped"]["llm_error"], 2);
+    if time {
+        // The last line: /usr/bin/time first notes a non-zero exit.
+        let text = std::fs::read_to_string(&report).unwrap();
+        let kib: f64 = text.trim().lines().last().unwrap().parse().unwrap();
+        assert!(kib / 1024.0 < 400.0, "peak RSS {:.0} MiB", kib / 1024.0);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ctx = crate::support::util::session(&root).await;
+        let errors = crate::support::util::rows(
+            &ctx,
+            "SELECT backtranslation['error'] FROM backtranslated_dropped",
+        )
+        .await;
+        for e in &errors {
+            assert!(
+                e[0].contains("longer than") && e[0].contains("max_reply_bytes"),
+                "{e:?}"
+            );
+        }
+    });
+}
+
+/// Where the API key goes: the default variable only to OpenAI; a variable the job names to
+/// that role's endpoints; never over plain HTTP except to this machine, unless the job says.
+#[test]
+fn the_api_key_goes_only_where_it_belongs() {
+    use backforth::job::file::JobFile;
+    use backforth::job::{Job, Overrides};
+    let spec = |models: &str| {
+        let file: JobFile = toml::from_str(&format!(
+            "output = \"out\"\n[input]\npaths = [\"x.jsonl\"]\n{models}\n[[stages]]\nname = \"candidates\"\n"
+        ))
+        .unwrap();
+        let job = Job::resolve(file, repo(), "keys".into(), &Overrides::default()).unwrap();
+        job.models["backward"].clone()
+    };
+    let default =
+        spec("[models.backward]\nendpoint = \"https://api.openai.com/v1\"\nmodel = \"m\"");
+    assert!(default.sends_key_to("https://api.openai.com/v1"));
+    assert!(!default.sends_key_to("https://vllm.internal/v1"));
+    assert!(!default.sends_key_to("http://127.0.0.1:8000/v1"));
+    let named = spec(
+        "[models.backward]\nendpoint = \"https://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_KEY\"",
+    );
+    assert!(named.sends_key_to("https://vllm.internal/v1"));
+    assert!(!named.sends_key_to("http://vllm.internal:8000/v1"));
+    assert!(named.sends_key_to("http://127.0.0.1:8000/v1"));
+    assert!(named.sends_key_to("http://localhost:8000/v1"));
+    assert!(named.sends_key_to("http://[::1]:8000/v1"));
+    let clear = spec(
+        "[models.backward]\nendpoint = \"http://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_KEY\"\nkey_over_http = true",
+    );
+    assert!(clear.sends_key_to("http://vllm.internal:8000/v1"));
+
+    // End to end: OPENAI_API_KEY set, a local server: no key is sent to it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document about keys.\"}\n",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers = server.state.headers.lock().unwrap().clone();
+    assert!(!headers.is_empty());
+    assert!(
+        headers.iter().all(|(_, auth)| auth.is_none()),
+        "{headers:?}"
+    );
+}
+
+/// Credentials written into an endpoint URL never reach the log, an error or a stored row.
+#[test]
+fn credentials_in_an_endpoint_url_are_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    server
+        .state
+        .faults
+        .lock()
+        .unwrap()
+        .push(("Quota case".to_string(), [Fault::Quota].into()));
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"id\": \"q\", \"text\": \"Quota case document.\"}\n",
+    )
+    .unwrap();
+    let url = server.url().replace("http://", "http://alice:HuntEr2PW@");
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{url}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quota is exhausted") && stderr.contains("***@127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("HuntEr2PW"), "{stderr}");
+    let mut files = vec![dir.path().join("out")];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(9).any(|w| w == b"HuntEr2PW"),
+                "{}",
+                path.display()
+            );
+        }
+    }
+}

@@ -33,6 +33,9 @@ pub struct FakeState {
     pub headers: Mutex<Vec<(String, Option<String>)>>,
     /// Prompts containing this text get HTTP 500.
     pub fail_if_contains: Mutex<Option<String>>,
+    /// Prompts containing the text get a 200 whose body streams this many bytes (`None`:
+    /// without end) until the client hangs up.
+    pub stream_if_contains: Mutex<Vec<(String, Option<u64>)>>,
     /// Requests beyond this many in flight get HTTP 429 (a server at its capacity).
     pub capacity: Option<u64>,
     /// Requests answered with 429 for being over `capacity`.
@@ -431,6 +434,19 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
             .lock()
             .unwrap()
             .push((request.path.clone(), request.authorization.clone()));
+        let prompt = String::from_utf8_lossy(&request.body).into_owned();
+        let streamed = state
+            .stream_if_contains
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(needle, _)| prompt.contains(needle.as_str()))
+            .map(|(_, bytes)| *bytes);
+        if let Some(bytes) = streamed {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            stream_body(stream.get_mut(), bytes).await;
+            return;
+        }
         // `None`: an injected dropped connection.
         let Some(response) = answer_http(&state, &request).await else {
             return;
@@ -443,6 +459,28 @@ async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<FakeState>) 
         {
             return;
         }
+    }
+}
+
+/// Streams a 200 of `bytes` bytes of JSON-looking garbage (`None`: without end) until done or
+/// the client hangs up.
+async fn stream_body(socket: &mut tokio::net::TcpStream, bytes: Option<u64>) {
+    use tokio::io::AsyncWriteExt;
+    let length = bytes.unwrap_or(u64::MAX / 2);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    if socket.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < length {
+        let n = chunk.len().min((length - sent) as usize);
+        if socket.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+        sent += n as u64;
     }
 }
 
