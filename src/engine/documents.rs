@@ -8,13 +8,13 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 
-use crate::prepare::ingest::{BadLinePolicy, IngestStats, document_batches, documents_schema};
+use crate::prepare::ingest::{IngestStats, ReadRules, document_batches, documents_schema};
 use crate::storage::InputFile;
 
 /// Builds the `documents` table over `files`.
 pub fn documents_table(
     files: Vec<InputFile>,
-    policy: BadLinePolicy,
+    rules: ReadRules,
     stats: Arc<IngestStats>,
 ) -> datafusion::error::Result<StreamingTable> {
     let schema = documents_schema();
@@ -23,7 +23,7 @@ pub fn documents_table(
         .map(|file| {
             Arc::new(FilePartition {
                 file,
-                policy,
+                rules,
                 stats: Arc::clone(&stats),
                 schema: Arc::clone(&schema),
             }) as Arc<dyn PartitionStream>
@@ -35,7 +35,7 @@ pub fn documents_table(
 #[derive(Debug)]
 struct FilePartition {
     file: InputFile,
-    policy: BadLinePolicy,
+    rules: ReadRules,
     stats: Arc<IngestStats>,
     schema: SchemaRef,
 }
@@ -46,7 +46,7 @@ impl PartitionStream for FilePartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let stream = document_batches(self.file.clone(), self.policy, Arc::clone(&self.stats));
+        let stream = document_batches(self.file.clone(), self.rules, Arc::clone(&self.stats));
         Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),
             stream,

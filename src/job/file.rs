@@ -63,6 +63,8 @@ pub struct InputConfig {
     /// `error` (default) stops at a malformed line; `skip` counts and skips it.
     #[serde(default)]
     pub on_bad_line: BadLinePolicy,
+    /// Longest input line read, in bytes (default 64 MiB); a longer line is a bad line.
+    pub max_line_bytes: Option<usize>,
 }
 
 /// `[prepare]`: how documents become candidates.

@@ -23,7 +23,7 @@ use crate::job::file::{
 };
 use crate::job::template::{called_functions, render_sql};
 use crate::job_error;
-use crate::prepare::ingest::BadLinePolicy;
+use crate::prepare::ingest::{MAX_LINE_BYTES, ReadRules};
 use crate::prepare::segment::CandidateMode;
 
 pub use crate::job::file::{Api, Overrides};
@@ -185,8 +185,8 @@ pub struct Job {
     pub base_dir: PathBuf,
     /// Input locations (paths or URLs).
     pub inputs: Vec<String>,
-    /// Malformed-line policy.
-    pub on_bad_line: BadLinePolicy,
+    /// How input lines are read.
+    pub read_rules: ReadRules,
     /// Output root (path or URL).
     pub output: String,
     /// Candidate preparation.
@@ -277,7 +277,10 @@ impl Job {
             name: file.name.unwrap_or(default_name),
             base_dir,
             inputs,
-            on_bad_line: file.input.on_bad_line,
+            read_rules: ReadRules {
+                on_bad_line: file.input.on_bad_line,
+                max_line_bytes: file.input.max_line_bytes.unwrap_or(MAX_LINE_BYTES).max(1),
+            },
             output,
             prepare,
             threshold: file.curate.threshold,

@@ -12,12 +12,12 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::error::DataFusionError;
-use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
 #[expect(
     deprecated,
     reason = "parquet 59's only object_store reader; revisit with arrow 60"
 )]
 use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
+use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use serde_json::Value;
@@ -36,6 +36,21 @@ pub enum BadLinePolicy {
     /// Skip the line and count it as a drop of the `candidates` stage.
     Skip,
 }
+
+/// How input lines are read: what a bad line does, and how long a line may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRules {
+    /// What to do with a malformed line.
+    pub on_bad_line: BadLinePolicy,
+    /// Longest line read, in bytes; a longer one is a bad line, never held whole.
+    pub max_line_bytes: usize,
+}
+
+/// The default longest line: far beyond any web document, far below what fills memory.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// The fields of a document read from a Parquet input; other columns are never decoded.
+const DOCUMENT_FIELDS: [&str; 6] = ["id", "text", "source", "added", "created", "metadata"];
 
 /// Rows per batch built from JSON lines.
 const BATCH_ROWS: usize = 4096;
@@ -93,27 +108,23 @@ impl IngestStats {
 
 /// The documents of `file` as a stream of batches of the `documents` schema, decoded as the
 /// file is read.
-pub fn document_batches(
-    file: InputFile,
-    policy: BadLinePolicy,
-    stats: Arc<IngestStats>,
-) -> BatchStream {
+pub fn document_batches(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> BatchStream {
     match file.format {
-        InputFormat::Parquet => parquet_stream(file, policy, stats),
-        _ => jsonl_stream(file, policy, stats),
+        InputFormat::Parquet => parquet_stream(file, rules.on_bad_line, stats),
+        _ => jsonl_stream(file, rules, stats),
     }
 }
 
 /// Batches of documents as they are decoded.
 pub type BatchStream = futures::stream::BoxStream<'static, datafusion::error::Result<RecordBatch>>;
 
-fn jsonl_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
+fn jsonl_stream(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> BatchStream {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let handle = tokio::runtime::Handle::current();
     // Decompression and JSON parsing are blocking CPU work: they run on a blocking thread
     // that reads the object as a byte stream and sends batches back.
     tokio::task::spawn_blocking(move || {
-        let result = read_jsonl(&handle, &file, policy, &stats, &tx);
+        let result = read_jsonl(&handle, &file, rules, &stats, &tx);
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(DataFusionError::from(e)));
         }
@@ -130,10 +141,11 @@ fn tokio_stream_from(
 fn read_jsonl(
     handle: &tokio::runtime::Handle,
     file: &InputFile,
-    policy: BadLinePolicy,
+    rules: ReadRules,
     stats: &IngestStats,
     tx: &tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>,
 ) -> Result<(), Error> {
+    let policy = rules.on_bad_line;
     let get = handle.block_on(file.store.get(&file.path))?;
     let raw: Box<dyn Read> = match get.payload {
         // A local file is read here, on this blocking thread: its byte stream would hand over
@@ -195,10 +207,13 @@ fn read_jsonl(
             }
             None => {
                 split_line.clear();
-                reader
-                    .read_until(b'\n', &mut split_line)
+                let fits = read_capped_line(&mut reader, &mut split_line, rules.max_line_bytes)
                     .map_err(|e| cannot_read(line_no, e))?;
-                take_line(&split_line, line_no, &mut batch, policy, stats, tx, file)
+                if fits {
+                    take_line(&split_line, line_no, &mut batch, policy, stats, tx, file)
+                } else {
+                    too_long(line_no, rules, stats, file).map(|()| true)
+                }
             }
         };
         if !flow? {
@@ -210,6 +225,59 @@ fn read_jsonl(
         let _ = tx.blocking_send(Ok(batch.finish()));
     }
     Ok(())
+}
+
+/// Reads one line (with its `\n`) into `out`, unless it is longer than `cap`: then the rest
+/// of it is skipped without being held, `out` is left empty and false returned.
+fn read_capped_line(
+    reader: &mut impl BufRead,
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<bool> {
+    let mut fits = true;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(fits);
+        }
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(end) => (end + 1, true),
+            None => (chunk.len(), false),
+        };
+        if fits && out.len() + take <= cap.saturating_add(1) {
+            out.extend_from_slice(&chunk[..take]);
+        } else {
+            fits = false;
+            out.clear();
+        }
+        reader.consume(take);
+        if done {
+            return Ok(fits);
+        }
+    }
+}
+
+/// A line longer than the rules allow: counted and skipped, or the error naming it.
+fn too_long(
+    line_no: u64,
+    rules: ReadRules,
+    stats: &IngestStats,
+    file: &InputFile,
+) -> Result<(), Error> {
+    match rules.on_bad_line {
+        BadLinePolicy::Skip => {
+            stats.add_skip("line_too_long");
+            Ok(())
+        }
+        BadLinePolicy::Error => Err(Error::Input {
+            file: file.display.clone(),
+            line: line_no,
+            message: format!(
+                "the line is longer than {} bytes ([input] max_line_bytes); it was not read. Raise the limit, fix the line, or set [input] on_bad_line = \"skip\"",
+                rules.max_line_bytes
+            ),
+        }),
+    }
 }
 
 /// Adds one line's document to `batch`, sending the batch when full, or counts the line as
@@ -452,6 +520,17 @@ fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats
             Some(r) => builder.with_row_groups(r.clone().collect()),
             None => builder,
         };
+        // Only the columns documents have: a Dolma Parquet may carry raw HTML beside `text`.
+        let wanted: Vec<usize> = builder
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| DOCUMENT_FIELDS.contains(&f.name().as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+        let builder = builder.with_projection(mask);
         let stream = builder
             .with_batch_size(BATCH_ROWS)
             .build()

@@ -274,7 +274,7 @@ impl Runner<'_> {
             DOCUMENTS,
             Arc::new(documents_table(
                 vec![file],
-                self.job.on_bad_line,
+                self.job.read_rules,
                 Arc::clone(&ingest),
             )?),
         )?;

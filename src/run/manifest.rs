@@ -84,7 +84,7 @@ pub fn fingerprint_stages(
         for table in tables {
             if table == DOCUMENTS {
                 fp.add("inputs", &job.inputs);
-                fp.add("input policy", &format!("{:?}", job.on_bad_line));
+                fp.add("input policy", &format!("{:?}", job.read_rules.on_bad_line));
                 fp.add("prepare settings", &job.prepare);
                 fp.add(
                     "shard size",

@@ -426,3 +426,145 @@ fn credentials_in_an_endpoint_url_are_redacted() {
         }
     }
 }
+
+/// Runs the binary with `args` under `/usr/bin/time` (when there); the output and the peak
+/// RSS in MiB.
+fn run_measured(args: &[&str], dir: &std::path::Path) -> (std::process::Output, Option<f64>) {
+    let report = dir.join("rss.txt");
+    let time = std::path::Path::new("/usr/bin/time").exists();
+    let mut cmd = if time {
+        let mut c = std::process::Command::new("/usr/bin/time");
+        c.args(["-f", "%M", "-o", report.to_str().unwrap()])
+            .arg(env!("CARGO_BIN_EXE_backforth"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+    };
+    let out = cmd
+        .args(args)
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let rss = time.then(|| {
+        let text = std::fs::read_to_string(&report).unwrap();
+        text.trim().lines().last().unwrap().parse::<f64>().unwrap() / 1024.0
+    });
+    (out, rss)
+}
+
+/// A 1 GB line in the middle of a gzip JSONL file is never held: it is counted and skipped
+/// (or, under the default policy, named by file and line), the lines around it are read, and
+/// memory stays under 400 MiB.
+#[test]
+fn a_gigabyte_line_is_skipped_in_bounded_memory() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("docs.jsonl.gz")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    writeln!(
+        gz,
+        "{}",
+        serde_json::json!({"id": "before", "text": "The line before."})
+    )
+    .unwrap();
+    gz.write_all(b"{\"id\": \"huge\", \"text\": \"").unwrap();
+    let block = vec![b'a'; 1 << 20];
+    for _ in 0..1024 {
+        gz.write_all(&block).unwrap();
+    }
+    gz.write_all(b"\"}\n").unwrap();
+    writeln!(
+        gz,
+        "{}",
+        serde_json::json!({"id": "after", "text": "The line after."})
+    )
+    .unwrap();
+    gz.finish().unwrap();
+    let job = |policy: &str| {
+        let path = dir.path().join(format!("job-{policy}.toml"));
+        std::fs::write(
+            &path,
+            format!("output = \"out-{policy}\"\n[input]\npaths = [\"docs.jsonl.gz\"]\non_bad_line = \"{policy}\"\n[[stages]]\nname = \"candidates\"\n"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (out, rss) = run_measured(&["run", &job("skip")], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = crate::support::util::marker(&dir.path().join("out-skip"), "candidates");
+    assert_eq!(m["rows_out"], 2);
+    assert_eq!(m["input"]["skipped"]["line_too_long"], 1);
+    if let Some(rss) = rss {
+        assert!(rss < 400.0, "peak RSS {rss:.0} MiB");
+    }
+    let (out, _) = run_measured(&["run", &job("error")], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("docs.jsonl.gz:2: the line is longer than 67108864 bytes"),
+        "{stderr}"
+    );
+}
+
+/// A Parquet input with a large column beside `text` (raw HTML, as some Dolma releases carry)
+/// is read without decoding that column: 400 MB of HTML in one row group, read in well under
+/// that.
+#[test]
+fn parquet_inputs_are_read_without_the_columns_documents_do_not_have() {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::parquet::arrow::ArrowWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 2000;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, false),
+        Field::new("html", DataType::Utf8, false),
+    ]));
+    let html = "<div>".repeat(40_000); // 200 KB a row
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("p{i}")),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("Page {i} has a short text of its own.")),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|_| html.as_str()),
+            )),
+        ],
+    )
+    .unwrap();
+    let file = std::fs::File::create(dir.path().join("pages.parquet")).unwrap();
+    let mut writer = ArrowWriter::try_new(file, schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    drop(batch);
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"pages.parquet\"]\n[[stages]]\nname = \"candidates\"\n",
+    )
+    .unwrap();
+    let (out, rss) = run_measured(&["run", job.to_str().unwrap()], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        crate::support::util::marker(&dir.path().join("out"), "candidates")["rows_out"],
+        rows
+    );
+    if let Some(rss) = rss {
+        assert!(rss < 250.0, "peak RSS {rss:.0} MiB");
+    }
+}
