@@ -255,7 +255,13 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
     let location = Location::parse(&base)?;
     if pattern.is_none() {
         // A single file: take it whatever its extension says, so odd names still work.
-        if let Ok(meta) = location.store.head(&location.prefix).await {
+        let head = match location.store.head(&location.prefix).await {
+            Ok(meta) => Some(meta),
+            Err(object_store::Error::NotFound { .. }) => None,
+            // Denied, unreachable, ...: say so, rather than that nothing matched.
+            Err(e) => return Err(Error::failed(format!("input '{spec}'"), e)),
+        };
+        if let Some(meta) = head {
             let name = meta.location.filename().unwrap_or_default();
             return Ok(vec![InputFile {
                 store: Arc::clone(&location.store),

@@ -377,19 +377,34 @@ async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
     } else {
         format!("{dir}/README.md")
     });
-    if let Ok(existing) = output.store.get(&card_path).await {
-        let bytes = existing.bytes().await?;
-        if !bytes.starts_with(CARD_MARK.as_bytes()) {
-            return job_error!(
-                "{} exists and was not written by backforth; export into another directory or pass --no-card",
-                output.display(&card_path)
-            );
+    // Only "not found" means there is no card: any other failure must not let us overwrite
+    // somebody else's README.
+    match output.store.get(&card_path).await {
+        Ok(existing) => {
+            let bytes = existing.bytes().await?;
+            if !bytes.starts_with(CARD_MARK.as_bytes()) {
+                return job_error!(
+                    "{} exists and was not written by backforth; export into another directory or pass --no-card",
+                    output.display(&card_path)
+                );
+            }
+        }
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => {
+            return Err(Error::failed(
+                format!(
+                    "checking {} before writing the card",
+                    output.display(&card_path)
+                ),
+                e,
+            ));
         }
     }
     let root = Location::parse(&opts.root)?;
     let job = match root.store.get(&root.path(JOB_FILE)).await {
-        Ok(got) => String::from_utf8_lossy(&got.bytes().await?).into_owned(),
-        Err(_) => "(not recorded)".to_string(),
+        Ok(got) => publishable_settings(&got.bytes().await?),
+        Err(object_store::Error::NotFound { .. }) => "(not recorded)".to_string(),
+        Err(e) => return Err(e.into()),
     };
     let tables = crate::outputs::stats::stats(
         &opts.root,
@@ -423,12 +438,20 @@ pub fn dataset_card(
     tables: &[crate::outputs::stats::Table],
 ) -> String {
     use std::fmt::Write as _;
-    let mut card = format!("{CARD_MARK}\n# {file_name}\n\n");
+    let mut card = format!("{CARD_MARK}\n# {}\n\n", markdown_text(file_name));
+    // The run's folder by its name only: a local path says whose machine made it.
+    let run = opts
+        .root
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
     let _ = writeln!(
         card,
         "Instruction-tuning pairs made by backforth (instruction back-and-forth translation) \
-         from the run at `{}`, table `{}`.\n",
-        opts.root, opts.table
+         from the run `{}`, table `{}`.\n",
+        markdown_text(run),
+        markdown_text(&opts.table)
     );
     let _ = writeln!(card, "| | |\n|---|---|");
     let _ = writeln!(card, "| format | {:?} |", opts.format);
@@ -445,19 +468,28 @@ pub fn dataset_card(
     );
     let _ = writeln!(card, "| seed pairs | {} |", counts.seed);
     let _ = writeln!(card, "| tag placement | {:?} |", opts.tag);
-    let _ = writeln!(card, "| synthetic tag | {} |", opts.tag_text);
+    let _ = writeln!(
+        card,
+        "| synthetic tag | {} |",
+        markdown_text(&opts.tag_text)
+    );
     if counts.seed > 0 {
-        let _ = writeln!(card, "| seed tag | {} |", opts.seed_tag_text);
+        let _ = writeln!(
+            card,
+            "| seed tag | {} |",
+            markdown_text(&opts.seed_tag_text)
+        );
     }
-    let _ = writeln!(card, "\n## Job\n\n```json\n{}\n```\n", job.trim());
+    let fence = fence_for(job);
+    let _ = writeln!(card, "\n## Job\n\n{fence}json\n{}\n{fence}\n", job.trim());
     let _ = writeln!(card, "## Statistics of the run\n");
     for table in tables {
-        let _ = writeln!(card, "### {}\n", table.title);
+        let _ = writeln!(card, "### {}\n", markdown_text(&table.title));
         if let Some(why) = &table.skipped {
             let _ = writeln!(card, "_skipped: {why}_\n");
             continue;
         }
-        let cell = |c: &str| c.replace('|', "\\|").replace('\n', " ");
+        let cell = |c: &str| markdown_text(c).into_owned();
         let _ = writeln!(
             card,
             "| {} |\n|{}",
@@ -479,4 +511,60 @@ pub fn dataset_card(
         card.push('\n');
     }
     card
+}
+
+/// The run's recorded settings as a card publishes them: models' names and decoding, stages,
+/// thresholds and prepare rules; not models' `extra` body fields or the job's `params`, which
+/// may hold anything, and a tokenizer by its file name, not its path on this machine.
+fn publishable_settings(recorded: &[u8]) -> String {
+    let Ok(mut job) = serde_json::from_slice::<Value>(recorded) else {
+        return "(unreadable)".to_string();
+    };
+    if let Some(models) = job.get_mut("models").and_then(Value::as_object_mut) {
+        for model in models.values_mut() {
+            if let Some(model) = model.as_object_mut() {
+                model.remove("extra");
+            }
+        }
+    }
+    if let Some(job) = job.as_object_mut() {
+        job.remove("params");
+    }
+    if let Some(tokenizer) = job.pointer_mut("/prepare/tokenizer")
+        && let Some(path) = tokenizer.as_str()
+    {
+        let name = path.rsplit(['/', '\\']).next().unwrap_or(path).to_string();
+        *tokenizer = Value::String(name);
+    }
+    serde_json::to_string_pretty(&job).unwrap_or_default()
+}
+
+/// `text` safe inside a Markdown table cell or heading: no HTML, comment, code span, table
+/// break or line break of its own, control characters escaped.
+fn markdown_text(text: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| "<>&`|*_[]\\\n\r".contains(c) || c.is_control();
+    if !text.chars().any(special) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in crate::escape::escape_control(&text.replace(['\n', '\r'], " ")).chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '`' | '|' | '*' | '_' | '[' | ']' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A code fence longer than any run of backticks in `text`, so nothing in it closes the
+/// block early.
+fn fence_for(text: &str) -> String {
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    "`".repeat(longest.max(2) + 1)
 }

@@ -568,3 +568,69 @@ fn parquet_inputs_are_read_without_the_columns_documents_do_not_have() {
         assert!(rss < 250.0, "peak RSS {rss:.0} MiB");
     }
 }
+
+/// The dataset card publishes what a reader of the dataset needs: no models' `extra` fields,
+/// no `params`, no path of this machine; and web text in its tables cannot break it (a
+/// comment, a code fence, HTML).
+#[test]
+fn the_dataset_card_keeps_private_settings_out_and_escapes_web_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = "<!-- ``` <script>alert(1)</script> | *x* -->";
+    let docs = [
+        serde_json::json!({"id": "h", "text": hostile}).to_string(),
+        serde_json::json!({"id": "g", "text": "A long enough document about rivers and the bridges over them, written plainly for the test."}).to_string(),
+    ];
+    std::fs::write(dir.path().join("docs.jsonl"), docs.join("\n") + "\n").unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[prepare]\nmin_chars = 60\n\
+         [params]\ninternal = \"corp-secret-value\"\n\
+         [models.backward]\nendpoint = \"mock\"\nmodel = \"m\"\nextra = { x_internal_header = \"internal-route-7\" }\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+    )
+    .unwrap();
+    let run = backforth(&["run", job.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let root = dir.path().join("out");
+    let sft = dir.path().join("export/sft.jsonl");
+    let out = backforth(&[
+        "export",
+        "--root",
+        root.to_str().unwrap(),
+        "--table",
+        "backtranslated",
+        "--output",
+        sft.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let card = std::fs::read_to_string(dir.path().join("export/README.md")).unwrap();
+    assert!(
+        card.contains("too\\_short"),
+        "the dropped row's table is there: {card}"
+    );
+    assert_eq!(
+        card.matches("<!--").count(),
+        1,
+        "only the card's own mark: {card}"
+    );
+    assert!(
+        !card.contains("<script>") && !card.contains("-->\n| "),
+        "{card}"
+    );
+    for private in [
+        "corp-secret-value",
+        "internal-route-7",
+        dir.path().to_str().unwrap(),
+    ] {
+        assert!(!card.contains(private), "{private} in the card:\n{card}");
+    }
+}
