@@ -442,6 +442,14 @@ fn check_model(spec: &ModelSpec) -> Result<()> {
             spec.concurrency
         );
     }
+    for (name, secs, most) in [
+        ("timeout_secs", spec.timeout_secs, 7 * 86_400),
+        ("throttle_secs", spec.throttle_secs, 30 * 86_400),
+    ] {
+        if secs > most {
+            return job_error!("[models.{role}] {name} = {secs}: give at most {most} seconds");
+        }
+    }
     for (name, rate) in [
         ("requests_per_minute", spec.requests_per_minute),
         ("input_tokens_per_minute", spec.input_tokens_per_minute),

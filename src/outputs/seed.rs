@@ -8,7 +8,7 @@
 //! and reported with the file, line and message; the rest of the file is still used.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StructArray};
@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::error::{Context, Error, Result};
 use crate::outputs::export::{self, Format, Pair, TagMode};
+use crate::prepare::ingest::{MAX_LINE_BYTES, read_capped_line};
 use crate::root::objects::parquet_of;
 
 /// The number of seed pairs both papers use.
@@ -112,9 +113,26 @@ pub async fn read_messages(input: &Path, problems: &mut Vec<Problem>) -> Result<
         Box::new(file)
     };
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(reader).lines().enumerate() {
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut bytes = Vec::new();
+    for i in 0.. {
         let at = format!("{name}:{}", i + 1);
-        let line = line.with_context(|| format!("{at}"))?;
+        bytes.clear();
+        let fits = read_capped_line(&mut reader, &mut bytes, MAX_LINE_BYTES)
+            .with_context(|| at.clone())?;
+        if bytes.is_empty() && fits {
+            break;
+        }
+        if !fits {
+            problems.push(Problem {
+                at,
+                tree: String::new(),
+                kind: "unreadable line",
+                message: format!("longer than {MAX_LINE_BYTES} bytes; line skipped"),
+            });
+            continue;
+        }
+        let line = String::from_utf8_lossy(&bytes);
         if line.trim().is_empty() {
             continue;
         }
@@ -311,7 +329,8 @@ impl MessageColumns {
             .iter()
             .position(|n| n == Some("quality"))?;
         let values = values.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
-        (!values.is_null(i)).then(|| values.value(i))
+        // The two lists may differ in length in a damaged file: a missing value is no value.
+        (i < values.len() && !values.is_null(i)).then(|| values.value(i))
     }
 
     fn message(&self, r: usize, at: &str) -> std::result::Result<Message, Problem> {

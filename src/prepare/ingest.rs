@@ -229,7 +229,7 @@ fn read_jsonl(
 
 /// Reads one line (with its `\n`) into `out`, unless it is longer than `cap`: then the rest
 /// of it is skipped without being held, `out` is left empty and false returned.
-fn read_capped_line(
+pub fn read_capped_line(
     reader: &mut impl BufRead,
     out: &mut Vec<u8>,
     cap: usize,

@@ -130,6 +130,11 @@ fn impossible_settings_are_refused_by_name() {
         "temperature = inf",
     );
     refused(
+        &["run", &job("throttle_secs = 18446744073709551615")],
+        &[],
+        "throttle_secs = 18446744073709551615",
+    );
+    refused(
         &["run", &job(""), "--concurrency", "1000000000000"],
         &[],
         "concurrency = 1000000000000",
@@ -633,4 +638,52 @@ fn the_dataset_card_keeps_private_settings_out_and_escapes_web_text() {
     ] {
         assert!(!card.contains(private), "{private} in the card:\n{card}");
     }
+}
+
+/// `seed` reads OASST lines up to the same cap as the input: a 70 MB line is reported by file
+/// and line and skipped; the rest of the file gives the same pairs as without it.
+#[test]
+fn seed_skips_a_line_longer_than_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture =
+        std::fs::read_to_string(repo().join("tests/fixtures/oasst/messages.jsonl")).unwrap();
+    let mut lines: Vec<String> = fixture.lines().map(str::to_string).collect();
+    lines.insert(2, format!("{{\"text\": \"{}\"}}", "z".repeat(70 << 20)));
+    let input = dir.path().join("messages.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |input: &str, out: &std::path::Path| {
+        let out_run = backforth(&[
+            "seed",
+            "--input",
+            input,
+            "--output",
+            out.to_str().unwrap(),
+            "--count",
+            "2",
+        ]);
+        assert!(
+            out_run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out_run.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("seed_report.json")).unwrap())
+                .unwrap();
+        report
+    };
+    let with = run(input.to_str().unwrap(), &dir.path().join("with"));
+    let without = run(
+        "tests/fixtures/oasst/messages.jsonl",
+        &dir.path().join("without"),
+    );
+    assert_eq!(with["kept"], without["kept"]);
+    assert_eq!(with["eligible"], without["eligible"]);
+    let problems = with["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["at"].as_str().unwrap().ends_with("messages.jsonl:3")
+                && p["message"].as_str().unwrap().contains("longer than")),
+        "{problems:?}"
+    );
 }

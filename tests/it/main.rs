@@ -8,6 +8,7 @@ mod dedup;
 mod examples;
 mod export;
 mod faults;
+mod fuzz;
 mod hostile;
 mod ingest;
 mod inputs;
