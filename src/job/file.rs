@@ -65,6 +65,9 @@ pub struct InputConfig {
     pub on_bad_line: BadLinePolicy,
     /// Longest input line read, in bytes (default 64 MiB); a longer line is a bad line.
     pub max_line_bytes: Option<usize>,
+    /// Largest Parquet row group decoded at once (its document columns, uncompressed), in
+    /// bytes (default 2 GiB); a larger one stops the run naming the file.
+    pub max_row_group_bytes: Option<u64>,
 }
 
 /// `[prepare]`: how documents become candidates.

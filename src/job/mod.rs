@@ -23,7 +23,7 @@ use crate::job::file::{
 };
 use crate::job::template::{called_functions, render_sql};
 use crate::job_error;
-use crate::prepare::ingest::{MAX_LINE_BYTES, ReadRules};
+use crate::prepare::ingest::{MAX_LINE_BYTES, MAX_ROW_GROUP_BYTES, ReadRules};
 use crate::prepare::segment::CandidateMode;
 
 pub use crate::job::file::{Api, Overrides};
@@ -280,6 +280,10 @@ impl Job {
             read_rules: ReadRules {
                 on_bad_line: file.input.on_bad_line,
                 max_line_bytes: file.input.max_line_bytes.unwrap_or(MAX_LINE_BYTES).max(1),
+                max_row_group_bytes: file
+                    .input
+                    .max_row_group_bytes
+                    .unwrap_or(MAX_ROW_GROUP_BYTES),
             },
             output,
             prepare,

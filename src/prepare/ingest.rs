@@ -44,7 +44,12 @@ pub struct ReadRules {
     pub on_bad_line: BadLinePolicy,
     /// Longest line read, in bytes; a longer one is a bad line, never held whole.
     pub max_line_bytes: usize,
+    /// Largest Parquet row group decoded (its document columns, uncompressed), in bytes.
+    pub max_row_group_bytes: u64,
 }
+
+/// The default largest row group: a few of them decoded at once must fit in memory.
+pub const MAX_ROW_GROUP_BYTES: u64 = 2 << 30;
 
 /// The default longest line: far beyond any web document, far below what fills memory.
 pub const MAX_LINE_BYTES: usize = 64 << 20;
@@ -110,7 +115,7 @@ impl IngestStats {
 /// file is read.
 pub fn document_batches(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> BatchStream {
     match file.format {
-        InputFormat::Parquet => parquet_stream(file, rules.on_bad_line, stats),
+        InputFormat::Parquet => parquet_stream(file, rules, stats),
         _ => jsonl_stream(file, rules, stats),
     }
 }
@@ -505,7 +510,8 @@ impl DocBatch {
     }
 }
 
-fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats>) -> BatchStream {
+fn parquet_stream(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> BatchStream {
+    let policy = rules.on_bad_line;
     let (display, key) = (file.display.clone(), file.key.clone());
     futures::stream::once(async move {
         let builder = parquet_builder(&file).await?;
@@ -529,6 +535,12 @@ fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats
             .filter(|(_, f)| DOCUMENT_FIELDS.contains(&f.name().as_str()))
             .map(|(i, _)| i)
             .collect();
+        check_row_groups(
+            builder.metadata(),
+            &file,
+            &wanted,
+            rules.max_row_group_bytes,
+        )?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
         let builder = builder.with_projection(mask);
         let stream = builder
@@ -546,6 +558,44 @@ fn parquet_stream(file: InputFile, policy: BadLinePolicy, stats: Arc<IngestStats
     })
     .try_flatten()
     .boxed()
+}
+
+/// Fails, naming the file, the row group and the limit, when a row group of the shard holds
+/// more than `limit` bytes in the document columns `roots` once decoded: it would be read
+/// into memory whole.
+fn check_row_groups(
+    metadata: &datafusion::parquet::file::metadata::ParquetMetaData,
+    file: &InputFile,
+    roots: &[usize],
+    limit: u64,
+) -> datafusion::error::Result<()> {
+    let schema = metadata.file_metadata().schema_descr();
+    let groups = match &file.row_groups {
+        Some(r) => r.clone(),
+        None => 0..metadata.num_row_groups(),
+    };
+    for g in groups {
+        let bytes: i64 = metadata
+            .row_group(g)
+            .columns()
+            .iter()
+            .enumerate()
+            .filter(|(c, _)| roots.contains(&schema.get_column_root_idx(*c)))
+            .map(|(_, column)| column.uncompressed_size())
+            .sum();
+        if bytes.max(0) as u64 > limit {
+            return Err(input_error(
+                &file.display,
+                0,
+                format!(
+                    "row group {g} holds {} MB of document columns uncompressed, more than [input] max_row_group_bytes ({} MB) allows to decode at once; rewrite the file with smaller row groups, or raise the limit",
+                    bytes >> 20,
+                    limit >> 20
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[expect(deprecated, reason = "parquet 59's only object_store reader")]

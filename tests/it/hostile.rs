@@ -687,3 +687,43 @@ fn seed_skips_a_line_longer_than_the_cap() {
         "{problems:?}"
     );
 }
+
+/// A Parquet row group too large to decode at once is a clear error naming the file, the row
+/// group and the limit, not an out-of-memory kill.
+#[test]
+fn a_row_group_beyond_the_limit_is_refused_by_name() {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::parquet::arrow::ArrowWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)]));
+    let text = "word ".repeat(20_000); // 100 KB a row, 20 MB in the row group
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(StringArray::from_iter_values(
+            (0..200).map(|i| format!("{i} {text}")),
+        ))],
+    )
+    .unwrap();
+    let file = std::fs::File::create(dir.path().join("big.parquet")).unwrap();
+    let mut writer = ArrowWriter::try_new(file, schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"big.parquet\"]\nmax_row_group_bytes = 5000000\n[[stages]]\nname = \"candidates\"\n",
+    )
+    .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("big.parquet")
+            && stderr.contains("row group 0 holds")
+            && stderr.contains("max_row_group_bytes (4 MB)"),
+        "{stderr}"
+    );
+}
