@@ -19,7 +19,7 @@ use crate::outputs::export::{self, ExportOptions, Format};
 use crate::outputs::report::{report, write_pngs};
 use crate::outputs::seed::{problem_summary, seed};
 use crate::outputs::stats::{StatsOptions, render_csv, render_text, stats};
-use crate::run::batch::{capture_stage_requests, import_batch_results};
+use crate::run::batch::{capture_stage_requests, import_batch_results, result_lines};
 use crate::run::worker::Worker;
 use crate::run::{RunOptions, run};
 use crate::storage::Location;
@@ -306,9 +306,9 @@ async fn batch(action: BatchAction) -> Result<ExitCode> {
         BatchAction::Import { job, results } => {
             let job = job.load()?;
             let location = Location::parse(&results)?;
-            let bytes = location.store.get(&location.prefix).await?.bytes().await?;
-            let text = String::from_utf8_lossy(&bytes);
-            let (recorded, failed) = import_batch_results(&job, &results, &text).await?;
+            let stream = location.store.get(&location.prefix).await?.into_stream();
+            let (recorded, failed) =
+                import_batch_results(&job, &results, result_lines(stream)).await?;
             eprintln!(
                 "recorded {recorded} responses in the journal; {failed} failed lines (their requests will be sent by `run`)"
             );

@@ -14,7 +14,7 @@ use crate::error::{Context, Error, Result};
 use crate::escape::escape_control;
 use crate::execution_error;
 use crate::job::Job;
-use crate::run::batch::{capture_stage_requests, import_batch_results};
+use crate::run::batch::{ResultLines, capture_stage_requests, import_batch_results, result_lines};
 use crate::storage::Location;
 
 /// Most request lines in one uploaded file (the API's limit).
@@ -121,7 +121,7 @@ impl Api {
         .await
     }
 
-    async fn content(&self, file_id: &str) -> Result<String> {
+    async fn content(&self, file_id: &str) -> Result<ResultLines> {
         let response = self
             .request(reqwest::Method::GET, &format!("files/{file_id}/content"))
             .send()
@@ -133,10 +133,7 @@ impl Api {
                 response.status()
             )));
         }
-        response
-            .text()
-            .await
-            .with_context(|| format!("Batch API, downloading {file_id}"))
+        Ok(result_lines(response.bytes_stream()))
     }
 }
 
@@ -248,9 +245,9 @@ async fn wait(
                 }
             }
             if let Some(output) = status["output_file_id"].as_str() {
-                let text = api.content(output).await?;
+                let lines = api.content(output).await?;
                 let (ok, _failed) =
-                    import_batch_results(job, &format!("batch {}", record.id), &text).await?;
+                    import_batch_results(job, &format!("batch {}", record.id), lines).await?;
                 recorded += ok;
             }
             tracing::info!(batch = %record.id, status = %state, "Batch ended.");

@@ -3,16 +3,20 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::job::Job;
 use crate::job::catalog::DOCUMENTS;
 use crate::job_error;
 use crate::llm::capture::Capture;
-use crate::llm::journal::Journal;
+use crate::llm::journal::{Journal, JournalScope};
 use crate::llm::pool::LlmPool;
+use crate::llm::reply::Reply;
 use crate::llm::wire::parse_any_completion;
+use crate::prepare::ingest::MAX_LINE_BYTES;
 use crate::root::tables::register_stage_table;
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
@@ -57,43 +61,123 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
     Ok(capture.lines())
 }
 
+/// A file's bytes as they arrive, read line by line.
+pub type ResultLines = tokio::io::BufReader<
+    tokio_util::io::StreamReader<BoxStream<'static, std::io::Result<Bytes>>, Bytes>,
+>;
+
+/// `stream` (an object being read, a download) as lines to read.
+pub fn result_lines<E: std::fmt::Display>(
+    stream: impl futures::Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+) -> ResultLines {
+    let stream = stream
+        .map(|chunk| chunk.map_err(|e| std::io::Error::other(e.to_string())))
+        .boxed();
+    tokio::io::BufReader::with_capacity(1 << 20, tokio_util::io::StreamReader::new(stream))
+}
+
+/// Results recorded in the journal at a time.
+const IMPORT_CHUNK: usize = 4096;
+
 /// Records the results of an offline batch (`vllm run-batch` output, or an OpenAI Batch
-/// output file) in the journal of `job`'s output root, keyed by `custom_id`, so the next run
-/// answers those requests without sending them. Returns (recorded, failed) line counts.
-pub async fn import_batch_results(job: &Job, file: &str, text: &str) -> Result<(u64, u64)> {
+/// output file), read as they stream, in the journal of `job`'s output root, keyed by
+/// `custom_id`, so the next run answers those requests without sending them. A line longer
+/// than the input's line cap counts as failed. Returns (recorded, failed) line counts.
+pub async fn import_batch_results(
+    job: &Job,
+    file: &str,
+    mut lines: ResultLines,
+) -> Result<(u64, u64)> {
     let root = Location::parse(&job.output)?;
     let journal = Journal::open(&root).await?;
     let imported = journal.import_scope();
+    let (mut recorded, mut failed) = (0u64, 0u64);
     let mut replies = Vec::new();
-    let mut failed = 0;
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let bad = |message: String| Error::Input {
-            file: file.to_string(),
-            line: i as u64 + 1,
-            message,
-        };
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| bad(format!("not valid JSON: {e}; is this a batch output file?")))?;
-        let key = v["custom_id"]
-            .as_str()
-            .ok_or_else(|| bad("no custom_id; is this a batch output file?".into()))?
-            .to_string();
-        let response = &v["response"];
-        let ok = response["status_code"].as_u64() == Some(200) && v["error"].is_null();
-        let parsed = ok
-            .then(|| parse_any_completion(&response["body"]))
-            .and_then(|r| r.ok());
-        match parsed {
-            Some(reply) => replies.push((key, reply)),
+    let mut line = Vec::new();
+    for i in 0u64.. {
+        line.clear();
+        let fits = read_capped_line_async(&mut lines, &mut line, MAX_LINE_BYTES)
+            .await
+            .with_context(|| format!("{file}:{}", i + 1))?;
+        if line.is_empty() && fits {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line);
+        if !fits {
+            failed += 1;
+            continue;
+        }
+        if text.trim().is_empty() {
+            continue;
+        }
+        match batch_result(&text, file, i + 1)? {
+            Some(reply) => replies.push(reply),
             None => failed += 1,
         }
+        if replies.len() >= IMPORT_CHUNK {
+            recorded += record_all(&imported, &mut replies).await;
+        }
     }
-    let recorded = replies.len() as u64;
-    futures::future::join_all(replies.iter().map(|(k, r)| imported.record(k, r))).await;
+    recorded += record_all(&imported, &mut replies).await;
     journal.check()?;
     Ok((recorded, failed))
+}
+
+/// Records `replies` and empties it; how many there were.
+async fn record_all(scope: &JournalScope, replies: &mut Vec<(String, Reply)>) -> u64 {
+    futures::future::join_all(replies.iter().map(|(k, r)| scope.record(k, r))).await;
+    let n = replies.len() as u64;
+    replies.clear();
+    n
+}
+
+/// One result line: the request's key and its reply, or `None` for a failed request.
+fn batch_result(line: &str, file: &str, line_no: u64) -> Result<Option<(String, Reply)>> {
+    let bad = |message: String| Error::Input {
+        file: file.to_string(),
+        line: line_no,
+        message,
+    };
+    let v: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| bad(format!("not valid JSON: {e}; is this a batch output file?")))?;
+    let key = v["custom_id"]
+        .as_str()
+        .ok_or_else(|| bad("no custom_id; is this a batch output file?".into()))?
+        .to_string();
+    let response = &v["response"];
+    let ok = response["status_code"].as_u64() == Some(200) && v["error"].is_null();
+    Ok(ok
+        .then(|| parse_any_completion(&response["body"]))
+        .and_then(|r| r.ok())
+        .map(|reply| (key, reply)))
+}
+
+/// [`read_capped_line`](crate::prepare::ingest::read_capped_line) for an async reader.
+async fn read_capped_line_async(
+    reader: &mut ResultLines,
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncBufReadExt;
+    let mut fits = true;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(fits);
+        }
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(end) => (end + 1, true),
+            None => (chunk.len(), false),
+        };
+        if fits && out.len() + take <= cap.saturating_add(1) {
+            out.extend_from_slice(&chunk[..take]);
+        } else {
+            fits = false;
+            out.clear();
+        }
+        reader.consume(take);
+        if done {
+            return Ok(fits);
+        }
+    }
 }
