@@ -244,3 +244,42 @@ fn request_files_stay_within_the_batch_api_limits() {
         .collect();
     assert_eq!(counts, vec![MAX_LINES, MAX_LINES, 1]);
 }
+
+/// A Batch API status the client does not know stops `batch submit` with a message naming it
+/// (and where the batch id is kept), instead of polling forever.
+#[test]
+fn an_unknown_batch_status_stops_polling_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let url = server.url();
+    let common = [
+        "--output",
+        root.to_str().unwrap(),
+        "--endpoint",
+        url.as_str(),
+        "--model",
+        "m",
+    ];
+    let mut args = vec!["run", "examples/bft.toml", "--stages", "prepare"];
+    args.extend(common);
+    backforth_ok(&args);
+    server.state.batch.lock().unwrap().status_override = Some("paused\u{1b}[2J".into());
+    let mut args = vec![
+        "batch",
+        "submit",
+        "examples/bft.toml",
+        "--stage",
+        "backtranslate",
+        "--poll-secs",
+        "0.05",
+    ];
+    args.extend(common);
+    let out = crate::support::util::backforth(&args);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown status 'paused\\u{1b}[2J'") && stderr.contains("_batches"),
+        "{stderr}"
+    );
+}

@@ -727,3 +727,52 @@ fn a_row_group_beyond_the_limit_is_refused_by_name() {
         "{stderr}"
     );
 }
+
+/// An OASST Parquet row whose label lists differ in length (a damaged file) is read as a
+/// missing quality label, not an index past the end of a list.
+#[tokio::test(flavor = "multi_thread")]
+async fn oasst_label_lists_of_different_lengths_are_a_missing_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("train.parquet");
+    let row = |id: &str, parent: &str, role: &str, rank: &str, text: &str, values: &str| {
+        format!(
+            "SELECT '{id}' AS message_id, {parent} AS parent_id, 't1' AS message_tree_id, \
+             '{role}' AS role, 'en' AS lang, CAST({rank} AS INT) AS rank, '{text}' AS text, \
+             false AS deleted, true AS review_result, \
+             named_struct('name', make_array('spam', 'quality'), 'value', {values}, \
+                          'count', make_array(3, 3)) AS labels"
+        )
+    };
+    let sql = [
+        row(
+            "p1",
+            "CAST(NULL AS VARCHAR)",
+            "prompter",
+            "NULL",
+            "Why is the sky blue?",
+            "make_array(0.0, 0.4)",
+        ),
+        // One value for two names: the quality label is missing.
+        row(
+            "a1",
+            "'p1'",
+            "assistant",
+            "0",
+            "Air scatters blue light most.",
+            "make_array(0.0)",
+        ),
+    ]
+    .join(" UNION ALL ");
+    let ctx = datafusion::prelude::SessionContext::new();
+    crate::support::util::copy_to_parquet(&ctx, &sql, &file).await;
+    let out = backforth(&[
+        "seed",
+        "--input",
+        file.to_str().unwrap(),
+        "--output",
+        dir.path().join("seed").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -61,6 +61,8 @@ pub struct FakeBatchApi {
     pub failed: std::collections::HashSet<String>,
     /// Request lines of every batch created, in order.
     pub batch_sizes: Vec<usize>,
+    /// When set, every batch reports this status when polled.
+    pub status_override: Option<String>,
 }
 
 /// A misbehaviour the fake can be scripted to show.
@@ -312,6 +314,9 @@ fn batch_api(
     if method == "GET" && path.starts_with("/v1/batches/") {
         let id = path.trim_start_matches("/v1/batches/").to_string();
         let (file, polls) = api.batches.get(&id)?.clone();
+        if let Some(status) = &api.status_override {
+            return Some(("200 OK", json!({"id": id, "status": status}).to_string()));
+        }
         if polls > 0 {
             api.batches.insert(id.clone(), (file, polls - 1));
             return Some((
