@@ -55,14 +55,21 @@ impl Runner<'_> {
             let batch = batch?;
             let ids = cast(batch.column(0), &DataType::Utf8)?;
             let ids = ids.as_string::<i32>();
+            let listed = matches!(
+                batch.column(1).data_type(),
+                DataType::List(_) | DataType::LargeList(_) | DataType::ListView(_)
+            );
             let column = cast(
                 batch.column(1),
                 &DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
             )
-            .map_err(|e| {
+            .ok()
+            .filter(|_| listed)
+            .ok_or_else(|| {
                 Error::Job(format!(
-                    "stage '{}': the `minhash` column of '{from}' is not a list of signature values ({e}); run '{from}' again with [prepare.near_dedup]",
-                    plan.name
+                    "stage '{}': the `minhash` column of '{from}' is not a list of signature values but {}; run '{from}' again with [prepare.near_dedup]",
+                    plan.name,
+                    batch.column(1).data_type()
                 ))
             })?;
             let lists = column.as_list::<i32>();

@@ -776,3 +776,36 @@ async fn oasst_label_lists_of_different_lengths_are_a_missing_label() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A `minhash` column that is not a list of signature values (a stage of the user's own
+/// writing text there) is a job error naming the stage and the column, not a panic.
+#[test]
+fn a_minhash_column_of_another_type_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"id\": \"a\", \"text\": \"One document.\"}\n{\"id\": \"b\", \"text\": \"Another document.\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("candidates.sql"),
+        "SELECT doc_id AS id, doc_id, text, 'not a signature' AS minhash, file, line, 0 AS ordinal, \
+         dedup_key(text) AS dedup_key, CAST(NULL AS VARCHAR) AS _drop FROM documents",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[prepare.near_dedup]\n\
+         [[stages]]\nname = \"candidates\"\nsql = \"candidates.sql\"\n[[stages]]\nname = \"deduped\"\n",
+    )
+    .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stage 'deduped': the `minhash` column of 'candidates' is not a list"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
