@@ -176,9 +176,12 @@ impl Journal {
         Ok(Arc::new(self.scope_over(known, None, None)))
     }
 
-    /// Where the results of an offline batch are recorded: every run reads them.
+    /// Where the results of an offline batch are recorded: every run reads them. It keeps
+    /// nothing in memory, so an import of any size costs what is in flight.
     pub fn import_scope(&self) -> Arc<JournalScope> {
-        Arc::new(self.scope_over(HashMap::new(), Some(self.dir.child(IMPORTED_DIR)), None))
+        let mut scope = self.scope_over(HashMap::new(), Some(self.dir.child(IMPORTED_DIR)), None);
+        scope.retain = false;
+        Arc::new(scope)
     }
 
     fn scope_over(
@@ -208,6 +211,7 @@ impl Journal {
             writer,
             segments,
             compact_to,
+            retain: true,
         }
     }
 
@@ -231,6 +235,8 @@ pub struct JournalScope {
     writer: Option<mpsc::UnboundedSender<Pending>>,
     segments: Option<Location>,
     compact_to: Option<(Location, Path)>,
+    /// Whether recorded responses are kept for lookups (not when importing).
+    retain: bool,
 }
 
 impl JournalScope {
@@ -243,6 +249,7 @@ impl JournalScope {
             writer: None,
             segments: None,
             compact_to: None,
+            retain: true,
         })
     }
 
@@ -282,10 +289,12 @@ impl JournalScope {
             top_logprobs: reply.top_logprobs.clone(),
             cost_usd: reply.cost_usd,
         };
-        self.known
-            .lock()
-            .expect("lock poisoned")
-            .insert(key.to_string(), entry.clone());
+        if self.retain {
+            self.known
+                .lock()
+                .expect("lock poisoned")
+                .insert(key.to_string(), entry.clone());
+        }
         let Some(writer) = &self.writer else { return };
         let (done, wait) = oneshot::channel();
         if writer.send(Pending { entry, done }).is_ok() {

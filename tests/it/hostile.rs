@@ -809,3 +809,58 @@ fn a_minhash_column_of_another_type_is_refused_by_name() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Importing a large batch results file streams it: 120 MB of results are recorded in the
+/// journal with the process under 150 MiB.
+#[test]
+fn a_large_batch_results_file_is_imported_in_bounded_memory() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document.\"}\n",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[[stages]]\nname = \"candidates\"\n",
+    )
+    .unwrap();
+    let results = dir.path().join("results.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&results).unwrap());
+    let answer = "an answer of some length ".repeat(40);
+    let n = 120_000;
+    for i in 0..n {
+        let line = serde_json::json!({
+            "custom_id": format!("{i:064x}"),
+            "response": {"status_code": 200, "body": {
+                "choices": [{"message": {"content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 200}
+            }},
+            "error": null
+        });
+        writeln!(file, "{line}").unwrap();
+    }
+    file.flush().unwrap();
+    drop(file);
+    assert!(std::fs::metadata(&results).unwrap().len() > 100 << 20);
+    let (out, rss) = run_measured(
+        &[
+            "batch",
+            "import",
+            job.to_str().unwrap(),
+            results.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("recorded {n} responses")),
+        "{stderr}"
+    );
+    if let Some(rss) = rss {
+        assert!(rss < 150.0, "peak RSS {rss:.0} MiB");
+    }
+}
