@@ -239,26 +239,48 @@ pub fn read_capped_line(
     out: &mut Vec<u8>,
     cap: usize,
 ) -> std::io::Result<bool> {
-    let mut fits = true;
+    let mut line = CappedLine::new(cap);
     loop {
         let chunk = reader.fill_buf()?;
-        if chunk.is_empty() {
-            return Ok(fits);
+        let (taken, done) = line.take(chunk, out);
+        reader.consume(taken);
+        if done {
+            return Ok(line.fits);
         }
-        let (take, done) = match memchr::memchr(b'\n', chunk) {
+    }
+}
+
+/// One line being read chunk by chunk, up to a cap, from a sync or an async reader.
+#[derive(Debug)]
+pub struct CappedLine {
+    cap: usize,
+    /// False once the line has passed the cap (what was read of it is dropped).
+    pub fits: bool,
+}
+
+impl CappedLine {
+    /// A line of at most `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self { cap, fits: true }
+    }
+
+    /// Takes from `chunk` (an empty one: the end of the input) what belongs to the line into
+    /// `out`; returns how many bytes were taken and whether the line is complete.
+    pub fn take(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
+        if chunk.is_empty() {
+            return (0, true);
+        }
+        let (taken, done) = match memchr::memchr(b'\n', chunk) {
             Some(end) => (end + 1, true),
             None => (chunk.len(), false),
         };
-        if fits && out.len() + take <= cap.saturating_add(1) {
-            out.extend_from_slice(&chunk[..take]);
+        if self.fits && out.len() + taken <= self.cap.saturating_add(1) {
+            out.extend_from_slice(&chunk[..taken]);
         } else {
-            fits = false;
+            self.fits = false;
             out.clear();
         }
-        reader.consume(take);
-        if done {
-            return Ok(fits);
-        }
+        (taken, done)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::llm::journal::{Journal, JournalScope};
 use crate::llm::pool::LlmPool;
 use crate::llm::reply::Reply;
 use crate::llm::wire::parse_any_completion;
-use crate::prepare::ingest::MAX_LINE_BYTES;
+use crate::prepare::ingest::{CappedLine, MAX_LINE_BYTES};
 use crate::root::tables::register_stage_table;
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
@@ -159,25 +159,13 @@ async fn read_capped_line_async(
     cap: usize,
 ) -> std::io::Result<bool> {
     use tokio::io::AsyncBufReadExt;
-    let mut fits = true;
+    let mut line = CappedLine::new(cap);
     loop {
         let chunk = reader.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(fits);
-        }
-        let (take, done) = match memchr::memchr(b'\n', chunk) {
-            Some(end) => (end + 1, true),
-            None => (chunk.len(), false),
-        };
-        if fits && out.len() + take <= cap.saturating_add(1) {
-            out.extend_from_slice(&chunk[..take]);
-        } else {
-            fits = false;
-            out.clear();
-        }
-        reader.consume(take);
+        let (taken, done) = line.take(chunk, out);
+        reader.consume(taken);
         if done {
-            return Ok(fits);
+            return Ok(line.fits);
         }
     }
 }
