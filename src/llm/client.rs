@@ -77,6 +77,8 @@ pub struct ModelClient {
     pub(crate) spec: ModelSpec,
     pub(crate) endpoints: Vec<Arc<Endpoint>>,
     pub(crate) key: Option<ApiKey>,
+    /// For each endpoint, whether the key goes with requests to it.
+    pub(crate) key_to: Vec<bool>,
     pub(crate) in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
     /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
     pub(crate) spent: Arc<AtomicU64>,
@@ -89,6 +91,14 @@ impl ModelClient {
     /// The role's resolved settings.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// Whether the role's key goes with requests to `endpoint`.
+    fn key_allowed(&self, endpoint: &Endpoint) -> bool {
+        self.endpoints
+            .iter()
+            .zip(&self.key_to)
+            .any(|(e, allowed)| *allowed && std::ptr::eq(e.as_ref(), endpoint))
     }
 
     /// The endpoint that counts calls answered without a request of their own.
@@ -318,8 +328,9 @@ impl ModelClient {
         body: &Value,
     ) -> Result<Reply, Failure> {
         let mut request = endpoint.http.post(url).json(body);
+        let key_allowed = self.key_allowed(endpoint);
         if let Some(key) = &self.key
-            && self.spec.sends_key_to(&endpoint.base_url)
+            && key_allowed
         {
             request = request.bearer_auth(&key.0);
         }
@@ -353,7 +364,7 @@ impl ModelClient {
         }
         if status.as_u16() == 401 || status.as_u16() == 403 {
             let env = &self.spec.api_key_env;
-            let why = if self.key.is_some() && !self.spec.sends_key_to(&endpoint.base_url) {
+            let why = if self.key.is_some() && !key_allowed {
                 format!(
                     "${env} is set but not sent to {}: a key goes to OpenAI, or to the endpoints of a role that names it (api_key_env), and over plain http only to this machine unless key_over_http = true",
                     endpoint.shown

@@ -80,12 +80,18 @@ impl LlmPool {
                 .ok()
                 .filter(|k| !k.is_empty())
                 .map(ApiKey);
+            // Decided once per endpoint, not per request.
+            let key_to = endpoints
+                .iter()
+                .map(|e| spec.sends_key_to(&e.base_url))
+                .collect();
             pool.models.insert(
                 spec.role.clone(),
                 ModelClient {
                     spec: (*spec).clone(),
                     endpoints,
                     key,
+                    key_to,
                     in_flight: Arc::default(),
                     spent: Arc::clone(&pool.spent),
                     budget: pool.budget,

@@ -89,8 +89,12 @@ impl Runner<'_> {
                 (id, file, marker)
             })
             .collect();
-        self.drop_duplicates_across_files(plan, &mut shards).await?;
-        self.require_unique_ids(plan).await?;
+        // One session reads the stage as a table for both passes over every shard.
+        let ctx = self.session()?;
+        register_stage_table(&ctx, &self.root, &plan.name).await?;
+        self.drop_duplicates_across_files(&ctx, plan, &mut shards)
+            .await?;
+        require_unique_ids(&ctx, plan).await?;
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -303,12 +307,11 @@ impl Runner<'_> {
     /// point.
     pub(super) async fn drop_duplicates_across_files(
         &self,
+        ctx: &SessionContext,
         plan: &StagePlan,
         shards: &mut [(String, String, StageStats)],
     ) -> Result<()> {
         let out = self.root.child(&plan.name);
-        let ctx = self.session()?;
-        register_stage_table(&ctx, &self.root, &plan.name).await?;
         let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
         let needed = [DEDUP_KEY_COLUMN, "file", "line", "ordinal", "id"];
         if shards.len() < 2
@@ -318,7 +321,7 @@ impl Runner<'_> {
         {
             return Ok(());
         }
-        let repeated = Arc::new(outranked_rows(&ctx, &plan.name).await?);
+        let repeated = Arc::new(outranked_rows(ctx, &plan.name).await?);
         // Each part on a task of its own, several at once: copies the shards could not drop
         // while they ran (those of shards run side by side, or in another run) can be spread
         // over many parts.
@@ -368,54 +371,50 @@ impl Runner<'_> {
     }
 }
 
-impl Runner<'_> {
-    /// Fails, naming both places, when two kept documents of the input stage share an id:
-    /// near-dedup and the pass above tell rows apart by id. (Copies of one document with one
-    /// id were already dropped as duplicates.)
-    async fn require_unique_ids(&self, plan: &StagePlan) -> Result<()> {
-        let ctx = self.session()?;
-        register_stage_table(&ctx, &self.root, &plan.name).await?;
-        let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
-        if ["doc_id", "file", "line"]
-            .iter()
-            .any(|c| !schema.has_column_with_unqualified_name(c))
-        {
-            return Ok(());
-        }
-        let batches = ctx
-            .sql(&format!(
-                "SELECT doc_id, file, line FROM {t} WHERE doc_id IN \
+/// Fails, naming both places, when two kept documents of the input stage share an id:
+/// near-dedup and the pass above tell rows apart by id. (Copies of one document with one
+/// id were already dropped as duplicates.)
+async fn require_unique_ids(ctx: &SessionContext, plan: &StagePlan) -> Result<()> {
+    let schema = ctx.table(plan.name.as_str()).await?.schema().clone();
+    if ["doc_id", "file", "line"]
+        .iter()
+        .any(|c| !schema.has_column_with_unqualified_name(c))
+    {
+        return Ok(());
+    }
+    let batches = ctx
+        .sql(&format!(
+            "SELECT doc_id, file, line FROM {t} WHERE doc_id IN \
                  (SELECT doc_id FROM {t} GROUP BY doc_id \
                   HAVING min(file) <> max(file) OR min(line) <> max(line)) \
                  ORDER BY doc_id, file, line LIMIT 2",
-                t = plan.name
-            ))
-            .await?
-            .collect()
-            .await?;
-        let mut places = Vec::new();
-        for batch in &batches {
-            let columns: Vec<_> = (0..3)
-                .map(|c| cast(batch.column(c), &DataType::Utf8))
-                .collect::<std::result::Result<_, _>>()?;
-            for r in 0..batch.num_rows() {
-                let value = |c: usize| columns[c].as_string::<i32>().value(r).to_string();
-                places.push((value(0), value(1), value(2)));
-            }
+            t = plan.name
+        ))
+        .await?
+        .collect()
+        .await?;
+    let mut places = Vec::new();
+    for batch in &batches {
+        let columns: Vec<_> = (0..3)
+            .map(|c| cast(batch.column(c), &DataType::Utf8))
+            .collect::<std::result::Result<_, _>>()?;
+        for r in 0..batch.num_rows() {
+            let value = |c: usize| columns[c].as_string::<i32>().value(r).to_string();
+            places.push((value(0), value(1), value(2)));
         }
-        let [(id, first_file, first_line), (_, file, line), ..] = places.as_slice() else {
-            return Ok(());
-        };
-        Err(Error::Input {
-            file: file.clone(),
-            line: line.parse().unwrap_or(0),
-            message: format!(
-                "document id '{id}' was already given to the document at {first_file}:{first_line}; \
+    }
+    let [(id, first_file, first_line), (_, file, line), ..] = places.as_slice() else {
+        return Ok(());
+    };
+    Err(Error::Input {
+        file: file.clone(),
+        line: line.parse().unwrap_or(0),
+        message: format!(
+            "document id '{id}' was already given to the document at {first_file}:{first_line}; \
                  ids must be unique across the input: fix them, or leave out the `id` field to \
                  derive each from its file and line"
-            ),
-        })
-    }
+        ),
+    })
 }
 
 /// File -> ids of its kept rows whose text a copy earlier by (file, line, ordinal) also kept,

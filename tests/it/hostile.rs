@@ -259,21 +259,7 @@ fn endless_and_huge_replies_end_as_errors_in_bounded_memory() {
         ),
     )
     .unwrap();
-    let report = dir.path().join("rss.txt");
-    let time = std::path::Path::new("/usr/bin/time").exists();
-    let mut cmd = if time {
-        let mut c = std::process::Command::new("/usr/bin/time");
-        c.args(["-f", "%M", "-o", report.to_str().unwrap()])
-            .arg(env!("CARGO_BIN_EXE_backforth"));
-        c
-    } else {
-        std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-    };
-    let out = cmd
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let (out, rss) = run_measured(&["run", job.to_str().unwrap()], dir.path());
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -284,11 +270,8 @@ fn endless_and_huge_replies_end_as_errors_in_bounded_memory() {
     let m = crate::support::util::marker(&root, "backtranslated");
     assert_eq!(m["rows_out"], 3);
     assert_eq!(m["dropped"]["llm_error"], 2);
-    if time {
-        // The last line: /usr/bin/time first notes a non-zero exit.
-        let text = std::fs::read_to_string(&report).unwrap();
-        let kib: f64 = text.trim().lines().last().unwrap().parse().unwrap();
-        assert!(kib / 1024.0 < 400.0, "peak RSS {:.0} MiB", kib / 1024.0);
+    if let Some(rss) = rss {
+        assert!(rss < 400.0, "peak RSS {rss:.0} MiB");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

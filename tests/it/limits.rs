@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::fake_server::FakeServer;
-use crate::support::util::backforth_ok;
+use crate::support::util::{backforth_ok, run_workers};
 
 fn run(limit: &str, docs: usize) -> Vec<(Instant, usize)> {
     let dir = tempfile::tempdir().unwrap();
@@ -195,26 +195,6 @@ fn workers_job(
     )
     .unwrap();
     path.to_str().unwrap().to_string()
-}
-
-/// Runs `workers` workers of `job` at the same time with `args`; returns their outputs.
-fn run_workers(job: &str, workers: usize, args: &[&str]) -> Vec<std::process::Output> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|i| {
-                s.spawn(move || {
-                    std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-                        .args(["run", job])
-                        .args(args)
-                        .args(["--worker", &format!("{i}/{workers}")])
-                        .env("BACKFORTH_LOG", "warn")
-                        .output()
-                        .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 /// The cap on requests in flight is the job's, not each worker's: four workers started

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::crash::{corpus, snapshot};
 use crate::support::fake_server::FakeServer;
-use crate::support::util::{backforth, backforth_ok, marker};
+use crate::support::util::{backforth, backforth_ok, marker, run_workers};
 use backforth::run::worker::Worker;
 
 fn run_args<'a>(job: &'a str, root: &'a str, url: &'a str) -> Vec<&'a str> {
@@ -274,22 +274,9 @@ fn allow_changes_with_three_workers_started_together_recomputes_once() {
     backforth_ok(&run_args(job_s, reference.to_str().unwrap(), &url));
     let before = server.requests();
 
-    let outs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
-            .map(|i| {
-                let (root, url) = (&root, &url);
-                s.spawn(move || {
-                    Command::new(env!("CARGO_BIN_EXE_backforth"))
-                        .args(run_args(job_s, root.to_str().unwrap(), url))
-                        .args(["--allow-changes", "--worker", &format!("{i}/3")])
-                        .env("BACKFORTH_LOG", "warn")
-                        .output()
-                        .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let mut args = run_args(job_s, root.to_str().unwrap(), &url);
+    args.push("--allow-changes");
+    let outs = run_workers(job_s, 3, &args[2..]);
     for out in &outs {
         assert!(
             out.status.success(),

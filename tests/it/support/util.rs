@@ -107,3 +107,23 @@ pub async fn copy_to_parquet(ctx: &SessionContext, sql: &str, path: &Path) {
     .await
     .unwrap();
 }
+
+/// Runs `workers` workers of `job` at the same time with `args`; returns their outputs.
+pub fn run_workers(job: &str, workers: usize, args: &[&str]) -> Vec<std::process::Output> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|i| {
+                s.spawn(move || {
+                    std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+                        .args(["run", job])
+                        .args(args)
+                        .args(["--worker", &format!("{i}/{workers}")])
+                        .env("BACKFORTH_LOG", "warn")
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
