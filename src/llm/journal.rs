@@ -108,12 +108,17 @@ impl Journal {
         let objects_read = flat.len() as u64;
         let shared = read_segments(&dir, flat).await?;
         let spend_dir = dir.child(SPEND_DIR);
-        let mut spent_at_open = shared.values().map(|e| e.cost_usd).sum::<f64>();
-        for meta in list(&spend_dir).await? {
-            if let Some(spend) = read_json::<Spend>(&spend_dir, &meta.location).await? {
-                spent_at_open += spend.spent_usd;
-            }
-        }
+        // One record per process that ever spent: read side by side, as the segments are.
+        let spends: Vec<Option<Spend>> = futures::stream::iter(list(&spend_dir).await?)
+            .map(|meta| {
+                let spend_dir = &spend_dir;
+                async move { read_json::<Spend>(spend_dir, &meta.location).await }
+            })
+            .buffered(PARALLEL_READS)
+            .try_collect()
+            .await?;
+        let spent_at_open = shared.values().map(|e| e.cost_usd).sum::<f64>()
+            + spends.iter().flatten().map(|s| s.spent_usd).sum::<f64>();
         Ok(Self {
             dir,
             writer: writer_id(),
