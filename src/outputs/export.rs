@@ -181,6 +181,9 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
     }
     let pairs: Vec<Pair> = pairs.into_iter().map(|(_, p)| p).collect();
+    if opts.card {
+        check_card_place(opts).await?;
+    }
     write_file(&opts.output, encode(&pairs, opts.format, opts.tag)?).await?;
     if opts.card {
         write_card(opts, &counts).await?;
@@ -363,20 +366,25 @@ async fn write_file(output: &str, bytes: Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// Writes README.md beside the output: what was exported and how, the job's settings, and
-/// the `stats` tables of the run.
-async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
-    let output = Location::parse(&opts.output)?;
+/// Where the card of an export goes: README.md in the output's folder.
+fn card_path(output: &Location) -> object_store::path::Path {
     let dir = output
         .prefix
         .as_ref()
         .rsplit_once('/')
         .map_or(String::new(), |(d, _)| d.to_string());
-    let card_path = object_store::path::Path::from(if dir.is_empty() {
+    object_store::path::Path::from(if dir.is_empty() {
         "README.md".to_string()
     } else {
         format!("{dir}/README.md")
-    });
+    })
+}
+
+/// Fails unless the card's place is free or holds a card of ours; checked before anything is
+/// written, so a refused export leaves nothing behind.
+async fn check_card_place(opts: &ExportOptions) -> Result<()> {
+    let output = Location::parse(&opts.output)?;
+    let card_path = card_path(&output);
     // Only "not found" means there is no card: any other failure must not let us overwrite
     // somebody else's README.
     match output.store.get(&card_path).await {
@@ -388,18 +396,24 @@ async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
                     output.display(&card_path)
                 );
             }
+            Ok(())
         }
-        Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => {
-            return Err(Error::failed(
-                format!(
-                    "checking {} before writing the card",
-                    output.display(&card_path)
-                ),
-                e,
-            ));
-        }
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::failed(
+            format!(
+                "checking {} before writing the card",
+                output.display(&card_path)
+            ),
+            e,
+        )),
     }
+}
+
+/// Writes README.md beside the output: what was exported and how, the job's settings, and
+/// the `stats` tables of the run.
+async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
+    let output = Location::parse(&opts.output)?;
+    let card_path = card_path(&output);
     let root = Location::parse(&opts.root)?;
     let job = match root.store.get(&root.path(JOB_FILE)).await {
         Ok(got) => publishable_settings(&got.bytes().await?),

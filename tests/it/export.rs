@@ -202,4 +202,6 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
         std::fs::read_to_string(mine.join("README.md")).unwrap(),
         "# my project\n"
     );
+    // Refused before anything is written: no data file without its card.
+    assert!(!mine.join("train.jsonl").exists());
 }

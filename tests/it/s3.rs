@@ -77,29 +77,126 @@ impl Moto {
 
     /// The environment that points object_store's S3 client at this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_as("testing", "testing")
+    }
+
+    /// The same environment with another user's keys.
+    fn env_as(&self, key: &str, secret: &str) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ENDPOINT", self.endpoint.clone()),
             ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_ACCESS_KEY_ID", key.into()),
+            ("AWS_SECRET_ACCESS_KEY", secret.into()),
             ("AWS_REGION", "us-east-1".into()),
         ]
+    }
+
+    /// One IAM call (moto routes it by the service in the credential scope); the answer's XML.
+    fn iam(&self, params: &[(&str, &str)]) -> String {
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .append_pair("Version", "2010-05-08")
+            .finish();
+        let scope = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, \
+                     SignedHeaders=host, Signature=unused";
+        let (status, body) = request(
+            &self.endpoint,
+            "POST",
+            "/",
+            &[
+                ("Authorization", scope),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            &form,
+        )
+        .expect("moto answers");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{body}");
+        body
+    }
+
+    /// A user allowed everything on S3 except reading `denied` (ARNs of objects); its keys.
+    fn user_who_cannot_read(&self, denied: &[&str]) -> (String, String) {
+        self.iam(&[("Action", "CreateUser"), ("UserName", "reader")]);
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                {"Effect": "Deny", "Action": "s3:GetObject", "Resource": denied},
+            ]
+        });
+        self.iam(&[
+            ("Action", "PutUserPolicy"),
+            ("UserName", "reader"),
+            ("PolicyName", "no-reads"),
+            ("PolicyDocument", &policy.to_string()),
+        ]);
+        let keys = self.iam(&[("Action", "CreateAccessKey"), ("UserName", "reader")]);
+        (
+            xml_field(&keys, "AccessKeyId").to_string(),
+            xml_field(&keys, "SecretAccessKey").to_string(),
+        )
+    }
+
+    /// From now on every S3 request must be signed by a known user and allowed by its policy
+    /// (`false`: anything goes again, moto's default).
+    fn check_permissions(&self, on: bool) {
+        let count = if on { "0" } else { "inf" };
+        let (status, body) = request(
+            &self.endpoint,
+            "POST",
+            "/moto-api/reset-auth",
+            &[("Content-Type", "text/plain")],
+            count,
+        )
+        .expect("moto answers");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{body}");
     }
 }
 
 /// A bare HTTP/1.1 request; returns the status line.
 fn http(endpoint: &str, method: &str, path: &str) -> Option<String> {
+    request(endpoint, method, path, &[], "").map(|(status, _)| status)
+}
+
+/// A bare HTTP/1.1 request with headers and a body; returns the status line and the body.
+fn request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(String, String)> {
     let addr = endpoint.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        head += &format!("{name}: {value}\r\n");
+    }
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.lines().next().map(str::to_string)
+    let status = response.lines().next()?.to_string();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+/// The text of the first `<tag>...</tag>` in an XML answer.
+fn xml_field<'a>(xml: &'a str, tag: &str) -> &'a str {
+    let open = format!("<{tag}>");
+    let start = xml
+        .find(&open)
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"))
+        + open.len();
+    &xml[start..start + xml[start..].find('<').unwrap()]
 }
 
 fn backforth_s3(moto: &Moto, args: &[&str]) -> Output {
@@ -331,4 +428,102 @@ fn four_workers_on_s3_killed_and_restarted_equal_one_run() {
         "{repeats} repeated requests after {kills} kills with a cap of {CAP}"
     );
     eprintln!("{kills} kills, {repeats} repeated requests, peak {peak} in flight");
+}
+
+/// Access denied is an error that says so, never "absent": a denied input is not "no
+/// documents", and a README we may not read is not a free place to write the card (and
+/// nothing is exported beside it).
+#[test]
+fn denied_reads_are_errors_not_absence() {
+    let moto = Moto::start();
+    moto.bucket("corpus");
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    upload(
+        &moto,
+        &dir.path().join("docs.jsonl"),
+        "corpus",
+        "in/docs.jsonl",
+    );
+    let foreign = dir.path().join("README.md");
+    std::fs::write(&foreign, "# somebody else's dataset\n").unwrap();
+    upload(&moto, &foreign, "corpus", "pub/README.md");
+    let (key, secret) = moto.user_who_cannot_read(&[
+        "arn:aws:s3:::corpus/in/docs.jsonl",
+        "arn:aws:s3:::corpus/pub/README.md",
+    ]);
+    moto.check_permissions(true);
+    let as_reader = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(args)
+            .envs(moto.env_as(&key, &secret))
+            .env("BACKFORTH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+
+    let job = dir.path().join("job.toml");
+    let run = as_reader(&[
+        "run",
+        job.to_str().unwrap(),
+        "--input",
+        "s3://corpus/in/docs.jsonl",
+        "--output",
+        "s3://corpus/out",
+        "--endpoint",
+        "mock",
+        "--stages",
+        "candidates",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("input 's3://corpus/in/docs.jsonl'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("privileges"), "{stderr}");
+    assert!(!stderr.contains("matches no"), "{stderr}");
+
+    let root = crate::pipeline::sample_root();
+    let export = as_reader(&[
+        "export",
+        "--root",
+        root.to_str().unwrap(),
+        "--table",
+        "backtranslated",
+        "--output",
+        "s3://corpus/pub/train.jsonl",
+    ]);
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert_eq!(export.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("checking s3://corpus/pub/README.md before writing the card"),
+        "{stderr}"
+    );
+
+    moto.check_permissions(false);
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name("corpus")
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let (readme, data) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use object_store::ObjectStoreExt;
+            let readme = store.get(&"pub/README.md".into()).await.unwrap();
+            let data = store.head(&"pub/train.jsonl".into()).await;
+            (readme.bytes().await.unwrap(), data)
+        });
+    assert_eq!(&readme[..], b"# somebody else's dataset\n");
+    assert!(
+        matches!(data, Err(object_store::Error::NotFound { .. })),
+        "{data:?}"
+    );
 }
