@@ -8,7 +8,7 @@
 //! errors: one bad row never stops a stage.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,22 @@ impl Backend for Http {
     }
 }
 
+/// One call counted in the run's outstanding calls while it lives (a cancelled row too).
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl<'a> Outstanding<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An API key read from the environment; never printed.
 #[derive(Clone)]
 pub(crate) struct ApiKey(pub(crate) String);
@@ -82,6 +98,8 @@ pub struct ModelClient {
     pub(crate) in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
     /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
     pub(crate) spent: Arc<AtomicU64>,
+    /// Calls of the whole run waiting for or holding a slot (shared by all roles).
+    pub(crate) outstanding: Arc<AtomicUsize>,
     /// The run's budget in millionths of a dollar, if it has one.
     pub(crate) budget: Option<Budget>,
     pub(crate) backend: Arc<dyn Backend>,
@@ -176,6 +194,7 @@ impl ModelClient {
             self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
             return reply;
         }
+        let _outstanding = Outstanding::count(&self.outstanding);
         let (future, leader) = {
             let mut map = self.in_flight.lock().expect("lock poisoned");
             match map.get(&key) {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::job::ModelSpec;
@@ -19,6 +19,7 @@ pub struct LlmPool {
     endpoints: HashMap<String, Arc<Endpoint>>,
     models: HashMap<String, ModelClient>,
     spent: Arc<AtomicU64>,
+    outstanding: Arc<AtomicUsize>,
     budget: Option<Budget>,
 }
 
@@ -94,6 +95,7 @@ impl LlmPool {
                     key_to,
                     in_flight: Arc::default(),
                     spent: Arc::clone(&pool.spent),
+                    outstanding: Arc::clone(&pool.outstanding),
                     budget: pool.budget,
                     backend: backend_of(spec, capture.as_ref()),
                 },
@@ -127,6 +129,11 @@ impl LlmPool {
             let quotas: Option<Vec<String>> = m.endpoints.iter().map(|e| e.quota()).collect();
             quotas.map(|q| q.join("; "))
         })
+    }
+
+    /// Calls of every role waiting for a slot or on the wire: what the server has to do next.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
     }
 
     /// The most requests one role may have in flight (its cap times its replicas).

@@ -30,6 +30,7 @@ use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
 use crate::root::marker::StageStats;
 use crate::run::lease::Lease;
+use crate::run::plan::Step;
 use crate::run::progress::{Progress, Reporter};
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
@@ -95,21 +96,27 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
     let mut summary = RunSummary::default();
-    for plan in runner.plans.clone() {
-        if !to_run.contains(&plan.name) {
-            continue;
-        }
+    let plans = runner.plans.clone();
+    for step in plan::steps(&plans, job, &to_run) {
+        let names: Vec<&str> = match &step {
+            Step::Global(plan) => vec![plan.name.as_str()],
+            Step::Sharded(group) => group.iter().map(|p| p.name.as_str()).collect(),
+        };
         let started = Instant::now();
-        tracing::info!(stage = %plan.name, "Stage started.");
+        tracing::info!(stages = names.join(", "), "Started.");
         runner.progress = Arc::new(Progress::default());
         let _reporter = Reporter::start(
-            &plan.name,
+            &names.join(", "),
             Arc::clone(&runner.progress),
             Arc::clone(&runner.pool),
         );
-        let mut stats = match plan.sharded_on(job) {
-            Some(upstream) => runner.run_sharded(&plan, upstream).await?,
-            None => runner.run_global(&plan).await?,
+        let done = match &step {
+            Step::Global(plan) => {
+                let mut stats = runner.run_global(plan).await?;
+                stats.seconds = started.elapsed().as_secs_f64();
+                vec![stats]
+            }
+            Step::Sharded(group) => runner.run_pipelined(group).await?,
         };
         runner.journal.check()?;
         if let Some(quota) = runner
@@ -117,24 +124,25 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
             .quota_exhausted()
             .or_else(|| runner.pool.budget_spent())
         {
+            let failed: u64 = done.iter().map(StageStats::failed).sum();
             return Err(Error::Execution(format!(
-                "stage '{}' stopped: {quota}. Completed work is kept ({} rows of this stage are in `{}/_dropped/` with reason llm_error); rerun when the quota is restored",
-                plan.name,
-                stats.failed(),
-                plan.name
+                "stage '{}' stopped: {quota}. Completed work is kept ({failed} rows are in `{}/_dropped/` with reason llm_error); rerun when the quota is restored",
+                names.join("', '"),
+                names.join("/_dropped/`, `")
             )));
         }
-        stats.seconds = started.elapsed().as_secs_f64();
-        tracing::info!(
-            stage = %plan.name,
-            rows_in = stats.rows_in,
-            rows_out = stats.rows_out,
-            requests = stats.llm.requests,
-            journaled = stats.llm.journaled,
-            seconds = format!("{:.1}", stats.seconds),
-            "Stage done."
-        );
-        summary.stages.push(stats);
+        for stats in done {
+            tracing::info!(
+                stage = %stats.stage,
+                rows_in = stats.rows_in,
+                rows_out = stats.rows_out,
+                requests = stats.llm.requests,
+                journaled = stats.llm.journaled,
+                seconds = format!("{:.1}", stats.seconds),
+                "Stage done."
+            );
+            summary.stages.push(stats);
+        }
     }
     tracing::info!(
         objects = runner.journal.objects_read(),

@@ -53,6 +53,48 @@ impl StagePlan {
     }
 }
 
+/// How the selected stages of a run are run, in job order.
+#[derive(Debug)]
+pub enum Step<'p> {
+    /// A stage over all its input at once.
+    Global(&'p StagePlan),
+    /// Stages that run shard by shard, together: each shard goes through them in turn as
+    /// soon as its upstream shard is published.
+    Sharded(Vec<&'p StagePlan>),
+}
+
+/// The steps that run the stages of `plans` named in `selected`: consecutive sharded stages
+/// on the same shards form one step, except that a stage reading the near-duplicates of a
+/// stage in the step starts a new one (the clusters need that whole table).
+pub fn steps<'p>(plans: &'p [StagePlan], job: &Job, selected: &[String]) -> Vec<Step<'p>> {
+    let root_of = |plan: &'p StagePlan| {
+        let mut current = plan;
+        while let Some(up) = current.sharded_on(job) {
+            match plans.iter().find(|p| p.name == up) {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+        current.name.as_str()
+    };
+    let mut steps = Vec::new();
+    for plan in plans.iter().filter(|p| selected.contains(&p.name)) {
+        let Some(up) = plan.sharded_on(job) else {
+            steps.push(Step::Global(plan));
+            continue;
+        };
+        if let Some(Step::Sharded(group)) = steps.last_mut()
+            && root_of(group[0]) == root_of(plan)
+            && !(plan.reads_near_duplicates() && group.iter().any(|p| p.name == up))
+        {
+            group.push(plan);
+            continue;
+        }
+        steps.push(Step::Sharded(vec![plan]));
+    }
+    steps
+}
+
 /// Renders every stage of `job` and checks what it reads and calls: each table must be the
 /// input or an earlier stage, each function's model role declared. `ctx` has every function
 /// registered.

@@ -1,5 +1,9 @@
 //! Stages run shard by shard: each shard of the upstream stage gives one shard of output,
-//! published by its marker; the stage is complete once every shard is.
+//! published by its marker; the stage is complete once every shard is. Consecutive sharded
+//! stages run together, a shard entering the next stage as soon as it leaves the last.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use datafusion::prelude::ParquetReadOptions;
 use futures::{StreamExt, TryStreamExt};
@@ -16,70 +20,178 @@ use crate::run::near_dup::NearDuplicates;
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
 
+/// How often shard admission looks at the calls outstanding.
+const ADMISSION_LOOK: Duration = Duration::from_millis(50);
+/// Most shards under way at once unless `[execution] concurrent_shards` says otherwise.
+const MOST_SHARDS: usize = 64;
+
 impl Runner<'_> {
-    /// Runs a stage shard by shard: each shard's output is written, then published by its
-    /// marker; shards already published under the same fingerprint (and without failed
-    /// rows) are skipped; this worker takes the shards it owns.
-    pub(super) async fn run_sharded(&self, plan: &StagePlan, upstream: &str) -> Result<StageStats> {
-        let ids = self.shard_ids(plan).await?;
-        // Pass 2 of near-dedup: every worker computes the same clusters from all signatures.
-        let near = if plan.reads_near_duplicates() {
-            Some(self.near_duplicates(plan, upstream).await?)
-        } else {
-            None
-        };
-        let near = near.as_ref();
-        let mine: Vec<&String> = ids
+    /// Runs sharded stages together, shard by shard: each shard goes through the stages in
+    /// turn (stages reading the same table side by side), each stage's shard published by its
+    /// marker as soon as it is written, so a shard's next stage starts while other shards are
+    /// still in earlier ones and no stage's tail leaves the servers idle. Shards already
+    /// published under the same fingerprint (and without failed rows) are skipped; this
+    /// worker takes the shards it owns. Returns each stage's totals, in the order given.
+    pub(super) async fn run_pipelined(&self, plans: &[&StagePlan]) -> Result<Vec<StageStats>> {
+        let root = self.shard_root(plans[0]).await?;
+        let ids = root.shards.clone();
+        let mut ups = Vec::new();
+        let mut nears = Vec::new();
+        let mut depth: Vec<usize> = Vec::new();
+        for plan in plans {
+            let upstream = plan.sharded_on(self.job).expect("a sharded stage");
+            ups.push(self.plan(upstream)?);
+            // Pass 2 of near-dedup: every worker computes the same clusters from all
+            // signatures (the upstream is complete: `steps` puts it in an earlier step).
+            nears.push(if plan.reads_near_duplicates() {
+                Some(self.near_duplicates(plan, upstream).await?)
+            } else {
+                None
+            });
+            let level = plans
+                .iter()
+                .position(|p| p.name == upstream)
+                .map_or(0, |j| depth[j] + 1);
+            depth.push(level);
+        }
+        let levels = depth.iter().max().map_or(0, |d| d + 1);
+        let mine: Vec<String> = ids
             .iter()
             .enumerate()
             .filter(|(i, _)| self.worker.owns(*i))
-            .map(|(_, id)| id)
+            .map(|(_, id)| id.clone())
             .collect();
-        let up_plan = self.plan(upstream)?;
         self.progress
             .shards_total
-            .store(mine.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        // Enough shards at once that twice the server's slots always have rows waiting, so
-        // no shard's tail (or the next shard's start) leaves slots idle.
-        let needed = (2 * self.pool.max_concurrency()).div_ceil(self.shard_rows()) + 1;
-        let concurrent = self
-            .job
-            .execution
-            .concurrent_shards
-            .unwrap_or(needed.max(2))
-            .max(1);
-        let results: Vec<Result<StageStats>> = futures::stream::iter(mine)
-            .map(|id| async move {
-                let stats = self.run_shard(plan, up_plan, id, near).await;
-                self.progress
-                    .shards_done
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                stats
-            })
-            .buffer_unordered(concurrent)
-            .collect()
-            .await;
-        let mut total = StageStats {
-            stage: plan.name.clone(),
-            fingerprint: plan.fingerprint.clone(),
-            ..StageStats::default()
+            .store((mine.len() * plans.len()) as u64, Ordering::Relaxed);
+        let (ups, nears, depth) = (&ups, &nears, &depth);
+        // One shard through every stage; a failed stage stops the shard's later levels.
+        let chain = |id: String| async move {
+            let mut done: Vec<Option<(Result<StageStats>, Instant)>> =
+                (0..plans.len()).map(|_| None).collect();
+            let id = &id;
+            for level in 0..levels {
+                let runs = (0..plans.len())
+                    .filter(|i| depth[*i] == level)
+                    .map(|i| async move {
+                        let stats = self
+                            .run_shard(plans[i], ups[i], id, nears[i].as_ref())
+                            .await;
+                        self.progress.shards_done.fetch_add(1, Ordering::Relaxed);
+                        (i, stats)
+                    });
+                let mut failed = false;
+                for (i, stats) in futures::future::join_all(runs).await {
+                    failed |= stats.is_err();
+                    done[i] = Some((stats, Instant::now()));
+                }
+                if failed {
+                    break;
+                }
+            }
+            done
         };
-        for r in results {
-            total.absorb(&r?);
+        let started = Instant::now();
+        let chains = self
+            .admit_shards(mine, chain, self.shards_at_once(&root))
+            .await;
+        let mut totals: Vec<StageStats> = plans
+            .iter()
+            .map(|plan| StageStats {
+                stage: plan.name.clone(),
+                fingerprint: plan.fingerprint.clone(),
+                ..StageStats::default()
+            })
+            .collect();
+        let mut last = vec![started; plans.len()];
+        let mut first_error = None;
+        for done in chains {
+            for (i, outcome) in done.into_iter().enumerate() {
+                match outcome {
+                    Some((Ok(stats), at)) => {
+                        totals[i].absorb(&stats);
+                        last[i] = last[i].max(at);
+                    }
+                    Some((Err(e), _)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    None => {}
+                }
+            }
         }
-        self.publish_if_all_shards(plan, &ids).await?;
-        Ok(total)
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        for (total, at) in totals.iter_mut().zip(last) {
+            total.seconds = (at - started).as_secs_f64();
+        }
+        for plan in plans {
+            self.publish_if_all_shards(plan, &ids).await?;
+        }
+        Ok(totals)
     }
 
-    /// The shard ids of a sharded stage: those of the stage that read the whole input
-    /// upstream of it.
-    pub(super) async fn shard_ids(&self, plan: &StagePlan) -> Result<Vec<String>> {
+    /// Runs `chain` for every shard of `mine`, keeping `at_once.0` shards under way and
+    /// starting more (up to `at_once.1`) while the servers have fewer than twice their slots'
+    /// worth of calls outstanding: a stage that sends few calls (or none) then leaves room
+    /// for other shards, and memory follows the slots, not the corpus.
+    async fn admit_shards<F, Fut, T>(
+        &self,
+        mine: Vec<String>,
+        chain: F,
+        at_once: (usize, usize),
+    ) -> Vec<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let (least, most) = at_once;
+        let wanted = 2 * self.pool.max_concurrency();
+        let mut queue = mine.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut results = Vec::new();
+        loop {
+            // Beyond the least, one more shard per look: its calls must show in the count
+            // before the next is judged.
+            let mut extra = false;
+            while running.len() < least
+                || (!extra && running.len() < most && self.pool.outstanding() < wanted)
+            {
+                let Some(id) = queue.next() else { break };
+                extra |= running.len() >= least;
+                running.push(chain(id));
+            }
+            if running.is_empty() {
+                return results;
+            }
+            tokio::select! {
+                Some(done) = running.next() => results.push(done),
+                () = tokio::time::sleep(ADMISSION_LOOK) => {}
+            }
+        }
+    }
+
+    /// How many shards to keep under way (least, most): enough that twice the servers' slots
+    /// have rows waiting at the first stage, and up to [`MOST_SHARDS`] when later stages
+    /// send fewer calls; `[execution] concurrent_shards` fixes both.
+    fn shards_at_once(&self, root: &StageStats) -> (usize, usize) {
+        if let Some(fixed) = self.job.execution.concurrent_shards {
+            return (fixed.max(1), fixed.max(1));
+        }
+        let rows_per_shard = (root.rows_out as usize / root.shards.len().max(1)).max(1);
+        let least = (2 * self.pool.max_concurrency()).div_ceil(rows_per_shard) + 1;
+        (least.max(2), least.max(MOST_SHARDS))
+    }
+
+    /// The marker of the stage that read the whole input upstream of a sharded stage: its
+    /// shards are the sharded stage's.
+    pub(super) async fn shard_root(&self, plan: &StagePlan) -> Result<StageStats> {
         let mut current = plan;
         while let Some(upstream) = current.sharded_on(self.job) {
             current = self.plan(upstream)?;
         }
         match self.complete(current).await? {
-            Some(stats) => Ok(stats.shards),
+            Some(stats) => Ok(stats),
             None => job_error!(
                 "stage '{}' works on the shards of '{}', which has no complete output under {}; run it first (--stages {})",
                 plan.name,

@@ -1,0 +1,208 @@
+//! The whole BaF job (backtranslate, score, curate, rewrite, distill) over many small input
+//! files against simulated OpenAI-compatible servers: how busy the job keeps the server, what
+//! one request costs the client, and how fast it can go at all.
+//!
+//! Busy = the server's total service time / (slots × the job's wall time), from process start
+//! to exit: every tail between shards and stages, and the input stage, count against it.
+//! Latency is a base plus a per-token time × a heavy-tailed (Pareto) output length, so the
+//! server itself sleeps rather than computes. Client CPU and peak RSS come from
+//! `/usr/bin/time`.
+//!
+//!     cargo bench --bench job
+//!
+//! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
+//! `FILES` (20) × `DOCS` (1,000) documents; `memory`, the 256-slot run on a tenth of the
+//! files, so RSS can be compared at 10× the documents; `ceiling`, a server answering at once
+//! (one endpoint, then four replicas): requests per second and CPU per request.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use backforth_testkit::fake_server::{FakeServer, FakeState};
+
+fn var(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const WORDS: [&str; 24] = [
+    "river", "bridge", "orchard", "lantern", "harbour", "market", "garden", "compass", "stone",
+    "winter", "signal", "copper", "meadow", "engine", "ledger", "thread", "valley", "quarry",
+    "harvest", "beacon", "canal", "furnace", "spindle", "timber",
+];
+
+/// `files` JSONL files of `docs` documents each, every document different, ~120 words.
+fn write_corpus(dir: &Path, files: usize, docs: usize) -> PathBuf {
+    let input = dir.join(format!("in-{files}"));
+    std::fs::create_dir_all(&input).unwrap();
+    let mut rng = backforth_testkit::rng::Rng(0x9e37_79b9 + files as u64);
+    for f in 0..files {
+        let mut out = String::new();
+        for d in 0..docs {
+            let words: Vec<&str> = (0..120)
+                .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
+                .collect();
+            let text = format!(
+                "Notes {f}-{d}. {}. The end of note {f}-{d}.",
+                words.join(" ")
+            );
+            out += &serde_json::json!({"id": format!("f{f}-d{d}"), "text": text}).to_string();
+            out.push('\n');
+        }
+        std::fs::write(input.join(format!("part-{f:03}.jsonl")), out).unwrap();
+    }
+    input
+}
+
+/// The BaF job with every role on `urls` (replicas), `slots` requests in flight per replica.
+fn write_job(dir: &Path, input: &Path, urls: &[String], slots: usize) -> PathBuf {
+    let endpoints = serde_json::to_string(urls).unwrap();
+    let mut job = format!(
+        "output = \"out\"\n[input]\npaths = [{:?}]\n",
+        input.to_str().unwrap()
+    );
+    for (role, max_tokens) in [("backward", 256), ("scorer", 512), ("rewriter", 2048)] {
+        job += &format!(
+            "[models.{role}]\nendpoints = {endpoints}\nmodel = \"m\"\nmax_tokens = {max_tokens}\nconcurrency = {slots}\n"
+        );
+    }
+    for stage in [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "curated",
+        "rewritten",
+        "distilled",
+    ] {
+        job += &format!("[[stages]]\nname = \"{stage}\"\n");
+    }
+    let path = dir.join(format!("job-{slots}-{}.toml", urls.len()));
+    std::fs::write(&path, job).unwrap();
+    path
+}
+
+/// What one run of the job cost.
+struct Measured {
+    wall: f64,
+    requests: usize,
+    service: f64,
+    cpu: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Measured {
+    let urls: Vec<String> = servers.iter().map(FakeServer::url).collect();
+    let job = write_job(dir, input, &urls, slots);
+    let out = dir.join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    let report = dir.join("time.txt");
+    let time = Path::new("/usr/bin/time").exists();
+    let mut cmd = if time {
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "%U %S %M", "-o", report.to_str().unwrap()])
+            .arg(env!("CARGO_BIN_EXE_backforth"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_backforth"))
+    };
+    let started = Instant::now();
+    let status = cmd
+        .args(["run", job.to_str().unwrap(), "--output"])
+        .arg(&out)
+        .env("BACKFORTH_LOG", "error")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    assert!(status.success());
+    let mut requests = 0;
+    let mut service = 0.0;
+    for server in servers {
+        for e in server.state.log.lock().unwrap().drain(..) {
+            requests += 1;
+            service += (e.finished - e.started).as_secs_f64();
+        }
+    }
+    let (cpu, rss_mib) = if time {
+        let t = std::fs::read_to_string(&report).unwrap();
+        let v: Vec<f64> = t
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (Some(v[0] + v[1]), Some(v[2] / 1024.0))
+    } else {
+        (None, None)
+    };
+    Measured {
+        wall,
+        requests,
+        service,
+        cpu,
+        rss_mib,
+    }
+}
+
+fn servers(n: usize, base: Duration, per_token: Duration) -> Vec<FakeServer> {
+    (0..n)
+        .map(|_| {
+            FakeServer::start_with(FakeState {
+                latency: base,
+                per_token,
+                ..FakeState::default()
+            })
+        })
+        .collect()
+}
+
+fn resources(m: &Measured) -> String {
+    match (m.cpu, m.rss_mib) {
+        (Some(cpu), Some(rss)) => format!(
+            "client CPU {:.0} us/request, peak RSS {rss:.0} MiB",
+            1e6 * cpu / m.requests as f64
+        ),
+        _ => "client CPU and RSS: /usr/bin/time not found".to_string(),
+    }
+}
+
+fn main() {
+    let files = var("FILES", 20) as usize;
+    let docs = var("DOCS", 1000) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_corpus(dir.path(), files, docs);
+    let small = write_corpus(dir.path(), (files / 10).max(1), docs);
+    println!("BaF job over {files} files x {docs} documents");
+    for (slots, base_ms) in [(256usize, 200u64), (1024, 1000)] {
+        let servers = servers(1, Duration::from_millis(base_ms), Duration::from_millis(2));
+        let m = run_job(dir.path(), &input, &servers, slots);
+        println!(
+            "busy     slots {slots:>5}, {base_ms} ms + 2 ms/token: {:.1}s, {} requests, server busy {:.1}%, {}",
+            m.wall,
+            m.requests,
+            100.0 * m.service / (slots as f64 * m.wall),
+            resources(&m)
+        );
+        if slots == 256 {
+            let m = run_job(dir.path(), &small, &servers, slots);
+            println!(
+                "memory   slots {slots:>5}, a tenth of the documents: {:.1}s, {} requests, {}",
+                m.wall,
+                m.requests,
+                resources(&m)
+            );
+        }
+    }
+    for replicas in [1usize, 4] {
+        let servers = servers(replicas, Duration::ZERO, Duration::ZERO);
+        let m = run_job(dir.path(), &input, &servers, 256);
+        println!(
+            "ceiling  {replicas} endpoint(s) x 256 slots, answering at once: {:.1}s, {} requests, {:.0} requests/s, {}",
+            m.wall,
+            m.requests,
+            m.requests as f64 / m.wall,
+            resources(&m)
+        );
+    }
+}
