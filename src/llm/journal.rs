@@ -6,8 +6,10 @@
 //! reads follows the shards it runs, not the history of the root, and memory holds only the
 //! responses of the shards running. While a shard runs, its responses are group-committed: a
 //! writer task collects what arrived while its previous write was in flight and writes it as
-//! one new segment object (`<writer>-<seq>.jsonl`); a call keeps its server slot until its
-//! response is durable, so a kill loses at most the requests in flight. Once the shard is
+//! one new segment object (`<writer>-<seq>.jsonl`); on a local disk, where that would be a
+//! file created (and later deleted) per response, it appends to one file per writer instead
+//! (`<writer>.jsonl`; a line torn by a kill is ignored). A call keeps its server slot until
+//! its response is durable, so a kill loses at most the requests in flight. Once the shard is
 //! published its segments are compacted into one object (`_journal/<stage>/<shard>.jsonl`).
 //! What every run reads whole is small: the results of offline batches (`_imported/`),
 //! segments of the flat layout of older versions, and one spend record per writer
@@ -200,6 +202,7 @@ impl Journal {
             tokio::spawn(write_segments(
                 SegmentWriter {
                     dir,
+                    appending: None,
                     name: self.writer.clone(),
                     seq: Arc::clone(&self.seq),
                     failed: Arc::clone(&self.failed),
@@ -360,7 +363,9 @@ async fn read_segments(dir: &Location, objects: Vec<ObjectMeta>) -> Result<HashM
         .await?;
     let mut known = HashMap::new();
     for (path, bytes) in bodies {
-        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        // What follows the last newline is a line a kill tore while it was appended.
+        let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1);
+        for (i, line) in bytes[..whole].split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
@@ -406,6 +411,8 @@ fn writer_id() -> String {
 /// Where one scope's writer task writes, and what it shares with the others of the process.
 struct SegmentWriter {
     dir: Location,
+    /// On a local disk: the file this writer appends to, once opened.
+    appending: Option<std::fs::File>,
     name: String,
     seq: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
@@ -414,19 +421,23 @@ struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    /// Writes `entries` as one new segment; then, when they cost anything, this process's
-    /// spend record.
-    async fn write(&self, entries: &[Entry]) -> Result<()> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.path(&format!("{}-{seq:08}.jsonl", self.name));
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        self.dir
-            .store
-            .put_opts(&path, PutPayload::from(lines_of(entries)), opts)
-            .await?;
+    /// Writes `entries` as one new segment (appended to this writer's file on a local disk);
+    /// then, when they cost anything, this process's spend record.
+    async fn write(&mut self, entries: &[Entry]) -> Result<()> {
+        if self.dir.store_url.scheme() == "file" {
+            self.append(entries)?;
+        } else {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.path(&format!("{}-{seq:08}.jsonl", self.name));
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            self.dir
+                .store
+                .put_opts(&path, PutPayload::from(lines_of(entries)), opts)
+                .await?;
+        }
         let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
         if cost > 0.0 {
             let mut spend = self.spend.lock().await;
@@ -438,7 +449,33 @@ impl SegmentWriter {
     }
 }
 
-async fn write_segments(writer: SegmentWriter, mut rx: mpsc::UnboundedReceiver<Pending>) {
+impl SegmentWriter {
+    /// Appends `entries` to this writer's file in one write: a small write to the page
+    /// cache, where a new file per response cost more CPU than the rest of the call.
+    fn append(&mut self, entries: &[Entry]) -> Result<()> {
+        use std::io::Write as _;
+        let file = match &mut self.appending {
+            Some(file) => file,
+            None => {
+                let path = object_store::local::LocalFileSystem::new()
+                    .path_to_filesystem(&self.dir.path(&format!("{}.jsonl", self.name)))?;
+                let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+                let opened = std::fs::create_dir_all(dir).and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                });
+                self.appending
+                    .insert(opened.with_context(|| format!("journal {}", path.display()))?)
+            }
+        };
+        file.write_all(&lines_of(entries))
+            .with_context(|| format!("journal {}", self.dir.describe()))
+    }
+}
+
+async fn write_segments(mut writer: SegmentWriter, mut rx: mpsc::UnboundedReceiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_SEGMENT_ENTRIES {

@@ -340,7 +340,8 @@ fn a_second_run_on_a_root_in_use_is_refused() {
 
 /// The journal follows the shards: a published shard's responses are one compacted object
 /// under `_journal/<stage>/`, and a rerun that redoes one shard reads that shard's journal,
-/// not the root's whole history, and pays for nothing again.
+/// not the root's whole history, and pays for nothing again (also when a kill tore the last
+/// line of a segment being appended to).
 #[test]
 fn the_journal_is_kept_per_shard_and_a_rerun_reads_only_what_it_redoes() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,7 +376,17 @@ fn the_journal_is_kept_per_shard_and_a_rerun_reads_only_what_it_redoes() {
         .unwrap()
         .unwrap()
         .path();
-    std::fs::remove_file(victim).unwrap();
+    let shard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&victim).unwrap()).unwrap();
+    let shard = shard["journal"].as_str().unwrap();
+    std::fs::remove_file(&victim).unwrap();
+    // Its responses as a segment a kill left with a torn last line: the whole lines answer.
+    let journal = root.join("_journal/scored");
+    let mut lines = std::fs::read(journal.join(format!("{shard}.jsonl"))).unwrap();
+    std::fs::remove_file(journal.join(format!("{shard}.jsonl"))).unwrap();
+    lines.extend_from_slice(br#"{"key":"0123","text":"torn"#);
+    std::fs::create_dir_all(journal.join(shard)).unwrap();
+    std::fs::write(journal.join(shard).join("killed-writer.jsonl"), lines).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(&args)
         .env("BACKFORTH_LOG", "info")
