@@ -10,10 +10,14 @@
 //!
 //!     cargo bench --bench job
 //!
+//! `BACKFORTH_BIN` runs another build of the binary (an earlier commit's, to compare in one
+//! sitting); `ONLY` (`busy`, `memory` or `ceiling`) runs one kind of row.
+//!
 //! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
-//! `FILES` (20) × `DOCS` (1,000) documents; `memory`, the 256-slot run on a tenth of the
-//! files, so RSS can be compared at 10× the documents; `ceiling`, a server answering at once
-//! (one endpoint, then four replicas): requests per second and CPU per request.
+//! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of 100
+//! documents and ten times as many against a quick server, so peak RSS can be compared at 10×
+//! the documents; `ceiling`, a server answering at once (one endpoint, then four replicas):
+//! requests per second and CPU per request.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,7 +40,7 @@ const WORDS: [&str; 24] = [
 
 /// `files` JSONL files of `docs` documents each, every document different, ~120 words.
 fn write_corpus(dir: &Path, files: usize, docs: usize) -> PathBuf {
-    let input = dir.join(format!("in-{files}"));
+    let input = dir.join(format!("in-{files}-{docs}"));
     std::fs::create_dir_all(&input).unwrap();
     let mut rng = backforth_testkit::rng::Rng(0x9e37_79b9 + files as u64);
     for f in 0..files {
@@ -100,13 +104,14 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     let _ = std::fs::remove_dir_all(&out);
     let report = dir.join("time.txt");
     let time = Path::new("/usr/bin/time").exists();
+    let binary = std::env::var("BACKFORTH_BIN").unwrap_or(env!("CARGO_BIN_EXE_backforth").into());
     let mut cmd = if time {
         let mut c = Command::new("/usr/bin/time");
         c.args(["-f", "%U %S %M", "-o", report.to_str().unwrap()])
-            .arg(env!("CARGO_BIN_EXE_backforth"));
+            .arg(binary);
         c
     } else {
-        Command::new(env!("CARGO_BIN_EXE_backforth"))
+        Command::new(binary)
     };
     let started = Instant::now();
     let status = cmd
@@ -172,9 +177,16 @@ fn main() {
     let docs = var("DOCS", 1000) as usize;
     let dir = tempfile::tempdir().unwrap();
     let input = write_corpus(dir.path(), files, docs);
-    let small = write_corpus(dir.path(), (files / 10).max(1), docs);
+    let small_files = var("MEMORY_FILES", 20) as usize;
+    let small = write_corpus(dir.path(), small_files, 100);
+    let large = write_corpus(dir.path(), 10 * small_files, 100);
+    let only = std::env::var("ONLY").unwrap_or_default();
+    let runs = |kind: &str| only.is_empty() || only == kind;
     println!("BaF job over {files} files x {docs} documents");
     for (slots, base_ms) in [(256usize, 200u64), (1024, 1000)] {
+        if !runs("busy") {
+            break;
+        }
         let servers = servers(1, Duration::from_millis(base_ms), Duration::from_millis(2));
         let m = run_job(dir.path(), &input, &servers, slots);
         println!(
@@ -184,17 +196,27 @@ fn main() {
             100.0 * m.service / (slots as f64 * m.wall),
             resources(&m)
         );
-        if slots == 256 {
-            let m = run_job(dir.path(), &small, &servers, slots);
-            println!(
-                "memory   slots {slots:>5}, a tenth of the documents: {:.1}s, {} requests, {}",
-                m.wall,
-                m.requests,
-                resources(&m)
-            );
+    }
+    // Memory follows the slots, not the corpus: the same files of 100 documents, ten times
+    // as many, against a quick server.
+    let quick = servers(1, Duration::from_millis(20), Duration::from_micros(200));
+    for (scale, input) in [(1, &small), (10, &large)] {
+        if !runs("memory") {
+            break;
         }
+        let m = run_job(dir.path(), input, &quick, 256);
+        println!(
+            "memory   slots   256, 20 ms + 0.2 ms/token, {:>3} files x 100 documents ({scale:>2}x): {:.1}s, {} requests, {}",
+            small_files * scale,
+            m.wall,
+            m.requests,
+            resources(&m)
+        );
     }
     for replicas in [1usize, 4] {
+        if !runs("ceiling") {
+            break;
+        }
         let servers = servers(replicas, Duration::ZERO, Duration::ZERO);
         let m = run_job(dir.path(), &input, &servers, 256);
         println!(

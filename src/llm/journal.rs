@@ -4,13 +4,13 @@
 //!
 //! The journal is kept per stage and shard (`_journal/<stage>/<shard>/`), so what a worker
 //! reads follows the shards it runs, not the history of the root, and memory holds only the
-//! responses of the shards running. While a shard runs, its responses are group-committed: a
-//! writer task collects what arrived while its previous write was in flight and writes it as
-//! one new segment object (`<writer>-<seq>.jsonl`); on a local disk, where that would be a
-//! file created (and later deleted) per response, it appends to one file per writer instead
-//! (`<writer>.jsonl`; a line torn by a kill is ignored). A call keeps its server slot until
-//! its response is durable, so a kill loses at most the requests in flight. Once the shard is
-//! published its segments are compacted into one object (`_journal/<stage>/<shard>.jsonl`).
+//! responses of the shards running. While a shard runs on an object store, its responses are
+//! group-committed: a writer task collects what arrived while its previous write was in flight
+//! and writes it as one new segment object (`<writer>-<seq>.jsonl`). On a local disk, where
+//! that would be a file created (and later deleted) per response, each call appends its line
+//! to one file per writer instead (`<writer>.jsonl`; a line torn by a kill is ignored). A call
+//! keeps its server slot until its response is durable, so a kill loses at most the requests
+//! in flight. Once the shard is published its segments are compacted into one object (`_journal/<stage>/<shard>.jsonl`).
 //! What every run reads whole is small: the results of offline batches (`_imported/`),
 //! segments of the flat layout of older versions, and one spend record per writer
 //! (`_spend/`), which the budget adds up over every worker and run.
@@ -198,20 +198,22 @@ impl Journal {
         compact_to: Option<(Location, Path)>,
     ) -> JournalScope {
         let writer = segments.clone().map(|dir| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(write_segments(
-                SegmentWriter {
-                    dir,
-                    appending: None,
-                    name: self.writer.clone(),
-                    seq: Arc::clone(&self.seq),
-                    failed: Arc::clone(&self.failed),
-                    spend: Arc::clone(&self.spend),
-                    spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
-                },
-                rx,
-            ));
-            tx
+            let writer = SegmentWriter {
+                appending: None,
+                name: self.writer.clone(),
+                seq: Arc::clone(&self.seq),
+                failed: Arc::clone(&self.failed),
+                spend: Arc::clone(&self.spend),
+                spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
+                dir,
+            };
+            if writer.dir.store_url.scheme() == "file" {
+                Writer::Appending(tokio::sync::Mutex::new(writer))
+            } else {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(write_segments(writer, rx));
+                Writer::Batched(tx)
+            }
         });
         JournalScope {
             known: Mutex::new(known),
@@ -240,7 +242,7 @@ impl Journal {
 pub struct JournalScope {
     known: Mutex<HashMap<String, Entry>>,
     shared: Arc<HashMap<String, Entry>>,
-    writer: Option<mpsc::UnboundedSender<Pending>>,
+    writer: Option<Writer>,
     segments: Option<Location>,
     compact_to: Option<(Location, Path)>,
     /// Whether recorded responses are kept for lookups (not when importing).
@@ -303,10 +305,21 @@ impl JournalScope {
                 .expect("lock poisoned")
                 .insert(key.to_string(), entry.clone());
         }
-        let Some(writer) = &self.writer else { return };
-        let (done, wait) = oneshot::channel();
-        if writer.send(Pending { entry, done }).is_ok() {
-            let _ = wait.await;
+        match &self.writer {
+            None => {}
+            Some(Writer::Appending(writer)) => {
+                writer
+                    .lock()
+                    .await
+                    .write_or_flag(std::slice::from_ref(&entry))
+                    .await;
+            }
+            Some(Writer::Batched(writer)) => {
+                let (done, wait) = oneshot::channel();
+                if writer.send(Pending { entry, done }).is_ok() {
+                    let _ = wait.await;
+                }
+            }
         }
     }
 
@@ -408,7 +421,25 @@ fn writer_id() -> String {
     )
 }
 
-/// Where one scope's writer task writes, and what it shares with the others of the process.
+/// How a scope's responses reach the journal.
+enum Writer {
+    /// Appended by the call itself (a local disk): one write, no hand-over to another task.
+    Appending(tokio::sync::Mutex<SegmentWriter>),
+    /// Group-committed by a writer task (an object store, where each write is a request).
+    Batched(mpsc::UnboundedSender<Pending>),
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Writer::Appending(_) => "Appending",
+            Writer::Batched(_) => "Batched",
+        })
+    }
+}
+
+/// Where one scope's responses are written, and what it shares with the others of the
+/// process.
 struct SegmentWriter {
     dir: Location,
     /// On a local disk: the file this writer appends to, once opened.
@@ -450,6 +481,14 @@ impl SegmentWriter {
 }
 
 impl SegmentWriter {
+    /// [`SegmentWriter::write`]; a failure is logged and fails the run at its next check.
+    async fn write_or_flag(&mut self, entries: &[Entry]) {
+        if let Err(e) = self.write(entries).await {
+            tracing::error!(error = %e, dir = %self.dir.describe(), "Journal write failed.");
+            self.failed.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Appends `entries` to this writer's file in one write: a small write to the page
     /// cache, where a new file per response cost more CPU than the rest of the call.
     fn append(&mut self, entries: &[Entry]) -> Result<()> {
@@ -485,10 +524,7 @@ async fn write_segments(mut writer: SegmentWriter, mut rx: mpsc::UnboundedReceiv
             }
         }
         let entries: Vec<Entry> = batch.iter().map(|p| p.entry.clone()).collect();
-        if let Err(e) = writer.write(&entries).await {
-            tracing::error!(error = %e, dir = %writer.dir.describe(), "Journal write failed.");
-            writer.failed.store(true, Ordering::SeqCst);
-        }
+        writer.write_or_flag(&entries).await;
         for p in batch {
             let _ = p.done.send(());
         }

@@ -22,8 +22,9 @@ use crate::run::runner::Runner;
 
 /// How often shard admission looks at the calls outstanding.
 const ADMISSION_LOOK: Duration = Duration::from_millis(50);
-/// Most shards under way at once unless `[execution] concurrent_shards` says otherwise.
-const MOST_SHARDS: usize = 64;
+/// How many times the shards the first stage needs may be under way, for stages that send
+/// fewer calls.
+const MORE_SHARDS: usize = 4;
 
 impl Runner<'_> {
     /// Runs sharded stages together, shard by shard: each shard goes through the stages in
@@ -172,15 +173,16 @@ impl Runner<'_> {
     }
 
     /// How many shards to keep under way (least, most): enough that twice the servers' slots
-    /// have rows waiting at the first stage, and up to [`MOST_SHARDS`] when later stages
-    /// send fewer calls; `[execution] concurrent_shards` fixes both.
+    /// have rows waiting at the first stage, and up to [`MORE_SHARDS`] times that when later
+    /// stages send fewer calls, so memory follows the slots and not the corpus;
+    /// `[execution] concurrent_shards` fixes both.
     fn shards_at_once(&self, root: &StageStats) -> (usize, usize) {
         if let Some(fixed) = self.job.execution.concurrent_shards {
             return (fixed.max(1), fixed.max(1));
         }
         let rows_per_shard = (root.rows_out as usize / root.shards.len().max(1)).max(1);
-        let least = (2 * self.pool.max_concurrency()).div_ceil(rows_per_shard) + 1;
-        (least.max(2), least.max(MOST_SHARDS))
+        let least = ((2 * self.pool.max_concurrency()).div_ceil(rows_per_shard) + 1).max(2);
+        (least, MORE_SHARDS * least)
     }
 
     /// The marker of the stage that read the whole input upstream of a sharded stage: its

@@ -1,10 +1,11 @@
-//! A stage of N rows against a server of fixed latency L with C slots takes about N·L/C:
-//! no batch waits alone for its slowest reply while slots sit idle.
+//! Keeping the server full: a stage of N rows against a server of fixed latency L with C
+//! slots takes about N·L/C; later stages fill the slots a slow reply leaves idle; identical
+//! prompts in flight are sent once; every LLM stage's plan uses the row window.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::support::fake_server::FakeServer;
+use crate::support::fake_server::{FakeServer, Fault};
 use crate::support::util::{backforth_ok, marker};
 
 #[test]
@@ -64,4 +65,200 @@ fn llm_stage_keeps_every_slot_busy() {
         span.as_secs_f64() < ideal.as_secs_f64() * 1.15,
         "{N} rows at {L:?} with {C} slots took {span:?}; ideal {ideal:?}"
     );
+}
+
+/// One reply far slower than the rest, early in the job: run as one, the job's later stages
+/// fill the slots the slow reply's stage leaves idle, so it ends close to what the server
+/// needs (its service time over the slots, or the slow reply's chain). Run stage by stage —
+/// a barrier between stages, as a batch or shard barrier would also be — the same job misses
+/// that bound: the slots idle behind the slow reply.
+#[test]
+fn later_stages_fill_the_slots_behind_a_slow_reply() {
+    const C: usize = 4;
+    const L: Duration = Duration::from_millis(20);
+    const SLOW: Duration = Duration::from_millis(2500);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    for f in 0..15 {
+        let docs: String = (0..10)
+            .map(|d| {
+                // The bt prompt of the first document quotes it after "Text:".
+                let lead = if (f, d) == (0, 0) { "SLOWDOC " } else { "" };
+                serde_json::json!({"id": format!("f{f}d{d}"), "text": format!("{lead}Page {d} of file {f} describes topic {} in its own words.", f * 10 + d)})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("in/{f:02}.jsonl")), docs).unwrap();
+    }
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"in/\"]\n".to_string()
+            + &[
+                "candidates",
+                "backtranslated",
+                "scored",
+                "curated",
+                "rewritten",
+                "distilled",
+            ]
+            .map(|s| format!("[[stages]]\nname = \"{s}\"\n"))
+            .concat(),
+    )
+    .unwrap();
+    let server = FakeServer::start(L);
+    let c = C.to_string();
+    let run = |root: &str, stages: &str| {
+        let url = server.url();
+        backforth_ok(&[
+            "run",
+            job.to_str().unwrap(),
+            "--output",
+            root,
+            "--endpoint",
+            &url,
+            "--model",
+            "m",
+            "--concurrency",
+            &c,
+            "--stages",
+            stages,
+        ]);
+    };
+    let slow_once = || {
+        *server.state.faults.lock().unwrap() =
+            vec![("Text:\nSLOWDOC".to_string(), [Fault::Slow(SLOW)].into())];
+        server.state.log.lock().unwrap().clear();
+    };
+    // How long the server was busy from its first request to its last reply, and the bound:
+    // its service time over the slots (the slow reply included), or the slow reply and the
+    // three stages after it, whichever is longer; a fifth and 0.4 s more for shard start-up.
+    let measure = || {
+        let log = server.log();
+        let first = log.iter().map(|e| e.started).min().unwrap();
+        let last = log.iter().map(|e| e.finished).max().unwrap();
+        let service: Duration = log.iter().map(|e| e.finished - e.started).sum::<Duration>() + SLOW;
+        let ideal = (service / C as u32).max(SLOW + 3 * L);
+        (
+            last - first,
+            ideal.mul_f64(1.2) + Duration::from_millis(400),
+        )
+    };
+    let llm_stages = "backtranslated,scored,curated,rewritten,distilled";
+
+    let together = dir.path().join("together");
+    run(together.to_str().unwrap(), "candidates");
+    slow_once();
+    run(together.to_str().unwrap(), llm_stages);
+    let (span, bound) = measure();
+    eprintln!("run as one: {span:?} (bound {bound:?})");
+
+    let apart = dir.path().join("apart");
+    run(apart.to_str().unwrap(), "candidates");
+    slow_once();
+    for stage in llm_stages.split(',') {
+        run(apart.to_str().unwrap(), stage);
+    }
+    let (barrier, barrier_bound) = measure();
+    eprintln!("stage by stage: {barrier:?} (bound {barrier_bound:?})");
+
+    assert!(
+        span <= bound,
+        "{span:?} from first request to last reply; bound {bound:?}"
+    );
+    assert!(
+        barrier > barrier_bound,
+        "stage by stage took {barrier:?}, within {barrier_bound:?}: the test cannot tell a barrier"
+    );
+}
+
+/// Rows asking the very same thing at the same time cost one request: the others wait for
+/// it in flight (and later rows find its answer in the journal).
+#[test]
+fn identical_prompts_in_flight_are_sent_once() {
+    const N: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let docs: String = (0..N)
+        .map(|i| {
+            serde_json::json!({"id": format!("d{i}"), "text": format!("Document {i} has words of its own, number {}.", i * 7)})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    // Every row's prompt is the same text, built from the row so nothing folds it away.
+    std::fs::write(
+        dir.path().join("same.sql"),
+        "SELECT id, backtranslate(substr(text, 1, 0) || 'One text that every row asks about.') AS call FROM candidates",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[[stages]]\nname = \"candidates\"\n\
+         [[stages]]\nname = \"same\"\nsql = \"same.sql\"\n",
+    )
+    .unwrap();
+    let server = FakeServer::start(Duration::from_millis(300));
+    backforth_ok(&[
+        "run",
+        job.to_str().unwrap(),
+        "--endpoint",
+        &server.url(),
+        "--model",
+        "m",
+        "--concurrency",
+        "8",
+    ]);
+    assert_eq!(
+        server.requests(),
+        1,
+        "{} requests for one prompt",
+        server.requests()
+    );
+    let done = marker(&dir.path().join("out"), "same");
+    assert_eq!(done["rows_out"], N);
+    let shared = done["llm"]["shared"].as_u64().unwrap();
+    assert!(
+        shared >= 8,
+        "{shared} rows joined the request in flight (the others read the journal)"
+    );
+}
+
+/// Every LLM stage runs its calls through the row window: the physical plans the run logs
+/// (at debug level) call each built-in LLM function under `LlmWindowExec`, and none under
+/// DataFusion's batch-at-a-time `AsyncFuncExec`.
+#[test]
+fn every_llm_stage_plans_its_calls_in_the_row_window() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    let server = FakeServer::start(Duration::from_millis(1));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args([
+            "run",
+            dir.path().join("job.toml").to_str().unwrap(),
+            "--endpoint",
+            &server.url(),
+            "--model",
+            "m",
+        ])
+        .env("BACKFORTH_LOG", "backforth=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let plans: Vec<&str> = log.split("Physical plan.").skip(1).collect();
+    assert!(!plans.is_empty(), "no plan logged:\n{log}");
+    for plan in &plans {
+        assert!(!plan.contains("AsyncFuncExec"), "{plan}");
+    }
+    for function in ["backtranslate(", "score_pair(", "rewrite(", "answer("] {
+        assert!(
+            plans
+                .iter()
+                .any(|p| p.contains(function) && p.contains("LlmWindowExec")),
+            "no plan calls {function}..) in LlmWindowExec"
+        );
+    }
 }
