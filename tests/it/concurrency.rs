@@ -8,20 +8,24 @@ use std::time::Duration;
 use crate::support::fake_server::{FakeServer, Fault};
 use crate::support::util::{backforth_ok, marker};
 
+/// `n` JSONL documents, no two alike.
+fn distinct_docs(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"id": format!("d{i}"), "text": format!("Document number {i} says something distinct about topic {}.", i * 31)})
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
 #[test]
 fn llm_stage_keeps_every_slot_busy() {
     const N: usize = 150;
     const C: usize = 8;
     const L: Duration = Duration::from_millis(100);
     let dir = tempfile::tempdir().unwrap();
-    let docs: String = (0..N)
-        .map(|i| {
-            serde_json::json!({"id": format!("d{i}"), "text": format!("Document number {i} says something distinct about topic {}.", i * 31)})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    std::fs::write(dir.path().join("docs.jsonl"), distinct_docs(N)).unwrap();
     let job = dir.path().join("job.toml");
     std::fs::write(
         &job,
@@ -179,14 +183,7 @@ fn later_stages_fill_the_slots_behind_a_slow_reply() {
 fn identical_prompts_in_flight_are_sent_once() {
     const N: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let docs: String = (0..N)
-        .map(|i| {
-            serde_json::json!({"id": format!("d{i}"), "text": format!("Document {i} has words of its own, number {}.", i * 7)})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    std::fs::write(dir.path().join("docs.jsonl"), distinct_docs(N)).unwrap();
     // Every row's prompt is the same text, built from the row so nothing folds it away.
     std::fs::write(
         dir.path().join("same.sql"),

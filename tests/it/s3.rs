@@ -291,9 +291,9 @@ fn pipeline_on_s3_with_a_kill_and_resume() {
     assert!(killed, "the run was still going when killed");
 }
 
-fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
-    use object_store::{ObjectStoreExt, PutPayload};
-    let store = object_store::aws::AmazonS3Builder::new()
+/// object_store's client of `bucket` on the server, with moto's default keys.
+fn store(moto: &Moto, bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
         .with_endpoint(&moto.endpoint)
         .with_allow_http(true)
         .with_bucket_name(bucket)
@@ -301,7 +301,12 @@ fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
         .with_access_key_id("testing")
         .with_secret_access_key("testing")
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn upload(moto: &Moto, file: &std::path::Path, bucket: &str, key: &str) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let store = store(moto, bucket);
     let bytes = std::fs::read(file).unwrap();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -502,15 +507,7 @@ fn denied_reads_are_errors_not_absence() {
     );
 
     moto.check_permissions(false);
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&moto.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name("corpus")
-        .with_region("us-east-1")
-        .with_access_key_id("testing")
-        .with_secret_access_key("testing")
-        .build()
-        .unwrap();
+    let store = store(&moto, "corpus");
     let (readme, data) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
