@@ -213,6 +213,9 @@ impl Runner<'_> {
         id: &str,
         near: Option<&NearDuplicates>,
     ) -> Result<StageStats> {
+        // A journal that cannot be written stops new work at once, not at the end of the
+        // stages running together: nothing more is paid for that a crash would lose.
+        self.journal.check()?;
         let out = self.root.child(&plan.name);
         let up_file = self.root.child(&up.name).path(&part_file(id));
         // The marker this shard's input was published by: the upstream shard's own, or for
