@@ -91,6 +91,8 @@ fn write_job(dir: &Path, input: &Path, urls: &[String], slots: usize) -> PathBuf
 /// What one run of the job cost.
 struct Measured {
     wall: f64,
+    /// From process start to the first request (the input stage and start-up).
+    lead: f64,
     requests: usize,
     service: f64,
     cpu: Option<f64>,
@@ -125,12 +127,15 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     assert!(status.success());
     let mut requests = 0;
     let mut service = 0.0;
+    let mut first = None::<Instant>;
     for server in servers {
         for e in server.state.log.lock().unwrap().drain(..) {
             requests += 1;
             service += (e.finished - e.started).as_secs_f64();
+            first = Some(first.map_or(e.started, |f| f.min(e.started)));
         }
     }
+    let lead = first.map_or(wall, |f| (f - started).as_secs_f64());
     let (cpu, rss_mib) = if time {
         let t = std::fs::read_to_string(&report).unwrap();
         let v: Vec<f64> = t
@@ -143,6 +148,7 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     };
     Measured {
         wall,
+        lead,
         requests,
         service,
         cpu,
@@ -190,8 +196,9 @@ fn main() {
         let servers = servers(1, Duration::from_millis(base_ms), Duration::from_millis(2));
         let m = run_job(dir.path(), &input, &servers, slots);
         println!(
-            "busy     slots {slots:>5}, {base_ms} ms + 2 ms/token: {:.1}s, {} requests, server busy {:.1}%, {}",
+            "busy     slots {slots:>5}, {base_ms} ms + 2 ms/token: {:.1}s (first call at {:.1}s), {} requests, server busy {:.1}%, {}",
             m.wall,
+            m.lead,
             m.requests,
             100.0 * m.service / (slots as f64 * m.wall),
             resources(&m)
