@@ -99,16 +99,9 @@ fn later_stages_fill_the_slots_behind_a_slow_reply() {
     std::fs::write(
         &job,
         "output = \"out\"\n[input]\npaths = [\"in/\"]\n".to_string()
-            + &[
-                "candidates",
-                "backtranslated",
-                "scored",
-                "curated",
-                "rewritten",
-                "distilled",
-            ]
-            .map(|s| format!("[[stages]]\nname = \"{s}\"\n"))
-            .concat(),
+            + &crate::pipeline::STAGES
+                .map(|s| format!("[[stages]]\nname = \"{s}\"\n"))
+                .concat(),
     )
     .unwrap();
     let server = FakeServer::start(L);
