@@ -77,7 +77,18 @@ impl std::fmt::Debug for Pending {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Spend {
     spent_usd: f64,
+    /// When the record was last written.
+    #[serde(skip)]
+    written_at: Option<std::time::Instant>,
+    /// True while some spend is not in the written record yet.
+    #[serde(skip)]
+    unwritten: bool,
 }
+
+/// How often the spend record is rewritten while responses cost something: rewriting it per
+/// response would create a file per response on a local disk. A run writes what is left
+/// when it ends, so only a process killed outright leaves up to this much spend unrecorded.
+const SPEND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The journal of an output root: opens the scope of each stage and shard, and knows what
 /// every worker and earlier run spent.
@@ -225,6 +236,17 @@ impl Journal {
         }
     }
 
+    /// Writes what this process spent since its spend record was last written; a run calls
+    /// it when it ends, however it ends.
+    pub async fn flush_spend(&self) -> Result<()> {
+        let mut spend = self.spend.lock().await;
+        if spend.unwritten {
+            let path = (self.dir.child(SPEND_DIR), self.writer.clone());
+            write_spend(&path, &mut spend).await?;
+        }
+        Ok(())
+    }
+
     /// Fails when a segment could not be written: completed work would not survive a crash.
     pub fn check(&self) -> Result<()> {
         if self.failed.load(Ordering::SeqCst) {
@@ -354,6 +376,14 @@ impl JournalScope {
     }
 }
 
+/// Writes this process's spend record.
+async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Result<()> {
+    write_json(dir, &dir.path(&format!("{name}.json")), &*spend).await?;
+    spend.written_at = Some(std::time::Instant::now());
+    spend.unwritten = false;
+    Ok(())
+}
+
 /// The objects directly and below `dir`.
 async fn list(dir: &Location) -> Result<Vec<ObjectMeta>> {
     Ok(dir.store.list(Some(&dir.prefix)).try_collect().await?)
@@ -473,8 +503,10 @@ impl SegmentWriter {
         if cost > 0.0 {
             let mut spend = self.spend.lock().await;
             spend.spent_usd += cost;
-            let (dir, name) = &self.spend_path;
-            write_json(dir, &dir.path(&format!("{name}.json")), &*spend).await?;
+            spend.unwritten = true;
+            if spend.written_at.is_none_or(|t| t.elapsed() >= SPEND_EVERY) {
+                write_spend(&self.spend_path, &mut spend).await?;
+            }
         }
         Ok(())
     }

@@ -119,6 +119,7 @@ pub async fn import_batch_results(
         }
     }
     recorded += record_all(&imported, &mut replies).await;
+    journal.flush_spend().await?;
     journal.check()?;
     Ok((recorded, failed))
 }

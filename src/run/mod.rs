@@ -95,9 +95,19 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     let pool = Arc::new(LlmPool::new(&models, budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
+    let result = run_steps(job, &to_run, &mut runner).await;
+    // However the run ended, what it spent is recorded for the budget of the next.
+    let flushed = runner.journal.flush_spend().await;
+    let summary = result?;
+    flushed?;
+    Ok(summary)
+}
+
+/// Runs the selected stages, step by step (see [`plan::steps`]).
+async fn run_steps(job: &Job, to_run: &[String], runner: &mut Runner<'_>) -> Result<RunSummary> {
     let mut summary = RunSummary::default();
     let plans = runner.plans.clone();
-    for step in plan::steps(&plans, job, &to_run) {
+    for step in plan::steps(&plans, job, to_run) {
         let names: Vec<&str> = match &step {
             Step::Global(plan) => vec![plan.name.as_str()],
             Step::Sharded(group) => group.iter().map(|p| p.name.as_str()).collect(),
