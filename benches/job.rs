@@ -61,7 +61,8 @@ fn write_corpus(dir: &Path, files: usize, docs: usize) -> PathBuf {
     input
 }
 
-/// The BaF job with every role on `urls` (replicas), `slots` requests in flight per replica.
+/// The BaF job with every role on `urls` (replicas), `slots` requests in flight per replica,
+/// priced as a hosted model would be (so the spend record is kept, as for OpenAI users).
 fn write_job(dir: &Path, input: &Path, urls: &[String], slots: usize) -> PathBuf {
     let endpoints = serde_json::to_string(urls).unwrap();
     let mut job = format!(
@@ -70,7 +71,8 @@ fn write_job(dir: &Path, input: &Path, urls: &[String], slots: usize) -> PathBuf
     );
     for (role, max_tokens) in [("backward", 256), ("scorer", 512), ("rewriter", 2048)] {
         job += &format!(
-            "[models.{role}]\nendpoints = {endpoints}\nmodel = \"m\"\nmax_tokens = {max_tokens}\nconcurrency = {slots}\n"
+            "[models.{role}]\nendpoints = {endpoints}\nmodel = \"m\"\nmax_tokens = {max_tokens}\nconcurrency = {slots}\n\
+             price_input_per_mtok = 0.5\nprice_output_per_mtok = 1.5\n"
         );
     }
     for stage in [
