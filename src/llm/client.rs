@@ -272,9 +272,7 @@ impl ModelClient {
                 return retries.stopped(Some(budget.message()));
             }
             retries.sent += 1;
-            let outcome = self
-                .attempt(endpoint, &path, &body, req, key, journal)
-                .await;
+            let outcome = self.attempt(endpoint, path, &body, req, key, journal).await;
             drop(slot);
             let (message, after, throttle) = match outcome {
                 Ok(mut reply) => {

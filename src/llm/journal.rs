@@ -219,7 +219,7 @@ impl Journal {
                 dir,
             };
             if writer.dir.store_url.scheme() == "file" {
-                Writer::Appending(tokio::sync::Mutex::new(writer))
+                Writer::Appending(Box::new(tokio::sync::Mutex::new(writer)))
             } else {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(write_segments(writer, rx));
@@ -454,7 +454,7 @@ fn writer_id() -> String {
 /// How a scope's responses reach the journal.
 enum Writer {
     /// Appended by the call itself (a local disk): one write, no hand-over to another task.
-    Appending(tokio::sync::Mutex<SegmentWriter>),
+    Appending(Box<tokio::sync::Mutex<SegmentWriter>>),
     /// Group-committed by a writer task (an object store, where each write is a request).
     Batched(mpsc::UnboundedSender<Pending>),
 }
