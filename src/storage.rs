@@ -119,10 +119,16 @@ impl Location {
 
     /// True when an object exists at `path`.
     pub async fn exists(&self, path: &Path) -> Result<bool> {
+        Ok(self.head(path).await?.is_some())
+    }
+
+    /// The object at `path`, or `None` when there is none. Only "not found" means absent: a
+    /// denied or failed request is an error, never taken for a missing object.
+    pub async fn head(&self, path: &Path) -> Result<Option<object_store::ObjectMeta>> {
         match self.store.head(path).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e.into()),
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::failed(self.display(path), e)),
         }
     }
 
@@ -255,12 +261,11 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
     let location = Location::parse(&base)?;
     if pattern.is_none() {
         // A single file: take it whatever its extension says, so odd names still work.
-        let head = match location.store.head(&location.prefix).await {
-            Ok(meta) => Some(meta),
-            Err(object_store::Error::NotFound { .. }) => None,
-            // Denied, unreachable, ...: say so, rather than that nothing matched.
-            Err(e) => return Err(Error::failed(format!("input '{spec}'"), e)),
-        };
+        // Denied, unreachable, ...: say so, rather than that nothing matched.
+        let head = location
+            .head(&location.prefix)
+            .await
+            .with_context(|| format!("input '{spec}'"))?;
         if let Some(meta) = head {
             let name = meta.location.filename().unwrap_or_default();
             return Ok(vec![InputFile {

@@ -166,9 +166,8 @@ impl Journal {
         let segments = stage_dir.child(shard);
         let mut objects = list(&segments).await?;
         let compacted = stage_dir.path(&format!("{shard}.jsonl"));
-        if let Ok(meta) = stage_dir.store.head(&compacted).await {
-            objects.push(meta);
-        }
+        // A failure taken for absence would send every answered request again.
+        objects.extend(stage_dir.head(&compacted).await?);
         self.objects_read
             .fetch_add(objects.len() as u64, Ordering::Relaxed);
         let known = read_segments(&self.dir, objects).await?;
