@@ -377,7 +377,10 @@ impl JournalScope {
 
 /// Writes this process's spend record.
 async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Result<()> {
-    write_json(dir, &dir.path(&format!("{name}.json")), &*spend).await?;
+    let path = dir.path(&format!("{name}.json"));
+    write_json(dir, &path, &*spend)
+        .await
+        .with_context(|| format!("spend record {}", dir.display(&path)))?;
     spend.written_at = Some(std::time::Instant::now());
     spend.unwritten = false;
     Ok(())
