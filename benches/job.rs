@@ -11,7 +11,8 @@
 //!     cargo bench --bench job
 //!
 //! `BACKFORTH_BIN` runs another build of the binary (an earlier commit's, to compare in one
-//! sitting); `ONLY` (`busy`, `memory` or `ceiling`) runs one kind of row.
+//! sitting); `ONLY` (`busy`, `memory` or `ceiling`) runs one kind of row, `SLOTS` (256 or
+//! 1024) one busy row.
 //!
 //! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
 //! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of 100
@@ -194,6 +195,9 @@ fn main() {
     for (slots, base_ms) in [(256usize, 200u64), (1024, 1000)] {
         if !runs("busy") {
             break;
+        }
+        if var("SLOTS", slots as u64) != slots as u64 {
+            continue;
         }
         let servers = servers(1, Duration::from_millis(base_ms), Duration::from_millis(2));
         let m = run_job(dir.path(), &input, &servers, slots);

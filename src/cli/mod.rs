@@ -29,6 +29,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(
+            std::env::var("BF_BLOCKING")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(512),
+        )
         .enable_all()
         .build()
     {

@@ -2,13 +2,13 @@
 //! role; the reply is a struct column (text, usage, error, ...) so nothing the server said is
 //! lost and parsers can run again on stored replies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
-    StructArray,
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringArray,
+    StringBuilder, StructArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::not_impl_err;
@@ -33,6 +33,11 @@ pub fn llm_reply_type() -> DataType {
 }
 
 fn llm_reply_fields() -> Fields {
+    static FIELDS: std::sync::LazyLock<Fields> = std::sync::LazyLock::new(reply_fields);
+    FIELDS.clone()
+}
+
+fn reply_fields() -> Fields {
     Fields::from(vec![
         Field::new("text", DataType::Utf8, true),
         Field::new("finish_reason", DataType::Utf8, true),
@@ -45,6 +50,23 @@ fn llm_reply_fields() -> Fields {
         Field::new("cost_usd", DataType::Float64, true),
         Field::new("top_logprobs", DataType::Utf8, true),
     ])
+}
+
+/// The LLM functions of a session by name, kept in its config so that
+/// [`LlmWindowExec`](crate::engine::window::LlmWindowExec) calls them row by row.
+#[derive(Debug, Default)]
+pub struct LlmFunctions(HashMap<String, Arc<LlmFunction>>);
+
+impl LlmFunctions {
+    /// Adds `function` under its SQL name.
+    pub fn insert(&mut self, function: Arc<LlmFunction>) {
+        self.0.insert(function.spec.name.clone(), function);
+    }
+
+    /// The function called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LlmFunction>> {
+        self.0.get(name).cloned()
+    }
 }
 
 /// An LLM function: renders its template for each row and calls its model role.
@@ -111,6 +133,16 @@ impl LlmFunction {
             .get_template(template)
             .and_then(|t| t.render(ctx))
             .map_err(|e| format!("template: {e}"))
+    }
+
+    /// The reply for row `i` of `args` (one string column per argument); `None`, and no
+    /// request, when an argument is NULL.
+    pub async fn call_at(&self, args: &[StringArray], i: usize) -> Option<Reply> {
+        let values: Option<Vec<&str>> = args
+            .iter()
+            .map(|c| (!c.is_null(i)).then(|| c.value(i)))
+            .collect();
+        Some(self.call_row(values?).await)
     }
 
     async fn call_row(&self, values: Vec<&str>) -> Reply {
@@ -204,56 +236,53 @@ impl ScalarUDFImpl for LlmFunction {
 #[async_trait]
 impl AsyncScalarUDFImpl for LlmFunction {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let n = args.number_rows;
-        let columns = string_columns(&args.args, n)?;
-        let rows = (0..n).map(|i| {
-            let values: Option<Vec<&str>> = columns
-                .iter()
-                .map(|c| (!c.is_null(i)).then(|| c.value(i)))
-                .collect();
-            async move {
-                match values {
-                    // A row with a NULL argument has nothing to ask; no request is sent.
-                    None => None,
-                    Some(values) => Some(self.call_row(values).await),
-                }
-            }
-        });
+        let columns = string_columns(&args.args, args.number_rows)?;
         // Every row of the batch is started at once; the endpoint's slots bound what is on the
-        // wire, and LlmWindowExec keeps several batches in flight so no batch waits alone.
-        let replies = join_all(rows).await;
-        Ok(ColumnarValue::Array(replies_to_array(&replies)))
+        // wire.
+        let replies = join_all((0..args.number_rows).map(|i| self.call_at(&columns, i))).await;
+        Ok(ColumnarValue::Array(replies_to_array(replies)))
     }
 }
 
 /// Builds the reply struct column; `None` rows are NULL.
-pub fn replies_to_array(replies: &[Option<Reply>]) -> ArrayRef {
+pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
     let n = replies.len();
-    let mut text = StringBuilder::new();
-    let mut finish = StringBuilder::new();
+    let mut text = StringBuilder::with_capacity(n, 0);
+    let mut finish = StringBuilder::with_capacity(n, 0);
     let mut prompt_tokens = Int64Builder::with_capacity(n);
     let mut completion_tokens = Int64Builder::with_capacity(n);
     let mut latency = Int64Builder::with_capacity(n);
     let mut attempts = Int32Builder::with_capacity(n);
-    let mut error = StringBuilder::new();
+    let mut error = StringBuilder::with_capacity(n, 0);
     let mut cached = BooleanBuilder::with_capacity(n);
     let mut cost = Float64Builder::with_capacity(n);
-    let mut top = StringBuilder::new();
+    let mut top = StringBuilder::with_capacity(n, 0);
+    let nulls = replies.iter().map(Option::is_some).collect::<Vec<bool>>();
     for reply in replies {
-        let r = reply.clone().unwrap_or_default();
+        let Some(r) = reply else {
+            for column in [&mut text, &mut finish, &mut error, &mut top] {
+                column.append_null();
+            }
+            prompt_tokens.append_null();
+            completion_tokens.append_null();
+            latency.append_null();
+            attempts.append_null();
+            cached.append_null();
+            cost.append_null();
+            continue;
+        };
         text.append_option(r.text);
         finish.append_option(r.finish_reason);
         prompt_tokens.append_option(r.prompt_tokens);
         completion_tokens.append_option(r.completion_tokens);
-        latency.append_option(reply.as_ref().map(|r| r.latency_ms));
-        attempts.append_option(reply.as_ref().map(|r| r.attempts));
+        latency.append_value(r.latency_ms);
+        attempts.append_value(r.attempts);
         error.append_option(r.error);
-        cached.append_option(reply.as_ref().map(|r| r.cached));
-        cost.append_option(reply.as_ref().map(|r| r.cost_usd));
+        cached.append_value(r.cached);
+        cost.append_value(r.cost_usd);
         top.append_option(r.top_logprobs);
     }
     let fields = llm_reply_fields();
-    let nulls = replies.iter().map(Option::is_some).collect::<Vec<bool>>();
     Arc::new(StructArray::new(
         fields,
         vec![

@@ -10,7 +10,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::logical_expr::async_udf::AsyncScalarUDF;
 
-use crate::engine::llm_function::LlmFunction;
+use crate::engine::llm_function::{LlmFunction, LlmFunctions};
 use crate::engine::parsers::PARSERS;
 use crate::engine::prepare_functions::{PrepareRules, UNITS, configured_udfs};
 use crate::engine::pure::pure_udf;
@@ -64,10 +64,20 @@ pub fn register_functions(
     tokens: TokenCounter,
     rules: PrepareRules,
 ) -> Result<()> {
+    let mut llm = LlmFunctions::default();
     for (spec, client) in functions {
-        let udf = LlmFunction::new(spec.clone(), client.clone(), Arc::clone(journal))?;
-        ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
+        let udf = Arc::new(LlmFunction::new(
+            spec.clone(),
+            client.clone(),
+            Arc::clone(journal),
+        )?);
+        llm.insert(Arc::clone(&udf));
+        ctx.register_udf(AsyncScalarUDF::new(udf).into_scalar_udf());
     }
+    ctx.state_ref()
+        .write()
+        .config_mut()
+        .set_extension(Arc::new(llm));
     for udf in scalar_udfs(tokens, rules) {
         ctx.register_udf(udf);
     }

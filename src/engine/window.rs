@@ -13,13 +13,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use datafusion::arrow::compute::interleave;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{internal_datafusion_err, internal_err};
 use datafusion::error::Result;
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::async_scalar_function::AsyncFuncExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::async_func::AsyncFuncExec;
@@ -29,7 +32,11 @@ use datafusion::physical_plan::{
     apply_expression_roots,
 };
 use futures::StreamExt;
-use futures::future::try_join_all;
+use futures::future::join_all;
+
+use crate::engine::args::string_columns;
+use crate::engine::llm_function::{LlmFunction, LlmFunctions, replies_to_array};
+use crate::llm::reply::Reply;
 
 /// How many rows a partition keeps in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,53 +187,161 @@ impl ExecutionPlan for LlmWindowExec {
     ) -> Result<SendableRecordBatchStream> {
         let input = self.input.execute(partition, Arc::clone(&context))?;
         let schema = self.schema();
-        let schema_for_concat = Arc::clone(&schema);
-        let exprs = Arc::new(self.exprs.clone());
-        let config = Arc::clone(context.session_config().options());
-        // One row per evaluation: a slow reply then holds back nothing but itself.
-        let rows = input.flat_map(|batch| {
-            let slices: Vec<Result<RecordBatch>> = match batch {
-                Ok(batch) => (0..batch.num_rows())
-                    .map(|i| Ok(batch.slice(i, 1)))
-                    .collect(),
-                Err(e) => vec![Err(e)],
-            };
-            futures::stream::iter(slices)
+        let first = first_copies(&self.exprs);
+        let calls = Arc::new(self.calls(&context, &first)?);
+        let to_call = Arc::clone(&calls);
+        // One row per call: a slow reply then holds back nothing but itself. The arguments
+        // are evaluated a batch at a time, and rows point into their batch.
+        let rows = input.flat_map(move |batch| {
+            let rows: Vec<Result<(Arc<Arguments>, usize)>> =
+                match batch.and_then(|b| Arguments::of(b, &to_call)) {
+                    Ok(args) => {
+                        let args = Arc::new(args);
+                        (0..args.batch.num_rows())
+                            .map(|i| Ok((Arc::clone(&args), i)))
+                            .collect()
+                    }
+                    Err(e) => vec![Err(e)],
+                };
+            futures::stream::iter(rows)
         });
         let out_schema = Arc::clone(&schema);
-        // Each distinct call is evaluated once, whatever copies the planner made.
-        let first = Arc::new(first_copies(&exprs));
         let evaluated = rows
             .map(move |row| {
-                let exprs = Arc::clone(&exprs);
-                let config = Arc::clone(&config);
-                let schema = Arc::clone(&out_schema);
-                let first = Arc::clone(&first);
+                let calls = Arc::clone(&calls);
                 async move {
-                    let chunk = row?;
-                    let originals: Vec<usize> =
-                        (0..exprs.len()).filter(|&i| first[i] == i).collect();
-                    let outputs = try_join_all(
-                        originals
+                    let (args, i) = row?;
+                    let replies = join_all(
+                        calls
                             .iter()
-                            .map(|&i| exprs[i].invoke_with_args(&chunk, Arc::clone(&config))),
+                            .zip(&args.strings)
+                            .map(|(call, strings)| call.function.call_at(strings, i)),
                     )
-                    .await?;
-                    let mut by_original = std::collections::HashMap::new();
-                    for (&i, output) in originals.iter().zip(outputs) {
-                        by_original.insert(i, output.to_array(chunk.num_rows())?);
-                    }
-                    let mut columns = chunk.columns().to_vec();
-                    columns.extend(first.iter().map(|i| Arc::clone(&by_original[i])));
-                    Ok(RecordBatch::try_new(schema, columns)?)
+                    .await;
+                    Ok(Answered { args, i, replies })
                 }
             })
             .buffer_unordered(self.window.rows)
             .ready_chunks(OUTPUT_BATCH_ROWS)
-            .map(move |ready: Vec<Result<RecordBatch>>| {
+            .map(move |ready: Vec<Result<Answered>>| {
                 let rows = ready.into_iter().collect::<Result<Vec<_>>>()?;
-                Ok(concat_batches(&schema_for_concat, &rows)?)
+                assemble(&out_schema, rows, &first)
             });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, evaluated)))
     }
+}
+
+impl LlmWindowExec {
+    /// The distinct calls among the expressions (those `first` maps to themselves), bound to
+    /// the session's LLM functions.
+    fn calls(&self, context: &TaskContext, first: &[usize]) -> Result<Vec<Call>> {
+        let functions = context
+            .session_config()
+            .get_extension::<LlmFunctions>()
+            .ok_or_else(|| internal_datafusion_err!("the session has no LLM functions"))?;
+        (0..self.exprs.len())
+            .filter(|&i| first[i] == i)
+            .map(|i| {
+                let Some(expr) = self.exprs[i].func.downcast_ref::<ScalarFunctionExpr>() else {
+                    return internal_err!("not a function call: {}", self.exprs[i]);
+                };
+                let name = expr.fun().name();
+                let Some(function) = functions.get(name) else {
+                    return internal_err!("{name} is not an LLM function of this session");
+                };
+                Ok(Call {
+                    function,
+                    args: expr.args().to_vec(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One distinct LLM call of the operator: the function and its argument expressions.
+struct Call {
+    function: Arc<LlmFunction>,
+    args: Vec<Arc<dyn PhysicalExpr>>,
+}
+
+/// An input batch and, per call, its arguments as strings.
+struct Arguments {
+    batch: RecordBatch,
+    strings: Vec<Vec<StringArray>>,
+}
+
+impl Arguments {
+    fn of(batch: RecordBatch, calls: &[Call]) -> Result<Self> {
+        let n = batch.num_rows();
+        let strings = calls
+            .iter()
+            .map(|call| {
+                let values = call
+                    .args
+                    .iter()
+                    .map(|e| e.evaluate(&batch))
+                    .collect::<Result<Vec<_>>>()?;
+                string_columns(&values, n)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { batch, strings })
+    }
+}
+
+/// Row `i` of `args` with the replies of its distinct calls.
+struct Answered {
+    args: Arc<Arguments>,
+    i: usize,
+    replies: Vec<Option<Reply>>,
+}
+
+/// The output batch of `rows`: their input columns gathered from their batches, then one
+/// reply column per expression (copies share their first's column).
+fn assemble(schema: &SchemaRef, rows: Vec<Answered>, first: &[usize]) -> Result<RecordBatch> {
+    let mut batches: Vec<&RecordBatch> = Vec::new();
+    let mut indices = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let b = match batches
+            .iter()
+            .position(|b| std::ptr::eq(*b, &row.args.batch))
+        {
+            Some(b) => b,
+            None => {
+                batches.push(&row.args.batch);
+                batches.len() - 1
+            }
+        };
+        indices.push((b, row.i));
+    }
+    let width = batches.first().map_or(0, |b| b.num_columns());
+    let mut columns = (0..width)
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            Ok(interleave(&arrays, &indices)?)
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    drop(batches);
+    let distinct = rows.first().map_or(0, |r| r.replies.len());
+    let mut replies: Vec<Vec<Option<Reply>>> = (0..distinct)
+        .map(|_| Vec::with_capacity(rows.len()))
+        .collect();
+    for row in rows {
+        for (j, reply) in row.replies.into_iter().enumerate() {
+            replies[j].push(reply);
+        }
+    }
+    let arrays: Vec<ArrayRef> = replies.into_iter().map(replies_to_array).collect();
+    // Calls are numbered in the order their first expressions come.
+    let mut call_of = vec![0; first.len()];
+    let mut next = 0;
+    for (i, &f) in first.iter().enumerate() {
+        if f == i {
+            call_of[i] = next;
+            next += 1;
+        } else {
+            call_of[i] = call_of[f];
+        }
+    }
+    columns.extend(call_of.iter().map(|&j| Arc::clone(&arrays[j])));
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }

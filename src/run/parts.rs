@@ -225,6 +225,13 @@ fn kept_columns(n: usize, drop_index: usize) -> Vec<usize> {
     (0..n).filter(|&j| j != drop_index).collect()
 }
 
+/// Rows a part writer holds as Arrow before it opens a Parquet writer. An open writer keeps
+/// two zstd contexts and a dictionary per column (about 2 MB for a stage's twenty columns)
+/// for as long as the part is open, which for an LLM stage is as long as its slowest reply:
+/// a shard's rows are kept as they came, and encoded at once when the shard ends, unless
+/// they grow past this.
+const BUFFERED_BYTES: usize = 8 << 20;
+
 /// Writes a stage's rows as Parquet parts named by [`PartNames`]. Each part is one object,
 /// visible only once complete; a stage or shard with no rows still gets one (empty) part, so
 /// its table has a schema.
@@ -234,6 +241,9 @@ struct PartWriter {
     names: PartNames,
     current: Option<(AsyncArrowWriter<BufWriter>, usize)>,
     written: Vec<String>,
+    /// Rows not yet given to a Parquet writer, and their Arrow size.
+    buffered: Vec<RecordBatch>,
+    buffered_bytes: usize,
 }
 
 impl PartWriter {
@@ -244,6 +254,8 @@ impl PartWriter {
             names,
             current: None,
             written: Vec::new(),
+            buffered: Vec::new(),
+            buffered_bytes: 0,
         }
     }
 
@@ -269,6 +281,26 @@ impl PartWriter {
             return Ok(());
         }
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())?;
+        if self.current.is_none() {
+            self.buffered_bytes += batch.get_array_memory_size();
+            self.buffered.push(batch);
+            if self.buffered_bytes < BUFFERED_BYTES {
+                return Ok(());
+            }
+            return self.write_buffered().await;
+        }
+        self.encode(&batch).await
+    }
+
+    async fn write_buffered(&mut self) -> Result<()> {
+        self.buffered_bytes = 0;
+        for batch in std::mem::take(&mut self.buffered) {
+            self.encode(&batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn encode(&mut self, batch: &RecordBatch) -> Result<()> {
         let mut offset = 0;
         while offset < batch.num_rows() {
             if self.current.is_none() {
@@ -301,6 +333,7 @@ impl PartWriter {
     }
 
     async fn finish(mut self) -> Result<Vec<String>> {
+        self.write_buffered().await?;
         if self.written.is_empty() {
             self.open()?;
         }
