@@ -96,6 +96,8 @@ struct Measured {
     wall: f64,
     /// From process start to the first request (the input stage and start-up).
     lead: f64,
+    /// From the last reply to the process's exit (publishing, statistics).
+    trail: f64,
     requests: usize,
     service: f64,
     cpu: Option<f64>,
@@ -131,14 +133,22 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     let mut requests = 0;
     let mut service = 0.0;
     let mut first = None::<Instant>;
+    let mut last = None::<Instant>;
+    let mut spans = Vec::new();
     for server in servers {
         for e in server.state.log.lock().unwrap().drain(..) {
+            spans.push((e.started - started, e.finished - started));
             requests += 1;
             service += (e.finished - e.started).as_secs_f64();
             first = Some(first.map_or(e.started, |f| f.min(e.started)));
+            last = Some(last.map_or(e.finished, |l| l.max(e.finished)));
         }
     }
+    if std::env::var("TIMELINE").is_ok() {
+        print_timeline(&spans, wall);
+    }
     let lead = first.map_or(wall, |f| (f - started).as_secs_f64());
+    let trail = last.map_or(0.0, |l| wall - (l - started).as_secs_f64());
     let (cpu, rss_mib) = if time {
         let t = std::fs::read_to_string(&report).unwrap();
         let v: Vec<f64> = t
@@ -152,11 +162,29 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     Measured {
         wall,
         lead,
+        trail,
         requests,
         service,
         cpu,
         rss_mib,
     }
+}
+
+/// Requests in flight on average over each second of the job (`TIMELINE=1`).
+fn print_timeline(spans: &[(Duration, Duration)], wall: f64) {
+    let seconds = wall.ceil() as usize;
+    let mut busy = vec![0.0f64; seconds + 1];
+    for (from, to) in spans {
+        let (mut t, end) = (from.as_secs_f64(), to.as_secs_f64());
+        while t < end {
+            let second = t.floor();
+            let upto = end.min(second + 1.0);
+            busy[second as usize] += upto - t;
+            t = upto;
+        }
+    }
+    let line: Vec<String> = busy.iter().map(|b| format!("{b:.0}")).collect();
+    println!("in flight per second: {}", line.join(" "));
 }
 
 fn servers(n: usize, base: Duration, per_token: Duration) -> Vec<FakeServer> {
@@ -202,9 +230,10 @@ fn main() {
         let servers = servers(1, Duration::from_millis(base_ms), Duration::from_millis(2));
         let m = run_job(dir.path(), &input, &servers, slots);
         println!(
-            "busy     slots {slots:>5}, {base_ms} ms + 2 ms/token: {:.1}s (first call at {:.1}s), {} requests, server busy {:.1}%, {}",
+            "busy     slots {slots:>5}, {base_ms} ms + 2 ms/token: {:.1}s (first call at {:.1}s, exit {:.1}s after the last reply), {} requests, server busy {:.1}%, {}",
             m.wall,
             m.lead,
+            m.trail,
             m.requests,
             100.0 * m.service / (slots as f64 * m.wall),
             resources(&m)

@@ -19,22 +19,24 @@ use crate::outputs::export::{self, ExportOptions, Format};
 use crate::outputs::report::{report, write_pngs};
 use crate::outputs::seed::{problem_summary, seed};
 use crate::outputs::stats::{StatsOptions, render_csv, render_text, stats};
+use crate::prepare::ingest::DECODERS_AT_ONCE;
 use crate::run::batch::{capture_stage_requests, import_batch_results, result_lines};
 use crate::run::worker::Worker;
 use crate::run::{RunOptions, run};
 use crate::storage::Location;
+
+/// Threads for blocking work: file I/O on local disk (every object store call and journal
+/// append is one) and input decoding (at most [`DECODERS_AT_ONCE`], half of these). Tokio's
+/// default, 512, let a run of many shards grow to a hundred threads, each keeping allocator
+/// memory of its own: peak RSS went with the number of shards under way, not the slots.
+const BLOCKING_THREADS: usize = 2 * DECODERS_AT_ONCE;
 
 /// Entry point of the binary: parse, run, print errors, map to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(
-            std::env::var("BF_BLOCKING")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(512),
-        )
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
     {

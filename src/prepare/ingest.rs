@@ -120,19 +120,30 @@ pub fn document_batches(file: InputFile, rules: ReadRules, stats: Arc<IngestStat
     }
 }
 
+/// Input files decoded at once. Each holds a blocking thread for as long as it is read, and
+/// must leave enough of them for the object store calls that consume its batches.
+pub const DECODERS_AT_ONCE: usize = 8;
+
 /// Batches of documents as they are decoded.
 pub type BatchStream = futures::stream::BoxStream<'static, datafusion::error::Result<RecordBatch>>;
 
 fn jsonl_stream(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> BatchStream {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let handle = tokio::runtime::Handle::current();
-    // Decompression and JSON parsing are blocking CPU work: they run on a blocking thread
-    // that reads the object as a byte stream and sends batches back.
-    tokio::task::spawn_blocking(move || {
-        let result = read_jsonl(&handle, &file, rules, &stats, &tx);
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(DataFusionError::from(e)));
-        }
+    // The object is opened on the runtime: opening a local file takes a blocking thread of
+    // its own, which a reader already holding one must not wait for (the blocking pool is
+    // capped). Decompression and JSON parsing are blocking CPU work: they run on a blocking
+    // thread that reads the object as a byte stream and sends batches back.
+    tokio::spawn(async move {
+        let opened = file.store.get(&file.path).await;
+        tokio::task::spawn_blocking(move || {
+            let result = opened
+                .map_err(Error::from)
+                .and_then(|get| read_jsonl(&handle, &file, get, rules, &stats, &tx));
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(DataFusionError::from(e)));
+            }
+        });
     });
     tokio_stream_from(rx)
 }
@@ -146,12 +157,12 @@ fn tokio_stream_from(
 fn read_jsonl(
     handle: &tokio::runtime::Handle,
     file: &InputFile,
+    get: object_store::GetResult,
     rules: ReadRules,
     stats: &IngestStats,
     tx: &tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>,
 ) -> Result<(), Error> {
     let policy = rules.on_bad_line;
-    let get = handle.block_on(file.store.get(&file.path))?;
     let raw: Box<dyn Read> = match get.payload {
         // A local file is read here, on this blocking thread: its byte stream would hand over
         // every 8 KiB chunk from a blocking task of its own.

@@ -15,7 +15,7 @@ use crate::engine::documents::documents_table;
 use crate::error::{Error, Result};
 use crate::job::catalog::DOCUMENTS;
 use crate::llm::journal::JournalScope;
-use crate::prepare::ingest::{IngestCounts, IngestStats, split_large_parquet};
+use crate::prepare::ingest::{DECODERS_AT_ONCE, IngestCounts, IngestStats, split_large_parquet};
 use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
 };
@@ -152,7 +152,7 @@ impl Runner<'_> {
             .execution
             .target_partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .max(1);
+            .clamp(1, DECODERS_AT_ONCE);
         let results: Vec<Result<(String, StageStats)>> = futures::stream::iter(mine)
             .map(|(k, file)| {
                 let kept = &kept;
