@@ -15,10 +15,10 @@
 //! 1024) one busy row.
 //!
 //! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
-//! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of 100
-//! documents and ten times as many against a quick server, so peak RSS can be compared at 10×
-//! the documents; `ceiling`, a server answering at once (one endpoint, then four replicas):
-//! requests per second and CPU per request.
+//! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of
+//! `MEMORY_DOCS` (1,000) documents and ten times as many against a quick server, so peak RSS
+//! can be compared at 10× the documents; `ceiling`, a server answering at once (one
+//! endpoint, then four replicas): requests per second and CPU per request.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -215,8 +215,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let input = write_corpus(dir.path(), files, docs);
     let small_files = var("MEMORY_FILES", 20) as usize;
-    let small = write_corpus(dir.path(), small_files, 100);
-    let large = write_corpus(dir.path(), 10 * small_files, 100);
+    let memory_docs = var("MEMORY_DOCS", 1000) as usize;
+    let small = write_corpus(dir.path(), small_files, memory_docs);
+    let large = write_corpus(dir.path(), 10 * small_files, memory_docs);
     let only = std::env::var("ONLY").unwrap_or_default();
     let runs = |kind: &str| only.is_empty() || only == kind;
     println!("BaF job over {files} files x {docs} documents");
@@ -239,8 +240,8 @@ fn main() {
             resources(&m)
         );
     }
-    // Memory follows the slots, not the corpus: the same files of 100 documents, ten times
-    // as many, against a quick server.
+    // Memory follows the slots, not the corpus: the same files, ten times as many, against a
+    // quick server.
     let quick = servers(1, Duration::from_millis(20), Duration::from_micros(200));
     for (scale, input) in [(1, &small), (10, &large)] {
         if !runs("memory") {
@@ -248,7 +249,7 @@ fn main() {
         }
         let m = run_job(dir.path(), input, &quick, 256);
         println!(
-            "memory   slots   256, 20 ms + 0.2 ms/token, {:>3} files x 100 documents ({scale:>2}x): {:.1}s, {} requests, {}",
+            "memory   slots   256, 20 ms + 0.2 ms/token, {:>3} files x {memory_docs} documents ({scale:>2}x): {:.1}s, {} requests, {}",
             small_files * scale,
             m.wall,
             m.requests,
