@@ -12,7 +12,8 @@
 //!
 //! `BACKFORTH_BIN` runs another build of the binary (an earlier commit's, to compare in one
 //! sitting); `ONLY` (`busy`, `memory` or `ceiling`) runs one kind of row, `SLOTS` (256 or
-//! 1024) one busy row.
+//! 1024) one busy row; `CONCURRENT_SHARDS` sets `[execution] concurrent_shards`; `TIMELINE`
+//! prints the requests in flight per second.
 //!
 //! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
 //! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of
@@ -85,6 +86,9 @@ fn write_job(dir: &Path, input: &Path, urls: &[String], slots: usize) -> PathBuf
         "distilled",
     ] {
         job += &format!("[[stages]]\nname = \"{stage}\"\n");
+    }
+    if let Ok(shards) = std::env::var("CONCURRENT_SHARDS") {
+        job += &format!("[execution]\nconcurrent_shards = {shards}\n");
     }
     let path = dir.join(format!("job-{slots}-{}.toml", urls.len()));
     std::fs::write(&path, job).unwrap();
