@@ -98,15 +98,24 @@ impl PhysicalOptimizerRule for LlmWindowRule {
     }
 }
 
-/// For each expression, the index of the first expression computing the same call.
-fn first_copies(exprs: &[Arc<AsyncFuncExpr>]) -> Vec<usize> {
-    (0..exprs.len())
-        .map(|i| {
-            (0..i)
-                .find(|&j| exprs[j].func.as_ref() == exprs[i].func.as_ref())
-                .unwrap_or(i)
-        })
-        .collect()
+/// The distinct calls among `exprs`: for each expression the number of the call it computes
+/// (numbered in the order they first come), and for each call its first expression.
+fn distinct_calls(exprs: &[Arc<AsyncFuncExpr>]) -> (Vec<usize>, Vec<usize>) {
+    let mut call_of = Vec::with_capacity(exprs.len());
+    let mut firsts: Vec<usize> = Vec::new();
+    for expr in exprs {
+        match firsts
+            .iter()
+            .position(|&j| exprs[j].func.as_ref() == expr.func.as_ref())
+        {
+            Some(call) => call_of.push(call),
+            None => {
+                call_of.push(firsts.len());
+                firsts.push(call_of.len() - 1);
+            }
+        }
+    }
+    (call_of, firsts)
 }
 
 /// Evaluates async (LLM) expressions over a window of input chunks; see the module docs.
@@ -187,8 +196,9 @@ impl ExecutionPlan for LlmWindowExec {
     ) -> Result<SendableRecordBatchStream> {
         let input = self.input.execute(partition, Arc::clone(&context))?;
         let schema = self.schema();
-        let first = first_copies(&self.exprs);
-        let calls = Arc::new(self.calls(&context, &first)?);
+        // Each distinct call is made once, whatever copies the planner made.
+        let (call_of, firsts) = distinct_calls(&self.exprs);
+        let calls = Arc::new(self.calls(&context, &firsts)?);
         let to_call = Arc::clone(&calls);
         // One row per call: a slow reply then holds back nothing but itself. The arguments
         // are evaluated a batch at a time, and rows point into their batch.
@@ -225,23 +235,22 @@ impl ExecutionPlan for LlmWindowExec {
             .ready_chunks(OUTPUT_BATCH_ROWS)
             .map(move |ready: Vec<Result<Answered>>| {
                 let rows = ready.into_iter().collect::<Result<Vec<_>>>()?;
-                assemble(&out_schema, rows, &first)
+                assemble(&out_schema, rows, &call_of)
             });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, evaluated)))
     }
 }
 
 impl LlmWindowExec {
-    /// The distinct calls among the expressions (those `first` maps to themselves), bound to
-    /// the session's LLM functions.
-    fn calls(&self, context: &TaskContext, first: &[usize]) -> Result<Vec<Call>> {
+    /// The calls whose first expressions are `firsts`, bound to the session's LLM functions.
+    fn calls(&self, context: &TaskContext, firsts: &[usize]) -> Result<Vec<Call>> {
         let functions = context
             .session_config()
             .get_extension::<LlmFunctions>()
             .ok_or_else(|| internal_datafusion_err!("the session has no LLM functions"))?;
-        (0..self.exprs.len())
-            .filter(|&i| first[i] == i)
-            .map(|i| {
+        firsts
+            .iter()
+            .map(|&i| {
                 let Some(expr) = self.exprs[i].func.downcast_ref::<ScalarFunctionExpr>() else {
                     return internal_err!("not a function call: {}", self.exprs[i]);
                 };
@@ -296,8 +305,8 @@ struct Answered {
 }
 
 /// The output batch of `rows`: their input columns gathered from their batches, then one
-/// reply column per expression (copies share their first's column).
-fn assemble(schema: &SchemaRef, rows: Vec<Answered>, first: &[usize]) -> Result<RecordBatch> {
+/// reply column per expression, `call_of` naming the call whose replies it shows.
+fn assemble(schema: &SchemaRef, rows: Vec<Answered>, call_of: &[usize]) -> Result<RecordBatch> {
     let mut batches: Vec<&RecordBatch> = Vec::new();
     let mut indices = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -331,17 +340,6 @@ fn assemble(schema: &SchemaRef, rows: Vec<Answered>, first: &[usize]) -> Result<
         }
     }
     let arrays: Vec<ArrayRef> = replies.into_iter().map(replies_to_array).collect();
-    // Calls are numbered in the order their first expressions come.
-    let mut call_of = vec![0; first.len()];
-    let mut next = 0;
-    for (i, &f) in first.iter().enumerate() {
-        if f == i {
-            call_of[i] = next;
-            next += 1;
-        } else {
-            call_of[i] = call_of[f];
-        }
-    }
     columns.extend(call_of.iter().map(|&j| Arc::clone(&arrays[j])));
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
