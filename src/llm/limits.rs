@@ -4,11 +4,11 @@
 //! second's worth saved up), shared by every stage and partition of the process. Token costs
 //! are estimated before sending and corrected from the server's `usage` afterwards.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 /// One budget per minute, spent as requests go out.
 #[derive(Debug)]
@@ -109,14 +109,12 @@ impl Limits {
 /// The cap on requests in flight to one endpoint, adapted to the server: cut by a quarter when
 /// it throttles (HTTP 429; at most once per window's worth of replies, so the 429s of one burst
 /// count once), raised by one slot after each window's worth of successes, never above the
-/// configured cap.
+/// configured cap. A freed slot goes to the waiting call of highest priority, first come first
+/// within a priority.
 #[derive(Debug)]
 pub struct Aimd {
     cap: usize,
-    slots: Arc<Semaphore>,
     state: Mutex<AimdState>,
-    /// Slots to take away as they come back, when a cut found them in use.
-    debt: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -125,25 +123,85 @@ struct AimdState {
     successes: usize,
     /// Replies since the last cut; the next cut waits for a window's worth.
     since_cut: usize,
+    /// Slots nobody holds; never above zero while calls wait.
+    free: usize,
+    /// Slots to take away as they come back, when a cut found them in use.
+    debt: usize,
+    waiting: BinaryHeap<Waiter>,
+    arrivals: u64,
+}
+
+/// A call waiting for a slot; the slot is handed over through `wake`.
+#[derive(Debug)]
+struct Waiter {
+    priority: u32,
+    arrival: u64,
+    wake: oneshot::Sender<()>,
+}
+
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // The heap pops its greatest: highest priority, then earliest arrival.
+        (self.priority, std::cmp::Reverse(self.arrival))
+            .cmp(&(other.priority, std::cmp::Reverse(other.arrival)))
+    }
+}
+
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Waiter {}
+
+impl AimdState {
+    /// A slot comes back: repays a cut, or goes to the first waiter still waiting, or is free.
+    fn give_back(&mut self) {
+        if self.debt > 0 {
+            self.debt -= 1;
+            return;
+        }
+        while let Some(waiter) = self.waiting.pop() {
+            if waiter.wake.send(()).is_ok() {
+                return;
+            }
+        }
+        self.free += 1;
+    }
 }
 
 /// A slot on the wire; returned to the endpoint when dropped.
 #[derive(Debug)]
 pub struct Slot {
-    permit: Option<OwnedSemaphorePermit>,
     aimd: Arc<Aimd>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let owed = self
-            .aimd
-            .debt
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
-        if owed.is_ok()
-            && let Some(permit) = self.permit.take()
-        {
-            permit.forget();
+        self.aimd.lock().give_back();
+    }
+}
+
+/// A call's place in the queue; a slot handed to it after it stopped waiting goes back.
+struct Queued {
+    wake: Option<oneshot::Receiver<()>>,
+    aimd: Arc<Aimd>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(mut wake) = self.wake.take() {
+            wake.close();
+            if wake.try_recv().is_ok() {
+                self.aimd.lock().give_back();
+            }
         }
     }
 }
@@ -154,67 +212,91 @@ impl Aimd {
         let cap = cap.max(1);
         Arc::new(Self {
             cap,
-            slots: Arc::new(Semaphore::new(cap)),
             state: Mutex::new(AimdState {
                 limit: cap,
                 successes: 0,
                 since_cut: cap,
+                free: cap,
+                debt: 0,
+                waiting: BinaryHeap::new(),
+                arrivals: 0,
             }),
-            debt: AtomicUsize::new(0),
         })
     }
 
-    /// Waits for a free slot.
-    pub async fn acquire(self: &Arc<Self>) -> Slot {
-        let permit = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+    fn lock(&self) -> std::sync::MutexGuard<'_, AimdState> {
+        self.state.lock().expect("lock poisoned")
+    }
+
+    /// Waits for a free slot; calls of higher `priority` are served first.
+    pub async fn acquire(self: &Arc<Self>, priority: u32) -> Slot {
+        let wake = {
+            let mut state = self.lock();
+            if state.free > 0 {
+                state.free -= 1;
+                return Slot {
+                    aimd: Arc::clone(self),
+                };
+            }
+            let (wake, woken) = oneshot::channel();
+            state.arrivals += 1;
+            let arrival = state.arrivals;
+            state.waiting.push(Waiter {
+                priority,
+                arrival,
+                wake,
+            });
+            woken
+        };
+        let mut queued = Queued {
+            wake: Some(wake),
+            aimd: Arc::clone(self),
+        };
+        let woken = queued.wake.as_mut().expect("set above").await;
+        queued.wake = None;
+        woken.expect("waiters are woken, never dropped, while the window lives");
         Slot {
-            permit: Some(permit),
             aimd: Arc::clone(self),
         }
     }
 
     /// A free slot now, if there is one.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
-        let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        let mut state = self.lock();
+        if state.free == 0 {
+            return None;
+        }
+        state.free -= 1;
         Some(Slot {
-            permit: Some(permit),
             aimd: Arc::clone(self),
         })
     }
 
     /// Slots currently allowed.
     pub fn limit(&self) -> usize {
-        self.state.lock().expect("lock poisoned").limit
+        self.lock().limit
     }
 
     /// Free slots now (for least-loaded dispatch).
     pub fn available(&self) -> usize {
-        self.slots.available_permits()
+        self.lock().free
     }
 
     /// A request succeeded: after `limit` successes the window grows by one.
     pub fn on_success(&self) {
-        let mut state = self.state.lock().expect("lock poisoned");
+        let mut state = self.lock();
         state.since_cut += 1;
         state.successes += 1;
         if state.successes >= state.limit && state.limit < self.cap {
             state.successes = 0;
             state.limit += 1;
-            let paid = self
-                .debt
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
-            if paid.is_err() {
-                self.slots.add_permits(1);
-            }
+            state.give_back();
         }
     }
 
     /// The server throttled: the window shrinks by a quarter, once per window of replies.
     pub fn on_throttle(&self) {
-        let mut state = self.state.lock().expect("lock poisoned");
+        let mut state = self.lock();
         state.since_cut += 1;
         if state.since_cut < state.limit {
             return;
@@ -224,8 +306,10 @@ impl Aimd {
         let new_limit = (state.limit * 3 / 4).max(1);
         let cut = state.limit - new_limit;
         state.limit = new_limit;
-        let forgotten = self.slots.forget_permits(cut);
-        self.debt.fetch_add(cut - forgotten, Ordering::SeqCst);
+        let taken = cut.min(state.free);
+        state.free -= taken;
+        state.debt += cut - taken;
+        drop(state);
         tracing::warn!(
             slots = new_limit,
             "Server throttles (HTTP 429): fewer requests in flight."

@@ -154,8 +154,11 @@ impl Runner<'_> {
         loop {
             // Beyond the least, one more shard per look: its calls must show in the count
             // before the next is judged.
+            // The last shards go in together once `most` holds them: their chains are the
+            // job's tail, and started late they would run at the end with the servers idle.
             let mut extra = false;
             while running.len() < least
+                || queue.len() + running.len() <= most
                 || (!extra && running.len() < most && self.pool.outstanding() < wanted)
             {
                 let Some(id) = queue.next() else { break };

@@ -1,7 +1,10 @@
 //! Requests-per-minute and tokens-per-minute limits hold over any window, as counted by the
-//! fake server.
+//! fake server; the cap on requests in flight serves waiting calls by priority.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use backforth::llm::limits::{Aimd, Slot};
 
 use crate::support::fake_server::FakeServer;
 use crate::support::util::{backforth_ok, run_workers};
@@ -288,4 +291,48 @@ fn a_budget_holds_across_workers_and_restarts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn freed_slots_go_to_the_highest_priority_then_the_first_come() {
+    let aimd = Aimd::new(1);
+    let held = aimd.acquire(0).await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waits = Vec::new();
+    for (name, priority) in [("low", 1), ("high-1", 5), ("high-2", 5), ("mid", 3)] {
+        let (aimd, order) = (Arc::clone(&aimd), Arc::clone(&order));
+        waits.push(tokio::spawn(async move {
+            let _slot = aimd.acquire(priority).await;
+            order.lock().unwrap().push(name);
+        }));
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    for wait in waits {
+        wait.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["high-1", "high-2", "mid", "low"]);
+    assert_eq!(aimd.available(), 1);
+}
+
+#[tokio::test]
+async fn a_slot_handed_to_a_call_that_stopped_waiting_comes_back() {
+    let aimd = Aimd::new(1);
+    let held = aimd.acquire(0).await;
+    let mut gone = Box::pin(aimd.acquire(0));
+    assert!(futures::poll!(gone.as_mut()).is_pending());
+    drop(held);
+    drop(gone);
+    assert_eq!(aimd.available(), 1);
+    let _again = aimd.try_acquire().expect("the slot came back");
+}
+
+#[tokio::test]
+async fn a_cut_takes_slots_back_as_they_come_free() {
+    let aimd = Aimd::new(4);
+    let held: Vec<Slot> = futures::future::join_all((0..4).map(|_| aimd.acquire(0))).await;
+    aimd.on_throttle();
+    assert_eq!(aimd.limit(), 3);
+    drop(held);
+    assert_eq!(aimd.available(), 3);
 }
