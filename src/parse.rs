@@ -14,13 +14,28 @@ pub struct ParsedScore {
     /// The score, 1 to 5, when one was found.
     pub score: Option<i64>,
     /// Why there is no score: `no_output`, `no_score`, `not_integer`, `out_of_range`,
-    /// `truncated`.
+    /// `truncated`, `truncated_in_reasoning`.
     pub reason: Option<&'static str>,
 }
 
 static SCORE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)\bscore\**\s*[:=]\s*\**\s*(-?[0-9]+(?:[.,][0-9]+)?)").expect("valid regex")
 });
+
+/// The `finish_reason` of a reply cut by its token limit before the answer began: the
+/// thinking used every token. Parsers report it as `truncated_in_reasoning`.
+pub const LENGTH_IN_REASONING: &str = "length_in_reasoning";
+
+/// Why a reply that ended as `finish_reason` may lack what was asked: `truncated` when the
+/// token limit cut the answer, `truncated_in_reasoning` when it cut the thinking before any
+/// answer; `None` when the reply was not cut.
+fn cut_by_limit(finish_reason: Option<&str>) -> Option<&'static str> {
+    match finish_reason {
+        Some("length") => Some("truncated"),
+        Some(LENGTH_IN_REASONING) => Some("truncated_in_reasoning"),
+        _ => None,
+    }
+}
 
 /// Parses `Score: N` from a judge's output. The last `Score:` wins, so reasoning that quotes
 /// other numbers first does not count; `finish_reason = length` without a score is `truncated`.
@@ -30,18 +45,10 @@ pub fn parse_score(raw: Option<&str>, finish_reason: Option<&str>) -> ParsedScor
         reason: Some(reason),
     };
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
-        return none(if finish_reason == Some("length") {
-            "truncated"
-        } else {
-            "no_output"
-        });
+        return none(cut_by_limit(finish_reason).unwrap_or("no_output"));
     };
     let Some(caps) = SCORE.captures_iter(raw).last() else {
-        return none(if finish_reason == Some("length") {
-            "truncated"
-        } else {
-            "no_score"
-        });
+        return none(cut_by_limit(finish_reason).unwrap_or("no_score"));
     };
     let number = &caps[1];
     if number.contains(['.', ',']) {
@@ -67,14 +74,18 @@ pub fn extract_tagged(raw: &str, tag: &str) -> Option<String> {
 }
 
 /// Why [`extract_tagged`] found nothing: `no_output`, `missing_tag`, `unclosed_tag`,
-/// `truncated` (unclosed because generation hit its length limit) or `empty`.
+/// `truncated` (unclosed because generation hit its length limit), `truncated_in_reasoning`
+/// (the limit was spent thinking) or `empty`.
 pub fn tag_problem(
     raw: Option<&str>,
     tag: &str,
     finish_reason: Option<&str>,
 ) -> Option<&'static str> {
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
-        return Some("no_output");
+        return Some(match cut_by_limit(finish_reason) {
+            Some("truncated_in_reasoning") => "truncated_in_reasoning",
+            _ => "no_output",
+        });
     };
     let (open, close) = (format!("[{tag}]"), format!("[/{tag}]"));
     let Some(pos) = find_ci(raw, &open) else {
@@ -223,7 +234,8 @@ pub fn judge(
 pub struct Verdict {
     /// `good` or `bad`.
     pub verdict: Option<&'static str>,
-    /// Why there is no verdict: `no_output`, `no_verdict`, `truncated`, `both`.
+    /// Why there is no verdict: `no_output`, `no_verdict`, `truncated`,
+    /// `truncated_in_reasoning`, `both`.
     pub reason: Option<&'static str>,
 }
 
@@ -239,15 +251,15 @@ pub fn parse_verdict(raw: Option<&str>, finish_reason: Option<&str>) -> Verdict 
         verdict: None,
         reason: Some(reason),
     };
-    let truncated = finish_reason == Some("length");
+    let cut = cut_by_limit(finish_reason);
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
-        return none(if truncated { "truncated" } else { "no_output" });
+        return none(cut.unwrap_or("no_output"));
     };
     if raw.contains("【好】") && raw.contains("【差】") {
         return none("both");
     }
     let Some(caps) = VERDICT.captures_iter(raw).last() else {
-        return none(if truncated { "truncated" } else { "no_verdict" });
+        return none(cut.unwrap_or("no_verdict"));
     };
     let word = caps.get(1).or(caps.get(2)).map_or("", |m| m.as_str());
     let good = word.eq_ignore_ascii_case("good") || word == "好";

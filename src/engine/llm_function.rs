@@ -49,6 +49,9 @@ fn reply_fields() -> Fields {
         Field::new("cached", DataType::Boolean, true),
         Field::new("cost_usd", DataType::Float64, true),
         Field::new("top_logprobs", DataType::Utf8, true),
+        Field::new("reasoning", DataType::Utf8, true),
+        Field::new("reasoning_tokens", DataType::Int64, true),
+        Field::new("cached_tokens", DataType::Int64, true),
     ])
 }
 
@@ -257,14 +260,23 @@ pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
     let mut cached = BooleanBuilder::with_capacity(n);
     let mut cost = Float64Builder::with_capacity(n);
     let mut top = StringBuilder::with_capacity(n, 0);
+    let mut reasoning = StringBuilder::with_capacity(n, 0);
+    let mut reasoning_tokens = Int64Builder::with_capacity(n);
+    let mut cached_tokens = Int64Builder::with_capacity(n);
     let nulls = replies.iter().map(Option::is_some).collect::<Vec<bool>>();
     for reply in replies {
         let Some(r) = reply else {
-            for column in [&mut text, &mut finish, &mut error, &mut top] {
+            for column in [&mut text, &mut finish, &mut error, &mut top, &mut reasoning] {
                 column.append_null();
             }
-            prompt_tokens.append_null();
-            completion_tokens.append_null();
+            for column in [
+                &mut prompt_tokens,
+                &mut completion_tokens,
+                &mut reasoning_tokens,
+                &mut cached_tokens,
+            ] {
+                column.append_null();
+            }
             latency.append_null();
             attempts.append_null();
             cached.append_null();
@@ -281,6 +293,9 @@ pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
         cached.append_value(r.cached);
         cost.append_value(r.cost_usd);
         top.append_option(r.top_logprobs);
+        reasoning.append_option(r.reasoning);
+        reasoning_tokens.append_option(r.reasoning_tokens);
+        cached_tokens.append_option(r.cached_tokens);
     }
     let fields = llm_reply_fields();
     Arc::new(StructArray::new(
@@ -296,6 +311,9 @@ pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
             Arc::new(cached.finish()),
             Arc::new(cost.finish()),
             Arc::new(top.finish()),
+            Arc::new(reasoning.finish()),
+            Arc::new(reasoning_tokens.finish()),
+            Arc::new(cached_tokens.finish()),
         ],
         Some(nulls.into()),
     ))

@@ -52,6 +52,12 @@ struct Entry {
     completion_tokens: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reasoning: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reasoning_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cached_tokens: Option<i64>,
     /// What the call cost at the model's prices, so a budget counts every worker's and every
     /// earlier run's spend.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -294,6 +300,9 @@ impl JournalScope {
             prompt_tokens: e.prompt_tokens,
             completion_tokens: e.completion_tokens,
             top_logprobs: e.top_logprobs.clone(),
+            reasoning: e.reasoning.clone(),
+            reasoning_tokens: e.reasoning_tokens,
+            cached_tokens: e.cached_tokens,
             cached: true,
             ..Reply::default()
         })
@@ -318,6 +327,9 @@ impl JournalScope {
             prompt_tokens: reply.prompt_tokens,
             completion_tokens: reply.completion_tokens,
             top_logprobs: reply.top_logprobs.clone(),
+            reasoning: reply.reasoning.clone(),
+            reasoning_tokens: reply.reasoning_tokens,
+            cached_tokens: reply.cached_tokens,
             cost_usd: reply.cost_usd,
         };
         if self.retain {

@@ -29,6 +29,15 @@ pub struct Reply {
     /// The most likely first tokens and their log-probabilities, as a JSON array of
     /// `[token, logprob]`, when the request asked for them.
     pub top_logprobs: Option<String>,
+    /// A reasoning model's thinking, kept apart from `text`: the server's `reasoning_content`
+    /// or `reasoning` field, or a `<think>…</think>` block opening the content.
+    pub reasoning: Option<String>,
+    /// Tokens spent thinking (`usage.completion_tokens_details.reasoning_tokens`); they are
+    /// part of `completion_tokens`.
+    pub reasoning_tokens: Option<i64>,
+    /// Prompt tokens the server read from its prompt cache
+    /// (`usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<i64>,
 }
 
 /// One request, fully rendered.

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::job::{Api, ModelSpec};
 use crate::llm::reply::{Reply, Request};
+use crate::parse::LENGTH_IN_REASONING;
 
 /// A 429 that no amount of waiting fixes: OpenAI's `insufficient_quota` and its kin, as
 /// opposed to a throttle.
@@ -57,14 +58,37 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
         .get("choices")
         .and_then(|c| c.get(0))
         .ok_or_else(|| format!("response has no choices: {}", snippet(body)))?;
-    let text = match api {
+    let content = match api {
         Api::Chat => choice.pointer("/message/content"),
         Api::Completions => choice.get("text"),
     }
-    .and_then(Value::as_str)
-    .ok_or_else(|| format!("response choice has no text: {}", snippet(body)))?;
+    .and_then(Value::as_str);
+    let field_reasoning = ["/message/reasoning_content", "/message/reasoning"]
+        .iter()
+        .find_map(|at| choice.pointer(at).and_then(Value::as_str))
+        .filter(|r| !r.is_empty());
+    // A server parsing the thinking out may send no content at all when the limit cut it.
+    let content = match (content, field_reasoning) {
+        (Some(content), _) => content,
+        (None, Some(_)) => "",
+        (None, None) => {
+            return Err(format!("response choice has no text: {}", snippet(body)));
+        }
+    };
+    let (reasoning, text) = match field_reasoning {
+        Some(r) => (Some(r.to_string()), content.to_string()),
+        None => split_thinking(content),
+    };
+    let mut finish_reason = choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if finish_reason.as_deref() == Some("length") && reasoning.is_some() && text.trim().is_empty() {
+        finish_reason = Some(LENGTH_IN_REASONING.to_string());
+    }
     let usage = v.get("usage");
     let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
+    let detail = |at: &str| usage.and_then(|u| u.pointer(at)).and_then(Value::as_i64);
     // Chat: logprobs.content[0].top_logprobs = [{token, logprob}]; completions:
     // logprobs.top_logprobs[0] = {token: logprob}.
     let top: Option<Vec<(String, f64)>> = match api {
@@ -89,15 +113,31 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
     };
     Ok(Reply {
         top_logprobs: top.map(|t| json!(t).to_string()),
-        text: Some(text.to_string()),
-        finish_reason: choice
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        text: Some(text),
+        finish_reason,
         prompt_tokens: count("prompt_tokens"),
         completion_tokens: count("completion_tokens"),
+        reasoning,
+        reasoning_tokens: detail("/completion_tokens_details/reasoning_tokens"),
+        cached_tokens: detail("/prompt_tokens_details/cached_tokens"),
         ..Reply::default()
     })
+}
+
+/// Splits a `<think>…</think>` block opening `content` from the answer after it: (thinking,
+/// answer). An unclosed block is all thinking (the limit cut it); content without one is
+/// all answer.
+pub fn split_thinking(content: &str) -> (Option<String>, String) {
+    let Some(inside) = content.trim_start().strip_prefix("<think>") else {
+        return (None, content.to_string());
+    };
+    match inside.split_once("</think>") {
+        Some((thinking, answer)) => (
+            Some(thinking.trim().to_string()),
+            answer.trim_start().to_string(),
+        ),
+        None => (Some(inside.trim().to_string()), String::new()),
+    }
 }
 
 /// Parses a completion body of either API (a batch result does not say which it answers).

@@ -18,6 +18,7 @@ mod parse;
 mod pipeline;
 mod prepare;
 mod quality;
+mod reasoning;
 mod report;
 mod resume;
 mod s3;

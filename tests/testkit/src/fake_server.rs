@@ -45,6 +45,19 @@ pub struct FakeState {
     /// Scripted faults: a request whose prompt contains the text gets the next fault of its
     /// list (then normal answers once the list is empty).
     pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
+    /// How chat answers carry a reasoning model's thinking (none by default).
+    pub thinking: Mutex<Option<Thinking>>,
+}
+
+/// A reasoning model's thinking, as servers send it.
+#[derive(Debug, Clone)]
+pub enum Thinking {
+    /// `<think>TEXT</think>` opening the content (vLLM or SGLang without a reasoning parser).
+    InContent(String),
+    /// A `reasoning_content` field beside the content (a server with a reasoning parser).
+    Field(String),
+    /// `<think>TEXT` never closed, `finish_reason = length`: the limit was spent thinking.
+    CutInContent(String),
 }
 
 /// State of the fake Batch API.
@@ -605,6 +618,7 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
     let wants_logprobs = body["logprobs"] == json!(true);
     let prompt = prompt_of(&body);
+    let thinking = state.thinking.lock().unwrap().clone();
     let answer = respond(state, body).await;
     if wants_logprobs {
         let top = first_token_alternatives(&prompt);
@@ -617,7 +631,26 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
         reply["choices"][0]["finish_reason"] = json!("length");
         return reply;
     }
-    chat_json(len, &answer)
+    let Some(thinking) = thinking else {
+        return chat_json(len, &answer);
+    };
+    let (content, thought) = match &thinking {
+        Thinking::InContent(t) => (format!("<think>\n{t}\n</think>\n\n{answer}"), t),
+        Thinking::Field(t) => (answer.clone(), t),
+        Thinking::CutInContent(t) => (format!("<think>\n{t}"), t),
+    };
+    let mut reply = chat_json(len, &content);
+    if let Thinking::Field(t) = &thinking {
+        reply["choices"][0]["message"]["reasoning_content"] = json!(t);
+    }
+    if let Thinking::CutInContent(_) = &thinking {
+        reply["choices"][0]["finish_reason"] = json!("length");
+    }
+    let usage = &mut reply["usage"];
+    usage["completion_tokens"] = json!((answer.len() + thought.len()) / 4);
+    usage["completion_tokens_details"] = json!({"reasoning_tokens": thought.len() / 4});
+    usage["prompt_tokens_details"] = json!({"cached_tokens": len / 8});
+    reply
 }
 
 /// The most likely first tokens the fake offers when asked for logprobs: a judge leaning to one

@@ -1,0 +1,113 @@
+//! Reasoning models: the thinking is kept apart from the answer, whether the server sends it
+//! as a field or as `<think>…</think>` in the content, so parsers read the answer only.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::fake_server::{FakeServer, FakeState, Thinking};
+use crate::support::util::{backforth_ok, rows, session};
+
+/// Backtranslates and scores a dozen documents, the backward role on `backward`, the scorer
+/// on `scorer`; returns the output root.
+fn run(dir: &Path, backward: &FakeServer, scorer: &FakeServer) -> std::path::PathBuf {
+    let docs: String = (0..12)
+        .map(|i| {
+            serde_json::json!({"id": format!("d{i:02}"), "text": format!("Document {i} explains how a {} works, step by step.", ["lock", "pump", "kiln", "loom"][i % 4])}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("docs.jsonl"), docs).unwrap();
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [models.scorer]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n\
+             [[stages]]\nname = \"scored\"\n",
+            backward.url(),
+            scorer.url()
+        ),
+    )
+    .unwrap();
+    backforth_ok(&["run", job.to_str().unwrap()]);
+    dir.join("out")
+}
+
+fn server(thinking: Option<Thinking>) -> FakeServer {
+    FakeServer::start_with(FakeState {
+        latency: Duration::from_millis(1),
+        thinking: std::sync::Mutex::new(thinking),
+        ..FakeState::default()
+    })
+}
+
+fn query(root: &Path, sql: &str) -> Vec<Vec<String>> {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { rows(&session(root).await, sql).await })
+}
+
+const SCORES: &str = "SELECT id, instruction, score, score_reason FROM scored ORDER BY id";
+
+/// Thinking that names a score of its own before the answer names the real one.
+const DISTRACTION: &str = "The user wants a rating. Score: 1 would be harsh; let me look again.";
+
+#[test]
+fn a_score_in_the_thinking_never_counts() {
+    let plain = tempfile::tempdir().unwrap();
+    let (b, s) = (server(None), server(None));
+    let expected = query(&run(plain.path(), &b, &s), SCORES);
+    assert!(
+        expected.iter().any(|r| r[2] != "1" && r[2] != "NULL"),
+        "the plain run must give scores other than 1: {expected:?}"
+    );
+    for thinking in [
+        Thinking::InContent(DISTRACTION.into()),
+        Thinking::Field(DISTRACTION.into()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = (
+            server(Some(thinking.clone())),
+            server(Some(thinking.clone())),
+        );
+        let root = run(dir.path(), &b, &s);
+        assert_eq!(query(&root, SCORES), expected, "{thinking:?}");
+        let calls = query(
+            &root,
+            "SELECT judgement['text'], judgement['reasoning'], judgement['reasoning_tokens'], \
+             judgement['cached_tokens'], judgement['completion_tokens'] FROM scored",
+        );
+        for call in calls {
+            assert!(
+                !call[0].contains("think>") && !call[0].contains("harsh"),
+                "{call:?}"
+            );
+            assert_eq!(call[1], DISTRACTION, "{thinking:?}");
+            let reasoning: i64 = call[2].parse().unwrap();
+            let completion: i64 = call[4].parse().unwrap();
+            assert!(reasoning > 0 && reasoning < completion, "{call:?}");
+            assert!(call[3].parse::<i64>().unwrap() > 0, "{call:?}");
+        }
+    }
+}
+
+#[test]
+fn a_reply_cut_while_thinking_is_its_own_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = server(None);
+    let s = server(Some(Thinking::CutInContent(DISTRACTION.into())));
+    let root = run(dir.path(), &b, &s);
+    let scored = query(
+        &root,
+        "SELECT score, score_reason, judgement['finish_reason'], judgement['text'] FROM scored",
+    );
+    assert_eq!(scored.len(), 12);
+    for row in scored {
+        assert_eq!(
+            row,
+            ["NULL", "truncated_in_reasoning", "length_in_reasoning", ""],
+            "a cut thinking's `Score: 1` must not count"
+        );
+    }
+}
