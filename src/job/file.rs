@@ -161,6 +161,12 @@ pub struct ModelConfig {
     pub max_reply_bytes: Option<usize>,
     /// Extra JSON fields merged into each request body (e.g. vLLM's `repetition_penalty`).
     pub extra: Option<toml::Table>,
+    /// How much an OpenAI reasoning model thinks (`none`, `minimal`, `low`, `medium`,
+    /// `high`): sent as `reasoning_effort`.
+    pub reasoning_effort: Option<String>,
+    /// Thinking on or off for a model whose chat template reads `enable_thinking` (Qwen3 and
+    /// kin on vLLM or SGLang): sent in `chat_template_kwargs`.
+    pub thinking: Option<bool>,
     /// Requests per minute allowed to the endpoint.
     pub requests_per_minute: Option<f64>,
     /// Prompt tokens per minute allowed to the endpoint (estimated before sending, corrected

@@ -373,6 +373,9 @@ fn resolve_models(
             role: role.clone(),
         };
         let mut spec = spec;
+        if let Some(cfg) = cfg {
+            add_reasoning_fields(&role, cfg, &mut spec.extra)?;
+        }
         spec.max_reply_bytes = cfg
             .and_then(|c| c.max_reply_bytes)
             .unwrap_or((1 << 20) + 256 * spec.max_tokens as usize);
@@ -380,6 +383,45 @@ fn resolve_models(
         out.insert(role, spec);
     }
     Ok(out)
+}
+
+/// The request fields of `reasoning_effort` and `thinking`, added to `extra` (so they enter
+/// request keys and fingerprints like any field); an `extra` that sets them too is refused.
+fn add_reasoning_fields(
+    role: &str,
+    cfg: &ModelConfig,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    const EFFORTS: [&str; 5] = ["none", "minimal", "low", "medium", "high"];
+    if let Some(effort) = &cfg.reasoning_effort {
+        if !EFFORTS.contains(&effort.as_str()) {
+            return job_error!(
+                "[models.{role}] reasoning_effort = {effort:?} is not one of {}",
+                EFFORTS.join(", ")
+            );
+        }
+        if extra.contains_key("reasoning_effort") {
+            return job_error!(
+                "[models.{role}] sets reasoning_effort both as a key and in extra; keep one"
+            );
+        }
+        extra.insert("reasoning_effort".into(), effort.clone().into());
+    }
+    if let Some(thinking) = cfg.thinking {
+        let kwargs = extra
+            .entry("chat_template_kwargs")
+            .or_insert_with(|| serde_json::json!({}));
+        let Some(kwargs) = kwargs.as_object_mut() else {
+            return job_error!("[models.{role}] extra.chat_template_kwargs must be a table");
+        };
+        if kwargs.contains_key("enable_thinking") {
+            return job_error!(
+                "[models.{role}] sets thinking both as a key and in extra.chat_template_kwargs.enable_thinking; keep one"
+            );
+        }
+        kwargs.insert("enable_thinking".into(), thinking.into());
+    }
+    Ok(())
 }
 
 fn resolve_functions(

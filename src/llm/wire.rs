@@ -163,7 +163,14 @@ pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
     let obj = body.as_object_mut().expect("built as an object");
     obj.insert("temperature".into(), json!(s.temperature));
     obj.insert("top_p".into(), json!(s.top_p));
-    obj.insert("max_tokens".into(), json!(req.max_tokens));
+    // OpenAI's reasoning models refuse `max_tokens` (the limit covers thinking too, under
+    // the newer name); vLLM and SGLang read either.
+    let limit = if s.extra.contains_key("reasoning_effort") {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    obj.insert(limit.into(), json!(req.max_tokens));
     if let Some(n) = req.top_logprobs {
         match s.api {
             Api::Chat => {

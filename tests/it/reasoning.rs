@@ -111,3 +111,71 @@ fn a_reply_cut_while_thinking_is_its_own_reason() {
         );
     }
 }
+
+fn backtranslate(dir: &Path, server: &FakeServer, keys: &str) -> std::process::Output {
+    std::fs::write(
+        dir.join("docs.jsonl"),
+        "{\"id\": \"a\", \"text\": \"A lock keeps a door shut until the right key turns it.\"}\n",
+    )
+    .unwrap();
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n{keys}\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    crate::support::util::backforth(&["run", job.to_str().unwrap()])
+}
+
+#[test]
+fn reasoning_effort_and_thinking_reach_the_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start_with(FakeState {
+        keep_bodies: true,
+        ..FakeState::default()
+    });
+    let out = backtranslate(
+        dir.path(),
+        &server,
+        "reasoning_effort = \"high\"\nthinking = false\nextra = { chat_template_kwargs = { custom = 1 } }",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bodies = server.state.bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(bodies[0]["reasoning_effort"], "high");
+    assert!(bodies[0].get("max_tokens").is_none(), "{}", bodies[0]);
+    assert!(bodies[0]["max_completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        bodies[0]["chat_template_kwargs"],
+        serde_json::json!({"custom": 1, "enable_thinking": false})
+    );
+}
+
+#[test]
+fn an_unknown_reasoning_effort_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(None);
+    let out = backtranslate(dir.path(), &server, "reasoning_effort = \"extreme\"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[models.backward] reasoning_effort = \"extreme\" is not one of none, minimal, low, medium, high"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server
+            .state
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}

@@ -47,6 +47,9 @@ pub struct FakeState {
     pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
     /// How chat answers carry a reasoning model's thinking (none by default).
     pub thinking: Mutex<Option<Thinking>>,
+    /// Every chat request body, when set (off by default: benches send millions).
+    pub keep_bodies: bool,
+    pub bodies: Mutex<Vec<Value>>,
 }
 
 /// A reasoning model's thinking, as servers send it.
@@ -615,6 +618,9 @@ async fn fault_response(
 }
 
 async fn chat(state: Arc<FakeState>, body: Value) -> Value {
+    if state.keep_bodies {
+        state.bodies.lock().unwrap().push(body.clone());
+    }
     let len = prompt_of(&body).len();
     let wants_logprobs = body["logprobs"] == json!(true);
     let prompt = prompt_of(&body);
