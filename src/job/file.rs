@@ -179,6 +179,9 @@ pub struct ModelConfig {
     pub price_input_per_mtok: Option<f64>,
     /// US dollars per million completion tokens.
     pub price_output_per_mtok: Option<f64>,
+    /// US dollars per million prompt tokens read from the server's prompt cache (default: the
+    /// input price).
+    pub price_cached_input_per_mtok: Option<f64>,
 }
 
 /// `[functions.NAME]`: overrides for a built-in LLM function, or a new one.

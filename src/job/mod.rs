@@ -369,6 +369,9 @@ fn resolve_models(
             output_tokens_per_minute: cfg.and_then(|c| c.output_tokens_per_minute),
             price_input_per_mtok: cfg.and_then(|c| c.price_input_per_mtok).unwrap_or(0.0),
             price_output_per_mtok: cfg.and_then(|c| c.price_output_per_mtok).unwrap_or(0.0),
+            price_cached_input_per_mtok: cfg
+                .and_then(|c| c.price_cached_input_per_mtok.or(c.price_input_per_mtok))
+                .unwrap_or(0.0),
             declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };

@@ -54,6 +54,8 @@ pub struct ModelSpec {
     pub price_input_per_mtok: f64,
     /// Dollars per million completion tokens.
     pub price_output_per_mtok: f64,
+    /// Dollars per million prompt tokens served from the prompt cache.
+    pub price_cached_input_per_mtok: f64,
     /// Whether the job (or `--endpoint`) set this role. A job without `[models]` runs every
     /// role on the offline mock; one with `[models]` must name every role its stages call,
     /// so no stage reaches the mock by accident.
@@ -82,9 +84,18 @@ impl ModelSpec {
         self.api_key_named || host == "api.openai.com"
     }
 
-    /// What a call with these token counts costs at the model's prices.
-    pub fn cost_usd(&self, prompt: Option<i64>, completion: Option<i64>) -> f64 {
-        (prompt.unwrap_or(0).max(0) as f64 * self.price_input_per_mtok
+    /// What a call with these token counts costs at the model's prices; `cached` prompt
+    /// tokens (part of `prompt`) at the cached-input price.
+    pub fn cost_usd(
+        &self,
+        prompt: Option<i64>,
+        cached: Option<i64>,
+        completion: Option<i64>,
+    ) -> f64 {
+        let prompt = prompt.unwrap_or(0).max(0);
+        let cached = cached.unwrap_or(0).clamp(0, prompt);
+        ((prompt - cached) as f64 * self.price_input_per_mtok
+            + cached as f64 * self.price_cached_input_per_mtok
             + completion.unwrap_or(0).max(0) as f64 * self.price_output_per_mtok)
             / 1e6
     }
@@ -191,6 +202,10 @@ pub fn check_model(spec: &ModelSpec) -> Result<()> {
     for (name, value) in [
         ("price_input_per_mtok", spec.price_input_per_mtok),
         ("price_output_per_mtok", spec.price_output_per_mtok),
+        (
+            "price_cached_input_per_mtok",
+            spec.price_cached_input_per_mtok,
+        ),
         ("temperature", spec.temperature),
         ("top_p", spec.top_p),
     ] {

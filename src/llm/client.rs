@@ -234,9 +234,11 @@ impl ModelClient {
         let started = Instant::now();
         let mut reply = self.backend.send(self, req, key, journal).await;
         reply.latency_ms = started.elapsed().as_millis() as i64;
-        reply.cost_usd = self
-            .spec
-            .cost_usd(reply.prompt_tokens, reply.completion_tokens);
+        reply.cost_usd = self.spec.cost_usd(
+            reply.prompt_tokens,
+            reply.cached_tokens,
+            reply.completion_tokens,
+        );
         let stats = &self.home().stats;
         stats
             .cost_micro_usd
@@ -327,9 +329,11 @@ impl ModelClient {
         };
         endpoint.limits.settle(estimate, usage);
         let outcome = outcome.map(|reply| Reply {
-            cost_usd: self
-                .spec
-                .cost_usd(reply.prompt_tokens, reply.completion_tokens),
+            cost_usd: self.spec.cost_usd(
+                reply.prompt_tokens,
+                reply.cached_tokens,
+                reply.completion_tokens,
+            ),
             ..reply
         });
         match &outcome {

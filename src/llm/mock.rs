@@ -29,7 +29,7 @@ impl Backend for Mock {
         let mut reply = mock_reply(req);
         reply.cost_usd = client
             .spec()
-            .cost_usd(reply.prompt_tokens, reply.completion_tokens);
+            .cost_usd(reply.prompt_tokens, None, reply.completion_tokens);
         journal.record(key, &reply).await;
         reply
     }

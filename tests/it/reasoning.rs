@@ -179,3 +179,33 @@ fn an_unknown_reasoning_effort_is_refused_by_name() {
         0
     );
 }
+
+#[test]
+fn cached_prompt_tokens_are_priced_at_the_cached_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(Some(Thinking::Field(DISTRACTION.into())));
+    let out = backtranslate(
+        dir.path(),
+        &server,
+        "price_input_per_mtok = 1.0\nprice_cached_input_per_mtok = 0.1\nprice_output_per_mtok = 2.0",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let call = &query(
+        &dir.path().join("out"),
+        "SELECT backtranslation['prompt_tokens'], backtranslation['cached_tokens'], \
+         backtranslation['completion_tokens'], backtranslation['cost_usd'] FROM backtranslated",
+    )[0];
+    let [prompt, cached, completion]: [f64; 3] =
+        std::array::from_fn(|i| call[i].parse::<f64>().unwrap());
+    assert!(cached > 0.0 && cached < prompt, "{call:?}");
+    let expected = ((prompt - cached) * 1.0 + cached * 0.1 + completion * 2.0) / 1e6;
+    let cost: f64 = call[3].parse().unwrap();
+    assert!(
+        (cost - expected).abs() < 1e-12,
+        "{cost} != {expected}: {call:?}"
+    );
+}
