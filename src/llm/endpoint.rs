@@ -59,6 +59,8 @@ impl Endpoint {
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: s.completion_tokens.load(Ordering::Relaxed),
             cost_usd: s.cost_micro_usd.load(Ordering::Relaxed) as f64 / 1e6,
+            // Counted per stage from the call structs, not per endpoint.
+            ..Usage::default()
         }
     }
 }

@@ -93,6 +93,12 @@ pub struct Usage {
     /// Cost at the models' prices, in US dollars.
     #[serde(default)]
     pub cost_usd: f64,
+    /// Completion tokens spent thinking (part of `completion_tokens`).
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// Prompt tokens read from the server's prompt cache (part of `prompt_tokens`).
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 impl Usage {
@@ -106,6 +112,8 @@ impl Usage {
             prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
             completion_tokens: self.completion_tokens - earlier.completion_tokens,
             cost_usd: self.cost_usd - earlier.cost_usd,
+            reasoning_tokens: self.reasoning_tokens - earlier.reasoning_tokens,
+            cached_tokens: self.cached_tokens - earlier.cached_tokens,
         }
     }
 
@@ -119,6 +127,8 @@ impl Usage {
             prompt_tokens: self.prompt_tokens + other.prompt_tokens,
             completion_tokens: self.completion_tokens + other.completion_tokens,
             cost_usd: self.cost_usd + other.cost_usd,
+            reasoning_tokens: self.reasoning_tokens + other.reasoning_tokens,
+            cached_tokens: self.cached_tokens + other.cached_tokens,
         }
     }
 }

@@ -349,13 +349,30 @@ async fn funnel(root: &Location, stages: &[String]) -> Result<Table> {
             drops.join(" "),
             s.llm.requests.to_string(),
             (s.llm.prompt_tokens + s.llm.completion_tokens).to_string(),
+            s.llm.reasoning_tokens.to_string(),
+            if s.llm.prompt_tokens == 0 {
+                String::new()
+            } else {
+                format!(
+                    "{:.1}%",
+                    100.0 * s.llm.cached_tokens as f64 / s.llm.prompt_tokens as f64
+                )
+            },
             format!("{:.4}", s.llm.cost_usd),
         ]);
     }
     Ok(Table {
         title: "Funnel: rows into and out of every stage, every drop by reason".into(),
         columns: [
-            "stage", "rows in", "rows out", "dropped", "requests", "tokens", "cost $",
+            "stage",
+            "rows in",
+            "rows out",
+            "dropped",
+            "requests",
+            "tokens",
+            "reasoning tokens",
+            "prompt cached",
+            "cost $",
         ]
         .map(String::from)
         .to_vec(),

@@ -61,6 +61,15 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
             .as_any()
             .downcast_ref::<Int64Array>()
             .expect("Int64");
+        let (reasoning, cached_tokens) = (field("reasoning_tokens"), field("cached_tokens"));
+        let reasoning = reasoning
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64");
+        let cached_tokens = cached_tokens
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64");
         for i in 0..calls.len() {
             if calls.is_null(i) {
                 continue;
@@ -80,6 +89,8 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
             usage.prompt_tokens += prompt.value(i).max(0) as u64;
             usage.completion_tokens += completion.value(i).max(0) as u64;
             usage.cost_usd += cost.value(i);
+            usage.reasoning_tokens += reasoning.value(i).max(0) as u64;
+            usage.cached_tokens += cached_tokens.value(i).max(0) as u64;
         }
     }
     usage

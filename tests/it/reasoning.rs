@@ -78,6 +78,34 @@ fn a_score_in_the_thinking_never_counts() {
             "SELECT judgement['text'], judgement['reasoning'], judgement['reasoning_tokens'], \
              judgement['cached_tokens'], judgement['completion_tokens'] FROM scored",
         );
+        let thought: i64 = query(
+            &root,
+            "SELECT sum(judgement['reasoning_tokens']) FROM scored",
+        )[0][0]
+            .parse()
+            .unwrap();
+        let stats = backforth_ok(&["stats", root.to_str().unwrap(), "--format", "json"]);
+        let tables: Vec<serde_json::Value> = serde_json::from_slice(&stats.stdout).unwrap();
+        let funnel = tables
+            .iter()
+            .find(|t| t["title"].as_str().unwrap().starts_with("Funnel"))
+            .unwrap();
+        let columns = funnel["columns"].as_array().unwrap();
+        let at = |name: &str| columns.iter().position(|c| c == name).unwrap();
+        let scored = funnel["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r[0] == "scored")
+            .unwrap();
+        assert_eq!(
+            scored[at("reasoning tokens")],
+            thought.to_string(),
+            "{funnel}"
+        );
+        let cached = scored[at("prompt cached")].as_str().unwrap();
+        let share: f64 = cached.trim_end_matches('%').parse().unwrap();
+        assert!(share > 0.0 && share < 100.0, "{funnel}");
         for call in calls {
             assert!(
                 !call[0].contains("think>") && !call[0].contains("harsh"),
