@@ -41,35 +41,14 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
             .as_any()
             .downcast_ref::<StructArray>()
             .expect("a struct");
-        let field = |name: &str| calls.column_by_name(name).expect("reply field");
-        let attempts = field("attempts");
-        let attempts = attempts
-            .as_any()
-            .downcast_ref::<Int32Array>()
-            .expect("Int32");
-        let cached = field("cached");
-        let cached = cached.as_any().downcast_ref::<B>().expect("Boolean");
-        let error = field("error");
-        let (prompt, completion) = (field("prompt_tokens"), field("completion_tokens"));
-        let prompt = prompt.as_any().downcast_ref::<Int64Array>().expect("Int64");
-        let cost = field("cost_usd");
-        let cost = cost
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .expect("Float64");
-        let completion = completion
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("Int64");
-        let (reasoning, cached_tokens) = (field("reasoning_tokens"), field("cached_tokens"));
-        let reasoning = reasoning
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("Int64");
-        let cached_tokens = cached_tokens
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("Int64");
+        let attempts: &Int32Array = reply_field(calls, "attempts");
+        let cached: &B = reply_field(calls, "cached");
+        let error = calls.column_by_name("error").expect("reply field");
+        let prompt: &Int64Array = reply_field(calls, "prompt_tokens");
+        let completion: &Int64Array = reply_field(calls, "completion_tokens");
+        let cost: &Float64Array = reply_field(calls, "cost_usd");
+        let reasoning: &Int64Array = reply_field(calls, "reasoning_tokens");
+        let cached_tokens: &Int64Array = reply_field(calls, "cached_tokens");
         for i in 0..calls.len() {
             if calls.is_null(i) {
                 continue;
@@ -94,6 +73,17 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
         }
     }
     usage
+}
+
+/// The field `name` of a column of call structs, as the array type the reply declares.
+fn reply_field<'a, T: 'static>(
+    calls: &'a datafusion::arrow::array::StructArray,
+    name: &str,
+) -> &'a T {
+    calls
+        .column_by_name(name)
+        .and_then(|column| column.as_any().downcast_ref::<T>())
+        .expect("a reply field of its declared type")
 }
 
 /// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`;
