@@ -117,3 +117,26 @@ fn a_stage_and_a_function_added_to_the_catalog_alone_run_end_to_end() {
         }
     });
 }
+
+#[test]
+fn every_builtin_prompt_puts_its_fixed_instructions_first() {
+    // Servers cache prompt prefixes (vLLM's prefix caching, OpenAI's cached input): the fixed
+    // instructions must come before any row's text to be read from the cache.
+    for function in &Catalog::builtin().functions {
+        let template = function.template;
+        let fixed: usize = template
+            .split("{{")
+            .map(|part| part.split_once("}}").map_or(part, |(_, after)| after))
+            .map(|text| text.trim().len())
+            .sum();
+        if fixed < 40 {
+            continue;
+        }
+        let before = template.split("{{").next().unwrap().trim().len();
+        assert!(
+            before * 4 >= fixed * 3,
+            "{}: only {before} of its {fixed} fixed characters come before the first row value",
+            function.name
+        );
+    }
+}
