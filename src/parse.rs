@@ -82,9 +82,12 @@ pub fn tag_problem(
     finish_reason: Option<&str>,
 ) -> Option<&'static str> {
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
-        return Some(match cut_by_limit(finish_reason) {
-            Some("truncated_in_reasoning") => "truncated_in_reasoning",
-            _ => "no_output",
+        // A reply cut at its limit still shows the opened tag; only a cut in the thinking
+        // leaves no output at all.
+        return Some(if finish_reason == Some(LENGTH_IN_REASONING) {
+            "truncated_in_reasoning"
+        } else {
+            "no_output"
         });
     };
     let (open, close) = (format!("[{tag}]"), format!("[/{tag}]"));

@@ -127,7 +127,7 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
 /// Splits a `<think>…</think>` block opening `content` from the answer after it: (thinking,
 /// answer). An unclosed block is all thinking (the limit cut it); content without one is
 /// all answer.
-pub fn split_thinking(content: &str) -> (Option<String>, String) {
+fn split_thinking(content: &str) -> (Option<String>, String) {
     let Some(inside) = content.trim_start().strip_prefix("<think>") else {
         return (None, content.to_string());
     };

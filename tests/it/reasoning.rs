@@ -140,7 +140,8 @@ fn a_reply_cut_while_thinking_is_its_own_reason() {
     }
 }
 
-fn backtranslate(dir: &Path, server: &FakeServer, keys: &str) -> std::process::Output {
+/// A job backtranslating one document on `server`, with `keys` added to the backward role.
+fn backtranslate_job(dir: &Path, server: &FakeServer, keys: &str) -> String {
     std::fs::write(
         dir.join("docs.jsonl"),
         "{\"id\": \"a\", \"text\": \"A lock keeps a door shut until the right key turns it.\"}\n",
@@ -157,7 +158,7 @@ fn backtranslate(dir: &Path, server: &FakeServer, keys: &str) -> std::process::O
         ),
     )
     .unwrap();
-    crate::support::util::backforth(&["run", job.to_str().unwrap()])
+    job.to_str().unwrap().to_string()
 }
 
 #[test]
@@ -167,16 +168,14 @@ fn reasoning_effort_and_thinking_reach_the_request() {
         keep_bodies: true,
         ..FakeState::default()
     });
-    let out = backtranslate(
-        dir.path(),
-        &server,
-        "reasoning_effort = \"high\"\nthinking = false\nextra = { chat_template_kwargs = { custom = 1 } }",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    backforth_ok(&[
+        "run",
+        &backtranslate_job(
+            dir.path(),
+            &server,
+            "reasoning_effort = \"high\"\nthinking = false\nextra = { chat_template_kwargs = { custom = 1 } }",
+        ),
+    ]);
     let bodies = server.state.bodies.lock().unwrap();
     assert_eq!(bodies.len(), 1);
     assert_eq!(bodies[0]["reasoning_effort"], "high");
@@ -192,7 +191,8 @@ fn reasoning_effort_and_thinking_reach_the_request() {
 fn an_unknown_reasoning_effort_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(None);
-    let out = backtranslate(dir.path(), &server, "reasoning_effort = \"extreme\"");
+    let job = backtranslate_job(dir.path(), &server, "reasoning_effort = \"extreme\"");
+    let out = crate::support::util::backforth(&["run", &job]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -212,16 +212,14 @@ fn an_unknown_reasoning_effort_is_refused_by_name() {
 fn cached_prompt_tokens_are_priced_at_the_cached_rate() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(Some(Thinking::Field(DISTRACTION.into())));
-    let out = backtranslate(
-        dir.path(),
-        &server,
-        "price_input_per_mtok = 1.0\nprice_cached_input_per_mtok = 0.1\nprice_output_per_mtok = 2.0",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    backforth_ok(&[
+        "run",
+        &backtranslate_job(
+            dir.path(),
+            &server,
+            "price_input_per_mtok = 1.0\nprice_cached_input_per_mtok = 0.1\nprice_output_per_mtok = 2.0",
+        ),
+    ]);
     let call = &query(
         &dir.path().join("out"),
         "SELECT backtranslation['prompt_tokens'], backtranslation['cached_tokens'], \
