@@ -191,7 +191,7 @@ pub struct Judgement {
     pub expected: Option<f64>,
     /// Probability the digits 1-5 hold among the first token's alternatives.
     pub mass: Option<f64>,
-    /// `logprobs` or `text`: which judgement was used (none after an error).
+    /// `logprobs`, `text` or `json`: which judgement was used (none after an error).
     pub source: Option<&'static str>,
 }
 
@@ -221,13 +221,45 @@ pub fn judge(
             source: Some("logprobs"),
         };
     }
-    let parsed = parse_score(text, finish_reason);
+    let (parsed, source) = match text.and_then(json_object) {
+        Some(object) => (json_score(&object), "json"),
+        None => (parse_score(text, finish_reason), "text"),
+    };
     Judgement {
         score: parsed.score,
         reason: parsed.reason,
         expected: None,
         mass: None,
-        source: Some("text"),
+        source: Some(source),
+    }
+}
+
+/// The JSON object a reply consists of (`mode = "json"`), if it is one.
+fn json_object(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let trimmed = text.trim();
+    if !trimmed.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(trimmed).ok()
+}
+
+/// The `score` field of a JSON judgement, held to the same rules as `Score: N`.
+fn json_score(object: &serde_json::Map<String, serde_json::Value>) -> ParsedScore {
+    let none = |reason| ParsedScore {
+        score: None,
+        reason: Some(reason),
+    };
+    match object.get("score") {
+        None | Some(serde_json::Value::Null) => none("no_score"),
+        Some(v) => match (v.as_i64(), v.as_f64()) {
+            (Some(n), _) if (1..=5).contains(&n) => ParsedScore {
+                score: Some(n),
+                reason: None,
+            },
+            (Some(_), _) => none("out_of_range"),
+            (None, Some(_)) => none("not_integer"),
+            (None, None) => none("no_score"),
+        },
     }
 }
 

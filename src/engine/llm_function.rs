@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringArray,
-    StringBuilder, StructArray,
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListArray,
+    StringArray, StringBuilder, StructArray,
 };
+use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::not_impl_err;
 use datafusion::error::Result;
@@ -24,12 +25,36 @@ use crate::error::Error;
 use crate::job::FunctionSpec;
 use crate::llm::client::ModelClient;
 use crate::llm::journal::JournalScope;
-use crate::llm::reply::{Reply, Request};
+use crate::llm::reply::{Reply, Request, Turn};
+use crate::llm::schema::json_array;
 use crate::parse::logprob_score;
 
-/// The struct every LLM function returns.
-pub fn llm_reply_type() -> DataType {
-    DataType::Struct(llm_reply_fields())
+/// The calls of a column an LLM function made: the column itself when it is a call struct
+/// (a reply, with or without a schema's `json` after its fields), its values when it is a list
+/// of them (several samples), with the range of its rows the column holds (a slice of a list
+/// shares its parent's values); `None` for any other column.
+pub fn call_structs(column: &ArrayRef) -> Option<(&StructArray, std::ops::Range<usize>)> {
+    let (calls, rows) = match column.data_type() {
+        DataType::Struct(_) => {
+            let calls = column.as_any().downcast_ref::<StructArray>()?;
+            (calls, 0..calls.len())
+        }
+        DataType::List(_) => {
+            let list = column.as_any().downcast_ref::<ListArray>()?;
+            let offsets = list.value_offsets();
+            let rows = offsets[0] as usize..offsets[offsets.len() - 1] as usize;
+            (list.values().as_any().downcast_ref::<StructArray>()?, rows)
+        }
+        _ => return None,
+    };
+    let fields = llm_reply_fields();
+    let is_call = calls.fields().len() >= fields.len()
+        && calls
+            .fields()
+            .iter()
+            .zip(fields.iter())
+            .all(|(a, b)| a == b);
+    is_call.then_some((calls, rows))
 }
 
 fn llm_reply_fields() -> Fields {
@@ -138,9 +163,35 @@ impl LlmFunction {
             .map_err(|e| format!("template: {e}"))
     }
 
-    /// The reply for row `i` of `args` (one string column per argument); `None`, and no
-    /// request, when an argument is NULL.
-    pub async fn call_at(&self, args: &[StringArray], i: usize) -> Option<Reply> {
+    /// The reply struct this function returns: the call's fields, then `json` (the reply's
+    /// value, typed by the schema) when it has one; a list of them when it asks for several
+    /// samples.
+    pub fn reply_type(&self) -> DataType {
+        let one = DataType::Struct(self.sample_fields());
+        if self.spec.samples > 1 {
+            DataType::List(Arc::new(Field::new("item", one, true)))
+        } else {
+            one
+        }
+    }
+
+    fn sample_fields(&self) -> Fields {
+        match &self.spec.schema {
+            Some(schema) => {
+                let mut fields: Vec<Field> = llm_reply_fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone())
+                    .collect();
+                fields.push(Field::new(JSON_FIELD, schema.arrow_type(), true));
+                Fields::from(fields)
+            }
+            None => llm_reply_fields(),
+        }
+    }
+
+    /// The answer for row `i` of `args` (one string column per argument), one sample per
+    /// sample asked; `None`, and no request, when an argument is NULL.
+    pub async fn call_at(&self, args: &[StringArray], i: usize) -> Option<Vec<Sample>> {
         let values: Option<Vec<&str>> = args
             .iter()
             .map(|c| (!c.is_null(i)).then(|| c.value(i)))
@@ -148,17 +199,40 @@ impl LlmFunction {
         Some(self.call_row(values?).await)
     }
 
-    async fn call_row(&self, values: Vec<&str>) -> Reply {
-        let first = self
-            .ask(
-                "prompt",
-                &values,
-                self.spec.max_tokens,
-                self.spec.logprobs.then_some(20),
-            )
-            .await;
+    async fn call_row(&self, values: Vec<&str>) -> Vec<Sample> {
+        let samples = self.spec.samples;
+        if samples <= 1 {
+            return vec![self.call_once(&values).await];
+        }
+        let request = match self.request("prompt", &values, self.spec.max_tokens, None) {
+            Ok(request) => request,
+            Err(reply) => return vec![Sample::of(reply); samples as usize],
+        };
+        let replies = if self.client.spec().supports_n {
+            let asked = Request {
+                choices: samples,
+                ..request.clone()
+            };
+            self.client.call_choices(asked, &self.journal).await
+        } else {
+            join_all((0..samples).map(|i| self.client.call(request.sample(i), &self.journal))).await
+        };
+        let checked = replies
+            .into_iter()
+            .zip(0..)
+            .map(|(reply, i)| self.checked(reply, request.sample(i)));
+        join_all(checked).await
+    }
+
+    async fn call_once(&self, values: &[&str]) -> Sample {
+        let top_logprobs = self.spec.logprobs.then_some(20);
+        let request = match self.request("prompt", values, self.spec.max_tokens, top_logprobs) {
+            Ok(request) => request,
+            Err(reply) => return Sample::of(reply),
+        };
+        let first = self.client.call(request.clone(), &self.journal).await;
         let Some((_, max_tokens)) = &self.spec.fallback else {
-            return first;
+            return self.checked(first, request).await;
         };
         let has_digit = first
             .top_logprobs
@@ -166,52 +240,148 @@ impl LlmFunction {
             .and_then(logprob_score)
             .is_some();
         if first.error.is_some() || has_digit {
-            return first;
+            return Sample::of(first);
         }
         // No digit among the likely first tokens: ask for the text judgement instead, and
         // keep the first reply's alternatives so the row shows why.
-        let text = self.ask("fallback", &values, *max_tokens, None).await;
-        Reply {
-            top_logprobs: first.top_logprobs,
-            attempts: first.attempts + text.attempts,
-            prompt_tokens: Some(first.prompt_tokens.unwrap_or(0) + text.prompt_tokens.unwrap_or(0)),
-            completion_tokens: Some(
-                first.completion_tokens.unwrap_or(0) + text.completion_tokens.unwrap_or(0),
-            ),
-            cost_usd: first.cost_usd + text.cost_usd,
-            latency_ms: first.latency_ms + text.latency_ms,
-            cached: first.cached && text.cached,
-            ..text
+        let text = match self.request("fallback", values, *max_tokens, None) {
+            Ok(fallback) => self.client.call(fallback, &self.journal).await,
+            Err(reply) => reply,
+        };
+        let top_logprobs = first.top_logprobs.clone();
+        Sample::of(Reply {
+            top_logprobs,
+            ..first.followed_by(text)
+        })
+    }
+
+    /// `reply` (to `request`) held to the function's schema: a reply off it is asked again,
+    /// with what is wrong, up to `schema_retries` times, then an error value saying why.
+    async fn checked(&self, reply: Reply, mut request: Request) -> Sample {
+        let Some(schema) = &self.spec.schema else {
+            return Sample::of(reply);
+        };
+        let mut reply = reply;
+        loop {
+            if reply.error.is_some() {
+                return Sample::of(reply);
+            }
+            let text = reply.text.clone().unwrap_or_default();
+            let why = match schema.check(&text) {
+                Ok(value) => {
+                    return Sample {
+                        reply,
+                        value: Some(value),
+                    };
+                }
+                Err(why) => why,
+            };
+            if request.turns.len() >= self.spec.schema_retries as usize {
+                let replies = request.turns.len() + 1;
+                reply.error = Some(format!(
+                    "no reply followed the JSON schema in {replies} tries; the last: {why}"
+                ));
+                return Sample::of(reply);
+            }
+            request.turns.push(Turn {
+                reply: text,
+                feedback: format!(
+                    "That reply does not follow the required JSON schema: {why}. Reply again \
+                     with only the JSON object."
+                ),
+            });
+            let next = self.client.call(request.clone(), &self.journal).await;
+            reply = reply.followed_by(next);
         }
     }
 
-    async fn ask(
+    /// The request of `template` for a row's `values`, or the error reply of a template that
+    /// would not render.
+    fn request(
         &self,
         template: &str,
         values: &[&str],
         max_tokens: u32,
         top_logprobs: Option<u32>,
-    ) -> Reply {
-        match self.render(template, values) {
-            Ok(prompt) => {
-                self.client
-                    .call(
-                        Request {
-                            mock: self.spec.mock,
-                            prompt,
-                            system: self.spec.system.clone(),
-                            max_tokens,
-                            top_logprobs,
-                        },
-                        &self.journal,
-                    )
-                    .await
-            }
-            Err(error) => Reply {
-                error: Some(error),
-                ..Reply::default()
-            },
+    ) -> std::result::Result<Request, Reply> {
+        let prompt = self.render(template, values).map_err(|error| Reply {
+            error: Some(error),
+            ..Reply::default()
+        })?;
+        Ok(Request {
+            mock: self.spec.mock,
+            prompt,
+            system: self.spec.system.clone(),
+            max_tokens,
+            top_logprobs,
+            schema: self.spec.schema.clone(),
+            turns: Vec::new(),
+            sample: None,
+            choices: 1,
+        })
+    }
+
+    /// The column of `answers`, as [`LlmFunction::reply_type`] says; `None` rows are NULL.
+    pub fn answers_to_array(&self, answers: Vec<Option<Vec<Sample>>>) -> ArrayRef {
+        if self.spec.samples <= 1 {
+            let rows = answers
+                .into_iter()
+                .map(|a| a.and_then(|mut samples| samples.pop()))
+                .collect();
+            return Arc::new(self.samples_to_struct(rows));
         }
+        let lengths: Vec<usize> = answers
+            .iter()
+            .map(|a| a.as_ref().map_or(0, Vec::len))
+            .collect();
+        let nulls = NullBuffer::from(answers.iter().map(Option::is_some).collect::<Vec<_>>());
+        let flat: Vec<Option<Sample>> = answers.into_iter().flatten().flatten().map(Some).collect();
+        let item = Arc::new(Field::new(
+            "item",
+            DataType::Struct(self.sample_fields()),
+            true,
+        ));
+        Arc::new(ListArray::new(
+            item,
+            OffsetBuffer::from_lengths(lengths),
+            Arc::new(self.samples_to_struct(flat)),
+            Some(nulls),
+        ))
+    }
+
+    fn samples_to_struct(&self, samples: Vec<Option<Sample>>) -> StructArray {
+        let Some(schema) = &self.spec.schema else {
+            let replies = samples.into_iter().map(|s| s.map(|s| s.reply)).collect();
+            return replies_to_struct(replies);
+        };
+        let values: Vec<Option<serde_json::Value>> = samples
+            .iter()
+            .map(|s| s.as_ref().and_then(|s| s.value.clone()))
+            .collect();
+        let replies = samples.into_iter().map(|s| s.map(|s| s.reply)).collect();
+        let (_, mut columns, nulls) = replies_to_struct(replies).into_parts();
+        let refs: Vec<Option<&serde_json::Value>> = values.iter().map(Option::as_ref).collect();
+        columns.push(json_array(&schema.arrow_type(), &refs));
+        StructArray::new(self.sample_fields(), columns, nulls)
+    }
+}
+
+/// The field of a schema function's reply struct holding the reply's value.
+pub const JSON_FIELD: &str = "json";
+
+/// One sample of a row's answer: the call's reply and, for a function with a schema, the
+/// reply's value.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The call, retries and follow-ups included.
+    pub reply: Reply,
+    /// The reply's JSON value when it followed the schema.
+    pub value: Option<serde_json::Value>,
+}
+
+impl Sample {
+    fn of(reply: Reply) -> Self {
+        Self { reply, value: None }
     }
 }
 
@@ -225,7 +395,7 @@ impl ScalarUDFImpl for LlmFunction {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(llm_reply_type())
+        Ok(self.reply_type())
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -242,13 +412,13 @@ impl AsyncScalarUDFImpl for LlmFunction {
         let columns = string_columns(&args.args, args.number_rows)?;
         // Every row of the batch is started at once; the endpoint's slots bound what is on the
         // wire.
-        let replies = join_all((0..args.number_rows).map(|i| self.call_at(&columns, i))).await;
-        Ok(ColumnarValue::Array(replies_to_array(replies)))
+        let answers = join_all((0..args.number_rows).map(|i| self.call_at(&columns, i))).await;
+        Ok(ColumnarValue::Array(self.answers_to_array(answers)))
     }
 }
 
-/// Builds the reply struct column; `None` rows are NULL.
-pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
+/// The call struct of `replies`; `None` rows are NULL.
+fn replies_to_struct(replies: Vec<Option<Reply>>) -> StructArray {
     let n = replies.len();
     let mut text = StringBuilder::with_capacity(n, 0);
     let mut finish = StringBuilder::with_capacity(n, 0);
@@ -298,7 +468,7 @@ pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
         cached_tokens.append_option(r.cached_tokens);
     }
     let fields = llm_reply_fields();
-    Arc::new(StructArray::new(
+    StructArray::new(
         fields,
         vec![
             Arc::new(text.finish()),
@@ -316,5 +486,5 @@ pub fn replies_to_array(replies: Vec<Option<Reply>>) -> ArrayRef {
             Arc::new(cached_tokens.finish()),
         ],
         Some(nulls.into()),
-    ))
+    )
 }

@@ -35,8 +35,7 @@ use futures::StreamExt;
 use futures::future::join_all;
 
 use crate::engine::args::string_columns;
-use crate::engine::llm_function::{LlmFunction, LlmFunctions, replies_to_array};
-use crate::llm::reply::Reply;
+use crate::engine::llm_function::{LlmFunction, LlmFunctions, Sample};
 
 /// How many rows a partition keeps in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +215,8 @@ impl ExecutionPlan for LlmWindowExec {
             futures::stream::iter(rows)
         });
         let out_schema = Arc::clone(&schema);
+        let functions: Vec<Arc<LlmFunction>> =
+            calls.iter().map(|c| Arc::clone(&c.function)).collect();
         let evaluated = rows
             .map(move |row| {
                 let calls = Arc::clone(&calls);
@@ -235,7 +236,7 @@ impl ExecutionPlan for LlmWindowExec {
             .ready_chunks(OUTPUT_BATCH_ROWS)
             .map(move |ready: Vec<Result<Answered>>| {
                 let rows = ready.into_iter().collect::<Result<Vec<_>>>()?;
-                assemble(&out_schema, rows, &call_of)
+                assemble(&out_schema, rows, &functions, &call_of)
             });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, evaluated)))
     }
@@ -297,16 +298,22 @@ impl Arguments {
     }
 }
 
-/// Row `i` of `args` with the replies of its distinct calls.
+/// Row `i` of `args` with the answers of its distinct calls.
 struct Answered {
     args: Arc<Arguments>,
     i: usize,
-    replies: Vec<Option<Reply>>,
+    replies: Vec<Option<Vec<Sample>>>,
 }
 
 /// The output batch of `rows`: their input columns gathered from their batches, then one
-/// reply column per expression, `call_of` naming the call whose replies it shows.
-fn assemble(schema: &SchemaRef, rows: Vec<Answered>, call_of: &[usize]) -> Result<RecordBatch> {
+/// reply column per expression, `call_of` naming the call (of `functions`) whose replies it
+/// shows.
+fn assemble(
+    schema: &SchemaRef,
+    rows: Vec<Answered>,
+    functions: &[Arc<LlmFunction>],
+    call_of: &[usize],
+) -> Result<RecordBatch> {
     let mut batches: Vec<&RecordBatch> = Vec::new();
     let mut indices = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -331,7 +338,7 @@ fn assemble(schema: &SchemaRef, rows: Vec<Answered>, call_of: &[usize]) -> Resul
         .collect::<Result<Vec<ArrayRef>>>()?;
     drop(batches);
     let distinct = rows.first().map_or(0, |r| r.replies.len());
-    let mut replies: Vec<Vec<Option<Reply>>> = (0..distinct)
+    let mut replies: Vec<Vec<Option<Vec<Sample>>>> = (0..distinct)
         .map(|_| Vec::with_capacity(rows.len()))
         .collect();
     for row in rows {
@@ -339,7 +346,11 @@ fn assemble(schema: &SchemaRef, rows: Vec<Answered>, call_of: &[usize]) -> Resul
             replies[j].push(reply);
         }
     }
-    let arrays: Vec<ArrayRef> = replies.into_iter().map(replies_to_array).collect();
+    let arrays: Vec<ArrayRef> = replies
+        .into_iter()
+        .zip(functions)
+        .map(|(answers, function)| function.answers_to_array(answers))
+        .collect();
     columns.extend(call_of.iter().map(|&j| Arc::clone(&arrays[j])));
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }

@@ -182,6 +182,8 @@ impl Default for MockAnswer {
 pub const SCORE_TEMPLATE: &str = include_str!("prompts/score_pair.txt");
 /// The template of the scoring functions in `mode = "logprobs"`: the score as one token.
 pub const SCORE_LOGPROBS_TEMPLATE: &str = include_str!("prompts/score_pair_logprobs.txt");
+/// The template of the scoring functions in `mode = "json"`: `{reason, score}`.
+pub const SCORE_JSON_TEMPLATE: &str = include_str!("prompts/score_pair_json.txt");
 
 /// An instruction's length, in tokens.
 pub const INSTRUCTION_TOKENS: ExpectedOutput = ExpectedOutput::Tokens {

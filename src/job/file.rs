@@ -182,6 +182,9 @@ pub struct ModelConfig {
     /// US dollars per million prompt tokens read from the server's prompt cache (default: the
     /// input price).
     pub price_cached_input_per_mtok: Option<f64>,
+    /// Whether the server answers a function's `n` samples in one request with the API's `n`
+    /// (default true: vLLM, SGLang and OpenAI do); false sends one seeded request per sample.
+    pub supports_n: Option<bool>,
 }
 
 /// `[functions.NAME]`: overrides for a built-in LLM function, or a new one.
@@ -204,10 +207,19 @@ pub struct FunctionConfig {
     pub system: Option<String>,
     /// Maximum tokens generated, overriding the role's.
     pub max_tokens: Option<u32>,
-    /// `score_pair` only: `text` (default: reasoning, then `Score: N`) or `logprobs` (one
+    /// `score_pair` only: `text` (default: reasoning, then `Score: N`), `logprobs` (one
     /// token with its most likely alternatives; the expected score over the digits 1-5, and
-    /// the text judgement when no digit is among them).
+    /// the text judgement when no digit is among them) or `json` (`{reason, score}` under a
+    /// JSON Schema).
     pub mode: Option<String>,
+    /// A JSON Schema the replies must follow: a path to a `.json` file, or a table. Sent as
+    /// `response_format`, checked on every reply, and read in SQL as the reply's `json` field.
+    pub json_schema: Option<toml::Value>,
+    /// Replies off the schema asked again, with what was wrong, before the row gets an error
+    /// value (default 2).
+    pub schema_retries: Option<u32>,
+    /// Samples per row (default 1); more make the reply a list of calls, one per sample.
+    pub n: Option<u32>,
 }
 
 /// `[[stages]]`: one stage.

@@ -11,11 +11,13 @@ pub mod template;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::escape::redact_url;
 use crate::job::catalog::{
-    BuiltinFunction, Catalog, DOCUMENTS, SCORE_LOGPROBS_TEMPLATE, SCORE_TEMPLATE,
+    BuiltinFunction, Catalog, DOCUMENTS, SCORE_JSON_TEMPLATE, SCORE_LOGPROBS_TEMPLATE,
+    SCORE_TEMPLATE,
 };
 use crate::job::file::{
     ExecutionConfig, FunctionConfig, JobFile, ModelConfig, PrepareConfig, StageConfig,
@@ -23,6 +25,7 @@ use crate::job::file::{
 };
 use crate::job::template::{called_functions, render_sql};
 use crate::job_error;
+use crate::llm::schema::JsonSchema;
 use crate::prepare::ingest::{MAX_LINE_BYTES, MAX_ROW_GROUP_BYTES, ReadRules};
 use crate::prepare::segment::CandidateMode;
 
@@ -372,6 +375,7 @@ fn resolve_models(
             price_cached_input_per_mtok: cfg
                 .and_then(|c| c.price_cached_input_per_mtok.or(c.price_input_per_mtok))
                 .unwrap_or(0.0),
+            supports_n: cfg.and_then(|c| c.supports_n).unwrap_or(true),
             declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };
@@ -516,18 +520,51 @@ fn resolve_function(
         );
     };
     let scoring = base.is_some_and(|b| b.scores);
-    let logprobs = match cfg.mode.as_deref() {
-        None | Some("text") => false,
-        Some("logprobs") if scoring => true,
+    let (logprobs, json_mode) = match cfg.mode.as_deref() {
+        None | Some("text") => (false, false),
+        Some("logprobs") if scoring => (true, false),
+        Some("json") if scoring => (false, true),
         Some(other) => {
             return job_error!(
-                "[functions.{name}] mode = \"{other}\": only scoring functions have modes (text, logprobs)"
+                "[functions.{name}] mode = \"{other}\": only scoring functions have modes (text, logprobs, json)"
             );
         }
     };
+    let schema = match (&cfg.json_schema, json_mode) {
+        (Some(_), true) => {
+            return job_error!(
+                "[functions.{name}] mode = \"json\" has its own schema ({{reason, score}}); drop json_schema"
+            );
+        }
+        (Some(given), false) => Some(read_schema(name, given, base_dir)?),
+        (None, true) => Some(JsonSchema::score(name)),
+        (None, false) => None,
+    };
+    if schema.is_some() && model.api == Api::Completions {
+        return job_error!(
+            "[functions.{name}] has a JSON schema, but its model role '{role}' uses api = \"completions\": structured output and its retries need the chat API"
+        );
+    }
+    let samples = cfg.n.unwrap_or(1);
+    if !(1..=MAX_SAMPLES).contains(&samples) {
+        return job_error!(
+            "[functions.{name}] n = {samples}: give 1 to {MAX_SAMPLES} samples per row"
+        );
+    }
+    if samples > 1 && logprobs {
+        return job_error!(
+            "[functions.{name}] n = {samples} with mode = \"logprobs\": logprob scoring reads one token's alternatives, which do not vary by sample; use mode = \"text\" or \"json\""
+        );
+    }
+    let schema_retries = cfg.schema_retries.unwrap_or(2);
+    if schema_retries > 10 {
+        return job_error!("[functions.{name}] schema_retries = {schema_retries}: give at most 10");
+    }
     let text_template = base.map(|b| b.template);
     let default_template = if logprobs {
         Some(SCORE_LOGPROBS_TEMPLATE)
+    } else if json_mode {
+        Some(SCORE_JSON_TEMPLATE)
     } else {
         text_template
     };
@@ -562,7 +599,43 @@ fn resolve_function(
                 text_max_tokens,
             )
         }),
+        schema: schema.map(Arc::new),
+        schema_retries,
+        samples,
     })
+}
+
+/// The most samples per row a function may ask for.
+pub const MAX_SAMPLES: u32 = 64;
+
+/// The JSON Schema of `[functions.NAME] json_schema`: a table, or the path of a JSON file.
+fn read_schema(name: &str, given: &toml::Value, base_dir: &Path) -> Result<JsonSchema> {
+    let value = match given {
+        toml::Value::String(path) => {
+            let path = base_dir.join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Job(format!(
+                    "[functions.{name}] json_schema {}: {e}",
+                    path.display()
+                ))
+            })?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Job(format!(
+                    "[functions.{name}] json_schema {}: not JSON ({e})",
+                    path.display()
+                ))
+            })?
+        }
+        toml::Value::Table(table) => serde_json::to_value(table)
+            .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))?,
+        _ => {
+            return job_error!(
+                "[functions.{name}] json_schema must be a table or the path of a .json file"
+            );
+        }
+    };
+    JsonSchema::new(name, value)
+        .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))
 }
 
 fn resolve_stages(

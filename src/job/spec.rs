@@ -2,11 +2,13 @@
 //! run uses them, and the checks of their numbers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::error::Result;
 use crate::job::catalog::{ExpectedOutput, MockAnswer};
 use crate::job::file::Api;
 use crate::job_error;
+use crate::llm::schema::JsonSchema;
 use crate::prepare::segment::CandidateMode;
 
 /// A resolved model role.
@@ -56,6 +58,8 @@ pub struct ModelSpec {
     pub price_output_per_mtok: f64,
     /// Dollars per million prompt tokens served from the prompt cache.
     pub price_cached_input_per_mtok: f64,
+    /// Whether the server answers several samples in one request (the API's `n`).
+    pub supports_n: bool,
     /// Whether the job (or `--endpoint`) set this role. A job without `[models]` runs every
     /// role on the offline mock; one with `[models]` must name every role its stages call,
     /// so no stage reaches the mock by accident.
@@ -122,6 +126,13 @@ pub struct FunctionSpec {
     pub logprobs: bool,
     /// The text-mode template and output length, asked when a logprob reply names no digit.
     pub fallback: Option<(String, u32)>,
+    /// The JSON Schema replies must follow (`json_schema`, or `mode = "json"` scoring).
+    #[serde(skip)]
+    pub schema: Option<Arc<JsonSchema>>,
+    /// Replies off the schema asked again, each with what was wrong, before an error value.
+    pub schema_retries: u32,
+    /// Samples per row (`n`); more than one makes the reply a list.
+    pub samples: u32,
     /// Output tokens `estimate` expects per call (the built-in's; `None` for a function
     /// written out in the job).
     #[serde(skip)]

@@ -23,8 +23,7 @@ use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
-    describe_reqwest_error, is_quota_exhausted, parse_completion, request_body, retry_after,
-    snippet,
+    describe_reqwest_error, is_quota_exhausted, parse_choices, request_body, retry_after, snippet,
 };
 
 type InFlight = Shared<BoxFuture<'static, Reply>>;
@@ -42,6 +41,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
         key: &str,
         journal: &JournalScope,
     ) -> Reply;
+
+    /// Whether it can answer several choices with one request (the API's `n`); the others
+    /// are asked one sample at a time.
+    fn asks_choices(&self) -> bool {
+        false
+    }
 }
 
 /// The OpenAI-compatible HTTP API of the role's endpoints.
@@ -57,7 +62,14 @@ impl Backend for Http {
         key: &str,
         journal: &JournalScope,
     ) -> Reply {
-        client.call_http(req, key, journal).await
+        let mut replies = client
+            .call_http(req, std::slice::from_ref(&key.to_string()), journal)
+            .await;
+        replies.swap_remove(0)
+    }
+
+    fn asks_choices(&self) -> bool {
+        true
     }
 }
 
@@ -185,6 +197,24 @@ impl ModelClient {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
+        // Parts added since the first journals: hashed only when present, so the keys of
+        // plain requests, and the journals that hold them, stay valid.
+        let mut extra = |name: &str, part: &str| {
+            for p in [name, part] {
+                h.update((p.len() as u64).to_le_bytes());
+                h.update(p.as_bytes());
+            }
+        };
+        if let Some(schema) = &req.schema {
+            extra("response_format", &schema.response_format().to_string());
+        }
+        for turn in &req.turns {
+            extra("turn", &turn.reply);
+            extra("feedback", &turn.feedback);
+        }
+        if let Some(sample) = req.sample {
+            extra("sample", &sample.to_string());
+        }
         hex::encode(h.finalize())
     }
 
@@ -230,10 +260,53 @@ impl ModelClient {
         reply
     }
 
+    /// Answers the `req.choices` samples of `req`, each journaled under its own key (that of
+    /// the sample asked alone): from the journal, else with one request asking for all the
+    /// choices (the API's `n`) where the backend can, else one seeded request per sample.
+    /// The request's counts and usage are on the first sample's reply.
+    pub async fn call_choices(&self, req: Request, journal: &Arc<JournalScope>) -> Vec<Reply> {
+        let samples: Vec<Request> = (0..req.choices.max(1)).map(|i| req.sample(i)).collect();
+        let keys: Vec<String> = samples.iter().map(|r| self.request_key(r)).collect();
+        let journaled: Vec<Option<Reply>> = keys.iter().map(|k| journal.get(k)).collect();
+        let missing = journaled.iter().filter(|r| r.is_none()).count();
+        if missing < samples.len() || !self.backend.asks_choices() {
+            // Some samples are paid for already: ask only the others.
+            let asked = samples
+                .into_iter()
+                .zip(journaled)
+                .map(|(sample, done)| async move {
+                    match done {
+                        Some(reply) => {
+                            self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
+                            reply
+                        }
+                        None => self.call(sample, journal).await,
+                    }
+                });
+            return futures::future::join_all(asked).await;
+        }
+        let _outstanding = Outstanding::count(&self.outstanding);
+        let started = Instant::now();
+        let replies = self.call_http(&req, &keys, journal).await;
+        let latency_ms = started.elapsed().as_millis() as i64;
+        replies
+            .into_iter()
+            .map(|mut reply| {
+                reply.latency_ms = latency_ms;
+                self.account(reply)
+            })
+            .collect()
+    }
+
     async fn call_uncached(&self, req: &Request, key: &str, journal: &JournalScope) -> Reply {
         let started = Instant::now();
         let mut reply = self.backend.send(self, req, key, journal).await;
         reply.latency_ms = started.elapsed().as_millis() as i64;
+        self.account(reply)
+    }
+
+    /// Prices `reply` and adds it to the counters and the run's spending.
+    fn account(&self, mut reply: Reply) -> Reply {
         reply.cost_usd = self.spec.cost_usd(
             reply.prompt_tokens,
             reply.cached_tokens,
@@ -260,9 +333,15 @@ impl ModelClient {
     }
 
     /// Sends `req` over HTTP until it is answered, fails `max_attempts` times, or has been
-    /// throttled for `throttle_secs`. A slot is held only while a request is on the wire:
+    /// throttled for `throttle_secs`; one reply per key in `keys` (the request's choices,
+    /// each journaled under its key). A slot is held only while a request is on the wire:
     /// a row waiting out a backoff or a `Retry-After` leaves its slot to the others.
-    async fn call_http(&self, req: &Request, key: &str, journal: &JournalScope) -> Reply {
+    pub(crate) async fn call_http(
+        &self,
+        req: &Request,
+        keys: &[String],
+        journal: &JournalScope,
+    ) -> Vec<Reply> {
         let (path, body) = request_body(&self.spec, req);
         let mut retries = Retries::new(&self.spec);
         loop {
@@ -272,23 +351,27 @@ impl ModelClient {
             // chains begun late. Measured on the BaF bench at 1,024 slots: 91% busy, against
             // 84-92% serving the longest first.
             let Some((endpoint, slot)) = self.acquire_slot(u32::MAX - req.max_tokens).await else {
-                return retries.stopped(self.home().quota());
+                return retries.stopped(self.home().quota(), keys.len());
             };
             // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
             if let Some(budget) = self.budget
                 && budget.spent(&self.spent)
             {
-                return retries.stopped(Some(budget.message()));
+                return retries.stopped(Some(budget.message()), keys.len());
             }
             retries.sent += 1;
-            let outcome = self.attempt(endpoint, path, &body, req, key, journal).await;
+            let outcome = self
+                .attempt(endpoint, path, &body, req, keys, journal)
+                .await;
             drop(slot);
             let (message, after, throttle) = match outcome {
-                Ok(mut reply) => {
-                    reply.attempts = retries.sent;
-                    return reply;
+                Ok(mut replies) => {
+                    replies[0].attempts = retries.sent;
+                    return replies;
                 }
-                Err(Failure::Fatal(message)) => return retries.stopped(Some(message)),
+                Err(Failure::Fatal(message)) => {
+                    return retries.stopped(Some(message), keys.len());
+                }
                 Err(Failure::Retry {
                     message,
                     after,
@@ -297,23 +380,23 @@ impl ModelClient {
             };
             match retries.wait(after, throttle) {
                 Some(wait) => tokio::time::sleep(wait).await,
-                None => return retries.gave_up(&message),
+                None => return retries.gave_up(&message, keys.len()),
             }
         }
     }
 
     /// One request on `endpoint` under its rate limits, counted, its health and the slots'
-    /// size updated, and a reply journaled before the slot is given back (so a kill loses at
-    /// most the requests in flight).
+    /// size updated, and its replies journaled (one per key) before the slot is given back
+    /// (so a kill loses at most the requests in flight).
     async fn attempt(
         &self,
         endpoint: &Endpoint,
         path: &str,
         body: &Value,
         req: &Request,
-        key: &str,
+        keys: &[String],
         journal: &JournalScope,
-    ) -> Result<Reply, Failure> {
+    ) -> Result<Vec<Reply>, Failure> {
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
             (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
@@ -321,26 +404,36 @@ impl ModelClient {
         );
         endpoint.limits.admit(estimate.0, estimate.1).await;
         endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.send_once(endpoint, &url, body).await;
+        let outcome = self.send_once(endpoint, &url, body, keys.len()).await;
         let usage = match &outcome {
-            Ok(r) => (r.prompt_tokens, r.completion_tokens),
+            Ok(replies) => (
+                replies.iter().map(|r| r.prompt_tokens).sum(),
+                replies.iter().map(|r| r.completion_tokens).sum(),
+            ),
             // A failed request generated nothing; its prompt still counts.
             Err(_) => (Some(estimate.0 as i64), Some(0)),
         };
         endpoint.limits.settle(estimate, usage);
-        let outcome = outcome.map(|reply| Reply {
-            cost_usd: self.spec.cost_usd(
-                reply.prompt_tokens,
-                reply.cached_tokens,
-                reply.completion_tokens,
-            ),
-            ..reply
+        let outcome = outcome.map(|replies| {
+            replies
+                .into_iter()
+                .map(|reply| Reply {
+                    cost_usd: self.spec.cost_usd(
+                        reply.prompt_tokens,
+                        reply.cached_tokens,
+                        reply.completion_tokens,
+                    ),
+                    ..reply
+                })
+                .collect::<Vec<Reply>>()
         });
         match &outcome {
-            Ok(reply) => {
+            Ok(replies) => {
                 endpoint.slots.on_success();
                 endpoint.record_health(true);
-                journal.record(key, reply).await;
+                for (key, reply) in keys.iter().zip(replies) {
+                    journal.record(key, reply).await;
+                }
             }
             Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
             Err(_) => endpoint.record_health(false),
@@ -348,13 +441,14 @@ impl ModelClient {
         outcome
     }
 
-    /// One HTTP attempt on `endpoint`: the reply, or whether and when to retry.
+    /// One HTTP attempt on `endpoint`: its `choices` replies, or whether and when to retry.
     async fn send_once(
         &self,
         endpoint: &Endpoint,
         url: &str,
         body: &Value,
-    ) -> Result<Reply, Failure> {
+        choices: usize,
+    ) -> Result<Vec<Reply>, Failure> {
         let mut request = endpoint.http.post(url).json(body);
         let key_allowed = self.key_allowed(endpoint);
         if let Some(key) = &self.key
@@ -407,7 +501,7 @@ impl ModelClient {
         if !status.is_success() {
             return Err(Failure::Fatal(format!("HTTP {status}: {}", snippet(&text))));
         }
-        parse_completion(&text, self.spec.api).map_err(|message| Failure::Retry {
+        parse_choices(&text, self.spec.api, choices).map_err(|message| Failure::Retry {
             message,
             after: None,
             throttle: false,
@@ -517,26 +611,32 @@ impl Retries {
             .then(|| after.unwrap_or_else(|| backoff(self.failures as i32)))
     }
 
-    /// The reply of a request stopped by `error` (a quota, a budget, a fatal answer).
-    fn stopped(&self, error: Option<String>) -> Reply {
-        Reply {
-            attempts: self.sent,
-            error,
-            ..Reply::default()
-        }
+    /// The replies (one per choice asked, the attempts on the first) of a request stopped
+    /// by `error` (a quota, a budget, a fatal answer).
+    fn stopped(&self, error: Option<String>, choices: usize) -> Vec<Reply> {
+        (0..choices)
+            .map(|i| Reply {
+                attempts: if i == 0 { self.sent } else { 0 },
+                error: error.clone(),
+                ..Reply::default()
+            })
+            .collect()
     }
 
-    /// The reply of a request that used up its retries, the last failure being `last`.
-    fn gave_up(&self, last: &str) -> Reply {
+    /// The replies of a request that used up its retries, the last failure being `last`.
+    fn gave_up(&self, last: &str, choices: usize) -> Vec<Reply> {
         let throttled = if self.failures < self.max_attempts {
             format!(", throttled for {} s", self.throttle_horizon.as_secs())
         } else {
             String::new()
         };
-        self.stopped(Some(format!(
-            "gave up after {} attempts{throttled}: {last}",
-            self.sent
-        )))
+        self.stopped(
+            Some(format!(
+                "gave up after {} attempts{throttled}: {last}",
+                self.sent
+            )),
+            choices,
+        )
     }
 }
 

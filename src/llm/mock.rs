@@ -39,7 +39,13 @@ impl Backend for Mock {
 /// shaped like what each task expects (the catalog's `mock`). It is for trying the pipeline,
 /// not for real data.
 pub fn mock_reply(req: &Request) -> Reply {
-    let digest = Sha256::digest(req.prompt.as_bytes());
+    let mut hasher = Sha256::new();
+    hasher.update(req.prompt.as_bytes());
+    // Samples of one prompt differ, as a server's do under their seeds.
+    if let Some(sample) = req.sample {
+        hasher.update(sample.to_le_bytes());
+    }
+    let digest = hasher.finalize();
     let h = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
     let tail = prompt_tail(&req.prompt);
     let prompt = MockPrompt {
@@ -47,7 +53,10 @@ pub fn mock_reply(req: &Request) -> Reply {
         tail,
         hash: h,
     };
-    let text = (req.mock.0)(prompt);
+    let text = match &req.schema {
+        Some(schema) => schema.example(h).to_string(),
+        None => (req.mock.0)(prompt),
+    };
     // Usage as a cl100k tokenizer counts it, so the mock's token figures read like a server's.
     let tokens = |s: &str| bpe_openai::cl100k_base().count(s) as i64;
     if req.top_logprobs.is_some() {

@@ -10,4 +10,5 @@ pub mod limits;
 pub mod mock;
 pub mod pool;
 pub mod reply;
+pub mod schema;
 pub mod wire;

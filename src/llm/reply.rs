@@ -1,8 +1,10 @@
 //! What a call is asked and what it gives back, and the counters of calls.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use crate::job::catalog::MockAnswer;
+use crate::llm::schema::JsonSchema;
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,6 +42,29 @@ pub struct Reply {
     pub cached_tokens: Option<i64>,
 }
 
+impl Reply {
+    /// This reply followed by `next`, asked because this one would not do (no digit among
+    /// the logprobs, a reply off the schema): `next`'s answer, with the attempts, tokens,
+    /// cost and time of both.
+    pub fn followed_by(self, next: Reply) -> Reply {
+        let sum = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        Reply {
+            attempts: self.attempts + next.attempts,
+            prompt_tokens: sum(self.prompt_tokens, next.prompt_tokens),
+            completion_tokens: sum(self.completion_tokens, next.completion_tokens),
+            reasoning_tokens: sum(self.reasoning_tokens, next.reasoning_tokens),
+            cached_tokens: sum(self.cached_tokens, next.cached_tokens),
+            cost_usd: self.cost_usd + next.cost_usd,
+            latency_ms: self.latency_ms + next.latency_ms,
+            cached: self.cached && next.cached,
+            ..next
+        }
+    }
+}
+
 /// One request, fully rendered.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -53,6 +78,36 @@ pub struct Request {
     pub max_tokens: u32,
     /// Ask for this many most likely first tokens with their log-probabilities.
     pub top_logprobs: Option<u32>,
+    /// The JSON Schema the reply must follow, sent as `response_format`.
+    pub schema: Option<Arc<JsonSchema>>,
+    /// Earlier replies that failed the schema, each with what was wrong, sent back as the
+    /// conversation so far.
+    pub turns: Vec<Turn>,
+    /// Which of several samples of one prompt this is: sent as the request's `seed` (added to
+    /// the job's own), so samples differ and each can be asked again alike.
+    pub sample: Option<u32>,
+    /// Choices asked of one request (the API's `n`); 1 for one.
+    pub choices: u32,
+}
+
+impl Request {
+    /// Sample `i` of this request, asked alone.
+    pub fn sample(&self, i: u32) -> Request {
+        Request {
+            sample: Some(i),
+            choices: 1,
+            ..self.clone()
+        }
+    }
+}
+
+/// A reply that failed the function's schema, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The reply's text.
+    pub reply: String,
+    /// The message sent back: what is wrong and what to do.
+    pub feedback: String,
 }
 
 /// Counters of one endpoint, for run summaries and tests.

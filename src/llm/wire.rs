@@ -50,14 +50,82 @@ pub(crate) fn snippet(text: &str) -> String {
     crate::escape::escape_control(&t.replace('\n', " ")).into_owned()
 }
 
-/// Parses an OpenAI-compatible chat or completions response body.
+/// Parses an OpenAI-compatible chat or completions response body (its first choice).
 pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
+    let mut choices = parse_choices(body, api, 1)?;
+    Ok(choices.swap_remove(0))
+}
+
+/// Parses the first `n` choices of a response body. The body's usage is shared out: prompt
+/// tokens (and cached ones) go to the first choice, completion tokens to each choice in
+/// proportion to its length, so per-choice figures add up to the server's.
+pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, String> {
     let v: Value =
         serde_json::from_str(body).map_err(|e| format!("malformed response body: {e}"))?;
-    let choice = v
+    let list = v
         .get("choices")
-        .and_then(|c| c.get(0))
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
         .ok_or_else(|| format!("response has no choices: {}", snippet(body)))?;
+    if list.len() < n {
+        return Err(format!(
+            "asked for {n} choices, the response has {}: {}",
+            list.len(),
+            snippet(body)
+        ));
+    }
+    let mut replies = list[..n]
+        .iter()
+        .map(|choice| parse_choice(choice, api, body))
+        .collect::<Result<Vec<Reply>, String>>()?;
+    let usage = v.get("usage");
+    let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
+    let detail = |at: &str| usage.and_then(|u| u.pointer(at)).and_then(Value::as_i64);
+    let first = &mut replies[0];
+    first.prompt_tokens = count("prompt_tokens");
+    first.cached_tokens = detail("/prompt_tokens_details/cached_tokens");
+    let completion = count("completion_tokens");
+    let reasoning = detail("/completion_tokens_details/reasoning_tokens");
+    if n == 1 {
+        replies[0].completion_tokens = completion;
+        replies[0].reasoning_tokens = reasoning;
+        return Ok(replies);
+    }
+    let lengths: Vec<usize> = replies
+        .iter()
+        .map(|r| {
+            r.text.as_ref().map_or(0, String::len) + r.reasoning.as_ref().map_or(0, String::len)
+        })
+        .collect();
+    let total_len = lengths.iter().sum::<usize>().max(1);
+    for (key, total) in [(0, completion), (1, reasoning)] {
+        let Some(total) = total else { continue };
+        let mut left = total;
+        for (i, reply) in replies.iter_mut().enumerate() {
+            let share = if i + 1 == n {
+                left
+            } else {
+                (total as f64 * lengths[i] as f64 / total_len as f64).round() as i64
+            }
+            .min(left);
+            left -= share;
+            if key == 0 {
+                reply.completion_tokens = Some(share);
+            } else {
+                reply.reasoning_tokens = Some(share);
+            }
+        }
+    }
+    let cached_reported = replies[0].cached_tokens.is_some();
+    for reply in &mut replies[1..] {
+        reply.prompt_tokens = Some(0);
+        reply.cached_tokens = cached_reported.then_some(0);
+    }
+    Ok(replies)
+}
+
+/// One choice of a response: its text, thinking, finish reason and first-token alternatives.
+fn parse_choice(choice: &Value, api: Api, body: &str) -> Result<Reply, String> {
     let content = match api {
         Api::Chat => choice.pointer("/message/content"),
         Api::Completions => choice.get("text"),
@@ -86,9 +154,6 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
     if finish_reason.as_deref() == Some("length") && reasoning.is_some() && text.trim().is_empty() {
         finish_reason = Some(LENGTH_IN_REASONING.to_string());
     }
-    let usage = v.get("usage");
-    let count = |name: &str| usage.and_then(|u| u.get(name)).and_then(Value::as_i64);
-    let detail = |at: &str| usage.and_then(|u| u.pointer(at)).and_then(Value::as_i64);
     // Chat: logprobs.content[0].top_logprobs = [{token, logprob}]; completions:
     // logprobs.top_logprobs[0] = {token: logprob}.
     let top: Option<Vec<(String, f64)>> = match api {
@@ -115,11 +180,7 @@ pub fn parse_completion(body: &str, api: Api) -> Result<Reply, String> {
         top_logprobs: top.map(|t| json!(t).to_string()),
         text: Some(text),
         finish_reason,
-        prompt_tokens: count("prompt_tokens"),
-        completion_tokens: count("completion_tokens"),
         reasoning,
-        reasoning_tokens: detail("/completion_tokens_details/reasoning_tokens"),
-        cached_tokens: detail("/prompt_tokens_details/cached_tokens"),
         ..Reply::default()
     })
 }
@@ -156,6 +217,10 @@ pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
                 messages.push(json!({"role": "system", "content": system}));
             }
             messages.push(json!({"role": "user", "content": req.prompt}));
+            for turn in &req.turns {
+                messages.push(json!({"role": "assistant", "content": turn.reply}));
+                messages.push(json!({"role": "user", "content": turn.feedback}));
+            }
             json!({"model": s.model, "messages": messages})
         }
         Api::Completions => json!({"model": s.model, "prompt": req.prompt}),
@@ -182,8 +247,18 @@ pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
             }
         }
     }
+    if let Some(schema) = &req.schema {
+        obj.insert("response_format".into(), schema.response_format());
+    }
+    if req.choices > 1 {
+        obj.insert("n".into(), json!(req.choices));
+    }
     for (k, v) in &s.extra {
         obj.insert(k.clone(), v.clone());
+    }
+    if let Some(sample) = req.sample {
+        let base = s.extra.get("seed").and_then(Value::as_u64).unwrap_or(0);
+        obj.insert("seed".into(), json!(base.wrapping_add(u64::from(sample))));
     }
     let path = match s.api {
         Api::Chat => "chat/completions",

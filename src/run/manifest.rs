@@ -77,6 +77,13 @@ pub fn fingerprint_stages(
                 format!("prompt of {}", f.name),
                 &(&f.template, &f.system, f.max_tokens),
             );
+            // Only when set, so the fingerprints of plain functions stay as they were.
+            if f.schema.is_some() || f.samples > 1 {
+                fp.add(
+                    format!("output of {}", f.name),
+                    &(f.schema.as_deref(), f.samples, f.schema_retries),
+                );
+            }
             if let Some(model) = job.models.get(&f.role) {
                 fp.add(format!("model of {}", f.name), &model_identity(model));
             }

@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
 
-use crate::engine::llm_function::llm_reply_type;
+use crate::engine::llm_function::call_structs;
 use crate::error::{Context, Error, Result};
 use crate::llm::reply::Usage;
 use crate::root::marker::StageStats;
@@ -28,19 +28,17 @@ use crate::storage::Location;
 /// from the journal or shared, failures and tokens paid for.
 fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
     use datafusion::arrow::array::{
-        Array, BooleanArray as B, Float64Array, Int32Array, Int64Array, StructArray,
+        Array, BooleanArray as B, Float64Array, Int32Array, Int64Array,
     };
-    let reply_type = llm_reply_type();
     let mut usage = Usage::default();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         // Calls carried over from an earlier stage were paid for there.
-        if column.data_type() != &reply_type || inherited.contains(field.name()) {
+        if inherited.contains(field.name()) {
             continue;
         }
-        let calls = column
-            .as_any()
-            .downcast_ref::<StructArray>()
-            .expect("a struct");
+        let Some((calls, rows)) = call_structs(column) else {
+            continue;
+        };
         let attempts: &Int32Array = reply_field(calls, "attempts");
         let cached: &B = reply_field(calls, "cached");
         let error = calls.column_by_name("error").expect("reply field");
@@ -49,7 +47,7 @@ fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
         let cost: &Float64Array = reply_field(calls, "cost_usd");
         let reasoning: &Int64Array = reply_field(calls, "reasoning_tokens");
         let cached_tokens: &Int64Array = reply_field(calls, "cached_tokens");
-        for i in 0..calls.len() {
+        for i in rows {
             if calls.is_null(i) {
                 continue;
             }

@@ -25,4 +25,5 @@ mod s3;
 mod schemas;
 mod seed;
 mod stats;
+mod structured;
 mod support;

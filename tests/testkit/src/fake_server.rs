@@ -98,6 +98,8 @@ pub enum Fault {
     Slow(Duration),
     /// HTTP 200 with a body that is not a completion.
     Malformed,
+    /// HTTP 200 with a chat completion whose content is this text.
+    Content(String),
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -276,7 +278,7 @@ async fn respond(state: Arc<FakeState>, body: Value) -> String {
         .entry(prompt.clone())
         .or_default() += 1;
     tokio::time::sleep(latency_for(&state, &prompt)).await;
-    let answer = answer_as(body["model"].as_str().unwrap_or_default(), &prompt);
+    let answer = answer_to(&body, &prompt, body["seed"].as_u64());
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     state.log.lock().unwrap().push(Exchange {
         prompt,
@@ -285,6 +287,62 @@ async fn respond(state: Arc<FakeState>, body: Value) -> String {
         finished: Instant::now(),
     });
     answer
+}
+
+/// The answer to a request `body` asking `prompt`: JSON following its `response_format`
+/// schema when it has one, else as [`answer_as`]; a `variant` (the request's seed, or a
+/// choice's index) gives another sample.
+pub fn answer_to(body: &Value, prompt: &str, variant: Option<u64>) -> String {
+    let asked = match variant {
+        Some(v) => format!("{prompt}\n(sample {v})"),
+        None => prompt.to_string(),
+    };
+    match body.pointer("/response_format/json_schema/schema") {
+        Some(schema) => json_following(schema, hash(&asked)).to_string(),
+        None => answer_as(body["model"].as_str().unwrap_or_default(), &asked),
+    }
+}
+
+/// A value following `schema` (objects, arrays, enums, bounded numbers), chosen by `h`.
+pub fn json_following(schema: &Value, h: u64) -> Value {
+    if let Some(options) = schema["enum"].as_array() {
+        return options[(h % options.len() as u64) as usize].clone();
+    }
+    let bound = |key: &str, default: i64| schema[key].as_i64().unwrap_or(default);
+    match schema["type"].as_str().unwrap_or("string") {
+        "object" => {
+            let mut out = serde_json::Map::new();
+            if let Some(props) = schema["properties"].as_object() {
+                for (i, (name, sub)) in props.iter().enumerate() {
+                    out.insert(name.clone(), json_following(sub, hash(&format!("{h}{i}"))));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => json!([json_following(&schema["items"], h), json_following(&schema["items"], h / 3)]),
+        "integer" => {
+            let (lo, hi) = (bound("minimum", 0), bound("maximum", 100));
+            json!(lo + (h % (hi - lo + 1).max(1) as u64) as i64)
+        }
+        "number" => json!((h % 1000) as f64 / 1000.0),
+        "boolean" => json!(h % 2 == 0),
+        _ => json!(format!("fake text {:04x}", h & 0xffff)),
+    }
+}
+
+/// What is wrong with a request's `response_format`, as a server would refuse it.
+fn response_format_problem(body: &Value) -> Option<&'static str> {
+    let format = body.get("response_format")?;
+    if format["type"] != "json_schema" {
+        return Some("response_format.type must be json_schema");
+    }
+    if !format["json_schema"]["name"].is_string() {
+        return Some("response_format.json_schema.name is required");
+    }
+    if !format["json_schema"]["schema"].is_object() {
+        return Some("response_format.json_schema.schema must be an object");
+    }
+    None
 }
 
 fn usage(prompt_len: usize, answer: &str) -> Value {
@@ -524,7 +582,13 @@ async fn answer_http(state: &Arc<FakeState>, http: &HttpRequest) -> Option<Strin
     }
     let (status, reply) = match request {
         Some(request) if http.path.ends_with("/chat/completions") => {
-            ("200 OK", chat(Arc::clone(state), request).await)
+            match response_format_problem(&request) {
+                Some(problem) => (
+                    "400 Bad Request",
+                    json!({"error": {"message": problem, "type": "invalid_request_error"}}),
+                ),
+                None => ("200 OK", chat(Arc::clone(state), request).await),
+            }
         }
         Some(request) if http.path.ends_with("/completions") => {
             ("200 OK", completions(Arc::clone(state), request).await)
@@ -614,6 +678,10 @@ async fn fault_response(
             http_response("200 OK", "", &body.to_string())
         }
         Fault::Malformed => http_response("200 OK", "", r#"{"choices": "not a list"#),
+        Fault::Content(text) => {
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            http_response("200 OK", "", &chat_json(prompt.len(), &text).to_string())
+        }
     })
 }
 
@@ -625,7 +693,23 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let wants_logprobs = body["logprobs"] == json!(true);
     let prompt = prompt_of(&body);
     let thinking = state.thinking.lock().unwrap().clone();
+    let choices = body["n"].as_u64().unwrap_or(1);
+    let asked = body.clone();
     let answer = respond(state, body).await;
+    if choices > 1 {
+        let answers: Vec<String> = std::iter::once(answer)
+            .chain((1..choices).map(|i| answer_to(&asked, &prompt, Some(i))))
+            .collect();
+        let mut reply = chat_json(len, &answers[0]);
+        reply["choices"] = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| json!({"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}))
+            .collect();
+        let completion: usize = answers.iter().map(|a| a.len() / 4).sum();
+        reply["usage"] = json!({"prompt_tokens": len / 4, "completion_tokens": completion, "total_tokens": len / 4 + completion});
+        return reply;
+    }
     if wants_logprobs {
         let top = first_token_alternatives(&prompt);
         let first = top[0].0.clone();
