@@ -31,34 +31,44 @@ pub async fn sql(root: &str, query: &str) -> Result<String> {
 /// The estimate as a table, with a total row.
 pub fn render_estimate(stages: &[StageEstimate]) -> String {
     let mut out = format!(
-        "{:<16} {:>10} {:>10} {:>14} {:>18} {:>18} {:>10}\n",
-        "stage", "rows", "requests", "prompt tokens", "completion tokens", "(at most)", "cost $"
+        "{:<16} {:>10} {:>10} {:>14} {:>18} {:>12} {:>18} {:>10}\n",
+        "stage",
+        "rows",
+        "requests",
+        "prompt tokens",
+        "completion tokens",
+        "(thinking)",
+        "(at most)",
+        "cost $"
     );
     let mut total = StageEstimate::default();
     for s in stages {
         out.push_str(&format!(
-            "{:<16} {:>10.0} {:>10.0} {:>14.0} {:>18.0} {:>18.0} {:>10.2}\n",
+            "{:<16} {:>10.0} {:>10.0} {:>14.0} {:>18.0} {:>12.0} {:>18.0} {:>10.2}\n",
             s.stage,
             s.rows,
             s.requests,
             s.prompt_tokens,
             s.completion_tokens,
+            s.reasoning_tokens,
             s.completion_tokens_max,
             s.cost_usd
         ));
         total.requests += s.requests;
         total.prompt_tokens += s.prompt_tokens;
         total.completion_tokens += s.completion_tokens;
+        total.reasoning_tokens += s.reasoning_tokens;
         total.completion_tokens_max += s.completion_tokens_max;
         total.cost_usd += s.cost_usd;
     }
     out.push_str(&format!(
-        "{:<16} {:>10} {:>10.0} {:>14.0} {:>18.0} {:>18.0} {:>10.2}\n",
+        "{:<16} {:>10} {:>10.0} {:>14.0} {:>18.0} {:>12.0} {:>18.0} {:>10.2}\n",
         "total",
         "",
         total.requests,
         total.prompt_tokens,
         total.completion_tokens,
+        total.reasoning_tokens,
         total.completion_tokens_max,
         total.cost_usd
     ));

@@ -131,8 +131,10 @@ pub struct MockPrompt<'a> {
     pub prompt: &'a str,
     /// The prompt's last labelled block, or the whole prompt.
     pub tail: &'a str,
-    /// A hash of the prompt.
+    /// A hash of the prompt (and of the sample).
     pub hash: u64,
+    /// Which sample of the prompt is asked (0 for the first, or the only one).
+    pub sample: u32,
 }
 
 /// A built-in LLM function.
@@ -245,7 +247,15 @@ const FUNCTIONS: &[BuiltinFunction] = &[
         max_tokens: 2048,
         expected_output: ExpectedOutput::TimesText(0.94),
         scores: false,
-        mock: MockAnswer(|p| format!("[RES]\n{}\n[/RES]", p.tail.trim())),
+        // Later samples of one prompt drop more of the draft's end, so they differ.
+        mock: MockAnswer(|p| {
+            if p.sample == 0 {
+                return format!("[RES]\n{}\n[/RES]", p.tail.trim());
+            }
+            let words: Vec<&str> = p.tail.split_whitespace().collect();
+            let keep = words.len() - words.len() * (p.sample as usize % 8) / 8;
+            format!("[RES]\n{}\n[/RES]", words[..keep].join(" "))
+        }),
     },
     BuiltinFunction {
         name: "answer",

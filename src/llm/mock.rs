@@ -52,6 +52,7 @@ pub fn mock_reply(req: &Request) -> Reply {
         prompt: &req.prompt,
         tail,
         hash: h,
+        sample: req.sample.unwrap_or(0),
     };
     let text = match &req.schema {
         Some(schema) => schema.example(h).to_string(),

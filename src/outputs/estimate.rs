@@ -7,6 +7,11 @@
 //! judgement length `estimate_judgement_tokens` (120), the share `curated` keeps
 //! `estimate_keep_rate` (0.136 at threshold 5, BaF; 0.388 at 4, Humpback), rewrites 0.94 and
 //! distilled answers 1.14 times the web text's length (BaF: 468 and 567 vs 499 tokens).
+//! A role that thinks (`thinking = true`, or a `reasoning_effort` other than `none`) spends
+//! `estimate_reasoning_tokens` per call before its answer (default 1,000: no paper gives a
+//! figure; a pilot run's `stats` funnel shows the real one), within the call's `max_tokens`.
+//! A function with `n` samples pays its completions `n` times, and its prompts once per
+//! request; a stage that unnests them has a row per sample.
 
 use std::collections::BTreeMap;
 
@@ -38,8 +43,10 @@ pub struct StageEstimate {
     pub requests: f64,
     /// Prompt tokens: templates rendered and counted on a sample.
     pub prompt_tokens: f64,
-    /// Completion tokens expected.
+    /// Completion tokens expected, thinking included.
     pub completion_tokens: f64,
+    /// Of the completion tokens, those spent thinking.
+    pub reasoning_tokens: f64,
     /// Completion tokens at most (every reply at `max_tokens`).
     pub completion_tokens_max: f64,
     /// Cost at the models' prices, in US dollars (expected completion lengths).
@@ -110,6 +117,7 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
     let stats = read_stage_stats(&root, first).await?;
     rows.insert(first.clone(), stats.map_or(0.0, |s| s.rows_out as f64));
     let mut out = Vec::new();
+    let mut samples_of: BTreeMap<String, f64> = BTreeMap::new();
     for stage in job
         .stages
         .iter()
@@ -124,7 +132,16 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
                 .last()
                 .map(|s| s.name.clone())
         });
-        let rows_in = upstream.and_then(|u| rows.get(&u).copied()).unwrap_or(0.0);
+        let mut rows_in = upstream
+            .as_ref()
+            .and_then(|u| rows.get(u).copied())
+            .unwrap_or(0.0);
+        // A stage unnesting the samples of the one it reads has a row per sample.
+        if sql.contains("unnest(")
+            && let Some(k) = upstream.as_ref().and_then(|u| samples_of.get(u))
+        {
+            rows_in *= k;
+        }
         // Only the score threshold's keep rate is known (from the paper); other filters are
         // taken to keep everything, so the estimate errs high.
         let rows_out = if stage.name == "curated" {
@@ -138,6 +155,11 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
             rows: rows_in,
             ..StageEstimate::default()
         };
+        if let Some(k) = job.functions_in(&sql).iter().map(|f| f.samples).max()
+            && k > 1
+        {
+            samples_of.insert(stage.name.clone(), f64::from(k));
+        }
         for f in job.functions_in(&sql) {
             let prompt = mean_prompt_tokens(f, &texts, &instruction, &tokens)?;
             let expected_out = match f.expected_output {
@@ -149,13 +171,24 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
             }
             .min(f.max_tokens as f64);
             let model = &job.models[&f.role];
-            est.requests += rows_in;
-            est.prompt_tokens += rows_in * prompt;
-            est.completion_tokens += rows_in * expected_out;
-            est.completion_tokens_max += rows_in * f.max_tokens as f64;
+            let thinking = if thinks(model) {
+                param(job, "estimate_reasoning_tokens", 1000.0)
+                    .min(f.max_tokens as f64 - expected_out)
+                    .max(0.0)
+            } else {
+                0.0
+            };
+            let samples = f64::from(f.samples.max(1));
+            let requests = if model.supports_n { 1.0 } else { samples };
+            let completion = samples * (expected_out + thinking);
+            est.requests += rows_in * requests;
+            est.prompt_tokens += rows_in * requests * prompt;
+            est.completion_tokens += rows_in * completion;
+            est.reasoning_tokens += rows_in * samples * thinking;
+            est.completion_tokens_max += rows_in * samples * f.max_tokens as f64;
             est.cost_usd += rows_in
-                * (prompt * model.price_input_per_mtok
-                    + expected_out * model.price_output_per_mtok)
+                * (requests * prompt * model.price_input_per_mtok
+                    + completion * model.price_output_per_mtok)
                 / 1e6;
         }
         if est.requests > 0.0 {
@@ -163,6 +196,17 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
         }
     }
     Ok(out)
+}
+
+/// Whether calls to `model` think before answering, by what the job asks of it.
+fn thinks(model: &crate::job::ModelSpec) -> bool {
+    let effort = model.extra.get("reasoning_effort").and_then(|v| v.as_str());
+    let enabled = model
+        .extra
+        .get("chat_template_kwargs")
+        .and_then(|k| k.get("enable_thinking"))
+        .and_then(|v| v.as_bool());
+    enabled == Some(true) || effort.is_some_and(|e| e != "none")
 }
 
 async fn sample_texts(

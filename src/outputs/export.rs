@@ -40,6 +40,9 @@ pub enum Format {
     Alpaca,
     /// Parquet with `id` and a `messages` list of (role, content) structs.
     Parquet,
+    /// Preference pairs for DPO (TRL's conversational layout): `prompt`, `chosen` and
+    /// `rejected` message lists per line, with `score_chosen` and `score_rejected`.
+    Preference,
 }
 
 impl Format {
@@ -138,6 +141,9 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
             stages.join(", ")
         );
     }
+    if opts.format == Format::Preference {
+        return export_preferences(opts, &ctx).await;
+    }
     let mut synthetic = read_pairs(&ctx, &opts.table).await?;
     let available = synthetic.len() as u64;
     if let Some(size) = opts.size {
@@ -231,10 +237,153 @@ async fn read_seed(dir: &str) -> Result<Vec<Pair>> {
     read_pairs(&ctx, "seed").await
 }
 
+/// One preference: a prompt, the answer preferred and the one rejected, with their scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preference {
+    /// The pair's id.
+    pub id: String,
+    /// The prompt with its tag, as an instruction-tuning pair's.
+    pub prompt: Pair,
+    /// The preferred answer.
+    pub chosen: String,
+    /// The rejected answer.
+    pub rejected: String,
+    /// The chosen answer's score.
+    pub chosen_score: Option<f64>,
+    /// The rejected answer's score.
+    pub rejected_score: Option<f64>,
+}
+
+/// The columns a preference table needs, beside `id`.
+const PREFERENCE_COLUMNS: [&str; 5] = [
+    "instruction",
+    "chosen",
+    "rejected",
+    "chosen_score",
+    "rejected_score",
+];
+
+/// `export --format preference`: the table's preferences as JSON lines, sampled as pairs are.
+async fn export_preferences(
+    opts: &ExportOptions,
+    ctx: &datafusion::prelude::SessionContext,
+) -> Result<ExportCounts> {
+    if opts.seed.is_some() {
+        return job_error!(
+            "--seed mixes in instruction-tuning pairs, which have no rejected answer: leave it out with --format preference"
+        );
+    }
+    let schema = ctx.table(&opts.table).await?.schema().clone();
+    let missing: Vec<&str> = PREFERENCE_COLUMNS
+        .iter()
+        .copied()
+        .filter(|c| !schema.has_column_with_unqualified_name(c))
+        .collect();
+    if !missing.is_empty() {
+        return job_error!(
+            "table '{}' lacks {} for --format preference: it needs {} (see examples/preference.toml)",
+            opts.table,
+            missing.join(", "),
+            PREFERENCE_COLUMNS.join(", ")
+        );
+    }
+    let sql = format!(
+        "SELECT id, instruction, chosen, rejected, chosen_score, rejected_score FROM {} \
+         WHERE instruction IS NOT NULL AND chosen IS NOT NULL AND rejected IS NOT NULL \
+         ORDER BY id",
+        opts.table
+    );
+    let mut stream = ctx.sql(&sql).await?.execute_stream().await?;
+    let mut preferences = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let as_type = |i: usize, t: &DataType| cast(batch.column(i), t);
+        let texts = (0..4)
+            .map(|i| as_type(i, &DataType::Utf8))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let scores = (4..6)
+            .map(|i| as_type(i, &DataType::Float64))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let text = |i: usize| texts[i].as_string::<i32>();
+        let score =
+            |i: usize| scores[i - 4].as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        for row in 0..batch.num_rows() {
+            let id = text(0).value(row).to_string();
+            let number = |i: usize| (!score(i).is_null(row)).then(|| score(i).value(row));
+            preferences.push(Preference {
+                prompt: Pair {
+                    id: id.clone(),
+                    instruction: text(1).value(row).to_string(),
+                    response: String::new(),
+                    tag: Some(opts.tag_text.clone()),
+                },
+                id,
+                chosen: text(2).value(row).to_string(),
+                rejected: text(3).value(row).to_string(),
+                chosen_score: number(4),
+                rejected_score: number(5),
+            });
+        }
+    }
+    let available = preferences.len() as u64;
+    if let Some(size) = opts.size {
+        if size > preferences.len() {
+            return job_error!(
+                "--size {size}: '{}' holds only {available} preferences; ask for at most that many",
+                opts.table
+            );
+        }
+        preferences.sort_by_cached_key(|p| sample_key(opts.sample_seed, "web", &p.id));
+        preferences.truncate(size);
+    }
+    let counts = ExportCounts {
+        available,
+        synthetic: preferences.len() as u64,
+        seed: 0,
+    };
+    if opts.card {
+        check_card_place(opts).await?;
+    }
+    let mut out = Vec::new();
+    for preference in &preferences {
+        serde_json::to_writer(&mut out, &render_preference(preference, opts.tag))
+            .map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+        out.push(b'\n');
+    }
+    write_file(&opts.output, out).await?;
+    if opts.card {
+        write_card(opts, &counts).await?;
+    }
+    Ok(counts)
+}
+
+/// The JSON object one preference becomes: TRL's conversational DPO layout (a `prompt` of
+/// user and system messages, `chosen` and `rejected` as one assistant message each).
+pub fn render_preference(preference: &Preference, mode: TagMode) -> Value {
+    let mut prompt = Vec::new();
+    if let Some(s) = system(&preference.prompt, mode) {
+        prompt.push(json!({"role": "system", "content": s}));
+    }
+    prompt.push(json!({"role": "user", "content": tagged_instruction(&preference.prompt, mode)}));
+    json!({
+        "id": preference.id,
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": preference.chosen}],
+        "rejected": [{"role": "assistant", "content": preference.rejected}],
+        "score_chosen": preference.chosen_score,
+        "score_rejected": preference.rejected_score,
+    })
+}
+
 /// The pairs in `format`: JSON lines, or Parquet with a `messages` column.
 pub fn encode(pairs: &[Pair], format: Format, tag: TagMode) -> Result<Vec<u8>> {
     if format == Format::Parquet {
         return parquet_bytes(pairs, tag);
+    }
+    if format == Format::Preference {
+        return job_error!(
+            "--format preference writes preference pairs (`export --table preference`), not instruction-tuning pairs"
+        );
     }
     let mut out = Vec::new();
     for pair in pairs {
@@ -282,7 +431,8 @@ fn system(pair: &Pair, mode: TagMode) -> Option<&str> {
 pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
     let instruction = tagged_instruction(pair, mode);
     match format {
-        Format::OpenaiChat | Format::Parquet => {
+        // A pair has no rejected answer: as a preference file's prompt it is a chat.
+        Format::OpenaiChat | Format::Parquet | Format::Preference => {
             let mut messages = Vec::new();
             if let Some(s) = system(pair, mode) {
                 messages.push(json!({"role": "system", "content": s}));
@@ -460,10 +610,15 @@ pub fn dataset_card(
         .rsplit('/')
         .next()
         .unwrap_or_default();
+    let what = if opts.format == Format::Preference {
+        "Preference pairs (a prompt, the answer chosen and the one rejected, with their scores)"
+    } else {
+        "Instruction-tuning pairs"
+    };
     let _ = writeln!(
         card,
-        "Instruction-tuning pairs made by backforth (instruction back-and-forth translation) \
-         from the run `{}`, table `{}`.\n",
+        "{what} made by backforth (instruction back-and-forth translation) from the run `{}`, \
+         table `{}`.\n",
         markdown_text(run),
         markdown_text(&opts.table)
     );

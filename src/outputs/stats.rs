@@ -55,6 +55,10 @@ const BUILTIN: &[(&str, &str)] = &[
         "70_dropped.sql",
         include_str!("../../sql/analytics/70_dropped.sql"),
     ),
+    (
+        "80_preference_gap.sql",
+        include_str!("../../sql/analytics/80_preference_gap.sql"),
+    ),
 ];
 
 /// A set of pairs the lengths and diversity queries compare: a table and the SQL of its

@@ -232,3 +232,122 @@ async fn bft_ablations_rewrite_everything_or_only_filter() {
         *text
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
+    let server = FakeServer::start(Duration::from_millis(1));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    run("examples/preference.toml", &server, &root);
+    let ctx = session(&root).await;
+    for stage in ["curated", "sampled", "ranked", "preference"] {
+        drops(&root, stage).await;
+    }
+    let curated = count(&ctx, "SELECT count(*) FROM curated").await;
+    assert!(curated >= 5, "{curated} curated pairs");
+    // Four rewrites per pair in one request each (the fake answers `n`).
+    assert_eq!(
+        count(
+            &ctx,
+            "SELECT count(*) FROM sampled WHERE cardinality(rewrites) = 4"
+        )
+        .await,
+        curated
+    );
+    assert_eq!(
+        marker(&root, "sampled")["llm"]["requests"]
+            .as_u64()
+            .unwrap() as i64,
+        curated
+    );
+    let preferences = count(&ctx, "SELECT count(*) FROM preference").await;
+    assert!(preferences > 0);
+    // `estimate` knows a pair becomes four judged rows, asked in one request.
+    let estimated = backforth_ok(&[
+        "estimate",
+        "examples/preference.toml",
+        "--output",
+        root.to_str().unwrap(),
+        "--json",
+    ]);
+    let estimated: serde_json::Value = serde_json::from_slice(&estimated.stdout).unwrap();
+    let requests = |stage: &str| {
+        estimated
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()["requests"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!((requests("ranked") - 4.0 * requests("sampled")).abs() < 1e-9);
+    let output = dir.path().join("dpo.jsonl");
+    backforth_ok(&[
+        "export",
+        "--root",
+        root.to_str().unwrap(),
+        "--table",
+        "preference",
+        "--format",
+        "preference",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    // Every line against the judged samples of its pair: chosen is a best-scored sample,
+    // rejected a worst-scored one, and the gap is at least the stage's `min_gap`.
+    let samples = rows(
+        &ctx,
+        "SELECT pair_id, instruction, response, score FROM ranked ORDER BY pair_id, sample",
+    )
+    .await;
+    let text = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as i64, preferences);
+    for line in &lines {
+        let id = line["id"].as_str().unwrap();
+        let judged: Vec<&Vec<String>> = samples.iter().filter(|s| s[0] == id).collect();
+        assert!(judged.len() >= 2, "{id}: {judged:?}");
+        let score_of = |s: &Vec<String>| s[3].parse::<f64>().unwrap();
+        let best = judged.iter().map(|s| score_of(s)).fold(f64::MIN, f64::max);
+        let worst = judged.iter().map(|s| score_of(s)).fold(f64::MAX, f64::min);
+        assert_eq!(line["score_chosen"].as_f64().unwrap(), best, "{line}");
+        assert_eq!(line["score_rejected"].as_f64().unwrap(), worst, "{line}");
+        assert!(best - worst >= 1.0, "{line}");
+        let chosen = line["chosen"][0]["content"].as_str().unwrap();
+        let rejected = line["rejected"][0]["content"].as_str().unwrap();
+        assert!(
+            judged.iter().any(|s| s[2] == chosen && score_of(s) == best),
+            "{line}"
+        );
+        assert!(
+            judged
+                .iter()
+                .any(|s| s[2] == rejected && score_of(s) == worst),
+            "{line}"
+        );
+        assert_eq!(
+            line["prompt"],
+            serde_json::json!([{"role": "user", "content": judged[0][1]}])
+        );
+        assert_eq!(line["chosen"][0]["role"], "assistant");
+        assert_eq!(line["rejected"].as_array().unwrap().len(), 1);
+    }
+    // The stats table of gaps counts the same pairs.
+    let out = backforth_ok(&["stats", root.to_str().unwrap(), "--format", "json"]);
+    let tables: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let gaps = tables
+        .iter()
+        .find(|t| t["title"].as_str().unwrap().starts_with("Preference pairs"))
+        .unwrap();
+    let counted: i64 = gaps["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[1].as_str().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counted, preferences, "{gaps}");
+}

@@ -235,3 +235,38 @@ fn cached_prompt_tokens_are_priced_at_the_cached_rate() {
         "{cost} != {expected}: {call:?}"
     );
 }
+
+#[test]
+fn estimate_counts_the_thinking_of_a_role_that_thinks() {
+    let server = server(None);
+    let estimate = |keys: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let job = backtranslate_job(dir.path(), &server, keys);
+        let out = backforth_ok(&["estimate", &job, "--json"]);
+        let stages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stage = &stages[0];
+        assert_eq!(stage["stage"], "backtranslated");
+        (
+            stage["completion_tokens"].as_f64().unwrap(),
+            stage["reasoning_tokens"].as_f64().unwrap(),
+        )
+    };
+    // One candidate; an instruction is 69 tokens (BaF).
+    assert_eq!(estimate("thinking = false"), (69.0, 0.0));
+    assert_eq!(
+        estimate("thinking = true\nmax_tokens = 4000"),
+        (1069.0, 1000.0)
+    );
+    assert_eq!(
+        estimate(
+            "reasoning_effort = \"low\"\nmax_tokens = 4000\n[params]\nestimate_reasoning_tokens = 300"
+        ),
+        (369.0, 300.0)
+    );
+    // Thinking fits in what is left of max_tokens after the answer.
+    assert_eq!(
+        estimate("thinking = true\nmax_tokens = 500"),
+        (500.0, 431.0)
+    );
+    assert_eq!(server.requests(), 0, "estimate sends nothing");
+}
