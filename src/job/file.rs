@@ -167,6 +167,10 @@ pub struct ModelConfig {
     /// Thinking on or off for a model whose chat template reads `enable_thinking` (Qwen3 and
     /// kin on vLLM or SGLang): sent in `chat_template_kwargs`.
     pub thinking: Option<bool>,
+    /// Most tokens a call may spend thinking before it must answer: sent as vLLM's
+    /// `thinking_token_budget` and as `chat_template_kwargs.thinking_budget` (SGLang, and
+    /// Qwen3's template).
+    pub thinking_budget: Option<u32>,
     /// Requests per minute allowed to the endpoint.
     pub requests_per_minute: Option<f64>,
     /// Prompt tokens per minute allowed to the endpoint (estimated before sending, corrected

@@ -428,6 +428,32 @@ fn add_reasoning_fields(
         }
         kwargs.insert("enable_thinking".into(), thinking.into());
     }
+    if let Some(budget) = cfg.thinking_budget {
+        let max_tokens = cfg.max_tokens.unwrap_or(u32::MAX);
+        if budget == 0 || budget >= max_tokens {
+            return job_error!(
+                "[models.{role}] thinking_budget = {budget}: give a positive number below max_tokens ({max_tokens}), leaving room for the answer"
+            );
+        }
+        if cfg.thinking == Some(false) {
+            return job_error!(
+                "[models.{role}] sets thinking_budget with thinking = false; keep one"
+            );
+        }
+        if extra.contains_key("thinking_token_budget") {
+            return job_error!(
+                "[models.{role}] sets thinking_budget both as a key and in extra; keep one"
+            );
+        }
+        extra.insert("thinking_token_budget".into(), budget.into());
+        let kwargs = extra
+            .entry("chat_template_kwargs")
+            .or_insert_with(|| serde_json::json!({}));
+        let Some(kwargs) = kwargs.as_object_mut() else {
+            return job_error!("[models.{role}] extra.chat_template_kwargs must be a table");
+        };
+        kwargs.insert("thinking_budget".into(), budget.into());
+    }
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 //! distilled answers 1.14 times the web text's length (BaF: 468 and 567 vs 499 tokens).
 //! A role that thinks (`thinking = true`, or a `reasoning_effort` other than `none`) spends
 //! `estimate_reasoning_tokens` per call before its answer (default 1,000: no paper gives a
-//! figure; a pilot run's `stats` funnel shows the real one), within the call's `max_tokens`.
+//! figure; a pilot run's `stats` funnel shows the real one), within its `thinking_budget` and
+//! the call's `max_tokens`.
 //! A function with `n` samples pays its completions `n` times, and its prompts once per
 //! request; a stage that unnests them has a row per sample.
 
@@ -171,8 +172,14 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
             }
             .min(f.max_tokens as f64);
             let model = &job.models[&f.role];
+            let budget = model
+                .extra
+                .get("thinking_token_budget")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::MAX);
             let thinking = if thinks(model) {
                 param(job, "estimate_reasoning_tokens", 1000.0)
+                    .min(budget)
                     .min(f.max_tokens as f64 - expected_out)
                     .max(0.0)
             } else {

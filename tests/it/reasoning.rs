@@ -59,8 +59,8 @@ fn a_score_in_the_thinking_never_counts() {
     let (b, s) = (server(None), server(None));
     let expected = query(&run(plain.path(), &b, &s), SCORES);
     assert!(
-        expected.iter().any(|r| r[2] != "1" && r[2] != "NULL"),
-        "the plain run must give scores other than 1: {expected:?}"
+        expected.iter().any(|r| r[2] == "5"),
+        "the plain run must give answers saying `Score: 5`: {expected:?}"
     );
     for thinking in [
         Thinking::InContent(DISTRACTION.into()),
@@ -173,7 +173,8 @@ fn reasoning_effort_and_thinking_reach_the_request() {
         &backtranslate_job(
             dir.path(),
             &server,
-            "reasoning_effort = \"high\"\nthinking = false\nextra = { chat_template_kwargs = { custom = 1 } }",
+            "reasoning_effort = \"high\"\nthinking = true\nthinking_budget = 100\nmax_tokens = 300\n\
+             extra = { chat_template_kwargs = { custom = 1 } }",
         ),
     ]);
     let bodies = server.state.bodies.lock().unwrap();
@@ -183,8 +184,9 @@ fn reasoning_effort_and_thinking_reach_the_request() {
     assert!(bodies[0]["max_completion_tokens"].as_u64().unwrap() > 0);
     assert_eq!(
         bodies[0]["chat_template_kwargs"],
-        serde_json::json!({"custom": 1, "enable_thinking": false})
+        serde_json::json!({"custom": 1, "enable_thinking": true, "thinking_budget": 100})
     );
+    assert_eq!(bodies[0]["thinking_token_budget"], 100);
 }
 
 #[test]
@@ -197,6 +199,20 @@ fn an_unknown_reasoning_effort_is_refused_by_name() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("[models.backward] reasoning_effort = \"extreme\" is not one of none, minimal, low, medium, high"),
+        "{stderr}"
+    );
+    let job = backtranslate_job(
+        dir.path(),
+        &server,
+        "max_tokens = 256\nthinking_budget = 256",
+    );
+    let out = crate::support::util::backforth(&["run", &job]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "[models.backward] thinking_budget = 256: give a positive number below max_tokens (256)"
+        ),
         "{stderr}"
     );
     assert_eq!(
@@ -262,6 +278,10 @@ fn estimate_counts_the_thinking_of_a_role_that_thinks() {
             "reasoning_effort = \"low\"\nmax_tokens = 4000\n[params]\nestimate_reasoning_tokens = 300"
         ),
         (369.0, 300.0)
+    );
+    assert_eq!(
+        estimate("thinking = true\nthinking_budget = 600\nmax_tokens = 4000"),
+        (669.0, 600.0)
     );
     // Thinking fits in what is left of max_tokens after the answer.
     assert_eq!(
