@@ -9,12 +9,14 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListArray, NullArray, StringBuilder,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, ListArray, NullArray, StringBuilder,
     StructArray,
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use serde_json::{Map, Value, json};
+
+use crate::prepare::ingest::json_kind;
 
 /// Keywords checked against each reply.
 const CHECKED: &[&str] = &[
@@ -391,14 +393,7 @@ fn limit(
 fn brief(value: &Value) -> String {
     let text = value.to_string();
     let cut: String = text.chars().take(60).collect();
-    let kind = match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
+    let kind = json_kind(value);
     if cut.len() < text.len() {
         format!("{kind} ({cut}…)")
     } else {
@@ -450,27 +445,24 @@ pub fn json_array(data_type: &DataType, values: &[Option<&Value>]) -> ArrayRef {
         v.filter(|v| !v.is_null())
     }
     match data_type {
-        DataType::Int64 => {
-            let mut b = Int64Builder::with_capacity(values.len());
+        DataType::Int64 => Arc::new(
             values
                 .iter()
-                .for_each(|v| b.append_option(present(v).and_then(Value::as_i64)));
-            Arc::new(b.finish())
-        }
-        DataType::Float64 => {
-            let mut b = Float64Builder::with_capacity(values.len());
+                .map(|v| present(v).and_then(Value::as_i64))
+                .collect::<Int64Array>(),
+        ),
+        DataType::Float64 => Arc::new(
             values
                 .iter()
-                .for_each(|v| b.append_option(present(v).and_then(Value::as_f64)));
-            Arc::new(b.finish())
-        }
-        DataType::Boolean => {
-            let mut b = BooleanBuilder::with_capacity(values.len());
+                .map(|v| present(v).and_then(Value::as_f64))
+                .collect::<Float64Array>(),
+        ),
+        DataType::Boolean => Arc::new(
             values
                 .iter()
-                .for_each(|v| b.append_option(present(v).and_then(Value::as_bool)));
-            Arc::new(b.finish())
-        }
+                .map(|v| present(v).and_then(Value::as_bool))
+                .collect::<BooleanArray>(),
+        ),
         DataType::Struct(fields) => {
             let objects: Vec<Option<&Map<String, Value>>> = values
                 .iter()

@@ -456,7 +456,8 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Doc<'_>>, LineProblem> {
     }))
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// The kind of a JSON value, as messages name it (`a string`, `an object`, ...).
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

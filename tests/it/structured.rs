@@ -417,3 +417,108 @@ fn without_n_each_sample_is_its_own_seeded_request() {
     );
     assert_eq!(usage[0][0], "15");
 }
+
+mod schema {
+    use backforth::llm::schema::JsonSchema;
+    use datafusion::arrow::datatypes::DataType;
+    use serde_json::json;
+
+    fn schema(value: serde_json::Value) -> JsonSchema {
+        JsonSchema::new("f", value).unwrap()
+    }
+
+    #[test]
+    fn replies_are_checked_against_each_keyword_with_the_place_named() {
+        let s = schema(json!({
+            "type": "object", "required": ["name", "tags"], "additionalProperties": false,
+            "properties": {
+                "name": {"type": "string", "minLength": 2, "maxLength": 5},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+                "weight": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                "either": {"anyOf": [{"type": "integer"}, {"type": "string", "const": "none"}]},
+            }
+        }));
+        assert!(
+            s.check(r#"{"name": "ab", "tags": ["a"], "weight": null, "either": 3}"#)
+                .is_ok()
+        );
+        assert!(
+            s.check("```json\n{\"name\": \"ab\", \"tags\": []}\n```")
+                .is_ok()
+        );
+        for (reply, says) in [
+            ("{\"name\": \"ab\"", "not valid JSON"),
+            (r#"{"tags": []}"#, "/name is required but missing"),
+            (
+                r#"{"name": "a", "tags": []}"#,
+                "/name must have at least 2 characters, not 1",
+            ),
+            (
+                r#"{"name": "abcdef", "tags": []}"#,
+                "/name must have at most 5 characters",
+            ),
+            (
+                r#"{"name": "ab", "tags": ["c"]}"#,
+                "/tags/0 must be one of [\"a\",\"b\"]",
+            ),
+            (
+                r#"{"name": "ab", "tags": ["a", "a", "b"]}"#,
+                "/tags must have at most 2 items",
+            ),
+            (
+                r#"{"name": "ab", "tags": [], "weight": 0}"#,
+                "/weight must be above 0",
+            ),
+            (
+                r#"{"name": "ab", "tags": [], "either": "x"}"#,
+                "/either matches none",
+            ),
+            (
+                r#"{"name": "ab", "tags": [], "extra": 1}"#,
+                "/extra is not a property",
+            ),
+            (r#"[1]"#, "the reply must be object, not an array"),
+        ] {
+            let error = s.check(reply).unwrap_err();
+            assert!(error.contains(says), "{reply}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_schema_maps_to_arrow_types_and_says_when_it_is_strict() {
+        let s = schema(json!({
+            "type": "object", "required": ["n", "x", "list", "inner", "free", "mixed"],
+            "additionalProperties": false,
+            "properties": {
+                "n": {"type": "integer"}, "x": {"type": ["number", "null"]},
+                "list": {"type": "array", "items": {"type": "boolean"}},
+                "inner": {"type": "object", "properties": {"a": {"type": "string"}},
+                          "required": ["a"], "additionalProperties": false},
+                "free": {"type": "object"},
+                "mixed": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+            }
+        }));
+        let DataType::Struct(fields) = s.arrow_type() else {
+            panic!("{:?}", s.arrow_type())
+        };
+        let types: Vec<(String, String)> = fields
+            .iter()
+            .map(|f| (f.name().clone(), format!("{}", f.data_type())))
+            .collect();
+        assert_eq!(types[0], ("free".into(), "Utf8".into()));
+        assert!(types[1].1.starts_with("Struct"), "{types:?}");
+        assert!(types[2].1.starts_with("List(Boolean"), "{types:?}");
+        assert_eq!(types[3], ("mixed".into(), "Utf8".into()));
+        assert_eq!(types[4], ("n".into(), "Int64".into()));
+        assert_eq!(types[5], ("x".into(), "Float64".into()));
+        assert_eq!(s.response_format()["json_schema"]["strict"], true);
+        let loose = schema(json!({"type": "object", "properties": {"a": {"type": "string"}}}));
+        assert_eq!(loose.response_format()["json_schema"]["strict"], false);
+        for bad in [
+            json!({"type": "array"}),
+            json!({"type": "object", "properties": {"a": {"oneOf": []}}}),
+        ] {
+            assert!(JsonSchema::new("f", bad).is_err());
+        }
+    }
+}
