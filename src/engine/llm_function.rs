@@ -23,10 +23,10 @@ use futures::future::join_all;
 use crate::engine::args::string_columns;
 use crate::error::Error;
 use crate::job::FunctionSpec;
+use crate::job::schema::json_array;
 use crate::llm::client::ModelClient;
 use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request, Turn};
-use crate::llm::schema::json_array;
 use crate::parse::logprob_score;
 
 /// The calls of a column an LLM function made: the column itself when it is a call struct

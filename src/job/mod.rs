@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod file;
+pub mod schema;
 pub mod spec;
 pub mod template;
 
@@ -23,9 +24,9 @@ use crate::job::file::{
     ExecutionConfig, FunctionConfig, JobFile, ModelConfig, PrepareConfig, StageConfig,
     read_job_table,
 };
+use crate::job::schema::JsonSchema;
 use crate::job::template::{called_functions, render_sql};
 use crate::job_error;
-use crate::llm::schema::JsonSchema;
 use crate::prepare::ingest::{MAX_LINE_BYTES, MAX_ROW_GROUP_BYTES, ReadRules};
 use crate::prepare::segment::CandidateMode;
 

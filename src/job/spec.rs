@@ -7,8 +7,8 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::job::catalog::{ExpectedOutput, MockAnswer};
 use crate::job::file::Api;
+use crate::job::schema::JsonSchema;
 use crate::job_error;
-use crate::llm::schema::JsonSchema;
 use crate::prepare::segment::CandidateMode;
 
 /// A resolved model role.

@@ -10,5 +10,4 @@ pub mod limits;
 pub mod mock;
 pub mod pool;
 pub mod reply;
-pub mod schema;
 pub mod wire;

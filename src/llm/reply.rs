@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use crate::job::catalog::MockAnswer;
-use crate::llm::schema::JsonSchema;
+use crate::job::schema::JsonSchema;
 
 /// What one LLM call produced, success or not.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -419,7 +419,7 @@ fn without_n_each_sample_is_its_own_seeded_request() {
 }
 
 mod schema {
-    use backforth::llm::schema::JsonSchema;
+    use backforth::job::schema::JsonSchema;
     use datafusion::arrow::datatypes::DataType;
     use serde_json::json;
 
