@@ -400,7 +400,7 @@ impl ModelClient {
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
             (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
-            req.max_tokens as f64,
+            f64::from(req.max_tokens) * f64::from(req.choices.max(1)),
         );
         endpoint.limits.admit(estimate.0, estimate.1).await;
         endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
