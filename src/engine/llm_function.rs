@@ -230,9 +230,14 @@ impl LlmFunction {
             Ok(request) => request,
             Err(reply) => return Sample::of(reply),
         };
-        let first = self.client.call(request.clone(), &self.journal).await;
-        let Some((_, max_tokens)) = &self.spec.fallback else {
+        // Kept only where a retry needs it: every row in flight would hold a second prompt.
+        let retried = self.spec.schema.is_some().then(|| request.clone());
+        let first = self.client.call(request, &self.journal).await;
+        if let Some(request) = retried {
             return self.checked(first, request).await;
+        }
+        let Some((_, max_tokens)) = &self.spec.fallback else {
+            return Sample::of(first);
         };
         let has_digit = first
             .top_logprobs
