@@ -149,7 +149,7 @@ pub enum Command {
         /// Seed of the sample and of the mixed order: the same seed gives the same file.
         #[arg(long, default_value_t = 0)]
         sample_seed: u64,
-        /// Do not write the dataset card (README.md) beside the output.
+        /// Do not write the dataset card (`<name>.card.md`) beside the output.
         #[arg(long)]
         no_card: bool,
     },

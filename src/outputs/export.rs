@@ -25,7 +25,7 @@ pub const WEB_TAG: &str = "Answer with knowledge from web search.";
 /// The tag BaF and Humpback give seed pairs.
 pub const SEED_TAG: &str = "Answer in the style of an AI Assistant.";
 
-/// First line of a dataset card written by `export`; an existing README.md without it is
+/// First line of a dataset card written by `export`; an existing card file without it is
 /// someone else's and is never overwritten.
 const CARD_MARK: &str = "<!-- written by backforth export -->";
 
@@ -89,7 +89,7 @@ pub struct ExportOptions {
     pub size: Option<usize>,
     /// Seed of the sampling and of the mixed order.
     pub sample_seed: u64,
-    /// Write a dataset card (README.md) beside the output.
+    /// Write a dataset card (`<name>.card.md`) beside the output.
     pub card: bool,
 }
 
@@ -516,17 +516,17 @@ async fn write_file(output: &str, bytes: Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// Where the card of an export goes: README.md in the output's folder.
+/// Where the card of an export goes: beside the file, under the file's own name
+/// (`sft.jsonl` -> `sft.card.md`), so it never takes the place of the folder's README.md.
 fn card_path(output: &Location) -> object_store::path::Path {
-    let dir = output
-        .prefix
-        .as_ref()
-        .rsplit_once('/')
-        .map_or(String::new(), |(d, _)| d.to_string());
+    let path = output.prefix.as_ref();
+    let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));
+    let stem = file.split_once('.').map_or(file, |(stem, _)| stem);
+    let name = format!("{stem}.card.md");
     object_store::path::Path::from(if dir.is_empty() {
-        "README.md".to_string()
+        name
     } else {
-        format!("{dir}/README.md")
+        format!("{dir}/{name}")
     })
 }
 
@@ -559,7 +559,7 @@ async fn check_card_place(opts: &ExportOptions) -> Result<()> {
     }
 }
 
-/// Writes README.md beside the output: what was exported and how, the job's settings, and
+/// Writes the card beside the output: what was exported and how, the job's settings, and
 /// the `stats` tables of the run.
 async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
     let output = Location::parse(&opts.output)?;

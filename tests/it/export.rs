@@ -147,7 +147,7 @@ async fn export_mixes_tagged_seed_and_a_reproducible_sample_with_a_card() {
     }
 
     // The card: counts, tags, the job's settings and the run's statistics.
-    let card = std::fs::read_to_string(dir.path().join("a/README.md")).unwrap();
+    let card = std::fs::read_to_string(dir.path().join("a/train.card.md")).unwrap();
     assert!(card.starts_with("<!-- written by backforth export -->"));
     assert!(
         card.contains(&format!(
@@ -186,22 +186,40 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--size 100000: 'rewritten' holds only"));
 
+    // The folder's README.md is the project's, whatever it says: the card goes beside the
+    // file under the file's own name.
     let mine = dir.path().join("mine");
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::write(mine.join("README.md"), "# my project\n").unwrap();
-    let run = backforth(&[
+    let train = mine.join("train.jsonl");
+    let args = [
         "export",
         "--root",
         root.to_str().unwrap(),
         "--output",
-        mine.join("train.jsonl").to_str().unwrap(),
-    ]);
-    assert_eq!(run.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("was not written by backforth"));
+        train.to_str().unwrap(),
+    ];
+    backforth_ok(&args);
     assert_eq!(
         std::fs::read_to_string(mine.join("README.md")).unwrap(),
         "# my project\n"
     );
+    assert!(
+        std::fs::read_to_string(mine.join("train.card.md"))
+            .unwrap()
+            .starts_with("<!-- written by backforth export -->")
+    );
+    // A card of ours is replaced; a file of that name someone else wrote is not.
+    backforth_ok(&args);
+    std::fs::remove_file(&train).unwrap();
+    std::fs::write(mine.join("train.card.md"), "# notes\n").unwrap();
+    let run = backforth(&args);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("was not written by backforth"));
+    assert_eq!(
+        std::fs::read_to_string(mine.join("train.card.md")).unwrap(),
+        "# notes\n"
+    );
     // Refused before anything is written: no data file without its card.
-    assert!(!mine.join("train.jsonl").exists());
+    assert!(!train.exists());
 }

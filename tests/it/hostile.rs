@@ -600,7 +600,7 @@ fn the_dataset_card_keeps_private_settings_out_and_escapes_web_text() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let card = std::fs::read_to_string(dir.path().join("export/README.md")).unwrap();
+    let card = std::fs::read_to_string(dir.path().join("export/sft.card.md")).unwrap();
     assert!(
         card.contains("too\\_short"),
         "the dropped row's table is there: {card}"

@@ -450,12 +450,12 @@ fn denied_reads_are_errors_not_absence() {
         "corpus",
         "in/docs.jsonl",
     );
-    let foreign = dir.path().join("README.md");
+    let foreign = dir.path().join("train.card.md");
     std::fs::write(&foreign, "# somebody else's dataset\n").unwrap();
-    upload(&moto, &foreign, "corpus", "pub/README.md");
+    upload(&moto, &foreign, "corpus", "pub/train.card.md");
     let (key, secret) = moto.user_who_cannot_read(&[
         "arn:aws:s3:::corpus/in/docs.jsonl",
-        "arn:aws:s3:::corpus/pub/README.md",
+        "arn:aws:s3:::corpus/pub/train.card.md",
     ]);
     moto.check_permissions(true);
     let as_reader = |args: &[&str]| {
@@ -502,7 +502,7 @@ fn denied_reads_are_errors_not_absence() {
     let stderr = String::from_utf8_lossy(&export.stderr);
     assert_eq!(export.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("checking s3://corpus/pub/README.md before writing the card"),
+        stderr.contains("checking s3://corpus/pub/train.card.md before writing the card"),
         "{stderr}"
     );
 
@@ -514,7 +514,7 @@ fn denied_reads_are_errors_not_absence() {
         .unwrap()
         .block_on(async {
             use object_store::ObjectStoreExt;
-            let readme = store.get(&"pub/README.md".into()).await.unwrap();
+            let readme = store.get(&"pub/train.card.md".into()).await.unwrap();
             let data = store.head(&"pub/train.jsonl".into()).await;
             (readme.bytes().await.unwrap(), data)
         });
