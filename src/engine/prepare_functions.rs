@@ -19,6 +19,7 @@ use datafusion::logical_expr::{
 
 use crate::engine::args::{coerce_strings, count_arg, scalar_arg, string_columns};
 use crate::engine::pure::{Param, PureFunction};
+use crate::prepare::decontaminate::BenchmarkIndex;
 use crate::prepare::dedup_key::dedup_digest;
 use crate::prepare::minhash::{NearDedup, signature};
 use crate::prepare::quality::{Boilerplate, QualityRules, clean_document};
@@ -441,5 +442,123 @@ impl ScalarUDFImpl for TokenCount {
             .map(|t| t.map(|t| self.tokens.count(t) as i64))
             .collect();
         Ok(ColumnarValue::Array(Arc::new(counts)))
+    }
+}
+
+/// `benchmark_match(label, text [, label, text ...])`: the strongest match of a row's texts
+/// (each named by its label) against the run's benchmark index, NULL when clean.
+#[derive(Debug)]
+pub struct BenchmarkMatch {
+    index: Option<Arc<BenchmarkIndex>>,
+    signature: Signature,
+}
+
+impl PartialEq for BenchmarkMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.index, &other.index) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        }
+    }
+}
+
+impl Eq for BenchmarkMatch {}
+
+impl std::hash::Hash for BenchmarkMatch {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        "benchmark_match".hash(state);
+    }
+}
+
+impl BenchmarkMatch {
+    /// The function over `index`; without one (a session that only plans) it fails if run.
+    pub fn udf(index: Option<Arc<BenchmarkIndex>>) -> ScalarUDF {
+        ScalarUDF::new_from_impl(Self {
+            index,
+            signature: Signature::user_defined(Volatility::Immutable),
+        })
+    }
+}
+
+fn match_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("benchmark", DataType::Utf8, true),
+        Field::new("item", DataType::Utf8, true),
+        Field::new("field", DataType::Utf8, true),
+        Field::new("column", DataType::Utf8, true),
+        Field::new("shared", DataType::Int64, true),
+        Field::new("overlap", DataType::Float64, true),
+    ])
+}
+
+impl ScalarUDFImpl for BenchmarkMatch {
+    fn name(&self) -> &str {
+        "benchmark_match"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        if arg_types.is_empty() || arg_types.len() % 2 != 0 {
+            return datafusion::common::plan_err!(
+                "benchmark_match takes pairs of (label, text), got {} argument(s)",
+                arg_types.len()
+            );
+        }
+        let params: Vec<&str> = (0..arg_types.len())
+            .map(|i| if i % 2 == 0 { "label" } else { "text" })
+            .collect();
+        coerce_strings("benchmark_match", &params, arg_types)
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Struct(match_fields()))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let Some(index) = &self.index else {
+            return exec_err!(
+                "benchmark_match: the job has no [decontaminate] benchmarks, or their index was not built for this stage"
+            );
+        };
+        let n = args.number_rows;
+        let columns = string_columns(&args.args, n)?;
+        let mut benchmark = StringBuilder::new();
+        let mut item = StringBuilder::new();
+        let mut field = StringBuilder::new();
+        let mut column = StringBuilder::new();
+        let mut shared = Vec::with_capacity(n);
+        let mut overlap = Vec::with_capacity(n);
+        let mut valid = Vec::with_capacity(n);
+        for i in 0..n {
+            let texts: Vec<(&str, &str)> = columns
+                .chunks(2)
+                .filter(|pair| !pair[1].is_null(i))
+                .map(|pair| (pair[0].value(i), pair[1].value(i)))
+                .collect();
+            let found = index.check(&texts);
+            valid.push(found.is_some());
+            benchmark.append_option(found.as_ref().map(|m| m.benchmark.as_str()));
+            item.append_option(found.as_ref().map(|m| m.item.as_str()));
+            field.append_option(found.as_ref().map(|m| m.field.as_str()));
+            column.append_option(found.as_ref().map(|m| m.column.as_str()));
+            shared.push(found.as_ref().map(|m| m.shared as i64));
+            overlap.push(found.as_ref().map(|m| m.overlap));
+        }
+        let matches = StructArray::new(
+            match_fields(),
+            vec![
+                Arc::new(benchmark.finish()),
+                Arc::new(item.finish()),
+                Arc::new(field.finish()),
+                Arc::new(column.finish()),
+                Arc::new(Int64Array::from(shared)),
+                Arc::new(datafusion::arrow::array::Float64Array::from(overlap)),
+            ],
+            Some(valid.into()),
+        );
+        Ok(ColumnarValue::Array(Arc::new(matches)))
     }
 }

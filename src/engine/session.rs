@@ -12,13 +12,14 @@ use datafusion::logical_expr::async_udf::AsyncScalarUDF;
 
 use crate::engine::llm_function::{LlmFunction, LlmFunctions};
 use crate::engine::parsers::PARSERS;
-use crate::engine::prepare_functions::{PrepareRules, UNITS, configured_udfs};
+use crate::engine::prepare_functions::{BenchmarkMatch, PrepareRules, UNITS, configured_udfs};
 use crate::engine::pure::pure_udf;
 use crate::engine::window::{LlmWindowRule, Window};
 use crate::error::Result;
 use crate::job::FunctionSpec;
 use crate::llm::client::ModelClient;
 use crate::llm::journal::JournalScope;
+use crate::prepare::decontaminate::BenchmarkIndex;
 use crate::prepare::tokens::TokenCounter;
 use crate::storage::Location;
 
@@ -63,6 +64,7 @@ pub fn register_functions(
     journal: &Arc<JournalScope>,
     tokens: TokenCounter,
     rules: PrepareRules,
+    benchmarks: Option<Arc<BenchmarkIndex>>,
 ) -> Result<()> {
     let mut llm = LlmFunctions::default();
     for (spec, client) in functions {
@@ -81,6 +83,7 @@ pub fn register_functions(
     for udf in scalar_udfs(tokens, rules) {
         ctx.register_udf(udf);
     }
+    ctx.register_udf(BenchmarkMatch::udf(benchmarks));
     Ok(())
 }
 

@@ -38,6 +38,13 @@ const STAGES: &[BuiltinStage] = &[
         sql: include_str!("../../sql/candidates.sql"),
     },
     BuiltinStage {
+        name: "decontaminated",
+        from: "candidates",
+        aliases: &["decontaminate"],
+        default: false,
+        sql: include_str!("../../sql/decontaminated.sql"),
+    },
+    BuiltinStage {
         name: "deduped",
         from: "candidates",
         aliases: &[],

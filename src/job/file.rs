@@ -52,6 +52,39 @@ pub struct JobFile {
     /// Engine settings.
     #[serde(default)]
     pub execution: ExecutionConfig,
+    /// Benchmarks whose items the `decontaminated` stage drops rows for sharing n-grams with.
+    pub decontaminate: Option<DecontaminateConfig>,
+}
+
+/// `[decontaminate]`: benchmark files and how overlap with their items is measured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecontaminateConfig {
+    /// Words per n-gram (default 13; at least 8).
+    pub n: Option<usize>,
+    /// `any` (default: at least `threshold` shared n-grams) or `share` (at least a
+    /// `threshold` share of the item's n-grams found in the row).
+    pub measure: Option<crate::prepare::decontaminate::Measure>,
+    /// 1 n-gram by default for `any`, 0.5 for `share`.
+    pub threshold: Option<f64>,
+    /// N-grams found in more items than this are the benchmark's boilerplate (default 10).
+    pub max_items: Option<usize>,
+    /// The benchmarks (`[[decontaminate.benchmarks]]`).
+    pub benchmarks: Vec<BenchmarkConfig>,
+}
+
+/// `[[decontaminate.benchmarks]]`: one benchmark's files and fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkConfig {
+    /// Name reported with each match.
+    pub name: String,
+    /// JSONL or Parquet files, folders (a Hugging Face dataset folder), globs or URLs.
+    pub paths: Vec<String>,
+    /// Fields of an item whose text is matched, e.g. `["question", "choices", "answer"]`.
+    pub fields: Vec<String>,
+    /// Field with the item's id (default: file name and row number).
+    pub id: Option<String>,
 }
 
 /// `[input]`: document files.

@@ -21,12 +21,13 @@ use crate::job::catalog::{
     SCORE_TEMPLATE,
 };
 use crate::job::file::{
-    ExecutionConfig, FunctionConfig, JobFile, ModelConfig, PrepareConfig, StageConfig,
-    read_job_table,
+    DecontaminateConfig, ExecutionConfig, FunctionConfig, JobFile, ModelConfig, PrepareConfig,
+    StageConfig, read_job_table,
 };
 use crate::job::schema::JsonSchema;
 use crate::job::template::{called_functions, render_sql};
 use crate::job_error;
+use crate::prepare::decontaminate::{Benchmark, Decontamination, Measure};
 use crate::prepare::ingest::{MAX_LINE_BYTES, MAX_ROW_GROUP_BYTES, ReadRules};
 use crate::prepare::segment::CandidateMode;
 
@@ -63,6 +64,8 @@ pub struct Job {
     pub params: toml::Table,
     /// Engine settings.
     pub execution: ExecutionConfig,
+    /// Benchmark decontamination, when the job names benchmarks.
+    pub decontamination: Option<Decontamination>,
 }
 
 impl Job {
@@ -115,6 +118,11 @@ impl Job {
         let models = resolve_models(catalog, &file.models, overrides)?;
         let functions = resolve_functions(catalog, &file.functions, &models, &base_dir)?;
         let stages = resolve_stages(catalog, file.stages.as_deref(), &base_dir)?;
+        let decontamination = file
+            .decontaminate
+            .as_ref()
+            .map(|cfg| resolve_decontamination(cfg, &base_dir))
+            .transpose()?;
         if !(1..=5).contains(&file.curate.threshold) {
             return job_error!(
                 "[curate] threshold = {} is outside the 1-5 score scale",
@@ -152,6 +160,7 @@ impl Job {
             stages,
             params: file.params,
             execution: file.execution,
+            decontamination,
         })
     }
 
@@ -292,6 +301,61 @@ fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
         quality: cfg.quality.clone(),
         near_dedup: cfg.near_dedup,
     }
+}
+
+/// The `[decontaminate]` settings with their defaults, paths resolved, numbers checked.
+fn resolve_decontamination(cfg: &DecontaminateConfig, base_dir: &Path) -> Result<Decontamination> {
+    let n = cfg.n.unwrap_or(13);
+    if !(8..=64).contains(&n) {
+        return job_error!(
+            "[decontaminate] n = {n}: give 8 to 64 words per n-gram (shorter ones match common phrases)"
+        );
+    }
+    let measure = cfg.measure.unwrap_or(Measure::Any);
+    let threshold = cfg.threshold.unwrap_or(match measure {
+        Measure::Any => 1.0,
+        Measure::Share => 0.5,
+    });
+    let fits = match measure {
+        Measure::Any => threshold >= 1.0,
+        Measure::Share => threshold > 0.0 && threshold <= 1.0,
+    };
+    if !(threshold.is_finite() && fits) {
+        return job_error!(
+            "[decontaminate] threshold = {threshold}: with measure = \"any\" give a number of shared n-grams (1 or more), with \"share\" a share of the item's n-grams in (0, 1]"
+        );
+    }
+    if cfg.benchmarks.is_empty() {
+        return job_error!(
+            "[decontaminate] names no benchmark: add [[decontaminate.benchmarks]] with name, paths and fields"
+        );
+    }
+    let mut benchmarks = Vec::new();
+    for b in &cfg.benchmarks {
+        if b.paths.is_empty() || b.fields.is_empty() {
+            return job_error!(
+                "[[decontaminate.benchmarks]] '{}' needs paths and fields (e.g. fields = [\"question\", \"answer\"])",
+                b.name
+            );
+        }
+        if benchmarks.iter().any(|k: &Benchmark| k.name == b.name) {
+            return job_error!("[[decontaminate.benchmarks]] '{}' appears twice", b.name);
+        }
+        benchmarks.push(Benchmark {
+            name: b.name.clone(),
+            paths: b.paths.iter().map(|p| resolve_path(base_dir, p)).collect(),
+            fields: b.fields.clone(),
+            id: b.id.clone(),
+        });
+    }
+    Ok(Decontamination {
+        n,
+        measure,
+        threshold,
+        max_items: cfg.max_items.unwrap_or(10).max(1),
+        benchmarks,
+        files: String::new(),
+    })
 }
 
 fn resolve_models(

@@ -56,6 +56,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../sql/analytics/70_dropped.sql"),
     ),
     (
+        "75_contamination.sql",
+        include_str!("../../sql/analytics/75_contamination.sql"),
+    ),
+    (
         "80_preference_gap.sql",
         include_str!("../../sql/analytics/80_preference_gap.sql"),
     ),

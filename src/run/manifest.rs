@@ -72,6 +72,11 @@ pub fn fingerprint_stages(
     for (name, sql, tables) in stages {
         let mut fp = Fingerprint::default();
         fp.add("sql", sql);
+        if let Some(decontamination) = &job.decontamination
+            && sql.contains("benchmark_match(")
+        {
+            fp.add("decontamination", decontamination);
+        }
         for f in job.functions_in(sql) {
             fp.add(
                 format!("prompt of {}", f.name),

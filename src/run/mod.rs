@@ -28,6 +28,7 @@ use crate::job::{Job, ModelSpec};
 use crate::llm::client::Budget;
 use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
+use crate::prepare::decontaminate;
 use crate::root::marker::StageStats;
 use crate::run::lease::Lease;
 use crate::run::plan::Step;
@@ -74,6 +75,18 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
 /// [`run`], with this worker's lease on the root held.
 async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunSummary> {
     let to_run = job.select_stages(&opts.stages)?;
+    // The benchmark files as they are now enter the fingerprints, whatever stages run.
+    let with_benchmarks;
+    let job = match &job.decontamination {
+        Some(d) => {
+            let mut listed = job.clone();
+            let files = decontaminate::files_digest(d).await?;
+            listed.decontamination = Some(decontaminate::Decontamination { files, ..d.clone() });
+            with_benchmarks = listed;
+            &with_benchmarks
+        }
+        None => job,
+    };
     let journal = Arc::new(Journal::open(&root).await?);
     if journal.loaded() > 0 {
         tracing::info!(
@@ -95,12 +108,41 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     let pool = Arc::new(LlmPool::new(&models, budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
+    runner.benchmarks = benchmark_index(job, &to_run).await?;
     let result = run_steps(job, &to_run, &mut runner).await;
     // However the run ended, what it spent is recorded for the budget of the next.
     let flushed = runner.journal.flush_spend().await;
     let summary = result?;
     flushed?;
     Ok(summary)
+}
+
+/// The benchmark index, when one of the stages `to_run` checks rows against it.
+async fn benchmark_index(
+    job: &Job,
+    to_run: &[String],
+) -> Result<Option<Arc<decontaminate::BenchmarkIndex>>> {
+    let Some(settings) = &job.decontamination else {
+        return Ok(None);
+    };
+    let mut checks = false;
+    for stage in job.stages.iter().filter(|s| to_run.contains(&s.name)) {
+        checks |= crate::job::template::render_sql(job, stage)?.contains("benchmark_match(");
+    }
+    if !checks {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let index = decontaminate::BenchmarkIndex::build(settings).await?;
+    tracing::info!(
+        files = index.stats.files,
+        items = index.stats.items,
+        ngrams = index.stats.grams,
+        boilerplate = index.stats.boilerplate,
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "Benchmark index built."
+    );
+    Ok(Some(Arc::new(index)))
 }
 
 /// Runs the selected stages, step by step (see [`plan::steps`]).

@@ -14,6 +14,7 @@ use crate::job::Job;
 use crate::job_error;
 use crate::llm::journal::{Journal, JournalScope};
 use crate::llm::pool::LlmPool;
+use crate::prepare::decontaminate::BenchmarkIndex;
 use crate::prepare::tokens::TokenCounter;
 use crate::root::marker::{StageStats, read_stage_stats};
 use crate::root::names::PartNames;
@@ -37,6 +38,8 @@ pub(super) struct Runner<'a> {
     pub(super) plans: Vec<StagePlan>,
     pub(super) fingerprints: BTreeMap<String, manifest::Fingerprint>,
     pub(super) progress: Arc<Progress>,
+    /// The benchmark n-gram index, built when a stage to run checks rows against it.
+    pub(super) benchmarks: Option<Arc<BenchmarkIndex>>,
 }
 
 impl<'a> Runner<'a> {
@@ -59,6 +62,7 @@ impl<'a> Runner<'a> {
             plans: Vec::new(),
             fingerprints: BTreeMap::new(),
             progress: Arc::new(Progress::default()),
+            benchmarks: None,
         };
         let (plans, fingerprints) = plan_stages(job, &runner.session()?)?;
         runner.plans = plans;
@@ -109,6 +113,7 @@ impl Runner<'_> {
                 quality: self.job.prepare.quality.clone(),
                 near_dedup: self.job.prepare.near_dedup.unwrap_or_default(),
             },
+            self.benchmarks.clone(),
         )?;
         Ok(ctx)
     }

@@ -4,6 +4,7 @@ mod batch;
 mod catalog;
 mod concurrency;
 mod crash;
+mod decontaminate;
 mod dedup;
 mod examples;
 mod export;
