@@ -6,6 +6,9 @@
 //! JSON parsing, and the text written as zstd Parquet, on every core, before the runs and
 //! again after them. Printed for each run: MB/s of input text, CPU, peak RSS (through
 //! `/usr/bin/time`), rows kept and dropped; then the ratios to the mean of the two floors.
+//! Last, the `decontaminated` stage checks the candidates against a generated benchmark set
+//! of `BENCH_NGRAMS` (10 million) 13-grams: index build time, MB/s of the whole stage, peak
+//! RSS. `ONLY=decontaminate` runs only that (and the candidates it reads).
 //!
 //!     cargo bench --bench prepare                # release: DataFusion optimised
 //!
@@ -267,6 +270,12 @@ fn main() {
     let mb = text_bytes as f64 / 1e6;
     println!("corpus: {mb:.0} MB of text in {FILES} gzip JSONL files; {threads} cores");
 
+    let only_decontaminate = std::env::var("ONLY").is_ok_and(|o| o == "decontaminate");
+    if only_decontaminate {
+        let dir = tempfile::tempdir().unwrap();
+        decontamination(dir.path(), &files, mb);
+        return;
+    }
     let floor_before = floor(&files, threads);
     println!(
         "floor (gunzip + JSON + zstd Parquet, {threads} threads): {floor_before:.1}s, {:.0} MB/s",
@@ -317,6 +326,87 @@ fn main() {
         rules.seconds / floor_s,
         total / floor_s
     );
+    decontamination(dir.path(), &files, mb);
+}
+
+/// Items of 112 words from the corpus's vocabulary, 100 13-grams each, until `grams`; written
+/// once beside the corpus.
+fn benchmark_set(grams: u64) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/bench-corpus/benchmark-{grams}.jsonl"));
+    if path.exists() {
+        return path;
+    }
+    let vocab = vocabulary();
+    let mut rng = Rng(0xbe4c);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    for i in 0..grams.div_ceil(100) {
+        let words: Vec<&str> = (0..112)
+            .map(|_| vocab[rng.below(vocab.len() as u64) as usize].as_str())
+            .collect();
+        let line = serde_json::json!({"id": format!("item-{i}"), "question": words.join(" ")});
+        writeln!(out, "{line}").unwrap();
+    }
+    out.flush().unwrap();
+    path
+}
+
+/// The `decontaminated` stage over the corpus's candidates, against a generated benchmark
+/// set: index build time (from the run's log), the stage's MB/s of candidate text, peak RSS.
+fn decontamination(dir: &Path, files: &[PathBuf], mb: f64) {
+    let grams: u64 = std::env::var("BENCH_NGRAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let set = benchmark_set(grams);
+    let inputs: Vec<String> = files
+        .iter()
+        .map(|f| format!("\"{}\"", f.display()))
+        .collect();
+    let job = dir.join("decontaminate.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"decontaminate\"\n[input]\npaths = [{}]\n\
+             [decontaminate]\n[[decontaminate.benchmarks]]\nname = \"generated\"\n\
+             paths = [\"{}\"]\nfields = [\"question\"]\nid = \"id\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"decontaminated\"\n",
+            inputs.join(", "),
+            set.display()
+        ),
+    )
+    .unwrap();
+    timed(dir, &job, "candidates");
+    let log = dir.join("decontaminate.log");
+    let run = timed_logged(dir, &job, "decontaminated", &log);
+    let index_line = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("Benchmark index built"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    let field = |name: &str| {
+        index_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or("?")
+            .trim_matches('"')
+            .to_string()
+    };
+    let marker = success(&dir.join("decontaminate"), "decontaminated");
+    println!(
+        "decontamination, {} benchmark 13-grams from {} items: index built in {}s; stage {:.1}s, \
+         {:.0} MB/s of the corpus, CPU {:.0}s, peak RSS {:.0} MiB; {} rows in, {} kept",
+        field("ngrams"),
+        field("items"),
+        field("seconds"),
+        run.seconds,
+        mb / run.seconds,
+        run.cpu,
+        run.rss_mib,
+        marker["rows_in"],
+        marker["rows_out"]
+    );
 }
 
 /// The `[prepare]` tables of the every-rule run: the thresholds the README suggests.
@@ -353,15 +443,27 @@ struct Timed {
 }
 
 fn timed(dir: &Path, job: &Path, stages: &str) -> Timed {
+    run_timed(dir, job, stages, None)
+}
+
+/// [`timed`], with the run's info log written to `log`.
+fn timed_logged(dir: &Path, job: &Path, stages: &str, log: &Path) -> Timed {
+    run_timed(dir, job, stages, Some(log))
+}
+
+fn run_timed(dir: &Path, job: &Path, stages: &str, log: Option<&Path>) -> Timed {
     let report = dir.join("time.txt");
     let started = Instant::now();
-    let status = Command::new("/usr/bin/time")
+    let mut command = Command::new("/usr/bin/time");
+    command
         .args(["-f", "%U %S %M", "-o", report.to_str().unwrap()])
         .arg(env!("CARGO_BIN_EXE_backforth"))
         .args(["run", job.to_str().unwrap(), "--stages", stages])
-        .env("BACKFORTH_LOG", "warn")
-        .status()
-        .unwrap();
+        .env("BACKFORTH_LOG", if log.is_some() { "info" } else { "warn" });
+    if let Some(log) = log {
+        command.stderr(std::fs::File::create(log).unwrap());
+    }
+    let status = command.status().unwrap();
     let seconds = started.elapsed().as_secs_f64();
     assert!(status.success());
     let t: Vec<f64> = std::fs::read_to_string(&report)

@@ -5,7 +5,8 @@
 //! letter or digit (punctuation, whitespace, line breaks) a word break, so a copy that was
 //! re-wrapped, re-cased or re-punctuated has the same n-grams. The index is the n-grams'
 //! 64-bit hashes, sorted, with the item of each (12 bytes per n-gram) and a directory of
-//! buckets by the hash's top bits, so a lookup is a short binary search. An n-gram found in
+//! buckets by the hash's top bits, so a lookup is a short binary search; a bit table of the
+//! hashes' low bits (2 bytes per n-gram) first answers most n-grams that are in no item. An n-gram found in
 //! more than `max_items` items is boilerplate of the benchmark ("Which of the following ...")
 //! and left out: it would tie every item to every row.
 
@@ -92,10 +93,23 @@ pub fn gram_hashes(text: &str, n: usize) -> Vec<u64> {
 /// FNV-1a of each lower-cased run of letters and digits.
 fn word_hashes(text: &str) -> Vec<u64> {
     const START: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = Vec::new();
+    let mut words = Vec::with_capacity(text.len() / 5);
     let mut h = START;
     let mut in_word = false;
     for c in text.chars() {
+        // Most web text is ASCII: its letters lower-case in one instruction.
+        if c.is_ascii() {
+            let b = c as u8;
+            if b.is_ascii_alphanumeric() {
+                h = (h ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0100_0000_01b3);
+                in_word = true;
+            } else if in_word {
+                words.push(h);
+                h = START;
+                in_word = false;
+            }
+            continue;
+        }
         if c.is_alphanumeric() {
             for lower in c.to_lowercase() {
                 let mut buf = [0u8; 4];
@@ -166,6 +180,10 @@ pub struct IndexStats {
 #[derive(Debug)]
 pub struct BenchmarkIndex {
     settings: Decontamination,
+    /// One bit per slot of a hash's low bits, set for every key: most of a row's n-grams are
+    /// in no benchmark, and this answers them from a table a sixteenth of the keys' size.
+    filter: Vec<u64>,
+    filter_mask: u64,
     keys: Vec<u64>,
     items: Vec<u32>,
     buckets: Vec<u32>,
@@ -228,6 +246,14 @@ impl Builder {
         for i in 1..buckets.len() {
             buckets[i] += buckets[i - 1];
         }
+        // About sixteen bits per key: a few percent of absent n-grams pass to the keys.
+        let filter_bits = (keys.len() * 16).next_power_of_two().clamp(64, 1 << 32);
+        let filter_mask = filter_bits as u64 - 1;
+        let mut filter = vec![0u64; filter_bits / 64];
+        for key in &keys {
+            let slot = key & filter_mask;
+            filter[(slot >> 6) as usize] |= 1 << (slot & 63);
+        }
         let stats = IndexStats {
             files: self.files,
             items: self.items,
@@ -236,6 +262,8 @@ impl Builder {
         };
         BenchmarkIndex {
             settings,
+            filter,
+            filter_mask,
             keys,
             items,
             buckets,
@@ -301,6 +329,10 @@ impl BenchmarkIndex {
     }
 
     fn lookup(&self, gram: u64) -> Option<u32> {
+        let slot = gram & self.filter_mask;
+        if self.filter[(slot >> 6) as usize] & (1 << (slot & 63)) == 0 {
+            return None;
+        }
         let b = (gram >> self.shift) as usize;
         let (start, end) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
         self.keys[start..end]

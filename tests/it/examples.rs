@@ -351,3 +351,42 @@ async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
         .sum();
     assert_eq!(counted, preferences, "{gaps}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bft_decontaminated_drops_the_document_a_benchmark_quotes_before_any_call() {
+    let server = FakeServer::start(Duration::from_millis(1));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    run("examples/bft_decontaminated.toml", &server, &root);
+    let ctx = session(&root).await;
+    let dropped = drops(&root, "decontaminated").await;
+    assert_eq!(dropped, vec![("contaminated:sample_qa".to_string(), 1)]);
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT doc_id, contamination['item'], contamination['field'] FROM decontaminated_dropped"
+        )
+        .await,
+        vec![vec!["bf-0014".to_string(), "bio-17".to_string(), "question".to_string()]]
+    );
+    // The quoted document never reached the backward model.
+    assert_eq!(
+        count(
+            &ctx,
+            "SELECT count(*) FROM backtranslated WHERE doc_id = 'bf-0014'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        server
+            .log()
+            .iter()
+            .all(|e| !e.prompt.contains("Photosynthesis is the process"))
+    );
+    drops(&root, "decontaminated_pairs").await;
+    assert_eq!(
+        count(&ctx, "SELECT count(*) FROM decontaminated_pairs").await,
+        count(&ctx, "SELECT count(*) FROM rewritten").await
+    );
+}
