@@ -125,7 +125,7 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "openai-chat")]
         format: Format,
-        /// Output file (path or URL).
+        /// Output file (path or URL); a folder for `--format hf`.
         #[arg(long)]
         output: String,
         /// Stage whose pairs are exported.
@@ -149,9 +149,17 @@ pub enum Command {
         /// Seed of the sample and of the mixed order: the same seed gives the same file.
         #[arg(long, default_value_t = 0)]
         sample_seed: u64,
-        /// Do not write the dataset card (`<name>.card.md`) beside the output.
+        /// Do not write the dataset card (`<name>.card.md`; README.md of a `--format hf`
+        /// folder).
         #[arg(long)]
         no_card: bool,
+        /// `--format hf`: the share of pairs held out as the `test` split (chosen by
+        /// `--sample-seed`).
+        #[arg(long, default_value_t = 0.0)]
+        test_fraction: f64,
+        /// `--format hf`: the license the card declares (a Hub license id).
+        #[arg(long, default_value = "other")]
+        license: String,
     },
     /// Seed pairs from Open Assistant trees: first turn, English, reply ranked 0, best quality
     /// labels first; with the forward and reversed pairs for training the scorer and the

@@ -135,6 +135,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             size,
             sample_seed,
             no_card,
+            test_fraction,
+            license,
         } => {
             let opts = ExportOptions {
                 root,
@@ -148,6 +150,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 size,
                 sample_seed,
                 card: !no_card,
+                test_fraction,
+                license,
             };
             export_pairs(&opts).await
         }

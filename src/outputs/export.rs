@@ -43,6 +43,10 @@ pub enum Format {
     /// Preference pairs for DPO (TRL's conversational layout): `prompt`, `chosen` and
     /// `rejected` message lists per line, with `score_chosen` and `score_rejected`.
     Preference,
+    /// A folder Hugging Face `datasets.load_dataset` reads as it is:
+    /// `data/<split>-NNNNN-of-NNNNN.parquet` with `messages` and provenance columns, and a
+    /// README.md card with the Hub's YAML header.
+    Hf,
 }
 
 impl Format {
@@ -91,6 +95,10 @@ pub struct ExportOptions {
     pub sample_seed: u64,
     /// Write a dataset card (`<name>.card.md`) beside the output.
     pub card: bool,
+    /// `--format hf`: the share of pairs held out as the `test` split.
+    pub test_fraction: f64,
+    /// `--format hf`: the license the card declares.
+    pub license: String,
 }
 
 /// One exported pair.
@@ -104,6 +112,12 @@ pub struct Pair {
     pub response: String,
     /// The tag sentence of the pair's origin, placed as the export's tag mode says.
     pub tag: Option<String>,
+    /// `web` (synthetic) or `seed`.
+    pub origin: &'static str,
+    /// The pair's score, when its table has one.
+    pub score: Option<f64>,
+    /// The web document it was made from, when its table says.
+    pub doc_id: Option<String>,
 }
 
 impl Pair {
@@ -114,6 +128,9 @@ impl Pair {
             instruction: instruction.to_string(),
             response: response.to_string(),
             tag: None,
+            origin: "seed",
+            score: None,
+            doc_id: None,
         }
     }
 }
@@ -159,6 +176,7 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
     }
     for pair in &mut synthetic {
         pair.tag = Some(opts.tag_text.clone());
+        pair.origin = "web";
     }
     let mut seed = match &opts.seed {
         Some(dir) => read_seed(dir).await?,
@@ -187,6 +205,10 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
     }
     let pairs: Vec<Pair> = pairs.into_iter().map(|(_, p)| p).collect();
+    if opts.format == Format::Hf {
+        write_hf(opts, &pairs, &counts).await?;
+        return Ok(counts);
+    }
     if opts.card {
         check_card_place(opts).await?;
     }
@@ -219,9 +241,18 @@ async fn read_pairs(ctx: &datafusion::prelude::SessionContext, table: &str) -> R
     if !schema.has_column_with_unqualified_name("instruction") {
         return job_error!("table '{table}' has no 'instruction' column");
     }
+    let optional = |column: &str, as_type: &str| {
+        if schema.has_column_with_unqualified_name(column) {
+            format!("CAST({column} AS {as_type})")
+        } else {
+            format!("CAST(NULL AS {as_type})")
+        }
+    };
     let sql = format!(
-        "SELECT id, instruction, {response} AS response FROM {table} \
-         WHERE instruction IS NOT NULL AND {response} IS NOT NULL ORDER BY id"
+        "SELECT id, instruction, {response} AS response, {} AS score, {} AS doc_id \
+         FROM {table} WHERE instruction IS NOT NULL AND {response} IS NOT NULL ORDER BY id",
+        optional("score", "DOUBLE"),
+        optional("doc_id", "VARCHAR"),
     );
     let mut stream = ctx.sql(&sql).await?.execute_stream().await?;
     let mut pairs = Vec::new();
@@ -312,10 +343,9 @@ async fn export_preferences(
             let number = |i: usize| (!score(i).is_null(row)).then(|| score(i).value(row));
             preferences.push(Preference {
                 prompt: Pair {
-                    id: id.clone(),
-                    instruction: text(1).value(row).to_string(),
-                    response: String::new(),
                     tag: Some(opts.tag_text.clone()),
+                    origin: "web",
+                    ..Pair::untagged(&id, text(1).value(row), "")
                 },
                 id,
                 chosen: text(2).value(row).to_string(),
@@ -378,11 +408,14 @@ pub fn render_preference(preference: &Preference, mode: TagMode) -> Value {
 /// The pairs in `format`: JSON lines, or Parquet with a `messages` column.
 pub fn encode(pairs: &[Pair], format: Format, tag: TagMode) -> Result<Vec<u8>> {
     if format == Format::Parquet {
-        return parquet_bytes(pairs, tag);
+        return parquet_bytes(pairs, tag, false);
     }
-    if format == Format::Preference {
+    if matches!(format, Format::Preference | Format::Hf) {
         return job_error!(
-            "--format preference writes preference pairs (`export --table preference`), not instruction-tuning pairs"
+            "--format {}: not a file format for these pairs (preference writes `export --table preference`; hf writes a folder with `export`)",
+            format
+                .to_possible_value()
+                .map_or(String::new(), |v| v.get_name().to_string())
         );
     }
     let mut out = Vec::new();
@@ -402,8 +435,15 @@ fn batch_pairs(batch: &RecordBatch) -> Result<Vec<Pair>> {
         instructions.as_string::<i32>(),
         responses.as_string::<i32>(),
     );
+    let scores = cast(batch.column(3), &DataType::Float64)?;
+    let scores = scores.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+    let doc_ids = col(4)?;
+    let doc_ids = doc_ids.as_string::<i32>();
     Ok((0..batch.num_rows())
         .map(|i| Pair {
+            origin: "seed",
+            score: scores.is_valid(i).then(|| scores.value(i)),
+            doc_id: doc_ids.is_valid(i).then(|| doc_ids.value(i).to_string()),
             id: if ids.is_null(i) {
                 String::new()
             } else {
@@ -432,7 +472,7 @@ pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
     let instruction = tagged_instruction(pair, mode);
     match format {
         // A pair has no rejected answer: as a preference file's prompt it is a chat.
-        Format::OpenaiChat | Format::Parquet | Format::Preference => {
+        Format::OpenaiChat | Format::Parquet | Format::Preference | Format::Hf => {
             let mut messages = Vec::new();
             if let Some(s) = system(pair, mode) {
                 messages.push(json!({"role": "system", "content": s}));
@@ -460,7 +500,9 @@ pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
     }
 }
 
-fn parquet_bytes(pairs: &[Pair], mode: TagMode) -> Result<Vec<u8>> {
+/// Parquet of `pairs`: `id` and `messages`, and with `provenance` their `origin`, `tag`,
+/// `score` and `doc_id`.
+fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<u8>> {
     use datafusion::arrow::array::{ListBuilder, StringBuilder, StructBuilder};
     use datafusion::arrow::datatypes::{Field, Fields, Schema};
     let message_fields = Fields::from(vec![
@@ -496,15 +538,168 @@ fn parquet_bytes(pairs: &[Pair], mode: TagMode) -> Result<Vec<u8>> {
         messages.append(true);
     }
     let messages = messages.finish();
-    let schema = Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("messages", messages.data_type().clone(), false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![Arc::new(ids.finish()), Arc::new(messages)],
-    )?;
+    ];
+    let mut columns: Vec<datafusion::arrow::array::ArrayRef> =
+        vec![Arc::new(ids.finish()), Arc::new(messages)];
+    if provenance {
+        use datafusion::arrow::array::{Float64Array, StringArray};
+        fields.extend([
+            Field::new("origin", DataType::Utf8, false),
+            Field::new("tag", DataType::Utf8, true),
+            Field::new("score", DataType::Float64, true),
+            Field::new("doc_id", DataType::Utf8, true),
+        ]);
+        columns.extend([
+            Arc::new(StringArray::from_iter_values(
+                pairs.iter().map(|p| p.origin),
+            )) as _,
+            Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| p.tag.as_deref())
+                    .collect::<StringArray>(),
+            ) as _,
+            Arc::new(pairs.iter().map(|p| p.score).collect::<Float64Array>()) as _,
+            Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| p.doc_id.as_deref())
+                    .collect::<StringArray>(),
+            ) as _,
+        ]);
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
     parquet_of(&[batch], schema, None)
+}
+
+/// Rows per Parquet file of a `--format hf` folder.
+const HF_ROWS_PER_FILE: usize = 100_000;
+
+/// `--format hf`: the pairs as `data/<split>-NNNNN-of-NNNNN.parquet` under the output folder,
+/// `test` holding `test_fraction` of them (chosen by a hash of the sampling seed and the id),
+/// and README.md, the card, with the YAML header the Hub and `datasets` read.
+async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -> Result<()> {
+    if !(0.0..1.0).contains(&opts.test_fraction) {
+        return job_error!(
+            "--test-fraction {}: give a share of the pairs in [0, 1)",
+            opts.test_fraction
+        );
+    }
+    let folder = Location::parse(&opts.output)?;
+    let card_path = folder.path("README.md");
+    if opts.card {
+        check_card_at(&folder, &card_path).await?;
+    }
+    let cut = (opts.test_fraction * u64::MAX as f64) as u64;
+    let (test, train): (Vec<&Pair>, Vec<&Pair>) = pairs.iter().partition(|p| {
+        let key = sample_key(opts.sample_seed, "split", &p.id);
+        u64::from_str_radix(&key[..16], 16).unwrap_or(u64::MAX) < cut
+    });
+    let mut splits = Vec::new();
+    for (name, rows) in [("train", train), ("test", test)] {
+        if rows.is_empty() && name == "test" {
+            continue;
+        }
+        let chunks: Vec<Vec<Pair>> = rows
+            .chunks(HF_ROWS_PER_FILE)
+            .map(|c| c.iter().map(|p| (*p).clone()).collect())
+            .collect();
+        let chunks = if chunks.is_empty() {
+            vec![Vec::new()]
+        } else {
+            chunks
+        };
+        let mut size = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let file = format!("data/{name}-{i:05}-of-{:05}.parquet", chunks.len());
+            let bytes = parquet_bytes(chunk, opts.tag, true)?;
+            size += bytes.len();
+            folder
+                .store
+                .put(&folder.path(&file), PutPayload::from(bytes))
+                .await?;
+        }
+        splits.push(Split {
+            name,
+            rows: rows.len(),
+            bytes: size,
+        });
+    }
+    if opts.card {
+        let name = folder
+            .prefix
+            .as_ref()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        let card = format!(
+            "{}{}",
+            hf_front_matter(&opts.license, &splits),
+            card_text(opts, counts, name).await?
+        );
+        folder
+            .store
+            .put(&card_path, PutPayload::from(card.into_bytes()))
+            .await?;
+    }
+    Ok(())
+}
+
+/// One split of a `--format hf` folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split<'a> {
+    /// `train` or `test`.
+    pub name: &'a str,
+    /// Its rows.
+    pub rows: usize,
+    /// Its Parquet files' bytes.
+    pub bytes: usize,
+}
+
+/// The YAML header of a Hub dataset card: license, task, size, the `default` config's files
+/// per split, and the features with each split's size.
+pub fn hf_front_matter(license: &str, splits: &[Split<'_>]) -> String {
+    use std::fmt::Write as _;
+    let total: usize = splits.iter().map(|s| s.rows).sum();
+    let size = match total {
+        0..1_000 => "n<1K",
+        1_000..10_000 => "1K<n<10K",
+        10_000..100_000 => "10K<n<100K",
+        100_000..1_000_000 => "100K<n<1M",
+        1_000_000..10_000_000 => "1M<n<10M",
+        _ => "10M<n<100M",
+    };
+    let quoted = |s: &str| serde_json::to_string(s).expect("a string serialises");
+    let mut yaml = format!(
+        "---\nlicense: {}\ntask_categories:\n- text-generation\ntags:\n- synthetic\n\
+         - instruction-backtranslation\nsize_categories:\n- {size}\nconfigs:\n\
+         - config_name: default\n  data_files:\n",
+        quoted(license)
+    );
+    for split in splits {
+        let name = split.name;
+        let _ = writeln!(yaml, "  - split: {name}\n    path: data/{name}-*");
+    }
+    yaml.push_str(
+        "dataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: messages\n\
+         \x20   list:\n    - name: role\n      dtype: string\n    - name: content\n\
+         \x20     dtype: string\n  - name: origin\n    dtype: string\n  - name: tag\n\
+         \x20   dtype: string\n  - name: score\n    dtype: float64\n  - name: doc_id\n\
+         \x20   dtype: string\n  splits:\n",
+    );
+    for split in splits {
+        let _ = writeln!(
+            yaml,
+            "  - name: {}\n    num_bytes: {}\n    num_examples: {}",
+            split.name, split.bytes, split.rows
+        );
+    }
+    yaml.push_str("---\n");
+    yaml
 }
 
 async fn write_file(output: &str, bytes: Vec<u8>) -> Result<()> {
@@ -535,12 +730,23 @@ fn card_path(output: &Location) -> object_store::path::Path {
 async fn check_card_place(opts: &ExportOptions) -> Result<()> {
     let output = Location::parse(&opts.output)?;
     let card_path = card_path(&output);
+    check_card_at(&output, &card_path).await
+}
+
+/// Fails unless `card_path` is free or holds a card of ours (its mark in the first lines: a
+/// Hub card opens with its YAML header).
+async fn check_card_at(output: &Location, card_path: &object_store::path::Path) -> Result<()> {
+    let card_path = card_path.clone();
     // Only "not found" means there is no card: any other failure must not let us overwrite
-    // somebody else's README.
+    // somebody else's file.
     match output.store.get(&card_path).await {
         Ok(existing) => {
             let bytes = existing.bytes().await?;
-            if !bytes.starts_with(CARD_MARK.as_bytes()) {
+            let head = &bytes[..bytes.len().min(64 * 1024)];
+            let ours = head
+                .windows(CARD_MARK.len())
+                .any(|w| w == CARD_MARK.as_bytes());
+            if !ours {
                 return job_error!(
                     "{} exists and was not written by backforth; export into another directory or pass --no-card",
                     output.display(&card_path)
@@ -564,6 +770,23 @@ async fn check_card_place(opts: &ExportOptions) -> Result<()> {
 async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
     let output = Location::parse(&opts.output)?;
     let card_path = card_path(&output);
+    let file_name = output
+        .prefix
+        .as_ref()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let card = card_text(opts, counts, &file_name).await?;
+    output
+        .store
+        .put(&card_path, PutPayload::from(card.into_bytes()))
+        .await?;
+    Ok(())
+}
+
+/// The card of an export of `file_name`, with the run's recorded settings and statistics.
+async fn card_text(opts: &ExportOptions, counts: &ExportCounts, file_name: &str) -> Result<String> {
     let root = Location::parse(&opts.root)?;
     let job = match root.store.get(&root.path(JOB_FILE)).await {
         Ok(got) => publishable_settings(&got.bytes().await?),
@@ -578,19 +801,7 @@ async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
         },
     )
     .await?;
-    let file_name = output
-        .prefix
-        .as_ref()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let card = dataset_card(opts, counts, &file_name, &job, &tables);
-    output
-        .store
-        .put(&card_path, PutPayload::from(card.into_bytes()))
-        .await?;
-    Ok(())
+    Ok(dataset_card(opts, counts, file_name, &job, &tables))
 }
 
 /// The text of a dataset card.

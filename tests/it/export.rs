@@ -223,3 +223,142 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
     // Refused before anything is written: no data file without its card.
     assert!(!train.exists());
 }
+
+/// The Python of `.ci/venv` with Hugging Face `datasets` (`.ci/run` installs it).
+fn python_with_datasets() -> std::path::PathBuf {
+    let python = crate::support::util::repo().join(".ci/venv/bin/python");
+    let found = std::process::Command::new(&python)
+        .args(["-c", "import datasets"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{} cannot import datasets: run .ci/run, or {}/pip install datasets",
+        python.display(),
+        python.parent().unwrap().display()
+    );
+    python
+}
+
+/// What `datasets` makes of the folder: splits and rows, features, the card's YAML, and every
+/// row's id, origin and messages.
+const LOAD: &str = r#"
+import json, sys, datasets, yaml
+folder = sys.argv[1]
+ds = datasets.load_dataset(folder)
+card = open(folder + "/README.md").read()
+front = yaml.safe_load(card.split("---\n")[1])
+print(json.dumps({
+    "splits": {name: split.num_rows for name, split in ds.items()},
+    "features": {name: str(f) for name, f in ds["train"].features.items()},
+    "front": front,
+    "rows": {name: [{"id": r["id"], "origin": r["origin"], "messages": r["messages"]} for r in split]
+             for name, split in ds.items()},
+}))
+"#;
+
+#[test]
+fn an_hf_folder_loads_in_datasets_with_its_card() {
+    let python = python_with_datasets();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = make_seed(dir.path());
+    let folder = dir.path().join("hub");
+    backforth_ok(&[
+        "export",
+        "--root",
+        sample_root().to_str().unwrap(),
+        "--table",
+        "backtranslated",
+        "--format",
+        "hf",
+        "--seed",
+        seed.to_str().unwrap(),
+        "--tag",
+        "system",
+        "--test-fraction",
+        "0.25",
+        "--sample-seed",
+        "5",
+        "--license",
+        "odc-by",
+        "--output",
+        folder.to_str().unwrap(),
+    ]);
+    let out = std::process::Command::new(&python)
+        .args(["-c", LOAD, folder.to_str().unwrap()])
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HOME", dir.path().join("hf-home"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        rows(
+            &session(&sample_root()).await,
+            "SELECT count(*) FROM backtranslated WHERE instruction IS NOT NULL",
+        )
+        .await
+    });
+    let synthetic: u64 = rows[0][0].parse().unwrap();
+    let (train, test) = (
+        loaded["splits"]["train"].as_u64().unwrap(),
+        loaded["splits"]["test"].as_u64().unwrap(),
+    );
+    assert_eq!(train + test, synthetic + 3, "{loaded}");
+    assert!(test > 0 && test < train, "{loaded}");
+    assert_eq!(
+        loaded["features"]["messages"],
+        "List({'role': Value('string'), 'content': Value('string')})"
+    );
+    for name in ["id", "origin", "tag", "doc_id"] {
+        assert_eq!(loaded["features"][name], "Value('string')", "{name}");
+    }
+    assert_eq!(loaded["features"]["score"], "Value('float64')");
+    // Every row: system tag by origin, then the pair.
+    let mut seeds = 0;
+    for split in ["train", "test"] {
+        for row in loaded["rows"][split].as_array().unwrap() {
+            let messages = row["messages"].as_array().unwrap();
+            assert_eq!(messages.len(), 3, "{row}");
+            let tag = match row["origin"].as_str().unwrap() {
+                "seed" => {
+                    seeds += 1;
+                    SEED_TAG
+                }
+                "web" => WEB_TAG,
+                other => panic!("origin {other}"),
+            };
+            assert_eq!(
+                messages[0],
+                serde_json::json!({"role": "system", "content": tag})
+            );
+            assert_eq!(messages[1]["role"], "user");
+            assert_eq!(messages[2]["role"], "assistant");
+        }
+    }
+    assert_eq!(seeds, 3);
+    // The card's YAML: what the Hub reads.
+    let front = &loaded["front"];
+    assert_eq!(front["license"], "odc-by");
+    assert_eq!(
+        front["task_categories"],
+        serde_json::json!(["text-generation"])
+    );
+    assert_eq!(front["size_categories"], serde_json::json!(["n<1K"]));
+    assert_eq!(
+        front["configs"][0]["data_files"],
+        serde_json::json!([
+            {"split": "train", "path": "data/train-*"},
+            {"split": "test", "path": "data/test-*"}
+        ])
+    );
+    assert_eq!(front["dataset_info"]["splits"][0]["num_examples"], train);
+    assert_eq!(front["dataset_info"]["splits"][1]["num_examples"], test);
+    let card = std::fs::read_to_string(folder.join("README.md")).unwrap();
+    assert!(card.contains("<!-- written by backforth export -->"));
+    assert!(card.contains("### Funnel"));
+}
