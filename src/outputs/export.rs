@@ -158,7 +158,10 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
             stages.join(", ")
         );
     }
-    if opts.format == Format::Preference {
+    let schema = ctx.table(&opts.table).await?.schema().clone();
+    let preferences = schema.has_column_with_unqualified_name("chosen")
+        && schema.has_column_with_unqualified_name("rejected");
+    if opts.format == Format::Preference || (opts.format == Format::Hf && preferences) {
         return export_preferences(opts, &ctx).await;
     }
     let mut synthetic = read_pairs(&ctx, &opts.table).await?;
@@ -206,7 +209,8 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
     }
     let pairs: Vec<Pair> = pairs.into_iter().map(|(_, p)| p).collect();
     if opts.format == Format::Hf {
-        write_hf(opts, &pairs, &counts).await?;
+        let encode = |chunk: &[Pair]| parquet_bytes(chunk, opts.tag, true);
+        write_hf(opts, &pairs, |p| &p.id, encode, PAIR_FEATURES, &counts).await?;
         return Ok(counts);
     }
     if opts.card {
@@ -301,7 +305,7 @@ async fn export_preferences(
 ) -> Result<ExportCounts> {
     if opts.seed.is_some() {
         return job_error!(
-            "--seed mixes in instruction-tuning pairs, which have no rejected answer: leave it out with --format preference"
+            "--seed mixes in instruction-tuning pairs, which have no rejected answer: leave it out when exporting preferences"
         );
     }
     let schema = ctx.table(&opts.table).await?.schema().clone();
@@ -374,6 +378,19 @@ async fn export_preferences(
     if opts.card {
         check_card_place(opts).await?;
     }
+    if opts.format == Format::Hf {
+        let encode = |chunk: &[Preference]| preference_parquet(chunk, opts.tag);
+        write_hf(
+            opts,
+            &preferences,
+            |p| &p.id,
+            encode,
+            PREFERENCE_FEATURES,
+            &counts,
+        )
+        .await?;
+        return Ok(counts);
+    }
     let mut out = Vec::new();
     for preference in &preferences {
         serde_json::to_writer(&mut out, &render_preference(preference, opts.tag))
@@ -390,11 +407,10 @@ async fn export_preferences(
 /// The JSON object one preference becomes: TRL's conversational DPO layout (a `prompt` of
 /// user and system messages, `chosen` and `rejected` as one assistant message each).
 pub fn render_preference(preference: &Preference, mode: TagMode) -> Value {
-    let mut prompt = Vec::new();
-    if let Some(s) = system(&preference.prompt, mode) {
-        prompt.push(json!({"role": "system", "content": s}));
-    }
-    prompt.push(json!({"role": "user", "content": tagged_instruction(&preference.prompt, mode)}));
+    let prompt: Vec<Value> = pair_turns(&preference.prompt, mode, false)
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
     json!({
         "id": preference.id,
         "prompt": prompt,
@@ -473,12 +489,10 @@ pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
     match format {
         // A pair has no rejected answer: as a preference file's prompt it is a chat.
         Format::OpenaiChat | Format::Parquet | Format::Preference | Format::Hf => {
-            let mut messages = Vec::new();
-            if let Some(s) = system(pair, mode) {
-                messages.push(json!({"role": "system", "content": s}));
-            }
-            messages.push(json!({"role": "user", "content": instruction}));
-            messages.push(json!({"role": "assistant", "content": pair.response}));
+            let messages: Vec<Value> = pair_turns(pair, mode, true)
+                .into_iter()
+                .map(|(role, content)| json!({"role": role, "content": content}))
+                .collect();
             json!({"messages": messages})
         }
         Format::Sharegpt => {
@@ -500,29 +514,21 @@ pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
     }
 }
 
-/// Parquet of `pairs`: `id` and `messages`, and with `provenance` their `origin`, `tag`,
-/// `score` and `doc_id`.
-fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<u8>> {
+/// A column of message lists, one list of (role, content) per row.
+fn messages_column<'a>(
+    rows: impl Iterator<Item = Vec<(&'static str, &'a str)>>,
+) -> datafusion::arrow::array::ListArray {
     use datafusion::arrow::array::{ListBuilder, StringBuilder, StructBuilder};
-    use datafusion::arrow::datatypes::{Field, Fields, Schema};
+    use datafusion::arrow::datatypes::{Field, Fields};
     let message_fields = Fields::from(vec![
         Field::new("role", DataType::Utf8, false),
         Field::new("content", DataType::Utf8, false),
     ]);
-    let mut ids = StringBuilder::new();
-    let mut messages = ListBuilder::new(StructBuilder::from_fields(message_fields.clone(), 3))
-        .with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(message_fields.clone()),
-            false,
-        )));
-    for pair in pairs {
-        ids.append_value(&pair.id);
-        let instruction = tagged_instruction(pair, mode);
-        let turns = system(pair, mode)
-            .map(|s| ("system", s.to_string()))
-            .into_iter()
-            .chain([("user", instruction), ("assistant", pair.response.clone())]);
+    let mut messages =
+        ListBuilder::new(StructBuilder::from_fields(message_fields.clone(), 3)).with_field(
+            Arc::new(Field::new("item", DataType::Struct(message_fields), false)),
+        );
+    for turns in rows {
         let values = messages.values();
         for (role, content) in turns {
             values
@@ -537,13 +543,42 @@ fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<
         }
         messages.append(true);
     }
-    let messages = messages.finish();
+    messages.finish()
+}
+
+/// The messages of a pair: the tag as a system message when `mode` says, the instruction
+/// (with the tag appended when `mode` says), then the answer unless `response` is false.
+fn pair_turns(pair: &Pair, mode: TagMode, response: bool) -> Vec<(&'static str, String)> {
+    let mut turns: Vec<(&'static str, String)> = system(pair, mode)
+        .map(|s| ("system", s.to_string()))
+        .into_iter()
+        .collect();
+    turns.push(("user", tagged_instruction(pair, mode)));
+    if response {
+        turns.push(("assistant", pair.response.clone()));
+    }
+    turns
+}
+
+/// Parquet of `pairs`: `id` and `messages`, and with `provenance` their `origin`, `tag`,
+/// `score` and `doc_id`.
+fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<u8>> {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    let turns: Vec<Vec<(&'static str, String)>> =
+        pairs.iter().map(|p| pair_turns(p, mode, true)).collect();
+    let messages = messages_column(
+        turns
+            .iter()
+            .map(|t| t.iter().map(|(r, c)| (*r, c.as_str())).collect()),
+    );
+    let ids = StringArray::from_iter_values(pairs.iter().map(|p| p.id.as_str()));
     let mut fields = vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("messages", messages.data_type().clone(), false),
     ];
     let mut columns: Vec<datafusion::arrow::array::ArrayRef> =
-        vec![Arc::new(ids.finish()), Arc::new(messages)];
+        vec![Arc::new(ids), Arc::new(messages)];
     if provenance {
         use datafusion::arrow::array::{Float64Array, StringArray};
         fields.extend([
@@ -576,13 +611,87 @@ fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<
     parquet_of(&[batch], schema, None)
 }
 
+/// The `dataset_info.features` of a `--format hf` folder of pairs.
+const PAIR_FEATURES: &str = "  - name: id\n    dtype: string\n  - name: messages\n    list:\n\
+    \x20   - name: role\n      dtype: string\n    - name: content\n      dtype: string\n\
+    \x20 - name: origin\n    dtype: string\n  - name: tag\n    dtype: string\n\
+    \x20 - name: score\n    dtype: float64\n  - name: doc_id\n    dtype: string\n";
+
+/// The `dataset_info.features` of a `--format hf` folder of preferences.
+const PREFERENCE_FEATURES: &str = "  - name: id\n    dtype: string\n\
+    \x20 - name: prompt\n    list:\n    - name: role\n      dtype: string\n\
+    \x20   - name: content\n      dtype: string\n\
+    \x20 - name: chosen\n    list:\n    - name: role\n      dtype: string\n\
+    \x20   - name: content\n      dtype: string\n\
+    \x20 - name: rejected\n    list:\n    - name: role\n      dtype: string\n\
+    \x20   - name: content\n      dtype: string\n\
+    \x20 - name: score_chosen\n    dtype: float64\n  - name: score_rejected\n    dtype: float64\n";
+
+/// Parquet of `preferences` in TRL's conversational layout, as `--format preference` writes
+/// them line by line.
+fn preference_parquet(preferences: &[Preference], mode: TagMode) -> Result<Vec<u8>> {
+    use datafusion::arrow::array::{ArrayRef, Float64Array, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    let prompts: Vec<Vec<(&'static str, String)>> = preferences
+        .iter()
+        .map(|p| pair_turns(&p.prompt, mode, false))
+        .collect();
+    let prompt = messages_column(
+        prompts
+            .iter()
+            .map(|t| t.iter().map(|(r, c)| (*r, c.as_str())).collect()),
+    );
+    let answer = |pick: fn(&Preference) -> &str| {
+        messages_column(preferences.iter().map(|p| vec![("assistant", pick(p))]))
+    };
+    let (chosen, rejected) = (answer(|p| &p.chosen), answer(|p| &p.rejected));
+    let list = prompt.data_type().clone();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("prompt", list.clone(), false),
+        Field::new("chosen", list.clone(), false),
+        Field::new("rejected", list, false),
+        Field::new("score_chosen", DataType::Float64, true),
+        Field::new("score_rejected", DataType::Float64, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            preferences.iter().map(|p| p.id.as_str()),
+        )),
+        Arc::new(prompt),
+        Arc::new(chosen),
+        Arc::new(rejected),
+        Arc::new(
+            preferences
+                .iter()
+                .map(|p| p.chosen_score)
+                .collect::<Float64Array>(),
+        ),
+        Arc::new(
+            preferences
+                .iter()
+                .map(|p| p.rejected_score)
+                .collect::<Float64Array>(),
+        ),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    parquet_of(&[batch], schema, None)
+}
+
 /// Rows per Parquet file of a `--format hf` folder.
 const HF_ROWS_PER_FILE: usize = 100_000;
 
 /// `--format hf`: the pairs as `data/<split>-NNNNN-of-NNNNN.parquet` under the output folder,
 /// `test` holding `test_fraction` of them (chosen by a hash of the sampling seed and the id),
 /// and README.md, the card, with the YAML header the Hub and `datasets` read.
-async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -> Result<()> {
+async fn write_hf<T: Clone>(
+    opts: &ExportOptions,
+    rows: &[T],
+    id: impl Fn(&T) -> &str,
+    encode: impl Fn(&[T]) -> Result<Vec<u8>>,
+    features: &str,
+    counts: &ExportCounts,
+) -> Result<()> {
     if !(0.0..1.0).contains(&opts.test_fraction) {
         return job_error!(
             "--test-fraction {}: give a share of the pairs in [0, 1)",
@@ -595,8 +704,8 @@ async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -
         check_card_at(&folder, &card_path).await?;
     }
     let cut = (opts.test_fraction * u64::MAX as f64) as u64;
-    let (test, train): (Vec<&Pair>, Vec<&Pair>) = pairs.iter().partition(|p| {
-        let key = sample_key(opts.sample_seed, "split", &p.id);
+    let (test, train): (Vec<&T>, Vec<&T>) = rows.iter().partition(|row| {
+        let key = sample_key(opts.sample_seed, "split", id(row));
         u64::from_str_radix(&key[..16], 16).unwrap_or(u64::MAX) < cut
     });
     let mut splits = Vec::new();
@@ -604,9 +713,9 @@ async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -
         if rows.is_empty() && name == "test" {
             continue;
         }
-        let chunks: Vec<Vec<Pair>> = rows
+        let chunks: Vec<Vec<T>> = rows
             .chunks(HF_ROWS_PER_FILE)
-            .map(|c| c.iter().map(|p| (*p).clone()).collect())
+            .map(|c| c.iter().map(|row| (*row).clone()).collect())
             .collect();
         let chunks = if chunks.is_empty() {
             vec![Vec::new()]
@@ -616,7 +725,7 @@ async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -
         let mut size = 0;
         for (i, chunk) in chunks.iter().enumerate() {
             let file = format!("data/{name}-{i:05}-of-{:05}.parquet", chunks.len());
-            let bytes = parquet_bytes(chunk, opts.tag, true)?;
+            let bytes = encode(chunk)?;
             size += bytes.len();
             folder
                 .store
@@ -638,7 +747,7 @@ async fn write_hf(opts: &ExportOptions, pairs: &[Pair], counts: &ExportCounts) -
             .unwrap_or_default();
         let card = format!(
             "{}{}",
-            hf_front_matter(&opts.license, &splits),
+            hf_front_matter(&opts.license, &splits, features),
             card_text(opts, counts, name).await?
         );
         folder
@@ -662,7 +771,7 @@ pub struct Split<'a> {
 
 /// The YAML header of a Hub dataset card: license, task, size, the `default` config's files
 /// per split, and the features with each split's size.
-pub fn hf_front_matter(license: &str, splits: &[Split<'_>]) -> String {
+pub fn hf_front_matter(license: &str, splits: &[Split<'_>], features: &str) -> String {
     use std::fmt::Write as _;
     let total: usize = splits.iter().map(|s| s.rows).sum();
     let size = match total {
@@ -684,13 +793,9 @@ pub fn hf_front_matter(license: &str, splits: &[Split<'_>]) -> String {
         let name = split.name;
         let _ = writeln!(yaml, "  - split: {name}\n    path: data/{name}-*");
     }
-    yaml.push_str(
-        "dataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: messages\n\
-         \x20   list:\n    - name: role\n      dtype: string\n    - name: content\n\
-         \x20     dtype: string\n  - name: origin\n    dtype: string\n  - name: tag\n\
-         \x20   dtype: string\n  - name: score\n    dtype: float64\n  - name: doc_id\n\
-         \x20   dtype: string\n  splits:\n",
-    );
+    yaml.push_str("dataset_info:\n  features:\n");
+    yaml.push_str(features);
+    yaml.push_str("  splits:\n");
     for split in splits {
         let _ = writeln!(
             yaml,

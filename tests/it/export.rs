@@ -225,7 +225,7 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
 }
 
 /// The Python of `.ci/venv` with Hugging Face `datasets` (`.ci/run` installs it).
-fn python_with_datasets() -> std::path::PathBuf {
+pub fn python_with_datasets() -> std::path::PathBuf {
     let python = crate::support::util::repo().join(".ci/venv/bin/python");
     let found = std::process::Command::new(&python)
         .args(["-c", "import datasets"])
