@@ -692,51 +692,18 @@ async fn write_hf<T: Clone>(
     features: &str,
     counts: &ExportCounts,
 ) -> Result<()> {
-    if !(0.0..1.0).contains(&opts.test_fraction) {
-        return job_error!(
-            "--test-fraction {}: give a share of the pairs in [0, 1)",
-            opts.test_fraction
-        );
-    }
     let folder = Location::parse(&opts.output)?;
     let card_path = folder.path("README.md");
     if opts.card {
         check_card_at(&folder, &card_path).await?;
     }
-    let cut = (opts.test_fraction * u64::MAX as f64) as u64;
-    let (test, train): (Vec<&T>, Vec<&T>) = rows.iter().partition(|row| {
-        let key = sample_key(opts.sample_seed, "split", id(row));
-        u64::from_str_radix(&key[..16], 16).unwrap_or(u64::MAX) < cut
-    });
-    let mut splits = Vec::new();
-    for (name, rows) in [("train", train), ("test", test)] {
-        if rows.is_empty() && name == "test" {
-            continue;
-        }
-        let chunks: Vec<Vec<T>> = rows
-            .chunks(HF_ROWS_PER_FILE)
-            .map(|c| c.iter().map(|row| (*row).clone()).collect())
-            .collect();
-        let chunks = if chunks.is_empty() {
-            vec![Vec::new()]
-        } else {
-            chunks
-        };
-        let mut size = 0;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let file = format!("data/{name}-{i:05}-of-{:05}.parquet", chunks.len());
-            let bytes = encode(chunk)?;
-            size += bytes.len();
-            folder
-                .store
-                .put(&folder.path(&file), PutPayload::from(bytes))
-                .await?;
-        }
-        splits.push(Split {
-            name,
-            rows: rows.len(),
-            bytes: size,
-        });
+    let split = |row: &T| is_held_out(opts.sample_seed, opts.test_fraction, id(row));
+    let (files, splits) = hf_files(rows, split, encode, opts.test_fraction)?;
+    for (file, bytes) in files {
+        folder
+            .store
+            .put(&folder.path(&file), PutPayload::from(bytes))
+            .await?;
     }
     if opts.card {
         let name = folder
@@ -756,6 +723,74 @@ async fn write_hf<T: Clone>(
             .await?;
     }
     Ok(())
+}
+
+/// Whether the row `id` goes to the `test` split: a hash of the sampling seed and the id
+/// below `fraction`, so the same seed splits alike.
+fn is_held_out(seed: u64, fraction: f64, id: &str) -> bool {
+    let key = sample_key(seed, "split", id);
+    let cut = (fraction * u64::MAX as f64) as u64;
+    u64::from_str_radix(&key[..16], 16).unwrap_or(u64::MAX) < cut
+}
+
+/// The Parquet files of a Hub folder (`data/<split>-NNNNN-of-NNNNN.parquet`, by path) and its
+/// splits: `rows` for which `held_out` holds go to `test`, the others to `train`.
+pub fn hf_files<T: Clone>(
+    rows: &[T],
+    held_out: impl Fn(&T) -> bool,
+    encode: impl Fn(&[T]) -> Result<Vec<u8>>,
+    test_fraction: f64,
+) -> Result<(Vec<(String, Vec<u8>)>, Vec<Split<'static>>)> {
+    if !(0.0..1.0).contains(&test_fraction) {
+        return job_error!("--test-fraction {test_fraction}: give a share of the rows in [0, 1)");
+    }
+    let (test, train): (Vec<&T>, Vec<&T>) = rows.iter().partition(|row| held_out(row));
+    let mut files = Vec::new();
+    let mut splits = Vec::new();
+    for (name, rows) in [("train", train), ("test", test)] {
+        if rows.is_empty() && name == "test" {
+            continue;
+        }
+        let mut chunks: Vec<Vec<T>> = rows
+            .chunks(HF_ROWS_PER_FILE)
+            .map(|c| c.iter().map(|row| (*row).clone()).collect())
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let mut size = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let bytes = encode(chunk)?;
+            size += bytes.len();
+            files.push((
+                format!("data/{name}-{i:05}-of-{:05}.parquet", chunks.len()),
+                bytes,
+            ));
+        }
+        splits.push(Split {
+            name,
+            rows: rows.len(),
+            bytes: size,
+        });
+    }
+    Ok((files, splits))
+}
+
+/// A Hub folder of `pairs` (train only, provenance columns, no tag) with a card of `about`
+/// under the YAML header: what `seed --format hf` writes for each direction.
+pub fn hf_pairs_folder(
+    pairs: &[Pair],
+    license: &str,
+    about: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let encode = |chunk: &[Pair]| parquet_bytes(chunk, TagMode::None, true);
+    let (mut files, splits) = hf_files(pairs, |_| false, encode, 0.0)?;
+    let card = format!(
+        "{}{CARD_MARK}\n{about}\n",
+        hf_front_matter(license, &splits, PAIR_FEATURES)
+    );
+    files.push(("README.md".to_string(), card.into_bytes()));
+    Ok(files)
 }
 
 /// One split of a `--format hf` folder.

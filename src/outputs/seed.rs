@@ -504,15 +504,38 @@ pub async fn seed(input: &Path, out: &Path, count: usize, format: Format) -> Res
         .iter()
         .map(|p| Pair::untagged(&p.id, &p.response, &p.instruction))
         .collect();
-    let ext = format.extension();
-    write(
-        &out.join(format!("forward.{ext}")),
-        export::encode(&forward, format, TagMode::None)?,
-    )?;
-    write(
-        &out.join(format!("backward.{ext}")),
-        export::encode(&backward, format, TagMode::None)?,
-    )?;
+    if format == Format::Hf {
+        // Open Assistant's messages are Apache-2.0.
+        for (direction, pairs, about) in [
+            (
+                "forward",
+                &forward,
+                "Open Assistant seed pairs, instruction to answer (for the scorer and the forward model).",
+            ),
+            (
+                "backward",
+                &backward,
+                "Open Assistant seed pairs reversed, answer to instruction (for the backward model).",
+            ),
+        ] {
+            for (file, bytes) in export::hf_pairs_folder(pairs, "apache-2.0", about)? {
+                let path = out.join(direction).join(file);
+                std::fs::create_dir_all(path.parent().expect("a folder"))
+                    .with_context(|| format!("creating {}", path.display()))?;
+                write(&path, bytes)?;
+            }
+        }
+    } else {
+        let ext = format.extension();
+        write(
+            &out.join(format!("forward.{ext}")),
+            export::encode(&forward, format, TagMode::None)?,
+        )?;
+        write(
+            &out.join(format!("backward.{ext}")),
+            export::encode(&backward, format, TagMode::None)?,
+        )?;
+    }
     write(&out.join("seed.parquet"), seed_parquet(&pairs)?)?;
     let report = SeedReport {
         messages: messages.len() as u64,

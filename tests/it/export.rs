@@ -362,3 +362,51 @@ fn an_hf_folder_loads_in_datasets_with_its_card() {
     assert!(card.contains("<!-- written by backforth export -->"));
     assert!(card.contains("### Funnel"));
 }
+
+#[test]
+fn seed_pairs_as_hf_folders_load_in_datasets_both_ways() {
+    let python = python_with_datasets();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed");
+    backforth_ok(&[
+        "seed",
+        "--input",
+        "tests/fixtures/oasst/messages.jsonl",
+        "--output",
+        seed.to_str().unwrap(),
+        "--format",
+        "hf",
+    ]);
+    let load = "import json, sys, datasets\n\
+                rows = {d: [dict(r) for r in datasets.load_dataset(sys.argv[1] + '/' + d)['train']]\n\
+                        for d in ('forward', 'backward')}\n\
+                print(json.dumps(rows))";
+    let out = std::process::Command::new(python)
+        .args(["-c", load, seed.to_str().unwrap()])
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HOME", dir.path().join("hf-home"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (forward, backward) = (
+        loaded["forward"].as_array().unwrap(),
+        loaded["backward"].as_array().unwrap(),
+    );
+    assert_eq!(forward.len(), 3);
+    assert_eq!(backward.len(), 3);
+    for (f, b) in forward.iter().zip(backward) {
+        assert_eq!(f["id"], b["id"]);
+        assert_eq!(f["origin"], "seed");
+        // The backward model's pair is the forward pair reversed.
+        assert_eq!(f["messages"][0]["content"], b["messages"][1]["content"]);
+        assert_eq!(f["messages"][1]["content"], b["messages"][0]["content"]);
+        assert_eq!(f["messages"][0]["role"], "user");
+    }
+    let card = std::fs::read_to_string(seed.join("forward/README.md")).unwrap();
+    assert!(card.starts_with("---\nlicense: \"apache-2.0\""), "{card}");
+}
