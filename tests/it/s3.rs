@@ -524,3 +524,47 @@ fn denied_reads_are_errors_not_absence() {
         "{data:?}"
     );
 }
+
+/// A benchmark on the object store, read through the same URLs as the inputs.
+#[test]
+fn decontamination_reads_a_benchmark_folder_from_s3() {
+    let moto = Moto::start();
+    moto.bucket("evals");
+    let dir = tempfile::tempdir().unwrap();
+    let question = "Which river flows through the city of Vienna and continues east to \
+                    Bratislava and Budapest before it reaches the Black Sea?";
+    let item = dir.path().join("test.jsonl");
+    std::fs::write(
+        &item,
+        serde_json::json!({"id": "geo-1", "question": question}).to_string() + "\n",
+    )
+    .unwrap();
+    upload(&moto, &item, "evals", "geo/data/test.jsonl");
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        [
+            serde_json::json!({"id": "copy", "text": format!("Quiz: {question}")}),
+            serde_json::json!({"id": "clean", "text": "Rivers carry sediment to the sea."}),
+        ]
+        .iter()
+        .map(|d| d.to_string() + "\n")
+        .collect::<String>(),
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+         [decontaminate]\nn = 8\n[[decontaminate.benchmarks]]\nname = \"geo\"\n\
+         paths = [\"s3://evals/geo/\"]\nfields = [\"question\"]\nid = \"id\"\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"decontaminated\"\n",
+    )
+    .unwrap();
+    ok(backforth_s3(
+        &moto,
+        &["run", job.to_str().unwrap(), "--endpoint", "mock"],
+    ));
+    let marker = crate::support::util::marker(&dir.path().join("out"), "decontaminated");
+    assert_eq!(marker["dropped"]["contaminated:geo"], 1, "{marker}");
+    assert_eq!(marker["rows_out"], 1, "{marker}");
+}
