@@ -352,7 +352,6 @@ async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
     assert_eq!(counted, preferences, "{gaps}");
 
     // The same preferences as a Hugging Face folder: `datasets` loads each line's content.
-    let python = crate::export::python_with_datasets();
     let folder = dir.path().join("hub");
     backforth_ok(&[
         "export",
@@ -368,18 +367,8 @@ async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
     let load = "import json, sys, datasets\n\
                 ds = datasets.load_dataset(sys.argv[1])['train']\n\
                 print(json.dumps([dict(r) for r in ds]))";
-    let out = std::process::Command::new(python)
-        .args(["-c", load, folder.to_str().unwrap()])
-        .env("HF_DATASETS_OFFLINE", "1")
-        .env("HF_HOME", dir.path().join("hf-home"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut loaded: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut loaded: Vec<serde_json::Value> =
+        serde_json::from_value(crate::export::with_datasets(load, &folder)).unwrap();
     loaded.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     assert_eq!(
         loaded, lines,

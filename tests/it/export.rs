@@ -224,8 +224,26 @@ fn export_refuses_a_size_beyond_the_table_and_a_foreign_readme() {
     assert!(!train.exists());
 }
 
+/// What `script` (Python printing JSON, `datasets` importable) prints for `folder`, offline,
+/// with a Hugging Face cache of its own.
+pub fn with_datasets(script: &str, folder: &Path) -> Value {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(python_with_datasets())
+        .args(["-c", script, folder.to_str().unwrap()])
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The Python of `.ci/venv` with Hugging Face `datasets` (`.ci/run` installs it).
-pub fn python_with_datasets() -> std::path::PathBuf {
+fn python_with_datasets() -> std::path::PathBuf {
     let python = crate::support::util::repo().join(".ci/venv/bin/python");
     let found = std::process::Command::new(&python)
         .args(["-c", "import datasets"])
@@ -259,7 +277,6 @@ print(json.dumps({
 
 #[test]
 fn an_hf_folder_loads_in_datasets_with_its_card() {
-    let python = python_with_datasets();
     let dir = tempfile::tempdir().unwrap();
     let seed = make_seed(dir.path());
     let folder = dir.path().join("hub");
@@ -284,18 +301,7 @@ fn an_hf_folder_loads_in_datasets_with_its_card() {
         "--output",
         folder.to_str().unwrap(),
     ]);
-    let out = std::process::Command::new(&python)
-        .args(["-c", LOAD, folder.to_str().unwrap()])
-        .env("HF_DATASETS_OFFLINE", "1")
-        .env("HF_HOME", dir.path().join("hf-home"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loaded = with_datasets(LOAD, &folder);
     let rows = tokio::runtime::Runtime::new().unwrap().block_on(async {
         rows(
             &session(&sample_root()).await,
@@ -365,7 +371,6 @@ fn an_hf_folder_loads_in_datasets_with_its_card() {
 
 #[test]
 fn seed_pairs_as_hf_folders_load_in_datasets_both_ways() {
-    let python = python_with_datasets();
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed");
     backforth_ok(&[
@@ -381,18 +386,7 @@ fn seed_pairs_as_hf_folders_load_in_datasets_both_ways() {
                 rows = {d: [dict(r) for r in datasets.load_dataset(sys.argv[1] + '/' + d)['train']]\n\
                         for d in ('forward', 'backward')}\n\
                 print(json.dumps(rows))";
-    let out = std::process::Command::new(python)
-        .args(["-c", load, seed.to_str().unwrap()])
-        .env("HF_DATASETS_OFFLINE", "1")
-        .env("HF_HOME", dir.path().join("hf-home"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loaded = with_datasets(load, &seed);
     let (forward, backward) = (
         loaded["forward"].as_array().unwrap(),
         loaded["backward"].as_array().unwrap(),
