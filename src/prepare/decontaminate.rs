@@ -203,6 +203,16 @@ struct Builder {
 }
 
 impl Builder {
+    fn new(n: usize) -> Self {
+        Self {
+            n,
+            pairs: Vec::new(),
+            entries: Vec::new(),
+            items: 0,
+            files: 0,
+        }
+    }
+
     fn add(&mut self, benchmark: u16, field: u16, id: &str, text: &str) {
         let mut grams = gram_hashes(text, self.n);
         grams.sort_unstable();
@@ -277,13 +287,7 @@ impl Builder {
 impl BenchmarkIndex {
     /// Reads every benchmark of `settings` and indexes its items.
     pub async fn build(settings: &Decontamination) -> Result<Self> {
-        let mut builder = Builder {
-            n: settings.n,
-            pairs: Vec::new(),
-            entries: Vec::new(),
-            items: 0,
-            files: 0,
-        };
+        let mut builder = Builder::new(settings.n);
         for (b, benchmark) in settings.benchmarks.iter().enumerate() {
             for file in benchmark_files(benchmark).await? {
                 builder.files += 1;
@@ -312,13 +316,7 @@ impl BenchmarkIndex {
         settings: &Decontamination,
         items: impl IntoIterator<Item = (usize, &'a str, Vec<&'a str>)>,
     ) -> Self {
-        let mut builder = Builder {
-            n: settings.n,
-            pairs: Vec::new(),
-            entries: Vec::new(),
-            items: 0,
-            files: 0,
-        };
+        let mut builder = Builder::new(settings.n);
         for (b, id, fields) in items {
             builder.items += 1;
             for (f, text) in fields.iter().enumerate() {

@@ -282,18 +282,21 @@ async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
             .unwrap()
     };
     assert!((requests("ranked") - 4.0 * requests("sampled")).abs() < 1e-9);
+    let export = |format: &str, output: &Path| {
+        backforth_ok(&[
+            "export",
+            "--root",
+            root.to_str().unwrap(),
+            "--table",
+            "preference",
+            "--format",
+            format,
+            "--output",
+            output.to_str().unwrap(),
+        ])
+    };
     let output = dir.path().join("dpo.jsonl");
-    backforth_ok(&[
-        "export",
-        "--root",
-        root.to_str().unwrap(),
-        "--table",
-        "preference",
-        "--format",
-        "preference",
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    export("preference", &output);
     // Every line against the judged samples of its pair: chosen is a best-scored sample,
     // rejected a worst-scored one, and the gap is at least the stage's `min_gap`.
     let samples = rows(
@@ -353,17 +356,7 @@ async fn preference_keeps_the_best_and_worst_of_several_judged_rewrites() {
 
     // The same preferences as a Hugging Face folder: `datasets` loads each line's content.
     let folder = dir.path().join("hub");
-    backforth_ok(&[
-        "export",
-        "--root",
-        root.to_str().unwrap(),
-        "--table",
-        "preference",
-        "--format",
-        "hf",
-        "--output",
-        folder.to_str().unwrap(),
-    ]);
+    export("hf", &folder);
     let load = "import json, sys, datasets\n\
                 ds = datasets.load_dataset(sys.argv[1])['train']\n\
                 print(json.dumps([dict(r) for r in ds]))";
