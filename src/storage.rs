@@ -15,6 +15,74 @@ use url::Url;
 use crate::error::{Context, Error, Result};
 use crate::job_error;
 
+/// The parts of an object-store URL, whichever form a user writes it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudUrl {
+    /// `s3`, `gs` or `az` (Azure in any of its forms).
+    pub scheme: &'static str,
+    /// The Azure storage account, when the URL names it.
+    pub account: Option<String>,
+    /// The bucket or container.
+    pub bucket: String,
+    /// The path inside it, without leading or trailing `/`.
+    pub prefix: String,
+}
+
+impl CloudUrl {
+    /// Reads `s3://bucket/path`, `gs://bucket/path`, `az://container/path`,
+    /// `abfs[s]://container@account.dfs.core.windows.net/path` and
+    /// `https://account.blob.core.windows.net/container/path` (or `.dfs.`).
+    pub fn parse(location: &str) -> Result<Self> {
+        let url = Url::parse(location)
+            .map_err(|e| Error::Job(format!("'{location}' is not a valid URL: {e}")))?;
+        let host = url.host_str().unwrap_or_default().to_string();
+        let path = url.path().trim_matches('/').to_string();
+        let account_of = |host: &str| {
+            [".blob.core.windows.net", ".dfs.core.windows.net"]
+                .iter()
+                .find_map(|suffix| host.strip_suffix(suffix))
+                .map(str::to_string)
+        };
+        let (scheme, account, bucket, prefix) = match url.scheme() {
+            "s3" => ("s3", None, host, path),
+            "gs" => ("gs", None, host, path),
+            "az" => ("az", None, host, path),
+            "abfs" | "abfss" => match url.username() {
+                "" => ("az", None, host, path),
+                container => (
+                    "az",
+                    account_of(&host).or(Some(host.clone())),
+                    container.to_string(),
+                    path,
+                ),
+            },
+            "https" if account_of(&host).is_some() => {
+                let (container, rest) = path.split_once('/').unwrap_or((path.as_str(), ""));
+                (
+                    "az",
+                    account_of(&host),
+                    container.to_string(),
+                    rest.to_string(),
+                )
+            }
+            other => {
+                return job_error!(
+                    "'{location}': scheme '{other}' is not supported (use a path, file://, s3://, gs://, az://, abfss://container@account.dfs.core.windows.net/ or https://account.blob.core.windows.net/container/)"
+                );
+            }
+        };
+        if bucket.is_empty() {
+            return job_error!("'{location}' names no bucket or container");
+        }
+        Ok(Self {
+            scheme,
+            account,
+            bucket,
+            prefix,
+        })
+    }
+}
+
 /// A directory-like place: a store, the URL DataFusion knows it by, and a prefix inside it.
 #[derive(Debug, Clone)]
 pub struct Location {
@@ -40,13 +108,13 @@ impl Location {
                 prefix,
             });
         }
-        let url = Url::parse(location)
-            .map_err(|e| Error::Job(format!("'{location}' is not a valid URL: {e}")))?;
-        let bucket = url.host_str().unwrap_or_default().to_string();
-        if bucket.is_empty() {
-            return job_error!("'{location}' names no bucket");
-        }
-        let store: Arc<dyn ObjectStore> = match url.scheme() {
+        let CloudUrl {
+            scheme,
+            account,
+            bucket,
+            prefix,
+        } = CloudUrl::parse(location)?;
+        let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
@@ -59,23 +127,28 @@ impl Location {
                     .build()
                     .map_err(|e| Error::Job(format!("GCS store for {location}: {e}")))?,
             ),
-            "az" | "abfs" | "abfss" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(&bucket)
-                    .build()
-                    .map_err(|e| Error::Job(format!("Azure store for {location}: {e}")))?,
-            ),
-            other => {
-                return job_error!(
-                    "'{location}': scheme '{other}' is not supported (use a path, file://, s3://, gs:// or az://)"
-                );
+            _ => {
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&bucket);
+                if let Some(account) = &account {
+                    builder = builder.with_account(account);
+                }
+                Arc::new(builder.build().map_err(|e| {
+                    Error::Job(format!(
+                        "Azure store for {location}: {e} (the account comes from the URL or AZURE_STORAGE_ACCOUNT_NAME)"
+                    ))
+                })?)
             }
         };
-        let store_url = Url::parse(&format!("{}://{bucket}", url.scheme())).expect("valid URL");
+        let store_url = Url::parse(&format!("{scheme}://{bucket}")).map_err(|e| {
+            Error::Job(format!(
+                "'{location}': bucket '{bucket}' is not a valid host: {e}"
+            ))
+        })?;
         Ok(Self {
             store,
             store_url,
-            prefix: Path::from(url.path().trim_matches('/')),
+            prefix: Path::from(prefix.as_str()),
         })
     }
 

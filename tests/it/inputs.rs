@@ -111,3 +111,52 @@ async fn removed_renamed_and_edited_inputs_leave_what_a_fresh_run_would() {
             .any(|(_, _, text)| text.contains("lantern page number 9"))
     );
 }
+
+#[test]
+fn object_store_urls_are_read_in_every_form_users_write() {
+    use backforth::storage::{CloudUrl, Location};
+    let parts = |url: &str| {
+        let p = CloudUrl::parse(url).unwrap();
+        (p.scheme, p.account, p.bucket, p.prefix)
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        parts("s3://corpus/dolma/v1/"),
+        ("s3", None, "corpus".into(), "dolma/v1".into())
+    );
+    assert_eq!(
+        parts("gs://corpus/dolma"),
+        ("gs", None, "corpus".into(), "dolma".into())
+    );
+    assert_eq!(
+        parts("az://data/runs/a"),
+        ("az", None, "data".into(), "runs/a".into())
+    );
+    // The container is the user part, not the host (which names the account).
+    assert_eq!(
+        parts("abfss://data@acct.dfs.core.windows.net/runs/a"),
+        ("az", some("acct"), "data".into(), "runs/a".into())
+    );
+    assert_eq!(
+        parts("abfs://data@acct.dfs.core.windows.net/"),
+        ("az", some("acct"), "data".into(), String::new())
+    );
+    assert_eq!(
+        parts("https://acct.blob.core.windows.net/data/runs/a"),
+        ("az", some("acct"), "data".into(), "runs/a".into())
+    );
+    assert_eq!(
+        parts("https://acct.dfs.core.windows.net/data"),
+        ("az", some("acct"), "data".into(), String::new())
+    );
+    let error = CloudUrl::parse("https://example.org/data")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("scheme 'https' is not supported"), "{error}");
+    assert!(CloudUrl::parse("s3:///path").is_err());
+    // The Azure store is built for the URL's account and container.
+    let location = Location::parse("abfss://data@acct.dfs.core.windows.net/runs/a").unwrap();
+    assert_eq!(location.store_url.as_str(), "az://data");
+    assert_eq!(location.prefix.as_ref(), "runs/a");
+    assert_eq!(location.describe(), "az://data/runs/a");
+}
