@@ -568,3 +568,28 @@ fn decontamination_reads_a_benchmark_folder_from_s3() {
     assert_eq!(marker["dropped"]["contaminated:geo"], 1, "{marker}");
     assert_eq!(marker["rows_out"], 1, "{marker}");
 }
+
+/// Markers and journal segments are created only if absent: moto, like S3, must refuse a
+/// second create of the same object (`If-None-Match: *`), as the commit protocol expects.
+#[test]
+fn s3_refuses_a_second_create_of_one_object() {
+    use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    let moto = Moto::start();
+    moto.bucket("runs");
+    let store = store(&moto, "runs");
+    let path = object_store::path::Path::from("out/candidates/_SUCCESS");
+    let create = PutOptions::from(PutMode::Create);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.put_opts(&path, PutPayload::from_static(b"first"), create.clone()))
+        .unwrap();
+    let second = rt.block_on(store.put_opts(&path, PutPayload::from_static(b"second"), create));
+    assert!(
+        matches!(second, Err(object_store::Error::AlreadyExists { .. })),
+        "{second:?}"
+    );
+    let kept = rt.block_on(async { store.get(&path).await.unwrap().bytes().await.unwrap() });
+    assert_eq!(&kept[..], b"first");
+}
