@@ -239,3 +239,47 @@ fn azurite_refuses_a_second_create_of_one_object() {
     let kept = block_on(async { store.get(&path).await.unwrap().bytes().await.unwrap() });
     assert_eq!(&kept[..], b"first");
 }
+
+/// Two workers share one root in a container: each runs its share of the shards, the
+/// output equals one worker's run, and no request is paid twice.
+#[test]
+fn two_workers_on_azurite_equal_one_run() {
+    let azurite = Azurite::start();
+    azurite.container("corpus");
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let job = job.to_str().unwrap();
+    let server = FakeServer::start(Duration::from_millis(5));
+    let url = server.url();
+    let common = ["--endpoint", url.as_str(), "--model", "m"];
+    let mut one = vec!["run", job, "--output", "az://corpus/one"];
+    one.extend(common);
+    ok(azurite.run(&one));
+    let expected = ok(azurite.run(&["sql", "--root", "az://corpus/one", QUERY]));
+    let single = server.requests();
+
+    let outputs: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                let (azurite, common) = (&azurite, &common);
+                s.spawn(move || {
+                    let worker = format!("{i}/2");
+                    let mut args = vec!["run", job, "--output", "az://corpus/two"];
+                    args.extend(common);
+                    args.extend(["--worker", worker.as_str()]);
+                    azurite.run(&args)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for out in outputs {
+        ok(out);
+    }
+    let got = ok(azurite.run(&["sql", "--root", "az://corpus/two", QUERY]));
+    assert_eq!(got, expected);
+    // The two workers together sent what the single run sent (identical prompts within a
+    // run are asked once; none is asked by both workers).
+    assert_eq!(server.requests() - single, single);
+}
