@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use crate::s3::{QUERY, killed_midway, ok};
 use crate::support::fake_server::FakeServer;
 use crate::support::util::repo;
 
@@ -138,16 +139,6 @@ print(urllib.request.urlopen(req).status)
     }
 }
 
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -155,10 +146,6 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .unwrap()
         .block_on(future)
 }
-
-const QUERY: &str = "SELECT 'b' AS s, id, instruction AS v FROM backtranslated \
-    UNION ALL SELECT 's', id, CAST(score AS VARCHAR) FROM scored \
-    UNION ALL SELECT 'r', id, response FROM rewritten ORDER BY s, id";
 
 #[test]
 fn pipeline_on_azurite_with_a_kill_and_resume() {
@@ -200,17 +187,7 @@ fn pipeline_on_azurite_with_a_kill_and_resume() {
         "az://corpus/out",
     ];
     args.extend(common);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(&args)
-        .envs(azurite.env())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(full / 2);
-    let killed = child.try_wait().unwrap().is_none();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let killed = killed_midway(&args, azurite.env(), full);
     ok(azurite.run(&args));
     let got = ok(azurite.run(&["sql", "--root", "az://corpus/out", QUERY]));
     assert_eq!(got, expected);

@@ -208,7 +208,7 @@ fn backforth_s3(moto: &Moto, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: Output) -> String {
+pub(crate) fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -218,7 +218,8 @@ fn ok(out: Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-const QUERY: &str = "SELECT 'b' AS s, id, instruction AS v FROM backtranslated \
+/// The rows of the LLM stages, in a fixed order: what two runs must agree on.
+pub(crate) const QUERY: &str = "SELECT 'b' AS s, id, instruction AS v FROM backtranslated \
     UNION ALL SELECT 's', id, CAST(score AS VARCHAR) FROM scored \
     UNION ALL SELECT 'r', id, response FROM rewritten ORDER BY s, id";
 
@@ -270,18 +271,7 @@ fn pipeline_on_s3_with_a_kill_and_resume() {
         "s3://corpus/out",
     ];
     args.extend(common);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(&args)
-        .envs(moto.env())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // S3 is slower than local disk, so half the local run is well inside the S3 run.
-    std::thread::sleep(full / 2);
-    let killed = child.try_wait().unwrap().is_none();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let killed = killed_midway(&args, moto.env(), full);
     ok(backforth_s3(&moto, &args));
     let got = ok(backforth_s3(
         &moto,
@@ -289,6 +279,27 @@ fn pipeline_on_s3_with_a_kill_and_resume() {
     ));
     assert_eq!(got, expected);
     assert!(killed, "the run was still going when killed");
+}
+
+/// Starts `backforth` with `args` and `env`, and kills it after half of `full` (how long the
+/// same run took on local disk, which is faster than any store): whether it was still going.
+pub(crate) fn killed_midway(
+    args: &[&str],
+    env: Vec<(&'static str, String)>,
+    full: Duration,
+) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args)
+        .envs(env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(full / 2);
+    let killed = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    killed
 }
 
 /// object_store's client of `bucket` on the server, with moto's default keys.
