@@ -54,12 +54,21 @@ pub fn parse_score(raw: Option<&str>, finish_reason: Option<&str>) -> ParsedScor
     if number.contains(['.', ',']) {
         return none("not_integer");
     }
-    match number.parse::<i64>() {
-        Ok(n) if (1..=5).contains(&n) => ParsedScore {
+    number.parse::<i64>().map_or(none("out_of_range"), rated)
+}
+
+/// A whole-number score: itself when it is on the 1-5 scale, else `out_of_range`.
+fn rated(n: i64) -> ParsedScore {
+    if (1..=5).contains(&n) {
+        ParsedScore {
             score: Some(n),
             reason: None,
-        },
-        _ => none("out_of_range"),
+        }
+    } else {
+        ParsedScore {
+            score: None,
+            reason: Some("out_of_range"),
+        }
     }
 }
 
@@ -236,11 +245,27 @@ pub fn judge(
 
 /// The JSON object a reply consists of (`mode = "json"`), if it is one.
 fn json_object(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let trimmed = text.trim();
-    if !trimmed.starts_with('{') {
+    let body = unfenced(text);
+    if !body.starts_with('{') {
         return None;
     }
-    serde_json::from_str(trimmed).ok()
+    serde_json::from_str(body).ok()
+}
+
+/// A reply's text without a Markdown code fence around it (whose first line may name the
+/// language), trimmed: where models that were asked for JSON often put it.
+pub fn unfenced(text: &str) -> &str {
+    let trimmed = text.trim();
+    let Some(rest) = trimmed.strip_prefix("```") else {
+        return trimmed;
+    };
+    let Some(inner) = rest.strip_suffix("```") else {
+        return trimmed;
+    };
+    match inner.split_once('\n') {
+        Some((lang, body)) if !lang.trim_start().starts_with(['{', '[']) => body.trim(),
+        _ => inner.trim(),
+    }
 }
 
 /// The `score` field of a JSON judgement, held to the same rules as `Score: N`.
@@ -252,11 +277,7 @@ fn json_score(object: &serde_json::Map<String, serde_json::Value>) -> ParsedScor
     match object.get("score") {
         None | Some(serde_json::Value::Null) => none("no_score"),
         Some(v) => match (v.as_i64(), v.as_f64()) {
-            (Some(n), _) if (1..=5).contains(&n) => ParsedScore {
-                score: Some(n),
-                reason: None,
-            },
-            (Some(_), _) => none("out_of_range"),
+            (Some(n), _) => rated(n),
             (None, Some(_)) => none("not_integer"),
             (None, None) => none("no_score"),
         },

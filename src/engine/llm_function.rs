@@ -105,6 +105,8 @@ pub struct LlmFunction {
     journal: Arc<JournalScope>,
     templates: minijinja::Environment<'static>,
     signature: Signature,
+    /// The fields of one sample's struct: the call's, then `json` typed by the schema.
+    sample_fields: Fields,
 }
 
 impl PartialEq for LlmFunction {
@@ -139,10 +141,22 @@ impl LlmFunction {
                 .add_template_owned("fallback", fallback.clone())
                 .map_err(|e| Error::Job(format!("fallback template of {}: {e}", spec.name)))?;
         }
+        let sample_fields = match &spec.schema {
+            Some(schema) => {
+                let mut fields: Vec<Field> = llm_reply_fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone())
+                    .collect();
+                fields.push(Field::new(JSON_FIELD, schema.arrow_type(), true));
+                Fields::from(fields)
+            }
+            None => llm_reply_fields(),
+        };
         Ok(Self {
             templates,
             // Not `user_defined`: DataFusion's async wrapper does not forward `coerce_types`.
             signature: Signature::string(spec.args.len(), Volatility::Volatile),
+            sample_fields,
             spec,
             client,
             journal,
@@ -167,25 +181,11 @@ impl LlmFunction {
     /// value, typed by the schema) when it has one; a list of them when it asks for several
     /// samples.
     pub fn reply_type(&self) -> DataType {
-        let one = DataType::Struct(self.sample_fields());
+        let one = DataType::Struct(self.sample_fields.clone());
         if self.spec.samples > 1 {
             DataType::List(Arc::new(Field::new("item", one, true)))
         } else {
             one
-        }
-    }
-
-    fn sample_fields(&self) -> Fields {
-        match &self.spec.schema {
-            Some(schema) => {
-                let mut fields: Vec<Field> = llm_reply_fields()
-                    .iter()
-                    .map(|f| f.as_ref().clone())
-                    .collect();
-                fields.push(Field::new(JSON_FIELD, schema.arrow_type(), true));
-                Fields::from(fields)
-            }
-            None => llm_reply_fields(),
         }
     }
 
@@ -208,14 +208,15 @@ impl LlmFunction {
             Ok(request) => request,
             Err(reply) => return vec![Sample::of(reply); samples as usize],
         };
-        let replies = if self.client.spec().supports_n {
-            let asked = Request {
-                choices: samples,
-                ..request.clone()
-            };
-            self.client.call_choices(asked, &self.journal).await
-        } else {
-            join_all((0..samples).map(|i| self.client.call(request.sample(i), &self.journal))).await
+        // Kept only where a retry needs it, as in `call_once`.
+        let retried = self.spec.schema.is_some().then(|| request.clone());
+        let asked = Request {
+            choices: samples,
+            ..request
+        };
+        let replies = self.client.call_choices(asked, &self.journal).await;
+        let Some(request) = retried else {
+            return replies.into_iter().map(Sample::of).collect();
         };
         let checked = replies
             .into_iter()
@@ -262,11 +263,10 @@ impl LlmFunction {
 
     /// `reply` (to `request`) held to the function's schema: a reply off it is asked again,
     /// with what is wrong, up to `schema_retries` times, then an error value saying why.
-    async fn checked(&self, reply: Reply, mut request: Request) -> Sample {
+    async fn checked(&self, mut reply: Reply, mut request: Request) -> Sample {
         let Some(schema) = &self.spec.schema else {
             return Sample::of(reply);
         };
-        let mut reply = reply;
         loop {
             if reply.error.is_some() {
                 return Sample::of(reply);
@@ -343,7 +343,7 @@ impl LlmFunction {
         let flat: Vec<Option<Sample>> = answers.into_iter().flatten().flatten().map(Some).collect();
         let item = Arc::new(Field::new(
             "item",
-            DataType::Struct(self.sample_fields()),
+            DataType::Struct(self.sample_fields.clone()),
             true,
         ));
         Arc::new(ListArray::new(
@@ -355,19 +355,21 @@ impl LlmFunction {
     }
 
     fn samples_to_struct(&self, samples: Vec<Option<Sample>>) -> StructArray {
-        let Some(schema) = &self.spec.schema else {
-            let replies = samples.into_iter().map(|s| s.map(|s| s.reply)).collect();
-            return replies_to_struct(replies);
+        let (replies, values): (Vec<Option<Reply>>, Vec<Option<serde_json::Value>>) = samples
+            .into_iter()
+            .map(|s| match s {
+                Some(s) => (Some(s.reply), s.value),
+                None => (None, None),
+            })
+            .unzip();
+        let calls = replies_to_struct(replies);
+        let Some(json) = self.sample_fields.find(JSON_FIELD).map(|(_, f)| f) else {
+            return calls;
         };
-        let values: Vec<Option<serde_json::Value>> = samples
-            .iter()
-            .map(|s| s.as_ref().and_then(|s| s.value.clone()))
-            .collect();
-        let replies = samples.into_iter().map(|s| s.map(|s| s.reply)).collect();
-        let (_, mut columns, nulls) = replies_to_struct(replies).into_parts();
+        let (_, mut columns, nulls) = calls.into_parts();
         let refs: Vec<Option<&serde_json::Value>> = values.iter().map(Option::as_ref).collect();
-        columns.push(json_array(&schema.arrow_type(), &refs));
-        StructArray::new(self.sample_fields(), columns, nulls)
+        columns.push(json_array(json.data_type(), &refs));
+        StructArray::new(self.sample_fields.clone(), columns, nulls)
     }
 }
 

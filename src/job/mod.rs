@@ -480,12 +480,7 @@ fn add_reasoning_fields(
         extra.insert("reasoning_effort".into(), effort.clone().into());
     }
     if let Some(thinking) = cfg.thinking {
-        let kwargs = extra
-            .entry("chat_template_kwargs")
-            .or_insert_with(|| serde_json::json!({}));
-        let Some(kwargs) = kwargs.as_object_mut() else {
-            return job_error!("[models.{role}] extra.chat_template_kwargs must be a table");
-        };
+        let kwargs = template_kwargs(role, extra)?;
         if kwargs.contains_key("enable_thinking") {
             return job_error!(
                 "[models.{role}] sets thinking both as a key and in extra.chat_template_kwargs.enable_thinking; keep one"
@@ -511,15 +506,23 @@ fn add_reasoning_fields(
             );
         }
         extra.insert("thinking_token_budget".into(), budget.into());
-        let kwargs = extra
-            .entry("chat_template_kwargs")
-            .or_insert_with(|| serde_json::json!({}));
-        let Some(kwargs) = kwargs.as_object_mut() else {
-            return job_error!("[models.{role}] extra.chat_template_kwargs must be a table");
-        };
-        kwargs.insert("thinking_budget".into(), budget.into());
+        template_kwargs(role, extra)?.insert("thinking_budget".into(), budget.into());
     }
     Ok(())
+}
+
+/// The `chat_template_kwargs` table of a role's `extra`, made when absent.
+fn template_kwargs<'a>(
+    role: &str,
+    extra: &'a mut serde_json::Map<String, serde_json::Value>,
+) -> Result<&'a mut serde_json::Map<String, serde_json::Value>> {
+    let kwargs = extra
+        .entry("chat_template_kwargs")
+        .or_insert_with(|| serde_json::json!({}));
+    match kwargs.as_object_mut() {
+        Some(kwargs) => Ok(kwargs),
+        None => job_error!("[models.{role}] extra.chat_template_kwargs must be a table"),
+    }
 }
 
 fn resolve_functions(

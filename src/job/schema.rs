@@ -16,6 +16,8 @@ use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use serde_json::{Map, Value, json};
 
+use crate::parse::unfenced;
+
 use crate::prepare::ingest::json_kind;
 
 /// Keywords checked against each reply.
@@ -195,21 +197,6 @@ fn is_strict(schema: &Value) -> bool {
         .and_then(Value::as_array)
         .is_none_or(|b| b.iter().all(is_strict));
     nested("items") && branches
-}
-
-fn unfenced(text: &str) -> &str {
-    let trimmed = text.trim();
-    let Some(rest) = trimmed.strip_prefix("```") else {
-        return trimmed;
-    };
-    let Some(inner) = rest.strip_suffix("```") else {
-        return trimmed;
-    };
-    // The fence's first line may name the language.
-    match inner.split_once('\n') {
-        Some((lang, body)) if !lang.trim_start().starts_with(['{', '[']) => body.trim(),
-        _ => inner.trim(),
-    }
 }
 
 /// The JSON type names `value` answers to (an integer is also a number).

@@ -262,14 +262,15 @@ impl ModelClient {
 
     /// Answers the `req.choices` samples of `req`, each journaled under its own key (that of
     /// the sample asked alone): from the journal, else with one request asking for all the
-    /// choices (the API's `n`) where the backend can, else one seeded request per sample.
+    /// choices (the API's `n`) where the backend and the role's server can (`supports_n`),
+    /// else one seeded request per sample.
     /// The request's counts and usage are on the first sample's reply.
     pub async fn call_choices(&self, req: Request, journal: &Arc<JournalScope>) -> Vec<Reply> {
         let samples: Vec<Request> = (0..req.choices.max(1)).map(|i| req.sample(i)).collect();
         let keys: Vec<String> = samples.iter().map(|r| self.request_key(r)).collect();
         let journaled: Vec<Option<Reply>> = keys.iter().map(|k| journal.get(k)).collect();
         let missing = journaled.iter().filter(|r| r.is_none()).count();
-        if missing < samples.len() || !self.backend.asks_choices() {
+        if missing < samples.len() || !self.backend.asks_choices() || !self.spec.supports_n {
             // Some samples are paid for already: ask only the others.
             let asked = samples
                 .into_iter()

@@ -86,35 +86,17 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
     first.cached_tokens = detail("/prompt_tokens_details/cached_tokens");
     let completion = count("completion_tokens");
     let reasoning = detail("/completion_tokens_details/reasoning_tokens");
-    if n == 1 {
-        replies[0].completion_tokens = completion;
-        replies[0].reasoning_tokens = reasoning;
-        return Ok(replies);
-    }
     let lengths: Vec<usize> = replies
         .iter()
         .map(|r| {
             r.text.as_ref().map_or(0, String::len) + r.reasoning.as_ref().map_or(0, String::len)
         })
         .collect();
-    let total_len = lengths.iter().sum::<usize>().max(1);
-    for (key, total) in [(0, completion), (1, reasoning)] {
-        let Some(total) = total else { continue };
-        let mut left = total;
-        for (i, reply) in replies.iter_mut().enumerate() {
-            let share = if i + 1 == n {
-                left
-            } else {
-                (total as f64 * lengths[i] as f64 / total_len as f64).round() as i64
-            }
-            .min(left);
-            left -= share;
-            if key == 0 {
-                reply.completion_tokens = Some(share);
-            } else {
-                reply.reasoning_tokens = Some(share);
-            }
-        }
+    let completions = completion.map(|total| shared_out(total, &lengths));
+    let reasonings = reasoning.map(|total| shared_out(total, &lengths));
+    for (i, reply) in replies.iter_mut().enumerate() {
+        reply.completion_tokens = completions.as_ref().map(|c| c[i]);
+        reply.reasoning_tokens = reasonings.as_ref().map(|r| r[i]);
     }
     let cached_reported = replies[0].cached_tokens.is_some();
     for reply in &mut replies[1..] {
@@ -122,6 +104,23 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
         reply.cached_tokens = cached_reported.then_some(0);
     }
     Ok(replies)
+}
+
+/// `total` shared out in proportion to `lengths`, the rounding left to the last share, so
+/// the shares add up to `total`.
+fn shared_out(total: i64, lengths: &[usize]) -> Vec<i64> {
+    let all = lengths.iter().sum::<usize>().max(1) as f64;
+    let mut left = total;
+    let mut shares: Vec<i64> = lengths[..lengths.len() - 1]
+        .iter()
+        .map(|&len| {
+            let share = ((total as f64 * len as f64 / all).round() as i64).min(left);
+            left -= share;
+            share
+        })
+        .collect();
+    shares.push(left);
+    shares
 }
 
 /// One choice of a response: its text, thinking, finish reason and first-token alternatives.

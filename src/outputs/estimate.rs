@@ -156,12 +156,13 @@ pub async fn estimate(job: &Job, sample: usize) -> Result<Vec<StageEstimate>> {
             rows: rows_in,
             ..StageEstimate::default()
         };
-        if let Some(k) = job.functions_in(&sql).iter().map(|f| f.samples).max()
+        let functions = job.functions_in(&sql);
+        if let Some(k) = functions.iter().map(|f| f.samples).max()
             && k > 1
         {
             samples_of.insert(stage.name.clone(), f64::from(k));
         }
-        for f in job.functions_in(&sql) {
+        for f in functions {
             let prompt = mean_prompt_tokens(f, &texts, &instruction, &tokens)?;
             let expected_out = match f.expected_output {
                 // The score is the first token.

@@ -144,6 +144,8 @@ pub struct ExportCounts {
     pub synthetic: u64,
     /// Seed pairs written.
     pub seed: u64,
+    /// Whether they are preferences (chosen and rejected answers) rather than pairs.
+    pub preferences: bool,
 }
 
 /// Exports `opts.table` under `opts.root`, sampled and mixed with seed pairs as asked.
@@ -162,21 +164,11 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
     let preferences = schema.has_column_with_unqualified_name("chosen")
         && schema.has_column_with_unqualified_name("rejected");
     if opts.format == Format::Preference || (opts.format == Format::Hf && preferences) {
-        return export_preferences(opts, &ctx).await;
+        return export_preferences(opts, &ctx, &schema).await;
     }
     let mut synthetic = read_pairs(&ctx, &opts.table).await?;
     let available = synthetic.len() as u64;
-    if let Some(size) = opts.size {
-        if size > synthetic.len() {
-            return job_error!(
-                "--size {size}: '{}' holds only {} pairs; ask for at most that many",
-                opts.table,
-                synthetic.len()
-            );
-        }
-        synthetic.sort_by_cached_key(|p| sample_key(opts.sample_seed, "web", &p.id));
-        synthetic.truncate(size);
-    }
+    sample(opts, &mut synthetic, |p| &p.id, "pairs")?;
     for pair in &mut synthetic {
         pair.tag = Some(opts.tag_text.clone());
         pair.origin = "web";
@@ -192,6 +184,7 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
         available,
         synthetic: synthetic.len() as u64,
         seed: seed.len() as u64,
+        preferences: false,
     };
     let mut pairs: Vec<(String, Pair)> = seed
         .into_iter()
@@ -221,6 +214,29 @@ pub async fn export(opts: &ExportOptions) -> Result<ExportCounts> {
         write_card(opts, &counts).await?;
     }
     Ok(counts)
+}
+
+/// `--size N`: keeps the N `rows` (of `what`, for the message) that come first by their
+/// [`sample_key`]; all of them without `--size`.
+fn sample<T>(
+    opts: &ExportOptions,
+    rows: &mut Vec<T>,
+    id: impl Fn(&T) -> &str,
+    what: &str,
+) -> Result<()> {
+    let Some(size) = opts.size else {
+        return Ok(());
+    };
+    if size > rows.len() {
+        return job_error!(
+            "--size {size}: '{}' holds only {} {what}; ask for at most that many",
+            opts.table,
+            rows.len()
+        );
+    }
+    rows.sort_by_cached_key(|row| sample_key(opts.sample_seed, "web", id(row)));
+    rows.truncate(size);
+    Ok(())
 }
 
 /// Where a pair falls in a sample: a hash of the sampling seed, its origin and its id, so the
@@ -275,9 +291,7 @@ async fn read_seed(dir: &str) -> Result<Vec<Pair>> {
 /// One preference: a prompt, the answer preferred and the one rejected, with their scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preference {
-    /// The pair's id.
-    pub id: String,
-    /// The prompt with its tag, as an instruction-tuning pair's.
+    /// The prompt with its id and tag, as an instruction-tuning pair's.
     pub prompt: Pair,
     /// The preferred answer.
     pub chosen: String,
@@ -302,13 +316,13 @@ const PREFERENCE_COLUMNS: [&str; 5] = [
 async fn export_preferences(
     opts: &ExportOptions,
     ctx: &datafusion::prelude::SessionContext,
+    schema: &datafusion::common::DFSchema,
 ) -> Result<ExportCounts> {
     if opts.seed.is_some() {
         return job_error!(
             "--seed mixes in instruction-tuning pairs, which have no rejected answer: leave it out when exporting preferences"
         );
     }
-    let schema = ctx.table(&opts.table).await?.schema().clone();
     let missing: Vec<&str> = PREFERENCE_COLUMNS
         .iter()
         .copied()
@@ -343,15 +357,13 @@ async fn export_preferences(
         let score =
             |i: usize| scores[i - 4].as_primitive::<datafusion::arrow::datatypes::Float64Type>();
         for row in 0..batch.num_rows() {
-            let id = text(0).value(row).to_string();
             let number = |i: usize| (!score(i).is_null(row)).then(|| score(i).value(row));
             preferences.push(Preference {
                 prompt: Pair {
                     tag: Some(opts.tag_text.clone()),
                     origin: "web",
-                    ..Pair::untagged(&id, text(1).value(row), "")
+                    ..Pair::untagged(text(0).value(row), text(1).value(row), "")
                 },
-                id,
                 chosen: text(2).value(row).to_string(),
                 rejected: text(3).value(row).to_string(),
                 chosen_score: number(4),
@@ -360,36 +372,28 @@ async fn export_preferences(
         }
     }
     let available = preferences.len() as u64;
-    if let Some(size) = opts.size {
-        if size > preferences.len() {
-            return job_error!(
-                "--size {size}: '{}' holds only {available} preferences; ask for at most that many",
-                opts.table
-            );
-        }
-        preferences.sort_by_cached_key(|p| sample_key(opts.sample_seed, "web", &p.id));
-        preferences.truncate(size);
-    }
+    sample(opts, &mut preferences, |p| &p.prompt.id, "preferences")?;
     let counts = ExportCounts {
         available,
         synthetic: preferences.len() as u64,
         seed: 0,
+        preferences: true,
     };
-    if opts.card {
-        check_card_place(opts).await?;
-    }
     if opts.format == Format::Hf {
         let encode = |chunk: &[Preference]| preference_parquet(chunk, opts.tag);
         write_hf(
             opts,
             &preferences,
-            |p| &p.id,
+            |p| &p.prompt.id,
             encode,
             PREFERENCE_FEATURES,
             &counts,
         )
         .await?;
         return Ok(counts);
+    }
+    if opts.card {
+        check_card_place(opts).await?;
     }
     let mut out = Vec::new();
     for preference in &preferences {
@@ -412,7 +416,7 @@ pub fn render_preference(preference: &Preference, mode: TagMode) -> Value {
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
     json!({
-        "id": preference.id,
+        "id": preference.prompt.id,
         "prompt": prompt,
         "chosen": [{"role": "assistant", "content": preference.chosen}],
         "rejected": [{"role": "assistant", "content": preference.rejected}],
@@ -515,9 +519,11 @@ pub fn render_pair(pair: &Pair, format: Format, mode: TagMode) -> Value {
 }
 
 /// A column of message lists, one list of (role, content) per row.
-fn messages_column<'a>(
-    rows: impl Iterator<Item = Vec<(&'static str, &'a str)>>,
-) -> datafusion::arrow::array::ListArray {
+fn messages_column<M, C>(rows: impl Iterator<Item = M>) -> datafusion::arrow::array::ListArray
+where
+    M: IntoIterator<Item = (&'static str, C)>,
+    C: AsRef<str>,
+{
     use datafusion::arrow::array::{ListBuilder, StringBuilder, StructBuilder};
     use datafusion::arrow::datatypes::{Field, Fields};
     let message_fields = Fields::from(vec![
@@ -538,7 +544,7 @@ fn messages_column<'a>(
             values
                 .field_builder::<StringBuilder>(1)
                 .expect("content builder")
-                .append_value(content);
+                .append_value(content.as_ref());
             values.append(true);
         }
         messages.append(true);
@@ -565,13 +571,7 @@ fn pair_turns(pair: &Pair, mode: TagMode, response: bool) -> Vec<(&'static str, 
 fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<u8>> {
     use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{Field, Schema};
-    let turns: Vec<Vec<(&'static str, String)>> =
-        pairs.iter().map(|p| pair_turns(p, mode, true)).collect();
-    let messages = messages_column(
-        turns
-            .iter()
-            .map(|t| t.iter().map(|(r, c)| (*r, c.as_str())).collect()),
-    );
+    let messages = messages_column(pairs.iter().map(|p| pair_turns(p, mode, true)));
     let ids = StringArray::from_iter_values(pairs.iter().map(|p| p.id.as_str()));
     let mut fields = vec![
         Field::new("id", DataType::Utf8, false),
@@ -580,7 +580,7 @@ fn parquet_bytes(pairs: &[Pair], mode: TagMode, provenance: bool) -> Result<Vec<
     let mut columns: Vec<datafusion::arrow::array::ArrayRef> =
         vec![Arc::new(ids), Arc::new(messages)];
     if provenance {
-        use datafusion::arrow::array::{Float64Array, StringArray};
+        use datafusion::arrow::array::Float64Array;
         fields.extend([
             Field::new("origin", DataType::Utf8, false),
             Field::new("tag", DataType::Utf8, true),
@@ -632,17 +632,13 @@ const PREFERENCE_FEATURES: &str = "  - name: id\n    dtype: string\n\
 fn preference_parquet(preferences: &[Preference], mode: TagMode) -> Result<Vec<u8>> {
     use datafusion::arrow::array::{ArrayRef, Float64Array, StringArray};
     use datafusion::arrow::datatypes::{Field, Schema};
-    let prompts: Vec<Vec<(&'static str, String)>> = preferences
-        .iter()
-        .map(|p| pair_turns(&p.prompt, mode, false))
-        .collect();
     let prompt = messages_column(
-        prompts
+        preferences
             .iter()
-            .map(|t| t.iter().map(|(r, c)| (*r, c.as_str())).collect()),
+            .map(|p| pair_turns(&p.prompt, mode, false)),
     );
     let answer = |pick: fn(&Preference) -> &str| {
-        messages_column(preferences.iter().map(|p| vec![("assistant", pick(p))]))
+        messages_column(preferences.iter().map(|p| [("assistant", pick(p))]))
     };
     let (chosen, rejected) = (answer(|p| &p.chosen), answer(|p| &p.rejected));
     let list = prompt.data_type().clone();
@@ -656,7 +652,7 @@ fn preference_parquet(preferences: &[Preference], mode: TagMode) -> Result<Vec<u
     ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
-            preferences.iter().map(|p| p.id.as_str()),
+            preferences.iter().map(|p| p.prompt.id.as_str()),
         )),
         Arc::new(prompt),
         Arc::new(chosen),
@@ -697,8 +693,14 @@ async fn write_hf<T: Clone>(
     if opts.card {
         check_card_at(&folder, &card_path).await?;
     }
+    if !(0.0..1.0).contains(&opts.test_fraction) {
+        return job_error!(
+            "--test-fraction {}: give a share of the rows in [0, 1)",
+            opts.test_fraction
+        );
+    }
     let split = |row: &T| is_held_out(opts.sample_seed, opts.test_fraction, id(row));
-    let (files, splits) = hf_files(rows, split, encode, opts.test_fraction)?;
+    let (files, splits) = hf_files(rows, split, encode)?;
     for (file, bytes) in files {
         folder
             .store
@@ -706,16 +708,10 @@ async fn write_hf<T: Clone>(
             .await?;
     }
     if opts.card {
-        let name = folder
-            .prefix
-            .as_ref()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default();
         let card = format!(
             "{}{}",
             hf_front_matter(&opts.license, &splits, features),
-            card_text(opts, counts, name).await?
+            card_text(opts, counts, last_name(&folder)).await?
         );
         folder
             .store
@@ -739,11 +735,7 @@ pub fn hf_files<T: Clone>(
     rows: &[T],
     held_out: impl Fn(&T) -> bool,
     encode: impl Fn(&[T]) -> Result<Vec<u8>>,
-    test_fraction: f64,
 ) -> Result<(Vec<(String, Vec<u8>)>, Vec<Split<'static>>)> {
-    if !(0.0..1.0).contains(&test_fraction) {
-        return job_error!("--test-fraction {test_fraction}: give a share of the rows in [0, 1)");
-    }
     let (test, train): (Vec<&T>, Vec<&T>) = rows.iter().partition(|row| held_out(row));
     let mut files = Vec::new();
     let mut splits = Vec::new();
@@ -784,7 +776,7 @@ pub fn hf_pairs_folder(
     about: &str,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let encode = |chunk: &[Pair]| parquet_bytes(chunk, TagMode::None, true);
-    let (mut files, splits) = hf_files(pairs, |_| false, encode, 0.0)?;
+    let (mut files, splits) = hf_files(pairs, |_| false, encode)?;
     let card = format!(
         "{}{CARD_MARK}\n{about}\n",
         hf_front_matter(license, &splits, PAIR_FEATURES)
@@ -851,6 +843,16 @@ async fn write_file(output: &str, bytes: Vec<u8>) -> Result<()> {
     Ok(())
 }
 
+/// The last name of a location's path: the file, or the folder, an export writes.
+fn last_name(location: &Location) -> &str {
+    location
+        .prefix
+        .as_ref()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+}
+
 /// Where the card of an export goes: beside the file, under the file's own name
 /// (`sft.jsonl` -> `sft.card.md`), so it never takes the place of the folder's README.md.
 fn card_path(output: &Location) -> object_store::path::Path {
@@ -876,10 +878,9 @@ async fn check_card_place(opts: &ExportOptions) -> Result<()> {
 /// Fails unless `card_path` is free or holds a card of ours (its mark in the first lines: a
 /// Hub card opens with its YAML header).
 async fn check_card_at(output: &Location, card_path: &object_store::path::Path) -> Result<()> {
-    let card_path = card_path.clone();
     // Only "not found" means there is no card: any other failure must not let us overwrite
     // somebody else's file.
-    match output.store.get(&card_path).await {
+    match output.store.get(card_path).await {
         Ok(existing) => {
             let bytes = existing.bytes().await?;
             let head = &bytes[..bytes.len().min(64 * 1024)];
@@ -889,7 +890,7 @@ async fn check_card_at(output: &Location, card_path: &object_store::path::Path) 
             if !ours {
                 return job_error!(
                     "{} exists and was not written by backforth; export into another directory or pass --no-card",
-                    output.display(&card_path)
+                    output.display(card_path)
                 );
             }
             Ok(())
@@ -898,7 +899,7 @@ async fn check_card_at(output: &Location, card_path: &object_store::path::Path) 
         Err(e) => Err(Error::failed(
             format!(
                 "checking {} before writing the card",
-                output.display(&card_path)
+                output.display(card_path)
             ),
             e,
         )),
@@ -910,14 +911,7 @@ async fn check_card_at(output: &Location, card_path: &object_store::path::Path) 
 async fn write_card(opts: &ExportOptions, counts: &ExportCounts) -> Result<()> {
     let output = Location::parse(&opts.output)?;
     let card_path = card_path(&output);
-    let file_name = output
-        .prefix
-        .as_ref()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let card = card_text(opts, counts, &file_name).await?;
+    let card = card_text(opts, counts, last_name(&output)).await?;
     output
         .store
         .put(&card_path, PutPayload::from(card.into_bytes()))
@@ -961,7 +955,7 @@ pub fn dataset_card(
         .rsplit('/')
         .next()
         .unwrap_or_default();
-    let what = if opts.format == Format::Preference {
+    let what = if counts.preferences {
         "Preference pairs (a prompt, the answer chosen and the one rejected, with their scores)"
     } else {
         "Instruction-tuning pairs"

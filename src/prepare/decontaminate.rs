@@ -213,6 +213,14 @@ impl Builder {
         }
     }
 
+    /// Item `id` of benchmark `b`, the text of each of its fields in the benchmark's order.
+    fn item(&mut self, b: usize, id: &str, fields: &[impl AsRef<str>]) {
+        self.items += 1;
+        for (f, text) in fields.iter().enumerate() {
+            self.add(b as u16, f as u16, id, text.as_ref());
+        }
+    }
+
     fn add(&mut self, benchmark: u16, field: u16, id: &str, text: &str) {
         let mut grams = gram_hashes(text, self.n);
         grams.sort_unstable();
@@ -285,11 +293,11 @@ impl Builder {
 }
 
 impl BenchmarkIndex {
-    /// Reads every benchmark of `settings` and indexes its items.
-    pub async fn build(settings: &Decontamination) -> Result<Self> {
+    /// Reads the `files` of every benchmark of `settings` and indexes their items.
+    pub async fn build(settings: &Decontamination, files: &BenchmarkFiles) -> Result<Self> {
         let mut builder = Builder::new(settings.n);
-        for (b, benchmark) in settings.benchmarks.iter().enumerate() {
-            for file in benchmark_files(benchmark).await? {
+        for (b, (benchmark, files)) in settings.benchmarks.iter().zip(&files.0).enumerate() {
+            for file in files {
                 builder.files += 1;
                 let bytes = file
                     .store
@@ -298,12 +306,8 @@ impl BenchmarkIndex {
                     .with_context(|| format!("benchmark '{}': {}", benchmark.name, file.display))?
                     .bytes()
                     .await?;
-                let rows = read_items(&file, bytes, benchmark)?;
-                for (id, fields) in rows {
-                    builder.items += 1;
-                    for (f, text) in fields.iter().enumerate() {
-                        builder.add(b as u16, f as u16, &id, text);
-                    }
+                for (id, fields) in read_items(file, bytes, benchmark)? {
+                    builder.item(b, &id, &fields);
                 }
             }
         }
@@ -318,10 +322,7 @@ impl BenchmarkIndex {
     ) -> Self {
         let mut builder = Builder::new(settings.n);
         for (b, id, fields) in items {
-            builder.items += 1;
-            for (f, text) in fields.iter().enumerate() {
-                builder.add(b as u16, f as u16, id, text);
-            }
+            builder.item(b, id, &fields);
         }
         builder.finish(settings.clone())
     }
@@ -379,8 +380,40 @@ impl BenchmarkIndex {
     }
 }
 
+/// Whether stage SQL checks rows against the benchmarks (and so needs their index, and their
+/// files in its fingerprint).
+pub fn checks_benchmarks(sql: &str) -> bool {
+    sql.contains("benchmark_match(")
+}
+
+/// The files of every benchmark, listed once per run: what the fingerprint records and the
+/// index reads.
+#[derive(Debug, Clone)]
+pub struct BenchmarkFiles(Vec<Vec<InputFile>>);
+
+impl BenchmarkFiles {
+    /// Lists the files of each benchmark of `settings`.
+    pub async fn list(settings: &Decontamination) -> Result<Self> {
+        let mut files = Vec::new();
+        for benchmark in &settings.benchmarks {
+            files.push(benchmark_files(benchmark).await?);
+        }
+        Ok(Self(files))
+    }
+
+    /// A digest of what the files are now (names, sizes, versions), for fingerprints.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for file in self.0.iter().flatten() {
+            h.update(format!("{}\0{}\0{}\n", file.display, file.size, file.version).as_bytes());
+        }
+        hex::encode(&h.finalize()[..12])
+    }
+}
+
 /// The files of `benchmark`, in a stable order.
-pub async fn benchmark_files(benchmark: &Benchmark) -> Result<Vec<InputFile>> {
+async fn benchmark_files(benchmark: &Benchmark) -> Result<Vec<InputFile>> {
     let mut files = Vec::new();
     for path in &benchmark.paths {
         let found = list_inputs(path)
@@ -556,16 +589,4 @@ fn array_texts(column: &ArrayRef) -> Result<Vec<String>> {
                 .collect())
         }
     }
-}
-
-/// A digest of what `settings`' files are now (names, sizes, versions), for fingerprints.
-pub async fn files_digest(settings: &Decontamination) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for benchmark in &settings.benchmarks {
-        for file in benchmark_files(benchmark).await? {
-            h.update(format!("{}\0{}\0{}\n", file.display, file.size, file.version).as_bytes());
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..12]))
 }

@@ -73,7 +73,7 @@ pub fn fingerprint_stages(
         let mut fp = Fingerprint::default();
         fp.add("sql", sql);
         if let Some(decontamination) = &job.decontamination
-            && sql.contains("benchmark_match(")
+            && crate::prepare::decontaminate::checks_benchmarks(sql)
         {
             fp.add("decontamination", decontamination);
         }

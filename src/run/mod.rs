@@ -76,17 +76,19 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
 async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunSummary> {
     let to_run = job.select_stages(&opts.stages)?;
     // The benchmark files as they are now enter the fingerprints, whatever stages run.
-    let with_benchmarks;
-    let job = match &job.decontamination {
+    let (with_benchmarks, benchmark_files) = match &job.decontamination {
         Some(d) => {
+            let files = decontaminate::BenchmarkFiles::list(d).await?;
             let mut listed = job.clone();
-            let files = decontaminate::files_digest(d).await?;
-            listed.decontamination = Some(decontaminate::Decontamination { files, ..d.clone() });
-            with_benchmarks = listed;
-            &with_benchmarks
+            listed.decontamination = Some(decontaminate::Decontamination {
+                files: files.digest(),
+                ..d.clone()
+            });
+            (Some(listed), Some(files))
         }
-        None => job,
+        None => (None, None),
     };
+    let job = with_benchmarks.as_ref().unwrap_or(job);
     let journal = Arc::new(Journal::open(&root).await?);
     if journal.loaded() > 0 {
         tracing::info!(
@@ -108,7 +110,9 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     let pool = Arc::new(LlmPool::new(&models, budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
-    runner.benchmarks = benchmark_index(job, &to_run).await?;
+    if let Some(files) = &benchmark_files {
+        runner.benchmarks = benchmark_index(job, &runner.plans, &to_run, files).await?;
+    }
     let result = run_steps(job, &to_run, &mut runner).await;
     // However the run ended, what it spent is recorded for the budget of the next.
     let flushed = runner.journal.flush_spend().await;
@@ -117,23 +121,24 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
     Ok(summary)
 }
 
-/// The benchmark index, when one of the stages `to_run` checks rows against it.
+/// The index of the benchmark `files`, when one of the stages `to_run` checks rows against it.
 async fn benchmark_index(
     job: &Job,
+    plans: &[plan::StagePlan],
     to_run: &[String],
+    files: &decontaminate::BenchmarkFiles,
 ) -> Result<Option<Arc<decontaminate::BenchmarkIndex>>> {
     let Some(settings) = &job.decontamination else {
         return Ok(None);
     };
-    let mut checks = false;
-    for stage in job.stages.iter().filter(|s| to_run.contains(&s.name)) {
-        checks |= crate::job::template::render_sql(job, stage)?.contains("benchmark_match(");
-    }
+    let checks = plans
+        .iter()
+        .any(|p| to_run.contains(&p.name) && decontaminate::checks_benchmarks(&p.sql));
     if !checks {
         return Ok(None);
     }
     let started = Instant::now();
-    let index = decontaminate::BenchmarkIndex::build(settings).await?;
+    let index = decontaminate::BenchmarkIndex::build(settings, files).await?;
     tracing::info!(
         files = index.stats.files,
         items = index.stats.items,

@@ -153,9 +153,9 @@ impl Runner<'_> {
         let mut results = Vec::new();
         loop {
             // Beyond the least, one more shard per look: its calls must show in the count
-            // before the next is judged.
-            // The last shards go in together once `most` holds them: their chains are the
-            // job's tail, and started late they would run at the end with the servers idle.
+            // before the next is judged. The last shards go in together once `most` holds
+            // them: their chains are the job's tail, and started late they would run at the
+            // end with the servers idle.
             let mut extra = false;
             while running.len() < least
                 || queue.len() + running.len() <= most

@@ -5,7 +5,6 @@
 //! `azurite-blob` is found through `$BACKFORTH_AZURITE`, `.ci/node/node_modules/.bin/`
 //! (where `.ci/run` installs it) or the `PATH`.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::s3::{QUERY, killed_midway, ok};
 use crate::support::fake_server::FakeServer;
-use crate::support::util::repo;
+use crate::support::util::{free_port, tool};
 
 /// A running Azurite blob service, stopped when dropped.
 struct Azurite {
@@ -36,23 +35,16 @@ const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 fn azurite_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BACKFORTH_AZURITE") {
-        return PathBuf::from(path);
-    }
-    let local = repo().join(".ci/node/node_modules/.bin/azurite-blob");
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from("azurite-blob")
+    tool(
+        "BACKFORTH_AZURITE",
+        ".ci/node/node_modules/.bin/azurite-blob",
+        "azurite-blob",
+    )
 }
 
 impl Azurite {
     fn start() -> Azurite {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let data = tempfile::tempdir().unwrap();
         let child = Command::new(azurite_binary())
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
@@ -147,15 +139,22 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
-#[test]
-fn pipeline_on_azurite_with_a_kill_and_resume() {
+/// Azurite with a `corpus` container; the crash tests' corpus and job in a folder; a fake
+/// server answering after `latency_ms`; and the job's path.
+fn fixture(latency_ms: u64) -> (Azurite, tempfile::TempDir, FakeServer, String) {
     let azurite = Azurite::start();
     azurite.container("corpus");
     let dir = tempfile::tempdir().unwrap();
     crate::crash::corpus(dir.path());
-    let job = dir.path().join("job.toml");
-    let job = job.to_str().unwrap();
-    let server = FakeServer::start(Duration::from_millis(10));
+    let job = dir.path().join("job.toml").to_str().unwrap().to_string();
+    let server = FakeServer::start(Duration::from_millis(latency_ms));
+    (azurite, dir, server, job)
+}
+
+#[test]
+fn pipeline_on_azurite_with_a_kill_and_resume() {
+    let (azurite, dir, server, job) = fixture(10);
+    let job = job.as_str();
     let url = server.url();
     let common = [
         "--endpoint",
@@ -221,13 +220,8 @@ fn azurite_refuses_a_second_create_of_one_object() {
 /// output equals one worker's run, and no request is paid twice.
 #[test]
 fn two_workers_on_azurite_equal_one_run() {
-    let azurite = Azurite::start();
-    azurite.container("corpus");
-    let dir = tempfile::tempdir().unwrap();
-    crate::crash::corpus(dir.path());
-    let job = dir.path().join("job.toml");
-    let job = job.to_str().unwrap();
-    let server = FakeServer::start(Duration::from_millis(5));
+    let (azurite, _dir, server, job) = fixture(5);
+    let job = job.as_str();
     let url = server.url();
     let common = ["--endpoint", url.as_str(), "--model", "m"];
     let mut one = vec!["run", job, "--output", "az://corpus/one"];

@@ -37,14 +37,21 @@ fn export(out: &Path, seed: &Path, extra: &[&str]) -> Vec<Value> {
 }
 
 fn make_seed(dir: &Path) -> std::path::PathBuf {
+    make_seed_as(dir, &[])
+}
+
+/// The seed pairs of the OASST fixture under `dir/seed`, written with `args` as well.
+fn make_seed_as(dir: &Path, args: &[&str]) -> std::path::PathBuf {
     let seed = dir.join("seed");
-    backforth_ok(&[
+    let mut all = vec![
         "seed",
         "--input",
         "tests/fixtures/oasst/messages.jsonl",
         "--output",
         seed.to_str().unwrap(),
-    ]);
+    ];
+    all.extend(args);
+    backforth_ok(&all);
     seed
 }
 
@@ -372,16 +379,7 @@ fn an_hf_folder_loads_in_datasets_with_its_card() {
 #[test]
 fn seed_pairs_as_hf_folders_load_in_datasets_both_ways() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = dir.path().join("seed");
-    backforth_ok(&[
-        "seed",
-        "--input",
-        "tests/fixtures/oasst/messages.jsonl",
-        "--output",
-        seed.to_str().unwrap(),
-        "--format",
-        "hf",
-    ]);
+    let seed = make_seed_as(dir.path(), &["--format", "hf"]);
     let load = "import json, sys, datasets\n\
                 rows = {d: [dict(r) for r in datasets.load_dataset(sys.argv[1] + '/' + d)['train']]\n\
                         for d in ('forward', 'backward')}\n\

@@ -5,13 +5,13 @@
 //! `.ci/run` installs it) or `$PATH`; without it these tests fail and say how to install it.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::fake_server::FakeServer;
-use crate::support::util::repo;
+use crate::support::util::{free_port, tool};
 
 /// A moto S3 server on 127.0.0.1, stopped on drop.
 pub struct Moto {
@@ -27,23 +27,16 @@ impl Drop for Moto {
 }
 
 fn moto_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BACKFORTH_MOTO_SERVER") {
-        return PathBuf::from(path);
-    }
-    let venv = repo().join(".ci/venv/bin/moto_server");
-    if venv.exists() {
-        return venv;
-    }
-    PathBuf::from("moto_server")
+    tool(
+        "BACKFORTH_MOTO_SERVER",
+        ".ci/venv/bin/moto_server",
+        "moto_server",
+    )
 }
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(moto_binary())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())

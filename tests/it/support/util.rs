@@ -11,6 +11,28 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A server program the tests start: `$env` when set, else `installed` under the repository
+/// (where `.ci/run` puts it), else `name` on the `PATH`.
+pub fn tool(env: &str, installed: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let local = repo().join(installed);
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from(name)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs the built `backforth` binary with `args`, from the repository root.
 pub fn backforth<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_backforth"))
