@@ -442,6 +442,9 @@ fn read_items(
         format => {
             let text = decompress(format, bytes, file)?;
             let mut items = Vec::new();
+            let named: Vec<&String> = benchmark.fields.iter().chain(&benchmark.id).collect();
+            let mut seen = vec![false; named.len()];
+            let mut keys: Vec<String> = Vec::new();
             for (line_no, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
@@ -454,6 +457,14 @@ fn read_items(
                         benchmark.name
                     ),
                 })?;
+                for (seen, field) in seen.iter_mut().zip(&named) {
+                    *seen |= value.get(field.as_str()).is_some();
+                }
+                if keys.is_empty()
+                    && let Some(object) = value.as_object()
+                {
+                    keys = object.keys().cloned().collect();
+                }
                 let id = match &benchmark.id {
                     Some(field) => value.get(field).map(value_text).unwrap_or_default(),
                     None => format!("{name}:{}", line_no + 1),
@@ -465,8 +476,37 @@ fn read_items(
                     .collect();
                 items.push((id, fields));
             }
+            let missing: Vec<&str> = named
+                .iter()
+                .zip(&seen)
+                .filter(|(_, seen)| !**seen)
+                .map(|(field, _)| field.as_str())
+                .collect();
+            if !items.is_empty() && !missing.is_empty() {
+                return Err(missing_fields(file, benchmark, &missing, &keys));
+            }
             Ok(items)
         }
+    }
+}
+
+/// A benchmark file none of whose items has some of the fields the job names: a typo there
+/// would leave the benchmark unchecked without a word.
+fn missing_fields(
+    file: &InputFile,
+    benchmark: &Benchmark,
+    missing: &[&str],
+    present: &[String],
+) -> Error {
+    Error::Input {
+        file: file.display.clone(),
+        line: 0,
+        message: format!(
+            "benchmark '{}': no item has the field(s) {} (its items have: {}); fix fields or id in [[decontaminate.benchmarks]]",
+            benchmark.name,
+            missing.join(", "),
+            present.join(", ")
+        ),
     }
 }
 
@@ -520,18 +560,30 @@ fn parquet_items(
             benchmark.name
         ),
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map_err(|e| unreadable(&e))?
-        .build()
-        .map_err(|e| unreadable(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| unreadable(&e))?;
+    let columns: Vec<String> = builder
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let missing: Vec<&str> = benchmark
+        .fields
+        .iter()
+        .chain(&benchmark.id)
+        .map(String::as_str)
+        .filter(|f| !columns.iter().any(|c| c == f))
+        .collect();
+    if !missing.is_empty() {
+        return Err(missing_fields(file, benchmark, &missing, &columns));
+    }
+    let reader = builder.build().map_err(|e| unreadable(&e))?;
     let mut items = Vec::new();
     for batch in reader {
         let batch: RecordBatch = batch.map_err(|e| unreadable(&e))?;
         let texts = |field: &str| -> Result<Vec<String>> {
-            match batch.column_by_name(field) {
-                Some(column) => array_texts(column),
-                None => Ok(vec![String::new(); batch.num_rows()]),
-            }
+            let column = batch.column_by_name(field).expect("checked in the schema");
+            array_texts(column)
         };
         let fields = benchmark
             .fields

@@ -300,3 +300,36 @@ fn decontamination_settings_are_checked_by_name() {
         assert!(stderr.contains(says), "{says}: {stderr}");
     }
 }
+
+#[test]
+fn a_benchmark_field_no_item_has_is_named_with_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"id\": \"a\", \"text\": \"x\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("quiz.jsonl"),
+        "{\"qid\": \"q1\", \"question\": \"What is two plus two?\"}\n",
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+         [decontaminate]\nn = 8\n[[decontaminate.benchmarks]]\nname = \"quiz\"\n\
+         paths = [\"quiz.jsonl\"]\nfields = [\"questoin\"]\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"decontaminated\"\n",
+    )
+    .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap(), "--endpoint", "mock"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quiz.jsonl")
+            && stderr.contains("benchmark 'quiz': no item has the field(s) questoin")
+            && stderr.contains("its items have: qid, question"),
+        "{stderr}"
+    );
+}
