@@ -40,6 +40,10 @@ pub enum Command {
         /// are recomputed, reusing journaled responses to unchanged requests.
         #[arg(long)]
         allow_changes: bool,
+        /// Run on a store that does not refuse a second create of one object (some
+        /// S3-compatible servers), trusting that no other process runs this worker slot.
+        #[arg(long)]
+        trust_single_writer: bool,
     },
     /// Offline batches: write a stage's requests for `vllm run-batch` (or the OpenAI Batch
     /// API), and record the results in the journal so `run` uses them without sending.

@@ -74,12 +74,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             worker,
             workers,
             allow_changes,
+            trust_single_writer,
         } => {
             let worker = Worker::detect(worker.as_deref(), workers, |k| std::env::var(k).ok())?;
             let opts = RunOptions {
                 stages,
                 worker,
                 allow_changes,
+                trust_single_writer,
             };
             run_job(job.load()?, opts).await
         }

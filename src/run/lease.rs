@@ -4,6 +4,11 @@
 //! refused, told who holds the slot and since when. A lease is taken over once its holder is
 //! gone: on the same host when its process no longer exists, elsewhere when it has not been
 //! renewed for `LEASE_SECS`.
+//!
+//! The lease excludes only because the store refuses a second create of one object. Some
+//! S3-compatible servers ignore `If-None-Match: *` and overwrite instead; on those two
+//! processes would share a slot unnoticed, so taking a lease checks the refusal once and
+//! stops the run when the store does not give it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,8 +48,14 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Takes `worker`'s slot on `root` for `job`, or fails naming who holds it.
-    pub async fn acquire(root: &Location, worker: Worker, job: &str) -> Result<Lease> {
+    /// Takes `worker`'s slot on `root` for `job`, or fails naming who holds it. Unless
+    /// `trust_single_writer`, fails too when the store does not refuse a second create.
+    pub async fn acquire(
+        root: &Location,
+        worker: Worker,
+        job: &str,
+        trust_single_writer: bool,
+    ) -> Result<Lease> {
         let path = root
             .child(LEASES_DIR)
             .path(&format!("worker-{}-of-{}.json", worker.index, worker.count));
@@ -56,17 +67,17 @@ impl Lease {
             since: now,
             renewed: now,
         };
-        let body = serde_json::to_vec_pretty(&me).expect("a lease serialises");
-        let create = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        let created = root
-            .store
-            .put_opts(&path, PutPayload::from(body), create)
-            .await;
+        let body = PutPayload::from(serde_json::to_vec_pretty(&me).expect("a lease serialises"));
+        let created = root.store.put_opts(&path, body.clone(), create()).await;
         match created {
-            Ok(_) => {}
+            Ok(_) if trust_single_writer => {}
+            Ok(_) => check_second_create_refused(root, &path, body).await?,
+            Err(object_store::Error::NotImplemented { .. }) if trust_single_writer => {
+                write_json(root, &path, &me).await?;
+            }
+            Err(e @ object_store::Error::NotImplemented { .. }) => {
+                unguarded(root, &e.to_string())?;
+            }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 if let Some(held) = read_json::<Holder>(root, &path).await?
                     && held.alive(now)
@@ -103,6 +114,52 @@ impl Lease {
         self.renewal.abort();
         delete_if_exists(&self.root, &self.path).await
     }
+}
+
+fn create() -> PutOptions {
+    PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    }
+}
+
+/// Creates the lease just created a second time: the store must refuse. Otherwise the lease
+/// is removed and the run stopped, since it could not keep a second process off this slot.
+async fn check_second_create_refused(
+    root: &Location,
+    path: &object_store::path::Path,
+    body: PutPayload,
+) -> Result<()> {
+    match root.store.put_opts(path, body, create()).await {
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e @ object_store::Error::NotImplemented { .. }) => {
+            delete_if_exists(root, path).await?;
+            unguarded(root, &e.to_string())
+        }
+        Err(e) => Err(e.into()),
+        Ok(_) => {
+            delete_if_exists(root, path).await?;
+            unguarded(
+                root,
+                &format!(
+                    "a second create-if-absent write of {} succeeded instead of being refused",
+                    root.display(path)
+                ),
+            )
+        }
+    }
+}
+
+fn unguarded(root: &Location, what: &str) -> Result<()> {
+    job_error!(
+        "{} cannot hold a worker's lease: {what}. A lease keeps a second process off its worker slot \
+         only because the store refuses a second create of one object; without that, two processes \
+         could run the same slot, pay for the same calls and overwrite each other's parts. Use a store that \
+         honours conditional writes (AWS S3, MinIO, R2, Azure Blob, GCS, a local disk; for S3 \
+         unset AWS_CONDITIONAL_PUT=disabled), or, if you are sure no other process runs this \
+         worker slot on this output, pass --trust-single-writer",
+        root.describe()
+    )
 }
 
 impl Drop for Lease {

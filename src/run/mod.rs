@@ -61,12 +61,14 @@ pub struct RunOptions {
     /// Continue although the job changed since the output root was written: stages whose
     /// fingerprint changed are recomputed (the journal still answers unchanged requests).
     pub allow_changes: bool,
+    /// Take the worker's lease even on a store that does not refuse a second create.
+    pub trust_single_writer: bool,
 }
 
 /// Runs the stages of `job` that `opts` selects, in job order.
 pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     let root = Location::parse(&job.output)?;
-    let lease = Lease::acquire(&root, opts.worker, &job.name).await?;
+    let lease = Lease::acquire(&root, opts.worker, &job.name, opts.trust_single_writer).await?;
     let result = run_stages(job, opts, root).await;
     lease.release().await?;
     result

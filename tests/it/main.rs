@@ -1,6 +1,5 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
-mod azure;
 mod batch;
 mod catalog;
 mod concurrency;
@@ -23,9 +22,9 @@ mod quality;
 mod reasoning;
 mod report;
 mod resume;
-mod s3;
 mod schemas;
 mod seed;
 mod stats;
+mod stores;
 mod structured;
 mod support;

@@ -1,0 +1,150 @@
+//! Azurite, Microsoft's Azure Storage emulator from the npm registry, started on a free port.
+//!
+//! `azurite-blob` is found through `$BACKFORTH_AZURITE`, `.ci/node/node_modules/.bin/`
+//! (where `.ci/run` installs it) or the `PATH`.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+
+use super::Emulator;
+use crate::support::util::{free_port, tool};
+
+/// A running Azurite blob service, stopped when dropped.
+pub struct Azurite {
+    child: Child,
+    endpoint: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's well-known development account and key.
+const ACCOUNT: &str = "devstoreaccount1";
+const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Signs requests with the development key (SharedKey) and service SAS tokens, with Python's
+/// standard library: `container NAME` creates a container and prints the status;
+/// `sas NAME PERMISSIONS` prints a container SAS token.
+const SIGN: &str = r#"
+import base64, hmac, hashlib, sys, urllib.parse, urllib.request
+from email.utils import formatdate
+endpoint, account, key, what, container = sys.argv[1:6]
+sign = lambda text: base64.b64encode(
+    hmac.new(base64.b64decode(key), text.encode(), hashlib.sha256).digest()).decode()
+if what == "container":
+    date, version = formatdate(usegmt=True), "2021-08-06"
+    to_sign = ("PUT\n" + "\n" * 11 + f"x-ms-date:{date}\nx-ms-version:{version}\n"
+               + f"/{account}/{account}/{container}\nrestype:container")
+    req = urllib.request.Request(f"{endpoint}/{account}/{container}?restype=container",
+        method="PUT", headers={"x-ms-date": date, "x-ms-version": version,
+        "Content-Length": "0", "Authorization": f"SharedKey {account}:{sign(to_sign)}"})
+    print(urllib.request.urlopen(req).status)
+else:
+    permissions, expiry, version = sys.argv[6], "2099-01-01T00:00:00Z", "2020-12-06"
+    fields = [permissions, "", expiry, f"/blob/{account}/{container}", "", "", "http,https",
+              version, "c", "", "", "", "", "", "", ""]
+    token = urllib.parse.urlencode({"sv": version, "se": expiry, "sr": "c",
+        "sp": permissions, "spr": "http,https", "sig": sign("\n".join(fields))})
+    print(token)
+"#;
+
+impl Emulator for Azurite {
+    fn start(containers: &[&str]) -> Azurite {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(tool(
+            "BACKFORTH_AZURITE",
+            ".ci/node/node_modules/.bin/azurite-blob",
+            "azurite-blob",
+        ))
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .args(["--location", data.path().to_str().unwrap(), "--silent"])
+        .arg("--skipApiVersionCheck")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start azurite-blob ({e}); install it with `npm install --prefix .ci/node azurite@3` (as .ci/run does)"
+            )
+        });
+        let azurite = Azurite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _data: data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "azurite did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for name in containers {
+            assert_eq!(azurite.sign(&["container", name]), "201");
+        }
+        azurite
+    }
+
+    fn url(&self, container: &str, path: &str) -> String {
+        format!("az://{container}/{path}")
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+            ("AZURITE_BLOB_STORAGE_URL", self.endpoint.clone()),
+        ]
+    }
+
+    /// Azure grants by token rather than by object: the token may add, create, write, delete
+    /// and list in the container, and read nothing, `denied` among it.
+    fn env_denied_reads(&self, container: &str, _denied: &[&str]) -> Vec<(&'static str, String)> {
+        let token = self.sign(&["sas", container, "acwdl"]);
+        let mut env = self.env();
+        env.push(("AZURE_STORAGE_SAS_KEY", token));
+        env
+    }
+
+    fn allow_everything(&self) {}
+
+    fn store(&self, container: &str) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::new()
+                .with_account(ACCOUNT)
+                .with_access_key(KEY)
+                .with_endpoint(format!("{}/{ACCOUNT}", self.endpoint))
+                .with_allow_http(true)
+                .with_container_name(container)
+                .build()
+                .unwrap(),
+        )
+    }
+}
+
+impl Azurite {
+    /// Runs [`SIGN`] with `args`; what it printed.
+    fn sign(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .args(["-c", SIGN, &self.endpoint, ACCOUNT, KEY])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}

@@ -1,0 +1,152 @@
+//! A store that does not refuse a second create of one object: s3rver (an S3-compatible
+//! server from the npm registry) answers `If-None-Match: *` by overwriting, as some
+//! S3-compatible servers do. The tool must stop rather than run unguarded, and run when told
+//! it is the only writer. Also moto with object_store's conditional puts switched off.
+//!
+//! `s3rver` is found through `$BACKFORTH_S3RVER`, `.ci/node/node_modules/.bin/s3rver` (where
+//! `.ci/run` installs it) or the `PATH`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::moto::{Moto, s3_env, s3_store};
+use super::{Emulator, block_on, fixture, ok, run};
+use crate::support::util::{free_port, tool};
+
+/// A running s3rver, stopped when dropped.
+struct S3rver {
+    child: Child,
+    endpoint: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for S3rver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3rver {
+    fn start(bucket: &str) -> S3rver {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(tool(
+            "BACKFORTH_S3RVER",
+            ".ci/node/node_modules/.bin/s3rver",
+            "s3rver",
+        ))
+        .args(["-d", data.path().to_str().unwrap(), "-a", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "--silent"])
+        .args(["--configure-bucket", bucket])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start s3rver ({e}); install it with `npm install --prefix .ci/node s3rver@3` (as .ci/run does)"
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3rver did not start on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3rver {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _data: data,
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        s3_env(&self.endpoint, "S3RVER", "S3RVER")
+    }
+}
+
+/// The store overwrites on a second create: the run stops before any request, says why and
+/// what to do, and leaves no lease behind; told it is the only writer, the job runs.
+#[test]
+fn a_store_that_overwrites_on_create_is_refused() {
+    let s3rver = S3rver::start("runs");
+    let objects = s3_store(&s3rver.endpoint, "runs", "S3RVER");
+    let path = object_store::path::Path::from("probe");
+    let create = PutOptions::from(PutMode::Create);
+    block_on(objects.put_opts(&path, PutPayload::from_static(b"a"), create.clone())).unwrap();
+    let second = block_on(objects.put_opts(&path, PutPayload::from_static(b"b"), create));
+    assert!(second.is_ok(), "s3rver now refuses: {second:?}");
+
+    let (_dir, job, server) = fixture(Duration::ZERO);
+    let url = server.url();
+    let args = [
+        "run",
+        &job,
+        "--output",
+        "s3://runs/out",
+        "--endpoint",
+        &url,
+        "--model",
+        "m",
+    ];
+    let out = run(&s3rver.env(), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("s3://runs/out cannot hold a worker's lease")
+            && stderr.contains("succeeded instead of being refused")
+            && stderr.contains("--trust-single-writer"),
+        "{stderr}"
+    );
+    assert_eq!(server.requests(), 0);
+    let lease = block_on(objects.head(&"out/_leases/worker-0-of-1.json".into()));
+    assert!(
+        matches!(lease, Err(object_store::Error::NotFound { .. })),
+        "{lease:?}"
+    );
+
+    let mut trusted = args.to_vec();
+    trusted.push("--trust-single-writer");
+    ok(run(&s3rver.env(), &trusted));
+    let rows = ok(run(
+        &s3rver.env(),
+        &[
+            "sql",
+            "--root",
+            "s3://runs/out",
+            "SELECT count(*) AS n FROM rewritten",
+        ],
+    ));
+    assert!(!rows.contains("| 0 "), "{rows}");
+}
+
+/// With object_store's conditional puts switched off (`AWS_CONDITIONAL_PUT=disabled`) a create
+/// cannot be refused either: the same stop, and the same way out.
+#[test]
+fn conditional_puts_switched_off_are_refused() {
+    let moto = Moto::start(&["runs"]);
+    let mut env = moto.env();
+    env.push(("AWS_CONDITIONAL_PUT", "disabled".into()));
+    let (_dir, job, _server) = fixture(Duration::ZERO);
+    let args = [
+        "run",
+        &job,
+        "--output",
+        "s3://runs/out",
+        "--endpoint",
+        "mock",
+        "--stages",
+        "candidates",
+    ];
+    let out = run(&env, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot hold a worker's lease") && stderr.contains("AWS_CONDITIONAL_PUT"),
+        "{stderr}"
+    );
+    let mut trusted = args.to_vec();
+    trusted.push("--trust-single-writer");
+    ok(run(&env, &trusted));
+}
