@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::llm::client::{Backend, ModelClient};
 use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request};
-use crate::llm::wire::request_body;
+use crate::llm::wire::{RequestBody, request_path};
 
 /// Requests written down for an offline batch (`vllm run-batch`, the OpenAI Batch API), one
 /// line each in the OpenAI batch format, keyed by the request key.
@@ -39,7 +39,11 @@ impl Backend for Capture {
             .expect("lock poisoned")
             .insert(key.to_string())
         {
-            let (path, body) = request_body(client.spec(), req);
+            let body = RequestBody {
+                spec: client.spec(),
+                req,
+            };
+            let path = request_path(client.spec());
             self.lines.lock().expect("lock poisoned").push(json!({
                 "custom_id": key, "method": "POST", "url": format!("/v1/{path}"), "body": body,
             }));

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::job::{Api, ModelSpec};
@@ -23,7 +22,8 @@ use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
-    describe_reqwest_error, is_quota_exhausted, parse_choices, request_body, retry_after, snippet,
+    RequestBody, describe_reqwest_error, is_quota_exhausted, parse_choices, request_path,
+    retry_after, snippet,
 };
 
 type InFlight = Shared<BoxFuture<'static, Reply>>;
@@ -343,7 +343,7 @@ impl ModelClient {
         keys: &[String],
         journal: &JournalScope,
     ) -> Vec<Reply> {
-        let (path, body) = request_body(&self.spec, req);
+        let path = request_path(&self.spec);
         let mut retries = Retries::new(&self.spec);
         loop {
             // Shortest answers first. In a job the short calls (instructions, scores) start a
@@ -361,9 +361,7 @@ impl ModelClient {
                 return retries.stopped(Some(budget.message()), keys.len());
             }
             retries.sent += 1;
-            let outcome = self
-                .attempt(endpoint, path, &body, req, keys, journal)
-                .await;
+            let outcome = self.attempt(endpoint, path, req, keys, journal).await;
             drop(slot);
             let (message, after, throttle) = match outcome {
                 Ok(mut replies) => {
@@ -393,7 +391,6 @@ impl ModelClient {
         &self,
         endpoint: &Endpoint,
         path: &str,
-        body: &Value,
         req: &Request,
         keys: &[String],
         journal: &JournalScope,
@@ -405,6 +402,14 @@ impl ModelClient {
         );
         endpoint.limits.admit(estimate.0, estimate.1).await;
         endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // Serialised here, with the slot in hand: rows waiting for a slot hold only their
+        // prompt, not a second copy of it as a body (26 MB of the job bench's heap was bodies
+        // of rows still waiting).
+        let body = RequestBody {
+            spec: &self.spec,
+            req,
+        }
+        .to_vec();
         let outcome = self.send_once(endpoint, &url, body, keys.len()).await;
         let usage = match &outcome {
             Ok(replies) => (
@@ -447,10 +452,14 @@ impl ModelClient {
         &self,
         endpoint: &Endpoint,
         url: &str,
-        body: &Value,
+        body: Vec<u8>,
         choices: usize,
     ) -> Result<Vec<Reply>, Failure> {
-        let mut request = endpoint.http.post(url).json(body);
+        let mut request = endpoint
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         let key_allowed = self.key_allowed(endpoint);
         if let Some(key) = &self.key
             && key_allowed

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Value, json};
 
 use crate::job::{Api, ModelSpec};
@@ -207,63 +208,132 @@ pub fn parse_any_completion(body: &Value) -> Result<Reply, String> {
     parse_completion(&text, if is_chat { Api::Chat } else { Api::Completions })
 }
 
-/// The API path (after the base URL) and the JSON body of a request.
-pub fn request_body(s: &ModelSpec, req: &Request) -> (&'static str, Value) {
-    let mut body = match s.api {
-        Api::Chat => {
-            let mut messages = Vec::new();
-            if let Some(system) = &req.system {
-                messages.push(json!({"role": "system", "content": system}));
-            }
-            messages.push(json!({"role": "user", "content": req.prompt}));
-            for turn in &req.turns {
-                messages.push(json!({"role": "assistant", "content": turn.reply}));
-                messages.push(json!({"role": "user", "content": turn.feedback}));
-            }
-            json!({"model": s.model, "messages": messages})
-        }
-        Api::Completions => json!({"model": s.model, "prompt": req.prompt}),
-    };
-    let obj = body.as_object_mut().expect("built as an object");
-    obj.insert("temperature".into(), json!(s.temperature));
-    obj.insert("top_p".into(), json!(s.top_p));
-    // OpenAI's reasoning models refuse `max_tokens` (the limit covers thinking too, under
-    // the newer name); vLLM and SGLang read either.
-    let limit = if s.extra.contains_key("reasoning_effort") {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
-    obj.insert(limit.into(), json!(req.max_tokens));
-    if let Some(n) = req.top_logprobs {
-        match s.api {
-            Api::Chat => {
-                obj.insert("logprobs".into(), json!(true));
-                obj.insert("top_logprobs".into(), json!(n));
-            }
-            Api::Completions => {
-                obj.insert("logprobs".into(), json!(n));
-            }
-        }
-    }
-    if let Some(schema) = &req.schema {
-        obj.insert("response_format".into(), schema.response_format());
-    }
-    if req.choices > 1 {
-        obj.insert("n".into(), json!(req.choices));
-    }
-    for (k, v) in &s.extra {
-        obj.insert(k.clone(), v.clone());
-    }
-    if let Some(sample) = req.sample {
-        let base = s.extra.get("seed").and_then(Value::as_u64).unwrap_or(0);
-        obj.insert("seed".into(), json!(base.wrapping_add(u64::from(sample))));
-    }
-    let path = match s.api {
+/// The API path (after the base URL) of a request to `s`.
+pub fn request_path(s: &ModelSpec) -> &'static str {
+    match s.api {
         Api::Chat => "chat/completions",
         Api::Completions => "completions",
-    };
-    (path, body)
+    }
+}
+
+/// The JSON body of a request, serialised straight from the request and the model's
+/// settings: nothing is copied (the prompt least of all), and the bytes exist only while the
+/// request is sent. A key of the model's `extra` table replaces the built-in one.
+pub struct RequestBody<'a> {
+    /// The model's settings.
+    pub spec: &'a ModelSpec,
+    /// What is asked.
+    pub req: &'a Request,
+}
+
+impl RequestBody<'_> {
+    /// The body as JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a request body serialises")
+    }
+}
+
+impl Serialize for RequestBody<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let (s, req) = (self.spec, self.req);
+        let own = |key: &str| !s.extra.contains_key(key);
+        let mut map = ser.serialize_map(None)?;
+        if own("model") {
+            map.serialize_entry("model", &s.model)?;
+        }
+        match s.api {
+            Api::Chat if own("messages") => map.serialize_entry("messages", &Messages(req))?,
+            Api::Completions if own("prompt") => map.serialize_entry("prompt", &req.prompt)?,
+            _ => {}
+        }
+        if own("temperature") {
+            map.serialize_entry("temperature", &s.temperature)?;
+        }
+        if own("top_p") {
+            map.serialize_entry("top_p", &s.top_p)?;
+        }
+        // OpenAI's reasoning models refuse `max_tokens` (the limit covers thinking too, under
+        // the newer name); vLLM and SGLang read either.
+        let limit = if s.extra.contains_key("reasoning_effort") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        if own(limit) {
+            map.serialize_entry(limit, &req.max_tokens)?;
+        }
+        if let Some(n) = req.top_logprobs {
+            match s.api {
+                Api::Chat => {
+                    if own("logprobs") {
+                        map.serialize_entry("logprobs", &true)?;
+                    }
+                    if own("top_logprobs") {
+                        map.serialize_entry("top_logprobs", &n)?;
+                    }
+                }
+                Api::Completions if own("logprobs") => map.serialize_entry("logprobs", &n)?,
+                Api::Completions => {}
+            }
+        }
+        if let Some(schema) = &req.schema
+            && own("response_format")
+        {
+            map.serialize_entry("response_format", &schema.response_format())?;
+        }
+        if req.choices > 1 && own("n") {
+            map.serialize_entry("n", &req.choices)?;
+        }
+        for (key, value) in &s.extra {
+            // A sample's seed is the job's seed plus the sample's number.
+            if !(key == "seed" && req.sample.is_some()) {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        if let Some(sample) = req.sample {
+            let base = s.extra.get("seed").and_then(Value::as_u64).unwrap_or(0);
+            map.serialize_entry("seed", &base.wrapping_add(u64::from(sample)))?;
+        }
+        map.end()
+    }
+}
+
+/// The chat messages of a request: the system message, the prompt, and the conversation of
+/// replies sent back for being off the schema.
+struct Messages<'a>(&'a Request);
+
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+impl Serialize for Messages<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let req = self.0;
+        let mut seq = ser.serialize_seq(None)?;
+        if let Some(system) = &req.system {
+            seq.serialize_element(&Message {
+                role: "system",
+                content: system,
+            })?;
+        }
+        seq.serialize_element(&Message {
+            role: "user",
+            content: &req.prompt,
+        })?;
+        for turn in &req.turns {
+            seq.serialize_element(&Message {
+                role: "assistant",
+                content: &turn.reply,
+            })?;
+            seq.serialize_element(&Message {
+                role: "user",
+                content: &turn.feedback,
+            })?;
+        }
+        seq.end()
+    }
 }
 
 /// The longest wait a `Retry-After` is honoured for.
