@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::compute::interleave;
@@ -31,8 +32,8 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
     apply_expression_roots,
 };
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{Stream, StreamExt};
 
 use crate::engine::args::string_columns;
 use crate::engine::llm_function::{LlmFunction, LlmFunctions, Sample};
@@ -46,6 +47,11 @@ pub struct Window {
 
 /// Most rows gathered into one output batch.
 const OUTPUT_BATCH_ROWS: usize = 1024;
+
+/// Longest an answered row waits for others to share its output batch. Replies to a full
+/// window arrive one at a time; a batch per reply cost more CPU downstream (arrays built,
+/// projected, coalesced, each per row) than the HTTP call itself at 1,024 slots.
+const OUTPUT_BATCH_WAIT: Duration = Duration::from_millis(20);
 
 impl Window {
     /// A window of twice `cap` rows per partition: one partition alone keeps an endpoint with
@@ -232,14 +238,40 @@ impl ExecutionPlan for LlmWindowExec {
                     Ok(Answered { args, i, replies })
                 }
             })
-            .buffer_unordered(self.window.rows)
-            .ready_chunks(OUTPUT_BATCH_ROWS)
-            .map(move |ready: Vec<Result<Answered>>| {
+            .buffer_unordered(self.window.rows);
+        let evaluated = gathered(Box::pin(evaluated), OUTPUT_BATCH_ROWS, OUTPUT_BATCH_WAIT).map(
+            move |ready: Vec<Result<Answered>>| {
                 let rows = ready.into_iter().collect::<Result<Vec<_>>>()?;
                 assemble(&out_schema, rows, &functions, &call_of)
-            });
+            },
+        );
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, evaluated)))
     }
+}
+
+/// Items of `stream` in chunks of at most `most`: a chunk is given when full, `wait` after
+/// its first item arrived, or when the stream ends (so the last rows of a stage wait for
+/// nothing).
+fn gathered<S>(stream: S, most: usize, wait: Duration) -> impl Stream<Item = Vec<S::Item>>
+where
+    S: Stream + Unpin,
+{
+    futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        let mut chunk = vec![stream.next().await?];
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        while chunk.len() < most {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(item) => chunk.push(item),
+                    None => return Some((chunk, None)),
+                },
+                () = &mut deadline => break,
+            }
+        }
+        Some((chunk, Some(stream)))
+    })
 }
 
 impl LlmWindowExec {
