@@ -102,6 +102,20 @@ fn fixture(latency: Duration) -> (tempfile::TempDir, String, FakeServer) {
     (dir, job, FakeServer::start(latency))
 }
 
+/// Runs `args`, a run whose output is the folder `local`: the rows of [`QUERY`] there, which
+/// a run on the store must equal, and how long the local run took.
+fn local_reference(
+    env: &[(&'static str, String)],
+    args: &[&str],
+    local: &std::path::Path,
+) -> (String, Duration) {
+    let started = Instant::now();
+    ok(run(env, args));
+    let full = started.elapsed();
+    let rows = ok(run(env, &["sql", "--root", local.to_str().unwrap(), QUERY]));
+    (rows, full)
+}
+
 /// Starts `backforth` with `args` and `env`, and kills it after half of `full` (how long the
 /// same run took on local disk, which is faster than any store): whether it was still going.
 fn killed_midway(args: &[&str], env: &[(&'static str, String)], full: Duration) -> bool {
@@ -131,13 +145,7 @@ fn pipeline_killed_and_resumed_equals_local<E: Emulator>() {
     let local = dir.path().join("local");
     let mut args = vec!["run", &job, "--output", local.to_str().unwrap()];
     args.extend(common);
-    let started = Instant::now();
-    ok(run(&env, &args));
-    let full = started.elapsed();
-    let expected = ok(run(
-        &env,
-        &["sql", "--root", local.to_str().unwrap(), QUERY],
-    ));
+    let (expected, full) = local_reference(&env, &args, &local);
     assert!(expected.lines().count() > 600, "{expected}");
 
     let docs = std::fs::read(dir.path().join("docs.jsonl")).unwrap();
@@ -201,13 +209,7 @@ fn four_workers_killed_and_restarted_equal_one_run<E: Emulator>() {
         local.to_str().unwrap(),
     ];
     args.extend(common);
-    let started = Instant::now();
-    ok(run(&env, &args));
-    let full = started.elapsed();
-    let expected = ok(run(
-        &env,
-        &["sql", "--root", local.to_str().unwrap(), QUERY],
-    ));
+    let (expected, full) = local_reference(&env, &args, &local);
     let answered = server.requests();
     server.state.max_in_flight.store(0, Ordering::SeqCst);
 
