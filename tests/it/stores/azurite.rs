@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::Emulator;
 use crate::support::util::{free_port, tool};
@@ -147,4 +147,43 @@ impl Azurite {
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
+}
+
+/// The URL forms users write for Azure reach the same container: a run writes through
+/// `abfss://container@account.dfs.core.windows.net/`, `sql` reads through
+/// `https://account.blob.core.windows.net/container/` and `az://container/`.
+#[test]
+fn every_azure_url_form_reaches_the_container() {
+    let azurite = Azurite::start(&["corpus"]);
+    let env = azurite.env();
+    let (_dir, job, _server) = super::fixture(Duration::ZERO);
+    let abfss = format!("abfss://corpus@{ACCOUNT}.dfs.core.windows.net/forms");
+    super::ok(super::run(
+        &env,
+        &[
+            "run",
+            &job,
+            "--output",
+            &abfss,
+            "--endpoint",
+            "mock",
+            "--stages",
+            "candidates",
+        ],
+    ));
+    let query = "SELECT count(*) AS n FROM candidates";
+    let https = format!("https://{ACCOUNT}.blob.core.windows.net/corpus/forms");
+    let through_https = super::ok(super::run(&env, &["sql", "--root", &https, query]));
+    let through_az = super::ok(super::run(
+        &env,
+        &["sql", "--root", "az://corpus/forms", query],
+    ));
+    assert!(through_https.contains("300"), "{through_https}");
+    assert_eq!(through_https, through_az);
+    let marker = super::block_on(
+        azurite
+            .store("corpus")
+            .head(&"forms/candidates/_SUCCESS".into()),
+    );
+    assert!(marker.is_ok(), "{marker:?}");
 }
