@@ -236,53 +236,43 @@ impl RequestBody<'_> {
 impl Serialize for RequestBody<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let (s, req) = (self.spec, self.req);
-        let own = |key: &str| !s.extra.contains_key(key);
         let mut map = ser.serialize_map(None)?;
-        if own("model") {
-            map.serialize_entry("model", &s.model)?;
+        // A built-in entry, unless the model's `extra` table has the key.
+        macro_rules! put {
+            ($key:expr, $value:expr) => {
+                if !s.extra.contains_key($key) {
+                    map.serialize_entry($key, $value)?;
+                }
+            };
         }
+        put!("model", &s.model);
         match s.api {
-            Api::Chat if own("messages") => map.serialize_entry("messages", &Messages(req))?,
-            Api::Completions if own("prompt") => map.serialize_entry("prompt", &req.prompt)?,
-            _ => {}
+            Api::Chat => put!("messages", &Messages(req)),
+            Api::Completions => put!("prompt", &req.prompt),
         }
-        if own("temperature") {
-            map.serialize_entry("temperature", &s.temperature)?;
-        }
-        if own("top_p") {
-            map.serialize_entry("top_p", &s.top_p)?;
-        }
+        put!("temperature", &s.temperature);
+        put!("top_p", &s.top_p);
         // OpenAI's reasoning models refuse `max_tokens` (the limit covers thinking too, under
         // the newer name); vLLM and SGLang read either.
-        let limit = if s.extra.contains_key("reasoning_effort") {
-            "max_completion_tokens"
+        if s.extra.contains_key("reasoning_effort") {
+            put!("max_completion_tokens", &req.max_tokens);
         } else {
-            "max_tokens"
-        };
-        if own(limit) {
-            map.serialize_entry(limit, &req.max_tokens)?;
+            put!("max_tokens", &req.max_tokens);
         }
         if let Some(n) = req.top_logprobs {
             match s.api {
                 Api::Chat => {
-                    if own("logprobs") {
-                        map.serialize_entry("logprobs", &true)?;
-                    }
-                    if own("top_logprobs") {
-                        map.serialize_entry("top_logprobs", &n)?;
-                    }
+                    put!("logprobs", &true);
+                    put!("top_logprobs", &n);
                 }
-                Api::Completions if own("logprobs") => map.serialize_entry("logprobs", &n)?,
-                Api::Completions => {}
+                Api::Completions => put!("logprobs", &n),
             }
         }
-        if let Some(schema) = &req.schema
-            && own("response_format")
-        {
-            map.serialize_entry("response_format", &schema.response_format())?;
+        if let Some(schema) = &req.schema {
+            put!("response_format", &schema.response_format());
         }
-        if req.choices > 1 && own("n") {
-            map.serialize_entry("n", &req.choices)?;
+        if req.choices > 1 {
+            put!("n", &req.choices);
         }
         for (key, value) in &s.extra {
             // A sample's seed is the job's seed plus the sample's number.

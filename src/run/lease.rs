@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use object_store::{PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::job_error;
 use crate::root::names::LEASES_DIR;
 use crate::run::worker::Worker;
@@ -76,7 +76,7 @@ impl Lease {
                 write_json(root, &path, &me).await?;
             }
             Err(e @ object_store::Error::NotImplemented { .. }) => {
-                unguarded(root, &e.to_string())?;
+                return Err(unguarded(root, &e.to_string()));
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 if let Some(held) = read_json::<Holder>(root, &path).await?
@@ -132,26 +132,23 @@ async fn check_second_create_refused(
 ) -> Result<()> {
     match root.store.put_opts(path, body, create()).await {
         Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-        Err(e @ object_store::Error::NotImplemented { .. }) => {
-            delete_if_exists(root, path).await?;
-            unguarded(root, &e.to_string())
-        }
         Err(e) => Err(e.into()),
         Ok(_) => {
             delete_if_exists(root, path).await?;
-            unguarded(
+            Err(unguarded(
                 root,
                 &format!(
                     "a second create-if-absent write of {} succeeded instead of being refused",
                     root.display(path)
                 ),
-            )
+            ))
         }
     }
 }
 
-fn unguarded(root: &Location, what: &str) -> Result<()> {
-    job_error!(
+/// Why `root` cannot hold a lease (`what` failed), and the ways out.
+fn unguarded(root: &Location, what: &str) -> Error {
+    Error::Job(format!(
         "{} cannot hold a worker's lease: {what}. A lease keeps a second process off its worker slot \
          only because the store refuses a second create of one object; without that, two processes \
          could run the same slot, pay for the same calls and overwrite each other's parts. Use a store that \
@@ -159,7 +156,7 @@ fn unguarded(root: &Location, what: &str) -> Result<()> {
          unset AWS_CONDITIONAL_PUT=disabled), or, if you are sure no other process runs this \
          worker slot on this output, pass --trust-single-writer",
         root.describe()
-    )
+    ))
 }
 
 impl Drop for Lease {

@@ -241,12 +241,7 @@ pub fn with_datasets(script: &str, folder: &Path) -> Value {
         .env("HF_HOME", home.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&crate::support::util::ok(out)).unwrap()
 }
 
 /// The Python of `.ci/venv` with Hugging Face `datasets` (`.ci/run` installs it).

@@ -3,27 +3,18 @@
 //! `azurite-blob` is found through `$BACKFORTH_AZURITE`, `.ci/node/node_modules/.bin/`
 //! (where `.ci/run` installs it) or the `PATH`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use super::Emulator;
-use crate::support::util::{free_port, tool};
+use super::{Emulator, Process};
+use crate::support::util::ok;
 
 /// A running Azurite blob service, stopped when dropped.
 pub struct Azurite {
-    child: Child,
-    endpoint: String,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    process: Process,
 }
 
 /// Azurite's well-known development account and key.
@@ -59,37 +50,29 @@ else:
 
 impl Emulator for Azurite {
     fn start(containers: &[&str]) -> Azurite {
-        let port = free_port();
-        let data = tempfile::tempdir().unwrap();
-        let child = Command::new(tool(
-            "BACKFORTH_AZURITE",
-            ".ci/node/node_modules/.bin/azurite-blob",
-            "azurite-blob",
-        ))
-        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-        .args(["--location", data.path().to_str().unwrap(), "--silent"])
-        .arg("--skipApiVersionCheck")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start azurite-blob ({e}); install it with `npm install --prefix .ci/node azurite@3` (as .ci/run does)"
-            )
-        });
-        let azurite = Azurite {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _data: data,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "azurite did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let process = Process::start(
+            (
+                "BACKFORTH_AZURITE",
+                ".ci/node/node_modules/.bin/azurite-blob",
+                "azurite-blob",
+            ),
+            |port, data| {
+                [
+                    "--blobHost",
+                    "127.0.0.1",
+                    "--blobPort",
+                    port,
+                    "--location",
+                    data,
+                ]
+                .into_iter()
+                .chain(["--silent", "--skipApiVersionCheck"])
+                .map(String::from)
+                .collect()
+            },
+            "npm install --prefix .ci/node azurite@3",
+        );
+        let azurite = Azurite { process };
         for name in containers {
             assert_eq!(azurite.sign(&["container", name]), "201");
         }
@@ -103,7 +86,7 @@ impl Emulator for Azurite {
     fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
-            ("AZURITE_BLOB_STORAGE_URL", self.endpoint.clone()),
+            ("AZURITE_BLOB_STORAGE_URL", self.process.endpoint.clone()),
         ]
     }
 
@@ -123,7 +106,7 @@ impl Emulator for Azurite {
             object_store::azure::MicrosoftAzureBuilder::new()
                 .with_account(ACCOUNT)
                 .with_access_key(KEY)
-                .with_endpoint(format!("{}/{ACCOUNT}", self.endpoint))
+                .with_endpoint(format!("{}/{ACCOUNT}", self.process.endpoint))
                 .with_allow_http(true)
                 .with_container_name(container)
                 .build()
@@ -136,16 +119,11 @@ impl Azurite {
     /// Runs [`SIGN`] with `args`; what it printed.
     fn sign(&self, args: &[&str]) -> String {
         let out = Command::new("python3")
-            .args(["-c", SIGN, &self.endpoint, ACCOUNT, KEY])
+            .args(["-c", SIGN, &self.process.endpoint, ACCOUNT, KEY])
             .args(args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        ok(out).trim().to_string()
     }
 }
 
@@ -158,7 +136,7 @@ fn every_azure_url_form_reaches_the_container() {
     let env = azurite.env();
     let (_dir, job, _server) = super::fixture(Duration::ZERO);
     let abfss = format!("abfss://corpus@{ACCOUNT}.dfs.core.windows.net/forms");
-    super::ok(super::run(
+    ok(super::run(
         &env,
         &[
             "run",
@@ -173,8 +151,8 @@ fn every_azure_url_form_reaches_the_container() {
     ));
     let query = "SELECT count(*) AS n FROM candidates";
     let https = format!("https://{ACCOUNT}.blob.core.windows.net/corpus/forms");
-    let through_https = super::ok(super::run(&env, &["sql", "--root", &https, query]));
-    let through_az = super::ok(super::run(
+    let through_https = ok(super::run(&env, &["sql", "--root", &https, query]));
+    let through_az = ok(super::run(
         &env,
         &["sql", "--root", "az://corpus/forms", query],
     ));

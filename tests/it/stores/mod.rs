@@ -14,6 +14,57 @@ use std::time::{Duration, Instant};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::support::fake_server::FakeServer;
+use crate::support::util::{free_port, ok, tool};
+
+/// An emulator's process on a free port of 127.0.0.1 with a data folder of its own, killed
+/// when dropped.
+struct Process {
+    child: std::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    endpoint: String,
+    _data: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts the program `tool(env, installed, name)` with `args(port, data folder)` and
+    /// waits until its port accepts connections; `install` says how to get it.
+    fn start(
+        (env, installed, name): (&str, &str, &str),
+        args: impl FnOnce(&str, &str) -> Vec<String>,
+        install: &str,
+    ) -> Process {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(tool(env, installed, name))
+            .args(args(&port.to_string(), data.path().to_str().unwrap()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {name} ({e}); install it with `{install}` (as .ci/run does)")
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Process {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// An object store emulator running on loopback.
 pub trait Emulator: Sized {
@@ -65,16 +116,6 @@ fn run(env: &[(&'static str, String)], args: &[&str]) -> Output {
         .env("BACKFORTH_LOG", "warn")
         .output()
         .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {

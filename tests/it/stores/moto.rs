@@ -5,60 +5,33 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use object_store::ObjectStore;
 
-use super::Emulator;
-use crate::support::util::{free_port, tool};
+use super::{Emulator, Process};
 
 /// A moto S3 server on 127.0.0.1, stopped on drop.
 pub struct Moto {
-    child: Child,
-    pub endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    process: Process,
 }
 
 impl Emulator for Moto {
     fn start(buckets: &[&str]) -> Moto {
-        let port = free_port();
-        let child = Command::new(tool(
-            "BACKFORTH_MOTO_SERVER",
-            ".ci/venv/bin/moto_server",
-            "moto_server",
-        ))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start moto_server ({e}); install it with `python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'` (as .ci/run does)"
-            )
-        });
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while request(&moto.endpoint, "GET", "/moto-api/", &[], "").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let process = Process::start(
+            (
+                "BACKFORTH_MOTO_SERVER",
+                ".ci/venv/bin/moto_server",
+                "moto_server",
+            ),
+            |port, _| vec!["-H".into(), "127.0.0.1".into(), "-p".into(), port.into()],
+            "python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'",
+        );
+        let moto = Moto { process };
         for name in buckets {
-            let (status, _) =
-                request(&moto.endpoint, "PUT", &format!("/{name}"), &[], "").expect("moto answers");
+            let (status, _) = request(&moto.process.endpoint, "PUT", &format!("/{name}"), &[], "")
+                .expect("moto answers");
             assert!(status.starts_with("HTTP/1.1 200"), "{status}");
         }
         moto
@@ -69,7 +42,7 @@ impl Emulator for Moto {
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
-        s3_env(&self.endpoint, "testing", "testing")
+        s3_env(&self.process.endpoint, "testing", "testing")
     }
 
     fn env_denied_reads(&self, bucket: &str, denied: &[&str]) -> Vec<(&'static str, String)> {
@@ -79,7 +52,7 @@ impl Emulator for Moto {
             .collect();
         let (key, secret) = self.user_who_cannot_read(&arns);
         self.check_permissions(true);
-        s3_env(&self.endpoint, &key, &secret)
+        s3_env(&self.process.endpoint, &key, &secret)
     }
 
     fn allow_everything(&self) {
@@ -87,7 +60,7 @@ impl Emulator for Moto {
     }
 
     fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
-        s3_store(&self.endpoint, bucket, "testing")
+        s3_store(&self.process.endpoint, bucket, "testing")
     }
 }
 
@@ -127,7 +100,7 @@ impl Moto {
         let scope = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, \
                      SignedHeaders=host, Signature=unused";
         let (status, body) = request(
-            &self.endpoint,
+            &self.process.endpoint,
             "POST",
             "/",
             &[
@@ -169,7 +142,7 @@ impl Moto {
     fn check_permissions(&self, on: bool) {
         let count = if on { "0" } else { "inf" };
         let (status, body) = request(
-            &self.endpoint,
+            &self.process.endpoint,
             "POST",
             "/moto-api/reset-auth",
             &[("Content-Type", "text/plain")],

@@ -6,63 +6,40 @@
 //! `s3rver` is found through `$BACKFORTH_S3RVER`, `.ci/node/node_modules/.bin/s3rver` (where
 //! `.ci/run` installs it) or the `PATH`.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::moto::{Moto, s3_env, s3_store};
-use super::{Emulator, block_on, fixture, ok, run};
-use crate::support::util::{free_port, tool};
+use super::{Emulator, Process, block_on, fixture, ok, run};
 
 /// A running s3rver, stopped when dropped.
 struct S3rver {
-    child: Child,
-    endpoint: String,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for S3rver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    process: Process,
 }
 
 impl S3rver {
     fn start(bucket: &str) -> S3rver {
-        let port = free_port();
-        let data = tempfile::tempdir().unwrap();
-        let child = Command::new(tool(
-            "BACKFORTH_S3RVER",
-            ".ci/node/node_modules/.bin/s3rver",
-            "s3rver",
-        ))
-        .args(["-d", data.path().to_str().unwrap(), "-a", "127.0.0.1"])
-        .args(["-p", &port.to_string(), "--silent"])
-        .args(["--configure-bucket", bucket])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start s3rver ({e}); install it with `npm install --prefix .ci/node s3rver@3` (as .ci/run does)"
-            )
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3rver did not start on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        S3rver {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _data: data,
-        }
+        let process = Process::start(
+            (
+                "BACKFORTH_S3RVER",
+                ".ci/node/node_modules/.bin/s3rver",
+                "s3rver",
+            ),
+            |port, data| {
+                ["-d", data, "-a", "127.0.0.1", "-p", port, "--silent"]
+                    .into_iter()
+                    .chain(["--configure-bucket", bucket])
+                    .map(String::from)
+                    .collect()
+            },
+            "npm install --prefix .ci/node s3rver@3",
+        );
+        S3rver { process }
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
-        s3_env(&self.endpoint, "S3RVER", "S3RVER")
+        s3_env(&self.process.endpoint, "S3RVER", "S3RVER")
     }
 }
 
@@ -71,7 +48,7 @@ impl S3rver {
 #[test]
 fn a_store_that_overwrites_on_create_is_refused() {
     let s3rver = S3rver::start("runs");
-    let objects = s3_store(&s3rver.endpoint, "runs", "S3RVER");
+    let objects = s3_store(&s3rver.process.endpoint, "runs", "S3RVER");
     let path = object_store::path::Path::from("probe");
     let create = PutOptions::from(PutMode::Create);
     block_on(objects.put_opts(&path, PutPayload::from_static(b"a"), create.clone())).unwrap();
@@ -90,14 +67,14 @@ fn a_store_that_overwrites_on_create_is_refused() {
         "--model",
         "m",
     ];
-    let out = run(&s3rver.env(), &args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("s3://runs/out cannot hold a worker's lease")
-            && stderr.contains("succeeded instead of being refused")
-            && stderr.contains("--trust-single-writer"),
-        "{stderr}"
+    refused(
+        &s3rver.env(),
+        &args,
+        &[
+            "s3://runs/out cannot hold a worker's lease",
+            "succeeded instead of being refused",
+            "--trust-single-writer",
+        ],
     );
     assert_eq!(server.requests(), 0);
     let lease = block_on(objects.head(&"out/_leases/worker-0-of-1.json".into()));
@@ -106,9 +83,7 @@ fn a_store_that_overwrites_on_create_is_refused() {
         "{lease:?}"
     );
 
-    let mut trusted = args.to_vec();
-    trusted.push("--trust-single-writer");
-    ok(run(&s3rver.env(), &trusted));
+    trusted(&s3rver.env(), &args);
     let rows = ok(run(
         &s3rver.env(),
         &[
@@ -139,14 +114,25 @@ fn conditional_puts_switched_off_are_refused() {
         "--stages",
         "candidates",
     ];
-    let out = run(&env, &args);
+    refused(
+        &env,
+        &args,
+        &["cannot hold a worker's lease", "AWS_CONDITIONAL_PUT"],
+    );
+    trusted(&env, &args);
+}
+
+/// Runs `args`: the run must stop as a job error whose message says each of `says`.
+fn refused(env: &[(&'static str, String)], args: &[&str], says: &[&str]) {
+    let out = run(env, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("cannot hold a worker's lease") && stderr.contains("AWS_CONDITIONAL_PUT"),
-        "{stderr}"
-    );
+    assert!(says.iter().all(|s| stderr.contains(s)), "{stderr}");
+}
+
+/// Runs `args` with `--trust-single-writer`: the run must succeed.
+fn trusted(env: &[(&'static str, String)], args: &[&str]) {
     let mut trusted = args.to_vec();
     trusted.push("--trust-single-writer");
-    ok(run(&env, &trusted));
+    ok(run(env, &trusted));
 }

@@ -57,6 +57,18 @@ pub fn backforth_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> 
     out
 }
 
+/// The standard output of a program that must have succeeded; otherwise the test fails with
+/// both outputs.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A session with every stage directory under `root` that has a `_SUCCESS` registered.
 pub async fn session(root: &Path) -> SessionContext {
     let ctx = SessionContext::new();
