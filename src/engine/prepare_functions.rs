@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, Int64Array, ListArray, ListBuilder, StringArray, StringBuilder, StructArray,
-    UInt32Builder, new_null_array,
+    UInt32Builder, UInt64Array, new_null_array,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
@@ -65,6 +65,13 @@ pub const UNITS: &[PureFunction] = &[
         returns: || DataType::Struct(unit_fields()),
         invoke: document_unit,
     },
+    PureFunction {
+        name: "hash64",
+        params: &[Param::Text("text")],
+        optional: 0,
+        returns: || DataType::UInt64,
+        invoke: hash64,
+    },
 ];
 
 /// The job's settings behind `clean_document`, `quality_problem` and `minhash`.
@@ -113,6 +120,25 @@ fn dedup_key(args: &[ColumnarValue], n: usize) -> Result<ArrayRef> {
         }
     }
     Ok(Arc::new(keys.finish()))
+}
+
+/// `hash64(text)`: the first eight bytes of the text's SHA-256, the same on every machine and
+/// in every version. Whole-table checks group by it instead of the text (eight bytes a row
+/// rather than the string and its copies); it also draws samples and splits that a rerun
+/// repeats (`WHERE hash64(doc_id) % 100 < 5`).
+fn hash64(args: &[ColumnarValue], n: usize) -> Result<ArrayRef> {
+    use sha2::{Digest, Sha256};
+    let texts = string_columns(args, n)?.remove(0);
+    let hashes: UInt64Array = texts
+        .iter()
+        .map(|value| {
+            value.map(|v| {
+                let digest = Sha256::digest(v.as_bytes());
+                u64::from_be_bytes(digest[..8].try_into().expect("eight bytes"))
+            })
+        })
+        .collect();
+    Ok(Arc::new(hashes))
 }
 
 fn candidate_units(args: &[ColumnarValue], n: usize) -> Result<ArrayRef> {

@@ -54,6 +54,10 @@ pub struct StageStats {
     /// file went away still finds the responses it paid for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
+    /// The input stage only: a hash of its shards' markers as published, so a rerun finding
+    /// the same markers skips the passes over the whole table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards_digest: Option<String>,
 }
 
 impl StageStats {

@@ -664,3 +664,94 @@ fn duplicate_explicit_ids_are_an_error_naming_both_places() {
     );
     assert!(!dir.path().join("out-error/candidates/_SUCCESS").exists());
 }
+
+/// Every file under `dir` with its modification time.
+fn written(dir: &Path) -> BTreeMap<String, std::time::SystemTime> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(written(&entry.path()));
+        } else {
+            let modified = entry.metadata().unwrap().modified().unwrap();
+            files.insert(entry.path().to_string_lossy().into_owned(), modified);
+        }
+    }
+    files
+}
+
+/// A rerun over the inputs the input stage was published from writes nothing: the passes over
+/// the whole table (copies across files, repeated ids) are not run again.
+#[test]
+fn a_rerun_of_a_published_input_stage_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    for (name, texts) in [
+        (
+            "a",
+            ["Rivers carry silt to the sea.", "Bridges span the river."],
+        ),
+        (
+            "b",
+            ["Bridges span the river.", "Orchards bloom in spring."],
+        ),
+    ] {
+        let docs: Vec<(String, &str)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("{name}{i}"), *t))
+            .collect();
+        let docs: Vec<(&str, &str)> = docs.iter().map(|(id, t)| (id.as_str(), *t)).collect();
+        write_docs(&dir.path().join(format!("docs/{name}.jsonl")), &docs);
+    }
+    let job = job(dir.path(), "docs", "error");
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    let out = dir.path().join("out-error/candidates");
+    let m = marker(&dir.path().join("out-error"), "candidates");
+    assert_eq!(m["dropped"], json!({"duplicate_across_files": 1}));
+    let before = written(&out);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    backforth_ok(&["run", &job, "--stages", "prepare"]);
+    assert_eq!(written(&out), before);
+}
+
+/// `hash64` is the first eight bytes of the text's SHA-256, big-endian: the same on every
+/// machine and version, so samples drawn with it repeat.
+#[test]
+fn hash64_is_the_first_eight_bytes_of_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    write_docs(
+        &dir.path().join("docs/a.jsonl"),
+        &[("a", "Rivers carry silt.")],
+    );
+    backforth_ok(&[
+        "run",
+        &job(dir.path(), "docs", "error"),
+        "--stages",
+        "prepare",
+    ]);
+    let out = backforth_ok(&[
+        "sql",
+        "--root",
+        dir.path().join("out-error").to_str().unwrap(),
+        "SELECT hash64('abc') AS abc, hash64('') AS empty, hash64(NULL) AS null_text, \
+         hash64(doc_id) = hash64('a') AS same FROM candidates",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let cells: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .nth(1)
+        .unwrap()
+        .trim_matches('|')
+        .split('|')
+        .map(str::trim)
+        .collect();
+    // python3 -c "import hashlib; print(int.from_bytes(hashlib.sha256(b'abc').digest()[:8], 'big'))"
+    assert_eq!(
+        cells,
+        ["13436514500253700074", "16406829232824261652", "", "true"],
+        "{stdout}"
+    );
+}
