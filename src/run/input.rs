@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::AsArray;
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, UInt64Type};
+use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 
@@ -384,6 +385,47 @@ impl Runner<'_> {
     }
 }
 
+/// The in-memory table of hashes of ids given at more than one place.
+const SUSPECT_IDS: &str = "_suspect_ids";
+/// The in-memory table of hashes of exact-dedup keys kept more than once.
+const REPEATED_KEYS: &str = "_repeated_keys";
+/// Most suspect id hashes looked at: the error names the first clash only.
+const MOST_SUSPECTS: usize = 1024;
+
+/// The `UInt64` values of the first column of `sql`'s rows.
+async fn hashes(ctx: &SessionContext, sql: &str) -> Result<Vec<u64>> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    let mut values = Vec::new();
+    for batch in &batches {
+        let column = batch
+            .column(0)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "expected hashes, got {}",
+                    batch.column(0).data_type()
+                ))
+            })?;
+        values.extend(column.iter().flatten());
+    }
+    Ok(values)
+}
+
+/// Registers `hashes` as the one-column (`h`) in-memory table `name`: a join on it builds its
+/// hash table from these few rows, whose count the planner knows, rather than from the stage.
+fn register_hashes(ctx: &SessionContext, name: &str, hashes: Vec<u64>) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![Field::new("h", DataType::UInt64, false)]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(UInt64Array::from(hashes))],
+    )?;
+    ctx.register_table(
+        name,
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    Ok(())
+}
+
 /// Fails, naming both places, when two kept documents of the input stage share an id:
 /// near-dedup and the pass above tell rows apart by id. (Copies of one document with one
 /// id were already dropped as duplicates.)
@@ -395,16 +437,27 @@ async fn require_unique_ids(ctx: &SessionContext, plan: &StagePlan) -> Result<()
     {
         return Ok(());
     }
+    // Grouping every row by its id string (with the least and greatest file name of each)
+    // held several times the ids' size; eight-byte hashes find the few ids that may repeat
+    // (usually none), and only their rows are compared as strings.
+    let suspects = hashes(
+        ctx,
+        &format!(
+            "SELECT id FROM (SELECT hash64(doc_id) AS id, \
+                 hash64(concat(file, ':', CAST(line AS VARCHAR))) AS place FROM {t}) \
+             GROUP BY id HAVING min(place) <> max(place) LIMIT {MOST_SUSPECTS}",
+            t = plan.name
+        ),
+    )
+    .await?;
+    if suspects.is_empty() {
+        return Ok(());
+    }
+    register_hashes(ctx, SUSPECT_IDS, suspects)?;
     let batches = ctx
         .sql(&format!(
-            // Grouping every row by its id string (with the least and greatest file name of
-            // each) held several times the ids' size; eight-byte hashes find the few ids that
-            // may repeat, and only their rows are compared as strings.
-            "WITH places AS (SELECT hash64(doc_id) AS id, \
-                     hash64(concat(file, ':', CAST(line AS VARCHAR))) AS place FROM {t}), \
-                 suspects AS (SELECT id FROM places GROUP BY id HAVING min(place) <> max(place)), \
-                 suspect_rows AS (SELECT doc_id, file, line FROM {t} \
-                     WHERE hash64(doc_id) IN (SELECT id FROM suspects)) \
+            "WITH suspect_rows AS (SELECT doc_id, file, line FROM {t} \
+                     WHERE hash64(doc_id) IN (SELECT h FROM {SUSPECT_IDS})) \
                  SELECT doc_id, file, line FROM suspect_rows WHERE doc_id IN \
                  (SELECT doc_id FROM suspect_rows GROUP BY doc_id \
                   HAVING min(file) <> max(file) OR min(line) <> max(line)) \
@@ -414,6 +467,7 @@ async fn require_unique_ids(ctx: &SessionContext, plan: &StagePlan) -> Result<()
         .await?
         .collect()
         .await?;
+    ctx.deregister_table(SUSPECT_IDS)?;
     let mut places = Vec::new();
     for batch in &batches {
         let columns: Vec<_> = (0..3)
@@ -444,22 +498,34 @@ async fn outranked_rows(
     ctx: &SessionContext,
     stage: &str,
 ) -> Result<HashMap<String, HashSet<String>>> {
+    // Repeats are rare: a hash aggregate over eight-byte hashes of the keys finds them, and
+    // only those rows are ranked (sorting every row's key cost more than the rest of the pass;
+    // grouping by the key strings held their size again). The hashes go in a table of their
+    // own, which the join builds its table from: given the query's subquery, the planner
+    // built it from every row of the stage.
+    let repeated = hashes(
+        ctx,
+        &format!(
+            "SELECT hash64(dedup_key) FROM {stage} WHERE dedup_key IS NOT NULL \
+             GROUP BY 1 HAVING count(*) > 1"
+        ),
+    )
+    .await?;
+    if repeated.is_empty() {
+        return Ok(HashMap::new());
+    }
+    register_hashes(ctx, REPEATED_KEYS, repeated)?;
     let batches = ctx
         .sql(&format!(
-            // Repeats are rare: a hash aggregate over eight-byte hashes of the keys finds them,
-            // and only those rows are ranked (sorting every row's key cost more than the rest
-            // of the pass; grouping by the key strings held their size again).
-            "WITH repeated AS (SELECT hash64(dedup_key) AS h FROM {t} WHERE dedup_key IS NOT NULL \
-                 GROUP BY 1 HAVING count(*) > 1) \
-                 SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
-                 ORDER BY file, line, ordinal) AS copy FROM {t} \
-                 WHERE dedup_key IS NOT NULL AND hash64(dedup_key) IN (SELECT h FROM repeated)) \
-                 WHERE copy > 1",
-            t = stage
+            "SELECT file, id FROM (SELECT file, id, row_number() OVER (PARTITION BY dedup_key \
+                 ORDER BY file, line, ordinal) AS copy FROM {stage} \
+                 WHERE dedup_key IS NOT NULL AND hash64(dedup_key) IN (SELECT h FROM {REPEATED_KEYS})) \
+             WHERE copy > 1"
         ))
         .await?
         .collect()
         .await?;
+    ctx.deregister_table(REPEATED_KEYS)?;
     // file -> ids of its rows that a copy elsewhere outranks.
     let mut repeated: HashMap<String, HashSet<String>> = HashMap::new();
     for batch in &batches {
