@@ -73,7 +73,7 @@ impl Runner<'_> {
         // Published from these very shards (no marker rewritten since, none redone): the
         // passes over the whole table would find what they found then, at the cost of
         // reading every row again.
-        let found = markers_digest(markers.values());
+        let found = markers_digest(&markers);
         if let Some(done) = read_stage_stats(&self.root, &plan.name).await?.filter(|s| {
             s.is_current(&plan.fingerprint, &digest)
                 && s.shards_digest.as_deref() == Some(found.as_str())
@@ -119,9 +119,7 @@ impl Runner<'_> {
             total.absorb(marker);
         }
         total.shards = parts;
-        let by_id: BTreeMap<&String, &StageStats> =
-            shards.iter().map(|(id, _, m)| (id, m)).collect();
-        total.shards_digest = Some(markers_digest(by_id.into_values()));
+        total.shards_digest = Some(markers_digest(shards.iter().map(|(id, _, m)| (id, m))));
         write_stage_stats(&self.root, &plan.name, &total).await?;
         Ok(total)
     }
@@ -562,21 +560,20 @@ fn input_shard_current(
 /// A short hash of every input shard's source: what the published input stage was computed
 /// from, so a worker waiting for it can tell a stale one.
 fn sources_digest(sources: &BTreeMap<String, String>) -> String {
-    use sha2::{Digest, Sha256};
-    let json = serde_json::to_vec(sources).expect("maps serialise");
-    hex::encode(&Sha256::digest(&json)[..12])
+    short_hash(sources)
 }
 
-/// A short hash of input shard markers, by shard id, timings included: a shard redone
-/// since gives another, even with the same counts.
-fn markers_digest<'a>(markers: impl Iterator<Item = &'a StageStats>) -> String {
+/// A short hash of input shard markers by shard id, timings included: a shard redone since
+/// gives another, even with the same counts.
+fn markers_digest<'a>(markers: impl IntoIterator<Item = (&'a String, &'a StageStats)>) -> String {
+    short_hash(&markers.into_iter().collect::<BTreeMap<_, _>>())
+}
+
+/// The first twelve bytes, in hex, of the SHA-256 of `value` as JSON.
+fn short_hash(value: &impl serde::Serialize) -> String {
     use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    for marker in markers {
-        hash.update(serde_json::to_vec(marker).expect("markers serialise"));
-        hash.update(b"\n");
-    }
-    hex::encode(&hash.finalize()[..12])
+    let json = serde_json::to_vec(value).expect("maps serialise");
+    hex::encode(&Sha256::digest(&json)[..12])
 }
 
 /// Up to five of `ids`, and how many more.
