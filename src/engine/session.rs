@@ -33,6 +33,14 @@ pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<S
         .options_mut()
         .optimizer
         .enable_leaf_expression_pushdown = false;
+    // A round-robin repartition above the LLM call coalesces its output into batches of
+    // `batch_size` rows: every row of a shard, with its prompt and reply, waited there until the
+    // shard's last reply (19 MiB of the heap at the job bench's peak). Shards running side by
+    // side give the parallelism instead.
+    config
+        .options_mut()
+        .optimizer
+        .enable_round_robin_repartition = false;
     if let Some(p) = target_partitions {
         config = config.with_target_partitions(p.max(1));
     }

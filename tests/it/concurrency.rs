@@ -218,7 +218,8 @@ fn identical_prompts_in_flight_are_sent_once() {
 
 /// Every LLM stage runs its calls through the row window: the physical plans the run logs
 /// (at debug level) call each built-in LLM function under `LlmWindowExec`, and none under
-/// DataFusion's batch-at-a-time `AsyncFuncExec`.
+/// DataFusion's batch-at-a-time `AsyncFuncExec`, and no round-robin repartition, whose
+/// coalescing would hold every answered row of a shard until its last reply.
 #[test]
 fn every_llm_stage_plans_its_calls_in_the_row_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -242,6 +243,7 @@ fn every_llm_stage_plans_its_calls_in_the_row_window() {
     assert!(!plans.is_empty(), "no plan logged:\n{log}");
     for plan in &plans {
         assert!(!plan.contains("AsyncFuncExec"), "{plan}");
+        assert!(!plan.contains("RoundRobinBatch"), "{plan}");
     }
     for function in ["backtranslate(", "score_pair(", "rewrite(", "answer("] {
         assert!(
