@@ -24,7 +24,8 @@ use crate::prepare::tokens::TokenCounter;
 use crate::storage::Location;
 
 /// Builds the session every command uses: list-files cache off (stages read what earlier
-/// stages wrote in the same process), LLM calls planned with [`LlmWindowExec`](crate::engine::window::LlmWindowExec).
+/// stages wrote in the same process), no round-robin repartitions, LLM calls planned with
+/// [`LlmWindowExec`](crate::engine::window::LlmWindowExec).
 pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     // Leaf-expression pushdown copies `call['text']` down to the call and so duplicates the
@@ -35,8 +36,8 @@ pub fn new_session(target_partitions: Option<usize>, window: Window) -> Result<S
         .enable_leaf_expression_pushdown = false;
     // A round-robin repartition above the LLM call coalesces its output into batches of
     // `batch_size` rows: every row of a shard, with its prompt and reply, waited there until the
-    // shard's last reply (19 MiB of the heap at the job bench's peak). Shards running side by
-    // side give the parallelism instead.
+    // shard's last reply (22-28 MiB of the heap at the job bench's peak). Shards running side
+    // by side give the parallelism instead; hash repartitions and split file scans stay.
     config
         .options_mut()
         .optimizer
