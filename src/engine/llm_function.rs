@@ -177,6 +177,11 @@ impl LlmFunction {
             .map_err(|e| format!("template: {e}"))
     }
 
+    /// The model role the function calls.
+    pub fn client(&self) -> &ModelClient {
+        &self.client
+    }
+
     /// The reply struct this function returns: the call's fields, then `json` (the reply's
     /// value, typed by the schema) when it has one; a list of them when it asks for several
     /// samples.

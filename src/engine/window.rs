@@ -27,6 +27,7 @@ use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::async_scalar_function::AsyncFuncExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::async_func::AsyncFuncExec;
+use datafusion::physical_plan::common::spawn_buffered;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
@@ -34,6 +35,7 @@ use datafusion::physical_plan::{
 };
 use futures::future::join_all;
 use futures::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::engine::args::string_columns;
 use crate::engine::llm_function::{LlmFunction, LlmFunctions, Sample};
@@ -55,7 +57,8 @@ const OUTPUT_BATCH_WAIT: Duration = Duration::from_millis(20);
 
 impl Window {
     /// A window of twice `cap` rows per partition: one partition alone keeps an endpoint with
-    /// `cap` slots full, with as many rows again queued for the slots that free up.
+    /// `cap` slots full, with as many rows again queued for the slots that free up. The
+    /// partitions and shards running at once share each role's budget of rows on top.
     pub fn for_cap(cap: usize) -> Self {
         Self {
             rows: 2 * cap.max(1),
@@ -199,7 +202,10 @@ impl ExecutionPlan for LlmWindowExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, Arc::clone(&context))?;
+        // Read a batch ahead in a task of its own: the input's reader (a zstd context, page
+        // buffers and builders per column of a Parquet scan) then ends with its last batch
+        // instead of living on until the window has worked through that batch's rows.
+        let input = spawn_buffered(self.input.execute(partition, Arc::clone(&context))?, 1);
         let schema = self.schema();
         // Each distinct call is made once, whatever copies the planner made.
         let (call_of, firsts) = distinct_calls(&self.exprs);
@@ -223,8 +229,21 @@ impl ExecutionPlan for LlmWindowExec {
         let out_schema = Arc::clone(&schema);
         let functions: Vec<Arc<LlmFunction>> =
             calls.iter().map(|c| Arc::clone(&c.function)).collect();
-        let evaluated = rows
-            .map(move |row| {
+        // A row starts only when its roles have room: the window bounds one partition, the
+        // roles' budgets every partition and shard of the process together.
+        let budgets = Arc::new(row_budgets(&calls));
+        let started = rows.then(move |row| {
+            let budgets = Arc::clone(&budgets);
+            async move {
+                let permits = match &row {
+                    Ok(_) => start_row(&budgets).await,
+                    Err(_) => Vec::new(),
+                };
+                (row, permits)
+            }
+        });
+        let evaluated = started
+            .map(move |(row, permits)| {
                 let calls = Arc::clone(&calls);
                 async move {
                     let (args, i) = row?;
@@ -235,6 +254,7 @@ impl ExecutionPlan for LlmWindowExec {
                             .map(|(call, strings)| call.function.call_at(strings, i)),
                     )
                     .await;
+                    drop(permits);
                     Ok(Answered { args, i, replies })
                 }
             })
@@ -298,6 +318,34 @@ impl LlmWindowExec {
             })
             .collect()
     }
+}
+
+/// The roles a row of `calls` calls, each once with how many of its calls go to it, ordered
+/// by role name: every operator takes its rows' budgets in the same order, so rows waiting
+/// for two roles never wait for each other.
+fn row_budgets(calls: &[Call]) -> Vec<(Arc<LlmFunction>, usize)> {
+    let mut budgets: Vec<(Arc<LlmFunction>, usize)> = Vec::new();
+    for call in calls {
+        let client = call.function.client();
+        match budgets
+            .iter_mut()
+            .find(|(f, _)| f.client().same_rows(client))
+        {
+            Some((_, n)) => *n += 1,
+            None => budgets.push((Arc::clone(&call.function), 1)),
+        }
+    }
+    budgets.sort_by(|(a, _), (b, _)| a.client().spec().role.cmp(&b.client().spec().role));
+    budgets
+}
+
+/// Waits until every role of `budgets` has room for one more row.
+async fn start_row(budgets: &[(Arc<LlmFunction>, usize)]) -> Vec<OwnedSemaphorePermit> {
+    let mut permits = Vec::with_capacity(budgets.len());
+    for (function, n) in budgets {
+        permits.push(function.client().start_rows(*n).await);
+    }
+    permits
 }
 
 /// One distinct LLM call of the operator: the function and its argument expressions.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::job::{Api, ModelSpec};
 use crate::llm::endpoint::Endpoint;
@@ -112,12 +113,41 @@ pub struct ModelClient {
     pub(crate) spent: Arc<AtomicU64>,
     /// Calls of the whole run waiting for or holding a slot (shared by all roles).
     pub(crate) outstanding: Arc<AtomicUsize>,
+    /// Rows of this role started and not yet answered, over every stage, shard and
+    /// partition of the process (see [`ModelClient::rows_at_once`]).
+    pub(crate) rows: Arc<Semaphore>,
     /// The run's budget in millionths of a dollar, if it has one.
     pub(crate) budget: Option<Budget>,
     pub(crate) backend: Arc<dyn Backend>,
 }
 
+/// Rows of a role started at once per slot: one on the wire, one rendered and waiting to take
+/// the next slot that frees.
+const ROWS_PER_SLOT: usize = 2;
+
 impl ModelClient {
+    /// How many of the role's rows may be started at once: [`ROWS_PER_SLOT`] per slot of
+    /// its replicas, however many shards and partitions have rows ready.
+    pub fn rows_at_once(spec: &ModelSpec) -> usize {
+        ROWS_PER_SLOT * spec.concurrency.max(1) * spec.endpoints.len().max(1)
+    }
+
+    /// Waits until `n` more of the role's rows may start (at most all of them). A row waiting
+    /// here holds nothing rendered: shards started together share the role's slots' worth of
+    /// rows instead of each holding a window of prompts.
+    pub async fn start_rows(&self, n: usize) -> OwnedSemaphorePermit {
+        let n = n.clamp(1, Self::rows_at_once(&self.spec)) as u32;
+        Arc::clone(&self.rows)
+            .acquire_many_owned(n)
+            .await
+            .expect("the row budget is never closed")
+    }
+
+    /// Whether `self` and `other` draw on the same budget of rows.
+    pub fn same_rows(&self, other: &ModelClient) -> bool {
+        Arc::ptr_eq(&self.rows, &other.rows)
+    }
+
     /// The role's resolved settings.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec

@@ -96,6 +96,7 @@ impl LlmPool {
                     in_flight: Arc::default(),
                     spent: Arc::clone(&pool.spent),
                     outstanding: Arc::clone(&pool.outstanding),
+                    rows: Arc::new(tokio::sync::Semaphore::new(ModelClient::rows_at_once(spec))),
                     budget: pool.budget,
                     backend: backend_of(spec, capture.as_ref()),
                 },

@@ -87,8 +87,9 @@ fn describe(
         String::new()
     };
     format!(
-        "{stage}: shards {done}/{total}, rows {}, {:.1} req/s, {} tokens, {} errors, {} elapsed{eta}",
+        "{stage}: shards {done}/{total}, rows {}, {} calls open, {:.1} req/s, {} tokens, {} errors, {} elapsed{eta}",
         progress.rows.load(Ordering::Relaxed),
+        pool.outstanding(),
         usage.requests as f64 / secs,
         usage.prompt_tokens + usage.completion_tokens,
         usage.failures,

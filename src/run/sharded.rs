@@ -93,9 +93,6 @@ impl Runner<'_> {
             done
         };
         let started = Instant::now();
-        let chains = self
-            .admit_shards(mine, chain, self.shards_at_once(&root))
-            .await;
         let mut totals: Vec<StageStats> = plans
             .iter()
             .map(|plan| StageStats {
@@ -106,7 +103,9 @@ impl Runner<'_> {
             .collect();
         let mut last = vec![started; plans.len()];
         let mut first_error = None;
-        for done in chains {
+        // Folded in as each chain ends: a shard's counts are not kept past its chain, so
+        // what the run holds does not grow with the number of shards.
+        let fold = |done: Vec<Option<(Result<StageStats>, Instant)>>| {
             for (i, outcome) in done.into_iter().enumerate() {
                 match outcome {
                     Some((Ok(stats), at)) => {
@@ -119,7 +118,9 @@ impl Runner<'_> {
                     None => {}
                 }
             }
-        }
+        };
+        self.admit_shards(mine, chain, self.shards_at_once(&root), fold)
+            .await;
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -135,14 +136,15 @@ impl Runner<'_> {
     /// Runs `chain` for every shard of `mine`, keeping `at_once.0` shards under way and
     /// starting more (up to `at_once.1`) while the servers have fewer than twice their slots'
     /// worth of calls outstanding: a stage that sends few calls (or none) then leaves room
-    /// for other shards, and memory follows the slots, not the corpus.
+    /// for other shards, and memory follows the slots, not the corpus. Each chain's result
+    /// goes to `done` as it ends.
     async fn admit_shards<F, Fut, T>(
         &self,
         mine: Vec<String>,
         chain: F,
         at_once: (usize, usize),
-    ) -> Vec<T>
-    where
+        mut done: impl FnMut(T),
+    ) where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = T>,
     {
@@ -150,7 +152,6 @@ impl Runner<'_> {
         let wanted = 2 * self.pool.max_concurrency();
         let mut queue = mine.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
-        let mut results = Vec::new();
         loop {
             // Beyond the least, one more shard per look: its calls must show in the count
             // before the next is judged. The last shards go in together once `most` holds
@@ -166,10 +167,10 @@ impl Runner<'_> {
                 running.push(chain(id));
             }
             if running.is_empty() {
-                return results;
+                return;
             }
             tokio::select! {
-                Some(done) = running.next() => results.push(done),
+                Some(chain) = running.next() => done(chain),
                 () = tokio::time::sleep(ADMISSION_LOOK) => {}
             }
         }
@@ -310,21 +311,19 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// The totals over the markers of shards `ids`, read side by side; `None` while any is
-    /// missing or of another definition.
+    /// The totals over the markers of shards `ids`, read side by side and added up as they
+    /// come; `None` while any is missing or of another definition.
     async fn shard_totals(&self, plan: &StagePlan, ids: &[String]) -> Result<Option<StageStats>> {
-        let markers: Vec<Option<StageStats>> = futures::stream::iter(ids)
+        let mut markers = futures::stream::iter(ids)
             .map(|id| read_shard_stats(&self.root, &plan.name, id))
-            .buffered(32)
-            .try_collect()
-            .await?;
+            .buffered(32);
         let mut total = StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
             shards: ids.to_vec(),
             ..StageStats::default()
         };
-        for marker in markers {
+        while let Some(marker) = markers.try_next().await? {
             match marker {
                 Some(s) if s.fingerprint == plan.fingerprint => total.absorb(&s),
                 _ => return Ok(None),

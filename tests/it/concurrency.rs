@@ -254,3 +254,79 @@ fn every_llm_stage_plans_its_calls_in_the_row_window() {
         );
     }
 }
+
+/// Shards started together share each role's rows: however many are under way, no more calls
+/// are open (rendered, waiting for a slot or on the wire) than twice the role's slots, so the
+/// memory of a job's prompts follows the slots, not the shards. Eight shards of one window
+/// each would open four times that.
+#[test]
+fn shards_started_together_share_the_roles_rows() {
+    const C: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    for f in 0..8 {
+        let docs: String = (0..20)
+            .map(|d| {
+                serde_json::json!({"id": format!("f{f}d{d}"), "text": format!("Page {d} of file {f} tells its own story number {}.", f * 20 + d)})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("in/{f}.jsonl")), docs).unwrap();
+    }
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"in/\"]\n[execution]\nconcurrent_shards = 8\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+    )
+    .unwrap();
+    let server = FakeServer::start(Duration::from_millis(30));
+    let url = server.url();
+    let c = C.to_string();
+    let args = [
+        "run",
+        job.to_str().unwrap(),
+        "--endpoint",
+        &url,
+        "--model",
+        "m",
+        "--concurrency",
+        &c,
+    ];
+    backforth_ok(&[&args[..], &["--stages", "prepare"]].concat());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args([&args[..], &["--stages", "backtranslate"]].concat())
+        .env("BACKFORTH_LOG", "info")
+        .env("BACKFORTH_PROGRESS_SECS", "0.1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let open: Vec<usize> = stderr
+        .lines()
+        .filter(|l| l.contains("backtranslated: shards "))
+        .filter_map(|l| {
+            let before = &l[..l.find(" calls open")?];
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .collect();
+    let most = open.iter().copied().max().unwrap_or(0);
+    eprintln!("calls open per progress line: {open:?}");
+    assert!(
+        open.len() >= 5,
+        "too few progress lines to judge: {open:?}\n{stderr}"
+    );
+    assert!(
+        most <= 2 * C,
+        "{most} calls open at once with {C} slots: the shards did not share the role's rows"
+    );
+    assert!(
+        most > C,
+        "never more calls open ({most}) than slots ({C}): no row was ready for a freed slot"
+    );
+    assert_eq!(
+        marker(&dir.path().join("out"), "backtranslated")["rows_out"],
+        160
+    );
+}

@@ -247,7 +247,14 @@ fn progress_lines_when_stderr_is_not_a_terminal() {
         .lines()
         .find(|l| l.contains("backtranslated: shards "))
         .unwrap_or_else(|| panic!("no progress line in\n{stderr}"));
-    for part in ["rows ", " req/s", " tokens", " errors", " elapsed"] {
+    for part in [
+        "rows ",
+        " calls open",
+        " req/s",
+        " tokens",
+        " errors",
+        " elapsed",
+    ] {
         assert!(line.contains(part), "{line}");
     }
     assert!(!stderr.contains('\r'), "no terminal redraws in a log");
