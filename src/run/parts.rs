@@ -224,11 +224,11 @@ fn kept_columns(n: usize, drop_index: usize) -> Vec<usize> {
     (0..n).filter(|&j| j != drop_index).collect()
 }
 
-/// Rows a part writer holds as Arrow before it opens a Parquet writer. An open writer keeps
-/// two zstd contexts and a dictionary per column (about 2 MB for a stage's twenty columns)
-/// for as long as the part is open, which for an LLM stage is as long as its slowest reply:
-/// a shard's rows are kept as they came, and encoded at once when the shard ends, unless
-/// they grow past this.
+/// Rows a part writer holds as Arrow before it encodes them as one row group. An open row
+/// group keeps two zstd contexts and a dictionary per column (about 2 MB for a stage's twenty
+/// columns), and an LLM stage's rows come as slowly as its replies: so rows are kept as they
+/// came and encoded at once, when this much has come or the shard ends, and the row group is
+/// closed straight after.
 const BUFFERED_BYTES: usize = 8 << 20;
 
 /// Writes a stage's rows as Parquet parts named by [`PartNames`]. Each part is one object,
@@ -280,21 +280,25 @@ impl PartWriter {
             return Ok(());
         }
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())?;
-        if self.current.is_none() {
-            self.buffered_bytes += batch.get_array_memory_size();
-            self.buffered.push(batch);
-            if self.buffered_bytes < BUFFERED_BYTES {
-                return Ok(());
-            }
-            return self.write_buffered().await;
+        self.buffered_bytes += batch.get_array_memory_size();
+        self.buffered.push(batch);
+        if self.buffered_bytes < BUFFERED_BYTES {
+            return Ok(());
         }
-        self.encode(&batch).await
+        self.write_buffered().await
     }
 
+    /// Encodes the rows kept so far and closes their row group.
     async fn write_buffered(&mut self) -> Result<()> {
         self.buffered_bytes = 0;
         for batch in std::mem::take(&mut self.buffered) {
             self.encode(&batch).await?;
+        }
+        if let Some((writer, _)) = self.current.as_mut() {
+            writer
+                .flush()
+                .await
+                .with_context(|| format!("writing a Parquet row group"))?;
         }
         Ok(())
     }
