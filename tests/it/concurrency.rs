@@ -19,6 +19,26 @@ fn distinct_docs(n: usize) -> String {
         .collect()
 }
 
+/// `files` JSONL files of `docs` documents under `dir/in/`, document `d` of file `f` saying
+/// `text(f, d)`.
+fn write_files(
+    dir: &std::path::Path,
+    files: usize,
+    docs: usize,
+    text: impl Fn(usize, usize) -> String,
+) {
+    std::fs::create_dir(dir.join("in")).unwrap();
+    for f in 0..files {
+        let lines: String = (0..docs)
+            .map(|d| {
+                serde_json::json!({"id": format!("f{f}d{d}"), "text": text(f, d)}).to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.join(format!("in/{f:02}.jsonl")), lines).unwrap();
+    }
+}
+
 #[test]
 fn llm_stage_keeps_every_slot_busy() {
     const N: usize = 150;
@@ -82,19 +102,14 @@ fn later_stages_fill_the_slots_behind_a_slow_reply() {
     const L: Duration = Duration::from_millis(20);
     const SLOW: Duration = Duration::from_millis(2500);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("in")).unwrap();
-    for f in 0..15 {
-        let docs: String = (0..10)
-            .map(|d| {
-                // The bt prompt of the first document quotes it after "Text:".
-                let lead = if (f, d) == (0, 0) { "SLOWDOC " } else { "" };
-                serde_json::json!({"id": format!("f{f}d{d}"), "text": format!("{lead}Page {d} of file {f} describes topic {} in its own words.", f * 10 + d)})
-                    .to_string()
-                    + "\n"
-            })
-            .collect();
-        std::fs::write(dir.path().join(format!("in/{f:02}.jsonl")), docs).unwrap();
-    }
+    write_files(dir.path(), 15, 10, |f, d| {
+        // The bt prompt of the first document quotes it after "Text:".
+        let lead = if (f, d) == (0, 0) { "SLOWDOC " } else { "" };
+        format!(
+            "{lead}Page {d} of file {f} describes topic {} in its own words.",
+            f * 10 + d
+        )
+    });
     let job = dir.path().join("job.toml");
     std::fs::write(
         &job,
@@ -263,17 +278,12 @@ fn every_llm_stage_plans_its_calls_in_the_row_window() {
 fn shards_started_together_share_the_roles_rows() {
     const C: usize = 2;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("in")).unwrap();
-    for f in 0..8 {
-        let docs: String = (0..20)
-            .map(|d| {
-                serde_json::json!({"id": format!("f{f}d{d}"), "text": format!("Page {d} of file {f} tells its own story number {}.", f * 20 + d)})
-                    .to_string()
-                    + "\n"
-            })
-            .collect();
-        std::fs::write(dir.path().join(format!("in/{f}.jsonl")), docs).unwrap();
-    }
+    write_files(dir.path(), 8, 20, |f, d| {
+        format!(
+            "Page {d} of file {f} tells its own story number {}.",
+            f * 20 + d
+        )
+    });
     let job = dir.path().join("job.toml");
     std::fs::write(
         &job,
