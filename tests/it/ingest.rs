@@ -755,3 +755,59 @@ fn hash64_is_the_first_eight_bytes_of_sha256() {
         "{stdout}"
     );
 }
+
+/// A part whose rows outgrow what a part writer keeps (8 MB of Arrow) is written a row group
+/// at a time, each encoded and closed as its rows came, rather than through one Parquet writer
+/// held open to the end; every row is kept.
+#[test]
+fn a_large_part_is_written_a_row_group_at_a_time() {
+    use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+    const WORDS: [&str; 12] = [
+        "river", "bridge", "orchard", "lantern", "harbour", "market", "garden", "compass", "stone",
+        "winter", "signal", "meadow",
+    ];
+    const DOCS: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = 0x9e37_79b9_u64;
+    let mut lines = String::new();
+    for i in 0..DOCS {
+        let words: Vec<&str> = (0..150)
+            .map(|_| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                WORDS[(seed >> 33) as usize % WORDS.len()]
+            })
+            .collect();
+        let text = format!("Note {i}. {}. The end of note {i}.", words.join(" "));
+        lines += &(json!({"id": format!("d{i}"), "text": text}).to_string() + "\n");
+    }
+    std::fs::write(dir.path().join("docs.jsonl"), lines).unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[execution]\n\
+         input_shard_bytes = 1000000000\nshard_rows = 100000\n[[stages]]\nname = \"candidates\"\n",
+    )
+    .unwrap();
+    backforth_ok(&["run", job.to_str().unwrap(), "--stages", "prepare"]);
+    let stage = dir.path().join("out/candidates");
+    let parts: Vec<_> = std::fs::read_dir(&stage)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    let reader = SerializedFileReader::new(std::fs::File::open(&parts[0]).unwrap()).unwrap();
+    let groups = reader.metadata().row_groups();
+    let rows: i64 = groups.iter().map(|g| g.num_rows()).sum();
+    assert_eq!(rows, DOCS as i64);
+    assert!(
+        groups.len() >= 2,
+        "{} row group(s) of {:?} rows: the part was not written as its rows came",
+        groups.len(),
+        groups.iter().map(|g| g.num_rows()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        marker(&dir.path().join("out"), "candidates")["rows_out"],
+        DOCS
+    );
+}
