@@ -3,19 +3,18 @@
 use std::process::ExitCode;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// `mi_option_purge_delay` in mimalloc.h; the Rust bindings give it no name.
-const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// jemalloc's options, read before `main` (`_RJEM_MALLOC_CONF` in the environment overrides
+/// them). Freed pages go back to the OS within about a second, by jemalloc's background thread,
+/// rather than after its default 10 s; returning each at once (decay 0) kept resident memory on
+/// the live heap but cost 60% more CPU per request at the job bench's ceiling
+/// (docs/performance.md).
+// SAFETY: jemalloc declares this symbol weak and reads it as a `const char *`; the reference
+// is a thin pointer to a NUL-terminated string that lives for the whole program.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 fn main() -> ExitCode {
-    // Freed pages go back to the OS at once, not a second later: with a second's delay, pages
-    // freed by one shard and not yet reused by the next piled up, and peak RSS grew with the
-    // length of the run (+27% at ten times the documents, +9% with no delay; same CPU per
-    // request, docs/performance.md). `MIMALLOC_PURGE_DELAY` still overrides it.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one integer option; mimalloc reads it at each purge.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
-    }
     backforth::cli::main()
 }

@@ -32,9 +32,9 @@ use crate::storage::Location;
 const BLOCKING_THREADS: usize = 2 * DECODERS_AT_ONCE;
 
 /// How long an idle blocking thread waits for work before it ends (tokio's default is 10 s).
-/// Memory a blocking thread allocated and other threads freed (decoded input, read buffers) is
-/// given back when that thread allocates again or ends; an idle one held it, so resident memory
-/// crept up over a long run (+18 MiB over 70 s at the job bench's 10x memory row).
+/// An idle thread keeps what the allocator caches for it until it ends; with tokio's default
+/// (and mimalloc, the allocator then) resident memory crept up by 18 MiB over the 70 s of the
+/// job bench's 10x memory row.
 const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Entry point of the binary: parse, run, print errors, map to an exit code.
