@@ -1,5 +1,6 @@
 //! The one integration-test binary (each file directly under tests/ would link its own).
 
+mod allocator;
 mod batch;
 mod catalog;
 mod concurrency;
