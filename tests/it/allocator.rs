@@ -1,5 +1,5 @@
 //! The binary runs with the allocator options `src/main.rs` compiles in: jemalloc reads them
-//! from a symbol, so a renamed symbol or a wrong length would drop them without an error.
+//! from a weak symbol, so a renamed one (a changed prefix) would drop them without an error.
 
 use std::process::Command;
 
