@@ -18,6 +18,7 @@ use datafusion::error::DataFusionError;
 )]
 use datafusion::parquet::arrow::async_reader::ParquetObjectReader;
 use datafusion::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+use datafusion::parquet::errors::ParquetError;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use serde_json::Value;
@@ -137,8 +138,9 @@ fn jsonl_stream(file: InputFile, rules: ReadRules, stats: Arc<IngestStats>) -> B
     tokio::spawn(async move {
         let opened = file.store.get(&file.path).await;
         tokio::task::spawn_blocking(move || {
+            // Denied, gone, unreachable: say which input, as the user named it.
             let result = opened
-                .map_err(Error::from)
+                .map_err(|e| Error::failed(format!("reading input '{}'", file.display), e))
                 .and_then(|get| read_jsonl(&handle, &file, get, rules, &stats, &tx));
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(DataFusionError::from(e)));
@@ -640,11 +642,15 @@ async fn parquet_builder(
     ParquetRecordBatchStreamBuilder::new(reader)
         .await
         .map_err(|e| {
-            input_error(
-                &file.display,
-                0,
-                format!("not a readable Parquet file: {e}"),
-            )
+            // A store that refuses or fails the read is not a malformed file.
+            let refused = matches!(&e, ParquetError::External(inner)
+                if inner.downcast_ref::<object_store::Error>().is_some());
+            let what = if refused {
+                "cannot read it"
+            } else {
+                "not a readable Parquet file"
+            };
+            input_error(&file.display, 0, format!("{what}: {e}"))
         })
 }
 

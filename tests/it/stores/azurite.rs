@@ -70,7 +70,7 @@ impl Emulator for Azurite {
                 .map(String::from)
                 .collect()
             },
-            "npm install --prefix .ci/node azurite@3",
+            "mkdir -p .ci/node && cp .ci/pins/package*.json .ci/node/ && npm ci --prefix .ci/node",
         );
         let azurite = Azurite { process };
         for name in containers {

@@ -26,7 +26,7 @@ impl Emulator for Moto {
                 "moto_server",
             ),
             |port, _| vec!["-H".into(), "127.0.0.1".into(), "-p".into(), port.into()],
-            "python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'",
+            "python3 -m venv .ci/venv && .ci/venv/bin/pip install --no-deps -r .ci/pins/requirements.txt",
         );
         let moto = Moto { process };
         for name in buckets {
