@@ -10,6 +10,7 @@ SELECT *,
        clean_instruction(backtranslation['text']) AS instruction,
        CASE
            WHEN backtranslation['error'] IS NOT NULL THEN 'llm_error'
+           WHEN backtranslation['finish_reason'] IN ('content_filter', 'refusal') THEN 'refused'
            WHEN backtranslation['finish_reason'] = 'length' THEN 'instruction_truncated'
            WHEN clean_instruction(backtranslation['text']) IS NULL THEN 'empty_instruction'
        END AS _drop

@@ -8,6 +8,7 @@ SELECT *,
        trim(answer_call['text']) AS response,
        CASE
            WHEN answer_call['error'] IS NOT NULL THEN 'llm_error'
+           WHEN answer_call['finish_reason'] IN ('content_filter', 'refusal') THEN 'refused'
            WHEN answer_call['finish_reason'] = 'length' THEN 'answer_truncated'
            WHEN trim(answer_call['text']) = '' THEN 'empty_answer'
        END AS _drop

@@ -25,6 +25,7 @@ SELECT * EXCLUDE (v),
        CASE
            WHEN source_reference IS NOT NULL THEN 'instruction_refers_to_source'
            WHEN instruction_judgement['error'] IS NOT NULL THEN 'llm_error'
+           WHEN instruction_judgement['finish_reason'] IN ('content_filter', 'refusal') THEN 'refused'
            WHEN v['verdict'] IS NULL THEN concat('no_verdict:', v['reason'])
            WHEN v['verdict'] = 'bad' THEN 'judged_bad'
        END AS _drop

@@ -8,6 +8,7 @@ SELECT *,
        trim(polish_call['text']) AS response,
        CASE
            WHEN polish_call['error'] IS NOT NULL THEN 'llm_error'
+           WHEN polish_call['finish_reason'] IN ('content_filter', 'refusal') THEN 'refused'
            WHEN polish_call['finish_reason'] = 'length' THEN 'answer_truncated'
            WHEN trim(polish_call['text']) = '' THEN 'empty_answer'
        END AS _drop

@@ -10,6 +10,7 @@ SELECT *,
        extract_tagged(rewrite_call['text'], 'RES') AS response,
        CASE
            WHEN rewrite_call['error'] IS NOT NULL THEN 'llm_error'
+           WHEN rewrite_call['finish_reason'] IN ('content_filter', 'refusal') THEN 'refused'
            ELSE tag_problem(rewrite_call['text'], 'RES', rewrite_call['finish_reason'])
        END AS _drop
 FROM called

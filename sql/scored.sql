@@ -1,7 +1,7 @@
 -- scored: the scorer rates every (instruction, response) pair on the 5-point rubric; this is
 -- iteration 0 of self-curation (Humpback's M0; BaF's only scorer).
 -- Every score is kept, valid or not: `score` is 1-5 or NULL, and `score_reason` says why it
--- is NULL (no_score, not_integer, out_of_range, truncated, no_output, llm_error).
+-- is NULL (no_score, not_integer, out_of_range, truncated, no_output, refused, llm_error).
 -- With `[functions.score_pair] mode = "logprobs"`, `score_expected` is the expected score over
 -- the digits 1-5 of the first token, `score_mass` the probability those digits hold, and
 -- `score` its rounding; `score_source` says whether logprobs or the text judgement was used.

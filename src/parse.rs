@@ -194,7 +194,7 @@ pub fn ngram_overlap(text: &str, reference: &str, n: usize) -> Option<f64> {
 pub struct Judgement {
     /// The score, 1 to 5 (the rounded expectation in logprob mode).
     pub score: Option<i64>,
-    /// Why there is no score (the [`parse_score`] reasons, or `llm_error`).
+    /// Why there is no score (the [`parse_score`] reasons, `refused` or `llm_error`).
     pub reason: Option<&'static str>,
     /// Expected score over the digits 1-5 of the first token.
     pub expected: Option<f64>,
@@ -211,10 +211,17 @@ pub fn judge(
     error: Option<&str>,
     top_logprobs: Option<&str>,
 ) -> Judgement {
-    if error.is_some() {
+    let failed = if error.is_some() {
+        Some("llm_error")
+    } else if is_refusal(finish_reason) {
+        Some("refused")
+    } else {
+        None
+    };
+    if failed.is_some() {
         return Judgement {
             score: None,
-            reason: Some("llm_error"),
+            reason: failed,
             expected: None,
             mass: None,
             source: None,
@@ -241,6 +248,12 @@ pub fn judge(
         mass: None,
         source: Some(source),
     }
+}
+
+/// True for the finish reasons of a reply the server refused to give: `content_filter` (its
+/// filter stopped it) or `refusal` (the model refused, its words in the reply's text).
+pub fn is_refusal(finish_reason: Option<&str>) -> bool {
+    matches!(finish_reason, Some("content_filter" | "refusal"))
 }
 
 /// The JSON object a reply consists of (`mode = "json"`), if it is one.

@@ -252,6 +252,9 @@ pub struct InputFile {
     /// Its path under the input root (`sub/x.jsonl`): what ids derived from file and line
     /// start with, unique across the input, the same wherever the input is mounted.
     pub key: String,
+    /// What names its responses' journal: its path under its own `--input`, unchanged when
+    /// other inputs are added (see [`keys_under_common_root`]).
+    pub journal_key: String,
     /// How it is encoded.
     pub format: InputFormat,
     /// Size in bytes, part of what identifies the file's content between runs.
@@ -269,8 +272,8 @@ impl InputFile {
     pub fn journal_name(&self) -> String {
         use sha2::{Digest, Sha256};
         let id = match &self.row_groups {
-            Some(r) => format!("{}#{}..{}", self.key, r.start, r.end),
-            None => self.key.clone(),
+            Some(r) => format!("{}#{}..{}", self.journal_key, r.start, r.end),
+            None => self.journal_key.clone(),
         };
         hex::encode(&Sha256::digest(id.as_bytes())[..8])
     }
@@ -345,6 +348,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
                 key: name.to_string(),
+                journal_key: name.to_string(),
                 format: InputFormat::from_name(name).unwrap_or(InputFormat::Jsonl),
                 size: meta.size,
                 version: version_of(&meta),
@@ -385,6 +389,7 @@ pub async fn list_inputs(spec: &str) -> Result<Vec<InputFile>> {
             Some(InputFile {
                 store: Arc::clone(&location.store),
                 display: location.display(&meta.location),
+                journal_key: key.clone(),
                 key,
                 format: InputFormat::from_name(&name)?,
                 size: meta.size,
@@ -428,6 +433,7 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
         files.push(InputFile {
             store: location.store,
             display: path.display().to_string(),
+            journal_key: key.clone(),
             key,
             format,
             size: std::fs::metadata(&path)?.len(),
@@ -450,7 +456,18 @@ fn list_local_glob(spec: &str) -> Result<Vec<InputFile>> {
 /// Makes the keys of files matched by several inputs unique: each becomes the file's path
 /// under the deepest directory holding them all (`a/x.jsonl`, `b/x.jsonl` for inputs `a/`
 /// and `b/`). The files of one input keep their keys under it.
+///
+/// Journal keys stay what each input gave, so adding an input renames no journal: a file
+/// whose journal key an earlier file (in input order) already has gets its full path or URL
+/// instead.
 pub fn keys_under_common_root(files: &mut [InputFile]) {
+    let mut taken = std::collections::HashSet::new();
+    for file in files.iter_mut() {
+        if !taken.insert(file.journal_key.clone()) {
+            file.journal_key = file.display.clone();
+            taken.insert(file.journal_key.clone());
+        }
+    }
     let dirs: Vec<Vec<&str>> = files
         .iter()
         .map(|f| {

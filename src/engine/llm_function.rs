@@ -27,7 +27,7 @@ use crate::job::schema::json_array;
 use crate::llm::client::ModelClient;
 use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request, Turn};
-use crate::parse::logprob_score;
+use crate::parse::{is_refusal, logprob_score};
 
 /// The calls of a column an LLM function made: the column itself when it is a call struct
 /// (a reply, with or without a schema's `json` after its fields), its values when it is a list
@@ -250,7 +250,7 @@ impl LlmFunction {
             .as_deref()
             .and_then(logprob_score)
             .is_some();
-        if first.error.is_some() || has_digit {
+        if first.error.is_some() || has_digit || is_refusal(first.finish_reason.as_deref()) {
             return Sample::of(first);
         }
         // No digit among the likely first tokens: ask for the text judgement instead, and
@@ -273,7 +273,8 @@ impl LlmFunction {
             return Sample::of(reply);
         };
         loop {
-            if reply.error.is_some() {
+            // A refusal is the model's answer: asking again would pay for it again.
+            if reply.error.is_some() || is_refusal(reply.finish_reason.as_deref()) {
                 return Sample::of(reply);
             }
             let text = reply.text.clone().unwrap_or_default();

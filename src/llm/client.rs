@@ -252,9 +252,16 @@ impl ModelClient {
     /// or by sending it (recording the reply in `journal`).
     pub async fn call(&self, req: Request, journal: &Arc<JournalScope>) -> Reply {
         let key = self.request_key(&req);
-        if let Some(reply) = journal.get(&key) {
-            self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
-            return reply;
+        match journal.lookup(&key).await {
+            Ok(Some(reply)) => {
+                self.home().stats.journaled.fetch_add(1, Ordering::Relaxed);
+                return reply;
+            }
+            Ok(None) => {}
+            Err(error) => return self.account(Reply {
+                error: Some(error),
+                ..Reply::default()
+            }),
         }
         let _outstanding = Outstanding::count(&self.outstanding);
         let (future, leader) = {
@@ -286,6 +293,8 @@ impl ModelClient {
         if !leader {
             self.home().stats.shared.fetch_add(1, Ordering::Relaxed);
             reply.cached = true;
+            // The leader's row may be in another shard, or another stage, than this one.
+            journal.record_shared(&key, &reply).await;
         }
         reply
     }
@@ -298,7 +307,19 @@ impl ModelClient {
     pub async fn call_choices(&self, req: Request, journal: &Arc<JournalScope>) -> Vec<Reply> {
         let samples: Vec<Request> = (0..req.choices.max(1)).map(|i| req.sample(i)).collect();
         let keys: Vec<String> = samples.iter().map(|r| self.request_key(r)).collect();
-        let journaled: Vec<Option<Reply>> = keys.iter().map(|k| journal.get(k)).collect();
+        let mut journaled: Vec<Option<Reply>> = Vec::with_capacity(keys.len());
+        for key in &keys {
+            match journal.lookup(key).await {
+                Ok(done) => journaled.push(done),
+                Err(error) => {
+                    let failed = Reply {
+                        error: Some(error),
+                        ..Reply::default()
+                    };
+                    return vec![self.account(failed); keys.len()];
+                }
+            }
+        }
         let missing = journaled.iter().filter(|r| r.is_none()).count();
         if missing < samples.len() || !self.backend.asks_choices() || !self.spec.supports_n {
             // Some samples are paid for already: ask only the others.
@@ -389,6 +410,9 @@ impl ModelClient {
                 && budget.spent(&self.spent)
             {
                 return retries.stopped(Some(budget.message()), keys.len());
+            }
+            if let Err(error) = journal.writable().await {
+                return retries.stopped(Some(error), keys.len());
             }
             retries.sent += 1;
             let outcome = self.attempt(endpoint, path, req, keys, journal).await;

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::job::{Api, ModelSpec};
 use crate::llm::reply::{Reply, Request};
-use crate::parse::LENGTH_IN_REASONING;
+use crate::parse::{LENGTH_IN_REASONING, is_refusal};
 
 /// A 429 that no amount of waiting fixes: OpenAI's `insufficient_quota` and its kin, as
 /// opposed to a throttle.
@@ -135,6 +135,26 @@ fn parse_choice(choice: &Value, api: Api, body: &str) -> Result<Reply, String> {
         .iter()
         .find_map(|at| choice.pointer(at).and_then(Value::as_str))
         .filter(|r| !r.is_empty());
+    let mut finish_reason = choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    // A refusal is an answer, paid for like any other: journaled, never asked again, and
+    // dropped by the stage as `refused`. Its words, when the server gives them, are the text.
+    let refusal = choice
+        .pointer("/message/refusal")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
+    if content.is_none() && (refusal.is_some() || is_refusal(finish_reason.as_deref())) {
+        if refusal.is_some() && !is_refusal(finish_reason.as_deref()) {
+            finish_reason = Some("refusal".to_string());
+        }
+        return Ok(Reply {
+            text: Some(refusal.unwrap_or_default().to_string()),
+            finish_reason,
+            ..Reply::default()
+        });
+    }
     // A server parsing the thinking out may send no content at all when the limit cut it.
     let content = match (content, field_reasoning) {
         (Some(content), _) => content,
@@ -147,10 +167,6 @@ fn parse_choice(choice: &Value, api: Api, body: &str) -> Result<Reply, String> {
         Some(r) => (Some(r.to_string()), content.to_string()),
         None => split_thinking(content),
     };
-    let mut finish_reason = choice
-        .get("finish_reason")
-        .and_then(Value::as_str)
-        .map(str::to_string);
     if finish_reason.as_deref() == Some("length") && reasoning.is_some() && text.trim().is_empty() {
         finish_reason = Some(LENGTH_IN_REASONING.to_string());
     }

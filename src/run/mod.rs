@@ -205,6 +205,8 @@ async fn run_steps(job: &Job, to_run: &[String], runner: &mut Runner<'_>) -> Res
     }
     tracing::info!(
         objects = runner.journal.objects_read(),
+        found_in_other_shards = runner.journal.found_elsewhere(),
+        lines_skipped = runner.journal.skipped_lines(),
         "Journal objects read."
     );
     Ok(summary)

@@ -17,6 +17,7 @@ mod inputs;
 mod jobs;
 mod limits;
 mod parse;
+mod pay_once;
 mod pipeline;
 mod prepare;
 mod quality;

@@ -360,7 +360,7 @@ fn the_journal_is_kept_per_shard_and_a_rerun_reads_only_what_it_redoes() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 segments += std::fs::read_dir(&path).unwrap().count();
-            } else {
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
                 files += 1;
             }
         }

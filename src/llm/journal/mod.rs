@@ -4,16 +4,22 @@
 //!
 //! The journal is kept per stage and shard (`_journal/<stage>/<shard>/`), so what a worker
 //! reads follows the shards it runs, not the history of the root, and memory holds only the
-//! responses of the shards running. While a shard runs on an object store, its responses are
+//! responses of the shards running. A request its shard's journal cannot answer is looked up
+//! in the whole stage's (see [`index`]): a response is found by its key wherever its row sat
+//! when it was paid for. While a shard runs on an object store, its responses are
 //! group-committed: a writer task collects what arrived while its previous write was in flight
 //! and writes it as one new segment object (`<writer>-<seq>.jsonl`). On a local disk, where
 //! that would be a file created (and later deleted) per response, each call appends its line
 //! to one file per writer instead (`<writer>.jsonl`; a line torn by a kill is ignored). A call
 //! keeps its server slot until its response is durable, so a kill loses at most the requests
-//! in flight. Once the shard is published its segments are compacted into one object (`_journal/<stage>/<shard>.jsonl`).
+//! in flight; a write that fails holds its slot and is retried, and no new request leaves
+//! until it succeeds. Once the shard is published its segments are compacted into one object
+//! (`_journal/<stage>/<shard>.jsonl`, with its keys in `<shard>.keys`).
 //! What every run reads whole is small: the results of offline batches (`_imported/`),
 //! segments of the flat layout of older versions, and one spend record per writer
 //! (`_spend/`), which the budget adds up over every worker and run.
+
+mod index;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,6 +35,7 @@ use crate::error::{Context, Error, Result};
 use crate::llm::reply::Reply;
 use crate::storage::Location;
 use crate::storage::{delete_if_exists, read_json, write_json};
+use index::StageIndex;
 
 /// Directory of the journal under the output root.
 pub const JOURNAL_DIR: &str = "_journal";
@@ -43,7 +50,7 @@ const MAX_SEGMENT_ENTRIES: usize = 4096;
 const PARALLEL_READS: usize = 16;
 
 /// One journaled response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Entry {
     key: String,
     text: Option<String>,
@@ -96,6 +103,29 @@ struct Spend {
 /// when it ends, so only a process killed outright leaves up to this much spend unrecorded.
 const SPEND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long journal writes may keep failing before the run stops: long enough to make room
+/// on a full disk, short enough that a job does not hold its servers forever.
+const GIVE_UP_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// What reading the journal took: objects fetched, and lines skipped as unreadable (torn by
+/// a kill or a full disk; their responses are requested again).
+#[derive(Debug, Default)]
+struct ReadCounters {
+    objects: AtomicU64,
+    skipped_lines: AtomicU64,
+}
+
+/// Whether journal writes are going through. While one fails no new request is sent: a
+/// response paid for and not written would be paid for again by the next run.
+#[derive(Debug, Default)]
+struct WriteHealth {
+    /// Writers whose last write failed.
+    failing: AtomicU64,
+    /// Set once a write failed for [`GIVE_UP_AFTER`]: the run stops.
+    gave_up: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
 /// The journal of an output root: opens the scope of each stage and shard, and knows what
 /// every worker and earlier run spent.
 #[derive(Debug)]
@@ -103,12 +133,14 @@ pub struct Journal {
     dir: Location,
     writer: String,
     seq: Arc<AtomicU64>,
-    failed: Arc<AtomicBool>,
+    health: Arc<WriteHealth>,
     /// Responses any shard may ask for: imported batch results and the flat layout.
     shared: Arc<HashMap<String, Entry>>,
     spend: Arc<tokio::sync::Mutex<Spend>>,
     spent_at_open: f64,
-    objects_read: AtomicU64,
+    counters: Arc<ReadCounters>,
+    /// Each stage's index of responses by shard, read on the stage's first miss.
+    indexes: Mutex<HashMap<String, Arc<StageIndex>>>,
 }
 
 impl Journal {
@@ -124,8 +156,8 @@ impl Journal {
             .collect();
         let imported = dir.child(IMPORTED_DIR);
         flat.extend(list(&imported).await?);
-        let objects_read = flat.len() as u64;
-        let shared = read_segments(&dir, flat).await?;
+        let counters = Arc::new(ReadCounters::default());
+        let shared = read_segments(&dir, flat, &counters).await?;
         let spend_dir = dir.child(SPEND_DIR);
         // One record per process that ever spent: read side by side, as the segments are.
         let spends: Vec<Option<Spend>> = futures::stream::iter(list(&spend_dir).await?)
@@ -142,11 +174,12 @@ impl Journal {
             dir,
             writer: writer_id(),
             seq: Arc::default(),
-            failed: Arc::default(),
+            health: Arc::default(),
             shared: Arc::new(shared),
             spend: Arc::default(),
             spent_at_open,
-            objects_read: AtomicU64::new(objects_read),
+            counters,
+            indexes: Mutex::default(),
         })
     }
 
@@ -158,7 +191,33 @@ impl Journal {
     /// Journal objects fetched so far (segments and compacted shards; listings not counted):
     /// when opened and by every scope.
     pub fn objects_read(&self) -> u64 {
-        self.objects_read.load(Ordering::Relaxed)
+        self.counters.objects.load(Ordering::Relaxed)
+    }
+
+    /// Journal lines skipped as unreadable so far (torn by a kill or a full disk).
+    pub fn skipped_lines(&self) -> u64 {
+        self.counters.skipped_lines.load(Ordering::Relaxed)
+    }
+
+    /// Responses found in the journal of a shard other than the one asking (rows moved by a
+    /// reshard, a changed rule or a renamed input).
+    pub fn found_elsewhere(&self) -> u64 {
+        let indexes = self.indexes.lock().expect("lock poisoned");
+        indexes
+            .values()
+            .map(|i| i.found.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn index_of(&self, stage: &str) -> Arc<StageIndex> {
+        let mut indexes = self.indexes.lock().expect("lock poisoned");
+        let index = indexes.entry(stage.to_string()).or_insert_with(|| {
+            Arc::new(StageIndex::new(
+                self.dir.child(stage),
+                Arc::clone(&self.counters),
+            ))
+        });
+        Arc::clone(index)
     }
 
     /// What every worker and run had spent when the journal was opened.
@@ -170,32 +229,20 @@ impl Journal {
     pub async fn scope(&self, stage: &str, shard: &str) -> Result<Arc<JournalScope>> {
         let stage_dir = self.dir.child(stage);
         let segments = stage_dir.child(shard);
-        let mut objects = list(&segments).await?;
         let compacted = stage_dir.path(&format!("{shard}.jsonl"));
-        // A failure taken for absence would send every answered request again.
-        objects.extend(stage_dir.head(&compacted).await?);
-        self.objects_read
-            .fetch_add(objects.len() as u64, Ordering::Relaxed);
-        let known = read_segments(&self.dir, objects).await?;
-        Ok(Arc::new(self.scope_over(
-            known,
-            Some(segments),
-            Some((stage_dir, compacted)),
-        )))
+        let known = read_shard(&stage_dir, shard, &self.counters).await?;
+        let mut scope = self.scope_over(known, Some(segments), Some((stage_dir, compacted)));
+        scope.index = Some((self.index_of(stage), shard.to_string()));
+        Ok(Arc::new(scope))
     }
 
     /// Every response of `stage`, whatever its shard, for writing down its requests for an
     /// offline batch (it records nothing).
     pub async fn stage_scope(&self, stage: &str) -> Result<Arc<JournalScope>> {
         let stage_dir = self.dir.child(stage);
-        let objects: Vec<ObjectMeta> = stage_dir
-            .store
-            .list(Some(&stage_dir.prefix))
-            .try_collect()
-            .await?;
-        self.objects_read
-            .fetch_add(objects.len() as u64, Ordering::Relaxed);
-        let known = read_segments(&self.dir, objects).await?;
+        let mut objects = list(&stage_dir).await?;
+        objects.retain(|m| m.location.as_ref().ends_with(".jsonl"));
+        let known = read_segments(&self.dir, objects, &self.counters).await?;
         Ok(Arc::new(self.scope_over(known, None, None)))
     }
 
@@ -218,7 +265,9 @@ impl Journal {
                 appending: None,
                 name: self.writer.clone(),
                 seq: Arc::clone(&self.seq),
-                failed: Arc::clone(&self.failed),
+                health: Arc::clone(&self.health),
+                failing: false,
+                maybe_torn: false,
                 spend: Arc::clone(&self.spend),
                 spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
                 dir,
@@ -235,9 +284,13 @@ impl Journal {
             known: Mutex::new(known),
             shared: Arc::clone(&self.shared),
             writer,
+            writer_name: self.writer.clone(),
             segments,
             compact_to,
             retain: true,
+            index: None,
+            health: Arc::clone(&self.health),
+            counters: Arc::clone(&self.counters),
         }
     }
 
@@ -252,15 +305,21 @@ impl Journal {
         Ok(())
     }
 
-    /// Fails when a segment could not be written: completed work would not survive a crash.
+    /// Fails once journal writes have failed for good: completed work would not survive a
+    /// crash.
     pub fn check(&self) -> Result<()> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(Error::Execution(
-                "the response journal could not be written (see the log); stopping so no paid response is lost".into(),
-            ));
+        if self.health.gave_up.load(Ordering::SeqCst) {
+            return Err(Error::Execution(gave_up_message()));
         }
         Ok(())
     }
+}
+
+fn gave_up_message() -> String {
+    format!(
+        "the response journal could not be written for {} minutes (see the log); stopped so no more paid responses are lost",
+        GIVE_UP_AFTER.as_secs() / 60
+    )
 }
 
 /// The responses of one stage's shard (or of what every shard shares), and the writer of
@@ -270,10 +329,16 @@ pub struct JournalScope {
     known: Mutex<HashMap<String, Entry>>,
     shared: Arc<HashMap<String, Entry>>,
     writer: Option<Writer>,
+    /// This process's writer name, which its segments start with.
+    writer_name: String,
     segments: Option<Location>,
     compact_to: Option<(Location, Path)>,
     /// Whether recorded responses are kept for lookups (not when importing).
     retain: bool,
+    /// The stage's index and this scope's shard in it: where a miss is looked up.
+    index: Option<(Arc<StageIndex>, String)>,
+    health: Arc<WriteHealth>,
+    counters: Arc<ReadCounters>,
 }
 
 impl JournalScope {
@@ -284,28 +349,73 @@ impl JournalScope {
             known: Mutex::default(),
             shared: Arc::default(),
             writer: None,
+            writer_name: String::new(),
             segments: None,
             compact_to: None,
             retain: true,
+            index: None,
+            health: Arc::default(),
+            counters: Arc::default(),
         })
     }
 
-    /// The journaled response for `key`, if any.
+    /// The response journaled for `key` in this scope (or shared by all), if any.
     pub fn get(&self, key: &str) -> Option<Reply> {
         let known = self.known.lock().expect("lock poisoned");
-        let e = known.get(key).or_else(|| self.shared.get(key))?;
-        Some(Reply {
-            text: e.text.clone(),
-            finish_reason: e.finish_reason.clone(),
-            prompt_tokens: e.prompt_tokens,
-            completion_tokens: e.completion_tokens,
-            top_logprobs: e.top_logprobs.clone(),
-            reasoning: e.reasoning.clone(),
-            reasoning_tokens: e.reasoning_tokens,
-            cached_tokens: e.cached_tokens,
-            cached: true,
-            ..Reply::default()
-        })
+        known.get(key).or_else(|| self.shared.get(key)).map(reply_of)
+    }
+
+    /// The response journaled for `key` anywhere in the stage: this scope's, else another
+    /// shard's, which is then recorded here too (at no cost), so the next run finds it in
+    /// this shard. An error when the stage's journal cannot be read: taking that for "not
+    /// journaled" would pay for the request again.
+    pub async fn lookup(&self, key: &str) -> Result<Option<Reply>, String> {
+        if let Some(reply) = self.get(key) {
+            return Ok(Some(reply));
+        }
+        let Some((index, shard)) = &self.index else {
+            return Ok(None);
+        };
+        match index.find(key, shard).await {
+            Ok(Some(entry)) => {
+                let reply = reply_of(&entry);
+                self.write(Entry {
+                    cost_usd: 0.0,
+                    ..entry
+                })
+                .await;
+                Ok(Some(reply))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!(
+                "the stage's response journal could not be read, so no request was sent that it may answer: {e}"
+            )),
+        }
+    }
+
+    /// Records `reply`, paid for by an identical call of another scope, here as well (at no
+    /// cost), so this scope's shard finds it on the next run whatever became of the other.
+    pub async fn record_shared(&self, key: &str, reply: &Reply) {
+        if reply.error.is_none() && self.get(key).is_none() {
+            let mut entry = entry_of(key, reply);
+            entry.cost_usd = 0.0;
+            self.write(entry).await;
+        }
+    }
+
+    /// Waits while journal writes are failing, so no request is paid for that could not be
+    /// recorded; an error once they have failed for good.
+    pub async fn writable(&self) -> Result<(), String> {
+        loop {
+            let changed = self.health.changed.notified();
+            if self.health.gave_up.load(Ordering::SeqCst) {
+                return Err(gave_up_message());
+            }
+            if self.health.failing.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), changed).await;
+        }
     }
 
     /// Responses this scope holds (not counting the shared ones).
@@ -320,23 +430,16 @@ impl JournalScope {
 
     /// Records a successful response and waits until it is durable.
     pub async fn record(&self, key: &str, reply: &Reply) {
-        let entry = Entry {
-            key: key.to_string(),
-            text: reply.text.clone(),
-            finish_reason: reply.finish_reason.clone(),
-            prompt_tokens: reply.prompt_tokens,
-            completion_tokens: reply.completion_tokens,
-            top_logprobs: reply.top_logprobs.clone(),
-            reasoning: reply.reasoning.clone(),
-            reasoning_tokens: reply.reasoning_tokens,
-            cached_tokens: reply.cached_tokens,
-            cost_usd: reply.cost_usd,
-        };
+        self.write(entry_of(key, reply)).await;
+    }
+
+    async fn write(&self, entry: Entry) {
+        let key = entry.key.clone();
         if self.retain {
             self.known
                 .lock()
                 .expect("lock poisoned")
-                .insert(key.to_string(), entry.clone());
+                .insert(key, entry.clone());
         }
         match &self.writer {
             None => {}
@@ -344,7 +447,7 @@ impl JournalScope {
                 writer
                     .lock()
                     .await
-                    .write_or_flag(std::slice::from_ref(&entry))
+                    .write_until_durable(std::slice::from_ref(&entry))
                     .await;
             }
             Some(Writer::Batched(writer)) => {
@@ -356,9 +459,10 @@ impl JournalScope {
         }
     }
 
-    /// Folds the shard's segments into one object sorted by key, once its output is
-    /// published: a later run reads one object for the shard. The segments go only after
-    /// the compacted object is written, so a crash in between loses nothing.
+    /// Folds the shard's segments into one object sorted by key, with its keys beside it for
+    /// the stage's index, once its output is published: a later run reads one object for the
+    /// shard. Segments another writer added are folded in too; the segments go only after
+    /// the compacted object and its keys are written, so a crash in between loses nothing.
     pub async fn compact(&self) -> Result<()> {
         let (Some(segments), Some((stage_dir, compacted))) = (&self.segments, &self.compact_to)
         else {
@@ -368,17 +472,33 @@ impl JournalScope {
         if written.is_empty() {
             return Ok(());
         }
-        let mut entries: Vec<Entry> = self
-            .known
-            .lock()
-            .expect("lock poisoned")
-            .values()
+        let foreign: Vec<ObjectMeta> = written
+            .iter()
+            .filter(|m| {
+                m.location
+                    .filename()
+                    .is_none_or(|name| !name.starts_with(&self.writer_name))
+            })
             .cloned()
             .collect();
+        let mut all = read_segments(segments, foreign, &self.counters).await?;
+        all.extend(
+            self.known
+                .lock()
+                .expect("lock poisoned")
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone())),
+        );
+        let mut entries: Vec<Entry> = all.into_values().collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         stage_dir
             .store
             .put(compacted, PutPayload::from(lines_of(&entries)))
+            .await?;
+        let shard = compacted.as_ref().strip_suffix(".jsonl").unwrap_or_default();
+        stage_dir
+            .store
+            .put(&Path::from(format!("{shard}.keys")), index::key_file(&entries))
             .await?;
         for meta in written {
             delete_if_exists(segments, &meta.location).await?;
@@ -403,40 +523,125 @@ async fn list(dir: &Location) -> Result<Vec<ObjectMeta>> {
     Ok(dir.store.list(Some(&dir.prefix)).try_collect().await?)
 }
 
+/// The entry a response is journaled as.
+fn entry_of(key: &str, reply: &Reply) -> Entry {
+    Entry {
+        key: key.to_string(),
+        text: reply.text.clone(),
+        finish_reason: reply.finish_reason.clone(),
+        prompt_tokens: reply.prompt_tokens,
+        completion_tokens: reply.completion_tokens,
+        top_logprobs: reply.top_logprobs.clone(),
+        reasoning: reply.reasoning.clone(),
+        reasoning_tokens: reply.reasoning_tokens,
+        cached_tokens: reply.cached_tokens,
+        cost_usd: reply.cost_usd,
+    }
+}
+
+/// A journaled response as the reply of a call that sent nothing.
+fn reply_of(e: &Entry) -> Reply {
+    Reply {
+        text: e.text.clone(),
+        finish_reason: e.finish_reason.clone(),
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        top_logprobs: e.top_logprobs.clone(),
+        reasoning: e.reasoning.clone(),
+        reasoning_tokens: e.reasoning_tokens,
+        cached_tokens: e.cached_tokens,
+        cached: true,
+        ..Reply::default()
+    }
+}
+
 /// Every entry of the segment objects `objects` (under `dir`), read side by side; a later
-/// entry of a key replaces an earlier one.
-async fn read_segments(dir: &Location, objects: Vec<ObjectMeta>) -> Result<HashMap<String, Entry>> {
+/// entry of a key replaces an earlier one. A line that cannot be read (torn by a kill or a
+/// full disk) is skipped and counted: its response is requested again.
+async fn read_segments(
+    dir: &Location,
+    objects: Vec<ObjectMeta>,
+    counters: &ReadCounters,
+) -> Result<HashMap<String, Entry>> {
+    Ok(read_objects(dir, objects, counters).await?.0)
+}
+
+/// Every response journaled for shard `shard` under `stage_dir`: its segments and its
+/// compacted object. Listed again once if a segment went meanwhile (another process
+/// compacted the shard), so none is taken for absent.
+async fn read_shard(
+    stage_dir: &Location,
+    shard: &str,
+    counters: &ReadCounters,
+) -> Result<HashMap<String, Entry>> {
+    let compacted = stage_dir.path(&format!("{shard}.jsonl"));
+    let mut again = true;
+    loop {
+        let mut objects = list(&stage_dir.child(shard)).await?;
+        // A failure taken for absence would send every answered request again.
+        objects.extend(stage_dir.head(&compacted).await?);
+        let (entries, vanished) = read_objects(stage_dir, objects, counters).await?;
+        if !vanished || !std::mem::take(&mut again) {
+            return Ok(entries);
+        }
+    }
+}
+
+/// [`read_segments`], and whether an object listed was gone when read.
+async fn read_objects(
+    dir: &Location,
+    objects: Vec<ObjectMeta>,
+    counters: &ReadCounters,
+) -> Result<(HashMap<String, Entry>, bool)> {
+    counters
+        .objects
+        .fetch_add(objects.len() as u64, Ordering::Relaxed);
     let store = Arc::clone(&dir.store);
-    let bodies: Vec<(Path, bytes::Bytes)> = futures::stream::iter(objects)
+    let bodies: Vec<Option<(Path, bytes::Bytes)>> = futures::stream::iter(objects)
         .map(|meta| {
             let store = Arc::clone(&store);
             async move {
-                let bytes = store.get(&meta.location).await?.bytes().await?;
-                Ok::<_, Error>((meta.location, bytes))
+                // Gone since it was listed: another process compacted the shard, and its
+                // entries are in the compacted object.
+                let got = match store.get(&meta.location).await {
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    got => got?,
+                };
+                Ok::<_, Error>(Some((meta.location, got.bytes().await?)))
             }
         })
         .buffered(PARALLEL_READS)
-        .try_collect()
+        .try_collect::<Vec<_>>()
         .await?;
+    let vanished = bodies.iter().any(Option::is_none);
     let mut known = HashMap::new();
-    for (path, bytes) in bodies {
+    for (path, bytes) in bodies.into_iter().flatten() {
         // What follows the last newline is a line a kill tore while it was appended.
         let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1);
+        if bytes[whole..].iter().any(|b| !b.is_ascii_whitespace()) {
+            skipped(counters, dir, &path, "its last line is incomplete");
+        }
         for (i, line) in bytes[..whole].split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
-            let entry: Entry = serde_json::from_slice(line).with_context(|| {
-                format!(
-                    "journal segment {} line {} (move the segment away to continue; its responses will be requested again)",
-                    dir.display(&path),
-                    i + 1
-                )
-            })?;
-            known.insert(entry.key.clone(), entry);
+            match serde_json::from_slice::<Entry>(line) {
+                Ok(entry) => {
+                    known.insert(entry.key.clone(), entry);
+                }
+                Err(e) => skipped(counters, dir, &path, &format!("line {}: {e}", i + 1)),
+            }
         }
     }
-    Ok(known)
+    Ok((known, vanished))
+}
+
+fn skipped(counters: &ReadCounters, dir: &Location, path: &Path, what: &str) {
+    counters.skipped_lines.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        segment = %dir.display(path),
+        "Skipped an unreadable journal line ({what}): torn by a kill or a full disk; its response will be requested again."
+    );
 }
 
 fn lines_of(entries: &[Entry]) -> Vec<u8> {
@@ -490,53 +695,93 @@ struct SegmentWriter {
     appending: Option<std::fs::File>,
     name: String,
     seq: Arc<AtomicU64>,
-    failed: Arc<AtomicBool>,
+    health: Arc<WriteHealth>,
+    /// Whether this writer's last write failed (it is counted in `health.failing`).
+    failing: bool,
+    /// Whether a failed append may have left part of a line that could not be cut off.
+    maybe_torn: bool,
     spend: Arc<tokio::sync::Mutex<Spend>>,
     spend_path: (Location, String),
 }
 
 impl SegmentWriter {
-    /// Writes `entries` as one new segment (appended to this writer's file on a local disk);
-    /// then, when they cost anything, this process's spend record.
+    /// Writes `entries` as one new segment (appended to this writer's file on a local disk).
+    /// A segment's name is this writer's own, so a plain put never replaces another's: no
+    /// create-if-absent, which stores without conditional writes refuse.
     async fn write(&mut self, entries: &[Entry]) -> Result<()> {
         if self.dir.store_url.scheme() == "file" {
-            self.append(entries)?;
-        } else {
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let path = self.dir.path(&format!("{}-{seq:08}.jsonl", self.name));
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..PutOptions::default()
-            };
-            self.dir
-                .store
-                .put_opts(&path, PutPayload::from(lines_of(entries)), opts)
-                .await?;
+            return self.append(entries);
         }
-        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
-        if cost > 0.0 {
-            let mut spend = self.spend.lock().await;
-            spend.spent_usd += cost;
-            spend.unwritten = true;
-            if spend.written_at.is_none_or(|t| t.elapsed() >= SPEND_EVERY) {
-                write_spend(&self.spend_path, &mut spend).await?;
-            }
-        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path(&format!("{}-{seq:08}.jsonl", self.name));
+        self.dir
+            .store
+            .put(&path, PutPayload::from(lines_of(entries)))
+            .await?;
         Ok(())
     }
-}
 
-impl SegmentWriter {
-    /// [`SegmentWriter::write`]; a failure is logged and fails the run at its next check.
-    async fn write_or_flag(&mut self, entries: &[Entry]) {
-        if let Err(e) = self.write(entries).await {
-            tracing::error!(error = %e, dir = %self.dir.describe(), "Journal write failed.");
-            self.failed.store(true, Ordering::SeqCst);
+    /// Adds what `entries` cost to this process's spend record, written at most every
+    /// [`SPEND_EVERY`]; a failed write is logged and left for the run's last flush.
+    async fn add_spend(&self, entries: &[Entry]) {
+        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
+        if cost <= 0.0 {
+            return;
+        }
+        let mut spend = self.spend.lock().await;
+        spend.spent_usd += cost;
+        spend.unwritten = true;
+        if spend.written_at.is_none_or(|t| t.elapsed() >= SPEND_EVERY)
+            && let Err(e) = write_spend(&self.spend_path, &mut spend).await
+        {
+            tracing::warn!(error = %e, "Could not write the spend record; trying again later.");
+        }
+    }
+
+    /// [`SegmentWriter::write`], retried until it succeeds: the caller keeps its server slot
+    /// meanwhile, and no new request is sent (see [`JournalScope::writable`]), so a crash or
+    /// a kill loses only what was in flight. After [`GIVE_UP_AFTER`] of failures the entries
+    /// are given up and the run stops.
+    async fn write_until_durable(&mut self, entries: &[Entry]) {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.write(entries).await {
+                Ok(()) => {
+                    if std::mem::take(&mut self.failing) {
+                        tracing::warn!(dir = %self.dir.describe(), "Journal writes succeed again.");
+                        self.health.failing.fetch_sub(1, Ordering::SeqCst);
+                        self.health.changed.notify_waiters();
+                    }
+                    self.add_spend(entries).await;
+                    return;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.failing, true) {
+                        self.health.failing.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if started.elapsed() >= GIVE_UP_AFTER {
+                        tracing::error!(error = %e, dir = %self.dir.describe(), "{}", gave_up_message());
+                        self.health.gave_up.store(true, Ordering::SeqCst);
+                        self.health.changed.notify_waiters();
+                        return;
+                    }
+                    attempt += 1;
+                    tracing::error!(
+                        error = %e,
+                        dir = %self.dir.describe(),
+                        "Journal write failed; no new request is sent until it succeeds (make room or fix access). Retrying."
+                    );
+                    let wait = (0.25 * 2f64.powi(attempt.min(5))).min(5.0);
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+                }
+            }
         }
     }
 
     /// Appends `entries` to this writer's file in one write: a small write to the page
-    /// cache, where a new file per response cost more CPU than the rest of the call.
+    /// cache, where a new file per response cost more CPU than the rest of the call. A
+    /// failed write is cut off again, so the next one starts on a line of its own.
     fn append(&mut self, entries: &[Entry]) -> Result<()> {
         use std::io::Write as _;
         let file = match &mut self.appending {
@@ -555,8 +800,19 @@ impl SegmentWriter {
                     .insert(opened.with_context(|| format!("journal {}", path.display()))?)
             }
         };
-        file.write_all(&lines_of(entries))
-            .with_context(|| format!("journal {}", self.dir.describe()))
+        let mut body = Vec::new();
+        if self.maybe_torn {
+            body.push(b'\n');
+        }
+        body.extend(lines_of(entries));
+        let before = file.metadata().map(|m| m.len());
+        let written = file.write_all(&body);
+        if written.is_err() {
+            self.maybe_torn = before.and_then(|len| file.set_len(len)).is_err();
+        } else {
+            self.maybe_torn = false;
+        }
+        written.with_context(|| format!("journal {}", self.dir.describe()))
     }
 }
 
@@ -570,7 +826,7 @@ async fn write_segments(mut writer: SegmentWriter, mut rx: mpsc::UnboundedReceiv
             }
         }
         let entries: Vec<Entry> = batch.iter().map(|p| p.entry.clone()).collect();
-        writer.write_or_flag(&entries).await;
+        writer.write_until_durable(&entries).await;
         for p in batch {
             let _ = p.done.send(());
         }

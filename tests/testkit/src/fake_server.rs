@@ -100,6 +100,10 @@ pub enum Fault {
     Malformed,
     /// HTTP 200 with a chat completion whose content is this text.
     Content(String),
+    /// HTTP 200, a chat completion refused: `content: null`, with the model's words in
+    /// `refusal` (`finish_reason: stop`, as OpenAI's structured outputs) or, without words,
+    /// `finish_reason: content_filter` (a provider's filter).
+    Refused(Option<String>),
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -681,6 +685,18 @@ async fn fault_response(
         Fault::Content(text) => {
             let prompt = request.map(prompt_of).unwrap_or_default();
             http_response("200 OK", "", &chat_json(prompt.len(), &text).to_string())
+        }
+        Fault::Refused(words) => {
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            let mut reply = chat_json(prompt.len(), "");
+            let choice = &mut reply["choices"][0];
+            choice["message"]["content"] = Value::Null;
+            match words {
+                Some(words) => choice["message"]["refusal"] = json!(words),
+                None => choice["finish_reason"] = json!("content_filter"),
+            }
+            reply["usage"]["completion_tokens"] = json!(12);
+            http_response("200 OK", "", &reply.to_string())
         }
     })
 }

@@ -1,0 +1,228 @@
+//! Which shard's journal holds each response of a stage, so a request is answered whatever
+//! shard its row sits in now: a reshard, a rule that drops rows upstream or a renamed input
+//! moves rows between shards, never the answers they already have.
+//!
+//! A shard's own journal answers the common case; the index is read on a stage's first miss
+//! in a process. It holds 12 bytes per journaled response of the stage (a 64-bit fingerprint
+//! of the key and the shard holding it), built from the `<shard>.keys` file written beside
+//! each compacted shard and from the segments of shards not compacted yet. A hit reads the
+//! shard holding the key whole (a shard moved by a reshard draws on one or two old shards) and
+//! keeps the last few shards read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
+
+use super::{Entry, PARALLEL_READS, ReadCounters, read_objects, read_shard};
+use crate::error::Result;
+use crate::storage::Location;
+
+/// What opens a key file: its format, so a file of another version is read as absent.
+const KEYS_MAGIC: &[u8; 8] = b"bfkeys1\n";
+/// Shards read whole for their answers, kept for the next rows that moved from them.
+const SHARDS_KEPT: usize = 8;
+
+/// The 64-bit fingerprint of a journal key: its first 16 hex digits (keys are SHA-256 in
+/// hex), else FNV-1a of its bytes. Stored in key files, so it never changes.
+pub(super) fn fingerprint(key: &str) -> u64 {
+    key.get(..16)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| {
+            key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        })
+}
+
+/// The key file of `entries`: their fingerprints, sorted.
+pub(super) fn key_file(entries: &[Entry]) -> PutPayload {
+    let mut fps: Vec<u64> = entries.iter().map(|e| fingerprint(&e.key)).collect();
+    fps.sort_unstable();
+    let mut body = Vec::with_capacity(8 + 8 * fps.len());
+    body.extend_from_slice(KEYS_MAGIC);
+    for fp in fps {
+        body.extend_from_slice(&fp.to_le_bytes());
+    }
+    PutPayload::from(body)
+}
+
+fn parse_key_file(bytes: &[u8]) -> Option<Vec<u64>> {
+    let body = bytes.strip_prefix(KEYS_MAGIC)?;
+    (body.len() % 8 == 0).then(|| {
+        body.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    })
+}
+
+/// The journal objects of one shard of a stage.
+#[derive(Debug, Default)]
+struct ShardObjects {
+    compacted: Option<ObjectMeta>,
+    keys: Option<ObjectMeta>,
+    segments: Vec<ObjectMeta>,
+}
+
+/// Fingerprints sorted, each with the shard holding it.
+#[derive(Debug)]
+struct Sorted {
+    fingerprints: Vec<u64>,
+    shards: Vec<u32>,
+    names: Vec<String>,
+}
+
+type Loaded = Arc<tokio::sync::OnceCell<Arc<HashMap<String, Entry>>>>;
+
+/// The index of one stage's journal, read on its first miss.
+#[derive(Debug)]
+pub(super) struct StageIndex {
+    stage_dir: Location,
+    sorted: tokio::sync::OnceCell<Sorted>,
+    /// Shards read whole, the most recently used last.
+    kept: Mutex<Vec<(u32, Loaded)>>,
+    counters: Arc<ReadCounters>,
+    /// Responses found in another shard's journal.
+    pub(super) found: AtomicU64,
+}
+
+impl StageIndex {
+    pub(super) fn new(stage_dir: Location, counters: Arc<ReadCounters>) -> Self {
+        Self {
+            stage_dir,
+            sorted: tokio::sync::OnceCell::new(),
+            kept: Mutex::default(),
+            counters,
+            found: AtomicU64::new(0),
+        }
+    }
+
+    /// The entry of `key` in the journal of any shard of the stage but `except`.
+    pub(super) async fn find(&self, key: &str, except: &str) -> Result<Option<Entry>> {
+        let sorted = self.sorted.get_or_try_init(|| self.load()).await?;
+        let fp = fingerprint(key);
+        let start = sorted.fingerprints.partition_point(|&f| f < fp);
+        let end = start + sorted.fingerprints[start..].partition_point(|&f| f == fp);
+        let mut shards = sorted.shards[start..end].to_vec();
+        shards.dedup();
+        for shard in shards {
+            let name = &sorted.names[shard as usize];
+            if name == except {
+                continue;
+            }
+            let entries = self.shard(shard, name).await?;
+            if let Some(entry) = entries.get(key) {
+                self.found.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(entry.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The entries of shard `name`, read once while it is among the last used.
+    async fn shard(&self, id: u32, name: &str) -> Result<Arc<HashMap<String, Entry>>> {
+        let cell = {
+            let mut kept = self.kept.lock().expect("lock poisoned");
+            let cell = match kept.iter().position(|(k, _)| *k == id) {
+                Some(at) => kept.remove(at).1,
+                None => Loaded::default(),
+            };
+            kept.push((id, Arc::clone(&cell)));
+            if kept.len() > SHARDS_KEPT {
+                kept.remove(0);
+            }
+            cell
+        };
+        let entries = cell
+            .get_or_try_init(|| async {
+                let read = read_shard(&self.stage_dir, name, &self.counters).await?;
+                Ok::<_, crate::error::Error>(Arc::new(read))
+            })
+            .await?;
+        Ok(Arc::clone(entries))
+    }
+
+    /// Lists the stage's journal and reads the keys of every shard: key files where a shard
+    /// was compacted, the segments themselves where not.
+    async fn load(&self) -> Result<Sorted> {
+        let mut shards: BTreeMap<String, ShardObjects> = BTreeMap::new();
+        for meta in list(&self.stage_dir).await? {
+            let Some(parts) = meta.location.prefix_match(&self.stage_dir.prefix) else {
+                continue;
+            };
+            let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+            match parts.as_slice() {
+                [file] => {
+                    if let Some(shard) = file.strip_suffix(".jsonl") {
+                        shards.entry(shard.to_string()).or_default().compacted = Some(meta);
+                    } else if let Some(shard) = file.strip_suffix(".keys") {
+                        shards.entry(shard.to_string()).or_default().keys = Some(meta);
+                    }
+                }
+                [shard, segment] if segment.ends_with(".jsonl") => {
+                    shards.entry(shard.clone()).or_default().segments.push(meta);
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<String> = shards.keys().cloned().collect();
+        let reads = shards
+            .into_iter()
+            .enumerate()
+            .map(|(id, (name, objects))| async move {
+                let fps = self.fingerprints_of(&name, objects).await?;
+                Ok::<_, crate::error::Error>((id as u32, fps))
+            });
+        let per_shard: Vec<(u32, Vec<u64>)> = futures::stream::iter(reads)
+            .buffer_unordered(PARALLEL_READS)
+            .try_collect()
+            .await?;
+        let mut pairs: Vec<(u64, u32)> = per_shard
+            .into_iter()
+            .flat_map(|(id, fps)| fps.into_iter().map(move |fp| (fp, id)))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let (fingerprints, shards) = pairs.into_iter().unzip();
+        Ok(Sorted {
+            fingerprints,
+            shards,
+            names,
+        })
+    }
+
+    /// The fingerprints of the responses of shard `name`, whose objects were listed as
+    /// `objects`.
+    async fn fingerprints_of(&self, name: &str, objects: ShardObjects) -> Result<Vec<u64>> {
+        let mut bodies = objects.segments;
+        let from_key_file = match (&objects.compacted, &objects.keys) {
+            (Some(_), Some(keys)) => {
+                self.counters.objects.fetch_add(1, Ordering::Relaxed);
+                match self.stage_dir.store.get(&keys.location).await {
+                    Ok(got) => parse_key_file(&got.bytes().await?),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            _ => None,
+        };
+        if from_key_file.is_none() {
+            bodies.extend(objects.compacted);
+        }
+        let (mut read, vanished) = read_objects(&self.stage_dir, bodies, &self.counters).await?;
+        if vanished {
+            // Compacted since the listing: its responses are in an object not listed.
+            read = read_shard(&self.stage_dir, name, &self.counters).await?;
+        }
+        let mut fps = from_key_file.unwrap_or_default();
+        fps.extend(read.keys().map(|k| fingerprint(k)));
+        Ok(fps)
+    }
+}
+
+/// The objects directly and below `dir`.
+async fn list(dir: &Location) -> Result<Vec<ObjectMeta>> {
+    Ok(dir.store.list(Some(&dir.prefix)).try_collect().await?)
+}

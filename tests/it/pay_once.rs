@@ -1,0 +1,227 @@
+//! Pay once, whatever changes between runs: a response is found by what was asked, wherever
+//! its row sits now (a reshard, a rule that drops rows, an added input), a refusal is an
+//! answer, and a journal that cannot be written stops the spending until it can.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::fake_server::{FakeServer, FakeState, Fault};
+use crate::support::util::{backforth, backforth_ok, marker};
+
+/// `n` documents in `dir/name`, numbered from `first`: every third has two sentences more
+/// (so a `min_words` rule drops the others), each text unique.
+fn write_docs(dir: &Path, name: &str, first: usize, n: usize) {
+    let docs: String = (first..first + n)
+        .map(|i| {
+            let mut text = format!(
+                "Document {i} describes how the village of Elm{i} keeps its {} well tended through the seasons.",
+                ["canals", "orchards", "bridges", "markets"][i % 4]
+            );
+            if i % 3 == 0 {
+                text += " Its people meet every spring to agree who mends what, and they write it down.";
+            }
+            serde_json::json!({ "id": format!("doc-{i:04}"), "text": text }).to_string() + "\n"
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(name), docs).unwrap();
+}
+
+/// A job over `docs/` with the paper's stages, `shard_rows` rows per shard and `extra`
+/// appended (rules, ...).
+fn write_job(dir: &Path, shard_rows: usize, extra: &str) -> String {
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs\"]\n[curate]\nthreshold = 4\n\
+             [execution]\nshard_rows = {shard_rows}\n{extra}\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n\
+             [[stages]]\nname = \"scored\"\n[[stages]]\nname = \"curated\"\n\
+             [[stages]]\nname = \"rewritten\"\n[[stages]]\nname = \"distilled\"\n"
+        ),
+    )
+    .unwrap();
+    job.to_str().unwrap().to_string()
+}
+
+fn run(job: &str, root: &Path, server: &FakeServer, more: &[&str]) -> std::process::Output {
+    let url = server.url();
+    let mut args = vec![
+        "run",
+        job,
+        "--output",
+        root.to_str().unwrap(),
+        "--endpoint",
+        &url,
+        "--model",
+        "m",
+        "--concurrency",
+        "8",
+    ];
+    args.extend(more);
+    backforth(&args)
+}
+
+fn run_ok(job: &str, root: &Path, server: &FakeServer, more: &[&str]) {
+    let out = run(job, root, server, more);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Rows kept by every stage of a finished root, as a comparable list.
+fn rows_out(root: &Path) -> Vec<u64> {
+    ["candidates", "backtranslated", "scored", "curated", "rewritten"]
+        .iter()
+        .map(|stage| marker(root, stage)["rows_out"].as_u64().unwrap())
+        .collect()
+}
+
+/// A new shard size moves nearly every row to another shard: nothing is asked again, and
+/// the output is a fresh run's.
+#[test]
+fn a_reshard_sends_no_request_again() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 120);
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let paid = server.requests();
+    let before = rows_out(&root);
+
+    run_ok(
+        &write_job(dir.path(), 30, ""),
+        &root,
+        &server,
+        &["--allow-changes"],
+    );
+    assert_eq!(server.requests(), paid);
+    assert_eq!(rows_out(&root), before);
+    let shards = marker(&root, "backtranslated")["shards"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(shards, 4, "120 rows in shards of 30");
+
+    // And back: the rows find their answers in the first layout's journals or the second's.
+    run_ok(
+        &write_job(dir.path(), 20, ""),
+        &root,
+        &server,
+        &["--allow-changes"],
+    );
+    assert_eq!(server.requests(), paid);
+}
+
+/// A rule that drops documents before the LLM stages shifts every later row to another
+/// part: the rows left are all answered already.
+#[test]
+fn a_rule_that_drops_rows_sends_no_request_again() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 120);
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let paid = server.requests();
+    let before = marker(&root, "backtranslated")["rows_out"].as_u64().unwrap();
+
+    let job = write_job(dir.path(), 20, "[prepare.quality]\nmin_words = 20\n");
+    run_ok(&job, &root, &server, &["--allow-changes"]);
+    assert_eq!(server.requests(), paid);
+    let after = marker(&root, "backtranslated")["rows_out"].as_u64().unwrap();
+    assert_eq!((before, after), (120, 40), "every third document is long enough");
+}
+
+/// A second input adds its own documents; the first input's files keep their journals, so
+/// only the new documents' requests are sent: as many as a run over them alone sends.
+#[test]
+fn a_new_input_sends_only_its_own_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 120);
+    write_docs(&dir.path().join("more"), "a.jsonl", 500, 12);
+    let job = write_job(dir.path(), 20, "");
+    let alone = FakeServer::start(Duration::from_millis(1));
+    let more = dir.path().join("more");
+    run_ok(
+        &job,
+        &dir.path().join("alone"),
+        &alone,
+        &["--input", more.to_str().unwrap()],
+    );
+    assert!(alone.requests() > 12);
+
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let docs = dir.path().join("docs");
+    run_ok(&job, &root, &server, &["--input", docs.to_str().unwrap()]);
+    let paid = server.requests();
+    run_ok(
+        &job,
+        &root,
+        &server,
+        &[
+            "--input",
+            docs.to_str().unwrap(),
+            "--input",
+            more.to_str().unwrap(),
+            "--allow-changes",
+        ],
+    );
+    assert_eq!(server.requests() - paid, alone.requests());
+    assert_eq!(server.repeated_prompts(), 0);
+}
+
+/// A refused reply (`content: null` with the model's words in `refusal`, or a provider's
+/// `content_filter`) is paid for once, journaled, and drops its row as `refused`; a rerun
+/// sends nothing for it.
+#[test]
+fn refusals_are_answers_paid_once_and_dropped_as_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 30);
+    let refused = [3usize, 8, 14, 17, 22, 29];
+    let faults = refused
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            let fault = if k % 2 == 0 {
+                Fault::Refused(Some("I can't help with that.".into()))
+            } else {
+                Fault::Refused(None)
+            };
+            (format!("village of Elm{i} "), VecDeque::from([fault]))
+        })
+        .collect();
+    let server = FakeServer::start_with(FakeState {
+        latency: Duration::from_millis(1),
+        faults: std::sync::Mutex::new(faults),
+        ..FakeState::default()
+    });
+    let root = dir.path().join("out");
+    let job = write_job(dir.path(), 10, "");
+    run_ok(&job, &root, &server, &[]);
+    let stage = marker(&root, "backtranslated");
+    assert_eq!(stage["dropped"]["refused"], 6, "{stage}");
+    assert!(stage["dropped"].get("llm_error").is_none(), "{stage}");
+    for i in refused {
+        let asked = server
+            .state
+            .per_prompt
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(prompt, _)| prompt.contains(&format!("village of Elm{i} ")))
+            .map(|(_, n)| *n)
+            .sum::<u64>();
+        assert_eq!(asked, 1, "document {i} was asked {asked} times");
+    }
+    let paid = server.requests();
+    run_ok(&job, &root, &server, &["--allow-changes"]);
+    std::fs::remove_dir_all(root.join("backtranslated")).unwrap();
+    run_ok(&job, &root, &server, &[]);
+    assert_eq!(server.requests(), paid);
+    assert_eq!(marker(&root, "backtranslated")["dropped"]["refused"], 6);
+}
