@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::fake_server::{FakeServer, FakeState, Fault};
-use crate::support::util::{backforth, backforth_ok, marker};
+use crate::support::util::{backforth, marker};
 
 /// `n` documents in `dir/name`, numbered from `first`: every third has two sentences more
 /// (so a `min_words` rule drops the others), each text unique.
@@ -224,4 +224,115 @@ fn refusals_are_answers_paid_once_and_dropped_as_refused() {
     run_ok(&job, &root, &server, &[]);
     assert_eq!(server.requests(), paid);
     assert_eq!(marker(&root, "backtranslated")["dropped"]["refused"], 6);
+}
+
+/// A tmpfs mounted for a test (which runs as root, as `.ci/run` does), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs at {at:?} needs root");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file; its path.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// The output disk fills while calls are in flight: once a journal write fails no request is
+/// sent, the calls in flight hold their answers until room is made, and the run ends (after
+/// a rerun if a part could not be written meanwhile) with no prompt asked twice.
+#[test]
+fn a_full_disk_stops_spending_until_room_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 200);
+    let root = dir.path().join("out");
+    let _disk = Tmpfs::mount(&root, "8m");
+    let server = FakeServer::start(Duration::from_millis(20));
+    let job = write_job(dir.path(), 50, "");
+    let url = server.url();
+    let args = [
+        "run",
+        &job,
+        "--output",
+        root.to_str().unwrap(),
+        "--endpoint",
+        &url,
+        "--model",
+        "m",
+        "--concurrency",
+        "8",
+    ];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Requests the server had seen when the first journal write failed, read as it is logged.
+    let stderr = child.stderr.take().unwrap();
+    let state = std::sync::Arc::clone(&server.state);
+    let log = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut at_failure = None;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if at_failure.is_none() && line.contains("Journal write failed") {
+                at_failure = Some(state.requests.load(std::sync::atomic::Ordering::SeqCst));
+            }
+            text += &line;
+            text.push('\n');
+        }
+        (at_failure, text)
+    });
+    while server.requests() < 40 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The journal's files still have room in their last pages: a few more writes fit.
+    let filler = fill(&root);
+    std::thread::sleep(Duration::from_secs(1));
+    let stalled = server.requests();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        server.requests(),
+        stalled,
+        "requests were sent while journal writes failed"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let status = child.wait().unwrap();
+    let (at_failure, stderr) = log.join().unwrap();
+    let at_failure = at_failure.unwrap_or_else(|| panic!("no journal write failed:\n{stderr}"));
+    // After the first failure only the calls already on the wire (8 slots) were answered.
+    assert!(stalled - at_failure <= 8, "{at_failure} -> {stalled}");
+    if !status.success() {
+        // A part or marker due while the disk was full: the rerun finishes from the journal.
+        run_ok(&job, &root, &server, &[]);
+    }
+    assert_eq!(server.repeated_prompts(), 0);
+    assert_eq!(rows_out(&root)[1], 200);
 }
