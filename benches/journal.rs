@@ -3,7 +3,9 @@
 //! the journal's own API under a local root and under an S3-compatible server (moto, when
 //! `.ci/venv/bin/moto_server` or `$BACKFORTH_MOTO_SERVER` is there), each shard compacted once
 //! published. Then, in a fresh process as a worker resuming one shard's worth of work does, the
-//! journal is opened and one shard's responses looked up: time, objects read, peak RSS.
+//! journal is opened and one shard's responses looked up: time, objects read, peak RSS. And in
+//! another, a shard whose rows all moved (a reshard: half of one old shard, half of the next)
+//! is answered through the stage's index: time, objects read, peak RSS.
 //!
 //!     cargo bench --bench journal
 //!
@@ -146,6 +148,35 @@ fn child_open(root: &str, n: u64, shard: u64) {
     println!("{} {loaded} {read}", started.elapsed().as_secs_f64());
 }
 
+/// Opens the scope of a shard no run wrote, whose rows are the second half of the middle
+/// shard and the first half of the next, and answers every one of them from the journal.
+fn child_moved(root: &str, n: u64, shard: u64) {
+    let rt = runtime();
+    let started = Instant::now();
+    let (found, read) = rt.block_on(async {
+        let journal = Journal::open(&Location::parse(root).unwrap())
+            .await
+            .unwrap();
+        let scope = journal
+            .scope("backtranslated", "moved-00000")
+            .await
+            .unwrap();
+        let first = (n / shard / 2) * shard + shard / 2;
+        let keys = (first..(first + shard).min(n)).map(|k| format!("{k:064x}"));
+        let lookups = keys.map(|key| {
+            let scope = Arc::clone(&scope);
+            async move { scope.lookup(&key).await.unwrap().is_some() }
+        });
+        let found = futures::future::join_all(lookups)
+            .await
+            .into_iter()
+            .filter(|&f| f)
+            .count();
+        (found, journal.objects_read())
+    });
+    println!("{} {found} {read}", started.elapsed().as_secs_f64());
+}
+
 fn moto_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("BACKFORTH_MOTO_SERVER") {
         return Some(PathBuf::from(path));
@@ -178,6 +209,15 @@ fn measure(place: &str, root: &str, n: u64, bytes: usize, shard: u64, env: &[(&s
     println!(
         "{place:<6} {n:>9} responses in {objects} objects (written in {written:.1}s): journal and one shard opened in {seconds:.3}s, {read} objects read, peak RSS {rss:.0} MiB"
     );
+    let (out, rss) = child(&["--moved", root, &n.to_string(), &shard.to_string()], env);
+    let mut words = out.split_whitespace();
+    let seconds: f64 = words.next().unwrap().parse().unwrap();
+    let found: u64 = words.next().unwrap().parse().unwrap();
+    let read: u64 = words.next().unwrap().parse().unwrap();
+    assert_eq!(found, shard.min(n), "every moved row is answered");
+    println!(
+        "{place:<6} a moved shard of {found} rows answered in {seconds:.3}s through the stage's index, {read} objects read, peak RSS {rss:.0} MiB"
+    );
 }
 
 /// Creates `bucket` on the S3-compatible server at `addr` with a bare HTTP request.
@@ -199,6 +239,9 @@ fn main() {
     let num = |i: usize| args[i].parse::<u64>().unwrap();
     if let Some(i) = args.iter().position(|a| a == "--open") {
         return child_open(&args[i + 1], num(i + 2), num(i + 3));
+    }
+    if let Some(i) = args.iter().position(|a| a == "--moved") {
+        return child_moved(&args[i + 1], num(i + 2), num(i + 3));
     }
     if let Some(i) = args.iter().position(|a| a == "--write") {
         return child_write(&args[i + 1], num(i + 2), num(i + 3) as usize, num(i + 4));

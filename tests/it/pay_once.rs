@@ -251,6 +251,16 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A child process killed when dropped, so a failed assertion leaves no run behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Fills the file system holding `dir` with one file; its path.
 fn fill(dir: &Path) -> std::path::PathBuf {
     use std::io::Write as _;
@@ -286,14 +296,16 @@ fn a_full_disk_stops_spending_until_room_is_made() {
         "--concurrency",
         "8",
     ];
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Requests the server had seen when the first journal write failed, read as it is logged.
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     let state = std::sync::Arc::clone(&server.state);
     let log = std::thread::spawn(move || {
         use std::io::BufRead as _;
@@ -324,7 +336,7 @@ fn a_full_disk_stops_spending_until_room_is_made() {
     );
 
     std::fs::remove_file(filler).unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     let (at_failure, stderr) = log.join().unwrap();
     let at_failure = at_failure.unwrap_or_else(|| panic!("no journal write failed:\n{stderr}"));
     // After the first failure only the calls already on the wire (8 slots) were answered.

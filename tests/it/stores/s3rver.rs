@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::moto::{Moto, s3_env, s3_store};
 use super::{Emulator, Process, block_on, fixture, ok, run};
@@ -97,29 +98,48 @@ fn a_store_that_overwrites_on_create_is_refused() {
 }
 
 /// With object_store's conditional puts switched off (`AWS_CONDITIONAL_PUT=disabled`) a create
-/// cannot be refused either: the same stop, and the same way out.
+/// cannot be refused either: the same stop, and the same way out, under which the journal is
+/// written too: a stage redone later is answered from it.
 #[test]
 fn conditional_puts_switched_off_are_refused() {
     let moto = Moto::start(&["runs"]);
     let mut env = moto.env();
     env.push(("AWS_CONDITIONAL_PUT", "disabled".into()));
-    let (_dir, job, _server) = fixture(Duration::ZERO);
+    let (_dir, job, server) = fixture(Duration::ZERO);
+    let url = server.url();
     let args = [
         "run",
         &job,
         "--output",
         "s3://runs/out",
         "--endpoint",
-        "mock",
-        "--stages",
-        "candidates",
+        &url,
+        "--model",
+        "m",
     ];
     refused(
         &env,
         &args,
         &["cannot hold a worker's lease", "AWS_CONDITIONAL_PUT"],
     );
+    assert_eq!(server.requests(), 0);
     trusted(&env, &args);
+    let paid = server.requests();
+    assert!(paid > 0);
+
+    let objects = moto.store("runs");
+    block_on(async {
+        let rewritten: Vec<_> = objects
+            .list(Some(&"out/rewritten".into()))
+            .try_collect()
+            .await
+            .unwrap();
+        for meta in rewritten {
+            objects.delete(&meta.location).await.unwrap();
+        }
+    });
+    trusted(&env, &args);
+    assert_eq!(server.requests(), paid);
 }
 
 /// Runs `args`: the run must stop as a job error whose message says each of `says`.
