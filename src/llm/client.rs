@@ -668,11 +668,11 @@ impl Retries {
                 .throttled_until
                 .get_or_insert_with(|| Instant::now() + horizon);
             let left = deadline.checked_duration_since(Instant::now())?;
-            return Some(after.unwrap_or_else(|| backoff(self.throttles)).min(left));
+            return Some(at_least_backoff(after, self.throttles).min(left));
         }
         self.failures += 1;
         (self.failures < self.max_attempts)
-            .then(|| after.unwrap_or_else(|| backoff(self.failures as i32)))
+            .then(|| at_least_backoff(after, self.failures as i32))
     }
 
     /// The replies (one per choice asked, the attempts on the first) of a request stopped
@@ -702,6 +702,13 @@ impl Retries {
             choices,
         )
     }
+}
+
+/// The server's `Retry-After`, but never less than the backoff of `attempt`: a `0` or a date
+/// already past would otherwise send every retry at once.
+fn at_least_backoff(after: Option<Duration>, attempt: i32) -> Duration {
+    let backoff = backoff(attempt);
+    after.map_or(backoff, |after| after.max(backoff))
 }
 
 /// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.

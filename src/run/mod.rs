@@ -104,11 +104,16 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
         .map(|m| worker_share(m, opts.worker))
         .collect();
     // What earlier runs and the other workers have spent is in the journal; what is left is
-    // split between the workers.
-    let budget = job.execution.budget_usd.map(|b| {
-        let left = (b - journal.spent_usd()).max(0.0);
-        Budget::new(left / opts.worker.count as f64, b)
-    });
+    // split between the worker slots, each slot's earlier processes counted against it.
+    let budget = match job.execution.budget_usd {
+        Some(b) => {
+            let share = journal
+                .budget_share(b, opts.worker.index, opts.worker.count)
+                .await;
+            Some(Budget::new(share, b))
+        }
+        None => None,
+    };
     let pool = Arc::new(LlmPool::new(&models, budget));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;

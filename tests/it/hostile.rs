@@ -75,6 +75,43 @@ fn nonsense_retry_after_headers_fall_back_to_backoff() {
     assert_eq!(server.log().len(), values.len());
 }
 
+/// `Retry-After: 0`, or a date already past, waits at least the usual backoff: a server
+/// saying "now" to every retry would otherwise get them all at once.
+#[test]
+fn a_zero_or_past_retry_after_still_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"id\": \"d0\", \"text\": \"Header case zero tells a story.\"}\n",
+    )
+    .unwrap();
+    server.state.faults.lock().unwrap().push((
+        "Header case zero".into(),
+        [
+            Fault::RetryAfter("0".into()),
+            Fault::RetryAfter("Sun, 06 Nov 1994 08:49:37 GMT".into()),
+        ]
+        .into(),
+    ));
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = backforth(&["run", job.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(server.requests(), 3);
+    // The backoffs of the first and second throttle: at least 0.25 s and 0.5 s.
+    assert!(started.elapsed() >= Duration::from_millis(750), "{:?}", started.elapsed());
+}
+
 /// Settings that once panicked (or hung) are refused with a message naming them.
 #[test]
 fn impossible_settings_are_refused_by_name() {

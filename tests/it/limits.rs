@@ -293,6 +293,60 @@ fn a_budget_holds_across_workers_and_restarts() {
     );
 }
 
+/// A budget holds for the job while a worker is killed and restarted twice as three others
+/// run: what each process spent is recorded as its responses are, and a restarted worker
+/// takes up what is left of its own slot's share, so the job spends at most its budget, the
+/// calls in flight when it ran out, and the call each kill cut off.
+#[test]
+fn a_budget_holds_while_a_worker_is_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(40));
+    let budget = 1.0;
+    let priced = "price_input_per_mtok = 100.0\nconcurrency = 4";
+    let job = workers_job(
+        dir.path(),
+        &server.url(),
+        400,
+        priced,
+        &format!("budget_usd = {budget}"),
+    );
+    let worker = |i: usize| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+            .args(["run", &job, "--worker", &format!("{i}/4")])
+            .env("BACKFORTH_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut others: Vec<_> = (1..4).map(worker).collect();
+    let mut first = worker(0);
+    for when in [15, 40] {
+        while server.requests() < when {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        first.kill().unwrap();
+        first.wait().unwrap();
+        first = worker(0);
+    }
+    first.wait().unwrap();
+    for other in &mut others {
+        other.wait().unwrap();
+    }
+    let cost = |prompt: &str| prompt.len() as f64 / 4.0 * 100.0 / 1e6;
+    let log = server.log();
+    let spent: f64 = log.iter().map(|e| cost(&e.prompt)).sum();
+    let dearest = log.iter().map(|e| cost(&e.prompt)).fold(0.0, f64::max);
+    // One window: the job's 4 calls in flight when the budget ran out, and the call each
+    // kill left on the wire (the server answered it; the worker was gone).
+    assert!(
+        spent <= budget + (4.0 + 2.0) * dearest,
+        "spent ${spent:.3} of ${budget} in {} calls of at most ${dearest:.4}",
+        log.len()
+    );
+    assert!(spent > budget * 0.8, "spent only ${spent:.3}");
+}
+
 #[tokio::test]
 async fn freed_slots_go_to_the_highest_priority_then_the_first_come() {
     let aimd = Aimd::new(1);

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Context, Error, Result};
 use crate::llm::reply::Reply;
 use crate::storage::Location;
-use crate::storage::{delete_if_exists, read_json, write_json};
+use crate::storage::delete_if_exists;
 use index::StageIndex;
 
 /// Directory of the journal under the output root.
@@ -86,22 +86,35 @@ impl std::fmt::Debug for Pending {
     }
 }
 
-/// What one writer (this process) has spent, written to `_spend/<writer>.json`.
+/// What one writer (this process) has spent, written to `_spend/<writer>.json` as the
+/// responses that cost it are journaled: rewritten whole on an object store, appended as a
+/// line on a local disk (the last whole line counts), so a kill loses only what was in flight.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Spend {
     spent_usd: f64,
-    /// When the record was last written.
-    #[serde(skip)]
-    written_at: Option<std::time::Instant>,
-    /// True while some spend is not in the written record yet.
+    /// The worker slot (index, count) of the process, when it ran as one: a budget is
+    /// shared out by slot, and a restarted worker takes up its own slot's share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slot: Option<(usize, usize)>,
+    /// True while some spend is not in the written record yet (its write failed).
     #[serde(skip)]
     unwritten: bool,
+    /// On a local disk: the record's file, appended to.
+    #[serde(skip)]
+    appending: Option<std::fs::File>,
 }
 
-/// How often the spend record is rewritten while responses cost something: rewriting it per
-/// response would create a file per response on a local disk. A run writes what is left
-/// when it ends, so only a process killed outright leaves up to this much spend unrecorded.
-const SPEND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+impl Spend {
+    /// The record in `body`: one JSON object, or lines of them of which the last whole one
+    /// counts.
+    fn parse(body: &[u8]) -> Option<Spend> {
+        serde_json::from_slice(body).ok().or_else(|| {
+            body.split(|b| *b == b'\n')
+                .rev()
+                .find_map(|line| serde_json::from_slice(line).ok())
+        })
+    }
+}
 
 /// How long journal writes may keep failing before the run stops: long enough to make room
 /// on a full disk, short enough that a job does not hold its servers forever.
@@ -138,6 +151,8 @@ pub struct Journal {
     shared: Arc<HashMap<String, Entry>>,
     spend: Arc<tokio::sync::Mutex<Spend>>,
     spent_at_open: f64,
+    /// Every spend record as read when the journal was opened.
+    spends: Vec<Spend>,
     counters: Arc<ReadCounters>,
     /// Each stage's index of responses by shard, read on the stage's first miss.
     indexes: Mutex<HashMap<String, Arc<StageIndex>>>,
@@ -163,13 +178,17 @@ impl Journal {
         let spends: Vec<Option<Spend>> = futures::stream::iter(list(&spend_dir).await?)
             .map(|meta| {
                 let spend_dir = &spend_dir;
-                async move { read_json::<Spend>(spend_dir, &meta.location).await }
+                async move {
+                    let got = spend_dir.store.get(&meta.location).await?.bytes().await?;
+                    Ok::<_, Error>(Spend::parse(&got))
+                }
             })
             .buffered(PARALLEL_READS)
             .try_collect()
             .await?;
+        let spends: Vec<Spend> = spends.into_iter().flatten().collect();
         let spent_at_open = shared.values().map(|e| e.cost_usd).sum::<f64>()
-            + spends.iter().flatten().map(|s| s.spent_usd).sum::<f64>();
+            + spends.iter().map(|s| s.spent_usd).sum::<f64>();
         Ok(Self {
             dir,
             writer: writer_id(),
@@ -178,6 +197,7 @@ impl Journal {
             shared: Arc::new(shared),
             spend: Arc::default(),
             spent_at_open,
+            spends,
             counters,
             indexes: Mutex::default(),
         })
@@ -223,6 +243,27 @@ impl Journal {
     /// What every worker and run had spent when the journal was opened.
     pub fn spent_usd(&self) -> f64 {
         self.spent_at_open
+    }
+
+    /// What this process, worker `index` of `count`, may spend of a job budget of
+    /// `budget_usd`: an equal share of what runs with another worker count left, less what
+    /// earlier processes of the same slot spent. The shares add up to what is left of the
+    /// budget however often each worker is restarted. Also marks this process's spend record
+    /// with its slot.
+    pub async fn budget_share(&self, budget_usd: f64, index: usize, count: usize) -> f64 {
+        let count = count.max(1);
+        self.spend.lock().await.slot = Some((index, count));
+        let in_slots = |s: &&Spend| s.slot.is_some_and(|(_, n)| n == count);
+        let elsewhere = self.spent_at_open
+            - self.spends.iter().filter(in_slots).map(|s| s.spent_usd).sum::<f64>();
+        let mine: f64 = self
+            .spends
+            .iter()
+            .filter(in_slots)
+            .filter(|s| s.slot.is_some_and(|(i, _)| i == index))
+            .map(|s| s.spent_usd)
+            .sum();
+        ((budget_usd - elsewhere) / count as f64 - mine).max(0.0)
     }
 
     /// The responses of shard `shard` of `stage`, and the writer of new ones there.
@@ -507,13 +548,40 @@ impl JournalScope {
     }
 }
 
-/// Writes this process's spend record.
+/// Writes this process's spend record: a new line of its file on a local disk (a small
+/// append, where a new file per response would cost more than the call), else the object.
 async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Result<()> {
+    use std::io::Write as _;
     let path = dir.path(&format!("{name}.json"));
-    write_json(dir, &path, &*spend)
-        .await
-        .with_context(|| format!("spend record {}", dir.display(&path)))?;
-    spend.written_at = Some(std::time::Instant::now());
+    let shown = || format!("spend record {}", dir.display(&path));
+    let mut line = serde_json::to_vec(&*spend).expect("a spend record serialises");
+    line.push(b'\n');
+    if dir.store_url.scheme() == "file" {
+        let file = match &mut spend.appending {
+            Some(file) => file,
+            None => {
+                let local = object_store::local::LocalFileSystem::new().path_to_filesystem(&path)?;
+                let opened = std::fs::create_dir_all(local.parent().unwrap_or(&local))
+                    .and_then(|()| {
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&local)
+                    })
+                    .with_context(shown)?;
+                spend.appending.insert(opened)
+            }
+        };
+        // A torn line before this one is ended by it, and its own line still reads.
+        let mut body = vec![b'\n'];
+        body.extend(line);
+        file.write_all(&body).with_context(shown)?;
+    } else {
+        dir.store
+            .put(&path, PutPayload::from(line))
+            .await
+            .with_context(shown)?;
+    }
     spend.unwritten = false;
     Ok(())
 }
@@ -721,8 +789,8 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Adds what `entries` cost to this process's spend record, written at most every
-    /// [`SPEND_EVERY`]; a failed write is logged and left for the run's last flush.
+    /// Adds what `entries` cost to this process's spend record and writes it; a failed
+    /// write is logged and left for the next one or the run's last flush.
     async fn add_spend(&self, entries: &[Entry]) {
         let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
         if cost <= 0.0 {
@@ -731,9 +799,7 @@ impl SegmentWriter {
         let mut spend = self.spend.lock().await;
         spend.spent_usd += cost;
         spend.unwritten = true;
-        if spend.written_at.is_none_or(|t| t.elapsed() >= SPEND_EVERY)
-            && let Err(e) = write_spend(&self.spend_path, &mut spend).await
-        {
+        if let Err(e) = write_spend(&self.spend_path, &mut spend).await {
             tracing::warn!(error = %e, "Could not write the spend record; trying again later.");
         }
     }
