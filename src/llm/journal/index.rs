@@ -21,20 +21,16 @@ use crate::error::Result;
 use crate::storage::Location;
 
 /// What opens a key file: its format, so a file of another version is read as absent.
-const KEYS_MAGIC: &[u8; 8] = b"bfkeys1\n";
+const KEYS_MAGIC: &[u8; 8] = b"bfkeys2\n";
 /// Shards read whole for their answers, kept for the next rows that moved from them.
 const SHARDS_KEPT: usize = 8;
 
-/// The 64-bit fingerprint of a journal key: its first 16 hex digits (keys are SHA-256 in
-/// hex), else FNV-1a of its bytes. Stored in key files, so it never changes.
+/// The 64-bit fingerprint of a journal key: FNV-1a of its bytes, so keys sharing a prefix
+/// still spread. Stored in key files, so it never changes.
 pub(super) fn fingerprint(key: &str) -> u64 {
-    key.get(..16)
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .unwrap_or_else(|| {
-            key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-        })
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The key file of `entries`: their fingerprints, sorted.
