@@ -37,6 +37,21 @@ fn retry_after_takes_seconds_or_a_date_and_nothing_else() {
     }
 }
 
+/// A job backtranslating `dir/docs.jsonl` with `server`; its path.
+fn backtranslation_job(dir: &std::path::Path, server: &FakeServer) -> String {
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    job.to_str().unwrap().to_string()
+}
+
 /// A server answering 429 with `Retry-After: nan` (and other nonsense) once made the run
 /// panic; now the usual backoff applies and every row is answered.
 #[test]
@@ -56,17 +71,8 @@ fn nonsense_retry_after_headers_fall_back_to_backoff() {
             [Fault::RetryAfter(value.to_string())].into(),
         ));
     }
-    let job = dir.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
-             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
-            server.url()
-        ),
-    )
-    .unwrap();
-    let out = backforth(&["run", job.to_str().unwrap()]);
+    let job = backtranslation_job(dir.path(), &server);
+    let out = backforth(&["run", &job]);
     assert!(
         out.status.success(),
         "{}",
@@ -94,18 +100,9 @@ fn a_zero_or_past_retry_after_still_backs_off() {
         ]
         .into(),
     ));
-    let job = dir.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
-             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    let job = backtranslation_job(dir.path(), &server);
     let started = std::time::Instant::now();
-    let out = backforth(&["run", job.to_str().unwrap()]);
+    let out = backforth(&["run", &job]);
     assert!(out.status.success());
     assert_eq!(server.requests(), 3);
     // The backoffs of the first and second throttle: at least 0.25 s and 0.5 s.
@@ -370,18 +367,9 @@ fn the_api_key_goes_only_where_it_belongs() {
         "{\"text\": \"A document about keys.\"}\n",
     )
     .unwrap();
-    let job = dir.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n[models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\n\
-             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    let job = backtranslation_job(dir.path(), &server);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
+        .args(["run", &job])
         .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
         .env("BACKFORTH_LOG", "warn")
         .output()

@@ -46,21 +46,20 @@ fn write_job(dir: &Path, shard_rows: usize, extra: &str) -> String {
     job.to_str().unwrap().to_string()
 }
 
-fn run(job: &str, root: &Path, server: &FakeServer, more: &[&str]) -> std::process::Output {
+/// The arguments running `job` into `root` against `server`, 8 calls at a time.
+fn run_args(job: &str, root: &Path, server: &FakeServer) -> Vec<String> {
+    let root = root.to_str().unwrap();
     let url = server.url();
-    let mut args = vec![
-        "run",
-        job,
-        "--output",
-        root.to_str().unwrap(),
-        "--endpoint",
-        &url,
-        "--model",
-        "m",
-        "--concurrency",
-        "8",
-    ];
-    args.extend(more);
+    ["run", job, "--output", root, "--endpoint", &url, "--model", "m"]
+        .into_iter()
+        .chain(["--concurrency", "8"])
+        .map(String::from)
+        .collect()
+}
+
+fn run(job: &str, root: &Path, server: &FakeServer, more: &[&str]) -> std::process::Output {
+    let mut args = run_args(job, root, server);
+    args.extend(more.iter().map(|a| a.to_string()));
     backforth(&args)
 }
 
@@ -283,22 +282,9 @@ fn a_full_disk_stops_spending_until_room_is_made() {
     let _disk = Tmpfs::mount(&root, "8m");
     let server = FakeServer::start(Duration::from_millis(20));
     let job = write_job(dir.path(), 50, "");
-    let url = server.url();
-    let args = [
-        "run",
-        &job,
-        "--output",
-        root.to_str().unwrap(),
-        "--endpoint",
-        &url,
-        "--model",
-        "m",
-        "--concurrency",
-        "8",
-    ];
     let mut child = Killed(
         std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-            .args(args)
+            .args(run_args(&job, &root, &server))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
