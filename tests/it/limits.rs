@@ -347,6 +347,34 @@ fn a_budget_holds_while_a_worker_is_killed_and_restarted() {
     assert!(spent > budget * 0.8, "spent only ${spent:.3}");
 }
 
+/// A process's spend record on a local disk grows a line per costly journal write and is
+/// replaced by one line every 1,024: after 1,100 paid calls it is short, and says what the
+/// calls cost.
+#[test]
+fn the_spend_record_stays_short_and_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::ZERO);
+    let priced = "price_input_per_mtok = 100.0\nconcurrency = 1";
+    let job = workers_job(dir.path(), &server.url(), 1100, priced, "budget_usd = 1000");
+    let out = crate::support::util::backforth(&["run", &job]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<_> = std::fs::read_dir(dir.path().join("out/_journal/_spend"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1);
+    let lines: Vec<&str> = records[0].lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.len() < 1100 - 1024 + 2, "{} lines", lines.len());
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let paid: f64 = server
+        .log()
+        .iter()
+        .map(|e| (e.prompt.len() as f64 / 4.0).round() * 100.0 / 1e6)
+        .sum();
+    let recorded = last["spent_usd"].as_f64().unwrap();
+    assert!((recorded - paid).abs() < paid * 0.05, "recorded {recorded}, paid {paid}");
+}
+
 #[tokio::test]
 async fn freed_slots_go_to_the_highest_priority_then_the_first_come() {
     let aimd = Aimd::new(1);

@@ -35,6 +35,7 @@ use crate::error::{Context, Error, Result};
 use crate::llm::reply::Reply;
 use crate::storage::Location;
 use crate::storage::delete_if_exists;
+use crate::execution_error;
 use index::StageIndex;
 
 /// Directory of the journal under the output root.
@@ -102,7 +103,14 @@ struct Spend {
     /// On a local disk: the record's file, appended to.
     #[serde(skip)]
     appending: Option<std::fs::File>,
+    /// Lines appended to it since it was last written whole.
+    #[serde(skip)]
+    appended: u32,
 }
+
+/// Lines a local spend record grows by before it is replaced by one: it is read whole by
+/// every run.
+const SPEND_LINES: u32 = 1024;
 
 impl Spend {
     /// The record in `body`: one JSON object, or lines of them of which the last whole one
@@ -175,7 +183,10 @@ impl Journal {
         let shared = read_segments(&dir, flat, &counters).await?;
         let spend_dir = dir.child(SPEND_DIR);
         // One record per process that ever spent: read side by side, as the segments are.
-        let spends: Vec<Option<Spend>> = futures::stream::iter(list(&spend_dir).await?)
+        let mut records = list(&spend_dir).await?;
+        // A `.json.tmp` a kill left while a record was replaced is not a record.
+        records.retain(|m| m.location.as_ref().ends_with(".json"));
+        let spends: Vec<Option<Spend>> = futures::stream::iter(records)
             .map(|meta| {
                 let spend_dir = &spend_dir;
                 async move {
@@ -281,9 +292,21 @@ impl Journal {
     /// offline batch (it records nothing).
     pub async fn stage_scope(&self, stage: &str) -> Result<Arc<JournalScope>> {
         let stage_dir = self.dir.child(stage);
-        let mut objects = list(&stage_dir).await?;
-        objects.retain(|m| m.location.as_ref().ends_with(".jsonl"));
-        let known = read_segments(&self.dir, objects, &self.counters).await?;
+        let mut again = true;
+        let known = loop {
+            let mut objects = list(&stage_dir).await?;
+            objects.retain(|m| m.location.as_ref().ends_with(".jsonl"));
+            let (known, vanished) = read_objects(&stage_dir, objects, &self.counters).await?;
+            // A shard compacted meanwhile: list again, so none of its answers is missed.
+            if !vanished || !std::mem::take(&mut again) {
+                if vanished {
+                    return execution_error!(
+                        "the journal of stage '{stage}' kept changing while it was read; run again"
+                    );
+                }
+                break known;
+            }
+        };
         Ok(Arc::new(self.scope_over(known, None, None)))
     }
 
@@ -522,7 +545,14 @@ impl JournalScope {
             })
             .cloned()
             .collect();
-        let mut all = read_segments(segments, foreign, &self.counters).await?;
+        let (mut all, vanished) = read_objects(segments, foreign, &self.counters).await?;
+        if vanished {
+            // Another process folded the shard meanwhile: its object holds what went.
+            return execution_error!(
+                "the journal of {} changed while it was compacted; left as it is",
+                segments.describe()
+            );
+        }
         all.extend(
             self.known
                 .lock()
@@ -557,6 +587,18 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
     let mut line = serde_json::to_vec(&*spend).expect("a spend record serialises");
     line.push(b'\n');
     if dir.store_url.scheme() == "file" {
+        if spend.appended >= SPEND_LINES {
+            // Replaced whole by a rename, so a kill leaves the old record or the new one.
+            let local = object_store::local::LocalFileSystem::new().path_to_filesystem(&path)?;
+            let fresh = local.with_extension("json.tmp");
+            std::fs::write(&fresh, &line)
+                .and_then(|()| std::fs::rename(&fresh, &local))
+                .with_context(shown)?;
+            spend.appending = None;
+            spend.appended = 0;
+            spend.unwritten = false;
+            return Ok(());
+        }
         let file = match &mut spend.appending {
             Some(file) => file,
             None => {
@@ -576,6 +618,7 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
         let mut body = vec![b'\n'];
         body.extend(line);
         file.write_all(&body).with_context(shown)?;
+        spend.appended += 1;
     } else {
         dir.store
             .put(&path, PutPayload::from(line))
@@ -789,6 +832,17 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// Counts what `entries`, which could not be journaled, cost: the run's last flush
+    /// records it.
+    async fn lost(&self, entries: &[Entry]) {
+        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
+        if cost > 0.0 {
+            let mut spend = self.spend.lock().await;
+            spend.spent_usd += cost;
+            spend.unwritten = true;
+        }
+    }
+
     /// Adds what `entries` cost to this process's spend record and writes it; a failed
     /// write is logged and left for the next one or the run's last flush.
     async fn add_spend(&self, entries: &[Entry]) {
@@ -812,6 +866,11 @@ impl SegmentWriter {
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
+            if self.health.gave_up.load(Ordering::SeqCst) {
+                // Paid for, and lost: the budget of the next run must still count it.
+                self.lost(entries).await;
+                return;
+            }
             match self.write(entries).await {
                 Ok(()) => {
                     if std::mem::take(&mut self.failing) {
@@ -830,6 +889,7 @@ impl SegmentWriter {
                         tracing::error!(error = %e, dir = %self.dir.describe(), "{}", gave_up_message());
                         self.health.gave_up.store(true, Ordering::SeqCst);
                         self.health.changed.notify_waiters();
+                        self.lost(entries).await;
                         return;
                     }
                     attempt += 1;
