@@ -334,3 +334,39 @@ fn a_full_disk_stops_spending_until_room_is_made() {
     assert_eq!(server.repeated_prompts(), 0);
     assert_eq!(rows_out(&root)[1], 200);
 }
+
+/// An identical prompt in a later shard of the same run is answered by the shard that paid
+/// for it, not sent again: here every document opens with the same five words, so the fake's
+/// backward model gives every row the same instruction, and `distilled` asks it once,
+/// although the shards run one after another.
+#[test]
+fn an_identical_prompt_in_a_later_shard_is_not_paid_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs: String = (0..20)
+        .map(|i| {
+            let text = format!(
+                "Notes on the river Elm, part {i}: how the banks at mile {} were kept in {}.",
+                i * 3 + 1,
+                1900 + i
+            );
+            serde_json::json!({ "id": format!("d{i}"), "text": text }).to_string() + "\n"
+        })
+        .collect();
+    std::fs::create_dir_all(dir.path().join("docs")).unwrap();
+    std::fs::write(dir.path().join("docs/a.jsonl"), docs).unwrap();
+    let job = write_job(dir.path(), 5, "concurrent_shards = 1");
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    run_ok(&job, &root, &server, &[]);
+    assert!(marker(&root, "distilled")["rows_out"].as_u64().unwrap() > 2);
+    let asked = |needle: &str| {
+        server
+            .log()
+            .iter()
+            .filter(|e| e.prompt.contains(needle) && !e.prompt.contains("Score: N"))
+            .filter(|e| !e.prompt.contains("[RES]"))
+            .count()
+    };
+    assert_eq!(asked("Tell me about Notes on the river Elm,"), 1);
+    assert_eq!(server.repeated_prompts(), 0);
+}

@@ -7,16 +7,19 @@
 //! of the key and the shard holding it), built from the `<shard>.keys` file written beside
 //! each compacted shard and from the segments of shards not compacted yet. A hit reads the
 //! shard holding the key whole (a shard moved by a reshard draws on one or two old shards) and
-//! keeps the last few shards read.
+//! keeps the last few shards read. What this process journals after the index was read is
+//! noted in it too (8 bytes and a shard name a response), and asked of the scope that holds
+//! it while that scope is open: an identical prompt in a later shard of the run is not paid
+//! again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
-use super::{Entry, PARALLEL_READS, ReadCounters, read_objects, read_shard};
+use super::{Entry, JournalScope, PARALLEL_READS, ReadCounters, read_objects, read_shard};
 use crate::error::Result;
 use crate::storage::Location;
 
@@ -78,7 +81,11 @@ pub(super) struct StageIndex {
     stage_dir: Location,
     sorted: tokio::sync::OnceCell<Sorted>,
     /// Shards read whole, the most recently used last.
-    kept: Mutex<Vec<(u32, Loaded)>>,
+    kept: Mutex<Vec<(Arc<str>, Loaded)>>,
+    /// The scopes this process has open, by shard.
+    live: Mutex<HashMap<Arc<str>, Weak<JournalScope>>>,
+    /// What this process journaled since the index was read: fingerprint, shard.
+    noted: Mutex<HashMap<u64, Arc<str>>>,
     counters: Arc<ReadCounters>,
     /// Responses found in another shard's journal.
     pub(super) found: AtomicU64,
@@ -90,8 +97,26 @@ impl StageIndex {
             stage_dir,
             sorted: tokio::sync::OnceCell::new(),
             kept: Mutex::default(),
+            live: Mutex::default(),
+            noted: Mutex::default(),
             counters,
             found: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that `scope`, of shard `shard`, is open in this process.
+    pub(super) fn open(&self, shard: &str, scope: Weak<JournalScope>) {
+        let mut live = self.live.lock().expect("lock poisoned");
+        live.retain(|_, s| s.strong_count() > 0);
+        live.insert(Arc::from(shard), scope);
+    }
+
+    /// Notes that shard `shard` journaled `key` (once the index is read: before, reading it
+    /// finds the key).
+    pub(super) fn note(&self, key: &str, shard: &str) {
+        if self.sorted.initialized() {
+            let mut noted = self.noted.lock().expect("lock poisoned");
+            noted.insert(fingerprint(key), Arc::from(shard));
         }
     }
 
@@ -101,31 +126,63 @@ impl StageIndex {
         let fp = fingerprint(key);
         let start = sorted.fingerprints.partition_point(|&f| f < fp);
         let end = start + sorted.fingerprints[start..].partition_point(|&f| f == fp);
-        let mut shards = sorted.shards[start..end].to_vec();
-        shards.dedup();
-        for shard in shards {
-            let name = &sorted.names[shard as usize];
-            if name == except {
+        let mut shards: Vec<(Arc<str>, bool)> = sorted.shards[start..end]
+            .iter()
+            .map(|&id| (Arc::from(sorted.names[id as usize].as_str()), false))
+            .collect();
+        shards.extend(
+            self.noted
+                .lock()
+                .expect("lock poisoned")
+                .get(&fp)
+                .map(|name| (Arc::clone(name), true)),
+        );
+        shards.dedup_by(|a, b| a.0 == b.0);
+        for (name, noted) in shards {
+            if &*name == except {
                 continue;
             }
-            let entries = self.shard(shard, name).await?;
-            if let Some(entry) = entries.get(key) {
+            if let Some(entry) = self.in_shard(&name, key, noted).await? {
                 self.found.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(entry.clone()));
+                return Ok(Some(entry));
             }
         }
         Ok(None)
     }
 
+    /// The entry of `key` in shard `name`: asked of its scope while open in this process,
+    /// else read from the store. A shard this process `noted` the key in is read again if
+    /// the copy kept predates it.
+    async fn in_shard(&self, name: &Arc<str>, key: &str, noted: bool) -> Result<Option<Entry>> {
+        let scope = self
+            .live
+            .lock()
+            .expect("lock poisoned")
+            .get(name)
+            .and_then(Weak::upgrade);
+        if let Some(scope) = scope {
+            return Ok(scope.entry(key));
+        }
+        let found = self.shard(name).await?.get(key).cloned();
+        if found.is_some() || !noted {
+            return Ok(found);
+        }
+        self.kept
+            .lock()
+            .expect("lock poisoned")
+            .retain(|(kept, _)| kept != name);
+        Ok(self.shard(name).await?.get(key).cloned())
+    }
+
     /// The entries of shard `name`, read once while it is among the last used.
-    async fn shard(&self, id: u32, name: &str) -> Result<Arc<HashMap<String, Entry>>> {
+    async fn shard(&self, name: &Arc<str>) -> Result<Arc<HashMap<String, Entry>>> {
         let cell = {
             let mut kept = self.kept.lock().expect("lock poisoned");
-            let cell = match kept.iter().position(|(k, _)| *k == id) {
+            let cell = match kept.iter().position(|(k, _)| k == name) {
                 Some(at) => kept.remove(at).1,
                 None => Loaded::default(),
             };
-            kept.push((id, Arc::clone(&cell)));
+            kept.push((Arc::clone(name), Arc::clone(&cell)));
             if kept.len() > SHARDS_KEPT {
                 kept.remove(0);
             }

@@ -284,8 +284,11 @@ impl Journal {
         let compacted = stage_dir.path(&format!("{shard}.jsonl"));
         let known = read_shard(&stage_dir, shard, &self.counters).await?;
         let mut scope = self.scope_over(known, Some(segments), Some((stage_dir, compacted)));
-        scope.index = Some((self.index_of(stage), shard.to_string()));
-        Ok(Arc::new(scope))
+        let index = self.index_of(stage);
+        scope.index = Some((Arc::clone(&index), shard.to_string()));
+        let scope = Arc::new(scope);
+        index.open(shard, Arc::downgrade(&scope));
+        Ok(scope)
     }
 
     /// Every response of `stage`, whatever its shard, for writing down its requests for an
@@ -423,6 +426,11 @@ impl JournalScope {
         })
     }
 
+    /// The entry journaled for `key` in this scope, if any.
+    fn entry(&self, key: &str) -> Option<Entry> {
+        self.known.lock().expect("lock poisoned").get(key).cloned()
+    }
+
     /// The response journaled for `key` in this scope (or shared by all), if any.
     pub fn get(&self, key: &str) -> Option<Reply> {
         let known = self.known.lock().expect("lock poisoned");
@@ -503,7 +511,11 @@ impl JournalScope {
             self.known
                 .lock()
                 .expect("lock poisoned")
-                .insert(key, entry.clone());
+                .insert(key.clone(), entry.clone());
+        }
+        // After the insert: a lookup sent here by the note finds the entry.
+        if let Some((index, shard)) = &self.index {
+            index.note(&key, shard);
         }
         match &self.writer {
             None => {}
