@@ -23,7 +23,8 @@ use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
-    RequestBody, describe_reqwest_error, is_quota_exhausted, parse_choices, request_path,
+    RequestBody, billed_usage, describe_reqwest_error, is_quota_exhausted, parse_choices,
+    request_path,
     retry_after, snippet,
 };
 
@@ -357,13 +358,8 @@ impl ModelClient {
         self.account(reply)
     }
 
-    /// Prices `reply` and adds it to the counters and the run's spending.
-    fn account(&self, mut reply: Reply) -> Reply {
-        reply.cost_usd = self.spec.cost_usd(
-            reply.prompt_tokens,
-            reply.cached_tokens,
-            reply.completion_tokens,
-        );
+    /// Adds `reply` (priced by its attempts) to the counters and the run's spending.
+    fn account(&self, reply: Reply) -> Reply {
         let stats = &self.home().stats;
         stats
             .cost_micro_usd
@@ -420,6 +416,7 @@ impl ModelClient {
             let (message, after, throttle) = match outcome {
                 Ok(mut replies) => {
                     replies[0].attempts = retries.sent;
+                    replies[0].cost_usd += retries.billed_usd;
                     return replies;
                 }
                 Err(Failure::Fatal(message)) => {
@@ -429,7 +426,11 @@ impl ModelClient {
                     message,
                     after,
                     throttle,
-                }) => (message, after, throttle),
+                    billed_usd,
+                }) => {
+                    retries.billed_usd += billed_usd;
+                    (message, after, throttle)
+                }
             };
             match retries.wait(after, throttle) {
                 Some(wait) => tokio::time::sleep(wait).await,
@@ -474,19 +475,29 @@ impl ModelClient {
             Err(_) => (Some(estimate.0 as i64), Some(0)),
         };
         endpoint.limits.settle(estimate, usage);
-        let outcome = outcome.map(|replies| {
-            replies
-                .into_iter()
-                .map(|reply| Reply {
-                    cost_usd: self.spec.cost_usd(
-                        reply.prompt_tokens,
-                        reply.cached_tokens,
-                        reply.completion_tokens,
-                    ),
-                    ..reply
-                })
-                .collect::<Vec<Reply>>()
-        });
+        let outcome = outcome
+            .map(|replies| {
+                replies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, reply)| {
+                        // A server that reports no usage still bills: charge what the text
+                        // suggests (a prompt's characters over four; the reply's likewise).
+                        let prompt = reply
+                            .prompt_tokens
+                            .or((i == 0).then_some(estimate.0.round() as i64));
+                        let completion = reply.completion_tokens.or_else(|| {
+                            let chars = reply.text.as_ref().map_or(0, String::len)
+                                + reply.reasoning.as_ref().map_or(0, String::len);
+                            Some(chars.div_ceil(4) as i64)
+                        });
+                        Reply {
+                            cost_usd: self.spec.cost_usd(prompt, reply.cached_tokens, completion),
+                            ..reply
+                        }
+                    })
+                    .collect::<Vec<Reply>>()
+            });
         match &outcome {
             Ok(replies) => {
                 endpoint.slots.on_success();
@@ -497,6 +508,11 @@ impl ModelClient {
             }
             Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
             Err(_) => endpoint.record_health(false),
+        }
+        if let Err(Failure::Retry { billed_usd, .. }) = &outcome
+            && *billed_usd > 0.0
+        {
+            journal.charge(*billed_usd).await;
         }
         outcome
     }
@@ -524,6 +540,7 @@ impl ModelClient {
             message: describe_reqwest_error(&e),
             after: None,
             throttle: false,
+            billed_usd: 0.0,
         })?;
         let status = response.status();
         let retry_after = response
@@ -546,6 +563,7 @@ impl ModelClient {
                 message: format!("HTTP {status}: {}", snippet(&text)),
                 after: retry_after,
                 throttle: status.as_u16() == 429,
+                billed_usd: 0.0,
             });
         }
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -569,6 +587,9 @@ impl ModelClient {
             message,
             after: None,
             throttle: false,
+            // A reply that would not be read, with its usage: the server billed it.
+            billed_usd: billed_usage(&text)
+                .map_or(0.0, |(p, c)| self.spec.cost_usd(Some(p), None, Some(c))),
         })
     }
 }
@@ -608,6 +629,8 @@ enum Failure {
         after: Option<Duration>,
         /// The server said to slow down (HTTP 429), as opposed to failing.
         throttle: bool,
+        /// What the server billed for the attempt (a reply it sent that could not be read).
+        billed_usd: f64,
     },
     Fatal(String),
 }
@@ -619,6 +642,7 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
         message,
         after: None,
         throttle: false,
+        billed_usd: 0.0,
     };
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -640,6 +664,8 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
 /// `max_attempts`, throttling against `throttle_secs` from the first 429.
 struct Retries {
     sent: i32,
+    /// What attempts that failed after the server billed them cost.
+    billed_usd: f64,
     failures: u32,
     max_attempts: u32,
     throttles: i32,
@@ -651,6 +677,7 @@ impl Retries {
     fn new(spec: &ModelSpec) -> Self {
         Self {
             sent: 0,
+            billed_usd: 0.0,
             failures: 0,
             max_attempts: spec.max_attempts.max(1),
             throttles: 0,
@@ -681,6 +708,7 @@ impl Retries {
         (0..choices)
             .map(|i| Reply {
                 attempts: if i == 0 { self.sent } else { 0 },
+                cost_usd: if i == 0 { self.billed_usd } else { 0.0 },
                 error: error.clone(),
                 ..Reply::default()
             })

@@ -107,6 +107,17 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
     Ok(replies)
 }
 
+/// The `usage` (prompt, completion tokens) of a response body that could not be read as
+/// choices, when it has one: what the server billed for it.
+pub fn billed_usage(body: &str) -> Option<(i64, i64)> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let usage = v.get("usage")?;
+    let count = |name: &str| usage.get(name).and_then(Value::as_i64);
+    let (prompt, completion) = (count("prompt_tokens"), count("completion_tokens"));
+    (prompt.is_some() || completion.is_some())
+        .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)))
+}
+
 /// `total` shared out in proportion to `lengths`, the rounding left to the last share, so
 /// the shares add up to `total`.
 fn shared_out(total: i64, lengths: &[usize]) -> Vec<i64> {

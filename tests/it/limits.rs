@@ -358,21 +358,74 @@ fn the_spend_record_stays_short_and_exact() {
     let job = workers_job(dir.path(), &server.url(), 1100, priced, "budget_usd = 1000");
     let out = crate::support::util::backforth(&["run", &job]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let records: Vec<_> = std::fs::read_dir(dir.path().join("out/_journal/_spend"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let records = spend_records(&dir.path().join("out"));
     assert_eq!(records.len(), 1);
-    let lines: Vec<&str> = records[0].lines().filter(|l| !l.is_empty()).collect();
-    assert!(lines.len() < 1100 - 1024 + 2, "{} lines", lines.len());
-    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let (lines, recorded) = records[0];
+    assert!(lines < 1100 - 1024 + 2, "{lines} lines");
     let paid: f64 = server
         .log()
         .iter()
         .map(|e| (e.prompt.len() as f64 / 4.0).round() * 100.0 / 1e6)
         .sum();
-    let recorded = last["spent_usd"].as_f64().unwrap();
     assert!((recorded - paid).abs() < paid * 0.05, "recorded {recorded}, paid {paid}");
+}
+
+/// The spend records under `root`: each one's lines and what its last says was spent.
+fn spend_records(root: &std::path::Path) -> Vec<(usize, f64)> {
+    std::fs::read_dir(root.join("_journal/_spend"))
+        .unwrap()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+            let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+            (lines.len(), last["spent_usd"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// What the server billed counts, whether or not it could be read: a reply with `usage` and
+/// no choices (asked again) adds its usage, and a reply without `usage` is charged by its
+/// characters (four a token), so a run's recorded spend is what a clean run's is plus the
+/// billed failures.
+#[test]
+fn billed_failures_and_replies_without_usage_count() {
+    use crate::support::fake_server::{FakeState, Fault};
+    let priced = "price_input_per_mtok = 100.0\nprice_output_per_mtok = 100.0\nconcurrency = 2";
+    let spent = |server: &FakeServer| {
+        let dir = tempfile::tempdir().unwrap();
+        let job = workers_job(dir.path(), &server.url(), 12, priced, "");
+        let out = crate::support::util::backforth(&["run", &job]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        spend_records(&dir.path().join("out")).iter().map(|r| r.1).sum::<f64>()
+    };
+    let clean = FakeServer::start(Duration::ZERO);
+    let clean_usd = spent(&clean);
+    let fault = |doc: usize, fault: Fault| {
+        (format!("Worker test {doc} is"), [fault].into())
+    };
+    let faulty = FakeServer::start_with(FakeState {
+        faults: Mutex::new(vec![
+            fault(1, Fault::BilledEmpty),
+            fault(2, Fault::BilledEmpty),
+            fault(5, Fault::NoUsage),
+            fault(6, Fault::NoUsage),
+        ]),
+        ..FakeState::default()
+    });
+    let faulty_usd = spent(&faulty);
+    assert_eq!(faulty.requests(), clean.requests() + 2);
+    let billed: f64 = clean
+        .log()
+        .iter()
+        .filter(|e| ["Worker test 1 is", "Worker test 2 is"].iter().any(|n| e.prompt.contains(n)))
+        .map(|e| (e.prompt.len() / 4) as f64 * 100.0 / 1e6)
+        .sum();
+    // Rounding: a token either way for each prompt and reply charged by its characters.
+    let token = 100.0 / 1e6;
+    assert!(
+        (faulty_usd - (clean_usd + billed)).abs() <= 4.0 * token,
+        "faulty ${faulty_usd:.6}, clean ${clean_usd:.6} + billed ${billed:.6}"
+    );
 }
 
 #[tokio::test]

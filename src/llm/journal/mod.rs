@@ -500,6 +500,29 @@ impl JournalScope {
         self.len() == 0
     }
 
+    /// Adds `cost_usd`, billed for an attempt that gave nothing to journal (a reply that
+    /// could not be read), to this process's spend record.
+    pub async fn charge(&self, cost_usd: f64) {
+        let billed = Entry {
+            cost_usd,
+            ..Entry::default()
+        };
+        match &self.writer {
+            None => {}
+            Some(Writer::Appending(writer)) => {
+                writer.lock().await.add_spend(std::slice::from_ref(&billed)).await;
+            }
+            Some(Writer::Batched(writer)) => {
+                // Spend goes with the writer: the task owns it. An entry without a key is
+                // counted, not journaled.
+                let (done, wait) = oneshot::channel();
+                if writer.send(Pending { entry: billed, done }).is_ok() {
+                    let _ = wait.await;
+                }
+            }
+        }
+    }
+
     /// Records a successful response and waits until it is durable.
     pub async fn record(&self, key: &str, reply: &Reply) {
         self.write(entry_of(key, reply)).await;
@@ -875,6 +898,18 @@ impl SegmentWriter {
     /// a kill loses only what was in flight. After [`GIVE_UP_AFTER`] of failures the entries
     /// are given up and the run stops.
     async fn write_until_durable(&mut self, entries: &[Entry]) {
+        if entries.iter().any(|e| e.key.is_empty()) {
+            // Charges (see `JournalScope::charge`) count as spend and are not journaled.
+            let journaled: Vec<Entry> =
+                entries.iter().filter(|e| !e.key.is_empty()).cloned().collect();
+            if !journaled.is_empty() {
+                Box::pin(self.write_until_durable(&journaled)).await;
+            }
+            let charged: Vec<Entry> =
+                entries.iter().filter(|e| e.key.is_empty()).cloned().collect();
+            self.add_spend(&charged).await;
+            return;
+        }
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {

@@ -104,6 +104,10 @@ pub enum Fault {
     /// `refusal` (`finish_reason: stop`, as OpenAI's structured outputs) or, without words,
     /// `finish_reason: content_filter` (a provider's filter).
     Refused(Option<String>),
+    /// HTTP 200 with no choices but a `usage`: billed, and nothing to read.
+    BilledEmpty,
+    /// HTTP 200, the usual answer without `usage` (a server that does not report it).
+    NoUsage,
 }
 
 /// A running fake server; it stops when the test process ends.
@@ -685,6 +689,18 @@ async fn fault_response(
         Fault::Content(text) => {
             let prompt = request.map(prompt_of).unwrap_or_default();
             http_response("200 OK", "", &chat_json(prompt.len(), &text).to_string())
+        }
+        Fault::BilledEmpty => {
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            let mut reply = chat_json(prompt.len(), "");
+            reply["choices"] = json!([]);
+            http_response("200 OK", "", &reply.to_string())
+        }
+        Fault::NoUsage => {
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            let mut reply = chat_json(prompt.len(), &answer_for(&prompt));
+            reply.as_object_mut().unwrap().remove("usage");
+            http_response("200 OK", "", &reply.to_string())
         }
         Fault::Refused(words) => {
             let prompt = request.map(prompt_of).unwrap_or_default();
