@@ -2,7 +2,9 @@
 //! 200 MB, batches created and polled, results and partial results (expired batches) recorded
 //! in the journal by request key, and what failed or expired resubmitted. Batch ids are
 //! written under the output root as soon as they exist, so a restarted command resumes polling
-//! instead of paying again.
+//! instead of paying again; and each batch carries a digest of its requests in its metadata,
+//! so one created by a command that died before recording it is found and adopted, not
+//! created twice.
 
 use std::time::Duration;
 
@@ -35,7 +37,15 @@ pub struct BatchRecord {
     pub requests: usize,
     /// `submitted` until its results are in the journal, then the final API status.
     pub state: String,
+    /// Digest of the request file, also in the batch's metadata (`backforth_requests`).
+    #[serde(default)]
+    pub digest: String,
 }
+
+/// Metadata key of a batch holding the digest of its request file.
+const DIGEST_KEY: &str = "backforth_requests";
+/// Batches listed, newest first, when looking for one a dead command created.
+const LISTED_AT_MOST: usize = 1000;
 
 /// What a `batch submit` did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -105,12 +115,53 @@ impl Api {
         id_of(&v, "uploading requests")
     }
 
-    async fn create(&self, file_id: &str, endpoint: &str) -> Result<String> {
+    async fn create(&self, file_id: &str, endpoint: &str, digest: &str) -> Result<String> {
         let r = self.request(reqwest::Method::POST, "batches").json(&json!({
             "input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
+            "metadata": { DIGEST_KEY: digest },
         }));
         let v = self.json(r, "creating a batch").await?;
         id_of(&v, "creating a batch")
+    }
+
+    /// A batch of requests `digest` that is not in `known` and has not failed, expired or
+    /// been cancelled, among the latest [`LISTED_AT_MOST`]: (its id, its input file).
+    async fn find(&self, digest: &str, known: &[BatchRecord]) -> Result<Option<(String, String)>> {
+        let mut after: Option<String> = None;
+        let mut listed = 0;
+        while listed < LISTED_AT_MOST {
+            let path = match &after {
+                Some(id) => format!("batches?limit=100&after={id}"),
+                None => "batches?limit=100".to_string(),
+            };
+            let page = self
+                .json(self.request(reqwest::Method::GET, &path), "listing batches")
+                .await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            listed += data.len();
+            for batch in &data {
+                let id = batch["id"].as_str().unwrap_or_default();
+                let ended_badly = matches!(
+                    batch["status"].as_str(),
+                    Some("failed" | "expired" | "cancelled" | "cancelling")
+                );
+                if batch["metadata"][DIGEST_KEY].as_str() == Some(digest)
+                    && !ended_badly
+                    && !known.iter().any(|r| r.id == id)
+                {
+                    let file = batch["input_file_id"].as_str().unwrap_or_default();
+                    return Ok(Some((id.to_string(), file.to_string())));
+                }
+            }
+            after = data
+                .last()
+                .and_then(|b| b["id"].as_str())
+                .map(str::to_string);
+            if page["has_more"] != json!(true) || after.is_none() {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     async fn status(&self, id: &str) -> Result<Value> {
@@ -194,15 +245,30 @@ pub async fn submit(job: &Job, stage: &str, poll: Duration) -> Result<SubmitSumm
                 .as_str()
                 .unwrap_or("/v1/chat/completions")
                 .to_string();
-            let file_id = api.upload(file).await?;
-            let id = api.create(&file_id, &endpoint).await?;
+            let digest = {
+                use sha2::{Digest, Sha256};
+                hex::encode(&Sha256::digest(&file)[..16])
+            };
+            // Created by a command that died before it could record the batch: adopted.
+            let (id, file_id) = match api.find(&digest, &records).await? {
+                Some(found) => {
+                    tracing::warn!(batch = %found.0, "Found a batch of these requests that no record names; polling it instead of creating another.");
+                    found
+                }
+                None => {
+                    let file_id = api.upload(file).await?;
+                    let id = api.create(&file_id, &endpoint, &digest).await?;
+                    summary.batches_created += 1;
+                    (id, file_id)
+                }
+            };
             records.push(BatchRecord {
                 id,
                 input_file_id: file_id,
                 requests,
                 state: "submitted".into(),
+                digest,
             });
-            summary.batches_created += 1;
             save(&root, &state_path, &records).await?;
         }
     }

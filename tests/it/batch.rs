@@ -283,3 +283,46 @@ fn an_unknown_batch_status_stops_polling_with_a_message() {
         "{stderr}"
     );
 }
+
+/// A batch the API created while `batch submit` died before recording it (here the reply to
+/// the create is lost) is found by the digest in its metadata on the next `batch submit` and
+/// polled, not created and paid for a second time.
+#[test]
+fn a_batch_created_but_not_recorded_is_adopted_not_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let url = server.url();
+    let common = [
+        "--output",
+        root.to_str().unwrap(),
+        "--endpoint",
+        url.as_str(),
+        "--model",
+        "m",
+    ];
+    let mut args = vec!["run", "examples/bft.toml", "--stages", "prepare"];
+    args.extend(common);
+    backforth_ok(&args);
+    let candidates = marker(&root, "candidates")["rows_out"].as_u64().unwrap() as usize;
+    server.state.batch.lock().unwrap().lose_next_create_reply = true;
+    let mut submit = vec![
+        "batch",
+        "submit",
+        "examples/bft.toml",
+        "--stage",
+        "backtranslate",
+        "--poll-secs",
+        "0.05",
+    ];
+    submit.extend(common);
+    let out = crate::support::util::backforth(&submit);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(server.state.batch.lock().unwrap().batch_sizes, vec![candidates]);
+
+    let out = backforth_ok(&submit);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0 requests unanswered"), "{stderr}");
+    assert!(stderr.contains("polling it instead of creating another"), "{stderr}");
+    assert_eq!(server.state.batch.lock().unwrap().batch_sizes, vec![candidates]);
+}

@@ -79,6 +79,12 @@ pub struct FakeBatchApi {
     pub batch_sizes: Vec<usize>,
     /// When set, every batch reports this status when polled.
     pub status_override: Option<String>,
+    /// Every batch created, in order: id, input file, metadata (what `GET /v1/batches`
+    /// lists, newest first).
+    pub created: Vec<(String, String, Value)>,
+    /// The next batch created is created, and its reply is an HTTP 500 (a gateway that
+    /// timed out after the API acted).
+    pub lose_next_create_reply: bool,
 }
 
 /// A misbehaviour the fake can be scripted to show.
@@ -386,11 +392,35 @@ fn batch_api(
         let file = req["input_file_id"].as_str()?.to_string();
         let lines = api.files.get(&file).map_or(0, |f| f.lines().count());
         api.batch_sizes.push(lines);
-        let id = new_id("batch", api.batches.len());
-        api.batches.insert(id.clone(), (file, 1));
+        let id = new_id("batch", api.created.len());
+        api.batches.insert(id.clone(), (file.clone(), 1));
+        api.created
+            .push((id.clone(), file, req["metadata"].clone()));
+        if std::mem::take(&mut api.lose_next_create_reply) {
+            return Some(("500 Internal Server Error", "{}".to_string()));
+        }
         return Some((
             "200 OK",
             json!({"id": id, "status": "validating"}).to_string(),
+        ));
+    }
+    if method == "GET" && (path == "/v1/batches" || path.starts_with("/v1/batches?")) {
+        let data: Vec<Value> = api
+            .created
+            .iter()
+            .rev()
+            .map(|(id, file, metadata)| {
+                let status = if api.batches.contains_key(id) {
+                    "in_progress"
+                } else {
+                    "completed"
+                };
+                json!({"id": id, "status": status, "input_file_id": file, "metadata": metadata})
+            })
+            .collect();
+        return Some((
+            "200 OK",
+            json!({"object": "list", "data": data, "has_more": false}).to_string(),
         ));
     }
     if method == "GET" && path.starts_with("/v1/batches/") {
