@@ -9,7 +9,8 @@
 //!
 //!     cargo bench --bench journal
 //!
-//! `JOURNAL_TEXT_BYTES` (default 600) sets each response's length.
+//! `JOURNAL_TEXT_BYTES` (default 600) sets each response's length; `JOURNAL_FSYNC=1` flushes
+//! every local write to the device (`[execution] fsync`), to measure what that costs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,9 +40,12 @@ fn runtime() -> tokio::runtime::Runtime {
 /// time, as a stage's calls arrive), compacting each shard as the runner does once it is
 /// published.
 async fn write_journal(root: &str, n: u64, bytes: usize, shard: u64) {
-    let journal = Journal::open(&Location::parse(root).unwrap())
+    let mut journal = Journal::open(&Location::parse(root).unwrap())
         .await
         .unwrap();
+    journal
+        .sync_local_writes(std::env::var("JOURNAL_FSYNC").is_ok_and(|v| v == "1"))
+        .await;
     let text: String = "word ".repeat(bytes / 5);
     for first in (0..n).step_by(shard as usize) {
         let scope = journal

@@ -497,6 +497,27 @@ fn version_of(meta: &object_store::ObjectMeta) -> String {
     }
 }
 
+/// Flushes the files `parts` (names under `dir`) and the folder itself to the device, when
+/// `dir` is on the local disk: what a marker written next points at survives a power loss.
+/// Object stores need nothing (a put is durable when it returns).
+pub fn sync_local(dir: &Location, parts: &[String]) -> Result<()> {
+    if dir.store_url.scheme() != "file" {
+        return Ok(());
+    }
+    let local = object_store::local::LocalFileSystem::new();
+    let folder = local.path_to_filesystem(&dir.prefix)?;
+    for part in parts {
+        let file = local.path_to_filesystem(&dir.path(part))?;
+        std::fs::File::open(&file)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", file.display()))?;
+    }
+    std::fs::File::open(&folder)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("flushing {}", folder.display()))?;
+    Ok(())
+}
+
 /// Deletes the object at `path`; an object already gone is fine.
 pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
     match root.store.delete(path).await {

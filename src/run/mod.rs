@@ -91,7 +91,11 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
         None => (None, None),
     };
     let job = with_benchmarks.as_ref().unwrap_or(job);
-    let journal = Arc::new(Journal::open(&root).await?);
+    let mut journal = Journal::open(&root).await?;
+    journal
+        .sync_local_writes(job.execution.fsync.unwrap_or(false))
+        .await;
+    let journal = Arc::new(journal);
     if journal.loaded() > 0 {
         tracing::info!(
             responses = journal.loaded(),

@@ -22,7 +22,7 @@ use crate::root::names::{
 use crate::root::objects::part_properties;
 use crate::run::exact_dedup::FirstCopies;
 use crate::run::progress::Progress;
-use crate::storage::Location;
+use crate::storage::{Location, sync_local};
 
 /// LLM usage read from the call structs of a batch: requests actually sent, calls answered
 /// from the journal or shared, failures and tokens paid for.
@@ -95,6 +95,7 @@ pub(super) async fn execute_to_parts(
     names: PartNames,
     progress: Arc<Progress>,
     mut first_copies: Option<FirstCopies>,
+    fsync: bool,
 ) -> Result<(StageStats, Vec<String>)> {
     let df = ctx.sql(&sql).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -170,8 +171,16 @@ pub(super) async fn execute_to_parts(
         }
     }
     let parts = kept.finish().await?;
-    if let Some(d) = dropped {
-        d.finish().await?;
+    let dropped_parts = match dropped {
+        Some(d) => d.finish().await?,
+        None => Vec::new(),
+    };
+    if fsync {
+        let files = |ids: &[String]| ids.iter().map(|id| part_file(id)).collect::<Vec<_>>();
+        sync_local(&out, &files(&parts))?;
+        if !dropped_parts.is_empty() {
+            sync_local(&out.child(DROPPED_DIR), &files(&dropped_parts))?;
+        }
     }
     Ok((stats, parts))
 }

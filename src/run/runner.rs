@@ -176,6 +176,7 @@ impl Runner<'_> {
             names,
             Arc::clone(&self.progress),
             first_copies,
+            self.job.execution.fsync.unwrap_or(false),
         ))
         .await
         .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;

@@ -370,3 +370,40 @@ fn an_identical_prompt_in_a_later_shard_is_not_paid_again() {
     assert_eq!(asked("Tell me about Notes on the river Elm,"), 1);
     assert_eq!(server.repeated_prompts(), 0);
 }
+
+/// `[execution] fsync = true` flushes every journal append and every part to the device
+/// (counted with strace: at least one flush a response), gives the output a run without it
+/// gives, and switching it off and on again needs no `--allow-changes`: it changes how, not
+/// what, a run writes.
+#[test]
+fn fsync_flushes_each_response_and_changes_no_result() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 30);
+    let server = FakeServer::start(Duration::from_millis(1));
+    let plain = dir.path().join("plain");
+    run_ok(&write_job(dir.path(), 10, ""), &plain, &server, &[]);
+    let requests = server.requests();
+
+    let job = write_job(dir.path(), 10, "fsync = true");
+    let root = dir.path().join("out");
+    let trace = dir.path().join("trace");
+    let strace = std::env::var("BACKFORTH_STRACE").unwrap_or_else(|_| "strace".into());
+    let out = std::process::Command::new(&strace)
+        .args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_backforth"))
+        .args(run_args(&job, &root, &server))
+        .output()
+        .unwrap_or_else(|e| panic!("{strace} does not run ({e}); apt-get install strace"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let flushes = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .count() as u64;
+    assert!(flushes > requests, "{flushes} flushes for {requests} responses");
+    assert_eq!(rows_out(&root), rows_out(&plain));
+
+    run_ok(&write_job(dir.path(), 10, ""), &root, &server, &[]);
+    assert_eq!(server.requests(), 2 * requests);
+}

@@ -106,6 +106,9 @@ struct Spend {
     /// Lines appended to it since it was last written whole.
     #[serde(skip)]
     appended: u32,
+    /// Whether each write is flushed to the device.
+    #[serde(skip)]
+    sync: bool,
 }
 
 /// Lines a local spend record grows by before it is replaced by one: it is read whole by
@@ -164,6 +167,8 @@ pub struct Journal {
     counters: Arc<ReadCounters>,
     /// Each stage's index of responses by shard, read on the stage's first miss.
     indexes: Mutex<HashMap<String, Arc<StageIndex>>>,
+    /// Whether local appends are flushed to the device (`[execution] fsync`).
+    sync: bool,
 }
 
 impl Journal {
@@ -211,7 +216,15 @@ impl Journal {
             spends,
             counters,
             indexes: Mutex::default(),
+            sync: false,
         })
+    }
+
+    /// Flushes every local journal and spend write to the device before it counts as done
+    /// (`[execution] fsync`), so a power loss loses nothing paid for.
+    pub async fn sync_local_writes(&mut self, on: bool) {
+        self.sync = on;
+        self.spend.lock().await.sync = on;
     }
 
     /// Responses every scope shares (imported batch results, the flat layout of older runs).
@@ -335,6 +348,7 @@ impl Journal {
                 health: Arc::clone(&self.health),
                 failing: false,
                 maybe_torn: false,
+                sync: self.sync,
                 spend: Arc::clone(&self.spend),
                 spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
                 dir,
@@ -626,7 +640,12 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
             // Replaced whole by a rename, so a kill leaves the old record or the new one.
             let local = object_store::local::LocalFileSystem::new().path_to_filesystem(&path)?;
             let fresh = local.with_extension("json.tmp");
-            std::fs::write(&fresh, &line)
+            let sync = spend.sync;
+            std::fs::File::create(&fresh)
+                .and_then(|mut file| {
+                    file.write_all(&line)?;
+                    if sync { file.sync_data() } else { Ok(()) }
+                })
                 .and_then(|()| std::fs::rename(&fresh, &local))
                 .with_context(shown)?;
             spend.appending = None;
@@ -653,6 +672,9 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
         let mut body = vec![b'\n'];
         body.extend(line);
         file.write_all(&body).with_context(shown)?;
+        if spend.sync {
+            file.sync_data().with_context(shown)?;
+        }
         spend.appended += 1;
     } else {
         dir.store
@@ -846,6 +868,8 @@ struct SegmentWriter {
     failing: bool,
     /// Whether a failed append may have left part of a line that could not be cut off.
     maybe_torn: bool,
+    /// Whether each append is flushed to the device.
+    sync: bool,
     spend: Arc<tokio::sync::Mutex<Spend>>,
     spend_path: (Location, String),
 }
@@ -979,7 +1003,9 @@ impl SegmentWriter {
         }
         body.extend(lines_of(entries));
         let before = file.metadata().map(|m| m.len());
-        let written = file.write_all(&body);
+        let written = file
+            .write_all(&body)
+            .and_then(|()| if self.sync { file.sync_data() } else { Ok(()) });
         if written.is_err() {
             self.maybe_torn = before.and_then(|len| file.set_len(len)).is_err();
         } else {
