@@ -110,8 +110,8 @@ pub struct ModelClient {
     /// For each endpoint, whether the key goes with requests to it.
     pub(crate) key_to: Vec<bool>,
     pub(crate) in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
-    /// Spent by the whole run so far, in millionths of a dollar (shared by all roles).
-    pub(crate) spent: Arc<AtomicU64>,
+    /// What the whole run has spent and has in flight (shared by all roles).
+    pub(crate) spending: Arc<Spending>,
     /// Calls of the whole run waiting for or holding a slot (shared by all roles).
     pub(crate) outstanding: Arc<AtomicUsize>,
     /// Rows of this role started and not yet answered, over every stage, shard and
@@ -364,8 +364,6 @@ impl ModelClient {
         stats
             .cost_micro_usd
             .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
-        self.spent
-            .fetch_add((reply.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
         if reply.error.is_some() {
             stats.failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -392,6 +390,12 @@ impl ModelClient {
     ) -> Vec<Reply> {
         let path = request_path(&self.spec);
         let mut retries = Retries::new(&self.spec);
+        // The most the request can cost: what a budget holds back while it is out.
+        let dearest = micro(self.spec.cost_usd(
+            Some(prompt_estimate(req) as i64),
+            None,
+            Some(i64::from(req.max_tokens) * i64::from(req.choices.max(1))),
+        ));
         loop {
             // Shortest answers first. In a job the short calls (instructions, scores) start a
             // row's chain and the long ones (rewrites) end it: serving the starts first keeps
@@ -401,18 +405,32 @@ impl ModelClient {
             let Some((endpoint, slot)) = self.acquire_slot(u32::MAX - req.max_tokens).await else {
                 return retries.stopped(self.home().quota(), keys.len());
             };
-            // Checked with the slot in hand, so rows queued for a slot cannot all slip through.
-            if let Some(budget) = self.budget
-                && budget.spent(&self.spent)
-            {
-                return retries.stopped(Some(budget.message()), keys.len());
-            }
             if let Err(error) = journal.writable().await {
                 return retries.stopped(Some(error), keys.len());
+            }
+            // Taken with the slot in hand, so rows queued for a slot cannot all slip through;
+            // recorded (a window ahead) before the request leaves, so a kill counts it.
+            if let Some(budget) = self.budget {
+                if !budget.start(&self.spending, dearest) {
+                    return retries.stopped(Some(budget.message()), keys.len());
+                }
+                // A record a window (or a hundredth of the budget) ahead, not one a call.
+                let window = dearest
+                    .saturating_mul(self.spec.concurrency.max(1) as u64)
+                    .max(budget.limit_micro / 100);
+                if let Some(until) = budget.reserve_ahead(&self.spending, window) {
+                    journal.reserve(until as f64 / 1e6).await;
+                }
             }
             retries.sent += 1;
             let outcome = self.attempt(endpoint, path, req, keys, journal).await;
             drop(slot);
+            let paid = match &outcome {
+                Ok(replies) => replies.iter().map(|r| r.cost_usd).sum(),
+                Err(Failure::Retry { billed_usd, .. }) => *billed_usd,
+                Err(Failure::Fatal(_)) => 0.0,
+            };
+            self.spending.finish(self.budget.map(|_| dearest), micro(paid));
             let (message, after, throttle) = match outcome {
                 Ok(mut replies) => {
                     replies[0].attempts = retries.sent;
@@ -452,7 +470,7 @@ impl ModelClient {
     ) -> Result<Vec<Reply>, Failure> {
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
-            (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0,
+            prompt_estimate(req),
             f64::from(req.max_tokens) * f64::from(req.choices.max(1)),
         );
         endpoint.limits.admit(estimate.0, estimate.1).await;
@@ -594,6 +612,42 @@ impl ModelClient {
     }
 }
 
+/// What a run has spent, has in flight and has recorded as reserved, in millionths of a
+/// dollar: while a call is out, `reserved` covers `spent` and `in_flight`.
+#[derive(Debug, Default)]
+pub struct Spending {
+    spent: AtomicU64,
+    in_flight: AtomicU64,
+    reserved: AtomicU64,
+    /// Set once a call was refused for the budget.
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl Spending {
+    /// A call that held back `held` (with a budget) is over, having cost `paid`.
+    fn finish(&self, held: Option<u64>, paid: u64) {
+        // Spent first, then released: for a moment both count, never neither.
+        self.spent.fetch_add(paid, Ordering::SeqCst);
+        if let Some(held) = held {
+            self.in_flight.fetch_sub(held, Ordering::SeqCst);
+        }
+    }
+
+    /// Spent so far, in millionths of a dollar.
+    pub fn spent_micro(&self) -> u64 {
+        self.spent.load(Ordering::SeqCst)
+    }
+}
+
+fn micro(usd: f64) -> u64 {
+    (usd.max(0.0) * 1e6).round() as u64
+}
+
+/// A request's prompt tokens before the server counts them: four characters a token.
+fn prompt_estimate(req: &Request) -> f64 {
+    (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0
+}
+
 /// What this process may spend: its share of what is left of the job's budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Budget {
@@ -612,9 +666,55 @@ impl Budget {
         }
     }
 
-    /// True once `spent` (millionths of a dollar) reaches the limit.
-    pub fn spent(&self, spent: &AtomicU64) -> bool {
-        spent.load(Ordering::Relaxed) >= self.limit_micro
+    /// True once the run has spent the limit, or refused a call that would pass it.
+    pub fn spent(&self, spending: &Spending) -> bool {
+        spending.refused.load(Ordering::SeqCst)
+            || spending.spent.load(Ordering::SeqCst) >= self.limit_micro
+    }
+
+    /// Holds back `dearest` for a call about to leave, if what is spent and in flight leaves
+    /// room for it; false (and the budget counted as spent) if not.
+    fn start(&self, spending: &Spending, dearest: u64) -> bool {
+        let mut held = spending.in_flight.load(Ordering::SeqCst);
+        loop {
+            let spent = spending.spent.load(Ordering::SeqCst);
+            if spent + held + dearest > self.limit_micro {
+                spending.refused.store(true, Ordering::SeqCst);
+                return false;
+            }
+            match spending.in_flight.compare_exchange(
+                held,
+                held + dearest,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// The new reservation to record when what is spent and in flight passes the recorded
+    /// one: that, and `window` more (within the limit), so a record is written once a window.
+    fn reserve_ahead(&self, spending: &Spending, window: u64) -> Option<u64> {
+        let mut reserved = spending.reserved.load(Ordering::SeqCst);
+        loop {
+            let needed =
+                spending.spent.load(Ordering::SeqCst) + spending.in_flight.load(Ordering::SeqCst);
+            if needed <= reserved {
+                return None;
+            }
+            let until = (needed + window).min(self.limit_micro).max(needed);
+            match spending.reserved.compare_exchange(
+                reserved,
+                until,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(until),
+                Err(now) => reserved = now,
+            }
+        }
     }
 
     /// Why calls stop once it is spent.

@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::job::ModelSpec;
 use crate::llm::capture::Capture;
-use crate::llm::client::{ApiKey, Backend, Budget, Http, ModelClient};
+use crate::llm::client::{ApiKey, Backend, Budget, Http, ModelClient, Spending};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::limits::Limits;
 use crate::llm::mock::Mock;
@@ -18,7 +18,7 @@ use crate::llm::reply::Usage;
 pub struct LlmPool {
     endpoints: HashMap<String, Arc<Endpoint>>,
     models: HashMap<String, ModelClient>,
-    spent: Arc<AtomicU64>,
+    spending: Arc<Spending>,
     outstanding: Arc<AtomicUsize>,
     budget: Option<Budget>,
 }
@@ -94,7 +94,7 @@ impl LlmPool {
                     key,
                     key_to,
                     in_flight: Arc::default(),
-                    spent: Arc::clone(&pool.spent),
+                    spending: Arc::clone(&pool.spending),
                     outstanding: Arc::clone(&pool.outstanding),
                     rows: Arc::new(tokio::sync::Semaphore::new(ModelClient::rows_at_once(spec))),
                     budget: pool.budget,
@@ -120,7 +120,7 @@ impl LlmPool {
     /// The budget's message once the run has spent it.
     pub fn budget_spent(&self) -> Option<String> {
         let budget = self.budget?;
-        budget.spent(&self.spent).then(|| budget.message())
+        budget.spent(&self.spending).then(|| budget.message())
     }
 
     /// Why a role can send no more requests (the quota of all its endpoints is exhausted).

@@ -225,7 +225,7 @@ fn the_cap_holds_across_workers_started_together() {
 }
 
 /// A budget holds for the job: two workers together spend it once, not once each; a
-/// restart counts what was spent (from the journal) and sends nothing more; a larger budget
+/// restart counts what was spent (from the journal) and spends at most what is left; a larger budget
 /// finishes the job without paying for any call twice. A budget without prices is refused.
 #[test]
 fn a_budget_holds_across_workers_and_restarts() {
@@ -246,24 +246,24 @@ fn a_budget_holds_across_workers_and_restarts() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("budget of $0.50 is spent"));
     }
     let paid = server.requests();
-    let per_call = 0.5 / paid as f64;
     assert!(paid >= 2 && paid < docs as u64, "{paid} calls paid");
-    // Each worker stops at its half, a call late at most: the job's spend is within one
-    // call per worker of the budget, not twice the budget.
-    let spent: f64 = server
-        .log()
-        .iter()
-        .map(|e| e.prompt.len() as f64 / 4.0 * 1000.0 / 1e6)
-        .sum();
-    assert!(
-        spent < 0.5 + 2.0 * 0.1,
-        "spent ${spent:.2} ({per_call:.3} per call)"
-    );
+    // Each worker stops before its half would be passed: the job spends at most its budget,
+    // not twice it.
+    let spent = || -> f64 {
+        server
+            .log()
+            .iter()
+            .map(|e| (e.prompt.len() / 4) as f64 * 1000.0 / 1e6)
+            .sum()
+    };
+    let per_call = spent() / paid as f64;
+    assert!(spent() <= 0.5 + 1e-9, "spent ${:.3} ({per_call:.3} per call)", spent());
 
-    // Restarted with the same budget: what was spent is counted, nothing more is sent.
+    // Restarted with the same budget: what was spent is counted; what is left is all it may
+    // spend.
     let again = run_workers(&job, 1, &[]);
     assert_eq!(again[0].status.code(), Some(2));
-    assert_eq!(server.requests(), paid);
+    assert!(spent() <= 0.5 + 1e-9, "spent ${:.3} after the restart", spent());
 
     // A larger budget finishes the job; no call is paid twice.
     let text = std::fs::read_to_string(&job)
@@ -294,9 +294,9 @@ fn a_budget_holds_across_workers_and_restarts() {
 }
 
 /// A budget holds for the job while a worker is killed and restarted twice as three others
-/// run: what each process spent is recorded as its responses are, and a restarted worker
-/// takes up what is left of its own slot's share, so the job spends at most its budget, the
-/// calls in flight when it ran out, and the call each kill cut off.
+/// run: each process records what its calls paid and have in flight before they leave, and a
+/// restarted worker takes up what is left of its own slot's share, so the job spends at most
+/// its budget.
 #[test]
 fn a_budget_holds_while_a_worker_is_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,10 +337,11 @@ fn a_budget_holds_while_a_worker_is_killed_and_restarted() {
     let log = server.log();
     let spent: f64 = log.iter().map(|e| cost(&e.prompt)).sum();
     let dearest = log.iter().map(|e| cost(&e.prompt)).fold(0.0, f64::max);
-    // One window: the job's 4 calls in flight when the budget ran out, and the call each
-    // kill left on the wire (the server answered it; the worker was gone).
+    // A call leaves only if what is spent and in flight leaves room for its most, and that
+    // is recorded before it leaves: the calls a kill cut off count against their worker's
+    // share when it is restarted. Slack for one call's rounding.
     assert!(
-        spent <= budget + (4.0 + 2.0) * dearest,
+        spent <= budget + dearest,
         "spent ${spent:.3} of ${budget} in {} calls of at most ${dearest:.4}",
         log.len()
     );
@@ -361,7 +362,7 @@ fn the_spend_record_stays_short_and_exact() {
     let records = spend_records(&dir.path().join("out"));
     assert_eq!(records.len(), 1);
     let (lines, recorded) = records[0];
-    assert!(lines < 1100 - 1024 + 2, "{lines} lines");
+    assert!(lines <= 1024 + 1, "{lines} lines");
     let paid: f64 = server
         .log()
         .iter()

@@ -97,6 +97,13 @@ struct Spend {
     /// shared out by slot, and a restarted worker takes up its own slot's share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     slot: Option<(usize, usize)>,
+    /// What this process paid so far (its record says the larger of this and `reserved_usd`).
+    #[serde(skip)]
+    paid_usd: f64,
+    /// Under a budget: what the calls paid and in flight may reach before the record is
+    /// written again, so a kill leaves in the record what was on the wire.
+    #[serde(skip)]
+    reserved_usd: f64,
     /// True while some spend is not in the written record yet (its write failed).
     #[serde(skip)]
     unwritten: bool,
@@ -361,6 +368,12 @@ impl Journal {
                 Writer::Batched(tx)
             }
         });
+        let spend = segments.as_ref().map(|_| {
+            (
+                Arc::clone(&self.spend),
+                (self.dir.child(SPEND_DIR), self.writer.clone()),
+            )
+        });
         JournalScope {
             known: Mutex::new(known),
             shared: Arc::clone(&self.shared),
@@ -372,6 +385,7 @@ impl Journal {
             index: None,
             health: Arc::clone(&self.health),
             counters: Arc::clone(&self.counters),
+            spend,
         }
     }
 
@@ -379,6 +393,11 @@ impl Journal {
     /// it when it ends, however it ends.
     pub async fn flush_spend(&self) -> Result<()> {
         let mut spend = self.spend.lock().await;
+        // Nothing is in flight any more: the record says what was paid.
+        if spend.reserved_usd > spend.paid_usd {
+            spend.unwritten = true;
+        }
+        spend.reserved_usd = 0.0;
         if spend.unwritten {
             let path = (self.dir.child(SPEND_DIR), self.writer.clone());
             write_spend(&path, &mut spend).await?;
@@ -420,6 +439,8 @@ pub struct JournalScope {
     index: Option<(Arc<StageIndex>, String)>,
     health: Arc<WriteHealth>,
     counters: Arc<ReadCounters>,
+    /// This process's spend record and where it goes, for scopes that write.
+    spend: Option<(Arc<tokio::sync::Mutex<Spend>>, (Location, String))>,
 }
 
 impl JournalScope {
@@ -437,6 +458,7 @@ impl JournalScope {
             index: None,
             health: Arc::default(),
             counters: Arc::default(),
+            spend: None,
         })
     }
 
@@ -512,6 +534,22 @@ impl JournalScope {
     /// True when the scope holds no response of its own.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Records that this process's calls, paid and in flight, may cost up to `usd` before
+    /// the record is written again: written before a request leaves, so a process killed
+    /// with calls on the wire leaves them counted.
+    pub async fn reserve(&self, usd: f64) {
+        let Some((spend, path)) = &self.spend else {
+            return;
+        };
+        let mut spend = spend.lock().await;
+        if usd > spend.reserved_usd {
+            spend.reserved_usd = usd;
+            if let Err(e) = write_spend(path, &mut spend).await {
+                tracing::warn!(error = %e, "Could not record the budget held for calls in flight.");
+            }
+        }
     }
 
     /// Adds `cost_usd`, billed for an attempt that gave nothing to journal (a reply that
@@ -633,6 +671,7 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
     use std::io::Write as _;
     let path = dir.path(&format!("{name}.json"));
     let shown = || format!("spend record {}", dir.display(&path));
+    spend.spent_usd = spend.paid_usd.max(spend.reserved_usd);
     let mut line = serde_json::to_vec(&*spend).expect("a spend record serialises");
     line.push(b'\n');
     if dir.store_url.scheme() == "file" {
@@ -897,7 +936,7 @@ impl SegmentWriter {
         let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
         if cost > 0.0 {
             let mut spend = self.spend.lock().await;
-            spend.spent_usd += cost;
+            spend.paid_usd += cost;
             spend.unwritten = true;
         }
     }
@@ -910,7 +949,7 @@ impl SegmentWriter {
             return;
         }
         let mut spend = self.spend.lock().await;
-        spend.spent_usd += cost;
+        spend.paid_usd += cost;
         spend.unwritten = true;
         if let Err(e) = write_spend(&self.spend_path, &mut spend).await {
             tracing::warn!(error = %e, "Could not write the spend record; trying again later.");
