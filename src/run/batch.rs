@@ -111,7 +111,10 @@ pub async fn import_batch_results(
             continue;
         }
         match batch_result(&text, file, i + 1)? {
-            Some(reply) => replies.push(reply),
+            Some((key, model, mut reply)) => {
+                reply.cost_usd = price_of(job, &model, &reply);
+                replies.push((key, reply));
+            }
             None => failed += 1,
         }
         if replies.len() >= IMPORT_CHUNK {
@@ -132,8 +135,26 @@ async fn record_all(scope: &JournalScope, replies: &mut Vec<(String, Reply)>) ->
     n
 }
 
-/// One result line: the request's key and its reply, or `None` for a failed request.
-fn batch_result(line: &str, file: &str, line_no: u64) -> Result<Option<(String, Reply)>> {
+/// What a batch's reply cost at the prices of the job's model it names (OpenAI names
+/// `gpt-4o-mini-2024-07-18` what was asked as `gpt-4o-mini`): the API's batch discount is not
+/// taken off, so a budget errs on the safe side. Nothing for a model the job does not name.
+fn price_of(job: &Job, model: &str, reply: &Reply) -> f64 {
+    job.models
+        .values()
+        .filter(|m| !m.model.is_empty() && model.starts_with(m.model.as_str()))
+        .max_by_key(|m| m.model.len())
+        .map_or(0.0, |m| {
+            m.cost_usd(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens)
+        })
+}
+
+/// One result line: the request's key, the model that answered and its reply, or `None`
+/// for a failed request.
+fn batch_result(
+    line: &str,
+    file: &str,
+    line_no: u64,
+) -> Result<Option<(String, String, Reply)>> {
     let bad = |message: String| Error::Input {
         file: file.to_string(),
         line: line_no,
@@ -147,10 +168,11 @@ fn batch_result(line: &str, file: &str, line_no: u64) -> Result<Option<(String, 
         .to_string();
     let response = &v["response"];
     let ok = response["status_code"].as_u64() == Some(200) && v["error"].is_null();
+    let model = response["body"]["model"].as_str().unwrap_or_default().to_string();
     Ok(ok
         .then(|| parse_any_completion(&response["body"]))
         .and_then(|r| r.ok())
-        .map(|reply| (key, reply)))
+        .map(|reply| (key, model, reply)))
 }
 
 /// [`read_capped_line`](crate::prepare::ingest::read_capped_line) for an async reader.

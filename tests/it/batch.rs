@@ -326,3 +326,81 @@ fn a_batch_created_but_not_recorded_is_adopted_not_created_again() {
     assert!(stderr.contains("polling it instead of creating another"), "{stderr}");
     assert_eq!(server.state.batch.lock().unwrap().batch_sizes, vec![candidates]);
 }
+
+/// Results of the Batch API count toward the budget: priced at the prices of the job's model
+/// that answered them (the model the API names starts with the job's), recorded in the
+/// importing command's spend record, and counted once by the next run.
+#[test]
+fn imported_batch_results_are_priced_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let docs: String = (0..12)
+        .map(|i| json!({"id": format!("d{i}"), "text": format!("Batch priced document {i} talks about canals.")}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    let job = dir.path().join("job.toml");
+    let write_job = |budget: f64| {
+        std::fs::write(
+            &job,
+            format!(
+                "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+                 [models.backward]\nendpoint = \"{url}\"\nmodel = \"m\"\nprice_input_per_mtok = 1000.0\n\
+                 [models.scorer]\nendpoint = \"{url}\"\nmodel = \"m\"\nprice_input_per_mtok = 1000.0\n\
+                 [execution]\nbudget_usd = {budget}\n\
+                 [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n\
+                 [[stages]]\nname = \"scored\"\n",
+                url = server.url()
+            ),
+        )
+        .unwrap();
+    };
+    write_job(100.0);
+    let job_s = job.to_str().unwrap();
+    backforth_ok(&["run", job_s, "--stages", "candidates"]);
+    let submit = [
+        "batch", "submit", job_s, "--stage", "backtranslated", "--poll-secs", "0.05",
+    ];
+    backforth_ok(&submit);
+    let spend_dir = dir.path().join("out/_journal/_spend");
+    let recorded: f64 = std::fs::read_dir(&spend_dir)
+        .unwrap()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            let last = text.lines().filter(|l| !l.is_empty()).last().unwrap().to_string();
+            serde_json::from_str::<Value>(&last).unwrap()["spent_usd"].as_f64().unwrap()
+        })
+        .sum();
+    let api = server.state.batch.lock().unwrap();
+    let expected: f64 = api
+        .created
+        .iter()
+        .flat_map(|(_, file, _)| api.files[file].lines().map(str::to_string).collect::<Vec<_>>())
+        .map(|line| {
+            let body: Value = serde_json::from_str(&line).unwrap();
+            let prompt = body["body"]["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["role"] == "user")
+                .map(|m| m["content"].as_str().unwrap().len())
+                .sum::<usize>();
+            (prompt / 4) as f64 * 1000.0 / 1e6
+        })
+        .sum();
+    drop(api);
+    assert!(expected > 0.0);
+    assert!((recorded - expected).abs() < expected * 0.02, "recorded {recorded}, expected {expected}");
+
+    // Half the batch's cost left: the run answers the instructions from the journal and
+    // scores within what is left. Counted twice, nothing would be left to score with.
+    write_job(recorded * 1.5);
+    let out = crate::support::util::backforth(&["run", job_s, "--allow-changes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(server.requests() > 0, "{stderr}");
+    let scored: f64 = server
+        .log()
+        .iter()
+        .map(|e| (e.prompt.len() / 4) as f64 * 1000.0 / 1e6)
+        .sum();
+    assert!(scored <= recorded * 0.5 + 1e-9, "{scored} spent scoring");
+}

@@ -184,15 +184,18 @@ impl Journal {
     pub async fn open(root: &Location) -> Result<Self> {
         let dir = root.child(JOURNAL_DIR);
         let listing = dir.store.list_with_delimiter(Some(&dir.prefix)).await?;
-        let mut flat: Vec<ObjectMeta> = listing
+        let flat: Vec<ObjectMeta> = listing
             .objects
             .into_iter()
             .filter(|m| m.location.as_ref().ends_with(".jsonl"))
             .collect();
-        let imported = dir.child(IMPORTED_DIR);
-        flat.extend(list(&imported).await?);
         let counters = Arc::new(ReadCounters::default());
-        let shared = read_segments(&dir, flat, &counters).await?;
+        let mut shared = read_segments(&dir, flat, &counters).await?;
+        // Older versions wrote no spend records: what the flat layout cost is counted here.
+        // Imported results are in their importer's record.
+        let flat_cost: f64 = shared.values().map(|e| e.cost_usd).sum();
+        let imported = dir.child(IMPORTED_DIR);
+        shared.extend(read_segments(&dir, list(&imported).await?, &counters).await?);
         let spend_dir = dir.child(SPEND_DIR);
         // One record per process that ever spent: read side by side, as the segments are.
         let mut records = list(&spend_dir).await?;
@@ -210,8 +213,7 @@ impl Journal {
             .try_collect()
             .await?;
         let spends: Vec<Spend> = spends.into_iter().flatten().collect();
-        let spent_at_open = shared.values().map(|e| e.cost_usd).sum::<f64>()
-            + spends.iter().map(|s| s.spent_usd).sum::<f64>();
+        let spent_at_open = flat_cost + spends.iter().map(|s| s.spent_usd).sum::<f64>();
         Ok(Self {
             dir,
             writer: writer_id(),

@@ -457,7 +457,8 @@ fn batch_api(
                 continue;
             }
             let answer = answer_for(&prompt);
-            let body = chat_json(prompt.len(), &answer);
+            let mut body = chat_json(prompt.len(), &answer);
+            body["model"] = line["body"]["model"].clone();
             output.push_str(&json!({"id": "r", "custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": null}).to_string());
             output.push('\n');
         }
