@@ -407,3 +407,39 @@ fn fsync_flushes_each_response_and_changes_no_result() {
     run_ok(&write_job(dir.path(), 10, ""), &root, &server, &[]);
     assert_eq!(server.requests(), 2 * requests);
 }
+
+/// A key file describes the compacted object it was written with: one whose object was
+/// written again since (by a version that writes no key file) is not trusted, and the
+/// object itself is read. Here every key file is made stale (an empty list, for an object
+/// one byte longer): a reshard still finds every answer.
+#[test]
+fn a_stale_key_file_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 60);
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let paid = server.requests();
+    let mut stale = 0;
+    for stage in std::fs::read_dir(root.join("_journal")).unwrap() {
+        let stage = stage.unwrap().path();
+        for file in std::fs::read_dir(&stage).into_iter().flatten() {
+            let path = file.unwrap().path();
+            if path.extension().is_some_and(|e| e == "keys") {
+                let size = std::fs::metadata(path.with_extension("jsonl")).unwrap().len();
+                let mut body = b"bfkeys3\n".to_vec();
+                body.extend_from_slice(&(size + 1).to_le_bytes());
+                std::fs::write(&path, body).unwrap();
+                stale += 1;
+            }
+        }
+    }
+    assert!(stale >= 6, "{stale} key files");
+    run_ok(
+        &write_job(dir.path(), 30, ""),
+        &root,
+        &server,
+        &["--allow-changes"],
+    );
+    assert_eq!(server.requests(), paid);
+}

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::storage::Location;
 
 /// What opens a key file: its format, so a file of another version is read as absent.
-const KEYS_MAGIC: &[u8; 8] = b"bfkeys2\n";
+const KEYS_MAGIC: &[u8; 8] = b"bfkeys3\n";
 /// Shards read whole for their answers, kept for the next rows that moved from them.
 const SHARDS_KEPT: usize = 8;
 
@@ -36,25 +36,31 @@ pub(super) fn fingerprint(key: &str) -> u64 {
     })
 }
 
-/// The key file of `entries`: their fingerprints, sorted.
-pub(super) fn key_file(entries: &[Entry]) -> PutPayload {
+/// The key file of `entries`, compacted into an object of `compacted_bytes`: that size, then
+/// their fingerprints, sorted. A compacted object of another size (written again by a version
+/// that writes no key file) is read instead.
+pub(super) fn key_file(entries: &[Entry], compacted_bytes: u64) -> PutPayload {
     let mut fps: Vec<u64> = entries.iter().map(|e| fingerprint(&e.key)).collect();
     fps.sort_unstable();
-    let mut body = Vec::with_capacity(8 + 8 * fps.len());
+    let mut body = Vec::with_capacity(16 + 8 * fps.len());
     body.extend_from_slice(KEYS_MAGIC);
+    body.extend_from_slice(&compacted_bytes.to_le_bytes());
     for fp in fps {
         body.extend_from_slice(&fp.to_le_bytes());
     }
     PutPayload::from(body)
 }
 
-fn parse_key_file(bytes: &[u8]) -> Option<Vec<u64>> {
+/// The fingerprints of a key file describing a compacted object of `compacted_bytes`.
+fn parse_key_file(bytes: &[u8], compacted_bytes: u64) -> Option<Vec<u64>> {
     let body = bytes.strip_prefix(KEYS_MAGIC)?;
-    (body.len() % 8 == 0).then(|| {
-        body.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    })
+    if body.len() < 8 || body.len() % 8 != 0 {
+        return None;
+    }
+    let mut words = body
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    (words.next() == Some(compacted_bytes)).then(|| words.collect())
 }
 
 /// The journal objects of one shard of a stage.
@@ -251,10 +257,10 @@ impl StageIndex {
     async fn fingerprints_of(&self, name: &str, objects: ShardObjects) -> Result<Vec<u64>> {
         let mut bodies = objects.segments;
         let from_key_file = match (&objects.compacted, &objects.keys) {
-            (Some(_), Some(keys)) => {
+            (Some(compacted), Some(keys)) => {
                 self.counters.objects.fetch_add(1, Ordering::Relaxed);
                 match self.stage_dir.store.get(&keys.location).await {
-                    Ok(got) => parse_key_file(&got.bytes().await?),
+                    Ok(got) => parse_key_file(&got.bytes().await?, compacted.size),
                     Err(object_store::Error::NotFound { .. }) => None,
                     Err(e) => return Err(e.into()),
                 }

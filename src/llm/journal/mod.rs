@@ -651,14 +651,13 @@ impl JournalScope {
         );
         let mut entries: Vec<Entry> = all.into_values().collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
-        stage_dir
-            .store
-            .put(compacted, PutPayload::from(lines_of(&entries)))
-            .await?;
+        let body = lines_of(&entries);
+        let size = body.len() as u64;
+        stage_dir.store.put(compacted, PutPayload::from(body)).await?;
         let shard = compacted.as_ref().strip_suffix(".jsonl").unwrap_or_default();
         stage_dir
             .store
-            .put(&Path::from(format!("{shard}.keys")), index::key_file(&entries))
+            .put(&Path::from(format!("{shard}.keys")), index::key_file(&entries, size))
             .await?;
         for meta in written {
             delete_if_exists(segments, &meta.location).await?;
