@@ -273,15 +273,21 @@ impl ModelClient {
                     let this = self.clone();
                     let done_key = key.clone();
                     let journal = Arc::clone(journal);
-                    // The entry goes when the call ends, even if the row that started it was
-                    // cancelled meanwhile and a follower finished the work.
-                    let fut = async move {
+                    // A task of its own: a call that left is finished and journaled even if
+                    // every row waiting for it is cancelled, and its entry goes when it ends.
+                    let call = tokio::spawn(async move {
                         let reply = this.call_uncached(&req, &done_key, &journal).await;
                         this.in_flight
                             .lock()
                             .expect("lock poisoned")
                             .remove(&done_key);
                         reply
+                    });
+                    let fut = async move {
+                        call.await.unwrap_or_else(|e| Reply {
+                            error: Some(format!("the call's task ended: {e}")),
+                            ..Reply::default()
+                        })
                     }
                     .boxed()
                     .shared();
@@ -410,27 +416,39 @@ impl ModelClient {
             }
             // Taken with the slot in hand, so rows queued for a slot cannot all slip through;
             // recorded (a window ahead) before the request leaves, so a kill counts it.
-            if let Some(budget) = self.budget {
-                if !budget.start(&self.spending, dearest) {
-                    return retries.stopped(Some(budget.message()), keys.len());
-                }
-                // A record a window (or a hundredth of the budget) ahead, not one a call.
-                let window = dearest
-                    .saturating_mul(self.spec.concurrency.max(1) as u64)
-                    .max(budget.limit_micro / 100);
-                if let Some(until) = budget.reserve_ahead(&self.spending, window) {
-                    journal.reserve(until as f64 / 1e6).await;
-                }
-            }
+            let held = match self.budget {
+                None => Held::none(&self.spending),
+                Some(budget) => match budget.start(&self.spending, dearest) {
+                    Start::Go => {
+                        let held = Held::of(&self.spending, dearest);
+                        // A record a window (or a hundredth of the budget) ahead, not one a
+                        // call.
+                        let window = dearest
+                            .saturating_mul(self.spec.concurrency.max(1) as u64)
+                            .max(budget.limit_micro / 100);
+                        self.spending.record_ahead(budget, window, journal).await;
+                        held
+                    }
+                    Start::Wait => {
+                        // Room only once calls in flight come back under their most.
+                        drop(slot);
+                        self.spending.settled().await;
+                        continue;
+                    }
+                    Start::Refuse => return retries.stopped(Some(budget.message()), keys.len()),
+                },
+            };
             retries.sent += 1;
-            let outcome = self.attempt(endpoint, path, req, keys, journal).await;
+            let outcome = self
+                .attempt(endpoint, path, req, keys, journal, micro_to_usd(dearest))
+                .await;
             drop(slot);
             let paid = match &outcome {
                 Ok(replies) => replies.iter().map(|r| r.cost_usd).sum(),
                 Err(Failure::Retry { billed_usd, .. }) => *billed_usd,
                 Err(Failure::Fatal(_)) => 0.0,
             };
-            self.spending.finish(self.budget.map(|_| dearest), micro(paid));
+            held.finish(micro(paid));
             let (message, after, throttle) = match outcome {
                 Ok(mut replies) => {
                     replies[0].attempts = retries.sent;
@@ -467,6 +485,7 @@ impl ModelClient {
         req: &Request,
         keys: &[String],
         journal: &JournalScope,
+        dearest_usd: f64,
     ) -> Result<Vec<Reply>, Failure> {
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
@@ -483,7 +502,9 @@ impl ModelClient {
             req,
         }
         .to_vec();
-        let outcome = self.send_once(endpoint, &url, body, keys.len()).await;
+        let outcome = self
+            .send_once(endpoint, &url, body, keys.len(), dearest_usd)
+            .await;
         let usage = match &outcome {
             Ok(replies) => (
                 replies.iter().map(|r| r.prompt_tokens).sum(),
@@ -542,6 +563,7 @@ impl ModelClient {
         url: &str,
         body: Vec<u8>,
         choices: usize,
+        dearest_usd: f64,
     ) -> Result<Vec<Reply>, Failure> {
         let mut request = endpoint
             .http
@@ -566,7 +588,25 @@ impl ModelClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        let text = read_capped(response, self.spec.max_reply_bytes).await?;
+        // A reply the server sent but that cannot be read was billed: at its `usage` when
+        // that can be read, else at the most the request could cost.
+        let text = match read_capped(response, self.spec.max_reply_bytes).await {
+            Ok(text) => text,
+            Err(Failure::Retry {
+                message,
+                after,
+                throttle,
+                ..
+            }) if status.is_success() => {
+                return Err(Failure::Retry {
+                    message,
+                    after,
+                    throttle,
+                    billed_usd: dearest_usd,
+                });
+            }
+            Err(failure) => return Err(failure),
+        };
         if status.as_u16() == 429 && is_quota_exhausted(&text) {
             let message = format!(
                 "HTTP 429 from {}: the account's quota is exhausted ({})",
@@ -605,9 +645,9 @@ impl ModelClient {
             message,
             after: None,
             throttle: false,
-            // A reply that would not be read, with its usage: the server billed it.
-            billed_usd: billed_usage(&text)
-                .map_or(0.0, |(p, c)| self.spec.cost_usd(Some(p), None, Some(c))),
+            billed_usd: billed_usage(&text).map_or(dearest_usd, |(p, c)| {
+                self.spec.cost_usd(Some(p), None, Some(c))
+            }),
         })
     }
 }
@@ -618,34 +658,118 @@ impl ModelClient {
 pub struct Spending {
     spent: AtomicU64,
     in_flight: AtomicU64,
-    reserved: AtomicU64,
+    /// What the spend record says the calls may reach.
+    written: tokio::sync::Mutex<u64>,
     /// Set once a call was refused for the budget.
     refused: std::sync::atomic::AtomicBool,
+    /// Told when a call comes back.
+    changed: tokio::sync::Notify,
+}
+
+/// Whether a call may leave under the budget.
+enum Start {
+    /// Held back; it may leave.
+    Go,
+    /// Only once calls in flight come back under their most.
+    Wait,
+    /// Not even then: the budget is spent.
+    Refuse,
 }
 
 impl Spending {
-    /// A call that held back `held` (with a budget) is over, having cost `paid`.
-    fn finish(&self, held: Option<u64>, paid: u64) {
-        // Spent first, then released: for a moment both count, never neither.
+    /// Adds `paid` (millionths of a dollar) to what was spent: a call answered without a
+    /// request of its own budget (the offline mock).
+    pub(crate) fn add(&self, paid: u64) {
         self.spent.fetch_add(paid, Ordering::SeqCst);
-        if let Some(held) = held {
-            self.in_flight.fetch_sub(held, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits a little for calls in flight to come back.
+    async fn settled(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.changed.notified()).await;
+    }
+
+    /// Writes, before a call leaves, that the process's calls paid and in flight may reach
+    /// `window` more than they do now (within the limit), when they have passed what was
+    /// written. One call writes while the others wait, so none leaves unrecorded; a failed
+    /// write is tried again by the next call.
+    async fn record_ahead(&self, budget: Budget, window: u64, journal: &JournalScope) {
+        let mut written = self.written.lock().await;
+        let needed = self.spent.load(Ordering::SeqCst) + self.in_flight.load(Ordering::SeqCst);
+        if needed <= *written {
+            return;
+        }
+        let until = (needed + window).min(budget.limit_micro).max(needed);
+        if journal.reserve(micro_to_usd(until)).await {
+            *written = until;
+        }
+    }
+}
+
+/// A call's hold on the budget: released with what the call cost, or, if the call is
+/// dropped before it ends, with all it held (the server may have billed it).
+struct Held<'a> {
+    spending: &'a Spending,
+    amount: u64,
+    done: bool,
+}
+
+impl<'a> Held<'a> {
+    fn of(spending: &'a Spending, amount: u64) -> Self {
+        Self {
+            spending,
+            amount,
+            done: false,
         }
     }
 
-    /// Spent so far, in millionths of a dollar.
-    pub fn spent_micro(&self) -> u64 {
-        self.spent.load(Ordering::SeqCst)
+    /// No hold (a run without a budget): only what the call costs is added.
+    fn none(spending: &'a Spending) -> Self {
+        Self::of(spending, 0)
+    }
+
+    fn finish(mut self, paid: u64) {
+        self.release(paid);
+    }
+
+    fn release(&mut self, paid: u64) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        // Spent first, then released: for a moment both count, never neither.
+        self.spending.spent.fetch_add(paid, Ordering::SeqCst);
+        self.spending
+            .in_flight
+            .fetch_sub(self.amount, Ordering::SeqCst);
+        self.spending.changed.notify_waiters();
     }
 }
 
-fn micro(usd: f64) -> u64 {
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let held = self.amount;
+        self.release(held);
+    }
+}
+
+/// Dollars in millionths.
+pub(crate) fn micro(usd: f64) -> u64 {
     (usd.max(0.0) * 1e6).round() as u64
 }
 
-/// A request's prompt tokens before the server counts them: four characters a token.
+fn micro_to_usd(micro: u64) -> f64 {
+    micro as f64 / 1e6
+}
+
+/// A request's prompt tokens before the server counts them: four characters a token, over
+/// the prompt, the system message and the turns of a conversation asked again.
 fn prompt_estimate(req: &Request) -> f64 {
-    (req.prompt.len() + req.system.as_ref().map_or(0, String::len)) as f64 / 4.0
+    let turns: usize = req
+        .turns
+        .iter()
+        .map(|t| t.reply.len() + t.feedback.len())
+        .sum();
+    (req.prompt.len() + req.system.as_ref().map_or(0, String::len) + turns) as f64 / 4.0
 }
 
 /// What this process may spend: its share of what is left of the job's budget.
@@ -673,14 +797,18 @@ impl Budget {
     }
 
     /// Holds back `dearest` for a call about to leave, if what is spent and in flight leaves
-    /// room for it; false (and the budget counted as spent) if not.
-    fn start(&self, spending: &Spending, dearest: u64) -> bool {
+    /// room for it. If only the calls in flight stand in the way, it is to wait; if what is
+    /// spent alone does, the budget is spent.
+    fn start(&self, spending: &Spending, dearest: u64) -> Start {
         let mut held = spending.in_flight.load(Ordering::SeqCst);
         loop {
             let spent = spending.spent.load(Ordering::SeqCst);
-            if spent + held + dearest > self.limit_micro {
+            if spent + dearest > self.limit_micro {
                 spending.refused.store(true, Ordering::SeqCst);
-                return false;
+                return Start::Refuse;
+            }
+            if spent + held + dearest > self.limit_micro {
+                return Start::Wait;
             }
             match spending.in_flight.compare_exchange(
                 held,
@@ -688,31 +816,8 @@ impl Budget {
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
-                Ok(_) => return true,
+                Ok(_) => return Start::Go,
                 Err(now) => held = now,
-            }
-        }
-    }
-
-    /// The new reservation to record when what is spent and in flight passes the recorded
-    /// one: that, and `window` more (within the limit), so a record is written once a window.
-    fn reserve_ahead(&self, spending: &Spending, window: u64) -> Option<u64> {
-        let mut reserved = spending.reserved.load(Ordering::SeqCst);
-        loop {
-            let needed =
-                spending.spent.load(Ordering::SeqCst) + spending.in_flight.load(Ordering::SeqCst);
-            if needed <= reserved {
-                return None;
-            }
-            let until = (needed + window).min(self.limit_micro).max(needed);
-            match spending.reserved.compare_exchange(
-                reserved,
-                until,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return Some(until),
-                Err(now) => reserved = now,
             }
         }
     }

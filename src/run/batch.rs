@@ -58,7 +58,11 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
     while let Some(batch) = stream.next().await {
         batch?;
     }
-    Ok(capture.lines())
+    // In key order, not the order calls came: the same requests make the same files (and
+    // digests) on every run.
+    let mut lines = capture.lines();
+    lines.sort_by(|a, b| a["custom_id"].as_str().cmp(&b["custom_id"].as_str()));
+    Ok(lines)
 }
 
 /// A file's bytes as they arrive, read line by line.
@@ -111,6 +115,9 @@ pub async fn import_batch_results(
             continue;
         }
         match batch_result(&text, file, i + 1)? {
+            // Imported before (a command that died before it could say so): not again, nor
+            // counted again.
+            Some((key, _, _)) if imported.get(&key).is_some() => recorded += 1,
             Some((key, model, mut reply)) => {
                 reply.cost_usd = price_of(job, &model, &reply);
                 replies.push((key, reply));

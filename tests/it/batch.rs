@@ -387,9 +387,30 @@ fn imported_batch_results_are_priced_and_counted_once() {
             (prompt / 4) as f64 * 1000.0 / 1e6
         })
         .sum();
+    let outputs: String = api
+        .files
+        .values()
+        .filter(|f| f.contains("\"response\""))
+        .cloned()
+        .collect();
     drop(api);
     assert!(expected > 0.0);
     assert!((recorded - expected).abs() < expected * 0.02, "recorded {recorded}, expected {expected}");
+
+    // The same results imported again (a command that died before saying it had): nothing
+    // is recorded or counted twice.
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, outputs).unwrap();
+    backforth_ok(&["batch", "import", job_s, results.to_str().unwrap()]);
+    let again: f64 = std::fs::read_dir(&spend_dir)
+        .unwrap()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            let last = text.lines().filter(|l| !l.is_empty()).last().unwrap().to_string();
+            serde_json::from_str::<Value>(&last).unwrap()["spent_usd"].as_f64().unwrap()
+        })
+        .sum();
+    assert!((again - recorded).abs() < 1e-9, "{again} after importing again, {recorded} before");
 
     // Half the batch's cost left: the run answers the instructions from the journal and
     // scores within what is left. Counted twice, nothing would be left to score with.

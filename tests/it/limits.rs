@@ -371,6 +371,32 @@ fn the_spend_record_stays_short_and_exact() {
     assert!((recorded - paid).abs() < paid * 0.05, "recorded {recorded}, paid {paid}");
 }
 
+/// A call is held back at the most it can cost (`max_tokens` of reply), but one that costs
+/// less gives the rest back: with room for three calls at their most and eight slots, the
+/// run waits for calls in flight and goes on, rather than stopping at the fourth, and spends
+/// at most its budget.
+#[test]
+fn a_budget_waits_for_calls_in_flight_instead_of_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(20));
+    // A reply may be 256 tokens at $100 per million; the fake's are a dozen or so.
+    let priced = "price_input_per_mtok = 1.0\nprice_output_per_mtok = 100.0\nmax_tokens = 256\nconcurrency = 8";
+    let dearest = 256.0 * 100.0 / 1e6;
+    let budget = 3.0 * dearest + 0.0001;
+    let job = workers_job(
+        dir.path(),
+        &server.url(),
+        60,
+        priced,
+        &format!("budget_usd = {budget}"),
+    );
+    let out = crate::support::util::backforth(&["run", &job]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(server.requests() > 10, "{} calls: {stderr}", server.requests());
+    let spent: f64 = spend_records(&dir.path().join("out")).iter().map(|r| r.1).sum();
+    assert!(spent <= budget + 1e-9, "spent ${spent} of ${budget}");
+}
+
 /// The spend records under `root`: each one's lines and what its last says was spent.
 fn spend_records(root: &std::path::Path) -> Vec<(usize, f64)> {
     std::fs::read_dir(root.join("_journal/_spend"))

@@ -7,10 +7,9 @@
 //! of the key and the shard holding it), built from the `<shard>.keys` file written beside
 //! each compacted shard and from the segments of shards not compacted yet. A hit reads the
 //! shard holding the key whole (a shard moved by a reshard draws on one or two old shards) and
-//! keeps the last few shards read. What this process journals after the index was read is
-//! noted in it too (8 bytes and a shard name a response), and asked of the scope that holds
-//! it while that scope is open: an identical prompt in a later shard of the run is not paid
-//! again.
+//! keeps the last few shards read. What this process journals is noted in it too (about 30
+//! bytes a response), and asked of the scope that holds it while that scope is open: an
+//! identical prompt in a later shard of the run is not paid again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,13 +116,18 @@ impl StageIndex {
         live.insert(Arc::from(shard), scope);
     }
 
-    /// Notes that shard `shard` journaled `key` (once the index is read: before, reading it
-    /// finds the key).
+    /// Notes that shard `shard` journaled `key`: the index may be being read while it is
+    /// written, and miss it.
     pub(super) fn note(&self, key: &str, shard: &str) {
-        if self.sorted.initialized() {
-            let mut noted = self.noted.lock().expect("lock poisoned");
-            noted.insert(fingerprint(key), Arc::from(shard));
-        }
+        // The open scope's name, shared: 8 bytes and a pointer a response.
+        let name = self
+            .live
+            .lock()
+            .expect("lock poisoned")
+            .get_key_value(shard)
+            .map_or_else(|| Arc::from(shard), |(name, _)| Arc::clone(name));
+        let mut noted = self.noted.lock().expect("lock poisoned");
+        noted.insert(fingerprint(key), name);
     }
 
     /// The entry of `key` in the journal of any shard of the stage but `except`.

@@ -540,16 +540,21 @@ impl JournalScope {
 
     /// Records that this process's calls, paid and in flight, may cost up to `usd` before
     /// the record is written again: written before a request leaves, so a process killed
-    /// with calls on the wire leaves them counted.
-    pub async fn reserve(&self, usd: f64) {
+    /// with calls on the wire leaves them counted. False when it could not be written.
+    pub async fn reserve(&self, usd: f64) -> bool {
         let Some((spend, path)) = &self.spend else {
-            return;
+            return true;
         };
         let mut spend = spend.lock().await;
-        if usd > spend.reserved_usd {
-            spend.reserved_usd = usd;
-            if let Err(e) = write_spend(path, &mut spend).await {
-                tracing::warn!(error = %e, "Could not record the budget held for calls in flight.");
+        if usd <= spend.reserved_usd {
+            return true;
+        }
+        spend.reserved_usd = usd;
+        match write_spend(path, &mut spend).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not record the budget held for calls in flight; trying again with the next call.");
+                false
             }
         }
     }
