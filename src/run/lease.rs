@@ -2,8 +2,12 @@
 //! holds a lease object under `<root>/_leases/`, renewed while it runs: a second process
 //! taking the same slot would pay for the same calls and overwrite the same parts, so it is
 //! refused, told who holds the slot and since when. A lease is taken over once its holder is
-//! gone: on the same host when its process no longer exists, elsewhere when it has not been
-//! renewed for `LEASE_SECS`.
+//! gone: on the same machine and in the same PID namespace (the kernel's boot id and the
+//! namespace's inode, not the host name, which containers share) when its process no longer
+//! exists or is another process since started under its pid; elsewhere when it has not been
+//! renewed for `LEASE_SECS`. Taking over is conditional: on an object store the write names
+//! the version read, on a local disk the old lease is first renamed away, so of two processes
+//! taking over one lapsed lease one wins and the other is refused.
 //!
 //! The lease excludes only because the store refuses a second create of one object. Some
 //! S3-compatible servers ignore `If-None-Match: *` and overwrite instead; on those two
@@ -12,11 +16,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use object_store::{PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::job_error;
 use crate::root::names::LEASES_DIR;
 use crate::run::worker::Worker;
 use crate::storage::Location;
@@ -37,6 +40,14 @@ struct Holder {
     since: u64,
     /// Unix seconds of the last renewal.
     renewed: u64,
+    /// The kernel's boot id, the PID namespace and the process's start time (clock ticks
+    /// since boot): together with `pid`, who the holder is on its machine.
+    #[serde(default)]
+    boot_id: String,
+    #[serde(default)]
+    pid_ns: String,
+    #[serde(default)]
+    started: u64,
 }
 
 /// A held lease; renewed in the background until released (or the process dies).
@@ -60,12 +71,16 @@ impl Lease {
             .child(LEASES_DIR)
             .path(&format!("worker-{}-of-{}.json", worker.index, worker.count));
         let now = unix_now();
+        let pid = std::process::id();
         let me = Holder {
             host: host_name(),
-            pid: std::process::id(),
+            pid,
             job: job.to_string(),
             since: now,
             renewed: now,
+            boot_id: boot_id(),
+            pid_ns: pid_namespace(),
+            started: start_time(pid).unwrap_or(0),
         };
         let body = PutPayload::from(serde_json::to_vec_pretty(&me).expect("a lease serialises"));
         let created = root.store.put_opts(&path, body.clone(), create()).await;
@@ -79,25 +94,7 @@ impl Lease {
                 return Err(unguarded(root, &e.to_string()));
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
-                if let Some(held) = read_json::<Holder>(root, &path).await?
-                    && held.alive(now)
-                {
-                    return job_error!(
-                        "{} is in use: worker {}/{} of job '{}' has run there since {} on {} (pid {}), its lease renewed {} s ago. \
-                         Wait for it to finish, choose another --output, or run another worker (--worker I/N); \
-                         if that process is gone, its lease lapses {LEASE_SECS} s after its last renewal",
-                        root.describe(),
-                        worker.index,
-                        worker.count,
-                        held.job,
-                        utc(held.since),
-                        held.host,
-                        held.pid,
-                        now.saturating_sub(held.renewed)
-                    );
-                }
-                tracing::warn!(lease = %root.display(&path), "Taking over the lease of a process that is gone.");
-                write_json(root, &path, &me).await?;
+                take_over(root, &path, &me, worker, trust_single_writer).await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -109,11 +106,115 @@ impl Lease {
         })
     }
 
-    /// Gives the slot back.
+    /// Gives the slot back, if it is still this process's.
     pub async fn release(self) -> Result<()> {
         self.renewal.abort();
+        if let Some(held) = read_json::<Holder>(&self.root, &self.path).await?
+            && !held.is_me()
+        {
+            tracing::warn!(lease = %self.root.display(&self.path), "The lease was taken over by another process; left to it.");
+            return Ok(());
+        }
         delete_if_exists(&self.root, &self.path).await
     }
+}
+
+/// Takes the lease at `path` over from a holder that is gone, or fails naming the one that
+/// is not. Conditional, so of two processes taking it over at once one wins: the write
+/// names the version read (object stores), or the old lease is renamed away first and only
+/// the process whose rename succeeded creates the new one (a local disk).
+async fn take_over(
+    root: &Location,
+    path: &object_store::path::Path,
+    me: &Holder,
+    worker: Worker,
+    trust_single_writer: bool,
+) -> Result<()> {
+    let body = PutPayload::from(serde_json::to_vec_pretty(me).expect("a lease serialises"));
+    for _ in 0..3 {
+        let (held, version) = match root.store.get(path).await {
+            Ok(got) => {
+                let version = UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let bytes = got.bytes().await?;
+                (serde_json::from_slice::<Holder>(&bytes).ok(), version)
+            }
+            // Released meanwhile: take it as new.
+            Err(object_store::Error::NotFound { .. }) => {
+                match root.store.put_opts(path, body.clone(), create()).await {
+                    Ok(_) => return Ok(()),
+                    Err(object_store::Error::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(held) = &held
+            && held.alive(unix_now())
+        {
+            return Err(in_use(root, worker, held));
+        }
+        tracing::warn!(lease = %root.display(path), "Taking over the lease of a process that is gone.");
+        let update = PutOptions::from(PutMode::Update(version));
+        match root.store.put_opts(path, body.clone(), update).await {
+            Ok(_) => return Ok(()),
+            // Another process took it over first: see who.
+            Err(object_store::Error::Precondition { .. }) => continue,
+            Err(object_store::Error::NotImplemented { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if root.store_url.scheme() == "file" {
+            let gone = object_store::path::Path::from(format!(
+                "{}.gone-{}-{:08x}",
+                path.as_ref(),
+                std::process::id(),
+                fastrand::u32(..)
+            ));
+            match root.store.rename(path, &gone).await {
+                Ok(()) => {
+                    delete_if_exists(root, &gone).await?;
+                    match root.store.put_opts(path, body.clone(), create()).await {
+                        Ok(_) => return Ok(()),
+                        Err(object_store::Error::AlreadyExists { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if trust_single_writer {
+            write_json(root, path, me).await?;
+            return Ok(());
+        }
+        return Err(unguarded(
+            root,
+            "it cannot replace an object only if it is still the version read",
+        ));
+    }
+    match read_json::<Holder>(root, path).await? {
+        Some(held) if !held.is_me() => Err(in_use(root, worker, &held)),
+        _ => Ok(()),
+    }
+}
+
+/// The error of a slot held by `held`, alive.
+fn in_use(root: &Location, worker: Worker, held: &Holder) -> Error {
+    Error::Job(format!(
+        "{} is in use: worker {}/{} of job '{}' has run there since {} on {} (pid {}), its lease renewed {} s ago. \
+         Wait for it to finish, choose another --output, or run another worker (--worker I/N); \
+         if that process is gone, its lease lapses {LEASE_SECS} s after its last renewal",
+        root.describe(),
+        worker.index,
+        worker.count,
+        held.job,
+        utc(held.since),
+        held.host,
+        held.pid,
+        unix_now().saturating_sub(held.renewed)
+    ))
 }
 
 fn create() -> PutOptions {
@@ -166,19 +267,66 @@ impl Drop for Lease {
 }
 
 impl Holder {
-    /// Whether the holder may still be running.
+    /// Whether the holder may still be running: in this machine's PID namespace, whether its
+    /// process is there (the same process: same start time); elsewhere, whether it renewed the
+    /// lease lately. Host names are no evidence (containers share them, and each may run the
+    /// tool as PID 1).
     fn alive(&self, now: u64) -> bool {
-        if self.host == host_name() {
-            return std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
-                && self.pid != std::process::id();
+        let here = !self.boot_id.is_empty()
+            && self.boot_id == boot_id()
+            && !self.pid_ns.is_empty()
+            && self.pid_ns == pid_namespace();
+        if here {
+            return self.pid != std::process::id() && start_time(self.pid) == Some(self.started);
         }
         now.saturating_sub(self.renewed) < LEASE_SECS
     }
+
+    /// Whether this process wrote the lease.
+    fn is_me(&self) -> bool {
+        self.pid == std::process::id()
+            && self.boot_id == boot_id()
+            && self.pid_ns == pid_namespace()
+            && Some(self.started) == start_time(self.pid)
+    }
+}
+
+/// The kernel's id of this boot (empty where there is none to read).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's PID namespace, as `pid:[inode]` (empty where there is none to read).
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|ns| ns.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// When process `pid` started, in clock ticks since boot; `None` when there is no such
+/// process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields count from the last
+    // ')'; the start time is field 22.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
 }
 
 async fn renew(root: Location, path: object_store::path::Path, mut me: Holder) {
     loop {
         tokio::time::sleep(Duration::from_secs(RENEW_SECS)).await;
+        // Renewed only while it is still this process's: one taken over is left to its taker.
+        match read_json::<Holder>(&root, &path).await {
+            Ok(Some(held)) if !held.is_me() => {
+                tracing::error!(lease = %root.display(&path), "The lease was taken over by another process (this one was thought gone); this run's results may be overwritten. Stop it.");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not read the output root's lease."),
+            _ => {}
+        }
         me.renewed = unix_now();
         if let Err(e) = write_json(&root, &path, &me).await {
             tracing::warn!(error = %e, "Could not renew the output root's lease.");

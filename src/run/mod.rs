@@ -70,8 +70,18 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     let root = Location::parse(&job.output)?;
     let lease = Lease::acquire(&root, opts.worker, &job.name, opts.trust_single_writer).await?;
     let result = run_stages(job, opts, root).await;
-    lease.release().await?;
-    result
+    let released = lease.release().await;
+    // The run's own error comes first; a lease left behind lapses.
+    match (result, released) {
+        (Err(e), Err(lease)) => {
+            tracing::warn!(error = %lease, "Could not give the worker's lease back.");
+            Err(e)
+        }
+        (result, released) => {
+            released?;
+            result
+        }
+    }
 }
 
 /// [`run`], with this worker's lease on the root held.

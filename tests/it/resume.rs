@@ -407,3 +407,78 @@ fn the_journal_is_kept_per_shard_and_a_rerun_reads_only_what_it_redoes() {
     );
     assert_eq!(server.requests(), sent);
 }
+
+/// Liveness is the machine's boot and PID namespace, not the host name: the lease of another
+/// container with this host name, renewed just now, is refused although its pid is no
+/// process here; one of this machine and namespace whose pid now belongs to a process started
+/// later is taken over at once; and of two processes taking over one lapsed lease at once,
+/// one wins and the other is refused.
+#[test]
+fn leases_know_containers_and_one_process_takes_a_lapsed_one_over() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let server = FakeServer::start(Duration::from_millis(5));
+    let url = server.url();
+    let job = dir.path().join("job.toml");
+    let root = dir.path().join("out");
+    let args = || {
+        let mut args = run_args(job.to_str().unwrap(), root.to_str().unwrap(), &url);
+        *args.last_mut().unwrap() = "1";
+        args
+    };
+    let lease = root.join("_leases/worker-0-of-1.json");
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let write = |pid: u32, boot: &str, ns: &str, started: u64, renewed: u64| {
+        let holder = serde_json::json!({
+            "host": host.trim(), "pid": pid, "job": "job", "since": renewed, "renewed": renewed,
+            "boot_id": boot.trim(), "pid_ns": ns, "started": started,
+        });
+        std::fs::write(&lease, holder.to_string()).unwrap();
+    };
+
+    // Another container on this machine, its process not one of this namespace's.
+    write(4_000_000, &boot, "pid:[1]", 5, now);
+    let refused = backforth(&args());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is in use"));
+    assert_eq!(server.requests(), 0);
+
+    // This namespace, a pid that is now another process (this test's, started earlier).
+    write(std::process::id(), &boot, &ns.to_string_lossy(), 1, now);
+    let out = backforth(&args());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A lease from elsewhere that lapsed long ago, taken over by two processes at once (on
+    // a new root, so the winner has a whole run to do while the other tries).
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    write(7, "another-machine", "pid:[9]", 3, 1);
+    let takers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_backforth"))
+                .args(args())
+                .env("BACKFORTH_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = takers
+        .into_iter()
+        .map(|t| t.wait_with_output().unwrap())
+        .collect();
+    let won = outs.iter().filter(|o| o.status.success()).count();
+    let in_use = outs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("is in use"))
+        .count();
+    assert_eq!((won, in_use), (1, 1), "{outs:?}");
+}
