@@ -5,9 +5,10 @@
 //! gone: on the same machine and in the same PID namespace (the kernel's boot id and the
 //! namespace's inode, not the host name, which containers share) when its process no longer
 //! exists or is another process since started under its pid; elsewhere when it has not been
-//! renewed for `LEASE_SECS`. Taking over is conditional: on an object store the write names
-//! the version read, on a local disk the old lease is first renamed away, so of two processes
-//! taking over one lapsed lease one wins and the other is refused.
+//! renewed for `LEASE_SECS`. Taking over and renewing are conditional: on an object store the
+//! write names the version read, on a local disk it is done under an exclusive lock of the
+//! lease's `.lock` file; so of two processes taking over one lapsed lease one wins and the
+//! other is refused, and a holder whose lease was taken over stops.
 //!
 //! The lease excludes only because the store refuses a second create of one object. Some
 //! S3-compatible servers ignore `If-None-Match: *` and overwrite instead; on those two
@@ -19,7 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
+use crate::job_error;
 use crate::root::names::LEASES_DIR;
 use crate::run::worker::Worker;
 use crate::storage::Location;
@@ -48,6 +50,9 @@ struct Holder {
     pid_ns: String,
     #[serde(default)]
     started: u64,
+    /// Random, drawn when the lease is taken: what tells the holder its own lease.
+    #[serde(default)]
+    token: String,
 }
 
 /// A held lease; renewed in the background until released (or the process dies).
@@ -55,6 +60,7 @@ struct Holder {
 pub struct Lease {
     root: Location,
     path: object_store::path::Path,
+    token: String,
     renewal: tokio::task::JoinHandle<()>,
 }
 
@@ -81,8 +87,10 @@ impl Lease {
             boot_id: boot_id(),
             pid_ns: pid_namespace(),
             started: start_time(pid).unwrap_or(0),
+            token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
         };
         let body = PutPayload::from(serde_json::to_vec_pretty(&me).expect("a lease serialises"));
+        let _local = local_lock(root, &path)?;
         let created = root.store.put_opts(&path, body.clone(), create()).await;
         match created {
             Ok(_) if trust_single_writer => {}
@@ -98,31 +106,58 @@ impl Lease {
             }
             Err(e) => return Err(e.into()),
         }
+        drop(_local);
+        let token = me.token.clone();
         let renewal = tokio::spawn(renew(root.clone(), path.clone(), me));
         Ok(Lease {
             root: root.clone(),
             path,
+            token,
             renewal,
         })
     }
 
     /// Gives the slot back, if it is still this process's.
-    pub async fn release(self) -> Result<()> {
+    pub async fn release(mut self) -> Result<()> {
         self.renewal.abort();
-        if let Some(held) = read_json::<Holder>(&self.root, &self.path).await?
-            && !held.is_me()
-        {
-            tracing::warn!(lease = %self.root.display(&self.path), "The lease was taken over by another process; left to it.");
-            return Ok(());
+        // A renewal under way could write the lease again after it is deleted.
+        let _ = (&mut self.renewal).await;
+        let _local = local_lock(&self.root, &self.path)?;
+        match read_json::<Holder>(&self.root, &self.path).await? {
+            Some(held) if held.token != self.token => {
+                tracing::warn!(lease = %self.root.display(&self.path), "The lease was taken over by another process; left to it.");
+                Ok(())
+            }
+            _ => delete_if_exists(&self.root, &self.path).await,
         }
-        delete_if_exists(&self.root, &self.path).await
     }
+}
+
+/// On a local disk, an exclusive lock of the lease's `.lock` file beside it, held while the
+/// lease is read and written: so two processes taking over, renewing or releasing one lease
+/// take turns. Nothing elsewhere (object stores decide by conditional writes).
+fn local_lock(root: &Location, path: &object_store::path::Path) -> Result<Option<std::fs::File>> {
+    if root.store_url.scheme() != "file" {
+        return Ok(None);
+    }
+    let local = object_store::local::LocalFileSystem::new().path_to_filesystem(path)?;
+    let lock = local.with_extension("json.lock");
+    let shown = || format!("lease lock {}", lock.display());
+    std::fs::create_dir_all(lock.parent().unwrap_or(&lock)).with_context(shown)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(shown)?;
+    file.lock().with_context(shown)?;
+    Ok(Some(file))
 }
 
 /// Takes the lease at `path` over from a holder that is gone, or fails naming the one that
 /// is not. Conditional, so of two processes taking it over at once one wins: the write
-/// names the version read (object stores), or the old lease is renamed away first and only
-/// the process whose rename succeeded creates the new one (a local disk).
+/// names the version read (object stores), or it is done under the lease's lock (a local
+/// disk, see [`local_lock`]).
 async fn take_over(
     root: &Location,
     path: &object_store::path::Path,
@@ -160,30 +195,19 @@ async fn take_over(
         let update = PutOptions::from(PutMode::Update(version));
         match root.store.put_opts(path, body.clone(), update).await {
             Ok(_) => return Ok(()),
-            // Another process took it over first: see who.
-            Err(object_store::Error::Precondition { .. }) => continue,
+            // Another process took it over (or gave it back) first: see who.
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. }
+                | object_store::Error::NotFound { .. },
+            ) => continue,
             Err(object_store::Error::NotImplemented { .. }) => {}
             Err(e) => return Err(e.into()),
         }
         if root.store_url.scheme() == "file" {
-            let gone = object_store::path::Path::from(format!(
-                "{}.gone-{}-{:08x}",
-                path.as_ref(),
-                std::process::id(),
-                fastrand::u32(..)
-            ));
-            match root.store.rename(path, &gone).await {
-                Ok(()) => {
-                    delete_if_exists(root, &gone).await?;
-                    match root.store.put_opts(path, body.clone(), create()).await {
-                        Ok(_) => return Ok(()),
-                        Err(object_store::Error::AlreadyExists { .. }) => continue,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+            // Under the lease's lock: no other process reads or writes it meanwhile.
+            write_json(root, path, me).await?;
+            return Ok(());
         }
         if trust_single_writer {
             write_json(root, path, me).await?;
@@ -195,8 +219,14 @@ async fn take_over(
         ));
     }
     match read_json::<Holder>(root, path).await? {
-        Some(held) if !held.is_me() => Err(in_use(root, worker, &held)),
-        _ => Ok(()),
+        Some(held) if held.token == me.token => Ok(()),
+        Some(held) => Err(in_use(root, worker, &held)),
+        None => job_error!(
+            "{}: the lease of worker {}/{} changed hands three times while it was being taken over; run again",
+            root.describe(),
+            worker.index,
+            worker.count
+        ),
     }
 }
 
@@ -281,14 +311,6 @@ impl Holder {
         }
         now.saturating_sub(self.renewed) < LEASE_SECS
     }
-
-    /// Whether this process wrote the lease.
-    fn is_me(&self) -> bool {
-        self.pid == std::process::id()
-            && self.boot_id == boot_id()
-            && self.pid_ns == pid_namespace()
-            && Some(self.started) == start_time(self.pid)
-    }
 }
 
 /// The kernel's id of this boot (empty where there is none to read).
@@ -315,22 +337,55 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Renews the lease every [`RENEW_SECS`] while it is this process's. One another process
+/// took over (this one was thought gone: stalled, cut off) ends this process at once, as a
+/// kill would: its work so far is journaled and published, and its taker carries on.
 async fn renew(root: Location, path: object_store::path::Path, mut me: Holder) {
     loop {
         tokio::time::sleep(Duration::from_secs(RENEW_SECS)).await;
-        // Renewed only while it is still this process's: one taken over is left to its taker.
-        match read_json::<Holder>(&root, &path).await {
-            Ok(Some(held)) if !held.is_me() => {
-                tracing::error!(lease = %root.display(&path), "The lease was taken over by another process (this one was thought gone); this run's results may be overwritten. Stop it.");
-                return;
+        match renew_once(&root, &path, &mut me).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(lease = %root.display(&path), "This worker's lease was taken over by another process, which now runs its slot; stopping.");
+                std::process::exit(2);
             }
-            Err(e) => tracing::warn!(error = %e, "Could not read the output root's lease."),
-            _ => {}
+            Err(e) => tracing::warn!(error = %e, "Could not renew the output root's lease."),
         }
-        me.renewed = unix_now();
-        if let Err(e) = write_json(&root, &path, &me).await {
-            tracing::warn!(error = %e, "Could not renew the output root's lease.");
+    }
+}
+
+/// One renewal: false when the lease is no longer this process's.
+async fn renew_once(root: &Location, path: &object_store::path::Path, me: &mut Holder) -> Result<bool> {
+    let _local = local_lock(root, path)?;
+    let got = match root.store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let version = UpdateVersion {
+        e_tag: got.meta.e_tag.clone(),
+        version: got.meta.version.clone(),
+    };
+    let held: Option<Holder> = serde_json::from_slice(&got.bytes().await?).ok();
+    if held.is_none_or(|h| h.token != me.token) {
+        return Ok(false);
+    }
+    me.renewed = unix_now();
+    let body = PutPayload::from(serde_json::to_vec_pretty(&*me).expect("a lease serialises"));
+    // Only over the version read: a taker's lease in between is not overwritten.
+    match root
+        .store
+        .put_opts(path, body.clone(), PutOptions::from(PutMode::Update(version)))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::Precondition { .. }) => Ok(false),
+        // A local disk (under its lock) and stores without conditional writes.
+        Err(object_store::Error::NotImplemented { .. }) => {
+            write_json(root, path, &*me).await?;
+            Ok(true)
         }
+        Err(e) => Err(e.into()),
     }
 }
 
