@@ -24,8 +24,7 @@ use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
 use crate::llm::wire::{
     RequestBody, billed_usage, describe_reqwest_error, is_quota_exhausted, parse_choices,
-    request_path,
-    retry_after, snippet,
+    request_path, retry_after, snippet,
 };
 
 type InFlight = Shared<BoxFuture<'static, Reply>>;
@@ -259,10 +258,12 @@ impl ModelClient {
                 return reply;
             }
             Ok(None) => {}
-            Err(error) => return self.account(Reply {
-                error: Some(error),
-                ..Reply::default()
-            }),
+            Err(error) => {
+                return self.account(Reply {
+                    error: Some(error),
+                    ..Reply::default()
+                });
+            }
         }
         let _outstanding = Outstanding::count(&self.outstanding);
         let (future, leader) = {
@@ -514,29 +515,28 @@ impl ModelClient {
             Err(_) => (Some(estimate.0 as i64), Some(0)),
         };
         endpoint.limits.settle(estimate, usage);
-        let outcome = outcome
-            .map(|replies| {
-                replies
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, reply)| {
-                        // A server that reports no usage still bills: charge what the text
-                        // suggests (a prompt's characters over four; the reply's likewise).
-                        let prompt = reply
-                            .prompt_tokens
-                            .or((i == 0).then_some(estimate.0.round() as i64));
-                        let completion = reply.completion_tokens.or_else(|| {
-                            let chars = reply.text.as_ref().map_or(0, String::len)
-                                + reply.reasoning.as_ref().map_or(0, String::len);
-                            Some(chars.div_ceil(4) as i64)
-                        });
-                        Reply {
-                            cost_usd: self.spec.cost_usd(prompt, reply.cached_tokens, completion),
-                            ..reply
-                        }
-                    })
-                    .collect::<Vec<Reply>>()
-            });
+        let outcome = outcome.map(|replies| {
+            replies
+                .into_iter()
+                .enumerate()
+                .map(|(i, reply)| {
+                    // A server that reports no usage still bills: charge what the text
+                    // suggests (a prompt's characters over four; the reply's likewise).
+                    let prompt = reply
+                        .prompt_tokens
+                        .or((i == 0).then_some(estimate.0.round() as i64));
+                    let completion = reply.completion_tokens.or_else(|| {
+                        let chars = reply.text.as_ref().map_or(0, String::len)
+                            + reply.reasoning.as_ref().map_or(0, String::len);
+                        Some(chars.div_ceil(4) as i64)
+                    });
+                    Reply {
+                        cost_usd: self.spec.cost_usd(prompt, reply.cached_tokens, completion),
+                        ..reply
+                    }
+                })
+                .collect::<Vec<Reply>>()
+        });
         match &outcome {
             Ok(replies) => {
                 endpoint.slots.on_success();
@@ -903,8 +903,7 @@ impl Retries {
             return Some(at_least_backoff(after, self.throttles).min(left));
         }
         self.failures += 1;
-        (self.failures < self.max_attempts)
-            .then(|| at_least_backoff(after, self.failures as i32))
+        (self.failures < self.max_attempts).then(|| at_least_backoff(after, self.failures as i32))
     }
 
     /// The replies (one per choice asked, the attempts on the first) of a request stopped

@@ -30,7 +30,9 @@ impl Backend for Mock {
         reply.cost_usd = client
             .spec()
             .cost_usd(reply.prompt_tokens, None, reply.completion_tokens);
-        client.spending.add(crate::llm::client::micro(reply.cost_usd));
+        client
+            .spending
+            .add(crate::llm::client::micro(reply.cost_usd));
         journal.record(key, &reply).await;
         reply
     }

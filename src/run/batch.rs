@@ -151,17 +151,17 @@ fn price_of(job: &Job, model: &str, reply: &Reply) -> f64 {
         .filter(|m| !m.model.is_empty() && model.starts_with(m.model.as_str()))
         .max_by_key(|m| m.model.len())
         .map_or(0.0, |m| {
-            m.cost_usd(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens)
+            m.cost_usd(
+                reply.prompt_tokens,
+                reply.cached_tokens,
+                reply.completion_tokens,
+            )
         })
 }
 
 /// One result line: the request's key, the model that answered and its reply, or `None`
 /// for a failed request.
-fn batch_result(
-    line: &str,
-    file: &str,
-    line_no: u64,
-) -> Result<Option<(String, String, Reply)>> {
+fn batch_result(line: &str, file: &str, line_no: u64) -> Result<Option<(String, String, Reply)>> {
     let bad = |message: String| Error::Input {
         file: file.to_string(),
         line: line_no,
@@ -175,7 +175,10 @@ fn batch_result(
         .to_string();
     let response = &v["response"];
     let ok = response["status_code"].as_u64() == Some(200) && v["error"].is_null();
-    let model = response["body"]["model"].as_str().unwrap_or_default().to_string();
+    let model = response["body"]["model"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     Ok(ok
         .then(|| parse_any_completion(&response["body"]))
         .and_then(|r| r.ok())

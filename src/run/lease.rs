@@ -355,7 +355,11 @@ async fn renew(root: Location, path: object_store::path::Path, mut me: Holder) {
 }
 
 /// One renewal: false when the lease is no longer this process's.
-async fn renew_once(root: &Location, path: &object_store::path::Path, me: &mut Holder) -> Result<bool> {
+async fn renew_once(
+    root: &Location,
+    path: &object_store::path::Path,
+    me: &mut Holder,
+) -> Result<bool> {
     let _local = local_lock(root, path)?;
     let got = match root.store.get(path).await {
         Ok(got) => got,
@@ -375,7 +379,11 @@ async fn renew_once(root: &Location, path: &object_store::path::Path, me: &mut H
     // Only over the version read: a taker's lease in between is not overwritten.
     match root
         .store
-        .put_opts(path, body.clone(), PutOptions::from(PutMode::Update(version)))
+        .put_opts(
+            path,
+            body.clone(),
+            PutOptions::from(PutMode::Update(version)),
+        )
         .await
     {
         Ok(_) => Ok(true),

@@ -87,6 +87,10 @@ fn reply_field<'a, T: 'static>(
 /// Executes `sql` and writes its rows under `out`, dropped rows under `out/_dropped/`;
 /// with `first_copies`, repeated texts are dropped too. Returns the counts and the ids of the
 /// parts written.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, which hands over a stage's plan as it is"
+)]
 pub(super) async fn execute_to_parts(
     ctx: SessionContext,
     sql: String,

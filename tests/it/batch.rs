@@ -245,37 +245,61 @@ fn request_files_stay_within_the_batch_api_limits() {
     assert_eq!(counts, vec![MAX_LINES, MAX_LINES, 1]);
 }
 
-/// A Batch API status the client does not know stops `batch submit` with a message naming it
-/// (and where the batch id is kept), instead of polling forever.
-#[test]
-fn an_unknown_batch_status_stops_polling_with_a_message() {
+/// The BaF example prepared against a fake server: its folder, the server and the root.
+fn prepared_bft() -> (tempfile::TempDir, FakeServer, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(1));
     let root = dir.path().join("out");
-    let url = server.url();
-    let common = [
-        "--output",
-        root.to_str().unwrap(),
-        "--endpoint",
-        url.as_str(),
-        "--model",
-        "m",
-    ];
-    let mut args = vec!["run", "examples/bft.toml", "--stages", "prepare"];
-    args.extend(common);
-    backforth_ok(&args);
-    server.state.batch.lock().unwrap().status_override = Some("paused\u{1b}[2J".into());
     let mut args = vec![
+        "run".to_string(),
+        "examples/bft.toml".into(),
+        "--stages".into(),
+        "prepare".into(),
+    ];
+    args.extend(bft_args(&root, &server));
+    backforth_ok(&args);
+    (dir, server, root)
+}
+
+/// `batch submit` of the BaF example's backtranslation into `root` against `server`.
+fn submit_bft(root: &std::path::Path, server: &FakeServer) -> Vec<String> {
+    let mut args: Vec<String> = [
         "batch",
         "submit",
         "examples/bft.toml",
         "--stage",
         "backtranslate",
-        "--poll-secs",
-        "0.05",
-    ];
-    args.extend(common);
-    let out = crate::support::util::backforth(&args);
+    ]
+    .into_iter()
+    .chain(["--poll-secs", "0.05"])
+    .map(String::from)
+    .collect();
+    args.extend(bft_args(root, server));
+    args
+}
+
+fn bft_args(root: &std::path::Path, server: &FakeServer) -> Vec<String> {
+    let root = root.to_str().unwrap();
+    [
+        "--output",
+        root,
+        "--endpoint",
+        &server.url(),
+        "--model",
+        "m",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// A Batch API status the client does not know stops `batch submit` with a message naming it
+/// (and where the batch id is kept), instead of polling forever.
+#[test]
+fn an_unknown_batch_status_stops_polling_with_a_message() {
+    let (_dir, server, root) = prepared_bft();
+    server.state.batch.lock().unwrap().status_override = Some("paused\u{1b}[2J".into());
+    let out = crate::support::util::backforth(&submit_bft(&root, &server));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -289,42 +313,28 @@ fn an_unknown_batch_status_stops_polling_with_a_message() {
 /// polled, not created and paid for a second time.
 #[test]
 fn a_batch_created_but_not_recorded_is_adopted_not_created_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = FakeServer::start(Duration::from_millis(1));
-    let root = dir.path().join("out");
-    let url = server.url();
-    let common = [
-        "--output",
-        root.to_str().unwrap(),
-        "--endpoint",
-        url.as_str(),
-        "--model",
-        "m",
-    ];
-    let mut args = vec!["run", "examples/bft.toml", "--stages", "prepare"];
-    args.extend(common);
-    backforth_ok(&args);
+    let (_dir, server, root) = prepared_bft();
     let candidates = marker(&root, "candidates")["rows_out"].as_u64().unwrap() as usize;
     server.state.batch.lock().unwrap().lose_next_create_reply = true;
-    let mut submit = vec![
-        "batch",
-        "submit",
-        "examples/bft.toml",
-        "--stage",
-        "backtranslate",
-        "--poll-secs",
-        "0.05",
-    ];
-    submit.extend(common);
+    let submit = submit_bft(&root, &server);
     let out = crate::support::util::backforth(&submit);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(server.state.batch.lock().unwrap().batch_sizes, vec![candidates]);
+    assert_eq!(
+        server.state.batch.lock().unwrap().batch_sizes,
+        vec![candidates]
+    );
 
     let out = backforth_ok(&submit);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("0 requests unanswered"), "{stderr}");
-    assert!(stderr.contains("polling it instead of creating another"), "{stderr}");
-    assert_eq!(server.state.batch.lock().unwrap().batch_sizes, vec![candidates]);
+    assert!(
+        stderr.contains("polling it instead of creating another"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.state.batch.lock().unwrap().batch_sizes,
+        vec![candidates]
+    );
 }
 
 /// Results of the Batch API count toward the budget: priced at the prices of the job's model
@@ -358,23 +368,27 @@ fn imported_batch_results_are_priced_and_counted_once() {
     let job_s = job.to_str().unwrap();
     backforth_ok(&["run", job_s, "--stages", "candidates"]);
     let submit = [
-        "batch", "submit", job_s, "--stage", "backtranslated", "--poll-secs", "0.05",
+        "batch",
+        "submit",
+        job_s,
+        "--stage",
+        "backtranslated",
+        "--poll-secs",
+        "0.05",
     ];
     backforth_ok(&submit);
     let spend_dir = dir.path().join("out/_journal/_spend");
-    let recorded: f64 = std::fs::read_dir(&spend_dir)
-        .unwrap()
-        .map(|e| {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-            let last = text.lines().filter(|l| !l.is_empty()).last().unwrap().to_string();
-            serde_json::from_str::<Value>(&last).unwrap()["spent_usd"].as_f64().unwrap()
-        })
-        .sum();
+    let recorded = spent(&spend_dir);
     let api = server.state.batch.lock().unwrap();
     let expected: f64 = api
         .created
         .iter()
-        .flat_map(|(_, file, _)| api.files[file].lines().map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|(_, file, _)| {
+            api.files[file]
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .map(|line| {
             let body: Value = serde_json::from_str(&line).unwrap();
             let prompt = body["body"]["messages"]
@@ -395,22 +409,21 @@ fn imported_batch_results_are_priced_and_counted_once() {
         .collect();
     drop(api);
     assert!(expected > 0.0);
-    assert!((recorded - expected).abs() < expected * 0.02, "recorded {recorded}, expected {expected}");
+    assert!(
+        (recorded - expected).abs() < expected * 0.02,
+        "recorded {recorded}, expected {expected}"
+    );
 
     // The same results imported again (a command that died before saying it had): nothing
     // is recorded or counted twice.
     let results = dir.path().join("results.jsonl");
     std::fs::write(&results, outputs).unwrap();
     backforth_ok(&["batch", "import", job_s, results.to_str().unwrap()]);
-    let again: f64 = std::fs::read_dir(&spend_dir)
-        .unwrap()
-        .map(|e| {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-            let last = text.lines().filter(|l| !l.is_empty()).last().unwrap().to_string();
-            serde_json::from_str::<Value>(&last).unwrap()["spent_usd"].as_f64().unwrap()
-        })
-        .sum();
-    assert!((again - recorded).abs() < 1e-9, "{again} after importing again, {recorded} before");
+    let again = spent(&spend_dir);
+    assert!(
+        (again - recorded).abs() < 1e-9,
+        "{again} after importing again, {recorded} before"
+    );
 
     // Half the batch's cost left: the run answers the instructions from the journal and
     // scores within what is left. Counted twice, nothing would be left to score with.
@@ -424,4 +437,18 @@ fn imported_batch_results_are_priced_and_counted_once() {
         .map(|e| (e.prompt.len() / 4) as f64 * 1000.0 / 1e6)
         .sum();
     assert!(scored <= recorded * 0.5 + 1e-9, "{scored} spent scoring");
+}
+
+/// What the spend records in `dir` say was spent, added up (each record's last line counts).
+fn spent(dir: &std::path::Path) -> f64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            let last = text.lines().rfind(|l| !l.is_empty()).unwrap().to_string();
+            serde_json::from_str::<Value>(&last).unwrap()["spent_usd"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum()
 }

@@ -106,7 +106,11 @@ fn a_zero_or_past_retry_after_still_backs_off() {
     assert!(out.status.success());
     assert_eq!(server.requests(), 3);
     // The backoffs of the first and second throttle: at least 0.25 s and 0.5 s.
-    assert!(started.elapsed() >= Duration::from_millis(750), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Settings that once panicked (or hung) are refused with a message naming them.

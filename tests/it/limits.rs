@@ -257,13 +257,21 @@ fn a_budget_holds_across_workers_and_restarts() {
             .sum()
     };
     let per_call = spent() / paid as f64;
-    assert!(spent() <= 0.5 + 1e-9, "spent ${:.3} ({per_call:.3} per call)", spent());
+    assert!(
+        spent() <= 0.5 + 1e-9,
+        "spent ${:.3} ({per_call:.3} per call)",
+        spent()
+    );
 
     // Restarted with the same budget: what was spent is counted; what is left is all it may
     // spend.
     let again = run_workers(&job, 1, &[]);
     assert_eq!(again[0].status.code(), Some(2));
-    assert!(spent() <= 0.5 + 1e-9, "spent ${:.3} after the restart", spent());
+    assert!(
+        spent() <= 0.5 + 1e-9,
+        "spent ${:.3} after the restart",
+        spent()
+    );
 
     // A larger budget finishes the job; no call is paid twice.
     let text = std::fs::read_to_string(&job)
@@ -358,7 +366,11 @@ fn the_spend_record_stays_short_and_exact() {
     let priced = "price_input_per_mtok = 100.0\nconcurrency = 1";
     let job = workers_job(dir.path(), &server.url(), 1100, priced, "budget_usd = 1000");
     let out = crate::support::util::backforth(&["run", &job]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let records = spend_records(&dir.path().join("out"));
     assert_eq!(records.len(), 1);
     let (lines, recorded) = records[0];
@@ -368,7 +380,10 @@ fn the_spend_record_stays_short_and_exact() {
         .iter()
         .map(|e| (e.prompt.len() as f64 / 4.0).round() * 100.0 / 1e6)
         .sum();
-    assert!((recorded - paid).abs() < paid * 0.05, "recorded {recorded}, paid {paid}");
+    assert!(
+        (recorded - paid).abs() < paid * 0.05,
+        "recorded {recorded}, paid {paid}"
+    );
 }
 
 /// A call is held back at the most it can cost (`max_tokens` of reply), but one that costs
@@ -392,8 +407,15 @@ fn a_budget_waits_for_calls_in_flight_instead_of_stopping() {
     );
     let out = crate::support::util::backforth(&["run", &job]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(server.requests() > 10, "{} calls: {stderr}", server.requests());
-    let spent: f64 = spend_records(&dir.path().join("out")).iter().map(|r| r.1).sum();
+    assert!(
+        server.requests() > 10,
+        "{} calls: {stderr}",
+        server.requests()
+    );
+    let spent: f64 = spend_records(&dir.path().join("out"))
+        .iter()
+        .map(|r| r.1)
+        .sum();
     assert!(spent <= budget + 1e-9, "spent ${spent} of ${budget}");
 }
 
@@ -422,14 +444,19 @@ fn billed_failures_and_replies_without_usage_count() {
         let dir = tempfile::tempdir().unwrap();
         let job = workers_job(dir.path(), &server.url(), 12, priced, "");
         let out = crate::support::util::backforth(&["run", &job]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        spend_records(&dir.path().join("out")).iter().map(|r| r.1).sum::<f64>()
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        spend_records(&dir.path().join("out"))
+            .iter()
+            .map(|r| r.1)
+            .sum::<f64>()
     };
     let clean = FakeServer::start(Duration::ZERO);
     let clean_usd = spent(&clean);
-    let fault = |doc: usize, fault: Fault| {
-        (format!("Worker test {doc} is"), [fault].into())
-    };
+    let fault = |doc: usize, fault: Fault| (format!("Worker test {doc} is"), [fault].into());
     let faulty = FakeServer::start_with(FakeState {
         faults: Mutex::new(vec![
             fault(1, Fault::BilledEmpty),
@@ -444,7 +471,11 @@ fn billed_failures_and_replies_without_usage_count() {
     let billed: f64 = clean
         .log()
         .iter()
-        .filter(|e| ["Worker test 1 is", "Worker test 2 is"].iter().any(|n| e.prompt.contains(n)))
+        .filter(|e| {
+            ["Worker test 1 is", "Worker test 2 is"]
+                .iter()
+                .any(|n| e.prompt.contains(n))
+        })
         .map(|e| (e.prompt.len() / 4) as f64 * 100.0 / 1e6)
         .sum();
     // Rounding: a token either way for each prompt and reply charged by its characters.

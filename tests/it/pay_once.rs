@@ -50,11 +50,20 @@ fn write_job(dir: &Path, shard_rows: usize, extra: &str) -> String {
 fn run_args(job: &str, root: &Path, server: &FakeServer) -> Vec<String> {
     let root = root.to_str().unwrap();
     let url = server.url();
-    ["run", job, "--output", root, "--endpoint", &url, "--model", "m"]
-        .into_iter()
-        .chain(["--concurrency", "8"])
-        .map(String::from)
-        .collect()
+    [
+        "run",
+        job,
+        "--output",
+        root,
+        "--endpoint",
+        &url,
+        "--model",
+        "m",
+    ]
+    .into_iter()
+    .chain(["--concurrency", "8"])
+    .map(String::from)
+    .collect()
 }
 
 fn run(job: &str, root: &Path, server: &FakeServer, more: &[&str]) -> std::process::Output {
@@ -74,21 +83,34 @@ fn run_ok(job: &str, root: &Path, server: &FakeServer, more: &[&str]) {
 
 /// Rows kept by every stage of a finished root, as a comparable list.
 fn rows_out(root: &Path) -> Vec<u64> {
-    ["candidates", "backtranslated", "scored", "curated", "rewritten"]
-        .iter()
-        .map(|stage| marker(root, stage)["rows_out"].as_u64().unwrap())
-        .collect()
+    [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "curated",
+        "rewritten",
+    ]
+    .iter()
+    .map(|stage| marker(root, stage)["rows_out"].as_u64().unwrap())
+    .collect()
+}
+
+/// `docs` documents run through every stage in shards of `shard_rows`: the folder, the
+/// server that answered them and the output root.
+fn answered(docs: usize, shard_rows: usize) -> (tempfile::TempDir, FakeServer, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_docs(&dir.path().join("docs"), "a.jsonl", 0, docs);
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    run_ok(&write_job(dir.path(), shard_rows, ""), &root, &server, &[]);
+    (dir, server, root)
 }
 
 /// A new shard size moves nearly every row to another shard: nothing is asked again, and
 /// the output is a fresh run's.
 #[test]
 fn a_reshard_sends_no_request_again() {
-    let dir = tempfile::tempdir().unwrap();
-    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 120);
-    let server = FakeServer::start(Duration::from_millis(1));
-    let root = dir.path().join("out");
-    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let (dir, server, root) = answered(120, 20);
     let paid = server.requests();
     let before = rows_out(&root);
 
@@ -120,19 +142,23 @@ fn a_reshard_sends_no_request_again() {
 /// part: the rows left are all answered already.
 #[test]
 fn a_rule_that_drops_rows_sends_no_request_again() {
-    let dir = tempfile::tempdir().unwrap();
-    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 120);
-    let server = FakeServer::start(Duration::from_millis(1));
-    let root = dir.path().join("out");
-    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let (dir, server, root) = answered(120, 20);
     let paid = server.requests();
-    let before = marker(&root, "backtranslated")["rows_out"].as_u64().unwrap();
+    let before = marker(&root, "backtranslated")["rows_out"]
+        .as_u64()
+        .unwrap();
 
     let job = write_job(dir.path(), 20, "[prepare.quality]\nmin_words = 20\n");
     run_ok(&job, &root, &server, &["--allow-changes"]);
     assert_eq!(server.requests(), paid);
-    let after = marker(&root, "backtranslated")["rows_out"].as_u64().unwrap();
-    assert_eq!((before, after), (120, 40), "every third document is long enough");
+    let after = marker(&root, "backtranslated")["rows_out"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        (before, after),
+        (120, 40),
+        "every third document is long enough"
+    );
 }
 
 /// A second input adds its own documents; the first input's files keep their journals, so
@@ -395,13 +421,20 @@ fn fsync_flushes_each_response_and_changes_no_result() {
         .args(run_args(&job, &root, &server))
         .output()
         .unwrap_or_else(|e| panic!("{strace} does not run ({e}); apt-get install strace"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let flushes = std::fs::read_to_string(&trace)
         .unwrap()
         .lines()
         .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
         .count() as u64;
-    assert!(flushes > requests, "{flushes} flushes for {requests} responses");
+    assert!(
+        flushes > requests,
+        "{flushes} flushes for {requests} responses"
+    );
     assert_eq!(rows_out(&root), rows_out(&plain));
 
     run_ok(&write_job(dir.path(), 10, ""), &root, &server, &[]);
@@ -414,11 +447,7 @@ fn fsync_flushes_each_response_and_changes_no_result() {
 /// one byte longer): a reshard still finds every answer.
 #[test]
 fn a_stale_key_file_is_not_trusted() {
-    let dir = tempfile::tempdir().unwrap();
-    write_docs(&dir.path().join("docs"), "a.jsonl", 0, 60);
-    let server = FakeServer::start(Duration::from_millis(1));
-    let root = dir.path().join("out");
-    run_ok(&write_job(dir.path(), 20, ""), &root, &server, &[]);
+    let (dir, server, root) = answered(60, 20);
     let paid = server.requests();
     let mut stale = 0;
     for stage in std::fs::read_dir(root.join("_journal")).unwrap() {
@@ -426,7 +455,9 @@ fn a_stale_key_file_is_not_trusted() {
         for file in std::fs::read_dir(&stage).into_iter().flatten() {
             let path = file.unwrap().path();
             if path.extension().is_some_and(|e| e == "keys") {
-                let size = std::fs::metadata(path.with_extension("jsonl")).unwrap().len();
+                let size = std::fs::metadata(path.with_extension("jsonl"))
+                    .unwrap()
+                    .len();
                 let mut body = b"bfkeys3\n".to_vec();
                 body.extend_from_slice(&(size + 1).to_le_bytes());
                 std::fs::write(&path, body).unwrap();

@@ -453,7 +453,11 @@ fn leases_know_containers_and_one_process_takes_a_lapsed_one_over() {
     // This namespace, a pid that is now another process (this test's, started earlier).
     write(std::process::id(), &boot, &ns.to_string_lossy(), 1, now);
     let out = backforth(&args());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A lease from elsewhere that lapsed long ago, taken over by two processes at once (on
     // a new root, so the winner has a whole run to do while the other tries).

@@ -32,10 +32,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Context, Error, Result};
+use crate::execution_error;
 use crate::llm::reply::Reply;
 use crate::storage::Location;
 use crate::storage::delete_if_exists;
-use crate::execution_error;
 use index::StageIndex;
 
 /// Directory of the journal under the output root.
@@ -288,7 +288,12 @@ impl Journal {
         self.spend.lock().await.slot = Some((index, count));
         let in_slots = |s: &&Spend| s.slot.is_some_and(|(_, n)| n == count);
         let elsewhere = self.spent_at_open
-            - self.spends.iter().filter(in_slots).map(|s| s.spent_usd).sum::<f64>();
+            - self
+                .spends
+                .iter()
+                .filter(in_slots)
+                .map(|s| s.spent_usd)
+                .sum::<f64>();
         let mine: f64 = self
             .spends
             .iter()
@@ -424,6 +429,9 @@ fn gave_up_message() -> String {
     )
 }
 
+/// This process's spend record, and the folder and name it is written under.
+type SpendRecord = (Arc<tokio::sync::Mutex<Spend>>, (Location, String));
+
 /// The responses of one stage's shard (or of what every shard shares), and the writer of
 /// new ones: what an LLM function of that shard's session asks and records.
 #[derive(Debug)]
@@ -442,7 +450,7 @@ pub struct JournalScope {
     health: Arc<WriteHealth>,
     counters: Arc<ReadCounters>,
     /// This process's spend record and where it goes, for scopes that write.
-    spend: Option<(Arc<tokio::sync::Mutex<Spend>>, (Location, String))>,
+    spend: Option<SpendRecord>,
 }
 
 impl JournalScope {
@@ -472,7 +480,10 @@ impl JournalScope {
     /// The response journaled for `key` in this scope (or shared by all), if any.
     pub fn get(&self, key: &str) -> Option<Reply> {
         let known = self.known.lock().expect("lock poisoned");
-        known.get(key).or_else(|| self.shared.get(key)).map(reply_of)
+        known
+            .get(key)
+            .or_else(|| self.shared.get(key))
+            .map(reply_of)
     }
 
     /// The response journaled for `key` anywhere in the stage: this scope's, else another
@@ -569,13 +580,23 @@ impl JournalScope {
         match &self.writer {
             None => {}
             Some(Writer::Appending(writer)) => {
-                writer.lock().await.add_spend(std::slice::from_ref(&billed)).await;
+                writer
+                    .lock()
+                    .await
+                    .add_spend(std::slice::from_ref(&billed))
+                    .await;
             }
             Some(Writer::Batched(writer)) => {
                 // Spend goes with the writer: the task owns it. An entry without a key is
                 // counted, not journaled.
                 let (done, wait) = oneshot::channel();
-                if writer.send(Pending { entry: billed, done }).is_ok() {
+                if writer
+                    .send(Pending {
+                        entry: billed,
+                        done,
+                    })
+                    .is_ok()
+                {
                     let _ = wait.await;
                 }
             }
@@ -658,11 +679,20 @@ impl JournalScope {
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         let body = lines_of(&entries);
         let size = body.len() as u64;
-        stage_dir.store.put(compacted, PutPayload::from(body)).await?;
-        let shard = compacted.as_ref().strip_suffix(".jsonl").unwrap_or_default();
         stage_dir
             .store
-            .put(&Path::from(format!("{shard}.keys")), index::key_file(&entries, size))
+            .put(compacted, PutPayload::from(body))
+            .await?;
+        let shard = compacted
+            .as_ref()
+            .strip_suffix(".jsonl")
+            .unwrap_or_default();
+        stage_dir
+            .store
+            .put(
+                &Path::from(format!("{shard}.keys")),
+                index::key_file(&entries, size),
+            )
             .await?;
         for meta in written {
             delete_if_exists(segments, &meta.location).await?;
@@ -701,7 +731,8 @@ async fn write_spend((dir, name): &(Location, String), spend: &mut Spend) -> Res
         let file = match &mut spend.appending {
             Some(file) => file,
             None => {
-                let local = object_store::local::LocalFileSystem::new().path_to_filesystem(&path)?;
+                let local =
+                    object_store::local::LocalFileSystem::new().path_to_filesystem(&path)?;
                 let opened = std::fs::create_dir_all(local.parent().unwrap_or(&local))
                     .and_then(|()| {
                         std::fs::OpenOptions::new()
@@ -969,13 +1000,19 @@ impl SegmentWriter {
     async fn write_until_durable(&mut self, entries: &[Entry]) {
         if entries.iter().any(|e| e.key.is_empty()) {
             // Charges (see `JournalScope::charge`) count as spend and are not journaled.
-            let journaled: Vec<Entry> =
-                entries.iter().filter(|e| !e.key.is_empty()).cloned().collect();
+            let journaled: Vec<Entry> = entries
+                .iter()
+                .filter(|e| !e.key.is_empty())
+                .cloned()
+                .collect();
             if !journaled.is_empty() {
                 Box::pin(self.write_until_durable(&journaled)).await;
             }
-            let charged: Vec<Entry> =
-                entries.iter().filter(|e| e.key.is_empty()).cloned().collect();
+            let charged: Vec<Entry> = entries
+                .iter()
+                .filter(|e| e.key.is_empty())
+                .cloned()
+                .collect();
             self.add_spend(&charged).await;
             return;
         }
