@@ -81,6 +81,17 @@ fn run_ok(job: &str, root: &Path, server: &FakeServer, more: &[&str]) {
     );
 }
 
+/// Runs again into `root` with the job rewritten for `shard_rows` and `extra`, allowing the
+/// changes.
+fn rerun_changed(dir: &Path, shard_rows: usize, extra: &str, root: &Path, server: &FakeServer) {
+    run_ok(
+        &write_job(dir, shard_rows, extra),
+        root,
+        server,
+        &["--allow-changes"],
+    );
+}
+
 /// Rows kept by every stage of a finished root, as a comparable list.
 fn rows_out(root: &Path) -> Vec<u64> {
     [
@@ -114,12 +125,7 @@ fn a_reshard_sends_no_request_again() {
     let paid = server.requests();
     let before = rows_out(&root);
 
-    run_ok(
-        &write_job(dir.path(), 30, ""),
-        &root,
-        &server,
-        &["--allow-changes"],
-    );
+    rerun_changed(dir.path(), 30, "", &root, &server);
     assert_eq!(server.requests(), paid);
     assert_eq!(rows_out(&root), before);
     let shards = marker(&root, "backtranslated")["shards"]
@@ -129,12 +135,7 @@ fn a_reshard_sends_no_request_again() {
     assert_eq!(shards, 4, "120 rows in shards of 30");
 
     // And back: the rows find their answers in the first layout's journals or the second's.
-    run_ok(
-        &write_job(dir.path(), 20, ""),
-        &root,
-        &server,
-        &["--allow-changes"],
-    );
+    rerun_changed(dir.path(), 20, "", &root, &server);
     assert_eq!(server.requests(), paid);
 }
 
@@ -148,8 +149,13 @@ fn a_rule_that_drops_rows_sends_no_request_again() {
         .as_u64()
         .unwrap();
 
-    let job = write_job(dir.path(), 20, "[prepare.quality]\nmin_words = 20\n");
-    run_ok(&job, &root, &server, &["--allow-changes"]);
+    rerun_changed(
+        dir.path(),
+        20,
+        "[prepare.quality]\nmin_words = 20\n",
+        &root,
+        &server,
+    );
     assert_eq!(server.requests(), paid);
     let after = marker(&root, "backtranslated")["rows_out"]
         .as_u64()
@@ -466,11 +472,6 @@ fn a_stale_key_file_is_not_trusted() {
         }
     }
     assert!(stale >= 6, "{stale} key files");
-    run_ok(
-        &write_job(dir.path(), 30, ""),
-        &root,
-        &server,
-        &["--allow-changes"],
-    );
+    rerun_changed(dir.path(), 30, "", &root, &server);
     assert_eq!(server.requests(), paid);
 }

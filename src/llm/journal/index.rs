@@ -75,7 +75,7 @@ struct ShardObjects {
 struct Sorted {
     fingerprints: Vec<u64>,
     shards: Vec<u32>,
-    names: Vec<String>,
+    names: Vec<Arc<str>>,
 }
 
 type Loaded = Arc<tokio::sync::OnceCell<Arc<HashMap<String, Entry>>>>;
@@ -138,7 +138,7 @@ impl StageIndex {
         let end = start + sorted.fingerprints[start..].partition_point(|&f| f == fp);
         let mut shards: Vec<(Arc<str>, bool)> = sorted.shards[start..end]
             .iter()
-            .map(|&id| (Arc::from(sorted.names[id as usize].as_str()), false))
+            .map(|&id| (Arc::clone(&sorted.names[id as usize]), false))
             .collect();
         shards.extend(
             self.noted
@@ -230,7 +230,7 @@ impl StageIndex {
                 _ => {}
             }
         }
-        let names: Vec<String> = shards.keys().cloned().collect();
+        let names: Vec<Arc<str>> = shards.keys().map(|n| Arc::from(n.as_str())).collect();
         let reads = shards
             .into_iter()
             .enumerate()

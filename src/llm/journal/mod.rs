@@ -273,11 +273,6 @@ impl Journal {
         Arc::clone(index)
     }
 
-    /// What every worker and run had spent when the journal was opened.
-    pub fn spent_usd(&self) -> f64 {
-        self.spent_at_open
-    }
-
     /// What this process, worker `index` of `count`, may spend of a job budget of
     /// `budget_usd`: an equal share of what runs with another worker count left, less what
     /// earlier processes of the same slot spent. The shares add up to what is left of the
@@ -354,7 +349,13 @@ impl Journal {
         segments: Option<Location>,
         compact_to: Option<(Location, Path)>,
     ) -> JournalScope {
-        let writer = segments.clone().map(|dir| {
+        let spend: Option<SpendRecord> = segments.as_ref().map(|_| {
+            (
+                Arc::clone(&self.spend),
+                (self.dir.child(SPEND_DIR), self.writer.clone()),
+            )
+        });
+        let writer = segments.clone().zip(spend.clone()).map(|(dir, spend)| {
             let writer = SegmentWriter {
                 appending: None,
                 name: self.writer.clone(),
@@ -363,8 +364,7 @@ impl Journal {
                 failing: false,
                 maybe_torn: false,
                 sync: self.sync,
-                spend: Arc::clone(&self.spend),
-                spend_path: (self.dir.child(SPEND_DIR), self.writer.clone()),
+                spend,
                 dir,
             };
             if writer.dir.store_url.scheme() == "file" {
@@ -374,12 +374,6 @@ impl Journal {
                 tokio::spawn(write_segments(writer, rx));
                 Writer::Batched(tx)
             }
-        });
-        let spend = segments.as_ref().map(|_| {
-            (
-                Arc::clone(&self.spend),
-                (self.dir.child(SPEND_DIR), self.writer.clone()),
-            )
         });
         JournalScope {
             known: Mutex::new(known),
@@ -573,33 +567,8 @@ impl JournalScope {
     /// Adds `cost_usd`, billed for an attempt that gave nothing to journal (a reply that
     /// could not be read), to this process's spend record.
     pub async fn charge(&self, cost_usd: f64) {
-        let billed = Entry {
-            cost_usd,
-            ..Entry::default()
-        };
-        match &self.writer {
-            None => {}
-            Some(Writer::Appending(writer)) => {
-                writer
-                    .lock()
-                    .await
-                    .add_spend(std::slice::from_ref(&billed))
-                    .await;
-            }
-            Some(Writer::Batched(writer)) => {
-                // Spend goes with the writer: the task owns it. An entry without a key is
-                // counted, not journaled.
-                let (done, wait) = oneshot::channel();
-                if writer
-                    .send(Pending {
-                        entry: billed,
-                        done,
-                    })
-                    .is_ok()
-                {
-                    let _ = wait.await;
-                }
-            }
+        if let Some(record) = &self.spend {
+            pay(record, cost_usd, true).await;
         }
     }
 
@@ -698,6 +667,20 @@ impl JournalScope {
             delete_if_exists(segments, &meta.location).await?;
         }
         Ok(())
+    }
+}
+
+/// Adds `cost` to what this process paid, and writes its record when `write`; a failed write
+/// is logged and left for the next one or the run's last flush.
+async fn pay((spend, path): &SpendRecord, cost: f64, write: bool) {
+    if cost <= 0.0 {
+        return;
+    }
+    let mut spend = spend.lock().await;
+    spend.paid_usd += cost;
+    spend.unwritten = true;
+    if write && let Err(e) = write_spend(path, &mut spend).await {
+        tracing::warn!(error = %e, "Could not write the spend record; trying again later.");
     }
 }
 
@@ -946,8 +929,7 @@ struct SegmentWriter {
     maybe_torn: bool,
     /// Whether each append is flushed to the device.
     sync: bool,
-    spend: Arc<tokio::sync::Mutex<Spend>>,
-    spend_path: (Location, String),
+    spend: SpendRecord,
 }
 
 impl SegmentWriter {
@@ -970,27 +952,12 @@ impl SegmentWriter {
     /// Counts what `entries`, which could not be journaled, cost: the run's last flush
     /// records it.
     async fn lost(&self, entries: &[Entry]) {
-        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
-        if cost > 0.0 {
-            let mut spend = self.spend.lock().await;
-            spend.paid_usd += cost;
-            spend.unwritten = true;
-        }
+        pay(&self.spend, entries.iter().map(|e| e.cost_usd).sum(), false).await;
     }
 
-    /// Adds what `entries` cost to this process's spend record and writes it; a failed
-    /// write is logged and left for the next one or the run's last flush.
+    /// Adds what `entries` cost to this process's spend record and writes it.
     async fn add_spend(&self, entries: &[Entry]) {
-        let cost: f64 = entries.iter().map(|e| e.cost_usd).sum();
-        if cost <= 0.0 {
-            return;
-        }
-        let mut spend = self.spend.lock().await;
-        spend.paid_usd += cost;
-        spend.unwritten = true;
-        if let Err(e) = write_spend(&self.spend_path, &mut spend).await {
-            tracing::warn!(error = %e, "Could not write the spend record; trying again later.");
-        }
+        pay(&self.spend, entries.iter().map(|e| e.cost_usd).sum(), true).await;
     }
 
     /// [`SegmentWriter::write`], retried until it succeeds: the caller keeps its server slot
@@ -998,24 +965,6 @@ impl SegmentWriter {
     /// a kill loses only what was in flight. After [`GIVE_UP_AFTER`] of failures the entries
     /// are given up and the run stops.
     async fn write_until_durable(&mut self, entries: &[Entry]) {
-        if entries.iter().any(|e| e.key.is_empty()) {
-            // Charges (see `JournalScope::charge`) count as spend and are not journaled.
-            let journaled: Vec<Entry> = entries
-                .iter()
-                .filter(|e| !e.key.is_empty())
-                .cloned()
-                .collect();
-            if !journaled.is_empty() {
-                Box::pin(self.write_until_durable(&journaled)).await;
-            }
-            let charged: Vec<Entry> = entries
-                .iter()
-                .filter(|e| e.key.is_empty())
-                .cloned()
-                .collect();
-            self.add_spend(&charged).await;
-            return;
-        }
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
