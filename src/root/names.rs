@@ -11,6 +11,8 @@ pub const DROPPED_DIR: &str = "_dropped";
 pub const SHARDS_DIR: &str = "_shards";
 /// Folder of the leases of the processes running on the root, one per worker slot.
 pub const LEASES_DIR: &str = "_leases";
+/// Folder of the claims on units of work, `<stage>/<unit>.json`, held while a process does one.
+pub const CLAIMS_DIR: &str = "_claims";
 /// The run's settings under the output root, for dataset cards: models, prompts' roles,
 /// stages and thresholds (never endpoints or keys).
 pub const JOB_FILE: &str = "_job.json";

@@ -18,6 +18,7 @@ use crate::llm::reply::Reply;
 use crate::llm::wire::parse_any_completion;
 use crate::prepare::ingest::{CappedLine, MAX_LINE_BYTES};
 use crate::root::tables::register_stage_table;
+use crate::run::claim::Claims;
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
 use crate::storage::Location;
@@ -33,7 +34,9 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
         job.models.values(),
         Arc::clone(&capture),
     ));
-    let runner = Runner::new(job, root, pool, journal, Worker::default())?;
+    // Nothing is run, so nothing is claimed.
+    let claims = Claims::new(&root, &job.name, false);
+    let runner = Runner::new(job, root, pool, journal, Worker::default(), claims)?;
     let name = job.canonical_stage_name(stage);
     if !job.stages.iter().any(|s| s.name == name) {
         let known: Vec<&str> = job.stages.iter().map(|s| s.name.as_str()).collect();

@@ -28,13 +28,17 @@ use crate::root::tables::register_stage_table;
 use crate::run::exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
+use crate::run::units::{Unit, Waiting, preference};
 use crate::storage::{InputFile, keys_under_common_root, list_inputs};
+
+/// The unit name of the pass across files.
+const ACROSS_FILES_UNIT: &str = "across-files";
 
 impl Runner<'_> {
     /// Runs the stage that reads `documents`: each input file (or row-group range of a large
-    /// Parquet file) is a shard, published by its marker and skipped on rerun; each worker
-    /// runs its share, side by side. Once every shard is published, worker 0 drops exact
-    /// duplicates across files in one pass and publishes the stage; the others wait for it.
+    /// Parquet file) is a shard, a unit of work published by its marker and skipped on rerun,
+    /// run side by side. Once every shard is published, whichever process claims it drops
+    /// exact duplicates across files in one pass and publishes the stage.
     pub(super) async fn run_input_stage(&self, plan: &StagePlan) -> Result<StageStats> {
         let files = self.input_files().await?;
         let sources: BTreeMap<String, String> = files
@@ -54,32 +58,72 @@ impl Runner<'_> {
             .collect();
         let shown: Vec<String> = files.iter().map(|f| f.display.clone()).collect();
         let digest = sources_digest(&sources);
-        let mut markers = self.run_own_input_shards(plan, files, &sources).await?;
-        if self.worker.index != 0 {
-            let what = format!(
-                "worker 0 to drop exact duplicates across files and publish '{}' (it does once every input shard is published)",
-                plan.name
-            );
-            return self
-                .wait_until(&what, || async {
-                    Ok(read_stage_stats(&self.root, &plan.name)
-                        .await?
-                        .filter(|s| s.is_current(&plan.fingerprint, &digest)))
-                })
-                .await;
+        let mut waiting = Waiting::new(self.job.execution.wait_secs);
+        loop {
+            let markers = self.input_shards(plan, &files, &sources).await?;
+            if let Some(done) = self.input_stage_done(plan, &digest, &markers).await? {
+                return Ok(done);
+            }
+            let pass = async {
+                // Another process may have finished the pass between the look and the claim:
+                // its rewrites changed the markers.
+                let markers = self.input_shards(plan, &files, &sources).await?;
+                if let Some(done) = self.input_stage_done(plan, &digest, &markers).await? {
+                    return Ok(done);
+                }
+                self.across_files(plan, &sources, &shown, markers, &digest)
+                    .await
+            };
+            let holder = match self.claimed(&plan.name, ACROSS_FILES_UNIT, pass).await? {
+                Unit::Done(stats) => return Ok(stats),
+                Unit::HeldBy(holder) => holder,
+            };
+            // Polls the pass's claim and the stage's marker, not every shard's.
+            let unit = format!("{} (the pass across files)", plan.name);
+            let mut holder = Some(holder);
+            while let Some(h) = holder {
+                waiting.wait(&plan.name, &[(unit.clone(), h)]).await?;
+                if read_stage_stats(&self.root, &plan.name)
+                    .await?
+                    .is_some_and(|s| s.is_current(&plan.fingerprint, &digest))
+                {
+                    break;
+                }
+                holder = self.holder_of(&plan.name, ACROSS_FILES_UNIT).await?;
+            }
         }
-        self.await_input_shards(plan, &sources, &mut markers)
-            .await?;
-        // Published from these very shards (no marker rewritten since, none redone): the
-        // passes over the whole table would find what they found then, at the cost of
-        // reading every row again.
-        let found = markers_digest(&markers);
-        if let Some(done) = read_stage_stats(&self.root, &plan.name).await?.filter(|s| {
-            s.is_current(&plan.fingerprint, &digest)
-                && s.shards_digest.as_deref() == Some(found.as_str())
-        }) {
-            return Ok(done);
-        }
+    }
+
+    /// The input stage's `_SUCCESS`, when it was published from these very shards (no marker
+    /// rewritten since, none redone): the passes over the whole table would find what they
+    /// found then, at the cost of reading every row again.
+    async fn input_stage_done(
+        &self,
+        plan: &StagePlan,
+        digest: &str,
+        markers: &BTreeMap<String, StageStats>,
+    ) -> Result<Option<StageStats>> {
+        let found = markers_digest(markers);
+        Ok(read_stage_stats(&self.root, &plan.name)
+            .await?
+            .filter(|s| {
+                s.is_current(&plan.fingerprint, digest)
+                    && s.shards_digest.as_deref() == Some(found.as_str())
+            }))
+    }
+
+    /// The pass across files, under its claim: removes the shards of inputs that are gone,
+    /// drops exact duplicates across files and publishes the stage.
+    async fn across_files(
+        &self,
+        plan: &StagePlan,
+        sources: &BTreeMap<String, String>,
+        shown: &[String],
+        mut markers: BTreeMap<String, StageStats>,
+        digest: &str,
+    ) -> Result<StageStats> {
+        // The pass rewrites parts in place: no reader may take the stage as complete meanwhile.
+        self.withdraw_stage(plan).await?;
         // Before anything reads the stage as a table: rows of inputs that are gone (or of
         // shards numbered otherwise before) would count as copies or keep stale ids.
         let current: BTreeSet<String> = sources.keys().cloned().collect();
@@ -92,12 +136,12 @@ impl Runner<'_> {
         }
         // In input order (ids sort as numbers only up to 99,999 shards).
         let mut shards: Vec<(String, String, StageStats)> = shown
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(k, file)| {
                 let id = input_shard_id(k);
-                let marker = markers.remove(&id).expect("every shard awaited");
-                (id, file, marker)
+                let marker = markers.remove(&id).expect("every shard done");
+                (id, file.clone(), marker)
             })
             .collect();
         // One session reads the stage as a table for both passes over every shard.
@@ -110,7 +154,7 @@ impl Runner<'_> {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
             input: Some(IngestCounts::default()),
-            upstream: digest,
+            upstream: digest.to_string(),
             ..StageStats::default()
         };
         let mut parts = Vec::new();
@@ -142,132 +186,130 @@ impl Runner<'_> {
         split_large_parquet(files, shard_bytes).await
     }
 
-    /// Runs (or finds published) this worker's input shards, side by side; returns their
-    /// markers by shard id.
-    async fn run_own_input_shards(
+    /// Every input shard, found published or run now (claimed, side by side, this worker's
+    /// first); shards live processes hold are waited for. Returns the markers by shard id.
+    async fn input_shards(
         &self,
         plan: &StagePlan,
-        files: Vec<InputFile>,
+        files: &[InputFile],
         sources: &BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, StageStats>> {
         let kept = Arc::new(KeptCopies::new(files.iter().map(|f| f.display.as_str())));
-        let mine: Vec<(usize, InputFile)> = files
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| self.worker.owns(*k))
-            .collect();
         self.progress
             .shards_total
-            .store(mine.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let parallel = self
             .job
             .execution
             .target_partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .clamp(1, DECODERS_AT_ONCE);
-        let results: Vec<Result<(String, StageStats)>> = futures::stream::iter(mine)
-            .map(|(k, file)| {
-                let kept = &kept;
-                async move {
-                    let marker = self.input_shard(plan, k, file, sources, kept).await?;
-                    self.progress
-                        .shards_done
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok((input_shard_id(k), marker))
-                }
-            })
-            .buffered(parallel)
-            .collect()
-            .await;
-        results.into_iter().collect()
-    }
-
-    /// Adds to `markers` the other workers' input shards, waiting until each is published
-    /// under the current definition and inputs.
-    async fn await_input_shards(
-        &self,
-        plan: &StagePlan,
-        sources: &BTreeMap<String, String>,
-        markers: &mut BTreeMap<String, StageStats>,
-    ) -> Result<()> {
-        let missing = || -> Vec<String> {
-            sources
-                .keys()
-                .filter(|id| !markers.contains_key(*id))
-                .cloned()
+        let mut pending = preference(self.worker, files.len());
+        let mut markers = BTreeMap::new();
+        let mut waiting = Waiting::new(self.job.execution.wait_secs);
+        loop {
+            let results: Vec<(usize, Result<Unit<StageStats>>)> = futures::stream::iter(pending)
+                .map(|k| {
+                    let kept = &kept;
+                    async move {
+                        let unit = self.input_shard(plan, k, &files[k], sources, kept).await;
+                        (k, unit)
+                    }
+                })
+                .buffered(parallel)
                 .collect()
-        };
-        if missing().is_empty() {
-            return Ok(());
-        }
-        let what = |ids: &[String]| {
-            format!(
-                "the other workers to publish input shards {} of '{}' (worker of shard k: k mod {})",
-                list_some(ids),
-                plan.name,
-                self.worker.count
-            )
-        };
-        let found = self
-            .wait_until(&what(&missing()), || async {
-                let mut found = BTreeMap::new();
-                for id in missing() {
-                    if let Some(done) = read_shard_stats(&self.root, &plan.name, &id).await?
-                        && input_shard_current(&done, plan, &sources[&id], sources)
-                    {
-                        found.insert(id, done);
+                .await;
+            let mut held = Vec::new();
+            pending = Vec::new();
+            let mut first_error = None;
+            for (k, unit) in results {
+                match unit {
+                    Ok(Unit::Done(marker)) => {
+                        self.progress
+                            .shards_done
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        markers.insert(input_shard_id(k), marker);
+                    }
+                    Ok(Unit::HeldBy(holder)) => {
+                        held.push((input_shard_id(k), holder));
+                        pending.push(k);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
                     }
                 }
-                Ok((found.len() == missing().len()).then_some(found))
-            })
-            .await?;
-        markers.extend(found);
-        Ok(())
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+            if pending.is_empty() {
+                return Ok(markers);
+            }
+            waiting.wait(&plan.name, &held).await?;
+        }
     }
 
     /// Shard `k` of the input stage: its marker when it was published under this definition
     /// and every input its dedup relied on is unchanged, else the shard run and published
-    /// now. `sources` holds each shard's input by id.
+    /// now under its claim (or who holds it). `sources` holds each shard's input by id.
     pub(super) async fn input_shard(
         &self,
         plan: &StagePlan,
         k: usize,
-        file: InputFile,
+        file: &InputFile,
         sources: &BTreeMap<String, String>,
         kept: &Arc<KeptCopies>,
-    ) -> Result<StageStats> {
+    ) -> Result<Unit<StageStats>> {
         let id = input_shard_id(k);
-        let source = sources[&id].clone();
-        if let Some(done) = read_shard_stats(&self.root, &plan.name, &id).await?
-            && input_shard_current(&done, plan, &source, sources)
-        {
-            return Ok(done);
-        }
-        let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
-        let journal_name = file.journal_name();
-        let journal = self.journal_of(&plan.name, &journal_name).await?;
-        let stats = self
-            .run_input_shard(plan, &id, file, dedup, &journal)
-            .await?;
-        let outranked_by = kept
-            .outranking(k as u32)
-            .into_iter()
-            .map(|j| {
-                let id = input_shard_id(j as usize);
-                let input = sources[&id].clone();
-                (id, input)
-            })
-            .collect();
-        let marker = StageStats {
-            journal: Some(journal_name),
-            dropped_while_running: Some(stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0)),
-            outranked_by,
-            upstream: source,
-            ..stats
+        let source = &sources[&id];
+        let current = || async {
+            Ok::<_, Error>(
+                read_shard_stats(&self.root, &plan.name, &id)
+                    .await?
+                    .filter(|done| {
+                        self.shard_stands(plan, &id, done, source)
+                            && input_shard_current(done, sources)
+                    }),
+            )
         };
-        write_shard_stats(&self.root, &plan.name, &id, &marker).await?;
-        self.compact(&journal).await;
-        Ok(marker)
+        if let Some(done) = current().await? {
+            return Ok(Unit::Done(done));
+        }
+        let run = async {
+            if let Some(done) = current().await? {
+                return Ok(done);
+            }
+            self.withdraw_shard(plan, &id).await?;
+            let dedup = FirstCopies::new(Arc::clone(kept), k as u32);
+            let journal_name = file.journal_name();
+            let journal = self.journal_of(&plan.name, &journal_name).await?;
+            let stats = self
+                .run_input_shard(plan, &id, file.clone(), dedup, &journal)
+                .await?;
+            let outranked_by = kept
+                .outranking(k as u32)
+                .into_iter()
+                .map(|j| {
+                    let id = input_shard_id(j as usize);
+                    let input = sources[&id].clone();
+                    (id, input)
+                })
+                .collect();
+            let marker = StageStats {
+                journal: Some(journal_name),
+                dropped_while_running: Some(
+                    stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0),
+                ),
+                outranked_by,
+                upstream: source.clone(),
+                ..stats
+            };
+            write_shard_stats(&self.root, &plan.name, &id, &marker).await?;
+            self.note_ran(plan, &id);
+            self.compact(&journal).await;
+            Ok(marker)
+        };
+        self.claimed(&plan.name, &id, run).await
     }
 
     pub(super) async fn run_input_shard(
@@ -542,17 +584,9 @@ async fn outranked_rows(
     Ok(repeated)
 }
 
-/// True when an input shard's marker holds: written under the stage's definition from
-/// `source`, and every input its dedup relied on (`outranked_by`) unchanged.
-fn input_shard_current(
-    done: &StageStats,
-    plan: &StagePlan,
-    source: &str,
-    sources: &BTreeMap<String, String>,
-) -> bool {
-    done.is_current(&plan.fingerprint, source)
-        && done
-            .outranked_by
+/// True when every input an input shard's dedup relied on (`outranked_by`) is unchanged.
+fn input_shard_current(done: &StageStats, sources: &BTreeMap<String, String>) -> bool {
+    done.outranked_by
             .iter()
             .all(|(id, input)| sources.get(id) == Some(input))
 }
@@ -574,13 +608,4 @@ fn short_hash(value: &impl serde::Serialize) -> String {
     use sha2::{Digest, Sha256};
     let json = serde_json::to_vec(value).expect("maps serialise");
     hex::encode(&Sha256::digest(&json)[..12])
-}
-
-/// Up to five of `ids`, and how many more.
-fn list_some(ids: &[String]) -> String {
-    let shown = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-    match ids.len() {
-        n if n > 5 => format!("{shown} and {} more", n - 5),
-        _ => shown,
-    }
 }

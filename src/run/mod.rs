@@ -7,6 +7,7 @@
 //! its output or in a counted drop.
 
 pub mod batch;
+pub mod claim;
 mod exact_dedup;
 mod global;
 mod input;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod progress;
 mod runner;
 mod sharded;
+mod units;
 pub mod worker;
 
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
 use crate::prepare::decontaminate;
 use crate::root::marker::StageStats;
+use crate::run::claim::Claims;
 use crate::run::lease::Lease;
 use crate::run::plan::Step;
 use crate::run::progress::{Progress, Reporter};
@@ -68,8 +71,9 @@ pub struct RunOptions {
 /// Runs the stages of `job` that `opts` selects, in job order.
 pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     let root = Location::parse(&job.output)?;
-    let lease = Lease::acquire(&root, opts.worker, &job.name, opts.trust_single_writer).await?;
-    let result = run_stages(job, opts, root).await;
+    let claims = Claims::new(&root, &job.name, opts.trust_single_writer);
+    let lease = Lease::acquire(&claims, opts.worker, opts.trust_single_writer).await?;
+    let result = run_stages(job, opts, root, &claims).await;
     let released = lease.release().await;
     // The run's own error comes first; a lease left behind lapses.
     match (result, released) {
@@ -85,7 +89,12 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// [`run`], with this worker's lease on the root held.
-async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunSummary> {
+async fn run_stages(
+    job: &Job,
+    opts: &RunOptions,
+    root: Location,
+    claims: &Arc<Claims>,
+) -> Result<RunSummary> {
     let to_run = job.select_stages(&opts.stages)?;
     // The benchmark files as they are now enter the fingerprints, whatever stages run.
     let (with_benchmarks, benchmark_files) = match &job.decontamination {
@@ -129,7 +138,7 @@ async fn run_stages(job: &Job, opts: &RunOptions, root: Location) -> Result<RunS
         None => None,
     };
     let pool = Arc::new(LlmPool::new(&models, budget));
-    let mut runner = Runner::new(job, root, pool, journal, opts.worker)?;
+    let mut runner = Runner::new(job, root, pool, journal, opts.worker, Arc::clone(claims))?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
     if let Some(files) = &benchmark_files {
         runner.benchmarks = benchmark_index(job, &runner.plans, &to_run, files).await?;

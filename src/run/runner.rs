@@ -19,6 +19,7 @@ use crate::prepare::tokens::TokenCounter;
 use crate::root::marker::{StageStats, read_stage_stats};
 use crate::root::names::PartNames;
 use crate::run::exact_dedup::FirstCopies;
+use crate::run::claim::Claims;
 use crate::run::manifest;
 use crate::run::parts::execute_to_parts;
 use crate::run::plan::{StagePlan, plan_stages};
@@ -35,6 +36,11 @@ pub(super) struct Runner<'a> {
     pub(super) tokens: TokenCounter,
     pub(super) window: Window,
     pub(super) worker: Worker,
+    /// This process's claims on units of work.
+    pub(super) claims: Arc<Claims>,
+    /// `<stage>/<shard>` of the shards this process ran in this run: their markers stand
+    /// although rows failed (those are retried by the next run, not again and again by this).
+    pub(super) ran: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(super) plans: Vec<StagePlan>,
     pub(super) fingerprints: BTreeMap<String, manifest::Fingerprint>,
     pub(super) progress: Arc<Progress>,
@@ -50,6 +56,7 @@ impl<'a> Runner<'a> {
         pool: Arc<LlmPool>,
         journal: Arc<Journal>,
         worker: Worker,
+        claims: Arc<Claims>,
     ) -> Result<Self> {
         let mut runner = Runner {
             job,
@@ -59,6 +66,8 @@ impl<'a> Runner<'a> {
             pool,
             journal,
             worker,
+            claims,
+            ran: Default::default(),
             plans: Vec::new(),
             fingerprints: BTreeMap::new(),
             progress: Arc::new(Progress::default()),
@@ -125,6 +134,23 @@ impl Runner<'_> {
             .filter(|s| s.fingerprint == plan.fingerprint))
     }
 
+    /// Whether shard `id`'s marker `done` stands for stage `plan` read from `upstream`:
+    /// current, or written by this run (which does not retry its failed rows at once).
+    pub(super) fn shard_stands(&self, plan: &StagePlan, id: &str, done: &StageStats, upstream: &str) -> bool {
+        done.is_current(&plan.fingerprint, upstream)
+            || (done.fingerprint == plan.fingerprint
+                && done.upstream == upstream
+                && self.ran.lock().expect("lock poisoned").contains(&format!("{}/{id}", plan.name)))
+    }
+
+    /// Notes that this process ran shard `id` of `plan` in this run.
+    pub(super) fn note_ran(&self, plan: &StagePlan, id: &str) {
+        self.ran
+            .lock()
+            .expect("lock poisoned")
+            .insert(format!("{}/{id}", plan.name));
+    }
+
     /// Fails, saying what to run first, when `table` (read by `stage`) is not complete.
     pub(super) async fn require_complete(&self, stage: &str, table: &str) -> Result<()> {
         let plan = self.plan(table)?;
@@ -167,8 +193,9 @@ impl Runner<'_> {
         first_copies: Option<FirstCopies>,
     ) -> Result<StageStats> {
         // A task of its own, so shards running side by side also encode their Parquet on
-        // different threads.
-        let (stats, shards) = tokio::spawn(execute_to_parts(
+        // different threads; aborted if this future is dropped (its claim was taken over), so
+        // it writes no part after the unit's new holder started.
+        let mut task = AbortOnDrop(tokio::spawn(execute_to_parts(
             ctx.clone(),
             plan.sql.clone(),
             plan.tables.clone(),
@@ -177,9 +204,10 @@ impl Runner<'_> {
             Arc::clone(&self.progress),
             first_copies,
             self.job.execution.fsync.unwrap_or(false),
-        ))
-        .await
-        .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
+        )));
+        let (stats, shards) = (&mut task.0)
+            .await
+            .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
         Ok(StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),
@@ -204,5 +232,14 @@ impl Runner<'_> {
     /// Rows per part of the stages that cut their output into shards.
     pub(super) fn shard_rows(&self) -> usize {
         self.job.execution.shard_rows.unwrap_or(10_000).max(1)
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

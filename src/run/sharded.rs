@@ -2,6 +2,7 @@
 //! published by its marker; the stage is complete once every shard is. Consecutive sharded
 //! stages run together, a shard entering the next stage as soon as it leaves the last.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,9 @@ use crate::root::names::{PartNames, input_shard_of_part, part_file};
 use crate::root::objects::{object_url, remove_shards_except};
 use crate::run::near_dup::NearDuplicates;
 use crate::run::plan::StagePlan;
+use crate::run::claim::Holder;
 use crate::run::runner::Runner;
+use crate::run::units::{Unit, Waiting, preference};
 
 /// How often shard admission looks at the calls outstanding.
 const ADMISSION_LOOK: Duration = Duration::from_millis(50);
@@ -28,11 +31,12 @@ const MORE_SHARDS: usize = 4;
 
 impl Runner<'_> {
     /// Runs sharded stages together, shard by shard: each shard goes through the stages in
-    /// turn (stages reading the same table side by side), each stage's shard published by its
-    /// marker as soon as it is written, so a shard's next stage starts while other shards are
-    /// still in earlier ones and no stage's tail leaves the servers idle. Shards already
-    /// published under the same fingerprint (and without failed rows) are skipped; this
-    /// worker takes the shards it owns. Returns each stage's totals, in the order given.
+    /// turn (stages reading the same table side by side), each stage's shard a unit of work
+    /// published by its marker as soon as it is written, so a shard's next stage starts while
+    /// other shards are still in earlier ones and no stage's tail leaves the servers idle.
+    /// Shards already published under the same fingerprint from the same input are skipped;
+    /// shards live processes hold are come back to. Returns each stage's totals over the
+    /// shards this process did or found done, in the order given.
     pub(super) async fn run_pipelined(&self, plans: &[&StagePlan]) -> Result<Vec<StageStats>> {
         let root = self.shard_root(plans[0]).await?;
         let ids = root.shards.clone();
@@ -42,7 +46,7 @@ impl Runner<'_> {
         for plan in plans {
             let upstream = plan.sharded_on(self.job).expect("a sharded stage");
             ups.push(self.plan(upstream)?);
-            // Pass 2 of near-dedup: every worker computes the same clusters from all
+            // Pass 2 of near-dedup: every process computes the same clusters from all
             // signatures (the upstream is complete: `steps` puts it in an earlier step).
             nears.push(if plan.reads_near_duplicates() {
                 Some(self.near_duplicates(plan, upstream).await?)
@@ -56,41 +60,34 @@ impl Runner<'_> {
             depth.push(level);
         }
         let levels = depth.iter().max().map_or(0, |d| d + 1);
-        let mine: Vec<String> = ids
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.worker.owns(*i))
-            .map(|(_, id)| id.clone())
-            .collect();
         self.progress
             .shards_total
-            .store((mine.len() * plans.len()) as u64, Ordering::Relaxed);
+            .store((ids.len() * plans.len()) as u64, Ordering::Relaxed);
         let (ups, nears, depth) = (&ups, &nears, &depth);
-        // One shard through every stage; a failed stage stops the shard's later levels.
+        // One shard through every stage; a failed or held stage stops the shard's later levels.
         let chain = |id: String| async move {
-            let mut done: Vec<Option<(Result<StageStats>, Instant)>> =
+            let mut done: Vec<Option<(Result<Unit<StageStats>>, Instant)>> =
                 (0..plans.len()).map(|_| None).collect();
-            let id = &id;
             for level in 0..levels {
+                let id = &id;
                 let runs = (0..plans.len())
                     .filter(|i| depth[*i] == level)
                     .map(|i| async move {
                         let stats = self
                             .run_shard(plans[i], ups[i], id, nears[i].as_ref())
                             .await;
-                        self.progress.shards_done.fetch_add(1, Ordering::Relaxed);
                         (i, stats)
                     });
-                let mut failed = false;
+                let mut stop = false;
                 for (i, stats) in futures::future::join_all(runs).await {
-                    failed |= stats.is_err();
+                    stop |= !matches!(stats, Ok(Unit::Done(_)));
                     done[i] = Some((stats, Instant::now()));
                 }
-                if failed {
+                if stop {
                     break;
                 }
             }
-            done
+            (id, done)
         };
         let started = Instant::now();
         let mut totals: Vec<StageStats> = plans
@@ -102,33 +99,69 @@ impl Runner<'_> {
             })
             .collect();
         let mut last = vec![started; plans.len()];
-        let mut first_error = None;
-        // Folded in as each chain ends: a shard's counts are not kept past its chain, so
-        // what the run holds does not grow with the number of shards.
-        let fold = |done: Vec<Option<(Result<StageStats>, Instant)>>| {
-            for (i, outcome) in done.into_iter().enumerate() {
-                match outcome {
-                    Some((Ok(stats), at)) => {
-                        totals[i].absorb(&stats);
-                        last[i] = last[i].max(at);
+        let mut counted: HashSet<(usize, String)> = HashSet::new();
+        let mut waiting = Waiting::new(self.job.execution.wait_secs);
+        let mut pending: Vec<String> = preference(self.worker, ids.len())
+            .into_iter()
+            .map(|k| ids[k].clone())
+            .collect();
+        loop {
+            let mut first_error = None;
+            let mut held: Vec<(String, Holder)> = Vec::new();
+            // Folded in as each chain ends: a shard's counts are not kept past its chain, so
+            // what the run holds does not grow with the number of shards.
+            let fold = |(id, done): (String, Vec<Option<(Result<Unit<StageStats>>, Instant)>>)| {
+                for (i, outcome) in done.into_iter().enumerate() {
+                    match outcome {
+                        Some((Ok(Unit::Done(stats)), at)) => {
+                            if counted.insert((i, id.clone())) {
+                                self.progress.shards_done.fetch_add(1, Ordering::Relaxed);
+                                totals[i].absorb(&stats);
+                                last[i] = last[i].max(at);
+                            }
+                        }
+                        Some((Ok(Unit::HeldBy(holder)), _)) => {
+                            held.push((format!("{}/{id}", plans[i].name), holder));
+                        }
+                        Some((Err(e), _)) => {
+                            first_error.get_or_insert(e);
+                        }
+                        None => {}
                     }
-                    Some((Err(e), _)) => {
-                        first_error.get_or_insert(e);
-                    }
-                    None => {}
                 }
+            };
+            self.admit_shards(pending, &chain, self.shards_at_once(&root), fold)
+                .await;
+            if let Some(e) = first_error {
+                return Err(e);
             }
-        };
-        self.admit_shards(mine, chain, self.shards_at_once(&root), fold)
-            .await;
-        if let Some(e) = first_error {
-            return Err(e);
+            if held.is_empty() {
+                let mut complete = true;
+                for (i, plan) in plans.iter().enumerate() {
+                    complete &= self
+                        .publish_if_all_shards(plan, ups[i], nears[i].as_ref(), &ids)
+                        .await?;
+                }
+                if complete {
+                    break;
+                }
+                // A shard was redone or withdrawn meanwhile (another process changed it):
+                // look at every shard again.
+                pending = ids.clone();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            pending = held
+                .iter()
+                .filter_map(|(unit, _)| unit.rsplit_once('/').map(|(_, id)| id.to_string()))
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .collect();
+            let stage = plans.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+            waiting.wait(&stage, &held).await?;
         }
         for (total, at) in totals.iter_mut().zip(last) {
             total.seconds = (at - started).as_secs_f64();
-        }
-        for plan in plans {
-            self.publish_if_all_shards(plan, &ids).await?;
         }
         Ok(totals)
     }
@@ -208,22 +241,15 @@ impl Runner<'_> {
         }
     }
 
-    /// Shard `id` of `plan`, whose input is shard `id` of `up`: its marker when current, else
-    /// the shard run and published now.
-    pub(super) async fn run_shard(
+    /// The marker shard `id` of `plan` reads (that of shard `id` of `up`, or for parts of
+    /// the input stage that of the input file they came from) and the version of its input
+    /// the shard's marker must name; `None` while the input is not published.
+    async fn shard_input(
         &self,
-        plan: &StagePlan,
         up: &StagePlan,
         id: &str,
         near: Option<&NearDuplicates>,
-    ) -> Result<StageStats> {
-        // A journal that cannot be written stops new work at once, not at the end of the
-        // stages running together: nothing more is paid for that a crash would lose.
-        self.journal.check()?;
-        let out = self.root.child(&plan.name);
-        let up_file = self.root.child(&up.name).path(&part_file(id));
-        // The marker this shard's input was published by: the upstream shard's own, or for
-        // parts of the input stage the marker of the input file they came from.
+    ) -> Result<Option<(StageStats, String)>> {
         let up_stats = if up.sharded_on(self.job).is_some() {
             read_shard_stats(&self.root, &up.name, id).await?
         } else if let Some(input_shard) = input_shard_of_part(id)
@@ -233,10 +259,30 @@ impl Runner<'_> {
         } else {
             read_stage_stats(&self.root, &up.name).await?
         };
-        if up_stats
-            .as_ref()
-            .is_none_or(|s| s.fingerprint != up.fingerprint)
-        {
+        let Some(up_stats) = up_stats.filter(|s| s.fingerprint == up.fingerprint) else {
+            return Ok(None);
+        };
+        let mut upstream = up_stats.version();
+        if let Some(near) = near {
+            // Clusters span shards: a shard is stale when any part of its input changed.
+            upstream = format!("{upstream}+{}", near.version);
+        }
+        Ok(Some((up_stats, upstream)))
+    }
+
+    /// Shard `id` of `plan`, whose input is shard `id` of `up`: its marker when current, else
+    /// the shard run and published now under its claim (or who holds it).
+    pub(super) async fn run_shard(
+        &self,
+        plan: &StagePlan,
+        up: &StagePlan,
+        id: &str,
+        near: Option<&NearDuplicates>,
+    ) -> Result<Unit<StageStats>> {
+        // A journal that cannot be written stops new work at once, not at the end of the
+        // stages running together: nothing more is paid for that a crash would lose.
+        self.journal.check()?;
+        let Some((up_stats, upstream)) = self.shard_input(up, id, near).await? else {
             return job_error!(
                 "stage '{}' reads '{}', which has no complete output for shard {id} under {}; run it first (--stages {})",
                 plan.name,
@@ -244,19 +290,43 @@ impl Runner<'_> {
                 self.root.describe(),
                 up.name
             );
+        };
+        let current = || async {
+            Ok::<_, crate::error::Error>(
+                read_shard_stats(&self.root, &plan.name, id)
+                    .await?
+                    .filter(|done| self.shard_stands(plan, id, done, &upstream)),
+            )
+        };
+        if let Some(done) = current().await? {
+            return Ok(Unit::Done(done));
         }
-        let mut upstream = up_stats.as_ref().map(|s| s.version()).unwrap_or_default();
-        if let Some(near) = near {
-            // Clusters span shards: a shard is stale when any part of its input changed.
-            upstream = format!("{upstream}+{}", near.version);
-        }
-        if let Some(done) = read_shard_stats(&self.root, &plan.name, id).await?
-            && done.is_current(&plan.fingerprint, &upstream)
-        {
-            return Ok(done);
-        }
+        let run = async {
+            if let Some(done) = current().await? {
+                return Ok(done);
+            }
+            self.withdraw_shard(plan, id).await?;
+            self.redo_shard(plan, up, id, near, &up_stats, &upstream)
+                .await
+        };
+        self.claimed(&plan.name, id, run).await
+    }
+
+    /// Runs shard `id` of `plan` from its input (published by `up_stats`, at version
+    /// `upstream`) and publishes it.
+    async fn redo_shard(
+        &self,
+        plan: &StagePlan,
+        up: &StagePlan,
+        id: &str,
+        near: Option<&NearDuplicates>,
+        up_stats: &StageStats,
+        upstream: &str,
+    ) -> Result<StageStats> {
+        let out = self.root.child(&plan.name);
+        let up_file = self.root.child(&up.name).path(&part_file(id));
         // Named by the input file the shard comes from, not by its number (see StageStats).
-        let journal_name = match up_stats.as_ref().and_then(|s| s.journal.clone()) {
+        let journal_name = match up_stats.journal.clone() {
             Some(name) if up.reads_documents() => match id.split_once('-') {
                 Some((_, part)) => format!("{name}-{part}"),
                 None => name,
@@ -278,44 +348,60 @@ impl Runner<'_> {
         let mut stats = self
             .execute(&ctx, plan, &out, PartNames::Shard(id.to_string()))
             .await?;
-        stats.upstream = upstream;
+        stats.upstream = upstream.to_string();
         stats.journal = Some(journal_name);
         write_shard_stats(&self.root, &plan.name, id, &stats).await?;
+        self.note_ran(plan, id);
         self.compact(&journal).await;
         Ok(stats)
     }
 
-    /// Writes the stage's `_SUCCESS` (totals over all shards) once every shard is published.
-    /// Another worker may publish at the same time from markers read a moment earlier, so
-    /// after writing, the markers are read again and the totals rewritten until they agree:
-    /// the last publication always matches the shards as they are.
+    /// Writes the stage's `_SUCCESS` (totals over all shards) when every shard is published
+    /// and current against its input; true when it did. Another process may publish at the
+    /// same time from markers read a moment earlier, or withdraw a shard to redo it, so after
+    /// writing, the markers are read again: totals that changed are rewritten, and a shard
+    /// found missing or stale withdraws the `_SUCCESS` just written.
     pub(super) async fn publish_if_all_shards(
         &self,
         plan: &StagePlan,
+        up: &StagePlan,
+        near: Option<&NearDuplicates>,
         ids: &[String],
-    ) -> Result<()> {
-        let Some(mut total) = self.shard_totals(plan, ids).await? else {
-            return Ok(());
+    ) -> Result<bool> {
+        let Some(mut total) = self.shard_totals(plan, up, near, ids).await? else {
+            return Ok(false);
         };
         let current = ids.iter().cloned().collect();
         remove_shards_except(&self.root.child(&plan.name), &current, |part| part).await?;
         for _ in 0..5 {
             write_stage_stats(&self.root, &plan.name, &total).await?;
-            match self.shard_totals(plan, ids).await? {
-                Some(again) if again.version() == total.version() => return Ok(()),
+            match self.shard_totals(plan, up, near, ids).await? {
+                Some(again) if again.version() == total.version() => return Ok(true),
                 Some(again) => total = again,
-                // A shard is being redone: its worker publishes when it is done.
-                None => return Ok(()),
+                None => {
+                    self.withdraw_stage(plan).await?;
+                    return Ok(false);
+                }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The totals over the markers of shards `ids`, read side by side and added up as they
-    /// come; `None` while any is missing or of another definition.
-    async fn shard_totals(&self, plan: &StagePlan, ids: &[String]) -> Result<Option<StageStats>> {
+    /// come; `None` while any is missing, of another definition, or stale against its input.
+    async fn shard_totals(
+        &self,
+        plan: &StagePlan,
+        up: &StagePlan,
+        near: Option<&NearDuplicates>,
+        ids: &[String],
+    ) -> Result<Option<StageStats>> {
         let mut markers = futures::stream::iter(ids)
-            .map(|id| read_shard_stats(&self.root, &plan.name, id))
+            .map(|id| async move {
+                let marker = read_shard_stats(&self.root, &plan.name, id).await?;
+                let input = self.shard_input(up, id, near).await?;
+                Ok::<_, crate::error::Error>(marker.zip(input.map(|(_, version)| version)))
+            })
             .buffered(32);
         let mut total = StageStats {
             stage: plan.name.clone(),
@@ -325,7 +411,12 @@ impl Runner<'_> {
         };
         while let Some(marker) = markers.try_next().await? {
             match marker {
-                Some(s) if s.fingerprint == plan.fingerprint => total.absorb(&s),
+                // Rows that failed are counted, and retried by the next run.
+                Some((s, upstream))
+                    if s.fingerprint == plan.fingerprint && s.upstream == upstream =>
+                {
+                    total.absorb(&s)
+                }
                 _ => return Ok(None),
             }
         }

@@ -72,7 +72,7 @@ fn a_store_that_overwrites_on_create_is_refused() {
         &s3rver.env(),
         &args,
         &[
-            "s3://runs/out cannot hold a worker's lease",
+            "s3://runs/out cannot hold claims",
             "succeeded instead of being refused",
             "--trust-single-writer",
         ],
@@ -120,7 +120,7 @@ fn conditional_puts_switched_off_are_refused() {
     refused(
         &env,
         &args,
-        &["cannot hold a worker's lease", "AWS_CONDITIONAL_PUT"],
+        &["cannot hold claims", "AWS_CONDITIONAL_PUT"],
     );
     assert_eq!(server.requests(), 0);
     trusted(&env, &args);

@@ -1,0 +1,453 @@
+//! Claims: small objects under an output root saying which process works on something (a
+//! worker slot's lease, a unit of work), renewed while it does. A claim is created only if
+//! absent; one whose holder is gone is taken over by a conditional write; renewal and release
+//! are conditional too, so a process never renews or deletes a claim another has taken.
+//!
+//! A holder counts as gone on the same machine and in the same PID namespace (the kernel's
+//! boot id and the namespace's inode, not the host name, which containers share) when its
+//! process no longer exists or is another process since started under its pid; elsewhere when
+//! it has not renewed for [`LAPSE_SECS`]. On an object store the conditional write names the
+//! version read; on a local disk it is done under an exclusive lock of the folder's `.lock`
+//! file, so two processes taking over one claim take turns and one of them wins.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Result};
+use crate::storage::{Location, delete_if_exists, read_json, write_json};
+
+/// A claim not renewed for this long is taken to belong to a dead process.
+pub const LAPSE_SECS: u64 = 120;
+/// How often a holder renews its claims.
+const RENEW_SECS: u64 = 30;
+
+/// What a claim object says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Holder {
+    /// The machine's host name (shown, never trusted).
+    pub host: String,
+    /// The process id, in its own PID namespace.
+    pub pid: u32,
+    /// The job's name.
+    pub job: String,
+    /// Unix seconds when the claim was taken.
+    pub since: u64,
+    /// Unix seconds of the last renewal.
+    pub renewed: u64,
+    /// The kernel's boot id, the PID namespace and the process's start time (clock ticks
+    /// since boot): together with `pid`, who the holder is on its machine.
+    #[serde(default)]
+    boot_id: String,
+    #[serde(default)]
+    pid_ns: String,
+    #[serde(default)]
+    started: u64,
+    /// Random, drawn once per process: what tells a process its own claims.
+    #[serde(default)]
+    pub token: String,
+}
+
+impl Holder {
+    /// This process, working on `job`.
+    pub fn me(job: &str) -> Holder {
+        let now = unix_now();
+        let pid = std::process::id();
+        Holder {
+            host: host_name(),
+            pid,
+            job: job.to_string(),
+            since: now,
+            renewed: now,
+            boot_id: boot_id(),
+            pid_ns: pid_namespace(),
+            started: start_time(pid).unwrap_or(0),
+            token: process_token(),
+        }
+    }
+
+    /// Whether the holder may still be running: in this machine's PID namespace, whether its
+    /// process is there (the same process: same start time); elsewhere, whether it renewed
+    /// lately. Host names are no evidence (containers share them, each may run as PID 1).
+    pub fn alive(&self, now: u64) -> bool {
+        let here = !self.boot_id.is_empty()
+            && self.boot_id == boot_id()
+            && !self.pid_ns.is_empty()
+            && self.pid_ns == pid_namespace();
+        if here {
+            return start_time(self.pid) == Some(self.started);
+        }
+        now.saturating_sub(self.renewed) < LAPSE_SECS
+    }
+
+    /// `pid N on HOST, renewed S s ago`.
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} on {}, renewed {} s ago",
+            self.pid,
+            self.host,
+            unix_now().saturating_sub(self.renewed)
+        )
+    }
+
+    fn body(&self) -> PutPayload {
+        PutPayload::from(serde_json::to_vec_pretty(self).expect("a claim serialises"))
+    }
+}
+
+/// This process's token, drawn once.
+fn process_token() -> String {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)))
+        .clone()
+}
+
+/// What taking a claim found.
+#[derive(Debug)]
+pub enum Taken {
+    /// The claim is this process's now.
+    Mine,
+    /// A live process holds it.
+    HeldBy(Holder),
+    /// The store wrote a second create-if-absent instead of refusing it: it cannot exclude.
+    Unguarded(String),
+}
+
+/// Takes the claim at `path` for `me`: created if absent, taken over from a holder that is
+/// gone, else who holds it. On a store without conditional writes (only with
+/// `trust_single_writer`) it is written plainly.
+pub async fn take(
+    root: &Location,
+    path: &Path,
+    me: &Holder,
+    trust_single_writer: bool,
+) -> Result<Taken> {
+    let _local = local_lock(root, path).await?;
+    for _ in 0..3 {
+        match root.store.put_opts(path, me.body(), create()).await {
+            Ok(_) => return Ok(Taken::Mine),
+            Err(object_store::Error::NotImplemented { .. }) if trust_single_writer => {
+                write_json(root, path, me).await?;
+                return Ok(Taken::Mine);
+            }
+            Err(e @ object_store::Error::NotImplemented { .. }) => {
+                return Ok(Taken::Unguarded(e.to_string()));
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (held, version) = match root.store.get(path).await {
+            Ok(got) => {
+                let version = version_of(&got.meta);
+                let bytes = got.bytes().await?;
+                (serde_json::from_slice::<Holder>(&bytes).ok(), version)
+            }
+            // Given back meanwhile: create it again.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(held) = held {
+            if held.token == me.token {
+                return Ok(Taken::Mine);
+            }
+            if held.alive(unix_now()) {
+                return Ok(Taken::HeldBy(held));
+            }
+        }
+        tracing::info!(claim = %root.display(path), "Taking over the claim of a process that is gone.");
+        let update = PutOptions::from(PutMode::Update(version));
+        match root.store.put_opts(path, me.body(), update).await {
+            Ok(_) => return Ok(Taken::Mine),
+            // Another process took it over (or gave it back) first: look again.
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. }
+                | object_store::Error::NotFound { .. },
+            ) => continue,
+            Err(object_store::Error::NotImplemented { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Under the folder's lock on a local disk: no other process reads or writes it meanwhile.
+        if root.store_url.scheme() == "file" || trust_single_writer {
+            write_json(root, path, me).await?;
+            return Ok(Taken::Mine);
+        }
+        return Ok(Taken::Unguarded(
+            "it cannot replace an object only if it is still the version read".to_string(),
+        ));
+    }
+    Ok(match read_json::<Holder>(root, path).await? {
+        Some(held) if held.token == me.token => Taken::Mine,
+        Some(held) => Taken::HeldBy(held),
+        None => Taken::HeldBy(me.clone()),
+    })
+}
+
+/// Renews `me`'s claim at `path`: false when it is no longer this process's.
+pub async fn renew(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
+    let _local = local_lock(root, path).await?;
+    let got = match root.store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let version = version_of(&got.meta);
+    let held: Option<Holder> = serde_json::from_slice(&got.bytes().await?).ok();
+    if held.is_none_or(|h| h.token != me.token) {
+        return Ok(false);
+    }
+    let renewed = Holder {
+        renewed: unix_now(),
+        ..me.clone()
+    };
+    // Only over the version read: a taker's claim in between is not overwritten.
+    let update = PutOptions::from(PutMode::Update(version));
+    match root.store.put_opts(path, renewed.body(), update).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::Precondition { .. }) => Ok(false),
+        // A local disk (under its lock) and stores without conditional writes.
+        Err(object_store::Error::NotImplemented { .. }) => {
+            write_json(root, path, &renewed).await?;
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes `me`'s claim at `path` if it is still this process's; false when another process
+/// had taken it.
+pub async fn give_back(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
+    let _local = local_lock(root, path).await?;
+    match read_json::<Holder>(root, path).await? {
+        Some(held) if held.token != me.token => Ok(false),
+        _ => {
+            delete_if_exists(root, path).await?;
+            Ok(true)
+        }
+    }
+}
+
+/// The claims this process holds, renewed together by one task every [`RENEW_SECS`]. A
+/// claim another process took over (this one was thought gone: stalled, cut off) is marked
+/// lost, and whoever works under it stops.
+#[derive(Debug)]
+pub struct Claims {
+    root: Location,
+    me: Holder,
+    trust_single_writer: bool,
+    held: Arc<Mutex<HashMap<Path, Arc<Held>>>>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+/// One claim of this process.
+#[derive(Debug, Default)]
+pub struct Held {
+    lost: AtomicBool,
+    changed: tokio::sync::Notify,
+    /// Unix seconds of the last renewal that found it this process's.
+    confirmed: std::sync::atomic::AtomicU64,
+}
+
+impl Held {
+    /// True once another process has taken the claim over.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the claim is lost.
+    pub async fn lost(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.is_lost() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Claims {
+    /// The claims of this process (holding none yet) on `root`, for `job`.
+    pub fn new(root: &Location, job: &str, trust_single_writer: bool) -> Arc<Claims> {
+        let me = Holder::me(job);
+        let held: Arc<Mutex<HashMap<Path, Arc<Held>>>> = Arc::default();
+        let renewal = tokio::spawn(renew_all(root.clone(), me.clone(), Arc::clone(&held)));
+        Arc::new(Claims {
+            root: root.clone(),
+            me,
+            trust_single_writer,
+            held,
+            renewal,
+        })
+    }
+
+    /// The root the claims are on.
+    pub fn root(&self) -> &Location {
+        &self.root
+    }
+
+    /// This process, as its claims name it.
+    pub fn me(&self) -> &Holder {
+        &self.me
+    }
+
+    /// Takes the claim at `path`; while held, it is renewed with the others.
+    pub async fn take(&self, path: &Path) -> Result<(Taken, Option<Arc<Held>>)> {
+        let taken = take(&self.root, path, &self.me, self.trust_single_writer).await?;
+        let held = matches!(taken, Taken::Mine).then(|| {
+            let held = Arc::new(Held::default());
+            held.confirmed.store(unix_now(), Ordering::SeqCst);
+            self.lock().insert(path.clone(), Arc::clone(&held));
+            held
+        });
+        Ok((taken, held))
+    }
+
+    /// Gives the claim at `path` back (if it is still this process's).
+    pub async fn release(&self, path: &Path) -> Result<()> {
+        let held = self.lock().remove(path);
+        if held.is_some_and(|h| h.is_lost()) {
+            return Ok(());
+        }
+        if !give_back(&self.root, path, &self.me).await? {
+            tracing::warn!(claim = %self.root.display(path), "A claim was taken over by another process; left to it.");
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Path, Arc<Held>>> {
+        self.held.lock().expect("lock poisoned")
+    }
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+/// Renews every claim in `held` every [`RENEW_SECS`]; one that is no longer this process's,
+/// or that could not be renewed for [`LAPSE_SECS`] (others may have judged it gone), is lost.
+async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc<Held>>>>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(RENEW_SECS)).await;
+        let claims: Vec<(Path, Arc<Held>)> = held
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .map(|(p, h)| (p.clone(), Arc::clone(h)))
+            .collect();
+        for (path, claim) in claims {
+            if claim.is_lost() {
+                continue;
+            }
+            match renew(&root, &path, &me).await {
+                Ok(true) => claim.confirmed.store(unix_now(), Ordering::SeqCst),
+                Ok(false) => claim.mark_lost(),
+                Err(e) => {
+                    tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim.");
+                    let since = unix_now().saturating_sub(claim.confirmed.load(Ordering::SeqCst));
+                    if since + RENEW_SECS >= LAPSE_SECS {
+                        claim.mark_lost();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// On a local disk, an exclusive lock of the `.lock` file in the claim's folder, held while
+/// the claim is read and written, so processes taking over, renewing or giving back claims
+/// there take turns (this process's own tasks queue first, so no runtime thread blocks on a
+/// lock another of its tasks holds). Nothing elsewhere: object stores decide by conditional
+/// writes.
+async fn local_lock(root: &Location, path: &Path) -> Result<Option<LocalLock>> {
+    static IN_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    if root.store_url.scheme() != "file" {
+        return Ok(None);
+    }
+    let turn = IN_PROCESS.lock().await;
+    let local = object_store::local::LocalFileSystem::new().path_to_filesystem(path)?;
+    let folder = local.parent().map(std::path::Path::to_path_buf);
+    let lock = folder.unwrap_or_default().join(".lock");
+    let shown = || format!("claim lock {}", lock.display());
+    std::fs::create_dir_all(lock.parent().unwrap_or(&lock)).with_context(shown)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(shown)?;
+    file.lock().with_context(shown)?;
+    Ok(Some(LocalLock { _file: file, _turn: turn }))
+}
+
+/// A held local lock: the file lock, and this process's turn.
+struct LocalLock {
+    _file: std::fs::File,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+fn version_of(meta: &object_store::ObjectMeta) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: meta.e_tag.clone(),
+        version: meta.version.clone(),
+    }
+}
+
+fn create() -> PutOptions {
+    PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The kernel's id of this boot (empty where there is none to read).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's PID namespace, as `pid:[inode]` (empty where there is none to read).
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|ns| ns.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// When process `pid` started, in clock ticks since boot; `None` when there is no such
+/// process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields count from the last
+    // ')'; the start time is field 22.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This machine's name, as the kernel knows it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "an unknown host".to_string())
+}
