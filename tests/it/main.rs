@@ -24,6 +24,7 @@ mod quality;
 mod reasoning;
 mod report;
 mod resume;
+mod schedules;
 mod schemas;
 mod seed;
 mod stats;
