@@ -17,6 +17,8 @@ pub struct Endpoint {
     pub(crate) shown: String,
     pub(crate) http: reqwest::Client,
     pub(crate) slots: Arc<Aimd>,
+    /// The configured cap on requests in flight, before it is shared between processes.
+    cap: usize,
     pub(crate) stats: EndpointStats,
     health: Mutex<Health>,
     /// Set when the server said the quota is exhausted; later calls fail without a request.
@@ -41,11 +43,27 @@ impl Endpoint {
             base_url: base_url.to_string(),
             http,
             slots: Aimd::new(concurrency),
+            cap: concurrency.max(1),
             stats: EndpointStats::default(),
             health: Mutex::new(Health::default()),
             quota: Mutex::new(None),
             limits,
         }
+    }
+
+    /// Takes this process's share of the endpoint when `processes` run on the job and this
+    /// one is `rank` among them: the cap divided (the first processes take the remainder,
+    /// each keeps one slot), and so are the rates.
+    pub(crate) fn share(&self, processes: usize, rank: usize) {
+        let n = processes.max(1);
+        self.slots
+            .set_cap(self.cap / n + usize::from(rank % n < self.cap % n));
+        self.limits.share(1.0 / n as f64);
+    }
+
+    /// The configured cap on requests in flight, before it is shared.
+    pub(crate) fn configured_cap(&self) -> usize {
+        self.cap
     }
 
     /// Snapshot of this endpoint's counters.

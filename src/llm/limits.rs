@@ -13,9 +13,18 @@ use tokio::sync::oneshot;
 /// One budget per minute, spent as requests go out.
 #[derive(Debug)]
 pub struct Bucket {
+    per_minute: f64,
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
+    tokens: f64,
+    at: Instant,
+    /// This process's share of the budget, per second.
     per_second: f64,
+    /// At most one second's worth saved up (and at least one unit).
     capacity: f64,
-    state: Mutex<(f64, Instant)>,
 }
 
 impl Bucket {
@@ -23,16 +32,31 @@ impl Bucket {
     pub fn per_minute(per_minute: f64) -> Self {
         let per_second = per_minute / 60.0;
         Self {
-            per_second,
-            capacity: per_second.max(1.0),
-            state: Mutex::new((per_second.max(1.0), Instant::now())),
+            per_minute,
+            state: Mutex::new(BucketState {
+                tokens: per_second.max(1.0),
+                at: Instant::now(),
+                per_second,
+                capacity: per_second.max(1.0),
+            }),
         }
     }
 
-    fn refill(&self, state: &mut (f64, Instant)) {
+    /// Spends `fraction` of the configured budget from now on: this process's share when
+    /// several run on one job.
+    pub fn share(&self, fraction: f64) {
+        let mut state = self.state.lock().expect("lock poisoned");
+        self.refill(&mut state);
+        state.per_second = self.per_minute / 60.0 * fraction;
+        state.capacity = state.per_second.max(1.0);
+        state.tokens = state.tokens.min(state.capacity);
+    }
+
+    fn refill(&self, state: &mut BucketState) {
         let now = Instant::now();
-        state.0 = (state.0 + (now - state.1).as_secs_f64() * self.per_second).min(self.capacity);
-        state.1 = now;
+        state.tokens =
+            (state.tokens + (now - state.at).as_secs_f64() * state.per_second).min(state.capacity);
+        state.at = now;
     }
 
     /// Waits until `amount` can be spent, then spends it. An amount larger than a full bucket
@@ -42,12 +66,12 @@ impl Bucket {
             let wait = {
                 let mut state = self.state.lock().expect("lock poisoned");
                 self.refill(&mut state);
-                let needed = amount.min(self.capacity);
-                if state.0 >= needed {
-                    state.0 -= amount;
+                let needed = amount.min(state.capacity);
+                if state.tokens >= needed {
+                    state.tokens -= amount;
                     return;
                 }
-                Duration::from_secs_f64((needed - state.0) / self.per_second)
+                Duration::from_secs_f64((needed - state.tokens) / state.per_second)
             };
             tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
         }
@@ -57,7 +81,7 @@ impl Bucket {
     pub fn correct(&self, estimated: f64, actual: f64) {
         let mut state = self.state.lock().expect("lock poisoned");
         self.refill(&mut state);
-        state.0 = (state.0 + estimated - actual).min(self.capacity);
+        state.tokens = (state.tokens + estimated - actual).min(state.capacity);
     }
 }
 
@@ -95,6 +119,16 @@ impl Limits {
         }
     }
 
+    /// Spends `fraction` of each configured rate from now on.
+    pub fn share(&self, fraction: f64) {
+        for bucket in [&self.requests, &self.input_tokens, &self.output_tokens]
+            .into_iter()
+            .flatten()
+        {
+            bucket.share(fraction);
+        }
+    }
+
     /// Corrects the token estimates of a request from the server's reported usage.
     pub fn settle(&self, estimated: (f64, f64), actual: (Option<i64>, Option<i64>)) {
         if let (Some(b), Some(used)) = (&self.input_tokens, actual.0) {
@@ -113,12 +147,13 @@ impl Limits {
 /// within a priority.
 #[derive(Debug)]
 pub struct Aimd {
-    cap: usize,
     state: Mutex<AimdState>,
 }
 
 #[derive(Debug)]
 struct AimdState {
+    /// The most slots the window may grow to: the configured cap, or this process's share.
+    cap: usize,
     limit: usize,
     successes: usize,
     /// Replies since the last cut; the next cut waits for a window's worth.
@@ -211,8 +246,8 @@ impl Aimd {
     pub fn new(cap: usize) -> Arc<Self> {
         let cap = cap.max(1);
         Arc::new(Self {
-            cap,
             state: Mutex::new(AimdState {
+                cap,
                 limit: cap,
                 successes: 0,
                 since_cut: cap,
@@ -272,6 +307,11 @@ impl Aimd {
         })
     }
 
+    /// The most slots the window may grow to now.
+    pub fn cap(&self) -> usize {
+        self.lock().cap
+    }
+
     /// Slots currently allowed.
     pub fn limit(&self) -> usize {
         self.lock().limit
@@ -287,11 +327,32 @@ impl Aimd {
         let mut state = self.lock();
         state.since_cut += 1;
         state.successes += 1;
-        if state.successes >= state.limit && state.limit < self.cap {
+        if state.successes >= state.limit && state.limit < state.cap {
             state.successes = 0;
             state.limit += 1;
             state.give_back();
         }
+    }
+
+    /// Sets the most slots the window may hold (this process's share of the configured cap):
+    /// a smaller cap takes slots away as they come back, a larger one adds them at once.
+    pub fn set_cap(&self, cap: usize) {
+        let cap = cap.max(1);
+        let mut state = self.lock();
+        if cap < state.limit {
+            let cut = state.limit - cap;
+            state.limit = cap;
+            let taken = cut.min(state.free);
+            state.free -= taken;
+            state.debt += cut - taken;
+        } else if cap > state.cap {
+            let grown = (state.limit + cap - state.cap).min(cap);
+            for _ in state.limit..grown {
+                state.give_back();
+            }
+            state.limit = grown;
+        }
+        state.cap = cap;
     }
 
     /// The server throttled: the window shrinks by a quarter, once per window of replies.

@@ -137,13 +137,31 @@ impl LlmPool {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// The most requests one role may have in flight (its cap times its replicas).
+    /// The most requests one role may have in flight now (this process's share of its
+    /// endpoints' caps, summed over its replicas).
     pub fn max_concurrency(&self) -> usize {
         self.models
             .values()
-            .map(|m| m.spec.concurrency * m.endpoints.len())
+            .map(|m| m.endpoints.iter().map(|e| e.slots.cap()).sum::<usize>())
             .max()
             .unwrap_or(1)
+    }
+
+    /// [`LlmPool::max_concurrency`] before the caps are shared between processes.
+    pub fn configured_concurrency(&self) -> usize {
+        self.models
+            .values()
+            .map(|m| m.endpoints.iter().map(|e| e.configured_cap()).sum::<usize>())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Takes this process's share of every endpoint's cap and rates, when `processes` run on
+    /// the job and this one is `rank` among them.
+    pub fn share(&self, processes: usize, rank: usize) {
+        for endpoint in self.endpoints.values() {
+            endpoint.share(processes, rank);
+        }
     }
 }
 

@@ -58,10 +58,55 @@ impl Lease {
         })
     }
 
+    /// How many processes run on the root (leases renewed lately, this one's included) and
+    /// this one's rank among them, by slot name: what the job's caps and rates are divided
+    /// by. One listing, no reads: a process killed without giving its lease back counts until
+    /// the lease lapses, which errs on the side of the servers.
+    pub fn processes(&self) -> Processes {
+        Processes {
+            root: self.claims.root().clone(),
+            path: self.path.clone(),
+        }
+    }
+
     /// Gives the slot back, if it is still this process's.
     pub async fn release(self) -> Result<()> {
         self.watch.abort();
         self.claims.release(&self.path).await
+    }
+}
+
+/// Counts the processes on a root, as seen from one lease (see [`Lease::processes`]).
+#[derive(Debug, Clone)]
+pub struct Processes {
+    root: Location,
+    path: object_store::path::Path,
+}
+
+impl Processes {
+    /// (processes running, this one's rank among them).
+    pub async fn count(&self) -> Result<(usize, usize)> {
+        use futures::TryStreamExt;
+        let root = &self.root;
+        let dir = root.child(LEASES_DIR);
+        let listed: Vec<object_store::ObjectMeta> =
+            root.store.list(Some(&dir.path(""))).try_collect().await?;
+        let now = unix_now();
+        let mut live: Vec<String> = listed
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".json"))
+            .filter(|m| {
+                m.location == self.path
+                    || now.saturating_sub(m.last_modified.timestamp().max(0) as u64) < LAPSE_SECS
+            })
+            .map(|m| m.location.to_string())
+            .collect();
+        if !live.iter().any(|l| *l == self.path.as_ref()) {
+            live.push(self.path.to_string());
+        }
+        live.sort();
+        let rank = live.iter().position(|l| *l == self.path.as_ref()).unwrap_or(0);
+        Ok((live.len(), rank))
     }
 }
 

@@ -33,7 +33,7 @@ use crate::llm::pool::LlmPool;
 use crate::prepare::decontaminate;
 use crate::root::marker::StageStats;
 use crate::run::claim::Claims;
-use crate::run::lease::Lease;
+use crate::run::lease::{Lease, Processes};
 use crate::run::plan::Step;
 use crate::run::progress::{Progress, Reporter};
 use crate::run::runner::Runner;
@@ -73,7 +73,7 @@ pub async fn run(job: &Job, opts: &RunOptions) -> Result<RunSummary> {
     let root = Location::parse(&job.output)?;
     let claims = Claims::new(&root, &job.name, opts.trust_single_writer);
     let lease = Lease::acquire(&claims, opts.worker, opts.trust_single_writer).await?;
-    let result = run_stages(job, opts, root, &claims).await;
+    let result = run_stages(job, opts, root, &claims, &lease).await;
     let released = lease.release().await;
     // The run's own error comes first; a lease left behind lapses.
     match (result, released) {
@@ -94,6 +94,7 @@ async fn run_stages(
     opts: &RunOptions,
     root: Location,
     claims: &Arc<Claims>,
+    lease: &Lease,
 ) -> Result<RunSummary> {
     let to_run = job.select_stages(&opts.stages)?;
     // The benchmark files as they are now enter the fingerprints, whatever stages run.
@@ -121,11 +122,7 @@ async fn run_stages(
             "Shared journal responses loaded."
         );
     }
-    let models: Vec<ModelSpec> = job
-        .models
-        .values()
-        .map(|m| worker_share(m, opts.worker))
-        .collect();
+    let models: Vec<&ModelSpec> = job.models.values().collect();
     // What earlier runs and the other workers have spent is in the journal; what is left is
     // split between the worker slots, each slot's earlier processes counted against it.
     let budget = match job.execution.budget_usd {
@@ -137,7 +134,12 @@ async fn run_stages(
         }
         None => None,
     };
-    let pool = Arc::new(LlmPool::new(&models, budget));
+    let pool = Arc::new(LlmPool::new(models, budget));
+    // Until the other processes are seen, the slots are shared as if every worker ran.
+    let processes = lease.processes();
+    let (running, rank) = processes.count().await?;
+    pool.share(running.max(opts.worker.count), rank.max(opts.worker.index));
+    let _sharing = AbortOnDrop(tokio::spawn(keep_sharing(processes, Arc::clone(&pool))));
     let mut runner = Runner::new(job, root, pool, journal, opts.worker, Arc::clone(claims))?;
     manifest::reconcile(&runner.root, job, &runner.fingerprints, opts.allow_changes).await?;
     if let Some(files) = &benchmark_files {
@@ -240,18 +242,36 @@ async fn run_steps(job: &Job, to_run: &[String], runner: &mut Runner<'_>) -> Res
     Ok(summary)
 }
 
-/// This worker's share of a model role's limits, so that the job's cap on requests in
-/// flight and its rates hold however many workers run at once: the cap is divided among the
-/// workers (each keeps at least one request in flight), and so are the rates.
-fn worker_share(spec: &ModelSpec, worker: Worker) -> ModelSpec {
-    let n = worker.count.max(1);
-    let cap = spec.concurrency / n + usize::from(worker.index < spec.concurrency % n);
-    let rate = |r: Option<f64>| r.map(|r| r / n as f64);
-    ModelSpec {
-        concurrency: cap.max(1),
-        requests_per_minute: rate(spec.requests_per_minute),
-        input_tokens_per_minute: rate(spec.input_tokens_per_minute),
-        output_tokens_per_minute: rate(spec.output_tokens_per_minute),
-        ..spec.clone()
+/// How often a process looks at how many run on the job, to take its share of the caps.
+const SHARE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+/// The first look, soon after start, when the workers of an array start together.
+const FIRST_SHARE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Divides the job's caps and rates between the processes running on it, as they come and
+/// go: a worker alone takes them whole, four at once a quarter each.
+async fn keep_sharing(processes: Processes, pool: Arc<LlmPool>) {
+    let mut shared = None;
+    let mut wait = FIRST_SHARE;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = SHARE_EVERY;
+        match processes.count().await {
+            Ok(now) if shared != Some(now) => {
+                tracing::debug!(processes = now.0, "Sharing the job's caps and rates.");
+                pool.share(now.0, now.1);
+                shared = Some(now);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Could not count the processes on the root."),
+        }
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

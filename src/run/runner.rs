@@ -60,7 +60,7 @@ impl<'a> Runner<'a> {
     ) -> Result<Self> {
         let mut runner = Runner {
             job,
-            window: Window::for_cap(pool.max_concurrency()),
+            window: Window::for_cap(pool.configured_concurrency()),
             tokens: TokenCounter::load(&job.prepare.tokenizer, &job.base_dir)?,
             root,
             pool,

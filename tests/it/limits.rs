@@ -529,3 +529,50 @@ async fn a_cut_takes_slots_back_as_they_come_free() {
     drop(held);
     assert_eq!(aimd.available(), 3);
 }
+
+/// A process's share of the cap follows the processes on the job: a smaller share takes
+/// slots back as they come free, a larger one hands slots to waiting calls at once, and the
+/// window never grows past the share.
+#[tokio::test]
+async fn a_share_of_the_cap_shrinks_as_slots_free_and_grows_at_once() {
+    let aimd = Aimd::new(8);
+    aimd.set_cap(2);
+    let held: Vec<Slot> = futures::future::join_all((0..2).map(|_| aimd.acquire(0))).await;
+    assert!(aimd.try_acquire().is_none(), "two of eight slots");
+    let mut waiting = Box::pin(aimd.acquire(0));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    aimd.set_cap(3);
+    let third = waiting.await;
+    aimd.set_cap(1);
+    drop(held);
+    assert_eq!(aimd.available(), 0, "the third slot is still held");
+    drop(third);
+    assert_eq!(aimd.available(), 1);
+    for _ in 0..100 {
+        aimd.on_success();
+    }
+    assert_eq!(aimd.limit(), 1, "successes never grow the window past the share");
+}
+
+/// A worker of a four-worker array run alone takes the job's whole cap once it sees it is
+/// alone (a throttled array's first task does the job at full speed).
+#[test]
+fn a_lone_worker_of_an_array_takes_the_whole_cap() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(100));
+    let job = workers_job(dir.path(), &server.url(), 600, "", "");
+    let out = crate::support::util::backforth(&[
+        "run",
+        &job,
+        "--concurrency",
+        "16",
+        "--worker",
+        "2/4",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.log().len(), 600);
+    let peak = server.state.max_in_flight.load(Ordering::SeqCst);
+    assert!(peak > 4, "{peak} requests in flight at the peak");
+    assert!(peak <= 16, "{peak} requests in flight at the peak");
+}
