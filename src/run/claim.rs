@@ -367,12 +367,12 @@ async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc
     }
 }
 
-/// On a local disk, an exclusive lock of the `.lock` file in the claim's folder, held while
-/// the claim is read and written, so processes taking over, renewing or giving back claims
-/// there take turns (this process's own tasks queue first, so no runtime thread blocks on a
+/// On a local disk, an exclusive lock of the `.lock` file in the folder of `path`, held while
+/// a claim (or a compacted journal) there is read and written, so processes taking over,
+/// renewing or giving back claims take turns (this process's own tasks queue first, so no runtime thread blocks on a
 /// lock another of its tasks holds). Nothing elsewhere: object stores decide by conditional
 /// writes.
-async fn local_lock(root: &Location, path: &Path) -> Result<Option<LocalLock>> {
+pub(crate) async fn local_lock(root: &Location, path: &Path) -> Result<Option<LocalLock>> {
     static IN_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     if root.store_url.scheme() != "file" {
         return Ok(None);
@@ -394,7 +394,7 @@ async fn local_lock(root: &Location, path: &Path) -> Result<Option<LocalLock>> {
 }
 
 /// A held local lock: the file lock, and this process's turn.
-struct LocalLock {
+pub(crate) struct LocalLock {
     _file: std::fs::File,
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }

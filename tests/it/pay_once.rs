@@ -475,3 +475,42 @@ fn a_stale_key_file_is_not_trusted() {
     rerun_changed(dir.path(), 30, "", &root, &server);
     assert_eq!(server.requests(), paid);
 }
+
+/// Two processes writing one shard's journal (a claim taken over from a process thought
+/// gone) and compacting it in turn: each merges what the other compacted, and deletes only
+/// the segments it read, so no answer is lost.
+#[tokio::test]
+async fn two_writers_compacting_one_shard_lose_no_answer() {
+    use backforth::llm::journal::Journal;
+    use backforth::llm::reply::Reply;
+    use backforth::storage::Location;
+    let dir = tempfile::tempdir().unwrap();
+    let root = Location::parse(dir.path().to_str().unwrap()).unwrap();
+    let reply = |text: &str| Reply {
+        text: Some(text.to_string()),
+        finish_reason: Some("stop".into()),
+        ..Reply::default()
+    };
+    let first = Journal::open(&root).await.unwrap();
+    let second = Journal::open(&root).await.unwrap();
+    let a = first.scope("scored", "part-0").await.unwrap();
+    let b = second.scope("scored", "part-0").await.unwrap();
+    a.record("key-a", &reply("a")).await;
+    b.record("key-b", &reply("b")).await;
+    b.compact().await.unwrap();
+    a.record("key-c", &reply("c")).await;
+    a.compact().await.unwrap();
+    b.record("key-d", &reply("d")).await;
+    b.compact().await.unwrap();
+
+    let reader = Journal::open(&root).await.unwrap();
+    let scope = reader.scope("scored", "part-0").await.unwrap();
+    for (key, text) in [("key-a", "a"), ("key-b", "b"), ("key-c", "c"), ("key-d", "d")] {
+        let got = scope.get(key).unwrap_or_else(|| panic!("{key} was lost"));
+        assert_eq!(got.text.as_deref(), Some(text));
+    }
+    let segments = std::fs::read_dir(dir.path().join("_journal/scored/part-0"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(segments, 0, "every segment was folded in and deleted");
+}

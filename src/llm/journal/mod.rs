@@ -609,64 +609,114 @@ impl JournalScope {
 
     /// Folds the shard's segments into one object sorted by key, with its keys beside it for
     /// the stage's index, once its output is published: a later run reads one object for the
-    /// shard. Segments another writer added are folded in too; the segments go only after
-    /// the compacted object and its keys are written, so a crash in between loses nothing.
+    /// shard. What the compacted object holds now (another process may have rewritten it
+    /// since this one opened the shard) and the segments listed are merged, and the object is
+    /// replaced only if it is still the version read. Then, and only then, this writer's
+    /// segments go, and other writers' that are no longer written to: a segment another
+    /// writer adds or appends to meanwhile stays, and a crash in between loses nothing.
     pub async fn compact(&self) -> Result<()> {
         let (Some(segments), Some((stage_dir, compacted))) = (&self.segments, &self.compact_to)
         else {
             return Ok(());
         };
-        let written = list(segments).await?;
-        if written.is_empty() {
+        for _ in 0..3 {
+            let _local = crate::run::claim::local_lock(stage_dir, compacted).await?;
+            let written = list(segments).await?;
+            if written.is_empty() {
+                return Ok(());
+            }
+            let foreign: Vec<ObjectMeta> = written
+                .iter()
+                .filter(|m| {
+                    m.location
+                        .filename()
+                        .is_none_or(|name| !name.starts_with(&self.writer_name))
+                })
+                .cloned()
+                .collect();
+            let (current, version) = match stage_dir.store.get(compacted).await {
+                Ok(got) => {
+                    let version = object_store::UpdateVersion {
+                        e_tag: got.meta.e_tag.clone(),
+                        version: got.meta.version.clone(),
+                    };
+                    (Some(got.bytes().await?), Some(version))
+                }
+                Err(object_store::Error::NotFound { .. }) => (None, None),
+                Err(e) => return Err(e.into()),
+            };
+            let (mut all, vanished) = read_objects(segments, foreign, &self.counters).await?;
+            if vanished {
+                // Another process folded them in meanwhile: read its object again.
+                continue;
+            }
+            if let Some(bytes) = &current {
+                parse_lines(stage_dir, compacted, bytes, &self.counters, &mut all);
+            }
+            all.extend(
+                self.known
+                    .lock()
+                    .expect("lock poisoned")
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.clone())),
+            );
+            let mut entries: Vec<Entry> = all.into_values().collect();
+            entries.sort_by(|a, b| a.key.cmp(&b.key));
+            let body = lines_of(&entries);
+            let size = body.len() as u64;
+            let mode = match version {
+                Some(version) => object_store::PutMode::Update(version),
+                None => object_store::PutMode::Create,
+            };
+            let put = stage_dir
+                .store
+                .put_opts(compacted, PutPayload::from(body.clone()), mode.into())
+                .await;
+            match put {
+                Ok(_) => {}
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. },
+                ) => continue,
+                // A local disk (under the folder's lock) and stores without conditional
+                // writes.
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    stage_dir.store.put(compacted, PutPayload::from(body)).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let shard = compacted
+                .as_ref()
+                .strip_suffix(".jsonl")
+                .unwrap_or_default();
+            stage_dir
+                .store
+                .put(
+                    &Path::from(format!("{shard}.keys")),
+                    index::key_file(&entries, size),
+                )
+                .await?;
+            // Another writer's segment may still grow (a local file is appended to): it goes
+            // only once nothing was added to it for a claim's lapse, when its writer no longer
+            // holds the shard.
+            let now = crate::run::claim::unix_now() as i64;
+            for meta in written {
+                let own = meta
+                    .location
+                    .filename()
+                    .is_some_and(|name| name.starts_with(&self.writer_name));
+                let idle = now - meta.last_modified.timestamp()
+                    >= crate::run::claim::LAPSE_SECS as i64;
+                if own || idle {
+                    delete_if_exists(segments, &meta.location).await?;
+                }
+            }
             return Ok(());
         }
-        let foreign: Vec<ObjectMeta> = written
-            .iter()
-            .filter(|m| {
-                m.location
-                    .filename()
-                    .is_none_or(|name| !name.starts_with(&self.writer_name))
-            })
-            .cloned()
-            .collect();
-        let (mut all, vanished) = read_objects(segments, foreign, &self.counters).await?;
-        if vanished {
-            // Another process folded the shard meanwhile: its object holds what went.
-            return execution_error!(
-                "the journal of {} changed while it was compacted; left as it is",
-                segments.describe()
-            );
-        }
-        all.extend(
-            self.known
-                .lock()
-                .expect("lock poisoned")
-                .iter()
-                .map(|(k, e)| (k.clone(), e.clone())),
-        );
-        let mut entries: Vec<Entry> = all.into_values().collect();
-        entries.sort_by(|a, b| a.key.cmp(&b.key));
-        let body = lines_of(&entries);
-        let size = body.len() as u64;
-        stage_dir
-            .store
-            .put(compacted, PutPayload::from(body))
-            .await?;
-        let shard = compacted
-            .as_ref()
-            .strip_suffix(".jsonl")
-            .unwrap_or_default();
-        stage_dir
-            .store
-            .put(
-                &Path::from(format!("{shard}.keys")),
-                index::key_file(&entries, size),
-            )
-            .await?;
-        for meta in written {
-            delete_if_exists(segments, &meta.location).await?;
-        }
-        Ok(())
+        execution_error!(
+            "the journal of {} kept changing while it was compacted; left as it is",
+            segments.describe()
+        )
     }
 }
 
@@ -843,24 +893,36 @@ async fn read_objects(
     let vanished = bodies.iter().any(Option::is_none);
     let mut known = HashMap::new();
     for (path, bytes) in bodies.into_iter().flatten() {
-        // What follows the last newline is a line a kill tore while it was appended.
-        let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1);
-        if bytes[whole..].iter().any(|b| !b.is_ascii_whitespace()) {
-            skipped(counters, dir, &path, "its last line is incomplete");
-        }
-        for (i, line) in bytes[..whole].split(|b| *b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            match serde_json::from_slice::<Entry>(line) {
-                Ok(entry) => {
-                    known.insert(entry.key.clone(), entry);
-                }
-                Err(e) => skipped(counters, dir, &path, &format!("line {}: {e}", i + 1)),
-            }
-        }
+        parse_lines(dir, &path, &bytes, counters, &mut known);
     }
     Ok((known, vanished))
+}
+
+/// Adds the entries of the journal object `path` (its bytes) to `known`, skipping and
+/// counting lines that cannot be read.
+fn parse_lines(
+    dir: &Location,
+    path: &Path,
+    bytes: &[u8],
+    counters: &ReadCounters,
+    known: &mut HashMap<String, Entry>,
+) {
+    // What follows the last newline is a line a kill tore while it was appended.
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |n| n + 1);
+    if bytes[whole..].iter().any(|b| !b.is_ascii_whitespace()) {
+        skipped(counters, dir, path, "its last line is incomplete");
+    }
+    for (i, line) in bytes[..whole].split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Entry>(line) {
+            Ok(entry) => {
+                known.insert(entry.key.clone(), entry);
+            }
+            Err(e) => skipped(counters, dir, path, &format!("line {}: {e}", i + 1)),
+        }
+    }
 }
 
 fn skipped(counters: &ReadCounters, dir: &Location, path: &Path, what: &str) {
@@ -1012,6 +1074,16 @@ impl SegmentWriter {
     /// failed write is cut off again, so the next one starts on a line of its own.
     fn append(&mut self, entries: &[Entry]) -> Result<()> {
         use std::io::Write as _;
+        use std::os::unix::fs::MetadataExt as _;
+        // A compaction deleted the file (this scope's own, after it was published): appends
+        // to it would go nowhere, so a new one is started.
+        if self
+            .appending
+            .as_ref()
+            .is_some_and(|f| f.metadata().is_ok_and(|m| m.nlink() == 0))
+        {
+            self.appending = None;
+        }
         let file = match &mut self.appending {
             Some(file) => file,
             None => {
