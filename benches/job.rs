@@ -11,11 +11,13 @@
 //!     cargo bench --bench job
 //!
 //! `BACKFORTH_BIN` runs another build of the binary (an earlier commit's, to compare in one
-//! sitting); `ONLY` (`busy`, `memory` or `ceiling`) runs one kind of row, `SLOTS` (256 or
+//! sitting); `ONLY` (`schedule`, `busy`, `memory` or `ceiling`) runs one kind of row, `SLOTS` (256 or
 //! 1024) one busy row; `CONCURRENT_SHARDS` sets `[execution] concurrent_shards`; `TIMELINE`
 //! prints the requests in flight per second.
 //!
-//! Rows: `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
+//! Rows: `schedule`, the job at 256 slots run by one process, then by four workers run one
+//! after another (`--worker I/4`, as a throttled array runs them), and the ratio of the wall
+//! times; `busy` at 256 slots (200 ms + 2 ms/token) and 1,024 slots (1 s + 2 ms/token) over
 //! `FILES` (20) × `DOCS` (1,000) documents; `memory`, `MEMORY_FILES` (20) files of
 //! `MEMORY_DOCS` (1,000) documents and ten times as many against a quick server, so peak RSS
 //! can be compared at 10× the documents (`MEMORY_RUNS` pairs, with the median ratio); `ceiling`, a server answering at once (one
@@ -109,10 +111,22 @@ struct Measured {
 }
 
 fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Measured {
-    let urls: Vec<String> = servers.iter().map(FakeServer::url).collect();
-    let job = write_job(dir, input, &urls, slots);
     let out = dir.join("out");
     let _ = std::fs::remove_dir_all(&out);
+    run_on(dir, input, servers, slots, &out, &[])
+}
+
+/// One process of the job on the output root `out` (kept as it is), with `extra` arguments.
+fn run_on(
+    dir: &Path,
+    input: &Path,
+    servers: &[FakeServer],
+    slots: usize,
+    out: &Path,
+    extra: &[&str],
+) -> Measured {
+    let urls: Vec<String> = servers.iter().map(FakeServer::url).collect();
+    let job = write_job(dir, input, &urls, slots);
     let report = dir.join("time.txt");
     let time = Path::new("/usr/bin/time").exists();
     let binary = std::env::var("BACKFORTH_BIN").unwrap_or(env!("CARGO_BIN_EXE_backforth").into());
@@ -127,7 +141,8 @@ fn run_job(dir: &Path, input: &Path, servers: &[FakeServer], slots: usize) -> Me
     let started = Instant::now();
     let status = cmd
         .args(["run", job.to_str().unwrap(), "--output"])
-        .arg(&out)
+        .arg(out)
+        .args(extra)
         .env("BACKFORTH_LOG", "error")
         .stderr(std::process::Stdio::null())
         .status()
@@ -225,6 +240,9 @@ fn main() {
     let only = std::env::var("ONLY").unwrap_or_default();
     let runs = |kind: &str| only.is_empty() || only == kind;
     println!("BaF job over {files} files x {docs} documents");
+    if runs("schedule") {
+        schedule(dir.path(), &input);
+    }
     for (slots, base_ms) in [(256usize, 200u64), (1024, 1000)] {
         if !runs("busy") {
             break;
@@ -297,4 +315,27 @@ fn main() {
             resources(&m)
         );
     }
+}
+
+/// One process doing the whole job against four workers run one after another on a fresh
+/// root: the first finds everything to do, the later ones nothing left.
+fn schedule(dir: &Path, input: &Path) {
+    let servers = servers(1, Duration::from_millis(200), Duration::from_millis(2));
+    let one = run_job(dir, input, &servers, 256);
+    let out = dir.join("out-schedule");
+    let _ = std::fs::remove_dir_all(&out);
+    let walls: Vec<f64> = (0..4)
+        .map(|i| {
+            let worker = format!("{i}/4");
+            run_on(dir, input, &servers, 256, &out, &["--worker", &worker]).wall
+        })
+        .collect();
+    let total: f64 = walls.iter().sum();
+    let shown: Vec<String> = walls.iter().map(|w| format!("{w:.1}")).collect();
+    println!(
+        "schedule slots   256, 200 ms + 2 ms/token: one process {:.1}s; four workers one after another {total:.1}s ({} s each), {:.2}x",
+        one.wall,
+        shown.join(" + "),
+        total / one.wall
+    );
 }

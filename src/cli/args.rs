@@ -29,8 +29,9 @@ pub enum Command {
         /// stages' outputs must exist.
         #[arg(long, value_delimiter = ',')]
         stages: Vec<String>,
-        /// This process's share of the shards, `I/N` (0-based); read from Slurm, Kubernetes
-        /// or AWS Batch array variables when absent.
+        /// This process's worker slot, `I/N` (0-based): the units it prefers first and its
+        /// share of the budget; read from Slurm, Kubernetes or AWS Batch array variables when
+        /// absent.
         #[arg(long)]
         worker: Option<String>,
         /// Number of workers, when the scheduler gives only an index (Kubernetes, AWS Batch).
@@ -41,7 +42,7 @@ pub enum Command {
         #[arg(long)]
         allow_changes: bool,
         /// Run on a store that does not refuse a second create of one object (some
-        /// S3-compatible servers), trusting that no other process runs this worker slot.
+        /// S3-compatible servers), trusting that no other process runs on this output.
         #[arg(long)]
         trust_single_writer: bool,
     },

@@ -293,8 +293,8 @@ pub struct ExecutionConfig {
     pub input_shard_bytes: Option<u64>,
     /// Stop cleanly once this run has spent this many US dollars at the models' prices.
     pub budget_usd: Option<f64>,
-    /// How long a worker waits for the others' share of a stage before it stops with a
-    /// message saying what it waited for (default 3,600 s).
+    /// How long a process waits for units of work that live processes hold, none of them
+    /// published meanwhile, before it stops naming them and their holders (default 3,600 s).
     pub wait_secs: Option<u64>,
     /// On a local disk, flush every journal write, spend record and part to the device before
     /// going on (parts before their markers), so a power loss costs nothing paid for

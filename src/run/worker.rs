@@ -1,6 +1,7 @@
-//! Which share of the shards this process works on: `--worker I/N`, or read from Slurm job
-//! arrays, Kubernetes Indexed Jobs and AWS Batch array jobs. Assignment is deterministic
-//! (shard number modulo N), so any worker can redo a dead worker's share.
+//! This process's worker slot: `--worker I/N`, or read from Slurm job arrays, Kubernetes
+//! Indexed Jobs and AWS Batch array jobs. A slot orders the units of work a process prefers
+//! (shard number modulo N first) and holds a share of the budget; any process does whatever
+//! is left, so no slot has to be filled for the job to finish.
 
 use crate::error::{Error, Result};
 
@@ -96,7 +97,7 @@ impl Worker {
         }
     }
 
-    /// True when shard number `shard` belongs to this worker.
+    /// True when shard number `shard` is among those this worker prefers first.
     pub fn owns(&self, shard: usize) -> bool {
         shard % self.count == self.index
     }
