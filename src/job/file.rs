@@ -294,7 +294,8 @@ pub struct ExecutionConfig {
     /// Stop cleanly once this run has spent this many US dollars at the models' prices.
     pub budget_usd: Option<f64>,
     /// How long a process waits for units of work that live processes hold, none of them
-    /// published meanwhile, before it stops naming them and their holders (default 3,600 s).
+    /// published meanwhile, before it stops naming them and their holders (unset: as long
+    /// as the holders are alive).
     pub wait_secs: Option<u64>,
     /// On a local disk, flush every journal write, spend record and part to the device before
     /// going on (parts before their markers), so a power loss costs nothing paid for

@@ -58,6 +58,10 @@ pub struct StageStats {
     /// the same markers skips the passes over the whole table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards_digest: Option<String>,
+    /// Unix milliseconds when the marker was written: rows that failed are retried by
+    /// processes started later, not redone at once by those running beside its writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_at_ms: Option<u64>,
 }
 
 impl StageStats {
@@ -100,6 +104,16 @@ impl StageStats {
         self.fingerprint == fingerprint && self.upstream == upstream && self.failed() == 0
     }
 
+    /// Whether the output stands for a process started at `started` (Unix ms): current,
+    /// or written from the same definition and input since that process started, its failed
+    /// rows left for a later run to retry rather than redone at once by every process.
+    pub fn stands(&self, fingerprint: &str, upstream: &str, started: u64) -> bool {
+        self.is_current(fingerprint, upstream)
+            || (self.fingerprint == fingerprint
+                && self.upstream == upstream
+                && self.written_at_ms.is_some_and(|at| at >= started))
+    }
+
     /// Rows whose LLM call failed after every retry.
     pub fn failed(&self) -> u64 {
         self.dropped.get("llm_error").copied().unwrap_or(0)
@@ -113,7 +127,15 @@ pub async fn read_stage_stats(root: &Location, stage: &str) -> Result<Option<Sta
 
 /// Publishes `stage` under `root` as complete, with its totals.
 pub async fn write_stage_stats(root: &Location, stage: &str, stats: &StageStats) -> Result<()> {
-    write_json(root, &root.child(stage).path(SUCCESS_MARKER), stats).await
+    write_json(root, &root.child(stage).path(SUCCESS_MARKER), &stamped(stats)).await
+}
+
+/// `stats`, marked as written now.
+fn stamped(stats: &StageStats) -> StageStats {
+    StageStats {
+        written_at_ms: Some(crate::run::claim::unix_millis()),
+        ..stats.clone()
+    }
 }
 
 /// Reads the marker of shard `id` of `stage`, or `None` when the shard is not published.
@@ -132,5 +154,5 @@ pub async fn write_shard_stats(
     id: &str,
     stats: &StageStats,
 ) -> Result<()> {
-    write_json(root, &shard_marker_path(&root.child(stage), id), stats).await
+    write_json(root, &shard_marker_path(&root.child(stage), id), &stamped(stats)).await
 }

@@ -5,8 +5,10 @@
 //!
 //! A holder counts as gone on the same machine and in the same PID namespace (the kernel's
 //! boot id and the namespace's inode, not the host name, which containers share) when its
-//! process no longer exists or is another process since started under its pid; elsewhere when
-//! it has not renewed for [`LAPSE_SECS`]. On an object store the conditional write names the
+//! process no longer exists, is a zombie, or is another process since started under its pid;
+//! elsewhere when this process has seen its claim unrenewed for [`LAPSE_SECS`] by its own
+//! clock (so clocks that disagree between machines neither kill a live holder nor keep a dead
+//! one), or when the claim says it was last renewed more than [`LONG_GONE_SECS`] ago. On an object store the conditional write names the
 //! version read; on a local disk it is done under an exclusive lock of the folder's `.lock`
 //! file, so two processes taking over one claim take turns and one of them wins.
 
@@ -24,6 +26,9 @@ use crate::storage::{Location, delete_if_exists, read_json, write_json};
 
 /// A claim not renewed for this long is taken to belong to a dead process.
 pub const LAPSE_SECS: u64 = 120;
+/// A claim whose own time of renewal is this old is taken over without first watching it
+/// for [`LAPSE_SECS`] (a run resumed long after a crash); clocks may disagree by less.
+pub const LONG_GONE_SECS: u64 = 1200;
 /// How often a holder renews its claims.
 const RENEW_SECS: u64 = 30;
 
@@ -72,17 +77,26 @@ impl Holder {
     }
 
     /// Whether the holder may still be running: in this machine's PID namespace, whether its
-    /// process is there (the same process: same start time); elsewhere, whether it renewed
-    /// lately. Host names are no evidence (containers share them, each may run as PID 1).
-    pub fn alive(&self, now: u64) -> bool {
+    /// process is there (the same process: same start time, not a zombie); elsewhere, whether
+    /// its claim changed within the last [`LAPSE_SECS`] that this process watched it
+    /// (`unchanged_for`) and its own time of renewal is not long gone. Host names are no
+    /// evidence (containers share them, each may run as PID 1).
+    pub fn alive(&self, now: u64, unchanged_for: Duration) -> bool {
         let here = !self.boot_id.is_empty()
             && self.boot_id == boot_id()
             && !self.pid_ns.is_empty()
-            && self.pid_ns == pid_namespace();
+            && self.pid_ns == pid_namespace()
+            && self.started != 0;
         if here {
             return start_time(self.pid) == Some(self.started);
         }
-        now.saturating_sub(self.renewed) < LAPSE_SECS
+        unchanged_for < Duration::from_secs(LAPSE_SECS)
+            && now.saturating_sub(self.renewed) < LONG_GONE_SECS
+    }
+
+    /// What changes each time the holder renews.
+    fn renewal(&self) -> String {
+        format!("{}:{}:{}", self.token, self.since, self.renewed)
     }
 
     /// `pid N on HOST, renewed S s ago`.
@@ -108,6 +122,27 @@ fn process_token() -> String {
         .clone()
 }
 
+/// When this process first saw each claim held by another in its present renewal, by its
+/// own monotonic clock: a holder on another machine is judged gone by how long its claim
+/// stayed the same here, not by comparing clocks.
+#[derive(Debug, Default)]
+pub struct Seen(Mutex<HashMap<Path, (String, std::time::Instant)>>);
+
+impl Seen {
+    /// How long `held`'s claim at `path` has looked as it does now.
+    pub fn unchanged_for(&self, path: &Path, held: &Holder) -> Duration {
+        let mut seen = self.0.lock().expect("lock poisoned");
+        let renewal = held.renewal();
+        match seen.get(path) {
+            Some((was, since)) if *was == renewal => since.elapsed(),
+            _ => {
+                seen.insert(path.clone(), (renewal, std::time::Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
 /// What taking a claim found.
 #[derive(Debug)]
 pub enum Taken {
@@ -127,6 +162,7 @@ pub async fn take(
     path: &Path,
     me: &Holder,
     trust_single_writer: bool,
+    seen: &Seen,
 ) -> Result<Taken> {
     let _local = local_lock(root, path).await?;
     for _ in 0..3 {
@@ -156,7 +192,7 @@ pub async fn take(
             if held.token == me.token {
                 return Ok(Taken::Mine);
             }
-            if held.alive(unix_now()) {
+            if held.alive(unix_now(), seen.unchanged_for(path, &held)) {
                 return Ok(Taken::HeldBy(held));
             }
         }
@@ -242,6 +278,7 @@ pub struct Claims {
     me: Holder,
     trust_single_writer: bool,
     held: Arc<Mutex<HashMap<Path, Arc<Held>>>>,
+    seen: Seen,
     renewal: tokio::task::JoinHandle<()>,
 }
 
@@ -250,8 +287,6 @@ pub struct Claims {
 pub struct Held {
     lost: AtomicBool,
     changed: tokio::sync::Notify,
-    /// Unix seconds of the last renewal that found it this process's.
-    confirmed: std::sync::atomic::AtomicU64,
 }
 
 impl Held {
@@ -288,6 +323,7 @@ impl Claims {
             me,
             trust_single_writer,
             held,
+            seen: Seen::default(),
             renewal,
         })
     }
@@ -304,14 +340,28 @@ impl Claims {
 
     /// Takes the claim at `path`; while held, it is renewed with the others.
     pub async fn take(&self, path: &Path) -> Result<(Taken, Option<Arc<Held>>)> {
-        let taken = take(&self.root, path, &self.me, self.trust_single_writer).await?;
+        let taken = take(
+            &self.root,
+            path,
+            &self.me,
+            self.trust_single_writer,
+            &self.seen,
+        )
+        .await?;
         let held = matches!(taken, Taken::Mine).then(|| {
             let held = Arc::new(Held::default());
-            held.confirmed.store(unix_now(), Ordering::SeqCst);
             self.lock().insert(path.clone(), Arc::clone(&held));
             held
         });
         Ok((taken, held))
+    }
+
+    /// The live holder of the claim at `path`, if another process's.
+    pub async fn holder_of(&self, path: &Path) -> Result<Option<Holder>> {
+        let held = read_json::<Holder>(&self.root, path).await.ok().flatten();
+        Ok(held.filter(|h| {
+            h.token != self.me.token && h.alive(unix_now(), self.seen.unchanged_for(path, h))
+        }))
     }
 
     /// Gives the claim at `path` back (if it is still this process's).
@@ -337,8 +387,10 @@ impl Drop for Claims {
     }
 }
 
-/// Renews every claim in `held` every [`RENEW_SECS`]; one that is no longer this process's,
-/// or that could not be renewed for [`LAPSE_SECS`] (others may have judged it gone), is lost.
+/// Renews every claim in `held` every [`RENEW_SECS`]; one found to be no longer this
+/// process's is lost. A renewal that fails (the store unreachable) is tried again at the next
+/// round: the work goes on, and if another process took the claim over meanwhile, the next
+/// renewal that gets through finds it lost.
 async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc<Held>>>>) {
     loop {
         tokio::time::sleep(Duration::from_secs(RENEW_SECS)).await;
@@ -353,14 +405,10 @@ async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc
                 continue;
             }
             match renew(&root, &path, &me).await {
-                Ok(true) => claim.confirmed.store(unix_now(), Ordering::SeqCst),
+                Ok(true) => {}
                 Ok(false) => claim.mark_lost(),
                 Err(e) => {
-                    tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim.");
-                    let since = unix_now().saturating_sub(claim.confirmed.load(Ordering::SeqCst));
-                    if since + RENEW_SECS >= LAPSE_SECS {
-                        claim.mark_lost();
-                    }
+                    tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in 30 s.");
                 }
             }
         }
@@ -415,9 +463,14 @@ fn create() -> PutOptions {
 
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
+    unix_millis() / 1000
+}
+
+/// Unix milliseconds now.
+pub fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The kernel's id of this boot (empty where there is none to read).
@@ -435,13 +488,18 @@ fn pid_namespace() -> String {
 }
 
 /// When process `pid` started, in clock ticks since boot; `None` when there is no such
-/// process.
+/// process or it is a zombie (killed, not yet reaped: gone for our purposes).
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields count from the last
-    // ')'; the start time is field 22.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces, parentheses and bytes that are not UTF-8:
+    // fields count from the last ')'; the state is field 3, the start time field 22.
+    let after = &stat[stat.iter().rposition(|b| *b == b')')? + 1..];
+    let after = String::from_utf8_lossy(after);
+    let mut fields = after.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// This machine's name, as the kernel knows it.

@@ -58,7 +58,7 @@ impl Runner<'_> {
         Ok(self
             .complete(plan)
             .await?
-            .filter(|done| done.is_current(&plan.fingerprint, upstream)))
+            .filter(|done| self.stands(plan, done, upstream)))
     }
 
     /// Runs a stage reading several tables, under its claim.
@@ -84,6 +84,7 @@ impl Runner<'_> {
             )
             .await?;
         stats.upstream = upstream.to_string();
+        self.budget_left(&plan.name)?;
         write_stage_stats(&self.root, &plan.name, &stats).await?;
         self.compact(&journal).await;
         Ok(stats)

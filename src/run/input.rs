@@ -27,7 +27,7 @@ use crate::root::objects::{delete_parts_of, remove_shards_except};
 use crate::root::tables::register_stage_table;
 use crate::run::exact_dedup::{FirstCopies, KeptCopies, move_repeated_rows};
 use crate::run::plan::StagePlan;
-use crate::run::runner::Runner;
+use crate::run::runner::{AbortOnDrop, Runner};
 use crate::run::units::{Unit, Waiting, preference};
 use crate::storage::{InputFile, keys_under_common_root, list_inputs};
 
@@ -85,7 +85,7 @@ impl Runner<'_> {
                 waiting.wait(&plan.name, &[(unit.clone(), h)]).await?;
                 if read_stage_stats(&self.root, &plan.name)
                     .await?
-                    .is_some_and(|s| s.is_current(&plan.fingerprint, &digest))
+                    .is_some_and(|s| self.stands(plan, &s, &digest))
                 {
                     break;
                 }
@@ -107,8 +107,7 @@ impl Runner<'_> {
         Ok(read_stage_stats(&self.root, &plan.name)
             .await?
             .filter(|s| {
-                s.is_current(&plan.fingerprint, digest)
-                    && s.shards_digest.as_deref() == Some(found.as_str())
+                self.stands(plan, s, digest) && s.shards_digest.as_deref() == Some(found.as_str())
             }))
     }
 
@@ -267,7 +266,7 @@ impl Runner<'_> {
                 read_shard_stats(&self.root, &plan.name, &id)
                     .await?
                     .filter(|done| {
-                        self.shard_stands(plan, &id, done, source)
+                        self.stands(plan, done, source)
                             && input_shard_current(done, sources)
                     }),
             )
@@ -304,8 +303,8 @@ impl Runner<'_> {
                 upstream: source.clone(),
                 ..stats
             };
+            self.budget_left(&plan.name)?;
             write_shard_stats(&self.root, &plan.name, &id, &marker).await?;
-            self.note_ran(plan, &id);
             self.compact(&journal).await;
             Ok(marker)
         };
@@ -388,11 +387,12 @@ impl Runner<'_> {
                 marker.shards.iter().map(move |part| {
                     let (root, out, part) = (self.root.clone(), out_dir.clone(), part.clone());
                     let (repeated, file) = (Arc::clone(repeated), file.clone());
-                    tokio::spawn(async move {
+                    // Aborted if the pass is dropped (its claim was taken over).
+                    AbortOnDrop(tokio::spawn(async move {
                         let ids = repeated.get(&file);
                         let moved = move_repeated_rows(&root, &out, &part, ids).await;
                         moved.map(|n| (k, n))
-                    })
+                    }))
                 })
             });
         // Unordered: a part being rewritten must not hold up the parts queued after it.

@@ -36,7 +36,7 @@ use crate::run::claim::Claims;
 use crate::run::lease::{Lease, Processes};
 use crate::run::plan::Step;
 use crate::run::progress::{Progress, Reporter};
-use crate::run::runner::Runner;
+use crate::run::runner::{AbortOnDrop, Runner};
 use crate::run::worker::Worker;
 use crate::storage::Location;
 
@@ -264,14 +264,5 @@ async fn keep_sharing(processes: Processes, pool: Arc<LlmPool>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Could not count the processes on the root."),
         }
-    }
-}
-
-/// A spawned task that is aborted when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

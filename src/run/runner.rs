@@ -38,9 +38,9 @@ pub(super) struct Runner<'a> {
     pub(super) worker: Worker,
     /// This process's claims on units of work.
     pub(super) claims: Arc<Claims>,
-    /// `<stage>/<shard>` of the shards this process ran in this run: their markers stand
-    /// although rows failed (those are retried by the next run, not again and again by this).
-    pub(super) ran: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Unix milliseconds when this run started: outputs with failed rows written since stand
+    /// (see [`StageStats::stands`]).
+    pub(super) started_at: u64,
     pub(super) plans: Vec<StagePlan>,
     pub(super) fingerprints: BTreeMap<String, manifest::Fingerprint>,
     pub(super) progress: Arc<Progress>,
@@ -67,7 +67,7 @@ impl<'a> Runner<'a> {
             journal,
             worker,
             claims,
-            ran: Default::default(),
+            started_at: crate::run::claim::unix_millis(),
             plans: Vec::new(),
             fingerprints: BTreeMap::new(),
             progress: Arc::new(Progress::default()),
@@ -134,21 +134,9 @@ impl Runner<'_> {
             .filter(|s| s.fingerprint == plan.fingerprint))
     }
 
-    /// Whether shard `id`'s marker `done` stands for stage `plan` read from `upstream`:
-    /// current, or written by this run (which does not retry its failed rows at once).
-    pub(super) fn shard_stands(&self, plan: &StagePlan, id: &str, done: &StageStats, upstream: &str) -> bool {
-        done.is_current(&plan.fingerprint, upstream)
-            || (done.fingerprint == plan.fingerprint
-                && done.upstream == upstream
-                && self.ran.lock().expect("lock poisoned").contains(&format!("{}/{id}", plan.name)))
-    }
-
-    /// Notes that this process ran shard `id` of `plan` in this run.
-    pub(super) fn note_ran(&self, plan: &StagePlan, id: &str) {
-        self.ran
-            .lock()
-            .expect("lock poisoned")
-            .insert(format!("{}/{id}", plan.name));
+    /// Whether the marker `done` of stage `plan` stands, read from `upstream`.
+    pub(super) fn stands(&self, plan: &StagePlan, done: &StageStats, upstream: &str) -> bool {
+        done.stands(&plan.fingerprint, upstream, self.started_at)
     }
 
     /// Fails, saying what to run first, when `table` (read by `stage`) is not complete.
@@ -205,7 +193,7 @@ impl Runner<'_> {
             first_copies,
             self.job.execution.fsync.unwrap_or(false),
         )));
-        let (stats, shards) = (&mut task.0)
+        let (stats, shards) = (&mut task)
             .await
             .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
         Ok(StageStats {
@@ -235,11 +223,23 @@ impl Runner<'_> {
     }
 }
 
-/// A spawned task that is aborted when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// A spawned task that is aborted when its handle is dropped: work under a claim that was
+/// taken over stops with it.
+pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }

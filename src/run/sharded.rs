@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::error::Result;
 use crate::job::catalog::NEAR_DUPLICATES;
-use crate::job_error;
+use crate::{execution_error, job_error};
 use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
 };
@@ -23,6 +23,8 @@ use crate::run::claim::Holder;
 use crate::run::runner::Runner;
 use crate::run::units::{Unit, Waiting, preference};
 
+/// How many times a step looks at every shard again when its stages could not be published.
+const MOST_PUBLISH_TRIES: usize = 10;
 /// How often shard admission looks at the calls outstanding.
 const ADMISSION_LOOK: Duration = Duration::from_millis(50);
 /// How many times the shards the first stage needs may be under way, for stages that send
@@ -101,6 +103,7 @@ impl Runner<'_> {
         let mut last = vec![started; plans.len()];
         let mut counted: HashSet<(usize, String)> = HashSet::new();
         let mut waiting = Waiting::new(self.job.execution.wait_secs);
+        let mut unpublished = 0;
         let mut pending: Vec<String> = preference(self.worker, ids.len())
             .into_iter()
             .map(|k| ids[k].clone())
@@ -146,7 +149,14 @@ impl Runner<'_> {
                     break;
                 }
                 // A shard was redone or withdrawn meanwhile (another process changed it):
-                // look at every shard again.
+                // look at every shard again, a few times at most.
+                unpublished += 1;
+                if unpublished > MOST_PUBLISH_TRIES {
+                    return execution_error!(
+                        "stage '{}' could not be published: its shards kept changing while every one was done. Another process may run this output with another job or other inputs; run again once it is done",
+                        plans[0].name
+                    );
+                }
                 pending = ids.clone();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
@@ -295,7 +305,7 @@ impl Runner<'_> {
             Ok::<_, crate::error::Error>(
                 read_shard_stats(&self.root, &plan.name, id)
                     .await?
-                    .filter(|done| self.shard_stands(plan, id, done, &upstream)),
+                    .filter(|done| self.stands(plan, done, &upstream)),
             )
         };
         if let Some(done) = current().await? {
@@ -350,8 +360,8 @@ impl Runner<'_> {
             .await?;
         stats.upstream = upstream.to_string();
         stats.journal = Some(journal_name);
+        self.budget_left(&plan.name)?;
         write_shard_stats(&self.root, &plan.name, id, &stats).await?;
-        self.note_ran(plan, id);
         self.compact(&journal).await;
         Ok(stats)
     }

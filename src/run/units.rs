@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::execution_error;
 use crate::root::names::{CLAIMS_DIR, SUCCESS_MARKER, shard_marker_path};
-use crate::run::claim::{Holder, Taken, unix_now};
+use crate::run::claim::{Holder, Taken};
 use crate::run::lease::unguarded;
 use crate::run::plan::StagePlan;
 use crate::run::runner::Runner;
 use crate::run::worker::Worker;
-use crate::storage::{delete_if_exists, read_json};
+use crate::storage::delete_if_exists;
 
 /// How long a process sleeps before looking again at units live processes hold.
 const LOOK_AGAIN: Duration = Duration::from_secs(2);
@@ -40,6 +40,7 @@ impl Runner<'_> {
         unit: &str,
         work: impl Future<Output = Result<T>>,
     ) -> Result<Unit<T>> {
+        self.budget_left(stage)?;
         let path = self.root.child(CLAIMS_DIR).child(stage).path(&format!("{unit}.json"));
         let held = match self.claims.take(&path).await? {
             (Taken::Mine, Some(held)) => held,
@@ -67,14 +68,22 @@ impl Runner<'_> {
 }
 
 impl Runner<'_> {
-    /// The live holder of unit `unit` of `stage`, if any.
+    /// The live holder of unit `unit` of `stage`, if another process.
     pub(super) async fn holder_of(&self, stage: &str, unit: &str) -> Result<Option<Holder>> {
         let path = self.root.child(CLAIMS_DIR).child(stage).path(&format!("{unit}.json"));
-        Ok(read_json::<Holder>(&self.root, &path)
-            .await
-            .ok()
-            .flatten()
-            .filter(|h| h.alive(unix_now())))
+        self.claims.holder_of(&path).await
+    }
+
+    /// Fails once this process's share of the budget is spent: it takes no new unit and
+    /// publishes none it was doing (their rows would be published as failed), so they are
+    /// left to processes that can pay; what it paid for is journaled and reused.
+    pub(super) fn budget_left(&self, stage: &str) -> Result<()> {
+        match self.pool.budget_spent() {
+            Some(spent) => execution_error!(
+                "stage '{stage}' stopped: {spent}. Units this process did not finish are left to other workers or the next run; completed work and every paid answer are kept"
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Takes shard `id` of `plan` out of the published output before it is redone: its
@@ -102,20 +111,21 @@ pub(super) fn preference(worker: Worker, count: usize) -> Vec<usize> {
     order
 }
 
-/// Waiting for units live processes hold: says every minute who holds what, and gives up
-/// after `[execution] wait_secs` without any unit finished.
+/// Waiting for units live processes hold: says every minute who holds what; with
+/// `[execution] wait_secs`, gives up after that long without any of them finished.
 pub(super) struct Waiting {
-    limit: Duration,
+    limit: Option<Duration>,
     progress_at: Instant,
     left: usize,
     said: Option<Instant>,
 }
 
 impl Waiting {
-    /// A wait that gives up after `wait_secs` without progress.
+    /// A wait that gives up after `wait_secs` without progress (never, while the holders
+    /// live, when `None`).
     pub(super) fn new(wait_secs: Option<u64>) -> Self {
         Waiting {
-            limit: Duration::from_secs(wait_secs.unwrap_or(3600)),
+            limit: wait_secs.map(Duration::from_secs),
             progress_at: Instant::now(),
             left: usize::MAX,
             said: None,
@@ -137,12 +147,14 @@ impl Waiting {
             .join(", ");
         let more = held.len().saturating_sub(3);
         let shown = if more > 0 { format!("{shown} and {more} more") } else { shown };
-        if self.progress_at.elapsed() >= self.limit {
+        if let Some(limit) = self.limit
+            && self.progress_at.elapsed() >= limit
+        {
             return execution_error!(
                 "waited {} s for other processes to finish units of '{stage}' they hold: {shown}; none finished meanwhile. \
                  They are alive (renewing their claims); if one is stuck, stop it and its units are taken over. \
                  [execution] wait_secs sets how long to wait",
-                self.limit.as_secs()
+                limit.as_secs()
             );
         }
         if self.said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {

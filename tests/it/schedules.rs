@@ -81,9 +81,22 @@ impl Fixture {
         cmd
     }
 
-    /// Checks `root` against the reference, given the requests sent before it was run.
+    /// Checks `root` against the reference run's output.
     fn same_output(&self, root: &Path) {
         assert_eq!(snapshot(root), self.expected, "{}", root.display());
+    }
+
+    /// Four workers started together on `root`, once they have sent a `1/part` of the job's
+    /// requests (counted from `before`).
+    fn four_under_way(&self, root: &Path, before: u64, part: u64) -> Vec<Child> {
+        let children = (0..4)
+            .map(|i| self.worker(root, &format!("{i}/4")).spawn().unwrap())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.sent_since(before) < self.requests / part && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        children
     }
 
     /// Requests sent since `before`.
@@ -155,13 +168,7 @@ fn four_workers_at_once_with_two_killed_and_restarted() {
     let f = Fixture::new();
     let root = f.root("killed");
     let before = f.server.requests();
-    let mut children: Vec<Child> = (0..4)
-        .map(|i| f.worker(&root, &format!("{i}/4")).spawn().unwrap())
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f.sent_since(before) < f.requests / 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut children = f.four_under_way(&root, before, 3);
     for i in [1, 2] {
         children[i].kill().unwrap();
         children[i].wait().unwrap();
@@ -185,13 +192,7 @@ fn a_lone_run_started_while_four_workers_run() {
     let f = Fixture::new();
     let root = f.root("joined");
     let before = f.server.requests();
-    let mut children: Vec<Child> = (0..4)
-        .map(|i| f.worker(&root, &format!("{i}/4")).spawn().unwrap())
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f.sent_since(before) < f.requests / 4 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut children = f.four_under_way(&root, before, 4);
     children.push(f.worker(&root, "0/1").spawn().unwrap());
     children.into_iter().for_each(wait);
     assert_eq!(f.sent_since(before), f.requests);
@@ -224,5 +225,34 @@ fn two_processes_in_separate_pid_namespaces() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("pid 1\n"));
     }
     assert_eq!(f.sent_since(before), f.requests);
+    f.same_output(&root);
+}
+
+/// A row whose call keeps failing is tried by the process that runs its shard, once, not
+/// again by every process running beside it: four workers at once send exactly what one
+/// process sends, all four exit 1, and the next run retries the row.
+#[test]
+fn failed_rows_are_retried_by_the_next_run_not_by_every_worker() {
+    let f = Fixture::new();
+    *f.server.state.fail_if_contains.lock().unwrap() = Some(" number 17. ".into());
+    let alone = f.root("alone");
+    let before = f.server.requests();
+    let out = f.worker(&alone, "0/1").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let one_process = f.sent_since(before);
+
+    let root = f.root("failing");
+    let before = f.server.requests();
+    let children: Vec<Child> = (0..4)
+        .map(|i| f.worker(&root, &format!("{i}/4")).spawn().unwrap())
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(f.sent_since(before), one_process);
+
+    *f.server.state.fail_if_contains.lock().unwrap() = None;
+    succeeded(&f.worker(&root, "2/4").output().unwrap());
     f.same_output(&root);
 }

@@ -707,7 +707,13 @@ impl JournalScope {
                     .is_some_and(|name| name.starts_with(&self.writer_name));
                 let idle = now - meta.last_modified.timestamp()
                     >= crate::run::claim::LAPSE_SECS as i64;
-                if own || idle {
+                // Looked at again just before it goes: one that grew since it was read stays.
+                let unchanged = || async {
+                    segments.head(&meta.location).await.map(|now| {
+                        now.is_some_and(|m| m.size == meta.size && m.last_modified == meta.last_modified)
+                    })
+                };
+                if own || (idle && unchanged().await?) {
                     delete_if_exists(segments, &meta.location).await?;
                 }
             }
