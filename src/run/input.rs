@@ -598,9 +598,20 @@ fn sources_digest(sources: &BTreeMap<String, String>) -> String {
 }
 
 /// A short hash of input shard markers by shard id, timings included: a shard redone since
-/// gives another, even with the same counts.
+/// gives another, even with the same counts. When a marker was written is left out: the pass
+/// across files rewrites markers it holds, and the hash is of what they say.
 fn markers_digest<'a>(markers: impl IntoIterator<Item = (&'a String, &'a StageStats)>) -> String {
-    short_hash(&markers.into_iter().collect::<BTreeMap<_, _>>())
+    let said: BTreeMap<&String, StageStats> = markers
+        .into_iter()
+        .map(|(id, m)| {
+            let said = StageStats {
+                written_at_ms: None,
+                ..m.clone()
+            };
+            (id, said)
+        })
+        .collect();
+    short_hash(&said)
 }
 
 /// The first twelve bytes, in hex, of the SHA-256 of `value` as JSON.
