@@ -179,7 +179,7 @@ async fn run_job(job: Job, opts: RunOptions) -> Result<ExitCode> {
     let failures = summary.llm_failures();
     if failures > 0 {
         eprintln!(
-            "{failures} row(s) lost their LLM call after every retry; they are in <stage>/_dropped/ with reason llm_error"
+            "{failures} row(s) lost their LLM call after every retry: they are in <stage>/_dropped/ with reason llm_error, or kept with the error in their call (score_reason = 'llm_error'); a rerun retries them"
         );
         return Ok(ExitCode::from(1));
     }

@@ -87,7 +87,7 @@ impl StageStats {
     /// differently, even from another input of the same size.
     pub fn version(&self) -> String {
         use sha2::{Digest, Sha256};
-        let key = serde_json::json!([
+        let mut key = serde_json::json!([
             self.fingerprint,
             self.upstream,
             self.shards,
@@ -95,6 +95,13 @@ impl StageStats {
             self.rows_out,
             self.dropped
         ]);
+        // Calls that failed in kept rows: redone with answers, the output differs although
+        // no count does. (Only when there are some, so other versions stay as they were.)
+        if self.llm.failures > 0
+            && let Some(parts) = key.as_array_mut()
+        {
+            parts.push(self.llm.failures.into());
+        }
         hex::encode(&Sha256::digest(key.to_string().as_bytes())[..12])
     }
 
@@ -114,9 +121,12 @@ impl StageStats {
                 && self.written_at_ms.is_some_and(|at| at >= started))
     }
 
-    /// Rows whose LLM call failed after every retry.
+    /// Rows whose LLM call failed after every retry: those dropped as `llm_error`, and those
+    /// a stage kept with the error in their call (a score with `score_reason = 'llm_error'`,
+    /// dropped later as `no_score:llm_error`), whichever counts more.
     pub fn failed(&self) -> u64 {
-        self.dropped.get("llm_error").copied().unwrap_or(0)
+        let dropped = self.dropped.get("llm_error").copied().unwrap_or(0);
+        dropped.max(self.llm.failures)
     }
 }
 

@@ -225,6 +225,50 @@ fn failed_rows_are_dead_lettered_counted_and_retried_on_rerun() {
     );
 }
 
+/// A scoring call that fails after every retry is kept with `score_reason = 'llm_error'` (and
+/// dropped by `curated` as `no_score:llm_error`): the run still exits 1 and counts it, and a
+/// rerun asks for that score again. (Found against llama.cpp's server, whose 400s for prompts
+/// over the context ended the run with exit 0 and were never retried.)
+#[test]
+fn a_failed_score_counts_and_is_retried_on_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let job = dir.path().join("job.toml");
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text.push_str("[models.scorer]\nendpoint = \"mock\"\nmodel = \"m\"\nmax_attempts = 2\n");
+    std::fs::write(&job, text).unwrap();
+    let job = job.to_str().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let url = server.url();
+    backforth_ok(&{
+        let mut run = args(job, root.to_str().unwrap(), &url, "8");
+        run.extend(["--stages", "prepare,backtranslate"]);
+        run
+    });
+    // Every scoring prompt of one document fails: its instruction names it.
+    *server.state.fail_if_contains.lock().unwrap() = Some(" number 17. ".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(args(job, root.to_str().unwrap(), &url, "8"))
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 row(s) lost their LLM call"), "{stderr}");
+    let curated = crate::support::util::marker(&root, "curated");
+    assert_eq!(curated["dropped"]["no_score:llm_error"], 1, "{curated}");
+
+    *server.state.fail_if_contains.lock().unwrap() = None;
+    let before = server.requests();
+    backforth_ok(&args(job, root.to_str().unwrap(), &url, "8"));
+    let curated = crate::support::util::marker(&root, "curated");
+    assert!(curated["dropped"].get("no_score:llm_error").is_none(), "{curated}");
+    let again = server.requests() - before;
+    // The score again, and at most its rewrite and answer.
+    assert!((1..=3).contains(&again), "{again} requests on rerun");
+}
+
 #[test]
 fn progress_lines_when_stderr_is_not_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
