@@ -546,6 +546,8 @@ impl ModelClient {
                 }
             }
             Err(Failure::Retry { throttle: true, .. }) => endpoint.slots.on_throttle(),
+            // The server answered: the request (or its key) was wrong, not the server.
+            Err(Failure::Fatal(_)) => endpoint.record_health(true),
             Err(_) => endpoint.record_health(false),
         }
         if let Err(Failure::Retry { billed_usd, .. }) = &outcome

@@ -314,3 +314,32 @@ fn a_throttled_row_waits_without_holding_its_slot_or_using_its_attempts() {
         CASES.len() as u64
     );
 }
+
+/// Errors that are the request's own (400, 401, 404, 422) are sent once, not retried as
+/// transient, and do not count against the endpoint: a run of them does not rest a server
+/// that answers every other request. (llama.cpp's server answers a prompt over its context
+/// with 400; three in a row rested it for 30 s.)
+#[test]
+fn a_request_rejected_by_the_server_is_not_retried_and_does_not_rest_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(5));
+    let job = job(dir.path(), &server.url());
+    for (case, status) in [("ra429", 400), ("plain429", 401), ("err500", 404), ("err503", 422)] {
+        script(&server, case, vec![Fault::Status(status); 4]);
+    }
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap(), "--concurrency", "1"])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("resting it"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
+    for case in ["ra429", "plain429", "err500", "err503"] {
+        assert_eq!(requests_for(&server, case), 1, "{case}");
+    }
+    let m = marker(&dir.path().join("out"), "backtranslated");
+    assert_eq!(m["dropped"]["llm_error"], 4, "{m}");
+}
