@@ -151,7 +151,12 @@ impl LlmPool {
     pub fn configured_concurrency(&self) -> usize {
         self.models
             .values()
-            .map(|m| m.endpoints.iter().map(|e| e.configured_cap()).sum::<usize>())
+            .map(|m| {
+                m.endpoints
+                    .iter()
+                    .map(|e| e.configured_cap())
+                    .sum::<usize>()
+            })
             .max()
             .unwrap_or(1)
     }

@@ -181,10 +181,23 @@ fn parse_choice(choice: &Value, api: Api, body: &str) -> Result<Reply, String> {
     if finish_reason.as_deref() == Some("length") && reasoning.is_some() && text.trim().is_empty() {
         finish_reason = Some(LENGTH_IN_REASONING.to_string());
     }
-    // Chat: logprobs.content[0].top_logprobs = [{token, logprob}]; completions:
-    // logprobs.top_logprobs[0] = {token: logprob}.
-    let top: Option<Vec<(String, f64)>> = match api {
-        Api::Chat => choice
+    let top = first_token_top_logprobs(choice, api);
+    Ok(Reply {
+        top_logprobs: top.map(|t| json!(t).to_string()),
+        text: Some(text),
+        finish_reason,
+        reasoning,
+        ..Reply::default()
+    })
+}
+
+/// The first token's alternatives in `choice`, in either shape servers send whatever the API:
+/// chat's `logprobs.content[0].top_logprobs = [{token, logprob}]` (llama.cpp's server uses it
+/// on `/completions` too) and the legacy completions `logprobs.top_logprobs[0] = {token:
+/// logprob}`. The API's own shape is tried first.
+fn first_token_top_logprobs(choice: &Value, api: Api) -> Option<Vec<(String, f64)>> {
+    let chat = || {
+        choice
             .pointer("/logprobs/content/0/top_logprobs")
             .and_then(Value::as_array)
             .map(|list| {
@@ -193,23 +206,22 @@ fn parse_choice(choice: &Value, api: Api, body: &str) -> Result<Reply, String> {
                         Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))
                     })
                     .collect()
-            }),
-        Api::Completions => choice
+            })
+    };
+    let legacy = || {
+        choice
             .pointer("/logprobs/top_logprobs/0")
             .and_then(Value::as_object)
             .map(|map| {
                 map.iter()
                     .filter_map(|(t, p)| Some((t.clone(), p.as_f64()?)))
                     .collect()
-            }),
+            })
     };
-    Ok(Reply {
-        top_logprobs: top.map(|t| json!(t).to_string()),
-        text: Some(text),
-        finish_reason,
-        reasoning,
-        ..Reply::default()
-    })
+    match api {
+        Api::Chat => chat().or_else(legacy),
+        Api::Completions => legacy().or_else(chat),
+    }
 }
 
 /// Splits a `<think>…</think>` block opening `content` from the answer after it: (thinking,

@@ -137,7 +137,12 @@ pub async fn read_stage_stats(root: &Location, stage: &str) -> Result<Option<Sta
 
 /// Publishes `stage` under `root` as complete, with its totals.
 pub async fn write_stage_stats(root: &Location, stage: &str, stats: &StageStats) -> Result<()> {
-    write_json(root, &root.child(stage).path(SUCCESS_MARKER), &stamped(stats)).await
+    write_json(
+        root,
+        &root.child(stage).path(SUCCESS_MARKER),
+        &stamped(stats),
+    )
+    .await
 }
 
 /// `stats`, marked as written now.
@@ -164,5 +169,10 @@ pub async fn write_shard_stats(
     id: &str,
     stats: &StageStats,
 ) -> Result<()> {
-    write_json(root, &shard_marker_path(&root.child(stage), id), &stamped(stats)).await
+    write_json(
+        root,
+        &shard_marker_path(&root.child(stage), id),
+        &stamped(stats),
+    )
+    .await
 }

@@ -438,7 +438,10 @@ pub(crate) async fn local_lock(root: &Location, path: &Path) -> Result<Option<Lo
         .open(&lock)
         .with_context(shown)?;
     file.lock().with_context(shown)?;
-    Ok(Some(LocalLock { _file: file, _turn: turn }))
+    Ok(Some(LocalLock {
+        _file: file,
+        _turn: turn,
+    }))
 }
 
 /// A held local lock: the file lock, and this process's turn.

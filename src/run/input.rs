@@ -104,11 +104,9 @@ impl Runner<'_> {
         markers: &BTreeMap<String, StageStats>,
     ) -> Result<Option<StageStats>> {
         let found = markers_digest(markers);
-        Ok(read_stage_stats(&self.root, &plan.name)
-            .await?
-            .filter(|s| {
-                self.stands(plan, s, digest) && s.shards_digest.as_deref() == Some(found.as_str())
-            }))
+        Ok(read_stage_stats(&self.root, &plan.name).await?.filter(|s| {
+            self.stands(plan, s, digest) && s.shards_digest.as_deref() == Some(found.as_str())
+        }))
     }
 
     /// The pass across files, under its claim: removes the shards of inputs that are gone,
@@ -261,16 +259,12 @@ impl Runner<'_> {
     ) -> Result<Unit<StageStats>> {
         let id = input_shard_id(k);
         let source = &sources[&id];
-        let current = || async {
-            Ok::<_, Error>(
-                read_shard_stats(&self.root, &plan.name, &id)
-                    .await?
-                    .filter(|done| {
-                        self.stands(plan, done, source)
-                            && input_shard_current(done, sources)
-                    }),
-            )
-        };
+        let current =
+            || async {
+                Ok::<_, Error>(read_shard_stats(&self.root, &plan.name, &id).await?.filter(
+                    |done| self.stands(plan, done, source) && input_shard_current(done, sources),
+                ))
+            };
         if let Some(done) = current().await? {
             return Ok(Unit::Done(done));
         }
@@ -296,9 +290,7 @@ impl Runner<'_> {
                 .collect();
             let marker = StageStats {
                 journal: Some(journal_name),
-                dropped_while_running: Some(
-                    stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0),
-                ),
+                dropped_while_running: Some(stats.dropped.get(ACROSS_FILES).copied().unwrap_or(0)),
                 outranked_by,
                 upstream: source.clone(),
                 ..stats
@@ -587,8 +579,8 @@ async fn outranked_rows(
 /// True when every input an input shard's dedup relied on (`outranked_by`) is unchanged.
 fn input_shard_current(done: &StageStats, sources: &BTreeMap<String, String>) -> bool {
     done.outranked_by
-            .iter()
-            .all(|(id, input)| sources.get(id) == Some(input))
+        .iter()
+        .all(|(id, input)| sources.get(id) == Some(input))
 }
 
 /// A short hash of every input shard's source: what the published input stage was computed

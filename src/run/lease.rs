@@ -45,7 +45,9 @@ impl Lease {
             (Taken::Mine, Some(held)) => held,
             (Taken::HeldBy(holder), _) => return Err(in_use(root, worker, &holder)),
             (Taken::Unguarded(what), _) => return Err(unguarded(root, &what)),
-            (Taken::Mine, None) => return Err(Error::Internal("a claim taken but not held".into())),
+            (Taken::Mine, None) => {
+                return Err(Error::Internal("a claim taken but not held".into()));
+            }
         };
         if !existed && !trust_single_writer {
             check_second_create_refused(root, &path, claims.me()).await?;
@@ -105,7 +107,10 @@ impl Processes {
             live.push(self.path.to_string());
         }
         live.sort();
-        let rank = live.iter().position(|l| *l == self.path.as_ref()).unwrap_or(0);
+        let rank = live
+            .iter()
+            .position(|l| *l == self.path.as_ref())
+            .unwrap_or(0);
         Ok((live.len(), rank))
     }
 }

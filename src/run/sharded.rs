@@ -11,17 +11,17 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::error::Result;
 use crate::job::catalog::NEAR_DUPLICATES;
-use crate::{execution_error, job_error};
 use crate::root::marker::{
     StageStats, read_shard_stats, read_stage_stats, write_shard_stats, write_stage_stats,
 };
 use crate::root::names::{PartNames, input_shard_of_part, part_file};
 use crate::root::objects::{object_url, remove_shards_except};
+use crate::run::claim::Holder;
 use crate::run::near_dup::NearDuplicates;
 use crate::run::plan::StagePlan;
-use crate::run::claim::Holder;
 use crate::run::runner::Runner;
 use crate::run::units::{Unit, Waiting, preference};
+use crate::{execution_error, job_error};
 
 /// How many times a step looks at every shard again when its stages could not be published.
 const MOST_PUBLISH_TRIES: usize = 10;
@@ -167,7 +167,11 @@ impl Runner<'_> {
                 .collect::<BTreeSet<String>>()
                 .into_iter()
                 .collect();
-            let stage = plans.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+            let stage = plans
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             waiting.wait(&stage, &held).await?;
         }
         for (total, at) in totals.iter_mut().zip(last) {

@@ -41,12 +41,18 @@ impl Runner<'_> {
         work: impl Future<Output = Result<T>>,
     ) -> Result<Unit<T>> {
         self.budget_left(stage)?;
-        let path = self.root.child(CLAIMS_DIR).child(stage).path(&format!("{unit}.json"));
+        let path = self
+            .root
+            .child(CLAIMS_DIR)
+            .child(stage)
+            .path(&format!("{unit}.json"));
         let held = match self.claims.take(&path).await? {
             (Taken::Mine, Some(held)) => held,
             (Taken::HeldBy(holder), _) => return Ok(Unit::HeldBy(holder)),
             (Taken::Unguarded(what), _) => return Err(unguarded(&self.root, &what)),
-            (Taken::Mine, None) => return Err(Error::Internal("a claim taken but not held".into())),
+            (Taken::Mine, None) => {
+                return Err(Error::Internal("a claim taken but not held".into()));
+            }
         };
         let outcome = tokio::select! {
             done = work => Some(done),
@@ -60,7 +66,11 @@ impl Runner<'_> {
                 Ok(Unit::Done(done))
             }
             None => {
-                tracing::warn!(stage, unit, "Another process took this unit over (this one was thought gone); left to it.");
+                tracing::warn!(
+                    stage,
+                    unit,
+                    "Another process took this unit over (this one was thought gone); left to it."
+                );
                 Ok(Unit::HeldBy(self.claims.me().clone()))
             }
         }
@@ -70,7 +80,11 @@ impl Runner<'_> {
 impl Runner<'_> {
     /// The live holder of unit `unit` of `stage`, if another process.
     pub(super) async fn holder_of(&self, stage: &str, unit: &str) -> Result<Option<Holder>> {
-        let path = self.root.child(CLAIMS_DIR).child(stage).path(&format!("{unit}.json"));
+        let path = self
+            .root
+            .child(CLAIMS_DIR)
+            .child(stage)
+            .path(&format!("{unit}.json"));
         self.claims.holder_of(&path).await
     }
 
@@ -146,7 +160,11 @@ impl Waiting {
             .collect::<Vec<_>>()
             .join(", ");
         let more = held.len().saturating_sub(3);
-        let shown = if more > 0 { format!("{shown} and {more} more") } else { shown };
+        let shown = if more > 0 {
+            format!("{shown} and {more} more")
+        } else {
+            shown
+        };
         if let Some(limit) = self.limit
             && self.progress_at.elapsed() >= limit
         {
@@ -157,8 +175,15 @@ impl Waiting {
                 limit.as_secs()
             );
         }
-        if self.said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            tracing::info!(stage, units = held.len(), "Waiting for units other processes hold: {shown}.");
+        if self
+            .said
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            tracing::info!(
+                stage,
+                units = held.len(),
+                "Waiting for units other processes hold: {shown}."
+            );
             self.said = Some(Instant::now());
         }
         tokio::time::sleep(LOOK_AGAIN).await;

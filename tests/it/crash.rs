@@ -263,7 +263,10 @@ fn a_failed_score_counts_and_is_retried_on_rerun() {
     let before = server.requests();
     backforth_ok(&args(job, root.to_str().unwrap(), &url, "8"));
     let curated = crate::support::util::marker(&root, "curated");
-    assert!(curated["dropped"].get("no_score:llm_error").is_none(), "{curated}");
+    assert!(
+        curated["dropped"].get("no_score:llm_error").is_none(),
+        "{curated}"
+    );
     let again = server.requests() - before;
     // The score again, and at most its rewrite and answer.
     assert!((1..=3).contains(&again), "{again} requests on rerun");

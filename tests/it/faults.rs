@@ -324,7 +324,12 @@ fn a_request_rejected_by_the_server_is_not_retried_and_does_not_rest_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(5));
     let job = job(dir.path(), &server.url());
-    for (case, status) in [("ra429", 400), ("plain429", 401), ("err500", 404), ("err503", 422)] {
+    for (case, status) in [
+        ("ra429", 400),
+        ("plain429", 401),
+        ("err500", 404),
+        ("err503", 422),
+    ] {
         script(&server, case, vec![Fault::Status(status); 4]);
     }
     let started = std::time::Instant::now();

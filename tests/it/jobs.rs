@@ -288,3 +288,47 @@ fn estimate_predicts_requests_and_prompt_tokens_of_the_sample_run() {
         "estimated {estimated_prompt:.0} prompt tokens, the run reported {reported_prompt:.0}"
     );
 }
+
+/// Logprob scoring over `api = "completions"` reads the first token's alternatives in either
+/// shape servers send: OpenAI's legacy `top_logprobs: [{token: logprob}]` (vLLM) and the chat
+/// shape `content[].top_logprobs` (llama.cpp's server). A pair falls back to a text judgement
+/// only when its first token holds no digit, in both.
+#[test]
+fn completions_logprobs_are_read_in_both_shapes() {
+    use crate::support::fake_server::first_token_alternatives;
+    for chat_shape in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = FakeServer::start(Duration::from_millis(1));
+        server
+            .state
+            .completions_logprobs_chat_shape
+            .store(chat_shape, std::sync::atomic::Ordering::SeqCst);
+        let job = write_job(
+            dir.path(),
+            &format!(
+                "[models.scorer]\nendpoint = \"{}\"\nmodel = \"m\"\napi = \"completions\"\n\
+                 [functions.score_pair]\nmode = \"logprobs\"\n\
+                 [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n[[stages]]\nname = \"scored\"\n",
+                server.url()
+            ),
+        );
+        backforth_ok(&["run", &job, "--endpoint", &server.url(), "--model", "m"]);
+        let log = server.log();
+        let asked: Vec<_> = log
+            .iter()
+            .filter(|e| e.prompt.ends_with("Score:"))
+            .collect();
+        assert_eq!(asked.len(), 22, "one logprob request per pair");
+        let fallbacks = asked
+            .iter()
+            .filter(|e| {
+                !first_token_alternatives(&e.prompt)[0]
+                    .0
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+            })
+            .count();
+        let text_requests = log.iter().filter(|e| e.prompt.contains("Score: N")).count();
+        assert_eq!(text_requests, fallbacks, "chat shape: {chat_shape}");
+    }
+}

@@ -551,7 +551,11 @@ async fn a_share_of_the_cap_shrinks_as_slots_free_and_grows_at_once() {
     for _ in 0..100 {
         aimd.on_success();
     }
-    assert_eq!(aimd.limit(), 1, "successes never grow the window past the share");
+    assert_eq!(
+        aimd.limit(),
+        1,
+        "successes never grow the window past the share"
+    );
 }
 
 /// A worker of a four-worker array run alone takes the job's whole cap once it sees it is
@@ -562,15 +566,13 @@ fn a_lone_worker_of_an_array_takes_the_whole_cap() {
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(100));
     let job = workers_job(dir.path(), &server.url(), 600, "", "");
-    let out = crate::support::util::backforth(&[
-        "run",
-        &job,
-        "--concurrency",
-        "16",
-        "--worker",
-        "2/4",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        crate::support::util::backforth(&["run", &job, "--concurrency", "16", "--worker", "2/4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(server.log().len(), 600);
     let peak = server.state.max_in_flight.load(Ordering::SeqCst);
     assert!(peak > 4, "{peak} requests in flight at the peak");

@@ -505,7 +505,12 @@ async fn two_writers_compacting_one_shard_lose_no_answer() {
 
     let reader = Journal::open(&root).await.unwrap();
     let scope = reader.scope("scored", "part-0").await.unwrap();
-    for (key, text) in [("key-a", "a"), ("key-b", "b"), ("key-c", "c"), ("key-d", "d")] {
+    for (key, text) in [
+        ("key-a", "a"),
+        ("key-b", "b"),
+        ("key-c", "c"),
+        ("key-d", "d"),
+    ] {
         let got = scope.get(key).unwrap_or_else(|| panic!("{key} was lost"));
         assert_eq!(got.text.as_deref(), Some(text));
     }

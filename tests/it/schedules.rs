@@ -131,9 +131,17 @@ fn four_workers_one_at_a_time_in_order_and_in_reverse() {
             let out = f.worker(&root, &format!("{i}/4")).output().unwrap();
             succeeded(&out);
             if n == 0 {
-                assert_eq!(f.sent_since(before), f.requests, "{name}: worker {i} did it all");
+                assert_eq!(
+                    f.sent_since(before),
+                    f.requests,
+                    "{name}: worker {i} did it all"
+                );
             } else {
-                assert_eq!(f.sent_since(before), f.requests, "{name}: worker {i} sent nothing");
+                assert_eq!(
+                    f.sent_since(before),
+                    f.requests,
+                    "{name}: worker {i} sent nothing"
+                );
                 assert!(
                     started.elapsed() < Duration::from_secs(20),
                     "{name}: worker {i} found nothing left and stopped"
@@ -248,7 +256,12 @@ fn failed_rows_are_retried_by_the_next_run_not_by_every_worker() {
         .collect();
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(f.sent_since(before), one_process);
 

@@ -681,7 +681,10 @@ impl JournalScope {
                 // A local disk (under the folder's lock) and stores without conditional
                 // writes.
                 Err(object_store::Error::NotImplemented { .. }) => {
-                    stage_dir.store.put(compacted, PutPayload::from(body)).await?;
+                    stage_dir
+                        .store
+                        .put(compacted, PutPayload::from(body))
+                        .await?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -705,12 +708,14 @@ impl JournalScope {
                     .location
                     .filename()
                     .is_some_and(|name| name.starts_with(&self.writer_name));
-                let idle = now - meta.last_modified.timestamp()
-                    >= crate::run::claim::LAPSE_SECS as i64;
+                let idle =
+                    now - meta.last_modified.timestamp() >= crate::run::claim::LAPSE_SECS as i64;
                 // Looked at again just before it goes: one that grew since it was read stays.
                 let unchanged = || async {
                     segments.head(&meta.location).await.map(|now| {
-                        now.is_some_and(|m| m.size == meta.size && m.last_modified == meta.last_modified)
+                        now.is_some_and(|m| {
+                            m.size == meta.size && m.last_modified == meta.last_modified
+                        })
                     })
                 };
                 if own || (idle && unchanged().await?) {

@@ -117,11 +117,7 @@ fn conditional_puts_switched_off_are_refused() {
         "--model",
         "m",
     ];
-    refused(
-        &env,
-        &args,
-        &["cannot hold claims", "AWS_CONDITIONAL_PUT"],
-    );
+    refused(&env, &args, &["cannot hold claims", "AWS_CONDITIONAL_PUT"]);
     assert_eq!(server.requests(), 0);
     trusted(&env, &args);
     let paid = server.requests();

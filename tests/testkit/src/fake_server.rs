@@ -45,6 +45,9 @@ pub struct FakeState {
     /// Scripted faults: a request whose prompt contains the text gets the next fault of its
     /// list (then normal answers once the list is empty).
     pub faults: Mutex<Vec<(String, VecDeque<Fault>)>>,
+    /// `/completions` logprobs in the chat shape (`logprobs.content[].top_logprobs`), as
+    /// llama.cpp's server sends them, rather than OpenAI's legacy shape.
+    pub completions_logprobs_chat_shape: std::sync::atomic::AtomicBool,
     /// How chat answers carry a reasoning model's thinking (none by default).
     pub thinking: Mutex<Option<Thinking>>,
     /// Every chat request body, when set (off by default: benches send millions).
@@ -844,8 +847,30 @@ fn chat_json(len: usize, answer: &str) -> Value {
 
 async fn completions(state: Arc<FakeState>, body: Value) -> Value {
     let len = prompt_of(&body).len();
+    let prompt = prompt_of(&body).to_string();
+    let wants_logprobs = body["logprobs"].as_u64().is_some_and(|n| n > 0);
+    let chat_shape = state
+        .completions_logprobs_chat_shape
+        .load(Ordering::SeqCst);
     let answer = respond(state, body).await;
-    completion_json(len, &answer)
+    if !wants_logprobs {
+        return completion_json(len, &answer);
+    }
+    let top = first_token_alternatives(&prompt);
+    let first = top[0].0.clone();
+    let mut reply = completion_json(len, &first);
+    reply["choices"][0]["logprobs"] = if chat_shape {
+        json!({"content": [{
+            "token": first, "logprob": top[0].1,
+            "top_logprobs": top.iter().map(|(t, l)| json!({"token": t, "logprob": l})).collect::<Vec<_>>(),
+        }]})
+    } else {
+        let alternatives: serde_json::Map<String, Value> =
+            top.iter().map(|(t, l)| (t.clone(), json!(l))).collect();
+        json!({"tokens": [first], "token_logprobs": [top[0].1], "top_logprobs": [alternatives]})
+    };
+    reply["choices"][0]["finish_reason"] = json!("length");
+    reply
 }
 
 fn completion_json(len: usize, answer: &str) -> Value {
