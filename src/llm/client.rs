@@ -119,6 +119,9 @@ pub struct ModelClient {
     /// The run's budget in millionths of a dollar, if it has one.
     pub(crate) budget: Option<Budget>,
     pub(crate) backend: Arc<dyn Backend>,
+    /// Set once the role's server answered a request for `n` choices with fewer: from then
+    /// on each sample is its own request.
+    pub(crate) ignores_n: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Rows of a role started at once per slot: one on the wire, one rendered and waiting to take
@@ -329,7 +332,11 @@ impl ModelClient {
             }
         }
         let missing = journaled.iter().filter(|r| r.is_none()).count();
-        if missing < samples.len() || !self.backend.asks_choices() || !self.spec.supports_n {
+        if missing < samples.len()
+            || !self.backend.asks_choices()
+            || !self.spec.supports_n
+            || self.ignores_n.load(Ordering::Relaxed)
+        {
             // Some samples are paid for already: ask only the others.
             let asked = samples
                 .into_iter()
@@ -349,13 +356,31 @@ impl ModelClient {
         let started = Instant::now();
         let replies = self.call_http(&req, &keys, journal).await;
         let latency_ms = started.elapsed().as_millis() as i64;
-        replies
+        let mut replies: Vec<Reply> = replies
             .into_iter()
             .map(|mut reply| {
                 reply.latency_ms = latency_ms;
                 self.account(reply)
             })
-            .collect()
+            .collect();
+        if replies.len() < samples.len() {
+            self.found_ignoring_n(samples.len(), replies.len());
+            let rest = samples[replies.len()..]
+                .iter()
+                .map(|sample| self.call(sample.clone(), journal));
+            replies.extend(futures::future::join_all(rest).await);
+        }
+        replies
+    }
+
+    /// Notes, and says once, that the role's server sent `got` choices when asked for `asked`.
+    fn found_ignoring_n(&self, asked: usize, got: usize) {
+        if !self.ignores_n.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                endpoint = %self.home().shown,
+                "The server ignores `n` (asked for {asked} choices, it sent {got}): each sample is asked as a request of its own from now on. Set supports_n = false on the role to skip the first try."
+            );
+        }
     }
 
     async fn call_uncached(&self, req: &Request, key: &str, journal: &JournalScope) -> Reply {

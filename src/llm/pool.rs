@@ -99,6 +99,7 @@ impl LlmPool {
                     rows: Arc::new(tokio::sync::Semaphore::new(ModelClient::rows_at_once(spec))),
                     budget: pool.budget,
                     backend: backend_of(spec, capture.as_ref()),
+                    ignores_n: Arc::default(),
                 },
             );
         }

@@ -68,14 +68,8 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
         .and_then(Value::as_array)
         .filter(|c| !c.is_empty())
         .ok_or_else(|| format!("response has no choices: {}", snippet(body)))?;
-    if list.len() < n {
-        return Err(format!(
-            "asked for {n} choices, the response has {}: {}",
-            list.len(),
-            snippet(body)
-        ));
-    }
-    let mut replies = list[..n]
+    // Fewer choices than asked: a server that ignores `n`; the caller asks for the rest.
+    let mut replies = list[..n.min(list.len())]
         .iter()
         .map(|choice| parse_choice(choice, api, body))
         .collect::<Result<Vec<Reply>, String>>()?;
@@ -85,7 +79,6 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
     let first = &mut replies[0];
     first.prompt_tokens = count("prompt_tokens");
     first.cached_tokens = detail("/prompt_tokens_details/cached_tokens");
-    let completion = count("completion_tokens");
     let reasoning = detail("/completion_tokens_details/reasoning_tokens");
     let lengths: Vec<usize> = replies
         .iter()
@@ -93,6 +86,7 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
             r.text.as_ref().map_or(0, String::len) + r.reasoning.as_ref().map_or(0, String::len)
         })
         .collect();
+    let completion = plausible_completion(count("completion_tokens"), &lengths);
     let completions = completion.map(|total| shared_out(total, &lengths));
     let reasonings = reasoning.map(|total| shared_out(total, &lengths));
     for (i, reply) in replies.iter_mut().enumerate() {
@@ -105,6 +99,20 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
         reply.cached_tokens = cached_reported.then_some(0);
     }
     Ok(replies)
+}
+
+/// The completion tokens a response with several choices reports, unless they are fewer than
+/// half of what the texts hold (characters / 4): llama.cpp's server counts the first choice
+/// only, which would make tokens and cost several times low; the texts' estimate stands in.
+fn plausible_completion(reported: Option<i64>, lengths: &[usize]) -> Option<i64> {
+    if lengths.len() < 2 {
+        return reported;
+    }
+    let by_text: i64 = lengths.iter().map(|l| l.div_ceil(4) as i64).sum();
+    match reported {
+        Some(n) if 2 * n < by_text => Some(by_text),
+        other => other,
+    }
 }
 
 /// The `usage` (prompt, completion tokens) of a response body that could not be read as

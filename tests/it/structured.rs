@@ -211,7 +211,14 @@ fn a_reply_that_never_follows_the_schema_is_an_error_value() {
         "Document 1 explains".to_string(),
         VecDeque::from([Fault::Content("{}".into()), Fault::Content("[1]".into())]),
     ));
-    backforth_ok(&["run", &job]);
+    // The row's call is lost: the run says so and exits 1 (a rerun asks again).
+    let out = crate::support::util::backforth(&["run", &job]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scored = query(
         &dir.path().join("out"),
         "SELECT id, score_reason, judgement['error'], judgement['attempts'] FROM scored ORDER BY id",
@@ -521,4 +528,65 @@ mod schema {
             assert!(JsonSchema::new("f", bad).is_err());
         }
     }
+}
+
+/// A server that ignores `n` (one choice back, as llama-cpp-python's) is found out at once:
+/// the choice it sent counts as the first sample, paid and journaled, the others are asked
+/// one request each, and later rows go one request per sample, with a warning once. No row
+/// fails and every token is counted.
+#[test]
+fn a_server_that_ignores_n_is_asked_one_request_per_sample() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server();
+    let job = samples_job(dir.path(), &server, true);
+    backforth_ok(&["run", &job, "--stages", "candidates,backtranslated"]);
+    server.state.ignores_n.store(true, Ordering::SeqCst);
+    let before = server.requests();
+    let out = backforth_ok(&["run", &job]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("ignores `n`").count(), 1, "{stderr}");
+    // Three samples a row, each paid once (an n-request's one choice is a sample).
+    assert_eq!(server.requests() - before, 15);
+    let root = dir.path().join("out");
+    let samples = query(&root, SAMPLES);
+    for row in &samples {
+        assert_eq!(row[1], "3", "{row:?}");
+    }
+    let marker = crate::support::util::marker(&root, "answers");
+    assert!(marker["dropped"].get("llm_error").is_none(), "{marker}");
+    let reported: usize = samples
+        .iter()
+        .flat_map(|r| r[2..].iter().map(|t| t.len() / 4))
+        .sum();
+    assert_eq!(marker["llm"]["completion_tokens"], reported, "{marker}");
+}
+
+/// A server whose `usage` with `n` counts the first choice only (llama.cpp's) would make
+/// tokens and cost several times low: a count below half of what the texts hold is taken
+/// as implausible, and the texts' estimate (characters / 4) is used.
+#[test]
+fn implausible_usage_with_n_is_checked_against_the_texts() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server();
+    let job = samples_job(dir.path(), &server, true);
+    backforth_ok(&["run", &job, "--stages", "candidates,backtranslated"]);
+    server
+        .state
+        .usage_first_choice_only
+        .store(true, Ordering::SeqCst);
+    backforth_ok(&["run", &job]);
+    let root = dir.path().join("out");
+    let samples = query(&root, SAMPLES);
+    let by_text: usize = samples
+        .iter()
+        .flat_map(|r| r[2..].iter().map(|t| t.len().div_ceil(4)))
+        .sum();
+    let marker = crate::support::util::marker(&root, "answers");
+    let counted = marker["llm"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        counted * 10 >= by_text * 9 && counted <= by_text + 15,
+        "{counted} tokens counted, the texts hold about {by_text}"
+    );
 }

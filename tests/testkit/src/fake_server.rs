@@ -48,6 +48,10 @@ pub struct FakeState {
     /// `/completions` logprobs in the chat shape (`logprobs.content[].top_logprobs`), as
     /// llama.cpp's server sends them, rather than OpenAI's legacy shape.
     pub completions_logprobs_chat_shape: std::sync::atomic::AtomicBool,
+    /// Chat requests asking `n` choices get one (llama-cpp-python's server).
+    pub ignores_n: std::sync::atomic::AtomicBool,
+    /// With `n`, `usage.completion_tokens` counts the first choice only (llama.cpp's server).
+    pub usage_first_choice_only: std::sync::atomic::AtomicBool,
     /// How chat answers carry a reasoning model's thinking (none by default).
     pub thinking: Mutex<Option<Thinking>>,
     /// Every chat request body, when set (off by default: benches send millions).
@@ -759,7 +763,11 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
     let wants_logprobs = body["logprobs"] == json!(true);
     let prompt = prompt_of(&body);
     let thinking = state.thinking.lock().unwrap().clone();
-    let choices = body["n"].as_u64().unwrap_or(1);
+    let choices = match state.ignores_n.load(Ordering::SeqCst) {
+        true => 1,
+        false => body["n"].as_u64().unwrap_or(1),
+    };
+    let first_only = state.usage_first_choice_only.load(Ordering::SeqCst);
     let asked = body.clone();
     let answer = respond(state, body).await;
     if choices > 1 {
@@ -772,7 +780,10 @@ async fn chat(state: Arc<FakeState>, body: Value) -> Value {
             .enumerate()
             .map(|(i, a)| json!({"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}))
             .collect();
-        let completion: usize = answers.iter().map(|a| a.len() / 4).sum();
+        let completion: usize = match first_only {
+            true => answers[0].len() / 4,
+            false => answers.iter().map(|a| a.len() / 4).sum(),
+        };
         reply["usage"] = json!({"prompt_tokens": len / 4, "completion_tokens": completion, "total_tokens": len / 4 + completion});
         return reply;
     }
