@@ -6,9 +6,10 @@ unparseable replies. Deterministic: the same file from the same versions.
 
     python make_model.py OUT.gguf
 
-How it works: the embedding of token t is one-hot (n_embd = n_vocab); attention and the
+How it works: the embedding of token t is one-hot; attention and the
 feed-forward block are zero, so the residual stream is that one-hot vector; after RMS norm it
-is sqrt(n) at t, and the output matrix holds log P(next | t) / sqrt(n) in column t.
+is sqrt(n_embd) at t, and the output matrix holds log P(next | t) / sqrt(n_embd) in column
+t (n_embd is the vocabulary rounded up to a multiple of 64, the rest zero).
 """
 
 import random
@@ -110,7 +111,9 @@ def main(path: str) -> None:
         counts[:, vocab[special]] = 1e-9
     logp = np.log(counts / counts.sum(axis=1, keepdims=True))
 
-    n_embd, n_ff, n_head = n, 32, 4
+    # Heads need n_embd to divide evenly; the dimensions past the vocabulary stay zero.
+    n_ff, n_head = 32, 4
+    n_embd = -(-n // 64) * 64
     scale = np.sqrt(n_embd)
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("backforth-bigram")
@@ -143,10 +146,12 @@ def main(path: str) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
     f16 = np.float16
-    w.add_tensor("token_embd.weight", np.eye(n, dtype=np.float32))
+    w.add_tensor("token_embd.weight", np.eye(n, n_embd, dtype=np.float32))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     # [n_vocab, n_embd]: row j (the next token), column t (the current one).
-    w.add_tensor("output.weight", (logp.T / scale).astype(np.float32))
+    output = np.zeros((n, n_embd), dtype=np.float32)
+    output[:, :n] = logp.T / scale
+    w.add_tensor("output.weight", output)
     w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
     for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
         w.add_tensor(f"blk.0.{name}.weight", np.zeros((n_embd, n_embd), dtype=f16))
