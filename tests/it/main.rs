@@ -16,6 +16,7 @@ mod ingest;
 mod inputs;
 mod jobs;
 mod limits;
+mod llama;
 mod parse;
 mod pay_once;
 mod pipeline;

