@@ -258,14 +258,58 @@ fn humpback_kun_and_preference_run_against_llama_cpp() {
             ][..],
             &["backtranslated"][..],
         ),
-        ("preference", &["candidates"][..], &[][..]),
+        (
+            "preference",
+            &[
+                "candidates",
+                "backtranslated",
+                "scored",
+                "curated",
+                "sampled",
+                "ranked",
+                "preference",
+            ][..],
+            &["backtranslated", "scored", "sampled"][..],
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let job = example_job(dir.path(), example, "", &[]);
         let (code, stderr) = run(&job, &llama, &[]);
         assert!(code == 0 || code == 1, "{example}: {stderr}");
-        check_funnel(&dir.path().join("out"), stages, one_call, code, &stderr);
+        let root = dir.path().join("out");
+        check_funnel(&root, stages, one_call, code, &stderr);
+        if example == "preference" {
+            four_samples_with_their_tokens_counted(&root);
+        }
     }
+}
+
+/// `rewrite_k` asks four choices in one request (`n = 4`): every row has four, and the
+/// tokens counted cover all four, though llama.cpp's `usage` counts only the first.
+fn four_samples_with_their_tokens_counted(root: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (counts, chars) = rt.block_on(async {
+        let ctx = session(root).await;
+        let counts = rows(&ctx, "SELECT DISTINCT array_length(rewrites) FROM sampled").await;
+        let chars = rows(
+            &ctx,
+            "SELECT sum(length(r['text'])) FROM (SELECT unnest(rewrites) AS r FROM sampled)",
+        )
+        .await;
+        (counts, chars)
+    });
+    assert_eq!(counts, vec![vec!["4".to_string()]]);
+    let chars: u64 = chars[0][0].parse().unwrap_or(0);
+    let counted = marker(root, "sampled")["llm"]["completion_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        2 * counted >= chars / 4,
+        "{counted} completion tokens counted for {chars} characters of samples"
+    );
 }
 
 /// Logprob scores on both APIs: llama.cpp's server answers `/completions` logprobs in the
