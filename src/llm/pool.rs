@@ -162,6 +162,14 @@ impl LlmPool {
             .unwrap_or(1)
     }
 
+    /// The longest time a role the job declares waits for a reply (`timeout_secs`).
+    pub fn longest_timeout(&self) -> Duration {
+        let declared = self.models.values().filter(|m| m.spec.declared);
+        let secs = declared.map(|m| m.spec.timeout_secs).max();
+        let secs = secs.or_else(|| self.models.values().map(|m| m.spec.timeout_secs).max());
+        Duration::from_secs(secs.unwrap_or(0))
+    }
+
     /// Takes this process's share of every endpoint's cap and rates, when `processes` run on
     /// the job and this one is `rank` among them.
     pub fn share(&self, processes: usize, rank: usize) {

@@ -24,12 +24,14 @@ pub struct Progress {
 /// Reports a stage's progress until dropped.
 pub struct Reporter {
     task: tokio::task::JoinHandle<()>,
+    stalls: tokio::task::JoinHandle<()>,
     terminal: bool,
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
         self.task.abort();
+        self.stalls.abort();
         if self.terminal {
             eprintln!();
         }
@@ -49,6 +51,7 @@ impl Reporter {
             .clamp(0.1, 86_400.0);
         let every = Duration::from_secs_f64(secs);
         let stage = stage.to_string();
+        let pool_for_stalls = Arc::clone(&pool);
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let base = pool.usage();
@@ -65,7 +68,53 @@ impl Reporter {
                 }
             }
         });
-        Self { task, terminal }
+        let stalls = tokio::spawn(watch_for_stalls(pool_for_stalls));
+        Self {
+            task,
+            stalls,
+            terminal,
+        }
+    }
+}
+
+/// How long calls may be open with no reply at all before a stall is reported (60 s;
+/// `BACKFORTH_STALL_SECS` changes it).
+fn stall_after() -> Duration {
+    let secs = std::env::var("BACKFORTH_STALL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(60.0);
+    Duration::from_secs_f64(secs.clamp(0.1, 86_400.0))
+}
+
+/// Warns when calls are open and nothing has come back for [`stall_after`]: a server that
+/// restarted drops the requests it held without answering, and they hang until their
+/// timeout (`timeout_secs`, 600 by default), the run showing 0 req/s and nothing else.
+async fn watch_for_stalls(pool: Arc<LlmPool>) {
+    let after = stall_after();
+    let look = (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let answered = || {
+        let u = pool.usage();
+        u.requests + u.failures
+    };
+    let (mut seen, mut since, mut said) = (answered(), Instant::now(), false);
+    loop {
+        tokio::time::sleep(look).await;
+        let now = answered();
+        if now != seen || pool.outstanding() == 0 {
+            (seen, since, said) = (now, Instant::now(), false);
+            continue;
+        }
+        if !said && since.elapsed() >= after {
+            said = true;
+            tracing::warn!(
+                calls_open = pool.outstanding(),
+                "No reply for {} s with calls open: the server may have restarted (requests it dropped hang until they time out, timeout_secs = {} s here) or be stuck. What was answered is journaled: stop and rerun once it is back, or lower timeout_secs for servers that restart.",
+                after.as_secs(),
+                pool.longest_timeout().as_secs()
+            );
+        }
     }
 }
 

@@ -348,3 +348,33 @@ fn a_request_rejected_by_the_server_is_not_retried_and_does_not_rest_it() {
     let m = marker(&dir.path().join("out"), "backtranslated");
     assert_eq!(m["dropped"]["llm_error"], 4, "{m}");
 }
+
+/// A server that stops answering (restarted, its requests dropped) is reported as a stall
+/// once nothing has come back for a while, with the timeout the calls wait for, instead of
+/// the run sitting at 0 req/s in silence.
+#[test]
+fn a_stalled_server_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(5));
+    let job = job(dir.path(), &server.url());
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("timeout_secs = 1", "timeout_secs = 30");
+    std::fs::write(&job, text).unwrap();
+    for case in CASES {
+        script(&server, case, vec![Fault::Slow(Duration::from_secs(3))]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .env("BACKFORTH_STALL_SECS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("No reply for 1 s with calls open"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("timeout_secs = 30 s"), "{stderr}");
+}
