@@ -489,6 +489,7 @@ impl ModelClient {
                     after,
                     throttle,
                     billed_usd,
+                    ..
                 }) => {
                     retries.billed_usd += billed_usd;
                     (message, after, throttle)
@@ -513,6 +514,9 @@ impl ModelClient {
         journal: &JournalScope,
         dearest_usd: f64,
     ) -> Result<Vec<Reply>, Failure> {
+        if let Some(lacking) = endpoint.lacking(&features_of(req)) {
+            return Err(Failure::Fatal(lacking));
+        }
         let url = format!("{}/{path}", endpoint.base_url);
         let estimate = (
             prompt_estimate(req),
@@ -575,6 +579,14 @@ impl ModelClient {
             Err(Failure::Fatal(_)) => endpoint.record_health(true),
             Err(_) => endpoint.record_health(false),
         }
+        let server_error = matches!(
+            outcome,
+            Err(Failure::Retry {
+                server_error: true,
+                ..
+            })
+        );
+        endpoint.note_features(&features_of(req), outcome.is_ok(), server_error);
         if let Err(Failure::Retry { billed_usd, .. }) = &outcome
             && *billed_usd > 0.0
         {
@@ -607,6 +619,7 @@ impl ModelClient {
             message: describe_reqwest_error(&e),
             after: None,
             throttle: false,
+            server_error: false,
             billed_usd: 0.0,
         })?;
         let status = response.status();
@@ -629,6 +642,7 @@ impl ModelClient {
                     message,
                     after,
                     throttle,
+                    server_error: false,
                     billed_usd: dearest_usd,
                 });
             }
@@ -648,6 +662,7 @@ impl ModelClient {
                 message: format!("HTTP {status}: {}", snippet(&text)),
                 after: retry_after,
                 throttle: status.as_u16() == 429,
+                server_error: status.is_server_error(),
                 billed_usd: 0.0,
             });
         }
@@ -672,6 +687,7 @@ impl ModelClient {
             message,
             after: None,
             throttle: false,
+            server_error: false,
             billed_usd: billed_usage(&text).map_or(dearest_usd, |(p, c)| {
                 self.spec.cost_usd(Some(p), None, Some(c))
             }),
@@ -855,12 +871,29 @@ impl Budget {
     }
 }
 
+/// The optional API features `req` uses, by name: a server may lack any of them.
+fn features_of(req: &Request) -> Vec<&'static str> {
+    let mut features = Vec::new();
+    if req.schema.is_some() {
+        features.push("response_format");
+    }
+    if req.top_logprobs.is_some() {
+        features.push("logprobs");
+    }
+    if req.choices > 1 {
+        features.push("n");
+    }
+    features
+}
+
 enum Failure {
     Retry {
         message: String,
         after: Option<Duration>,
         /// The server said to slow down (HTTP 429), as opposed to failing.
         throttle: bool,
+        /// The server answered with a 5xx status.
+        server_error: bool,
         /// What the server billed for the attempt (a reply it sent that could not be read).
         billed_usd: f64,
     },
@@ -874,6 +907,7 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
         message,
         after: None,
         throttle: false,
+        server_error: false,
         billed_usd: 0.0,
     };
     let mut body = Vec::new();

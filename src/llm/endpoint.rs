@@ -24,7 +24,21 @@ pub struct Endpoint {
     /// Set when the server said the quota is exhausted; later calls fail without a request.
     pub(crate) quota: Mutex<Option<String>>,
     pub(crate) limits: Limits,
+    /// How the server took each optional feature requests used (see [`Endpoint::lacking`]).
+    features: Mutex<std::collections::HashMap<&'static str, Feature>>,
 }
+
+/// How a server took requests using one optional feature (`response_format`, `logprobs`, `n`).
+#[derive(Debug, Default)]
+struct Feature {
+    accepted: bool,
+    server_errors_in_a_row: u32,
+    lacking: bool,
+}
+
+/// Server errors in a row, on requests using a feature the server never accepted, after
+/// which it is taken to lack the feature.
+const LACKING_AFTER: u32 = 3;
 
 impl Endpoint {
     pub(crate) fn new(
@@ -48,6 +62,7 @@ impl Endpoint {
             health: Mutex::new(Health::default()),
             quota: Mutex::new(None),
             limits,
+            features: Mutex::default(),
         }
     }
 
@@ -112,6 +127,51 @@ impl Endpoint {
             health.failures = 0;
             health.resting_until = Some(Instant::now() + REST);
             tracing::warn!(endpoint = %self.shown, "Endpoint keeps failing; resting it for 30 s.");
+        }
+    }
+
+    /// Why a request using `features` is not sent, when the server was found to lack one: it
+    /// answered [`LACKING_AFTER`] requests using it in a row with a server error and never
+    /// accepted one (some servers answer an unsupported `response_format` with HTTP 500,
+    /// which would otherwise be retried as a transient failure, five times a row).
+    pub(crate) fn lacking(&self, features: &[&'static str]) -> Option<String> {
+        let known = self.features.lock().expect("lock poisoned");
+        let feature = features
+            .iter()
+            .find(|f| known.get(*f).is_some_and(|k| k.lacking))?;
+        let advice = match *feature {
+            "response_format" => {
+                "use mode = \"text\" for this function, or a server that enforces JSON schemas"
+            }
+            "logprobs" => "use mode = \"text\" for this function",
+            _ => "set supports_n = false on the role",
+        };
+        Some(format!(
+            "the server at {} answered {LACKING_AFTER} requests using `{feature}` in a row with a server error and never accepted one: it does not support it; {advice}",
+            self.shown
+        ))
+    }
+
+    /// Records how a request using `features` went.
+    pub(crate) fn note_features(&self, features: &[&'static str], ok: bool, server_error: bool) {
+        if features.is_empty() {
+            return;
+        }
+        let mut known = self.features.lock().expect("lock poisoned");
+        for name in features {
+            let feature = known.entry(name).or_default();
+            if ok {
+                *feature = Feature {
+                    accepted: true,
+                    ..Feature::default()
+                };
+            } else if server_error && !feature.accepted {
+                feature.server_errors_in_a_row += 1;
+                if feature.server_errors_in_a_row >= LACKING_AFTER && !feature.lacking {
+                    feature.lacking = true;
+                    tracing::warn!(endpoint = %self.shown, feature = name, "The server fails every request using this feature: it is not sent again; those rows fail with a message saying what to change.");
+                }
+            }
         }
     }
 

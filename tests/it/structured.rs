@@ -590,3 +590,38 @@ fn implausible_usage_with_n_is_checked_against_the_texts() {
         "{counted} tokens counted, the texts hold about {by_text}"
     );
 }
+
+/// A server that answers every request with a `response_format` by HTTP 500 (it has no JSON
+/// schemas) is found out after a few: the feature is not sent again, each such row fails at
+/// once with a message saying what to change, and the run exits 1, instead of five attempts
+/// a row.
+#[test]
+fn a_feature_the_server_lacks_is_stopped_after_a_few_failures() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server();
+    let rest = format!("[functions.score_pair]\nmode = \"json\"\n{SCORING}");
+    let job = job(dir.path(), &server, 20, &rest);
+    backforth_ok(&["run", &job, "--stages", "candidates,backtranslated"]);
+    server
+        .state
+        .rejects_response_format
+        .store(true, Ordering::SeqCst);
+    let before = server.requests();
+    let out = crate::support::util::backforth(&["run", &job, "--concurrency", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("fails every request using this feature"),
+        "{stderr}"
+    );
+    // Three failures decide it; the backoffs between a row's retries are not waited out for
+    // the twenty rows.
+    let sent = server.requests() - before;
+    assert!(sent <= 4, "{sent} requests with response_format");
+    let scored = query(
+        &dir.path().join("out"),
+        "SELECT count(*) FROM scored WHERE judgement['error'] LIKE '%does not support it; use mode = \"text\"%'",
+    );
+    assert!(scored[0][0].parse::<u32>().unwrap() >= 19, "{scored:?}");
+}

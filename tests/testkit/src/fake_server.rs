@@ -48,6 +48,8 @@ pub struct FakeState {
     /// `/completions` logprobs in the chat shape (`logprobs.content[].top_logprobs`), as
     /// llama.cpp's server sends them, rather than OpenAI's legacy shape.
     pub completions_logprobs_chat_shape: std::sync::atomic::AtomicBool,
+    /// Chat requests with a `response_format` get HTTP 500 (a server without JSON schemas).
+    pub rejects_response_format: std::sync::atomic::AtomicBool,
     /// Chat requests asking `n` choices get one (llama-cpp-python's server).
     pub ignores_n: std::sync::atomic::AtomicBool,
     /// With `n`, `usage.completion_tokens` counts the first choice only (llama.cpp's server).
@@ -627,6 +629,17 @@ async fn answer_http(state: &Arc<FakeState>, http: &HttpRequest) -> Option<Strin
         return Some(http_response("500 Internal Server Error", "", payload));
     }
     let (status, reply) = match request {
+        Some(request)
+            if http.path.ends_with("/chat/completions")
+                && request.get("response_format").is_some()
+                && state.rejects_response_format.load(Ordering::SeqCst) =>
+        {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            (
+                "500 Internal Server Error",
+                json!({"error": {"message": "unsupported"}}),
+            )
+        }
         Some(request) if http.path.ends_with("/chat/completions") => {
             match response_format_problem(&request) {
                 Some(problem) => (
