@@ -141,6 +141,16 @@ pub fn clean_instruction(raw: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_string())
 }
 
+/// The least probability the digits 1-5 must hold among a first token's alternatives for
+/// them to be a score: below it the model was mostly about to write something else, and the
+/// text judgement is asked instead.
+pub const MIN_DIGIT_MASS: f64 = 0.5;
+
+/// [`logprob_score`], when the digits hold at least [`MIN_DIGIT_MASS`].
+pub fn weighed_score(top_logprobs: &str) -> Option<(f64, f64)> {
+    logprob_score(top_logprobs).filter(|(_, mass)| *mass >= MIN_DIGIT_MASS)
+}
+
 /// The expected score over the digits 1-5 among a first token's most likely alternatives
 /// (`[[token, logprob], ...]` as JSON), and the probability mass those digits hold; `None`
 /// when no digit is among them (or the JSON is not such a list).
@@ -227,7 +237,7 @@ pub fn judge(
             source: None,
         };
     }
-    let weighed = top_logprobs.and_then(logprob_score);
+    let weighed = top_logprobs.and_then(weighed_score);
     if let Some((expected, mass)) = weighed {
         return Judgement {
             score: Some(expected.round() as i64),

@@ -27,7 +27,7 @@ use crate::job::schema::json_array;
 use crate::llm::client::ModelClient;
 use crate::llm::journal::JournalScope;
 use crate::llm::reply::{Reply, Request, Turn};
-use crate::parse::{is_refusal, logprob_score};
+use crate::parse::{is_refusal, weighed_score};
 
 /// The calls of a column an LLM function made: the column itself when it is a call struct
 /// (a reply, with or without a schema's `json` after its fields), its values when it is a list
@@ -248,12 +248,13 @@ impl LlmFunction {
         let has_digit = first
             .top_logprobs
             .as_deref()
-            .and_then(logprob_score)
+            .and_then(weighed_score)
             .is_some();
         if first.error.is_some() || has_digit || is_refusal(first.finish_reason.as_deref()) {
             return Sample::of(first);
         }
-        // No digit among the likely first tokens: ask for the text judgement instead, and
+        // No digit holding most of the first token's probability: ask for the text
+        // judgement instead, and
         // keep the first reply's alternatives so the row shows why.
         let text = match self.request("fallback", values, *max_tokens, None) {
             Ok(fallback) => self.client.call(fallback, &self.journal).await,
@@ -287,6 +288,11 @@ impl LlmFunction {
                 }
                 Err(why) => why,
             };
+            // Cut off by the token limit: asked again it would be cut again, each retry's
+            // prompt longer by the reply sent back. It stands, read as truncated.
+            if reply.finish_reason.as_deref() == Some("length") {
+                return Sample::of(reply);
+            }
             if request.turns.len() >= self.spec.schema_retries as usize {
                 let replies = request.turns.len() + 1;
                 reply.error = Some(format!(

@@ -312,13 +312,15 @@ fn four_samples_with_their_tokens_counted(root: &Path) {
     );
 }
 
-/// Logprob scores on both APIs: llama.cpp's server answers `/completions` logprobs in the
-/// chat shape, and both are read, so rows are scored from logprobs (falling back to a text
-/// judgement only when the first token holds no digit), not all from text.
+/// Logprob scores on both APIs. llama.cpp's server answers `/completions` logprobs in the chat
+/// shape, and they are read: the raw prompt ends in `Score:`, after which the bigram model
+/// puts most of its probability on digits, so rows are scored from logprobs. On chat the
+/// template's assistant prefix comes last and the digits hold little: rows fall back to a
+/// text judgement, and no score rests on a digit mass under one half.
 #[test]
 fn logprob_scores_on_chat_and_completions() {
     let llama = Llama::start(4);
-    for api in ["chat", "completions"] {
+    for api in ["completions", "chat"] {
         let dir = tempfile::tempdir().unwrap();
         let extra = "[functions.score_pair]\nmode = \"logprobs\"\n";
         let api_line = format!("api = \"{api}\"");
@@ -329,17 +331,26 @@ fn logprob_scores_on_chat_and_completions() {
             .enable_all()
             .build()
             .unwrap();
-        let sources = rt.block_on(async {
+        let (sources, thin) = rt.block_on(async {
             let ctx = session(&dir.path().join("out")).await;
-            rows(
+            let sources = rows(
                 &ctx,
                 "SELECT score_source, count(*) FROM scored GROUP BY 1 ORDER BY 1",
             )
-            .await
+            .await;
+            let thin = rows(
+                &ctx,
+                "SELECT count(*) FROM scored WHERE score_source = 'logprobs' AND score_mass < 0.5",
+            )
+            .await;
+            (sources, thin)
         });
-        assert!(
-            sources.iter().any(|r| r[0] == "logprobs"),
-            "{api}: no row scored from logprobs: {sources:?}"
-        );
+        assert_eq!(thin[0][0], "0", "{api}: {sources:?}");
+        if api == "completions" {
+            assert!(
+                sources.iter().any(|r| r[0] == "logprobs"),
+                "{api}: no row scored from logprobs: {sources:?}"
+            );
+        }
     }
 }

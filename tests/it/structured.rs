@@ -625,3 +625,32 @@ fn a_feature_the_server_lacks_is_stopped_after_a_few_failures() {
     );
     assert!(scored[0][0].parse::<u32>().unwrap() >= 19, "{scored:?}");
 }
+
+/// A JSON reply cut off by the token limit is not asked again with itself appended (each
+/// retry longer, and cut again): it stands, read as `truncated`, after one request.
+#[test]
+fn a_reply_cut_off_by_the_token_limit_is_not_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server();
+    let rest = format!("[functions.score_pair]\nmode = \"json\"\n{SCORING}");
+    let job = job(dir.path(), &server, 4, &rest);
+    backforth_ok(&["run", &job, "--stages", "candidates,backtranslated"]);
+    server.state.faults.lock().unwrap().push((
+        "Document 1 explains".to_string(),
+        VecDeque::from(vec![
+            Fault::Cut(
+                "{\"reason\": \"The answer is complete and".into()
+            );
+            3
+        ]),
+    ));
+    let before = server.requests();
+    backforth_ok(&["run", &job]);
+    assert_eq!(server.requests() - before, 4, "one request a row");
+    let scored = query(
+        &dir.path().join("out"),
+        "SELECT id, score_reason, judgement['error'] FROM scored WHERE id LIKE 'd01%'",
+    );
+    assert_eq!(scored[0][1], "truncated", "{scored:?}");
+    assert_eq!(scored[0][2], "NULL", "{scored:?}");
+}

@@ -115,6 +115,8 @@ pub enum Fault {
     Malformed,
     /// HTTP 200 with a chat completion whose content is this text.
     Content(String),
+    /// HTTP 200 with this text cut off by the token limit (`finish_reason: length`).
+    Cut(String),
     /// HTTP 200, a chat completion refused: `content: null`, with the model's words in
     /// `refusal` (`finish_reason: stop`, as OpenAI's structured outputs) or, without words,
     /// `finish_reason: content_filter` (a provider's filter).
@@ -741,6 +743,12 @@ async fn fault_response(
             let prompt = request.map(prompt_of).unwrap_or_default();
             http_response("200 OK", "", &chat_json(prompt.len(), &text).to_string())
         }
+        Fault::Cut(text) => {
+            let prompt = request.map(prompt_of).unwrap_or_default();
+            let mut reply = chat_json(prompt.len(), &text);
+            reply["choices"][0]["finish_reason"] = json!("length");
+            http_response("200 OK", "", &reply.to_string())
+        }
         Fault::BilledEmpty => {
             let prompt = request.map(prompt_of).unwrap_or_default();
             let mut reply = chat_json(prompt.len(), "");
@@ -842,6 +850,14 @@ pub fn first_token_alternatives(prompt: &str) -> Vec<(String, f64)> {
             ("The".into(), -0.2),
             ("I".into(), -1.9),
             ("This".into(), -2.5),
+        ];
+    }
+    if h % 6 == 1 {
+        // A digit among the alternatives, but holding 7% of the probability: no score.
+        return vec![
+            ("The".into(), -0.1),
+            ("4".into(), -2.7),
+            ("I".into(), -3.0),
         ];
     }
     let best = 1 + (h / 6) % 5;
