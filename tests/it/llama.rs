@@ -222,6 +222,9 @@ fn baf_runs_against_llama_cpp() {
     );
     let scored = marker(&root, "scored");
     assert!(scored["rows_in"].as_u64().unwrap() > 10, "{scored}");
+    // The server reuses each slot's cached prompt prefix and says so; the counts carry it.
+    let cached = scored["llm"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 0, "{scored}");
     let curated = marker(&root, "curated");
     let reasons: Vec<&String> = curated["dropped"].as_object().unwrap().keys().collect();
     assert!(
@@ -353,4 +356,78 @@ fn logprob_scores_on_chat_and_completions() {
             );
         }
     }
+}
+
+/// With the served model's own `tokenizer.json` as the job's tokenizer, `estimate` predicts
+/// the backtranslation requests exactly and their prompt tokens to within the chat template's
+/// few tokens a request, against what the server then reports.
+#[test]
+fn the_served_tokenizer_makes_the_estimate_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = Llama::start(4);
+    let tokenizer = model().with_file_name("tokenizer.json");
+    let job = example_job(dir.path(), "bft", "", &[]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "tokenizer = \"cl100k_base\"",
+        &format!("tokenizer = {:?}", tokenizer.to_str().unwrap()),
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = backforth(&[
+        "estimate",
+        job.to_str().unwrap(),
+        "--json",
+        "--endpoint",
+        &llama.url,
+        "--model",
+        "m",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let estimate: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let predicted = estimate
+        .iter()
+        .find(|s| s["stage"] == "backtranslated")
+        .unwrap();
+    let (code, stderr) = run(&job, &llama, &["--stages", "prepare,backtranslate"]);
+    assert!(code == 0 || code == 1, "{stderr}");
+    let actual = marker(&dir.path().join("out"), "backtranslated");
+    assert_eq!(
+        predicted["requests"].as_f64().unwrap(),
+        actual["llm"]["requests"].as_f64().unwrap()
+    );
+    let (p, a) = (
+        predicted["prompt_tokens"].as_f64().unwrap(),
+        actual["llm"]["prompt_tokens"].as_f64().unwrap(),
+    );
+    assert!(
+        (p - a).abs() <= 0.05 * a,
+        "estimated {p} prompt tokens, the server counted {a}"
+    );
+}
+
+/// `n` samples from a role with `supports_n = false`: one seeded request per sample, four a
+/// row, each with its own tokens.
+#[test]
+fn samples_without_n_are_one_request_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = Llama::start(4);
+    let job = example_job(
+        dir.path(),
+        "preference",
+        "",
+        &[("rewriter", "supports_n = false")],
+    );
+    let (code, stderr) = run(
+        &job,
+        &llama,
+        &["--stages", "prepare,backtranslate,score,curate,sampled"],
+    );
+    assert!(code == 0 || code == 1, "{stderr}");
+    let sampled = marker(&dir.path().join("out"), "sampled");
+    let rows_in = sampled["rows_in"].as_u64().unwrap();
+    assert!(rows_in > 0, "{sampled}");
+    assert_eq!(sampled["llm"]["requests"], 4 * rows_in, "{sampled}");
 }

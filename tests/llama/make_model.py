@@ -6,14 +6,19 @@ unparseable replies. Deterministic: the same file from the same versions.
 
     python make_model.py OUT.gguf
 
+The tokenizer is written beside it as `tokenizer.json`: the served model's own, for exact
+prompt counts.
+
 How it works: the embedding of token t is one-hot; attention and the
 feed-forward block are zero, so the residual stream is that one-hot vector; after RMS norm it
 is sqrt(n_embd) at t, and the output matrix holds log P(next | t) / sqrt(n_embd) in column
 t (n_embd is the vocabulary rounded up to a multiple of 64, the rest zero).
 """
 
+import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import gguf
@@ -93,6 +98,7 @@ def main(path: str) -> None:
     rng = random.Random(7)
     texts = replies(rng)
     tok = train_tokenizer(texts)
+    tok.save(str(Path(path).with_name("tokenizer.json")))
     vocab = tok.get_vocab()
     n = max(vocab.values()) + 1
     tokens = [""] * n
@@ -133,10 +139,7 @@ def main(path: str) -> None:
     w.add_token_types(
         [gguf.TokenType.CONTROL if t in SPECIAL else gguf.TokenType.NORMAL for t in tokens]
     )
-    merges = tok.to_str()
-    import json
-
-    model = json.loads(merges)["model"]
+    model = json.loads(tok.to_str())["model"]
     w.add_token_merges(
         [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     )
