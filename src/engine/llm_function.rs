@@ -231,6 +231,16 @@ impl LlmFunction {
     }
 
     async fn call_once(&self, values: &[&str]) -> Sample {
+        // A server found to lack logprobs is asked for the text judgement straight away.
+        if self.spec.logprobs
+            && self.client.lacks("logprobs")
+            && let Some((_, max_tokens)) = &self.spec.fallback
+        {
+            return Sample::of(match self.request("fallback", values, *max_tokens, None) {
+                Ok(fallback) => self.client.call(fallback, &self.journal).await,
+                Err(reply) => reply,
+            });
+        }
         let top_logprobs = self.spec.logprobs.then_some(20);
         let request = match self.request("prompt", values, self.spec.max_tokens, top_logprobs) {
             Ok(request) => request,
@@ -290,7 +300,10 @@ impl LlmFunction {
             };
             // Cut off by the token limit: asked again it would be cut again, each retry's
             // prompt longer by the reply sent back. It stands, read as truncated.
-            if reply.finish_reason.as_deref() == Some("length") {
+            if matches!(
+                reply.finish_reason.as_deref(),
+                Some("length" | crate::parse::LENGTH_IN_REASONING)
+            ) {
                 return Sample::of(reply);
             }
             if request.turns.len() >= self.spec.schema_retries as usize {

@@ -222,6 +222,10 @@ pub struct ModelConfig {
     /// Whether the server answers a function's `n` samples in one request with the API's `n`
     /// (default true: vLLM, SGLang and OpenAI do); false sends one seeded request per sample.
     pub supports_n: Option<bool>,
+    /// Seeds every request: `seed` = this plus a hash of the prompt (plus the sample's
+    /// number), so a request asked again on another root is answered alike and prompts do not
+    /// share one random stream. Unset, only samples carry a seed.
+    pub seed: Option<u64>,
 }
 
 /// `[functions.NAME]`: overrides for a built-in LLM function, or a new one.

@@ -441,6 +441,7 @@ fn resolve_models(
                 .and_then(|c| c.price_cached_input_per_mtok.or(c.price_input_per_mtok))
                 .unwrap_or(0.0),
             supports_n: cfg.and_then(|c| c.supports_n).unwrap_or(true),
+            seed: cfg.and_then(|c| c.seed),
             declared: cfg.is_some() || overrides.endpoint.is_some() || cfgs.is_empty(),
             role: role.clone(),
         };

@@ -60,6 +60,8 @@ pub struct ModelSpec {
     pub price_cached_input_per_mtok: f64,
     /// Whether the server answers several samples in one request (the API's `n`).
     pub supports_n: bool,
+    /// The base of every request's seed (see [`crate::job::file`]'s `seed`).
+    pub seed: Option<u64>,
     /// Whether the job (or `--endpoint`) set this role. A job without `[models]` runs every
     /// role on the offline mock; one with `[models]` must name every role its stages call,
     /// so no stage reaches the mock by accident.

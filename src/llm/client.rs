@@ -248,6 +248,9 @@ impl ModelClient {
         if let Some(sample) = req.sample {
             extra("sample", &sample.to_string());
         }
+        if let Some(seed) = s.seed {
+            extra("seed", &seed.to_string());
+        }
         hex::encode(h.finalize())
     }
 
@@ -336,6 +339,7 @@ impl ModelClient {
             || !self.backend.asks_choices()
             || !self.spec.supports_n
             || self.ignores_n.load(Ordering::Relaxed)
+            || self.lacks("n")
         {
             // Some samples are paid for already: ask only the others.
             let asked = samples
@@ -352,9 +356,10 @@ impl ModelClient {
                 });
             return futures::future::join_all(asked).await;
         }
-        let _outstanding = Outstanding::count(&self.outstanding);
+        let outstanding = Outstanding::count(&self.outstanding);
         let started = Instant::now();
         let replies = self.call_http(&req, &keys, journal).await;
+        drop(outstanding);
         let latency_ms = started.elapsed().as_millis() as i64;
         let mut replies: Vec<Reply> = replies
             .into_iter()
@@ -371,6 +376,14 @@ impl ModelClient {
             replies.extend(futures::future::join_all(rest).await);
         }
         replies
+    }
+
+    /// Whether every endpoint of the role was found to lack `feature` (see
+    /// [`Endpoint::lacking`]).
+    pub fn lacks(&self, feature: &'static str) -> bool {
+        self.endpoints
+            .iter()
+            .all(|e| e.lacking(&self.spec.model, &[feature]).is_some())
     }
 
     /// Notes, and says once, that the role's server sent `got` choices when asked for `asked`.
@@ -514,7 +527,7 @@ impl ModelClient {
         journal: &JournalScope,
         dearest_usd: f64,
     ) -> Result<Vec<Reply>, Failure> {
-        if let Some(lacking) = endpoint.lacking(&features_of(req)) {
+        if let Some(lacking) = endpoint.lacking(&self.spec.model, &features_of(req)) {
             return Err(Failure::Fatal(lacking));
         }
         let url = format!("{}/{path}", endpoint.base_url);
@@ -535,6 +548,7 @@ impl ModelClient {
         let outcome = self
             .send_once(endpoint, &url, body, keys.len(), dearest_usd)
             .await;
+        endpoint.stats.returned.fetch_add(1, Ordering::Relaxed);
         let usage = match &outcome {
             Ok(replies) => (
                 replies.iter().map(|r| r.prompt_tokens).sum(),
@@ -579,14 +593,16 @@ impl ModelClient {
             Err(Failure::Fatal(_)) => endpoint.record_health(true),
             Err(_) => endpoint.record_health(false),
         }
-        let server_error = matches!(
-            outcome,
-            Err(Failure::Retry {
-                server_error: true,
-                ..
-            })
+        let server_error = match &outcome {
+            Err(Failure::Retry { server_error, .. }) => *server_error,
+            _ => None,
+        };
+        endpoint.note_features(
+            &self.spec.model,
+            &features_of(req),
+            outcome.is_ok(),
+            server_error,
         );
-        endpoint.note_features(&features_of(req), outcome.is_ok(), server_error);
         if let Err(Failure::Retry { billed_usd, .. }) = &outcome
             && *billed_usd > 0.0
         {
@@ -619,7 +635,7 @@ impl ModelClient {
             message: describe_reqwest_error(&e),
             after: None,
             throttle: false,
-            server_error: false,
+            server_error: None,
             billed_usd: 0.0,
         })?;
         let status = response.status();
@@ -642,7 +658,7 @@ impl ModelClient {
                     message,
                     after,
                     throttle,
-                    server_error: false,
+                    server_error: None,
                     billed_usd: dearest_usd,
                 });
             }
@@ -662,7 +678,7 @@ impl ModelClient {
                 message: format!("HTTP {status}: {}", snippet(&text)),
                 after: retry_after,
                 throttle: status.as_u16() == 429,
-                server_error: status.is_server_error(),
+                server_error: status.is_server_error().then_some(status.as_u16()),
                 billed_usd: 0.0,
             });
         }
@@ -687,7 +703,7 @@ impl ModelClient {
             message,
             after: None,
             throttle: false,
-            server_error: false,
+            server_error: None,
             billed_usd: billed_usage(&text).map_or(dearest_usd, |(p, c)| {
                 self.spec.cost_usd(Some(p), None, Some(c))
             }),
@@ -892,8 +908,8 @@ enum Failure {
         after: Option<Duration>,
         /// The server said to slow down (HTTP 429), as opposed to failing.
         throttle: bool,
-        /// The server answered with a 5xx status.
-        server_error: bool,
+        /// The 5xx status the server answered with, if it did.
+        server_error: Option<u16>,
         /// What the server billed for the attempt (a reply it sent that could not be read).
         billed_usd: f64,
     },
@@ -907,7 +923,7 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
         message,
         after: None,
         throttle: false,
-        server_error: false,
+        server_error: None,
         billed_usd: 0.0,
     };
     let mut body = Vec::new();

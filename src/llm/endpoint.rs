@@ -24,8 +24,9 @@ pub struct Endpoint {
     /// Set when the server said the quota is exhausted; later calls fail without a request.
     pub(crate) quota: Mutex<Option<String>>,
     pub(crate) limits: Limits,
-    /// How the server took each optional feature requests used (see [`Endpoint::lacking`]).
-    features: Mutex<std::collections::HashMap<&'static str, Feature>>,
+    /// How the server took each optional feature requests of a model used (see
+    /// [`Endpoint::lacking`]).
+    features: Mutex<std::collections::HashMap<(String, &'static str), Feature>>,
 }
 
 /// How a server took requests using one optional feature (`response_format`, `logprobs`, `n`).
@@ -130,15 +131,19 @@ impl Endpoint {
         }
     }
 
-    /// Why a request using `features` is not sent, when the server was found to lack one: it
-    /// answered [`LACKING_AFTER`] requests using it in a row with a server error and never
-    /// accepted one (some servers answer an unsupported `response_format` with HTTP 500,
-    /// which would otherwise be retried as a transient failure, five times a row).
-    pub(crate) fn lacking(&self, features: &[&'static str]) -> Option<String> {
+    /// Why a request of `model` using `features` is not sent, when the server was found to
+    /// lack one: it answered [`LACKING_AFTER`] requests using only that feature in a row with
+    /// HTTP 500 or 501 and never accepted one (some
+    /// servers answer an unsupported `response_format` so, which would otherwise be retried
+    /// as a transient failure, five times a row). A server starting or behind a restarting
+    /// proxy (502-504) is not taken to lack anything.
+    pub(crate) fn lacking(&self, model: &str, features: &[&'static str]) -> Option<String> {
         let known = self.features.lock().expect("lock poisoned");
-        let feature = features
-            .iter()
-            .find(|f| known.get(*f).is_some_and(|k| k.lacking))?;
+        let feature = features.iter().find(|f| {
+            known
+                .get(&(model.to_string(), **f))
+                .is_some_and(|k| k.lacking)
+        })?;
         let advice = match *feature {
             "response_format" => {
                 "use mode = \"text\" for this function, or a server that enforces JSON schemas"
@@ -152,26 +157,41 @@ impl Endpoint {
         ))
     }
 
-    /// Records how a request using `features` went.
-    pub(crate) fn note_features(&self, features: &[&'static str], ok: bool, server_error: bool) {
+    /// Records how a request of `model` using `features` went (`server_error`: its 5xx).
+    pub(crate) fn note_features(
+        &self,
+        model: &str,
+        features: &[&'static str],
+        ok: bool,
+        server_error: Option<u16>,
+    ) {
         if features.is_empty() {
             return;
         }
         let mut known = self.features.lock().expect("lock poisoned");
-        for name in features {
-            let feature = known.entry(name).or_default();
-            if ok {
+        if ok {
+            for name in features {
+                let feature = known.entry((model.to_string(), name)).or_default();
                 *feature = Feature {
                     accepted: true,
                     ..Feature::default()
                 };
-            } else if server_error && !feature.accepted {
-                feature.server_errors_in_a_row += 1;
-                if feature.server_errors_in_a_row >= LACKING_AFTER && !feature.lacking {
-                    feature.lacking = true;
-                    tracing::warn!(endpoint = %self.shown, feature = name, "The server fails every request using this feature: it is not sent again; those rows fail with a message saying what to change.");
-                }
             }
+            return;
+        }
+        // Blamed only when it is the request's one feature.
+        let [name] = features else { return };
+        if !matches!(server_error, Some(500 | 501)) {
+            return;
+        }
+        let feature = known.entry((model.to_string(), name)).or_default();
+        if feature.accepted {
+            return;
+        }
+        feature.server_errors_in_a_row += 1;
+        if feature.server_errors_in_a_row >= LACKING_AFTER && !feature.lacking {
+            feature.lacking = true;
+            tracing::warn!(endpoint = %self.shown, model, feature = name, "The server fails every request using this feature: it is not sent again; those rows fail with a message saying what to change.");
         }
     }
 

@@ -26,6 +26,7 @@ impl Backend for Mock {
         journal: &JournalScope,
     ) -> Reply {
         client.home().stats.requests.fetch_add(1, Ordering::Relaxed);
+        client.home().stats.returned.fetch_add(1, Ordering::Relaxed);
         let mut reply = mock_reply(req);
         reply.cost_usd = client
             .spec()

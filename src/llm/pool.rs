@@ -162,6 +162,14 @@ impl LlmPool {
             .unwrap_or(1)
     }
 
+    /// HTTP requests that came back, answered or not, over every endpoint.
+    pub fn returned(&self) -> u64 {
+        self.endpoints
+            .values()
+            .map(|e| e.stats.returned.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// The longest time a role the job declares waits for a reply (`timeout_secs`).
     pub fn longest_timeout(&self) -> Duration {
         let declared = self.models.values().filter(|m| m.spec.declared);

@@ -115,6 +115,8 @@ pub struct Turn {
 pub struct EndpointStats {
     /// HTTP requests sent, retries included.
     pub requests: AtomicU64,
+    /// HTTP requests that came back (answered, refused or failed): what a stall lacks.
+    pub returned: AtomicU64,
     /// Calls answered by sharing an identical call in flight.
     pub shared: AtomicU64,
     /// Calls that failed after their last attempt.

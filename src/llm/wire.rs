@@ -86,7 +86,14 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
             r.text.as_ref().map_or(0, String::len) + r.reasoning.as_ref().map_or(0, String::len)
         })
         .collect();
-    let completion = plausible_completion(count("completion_tokens"), &lengths);
+    let chars: Vec<usize> = replies
+        .iter()
+        .map(|r| {
+            r.text.as_ref().map_or(0, |t| t.chars().count())
+                + r.reasoning.as_ref().map_or(0, |t| t.chars().count())
+        })
+        .collect();
+    let completion = plausible_completion(count("completion_tokens"), &chars);
     let completions = completion.map(|total| shared_out(total, &lengths));
     let reasonings = reasoning.map(|total| shared_out(total, &lengths));
     for (i, reply) in replies.iter_mut().enumerate() {
@@ -102,13 +109,14 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
 }
 
 /// The completion tokens a response with several choices reports, unless they are fewer than
-/// half of what the texts hold (characters / 4): llama.cpp's server counts the first choice
-/// only, which would make tokens and cost several times low; the texts' estimate stands in.
-fn plausible_completion(reported: Option<i64>, lengths: &[usize]) -> Option<i64> {
-    if lengths.len() < 2 {
+/// half of what the texts hold (characters / 4, each choice's `chars`): llama.cpp's server
+/// counts the first choice only, which would make tokens and cost several times low; the
+/// texts' estimate stands in.
+fn plausible_completion(reported: Option<i64>, chars: &[usize]) -> Option<i64> {
+    if chars.len() < 2 {
         return reported;
     }
-    let by_text: i64 = lengths.iter().map(|l| l.div_ceil(4) as i64).sum();
+    let by_text: i64 = chars.iter().map(|l| l.div_ceil(4) as i64).sum();
     match reported {
         Some(n) if 2 * n < by_text => Some(by_text),
         other => other,
@@ -321,18 +329,37 @@ impl Serialize for RequestBody<'_> {
         if req.choices > 1 {
             put!("n", &req.choices);
         }
+        let seeded = req.sample.is_some() || s.seed.is_some();
         for (key, value) in &s.extra {
-            // A sample's seed is the job's seed plus the sample's number.
-            if !(key == "seed" && req.sample.is_some()) {
+            // A seed of its own replaces the job's.
+            if !(key == "seed" && seeded) {
                 map.serialize_entry(key, value)?;
             }
         }
-        if let Some(sample) = req.sample {
-            let base = s.extra.get("seed").and_then(Value::as_u64).unwrap_or(0);
-            map.serialize_entry("seed", &base.wrapping_add(u64::from(sample)))?;
+        if seeded {
+            map.serialize_entry("seed", &request_seed(s, req))?;
         }
         map.end()
     }
+}
+
+/// The seed a request carries: the role's `seed` plus a hash of the prompt plus the sample's
+/// number, kept under 2^31 (which every server takes); else the job's `extra.seed` plus the
+/// sample's number.
+pub fn request_seed(s: &ModelSpec, req: &Request) -> u64 {
+    let sample = u64::from(req.sample.unwrap_or(0));
+    let Some(seed) = s.seed else {
+        let base = s.extra.get("seed").and_then(Value::as_u64).unwrap_or(0);
+        return base.wrapping_add(sample);
+    };
+    // FNV-1a of the prompt: stable across runs, machines and versions.
+    let prompt = req.system.iter().chain([&req.prompt]);
+    let hash = prompt
+        .flat_map(|p| p.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    seed.wrapping_add(hash).wrapping_add(sample) & 0x7fff_ffff
 }
 
 /// The chat messages of a request: the system message, the prompt, and the conversation of

@@ -57,10 +57,15 @@ impl Fingerprint {
 
 /// The parts of a model that change its answers (not its endpoint, cap or timeouts).
 fn model_identity(m: &ModelSpec) -> serde_json::Value {
-    serde_json::json!({
+    let mut identity = serde_json::json!({
         "model": m.model, "api": m.api, "temperature": m.temperature, "top_p": m.top_p,
         "extra": m.extra,
-    })
+    });
+    // Only when set, so the fingerprints of jobs without it stay as they were.
+    if let Some(seed) = m.seed {
+        identity["seed"] = seed.into();
+    }
+    identity
 }
 
 /// Fingerprints each stage of `job` given its rendered SQL and the tables it reads.

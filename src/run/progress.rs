@@ -94,10 +94,7 @@ fn stall_after() -> Duration {
 async fn watch_for_stalls(pool: Arc<LlmPool>) {
     let after = stall_after();
     let look = (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let answered = || {
-        let u = pool.usage();
-        u.requests + u.failures
-    };
+    let answered = || pool.returned();
     let (mut seen, mut since, mut said) = (answered(), Instant::now(), false);
     loop {
         tokio::time::sleep(look).await;

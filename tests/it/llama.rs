@@ -103,7 +103,7 @@ impl Drop for Llama {
 }
 
 /// A copy of `examples/` in `dir`, with `example`'s job writing under `dir/out`, the settings
-/// `roles` gives each role (role, lines) and `extra` appended.
+/// `roles` gives each role (role, or `*` for all, and lines) and `extra` appended.
 fn example_job(dir: &Path, example: &str, extra: &str, roles: &[(&str, &str)]) -> PathBuf {
     let examples = dir.join("examples");
     copy_dir(&repo().join("examples"), &examples);
@@ -118,7 +118,7 @@ fn example_job(dir: &Path, example: &str, extra: &str, roles: &[(&str, &str)]) -
         text.push('\n');
         if let Some(role) = line.strip_prefix("[models.") {
             let role = role.split(']').next().unwrap_or_default();
-            for (_, lines) in roles.iter().filter(|(r, _)| *r == role) {
+            for (_, lines) in roles.iter().filter(|(r, _)| *r == role || *r == "*") {
                 text += lines;
                 text.push('\n');
             }
@@ -185,8 +185,11 @@ fn check_funnel(root: &Path, stages: &[&str], one_call: &[&str], code: i32, stde
             .sum();
         assert_eq!(rows_in, rows_out + dropped, "{stage}: {m}");
         if one_call.contains(stage) {
-            assert_eq!(
-                m["llm"]["requests"], rows_in,
+            // One call a row; an attempt retried (the server busy with the other tests, or
+            // cut off) adds one.
+            let requests = m["llm"]["requests"].as_u64().unwrap();
+            assert!(
+                (rows_in..=rows_in + 3).contains(&requests),
                 "{stage}: one request per row: {m}"
             );
         }
@@ -198,11 +201,13 @@ fn check_funnel(root: &Path, stages: &[&str], one_call: &[&str], code: i32, stde
 }
 
 /// BaF's job end to end: backtranslation, text scores, curation, rewriting, distillation.
+/// Every request is seeded (`seed` on each role): run again on another root, the funnel is
+/// the same, drop for drop.
 #[test]
-fn baf_runs_against_llama_cpp() {
+fn baf_runs_against_llama_cpp_and_its_funnel_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let llama = Llama::start(4);
-    let job = example_job(dir.path(), "bft", "", &[]);
+    let job = example_job(dir.path(), "bft", "", &[("*", "seed = 11")]);
     let (code, stderr) = run(&job, &llama, &[]);
     let stages = [
         "candidates",
@@ -225,6 +230,16 @@ fn baf_runs_against_llama_cpp() {
     // The server reuses each slot's cached prompt prefix and says so; the counts carry it.
     let cached = scored["llm"]["cached_tokens"].as_u64().unwrap();
     assert!(cached > 0, "{scored}");
+    let again = dir.path().join("again");
+    let (code_again, _) = run(&job, &llama, &["--output", again.to_str().unwrap()]);
+    assert_eq!(code_again, code);
+    for stage in stages {
+        assert_eq!(
+            marker(&again, stage)["dropped"],
+            marker(&root, stage)["dropped"],
+            "{stage}"
+        );
+    }
     let curated = marker(&root, "curated");
     let reasons: Vec<&String> = curated["dropped"].as_object().unwrap().keys().collect();
     assert!(
@@ -234,7 +249,7 @@ fn baf_runs_against_llama_cpp() {
     );
 }
 
-/// Humpback, Kun and the preference job end to end, each funnel on its invariants.
+/// Humpback, Kun and the preference job end to end, seeded, each funnel on its invariants.
 #[test]
 fn humpback_kun_and_preference_run_against_llama_cpp() {
     let llama = Llama::start(4);
@@ -276,7 +291,8 @@ fn humpback_kun_and_preference_run_against_llama_cpp() {
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let job = example_job(dir.path(), example, "", &[]);
+        // Seeded, so the funnel (rows reaching `sampled` among them) is the same every time.
+        let job = example_job(dir.path(), example, "", &[("*", "seed = 11")]);
         let (code, stderr) = run(&job, &llama, &[]);
         assert!(code == 0 || code == 1, "{example}: {stderr}");
         let root = dir.path().join("out");
@@ -414,12 +430,8 @@ fn the_served_tokenizer_makes_the_estimate_hold() {
 fn samples_without_n_are_one_request_each() {
     let dir = tempfile::tempdir().unwrap();
     let llama = Llama::start(4);
-    let job = example_job(
-        dir.path(),
-        "preference",
-        "",
-        &[("rewriter", "supports_n = false")],
-    );
+    let settings = [("*", "seed = 11"), ("rewriter", "supports_n = false")];
+    let job = example_job(dir.path(), "preference", "", &settings);
     let (code, stderr) = run(
         &job,
         &llama,
@@ -429,5 +441,9 @@ fn samples_without_n_are_one_request_each() {
     let sampled = marker(&dir.path().join("out"), "sampled");
     let rows_in = sampled["rows_in"].as_u64().unwrap();
     assert!(rows_in > 0, "{sampled}");
-    assert_eq!(sampled["llm"]["requests"], 4 * rows_in, "{sampled}");
+    let requests = sampled["llm"]["requests"].as_u64().unwrap();
+    assert!(
+        (4 * rows_in..=4 * rows_in + 3).contains(&requests),
+        "{sampled}"
+    );
 }
