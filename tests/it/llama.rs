@@ -61,6 +61,11 @@ struct Llama {
 
 impl Llama {
     fn start(slots: usize) -> Llama {
+        Llama::start_with(slots, &[])
+    }
+
+    /// [`Llama::start`], with more of the server's options.
+    fn start_with(slots: usize, options: &[&str]) -> Llama {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -70,6 +75,7 @@ impl Llama {
             .args(["-m", model().to_str().unwrap(), "--host", "127.0.0.1"])
             .args(["--port", &port.to_string(), "-np", &slots.to_string()])
             .args(["-c", &(4096 * slots).to_string(), "-t", "1"])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -446,4 +452,34 @@ fn samples_without_n_are_one_request_each() {
         (4 * rows_in..=4 * rows_in + 3).contains(&requests),
         "{sampled}"
     );
+}
+
+/// A reasoning model's thinking stays out of the answer whichever way the server sends it:
+/// left in the content as a `<think>` block (`--reasoning-format none`) or split into
+/// `reasoning_content` (`deepseek`). Some replies of the test model open with one.
+#[test]
+fn thinking_is_kept_apart_from_the_answer() {
+    for format in ["none", "deepseek"] {
+        let llama = Llama::start_with(4, &["--reasoning-format", format]);
+        let dir = tempfile::tempdir().unwrap();
+        let job = example_job(dir.path(), "bft", "", &[("*", "seed = 11")]);
+        let (code, stderr) = run(&job, &llama, &["--stages", "prepare,backtranslate"]);
+        assert!(code == 0 || code == 1, "{format}: {stderr}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let counts = rt.block_on(async {
+            let ctx = session(&dir.path().join("out")).await;
+            rows(
+                &ctx,
+                "SELECT count(*) FILTER (WHERE instruction LIKE '<think>%'), \
+                        count(*) FILTER (WHERE length(backtranslation['reasoning']) > 0) \
+                 FROM backtranslated",
+            )
+            .await
+        });
+        assert_eq!(counts[0][0], "0", "{format}: an answer opens with thinking");
+        assert_ne!(counts[0][1], "0", "{format}: no thinking was kept apart");
+    }
 }

@@ -1,8 +1,8 @@
 """Makes the tiny model the llama.cpp server tests run: a one-layer llama-architecture GGUF
 whose next token depends on the current one only, drawn from bigram statistics of replies
 shaped like the ones backforth parses (instructions, `Score: N`, `[RES]` answers, JSON
-judgements, verdicts), so a server sampling from it gives a mix of parseable and
-unparseable replies. Deterministic: the same file from the same versions.
+judgements, verdicts; a fifth opened by `<think>` blocks), so a server sampling from it gives
+a mix of parseable and unparseable replies. Deterministic: the same file from the same versions.
 
     python make_model.py OUT.gguf
 
@@ -53,6 +53,12 @@ def replies(rng: random.Random) -> list[str]:
     for _ in range(4000):
         topic, verb = rng.choice(TOPICS), rng.choice(VERBS)
         kind = rng.randrange(9)
+        # A reasoning model's thinking opens some replies, for the server to split off.
+        thought = (
+            f"<think>\nI weigh how {rng.choice(TOPICS)} are {rng.choice(VERBS)}.\n</think>\n\n"
+            if rng.random() < 0.2
+            else ""
+        )
         score = rng.choice([1, 2, 3, 3, 4, 4, 4, 5, 5])
         reason = rng.choice(REASONS)
         if kind == 0:
@@ -77,6 +83,7 @@ def replies(rng: random.Random) -> list[str]:
             out.append(f"The instruction is clear and can be answered.\nVerdict: {verdict}")
         else:
             out.append(f"{rng.choice(['4', '5', '3'])}")
+        out[-1] = thought + out[-1]
     return out
 
 
