@@ -246,6 +246,10 @@ pub struct JobArgs {
     /// Cap on requests in flight per endpoint.
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// A folder besides the job's own whose files the job may read: templates, schemas, SQL,
+    /// benchmarks (repeatable).
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
 }
 
 impl JobArgs {
@@ -257,6 +261,7 @@ impl JobArgs {
             endpoint: self.endpoint,
             model: self.model,
             concurrency: self.concurrency,
+            allow_paths: self.allow_paths,
         };
         Job::load(&self.job, &overrides)
     }

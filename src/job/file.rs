@@ -1,7 +1,7 @@
 //! The job file as written: TOML, deserialised as is, with `extends` merged underneath.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -271,6 +271,9 @@ pub struct StageConfig {
     pub name: String,
     /// Path of the stage's SQL; built-in stages have a default.
     pub sql: Option<String>,
+    /// A built-in stage whose SQL this one runs under its own name (e.g. a second
+    /// `decontaminated` on the final pairs), instead of `sql`.
+    pub like: Option<String>,
     /// The table the stage reads (`{{ stage.from }}` in its SQL); built-in stages have a
     /// default (`rewritten` reads `curated`, `filtered` reads `rewritten`, ...).
     pub from: Option<String>,
@@ -320,6 +323,9 @@ pub struct Overrides {
     pub model: Option<String>,
     /// Sets every endpoint's cap on requests in flight.
     pub concurrency: Option<usize>,
+    /// Folders besides the job's own whose files the job may read (templates, schemas, SQL,
+    /// benchmarks).
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// Reads a job file as a TOML table, with the file it `extends` (a path relative to it)

@@ -116,12 +116,16 @@ impl Job {
             .unwrap_or_else(|| rel(&file.output));
         let prepare = resolve_prepare(&file.prepare);
         let models = resolve_models(catalog, &file.models, overrides)?;
-        let functions = resolve_functions(catalog, &file.functions, &models, &base_dir)?;
-        let stages = resolve_stages(catalog, file.stages.as_deref(), &base_dir)?;
+        let dir = JobDir {
+            base: &base_dir,
+            allowed: &overrides.allow_paths,
+        };
+        let functions = resolve_functions(catalog, &file.functions, &models, &dir)?;
+        let stages = resolve_stages(catalog, file.stages.as_deref(), &dir)?;
         let decontamination = file
             .decontaminate
             .as_ref()
-            .map(|cfg| resolve_decontamination(cfg, &base_dir))
+            .map(|cfg| resolve_decontamination(cfg, &dir))
             .transpose()?;
         if !(1..=5).contains(&file.curate.threshold) {
             return job_error!(
@@ -304,7 +308,7 @@ fn resolve_prepare(cfg: &PrepareConfig) -> PrepareSpec {
 }
 
 /// The `[decontaminate]` settings with their defaults, paths resolved, numbers checked.
-fn resolve_decontamination(cfg: &DecontaminateConfig, base_dir: &Path) -> Result<Decontamination> {
+fn resolve_decontamination(cfg: &DecontaminateConfig, dir: &JobDir) -> Result<Decontamination> {
     let n = cfg.n.unwrap_or(13);
     if !(8..=64).contains(&n) {
         return job_error!(
@@ -343,7 +347,11 @@ fn resolve_decontamination(cfg: &DecontaminateConfig, base_dir: &Path) -> Result
         }
         benchmarks.push(Benchmark {
             name: b.name.clone(),
-            paths: b.paths.iter().map(|p| resolve_path(base_dir, p)).collect(),
+            paths: b
+                .paths
+                .iter()
+                .map(|p| dir.confined(p, &format!("[[decontaminate.benchmarks]] '{}'", b.name)))
+                .collect::<Result<_>>()?,
             fields: b.fields.clone(),
             id: b.id.clone(),
         });
@@ -409,9 +417,10 @@ fn resolve_models(
             api: cfg.map(|c| c.api).unwrap_or_default(),
             api_key_named: cfg.is_some_and(|c| c.api_key_env.is_some()),
             key_over_http: cfg.is_some_and(|c| c.key_over_http),
-            api_key_env: cfg
-                .and_then(|c| c.api_key_env.clone())
-                .unwrap_or_else(|| "OPENAI_API_KEY".to_string()),
+            api_key_env: match cfg.and_then(|c| c.api_key_env.clone()) {
+                Some(name) => key_variable(&role, name)?,
+                None => "OPENAI_API_KEY".to_string(),
+            },
             temperature: cfg.and_then(|c| c.temperature).unwrap_or(1.0),
             top_p: cfg.and_then(|c| c.top_p).unwrap_or(0.9),
             max_tokens: cfg
@@ -432,9 +441,21 @@ fn resolve_models(
                 },
                 None => serde_json::Map::new(),
             },
-            requests_per_minute: cfg.and_then(|c| c.requests_per_minute),
-            input_tokens_per_minute: cfg.and_then(|c| c.input_tokens_per_minute),
-            output_tokens_per_minute: cfg.and_then(|c| c.output_tokens_per_minute),
+            requests_per_minute: rate(
+                &role,
+                "requests_per_minute",
+                cfg.and_then(|c| c.requests_per_minute),
+            )?,
+            input_tokens_per_minute: rate(
+                &role,
+                "input_tokens_per_minute",
+                cfg.and_then(|c| c.input_tokens_per_minute),
+            )?,
+            output_tokens_per_minute: rate(
+                &role,
+                "output_tokens_per_minute",
+                cfg.and_then(|c| c.output_tokens_per_minute),
+            )?,
             price_input_per_mtok: cfg.and_then(|c| c.price_input_per_mtok).unwrap_or(0.0),
             price_output_per_mtok: cfg.and_then(|c| c.price_output_per_mtok).unwrap_or(0.0),
             price_cached_input_per_mtok: cfg
@@ -530,7 +551,7 @@ fn resolve_functions(
     catalog: &Catalog,
     cfgs: &BTreeMap<String, FunctionConfig>,
     models: &BTreeMap<String, ModelSpec>,
-    base_dir: &Path,
+    dir: &JobDir,
 ) -> Result<Vec<FunctionSpec>> {
     let mut names: Vec<&str> = catalog.functions.iter().map(|f| f.name).collect();
     for name in cfgs.keys() {
@@ -542,7 +563,7 @@ fn resolve_functions(
         .into_iter()
         .map(|name| {
             let cfg = cfgs.get(name).cloned().unwrap_or_default();
-            resolve_function(catalog, name, cfg, models, base_dir)
+            resolve_function(catalog, name, cfg, models, dir)
         })
         .collect()
 }
@@ -576,7 +597,7 @@ fn resolve_function(
     name: &str,
     cfg: FunctionConfig,
     models: &BTreeMap<String, ModelSpec>,
-    base_dir: &Path,
+    dir: &JobDir,
 ) -> Result<FunctionSpec> {
     let valid = !name.is_empty()
         && name
@@ -631,7 +652,7 @@ fn resolve_function(
                 "[functions.{name}] mode = \"json\" has its own schema ({{reason, score}}); drop json_schema"
             );
         }
-        (Some(given), false) => Some(read_schema(name, given, base_dir)?),
+        (Some(given), false) => Some(read_schema(name, given, dir)?),
         (None, true) => Some(JsonSchema::score(name)),
         (None, false) => None,
     };
@@ -665,7 +686,7 @@ fn resolve_function(
     };
     let template = match (cfg.template, default_template) {
         (Some(path), _) => {
-            let path = base_dir.join(path);
+            let path = PathBuf::from(dir.confined(&path, &format!("[functions.{name}] template"))?);
             std::fs::read_to_string(&path).map_err(|e| {
                 Error::Job(format!(
                     "[functions.{name}] template {}: {e}",
@@ -704,10 +725,11 @@ fn resolve_function(
 pub const MAX_SAMPLES: u32 = 64;
 
 /// The JSON Schema of `[functions.NAME] json_schema`: a table, or the path of a JSON file.
-fn read_schema(name: &str, given: &toml::Value, base_dir: &Path) -> Result<JsonSchema> {
+fn read_schema(name: &str, given: &toml::Value, dir: &JobDir) -> Result<JsonSchema> {
     let value = match given {
         toml::Value::String(path) => {
-            let path = base_dir.join(path);
+            let path =
+                PathBuf::from(dir.confined(path, &format!("[functions.{name}] json_schema"))?);
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 Error::Job(format!(
                     "[functions.{name}] json_schema {}: {e}",
@@ -736,7 +758,7 @@ fn read_schema(name: &str, given: &toml::Value, base_dir: &Path) -> Result<JsonS
 fn resolve_stages(
     catalog: &Catalog,
     cfgs: Option<&[StageConfig]>,
-    base_dir: &Path,
+    dir: &JobDir,
 ) -> Result<Vec<StageSpec>> {
     let default: Vec<StageConfig> = catalog
         .stages
@@ -745,6 +767,7 @@ fn resolve_stages(
         .map(|s| StageConfig {
             name: s.name.to_string(),
             sql: None,
+            like: None,
             from: None,
             vars: toml::Table::new(),
         })
@@ -763,13 +786,34 @@ fn resolve_stages(
                 cfg.name
             );
         }
+        // The root's own folders (`_journal`, `_spend`, `_leases`, `_claims`, ...) begin so.
+        if cfg.name.starts_with('_') {
+            return job_error!(
+                "stage name '{}' begins with '_', which is reserved for the output root's own folders (the journal, spend records, leases, claims); rename the stage",
+                cfg.name
+            );
+        }
         if out.iter().any(|s| s.name == cfg.name) {
             return job_error!("stage '{}' appears twice", cfg.name);
         }
-        let builtin = catalog.stage(&cfg.name);
+        let builtin = match &cfg.like {
+            Some(like) => match catalog.stage(like) {
+                Some(stage) if cfg.sql.is_none() => Some(stage),
+                Some(_) => {
+                    return job_error!("stage '{}' has both `like` and `sql`; give one", cfg.name);
+                }
+                None => {
+                    return job_error!(
+                        "stage '{}': like = \"{like}\" is not a built-in stage",
+                        cfg.name
+                    );
+                }
+            },
+            None => catalog.stage(&cfg.name),
+        };
         let sql = match &cfg.sql {
             Some(path) => {
-                let path = base_dir.join(path);
+                let path = PathBuf::from(dir.confined(path, &format!("stage '{}' sql", cfg.name))?);
                 std::fs::read_to_string(&path).map_err(|e| {
                     Error::Job(format!("stage '{}' sql {}: {e}", cfg.name, path.display()))
                 })?
@@ -792,10 +836,86 @@ fn resolve_stages(
                 .clone()
                 .or_else(|| builtin.map(|b| b.from.to_string())),
             vars: cfg.vars.clone(),
-            aliases: builtin.map_or(Vec::new(), |b| {
-                b.aliases.iter().map(|a| a.to_string()).collect()
-            }),
+            // A stage `like` a built-in runs its SQL, not under its verbs.
+            aliases: builtin
+                .filter(|_| cfg.like.is_none())
+                .map_or(Vec::new(), |b| {
+                    b.aliases.iter().map(|a| a.to_string()).collect()
+                }),
         });
     }
     Ok(out)
+}
+
+/// The least rate a job may set: one every ten minutes (a slower limit is no limit anyone
+/// means, and a rate near zero would wait for ever).
+const LEAST_RATE_PER_MINUTE: f64 = 0.1;
+
+/// The rate `name` of role `role`, checked: a positive number of at least
+/// [`LEAST_RATE_PER_MINUTE`].
+fn rate(role: &str, name: &str, value: Option<f64>) -> Result<Option<f64>> {
+    match value {
+        Some(v) if !v.is_finite() || v < LEAST_RATE_PER_MINUTE => job_error!(
+            "[models.{role}] {name} = {v}: a rate is a number per minute of at least {LEAST_RATE_PER_MINUTE}; leave it out for no limit"
+        ),
+        other => Ok(other),
+    }
+}
+
+/// Where the variables a job may name as `api_key_env` beyond the usual ones are listed
+/// (comma-separated), outside any job file.
+pub const KEY_VARS_ENV: &str = "BACKFORTH_KEY_VARS";
+
+/// The variable `name` that role `role`'s key is read from, if a job may name it: one that
+/// looks like an API key (`*_API_KEY`, `*_TOKEN`) or one the user listed in
+/// [`KEY_VARS_ENV`]. A shared job file naming `AWS_SECRET_ACCESS_KEY` would otherwise send
+/// that secret as a bearer token to the job author's endpoint.
+fn key_variable(role: &str, name: String) -> Result<String> {
+    let looks_like_a_key = name.ends_with("_API_KEY") || name.ends_with("_TOKEN");
+    let listed =
+        std::env::var(KEY_VARS_ENV).is_ok_and(|list| list.split(',').any(|v| v.trim() == name));
+    if looks_like_a_key || listed {
+        return Ok(name);
+    }
+    job_error!(
+        "[models.{role}] api_key_env = \"{name}\": a job may name only variables that look like API keys (*_API_KEY, *_TOKEN), so a shared job cannot send another secret to its endpoint. To send this one, list it outside the job file: {KEY_VARS_ENV}={name}"
+    )
+}
+
+/// The job's folder and the folders the user allowed besides (`--allow-path`): where the
+/// files a job reads (templates, schemas, SQL, benchmarks) may be. A shared job file must
+/// not put `~/.aws/credentials` in every prompt.
+struct JobDir<'a> {
+    base: &'a Path,
+    allowed: &'a [PathBuf],
+}
+
+impl JobDir<'_> {
+    /// `path` (relative to the job's folder) resolved, if it is under the job's folder or an
+    /// allowed one; URLs (benchmarks on a store) are left as they are. `what` names the
+    /// setting for the error.
+    fn confined(&self, path: &str, what: &str) -> Result<String> {
+        let resolved = resolve_path(self.base, path);
+        if resolved.contains("://") {
+            return Ok(resolved);
+        }
+        // Symbolic links and `..` are judged where they lead; a path that does not exist is
+        // judged as written (reading it fails later with its own error).
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let target = real(Path::new(&resolved));
+        let inside = std::iter::once(self.base)
+            .chain(self.allowed.iter().map(PathBuf::as_path))
+            .any(|root| target.starts_with(real(root)));
+        if inside {
+            return Ok(resolved);
+        }
+        job_error!(
+            "{what} = \"{path}\" is outside the job's folder {}: a job reads files only under its own folder, so a shared job cannot send yours to its endpoint. To read it, pass --allow-path {} (or move it beside the job)",
+            real(self.base).display(),
+            Path::new(&resolved)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .display()
+        )
+    }
 }

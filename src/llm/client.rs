@@ -17,6 +17,7 @@ use futures::future::{BoxFuture, Shared};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::escape::redact_url;
 use crate::job::{Api, ModelSpec};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::journal::JournalScope;
@@ -639,6 +640,17 @@ impl ModelClient {
             billed_usd: 0.0,
         })?;
         let status = response.status();
+        if status.is_redirection() {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| "nowhere named".to_string(), redact_url);
+            return Err(Failure::Fatal(format!(
+                "HTTP {status}: {} redirected the request to {to}, another origin; not followed (a prompt and its key go only to the endpoint the job names). Point the job at the final address",
+                endpoint.shown
+            )));
+        }
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)

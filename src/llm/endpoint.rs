@@ -51,6 +51,7 @@ impl Endpoint {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_max_idle_per_host(concurrency)
+            .redirect(same_origin_redirects())
             .build()
             .expect("a TLS backend is compiled in");
         Self {
@@ -97,6 +98,23 @@ impl Endpoint {
             ..Usage::default()
         }
     }
+}
+
+/// Redirects are followed only within the endpoint's origin (scheme, host and port), at
+/// most five: a prompt, and the key with it, goes nowhere the job did not name, and never
+/// from https to http. A redirect elsewhere comes back as the reply (see `send_once`).
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same = attempt
+            .previous()
+            .last()
+            .is_some_and(|from| from.origin() == attempt.url().origin());
+        if same && attempt.previous().len() <= 5 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }
 
 /// Consecutive failures of an endpoint, and until when it rests after too many.

@@ -71,7 +71,10 @@ impl Bucket {
                     state.tokens -= amount;
                     return;
                 }
-                Duration::from_secs_f64((needed - state.tokens) / state.per_second)
+                // Never longer than a minute a look (and never a panic on a rate near zero).
+                Duration::try_from_secs_f64((needed - state.tokens) / state.per_second)
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(60))
             };
             tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
         }

@@ -378,3 +378,40 @@ fn a_stalled_server_is_reported() {
     );
     assert!(stderr.contains("timeout_secs = 30 s"), "{stderr}");
 }
+
+/// A redirect to another origin (here another port on the same host) is not followed: the
+/// prompt never reaches the other server, and the row's error names where it pointed.
+#[test]
+fn a_redirect_to_another_origin_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(5));
+    let elsewhere = FakeServer::start(Duration::from_millis(5));
+    let job = job(dir.path(), &server.url());
+    let target = format!("{}/chat/completions", elsewhere.url());
+    script(&server, "fine", vec![Fault::Redirect(target.clone())]);
+    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(elsewhere.requests(), 0, "the other server got the prompt");
+    assert_eq!(requests_for(&server, "fine"), 1, "not retried");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let errors = rt.block_on(async {
+        let ctx = session(&dir.path().join("out")).await;
+        rows(
+            &ctx,
+            "SELECT backtranslation['error'] FROM backtranslated_dropped WHERE doc_id = 'fine'",
+        )
+        .await
+    });
+    assert!(
+        errors[0][0].contains("redirected the request to") && errors[0][0].contains(&target),
+        "{errors:?}"
+    );
+}

@@ -351,7 +351,7 @@ fn the_api_key_goes_only_where_it_belongs() {
     assert!(!default.sends_key_to("https://vllm.internal/v1"));
     assert!(!default.sends_key_to("http://127.0.0.1:8000/v1"));
     let named = spec(
-        "[models.backward]\nendpoint = \"https://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_KEY\"",
+        "[models.backward]\nendpoint = \"https://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_API_KEY\"",
     );
     assert!(named.sends_key_to("https://vllm.internal/v1"));
     assert!(!named.sends_key_to("http://vllm.internal:8000/v1"));
@@ -359,7 +359,7 @@ fn the_api_key_goes_only_where_it_belongs() {
     assert!(named.sends_key_to("http://localhost:8000/v1"));
     assert!(named.sends_key_to("http://[::1]:8000/v1"));
     let clear = spec(
-        "[models.backward]\nendpoint = \"http://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_KEY\"\nkey_over_http = true",
+        "[models.backward]\nendpoint = \"http://vllm.internal/v1\"\nmodel = \"m\"\napi_key_env = \"VLLM_API_KEY\"\nkey_over_http = true",
     );
     assert!(clear.sends_key_to("http://vllm.internal:8000/v1"));
 
@@ -875,4 +875,162 @@ fn a_large_batch_results_file_is_imported_in_bounded_memory() {
     if let Some(rss) = rss {
         assert!(rss < 150.0, "peak RSS {rss:.0} MiB");
     }
+}
+
+/// A shared job naming another secret as its key (`AWS_SECRET_ACCESS_KEY`, which the S3 docs
+/// tell users to export) is refused before anything is sent, with how to allow it; listed in
+/// `BACKFORTH_KEY_VARS` outside the job file, it is the user's choice and is sent.
+#[test]
+fn a_job_naming_another_secret_as_its_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document about keys.\"}\n",
+    )
+    .unwrap();
+    let job = backtranslation_job(dir.path(), &server);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "model = \"m\"\n",
+        "model = \"m\"\napi_key_env = \"AWS_SECRET_ACCESS_KEY\"\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    let run = |allow: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"));
+        cmd.args(["run", &job])
+            .env("AWS_SECRET_ACCESS_KEY", "aws-secret-NeverSent")
+            .env("BACKFORTH_LOG", "warn");
+        if let Some(list) = allow {
+            cmd.env("BACKFORTH_KEY_VARS", list);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = run(None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("api_key_env = \"AWS_SECRET_ACCESS_KEY\"")
+            && stderr.contains("BACKFORTH_KEY_VARS=AWS_SECRET_ACCESS_KEY"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("aws-secret-NeverSent"));
+    assert_eq!(server.requests(), 0);
+
+    let allowed = run(Some("OTHER_VAR, AWS_SECRET_ACCESS_KEY"));
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let headers = server.state.headers.lock().unwrap();
+    assert!(
+        headers
+            .iter()
+            .any(|(_, auth)| auth.as_deref() == Some("Bearer aws-secret-NeverSent")),
+        "the listed variable is the user's choice"
+    );
+}
+
+/// A job that reads a file outside its folder (a template at an absolute path, or reached
+/// with `..`) is refused before anything is sent, saying how to allow it; `--allow-path`
+/// allows it.
+#[test]
+fn a_job_reading_outside_its_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(
+        secrets.path().join("credentials"),
+        "aws_secret = NeverInAPrompt {{ text }}",
+    )
+    .unwrap();
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    std::fs::write(
+        jobs.join("docs.jsonl"),
+        "{\"text\": \"A document about keys.\"}\n",
+    )
+    .unwrap();
+    let job = backtranslation_job(&jobs, &server);
+    let outside = secrets.path().join("credentials");
+    for template in [
+        outside.to_str().unwrap().to_string(),
+        format!(
+            "{}{}",
+            "../".repeat(jobs.components().count() - 1),
+            outside.strip_prefix("/").unwrap().display()
+        ),
+    ] {
+        let mut text = std::fs::read_to_string(&job).unwrap();
+        text = text
+            .split("[functions.backtranslate]")
+            .next()
+            .unwrap()
+            .to_string();
+        text.push_str(&format!(
+            "[functions.backtranslate]\ntemplate = {template:?}\n"
+        ));
+        std::fs::write(&job, text).unwrap();
+        let out = crate::support::util::backforth(&["run", &job]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("is outside the job's folder") && stderr.contains("--allow-path"),
+            "{stderr}"
+        );
+        assert_eq!(server.requests(), 0);
+    }
+    let allowed = secrets.path().to_str().unwrap();
+    let out = crate::support::util::backforth(&["run", &job, "--allow-path", allowed]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.requests() > 0);
+}
+
+/// Names the output root's own folders use are refused as stage names, and a rate too low to
+/// mean anything is refused instead of panicking.
+#[test]
+fn reserved_stage_names_and_near_zero_rates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document.\"}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("spend.sql"), "SELECT * FROM candidates").unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"_spend\"\nsql = \"spend.sql\"\n",
+    )
+    .unwrap();
+    let out = crate::support::util::backforth(&["run", job.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stage name '_spend' begins with '_'"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out/_spend").exists());
+
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+         [models.backward]\nendpoint = \"mock\"\nmodel = \"m\"\nrequests_per_minute = 1e-17\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+    )
+    .unwrap();
+    let out = crate::support::util::backforth(&["run", job.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("requests_per_minute = 0.00000000000000001")
+            || stderr.contains("requests_per_minute = 1e-17"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -60,7 +60,7 @@ fn completions_api_template_override_and_api_key_from_env() {
     let job = write_job(
         dir.path(),
         &format!(
-            "[models.backward]\nendpoint = \"{}\"\nmodel = \"bw\"\napi = \"completions\"\napi_key_env = \"BACKFORTH_TEST_KEY\"\n\
+            "[models.backward]\nendpoint = \"{}\"\nmodel = \"bw\"\napi = \"completions\"\napi_key_env = \"BACKFORTH_TEST_API_KEY\"\n\
              [functions.backtranslate]\ntemplate = \"bt.txt\"\n\
              [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
             server.url()
@@ -68,7 +68,7 @@ fn completions_api_template_override_and_api_key_from_env() {
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(["run", &job])
-        .env("BACKFORTH_TEST_KEY", "sk-test-QzXvKjWq")
+        .env("BACKFORTH_TEST_API_KEY", "sk-test-QzXvKjWq")
         .env("BACKFORTH_LOG", "debug")
         .output()
         .unwrap();

@@ -117,6 +117,8 @@ pub enum Fault {
     Content(String),
     /// HTTP 200 with this text cut off by the token limit (`finish_reason: length`).
     Cut(String),
+    /// HTTP 307 to this URL (a redirect that re-posts the request there).
+    Redirect(String),
     /// HTTP 200, a chat completion refused: `content: null`, with the model's words in
     /// `refusal` (`finish_reason: stop`, as OpenAI's structured outputs) or, without words,
     /// `finish_reason: content_filter` (a provider's filter).
@@ -743,6 +745,11 @@ async fn fault_response(
             let prompt = request.map(prompt_of).unwrap_or_default();
             http_response("200 OK", "", &chat_json(prompt.len(), &text).to_string())
         }
+        Fault::Redirect(to) => http_response(
+            "307 Temporary Redirect",
+            &format!("location: {to}\r\n"),
+            r#"{"error":{"message":"moved"}}"#,
+        ),
         Fault::Cut(text) => {
             let prompt = request.map(prompt_of).unwrap_or_default();
             let mut reply = chat_json(prompt.len(), &text);
