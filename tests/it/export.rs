@@ -397,3 +397,91 @@ fn seed_pairs_as_hf_folders_load_in_datasets_both_ways() {
     let card = std::fs::read_to_string(seed.join("forward/README.md")).unwrap();
     assert!(card.starts_with("---\nlicense: \"apache-2.0\""), "{card}");
 }
+
+/// An hf export owns its `data/`: exported again into a folder it wrote, it removes the data
+/// files of the earlier export that it does not write again, so `datasets` loads only the new
+/// rows; a folder whose `data/` holds someone else's files is refused, untouched.
+#[test]
+fn an_hf_export_replaces_its_own_files_and_refuses_a_foreign_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("hub");
+    let export = |size: &str| {
+        crate::support::util::backforth(&[
+            "export",
+            "--root",
+            sample_root().to_str().unwrap(),
+            "--table",
+            "backtranslated",
+            "--format",
+            "hf",
+            "--size",
+            size,
+            "--output",
+            folder.to_str().unwrap(),
+        ])
+    };
+    crate::support::util::ok(export("6"));
+    // As an earlier export with more rows would have left it: a second file of its own.
+    let data = folder.join("data");
+    std::fs::copy(
+        data.join("train-00000-of-00001.parquet"),
+        data.join("train-00001-of-00002.parquet"),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join(".backforth-export.json"),
+        r#"["data/train-00000-of-00001.parquet", "data/train-00001-of-00002.parquet"]"#,
+    )
+    .unwrap();
+    crate::support::util::ok(export("4"));
+    assert!(!data.join("train-00001-of-00002.parquet").exists());
+    let loaded = with_datasets(LOAD_TRAIN_ROWS, &folder);
+    assert_eq!(loaded["train"], 4, "{loaded}");
+
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(foreign.join("data")).unwrap();
+    std::fs::write(foreign.join("data/train-mine.parquet"), "not ours").unwrap();
+    let out = crate::support::util::backforth(&[
+        "export",
+        "--root",
+        sample_root().to_str().unwrap(),
+        "--table",
+        "backtranslated",
+        "--format",
+        "hf",
+        "--output",
+        foreign.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("did not write"), "{stderr}");
+    assert_eq!(std::fs::read_dir(foreign.join("data")).unwrap().count(), 1);
+    assert!(!foreign.join("README.md").exists());
+}
+
+/// The rows of the train split `datasets` loads from a folder.
+const LOAD_TRAIN_ROWS: &str = r#"
+import json, sys, datasets
+ds = datasets.load_dataset(sys.argv[1])
+print(json.dumps({"train": ds["train"].num_rows}))
+"#;
+
+/// Two exports whose file names differ after the first dot get a card each.
+#[test]
+fn card_names_keep_the_whole_stem() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["run.a.jsonl", "run.b.jsonl"] {
+        crate::support::util::ok(crate::support::util::backforth(&[
+            "export",
+            "--root",
+            sample_root().to_str().unwrap(),
+            "--table",
+            "backtranslated",
+            "--output",
+            dir.path().join(name).to_str().unwrap(),
+        ]));
+    }
+    for card in ["run.a.card.md", "run.b.card.md"] {
+        assert!(dir.path().join(card).exists(), "{card}");
+    }
+}
