@@ -9,6 +9,10 @@ pub mod file;
 pub mod schema;
 pub mod spec;
 pub mod template;
+mod trust;
+
+pub use trust::KEY_VARS_ENV;
+use trust::{JobDir, key_variable, rate};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -652,7 +656,7 @@ fn resolve_function(
                 "[functions.{name}] mode = \"json\" has its own schema ({{reason, score}}); drop json_schema"
             );
         }
-        (Some(given), false) => Some(read_schema(name, given, dir)?),
+        (Some(given), false) => Some(JsonSchema::read(name, given, dir)?),
         (None, true) => Some(JsonSchema::score(name)),
         (None, false) => None,
     };
@@ -723,37 +727,6 @@ fn resolve_function(
 
 /// The most samples per row a function may ask for.
 pub const MAX_SAMPLES: u32 = 64;
-
-/// The JSON Schema of `[functions.NAME] json_schema`: a table, or the path of a JSON file.
-fn read_schema(name: &str, given: &toml::Value, dir: &JobDir) -> Result<JsonSchema> {
-    let value = match given {
-        toml::Value::String(path) => {
-            let path =
-                PathBuf::from(dir.confined(path, &format!("[functions.{name}] json_schema"))?);
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::Job(format!(
-                    "[functions.{name}] json_schema {}: {e}",
-                    path.display()
-                ))
-            })?;
-            serde_json::from_str(&text).map_err(|e| {
-                Error::Job(format!(
-                    "[functions.{name}] json_schema {}: not JSON ({e})",
-                    path.display()
-                ))
-            })?
-        }
-        toml::Value::Table(table) => serde_json::to_value(table)
-            .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))?,
-        _ => {
-            return job_error!(
-                "[functions.{name}] json_schema must be a table or the path of a .json file"
-            );
-        }
-    };
-    JsonSchema::new(name, value)
-        .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))
-}
 
 fn resolve_stages(
     catalog: &Catalog,
@@ -845,77 +818,4 @@ fn resolve_stages(
         });
     }
     Ok(out)
-}
-
-/// The least rate a job may set: one every ten minutes (a slower limit is no limit anyone
-/// means, and a rate near zero would wait for ever).
-const LEAST_RATE_PER_MINUTE: f64 = 0.1;
-
-/// The rate `name` of role `role`, checked: a positive number of at least
-/// [`LEAST_RATE_PER_MINUTE`].
-fn rate(role: &str, name: &str, value: Option<f64>) -> Result<Option<f64>> {
-    match value {
-        Some(v) if !v.is_finite() || v < LEAST_RATE_PER_MINUTE => job_error!(
-            "[models.{role}] {name} = {v}: a rate is a number per minute of at least {LEAST_RATE_PER_MINUTE}; leave it out for no limit"
-        ),
-        other => Ok(other),
-    }
-}
-
-/// Where the variables a job may name as `api_key_env` beyond the usual ones are listed
-/// (comma-separated), outside any job file.
-pub const KEY_VARS_ENV: &str = "BACKFORTH_KEY_VARS";
-
-/// The variable `name` that role `role`'s key is read from, if a job may name it: one that
-/// looks like an API key (`*_API_KEY`, `*_TOKEN`) or one the user listed in
-/// [`KEY_VARS_ENV`]. A shared job file naming `AWS_SECRET_ACCESS_KEY` would otherwise send
-/// that secret as a bearer token to the job author's endpoint.
-fn key_variable(role: &str, name: String) -> Result<String> {
-    let looks_like_a_key = name.ends_with("_API_KEY") || name.ends_with("_TOKEN");
-    let listed =
-        std::env::var(KEY_VARS_ENV).is_ok_and(|list| list.split(',').any(|v| v.trim() == name));
-    if looks_like_a_key || listed {
-        return Ok(name);
-    }
-    job_error!(
-        "[models.{role}] api_key_env = \"{name}\": a job may name only variables that look like API keys (*_API_KEY, *_TOKEN), so a shared job cannot send another secret to its endpoint. To send this one, list it outside the job file: {KEY_VARS_ENV}={name}"
-    )
-}
-
-/// The job's folder and the folders the user allowed besides (`--allow-path`): where the
-/// files a job reads (templates, schemas, SQL, benchmarks) may be. A shared job file must
-/// not put `~/.aws/credentials` in every prompt.
-struct JobDir<'a> {
-    base: &'a Path,
-    allowed: &'a [PathBuf],
-}
-
-impl JobDir<'_> {
-    /// `path` (relative to the job's folder) resolved, if it is under the job's folder or an
-    /// allowed one; URLs (benchmarks on a store) are left as they are. `what` names the
-    /// setting for the error.
-    fn confined(&self, path: &str, what: &str) -> Result<String> {
-        let resolved = resolve_path(self.base, path);
-        if resolved.contains("://") {
-            return Ok(resolved);
-        }
-        // Symbolic links and `..` are judged where they lead; a path that does not exist is
-        // judged as written (reading it fails later with its own error).
-        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        let target = real(Path::new(&resolved));
-        let inside = std::iter::once(self.base)
-            .chain(self.allowed.iter().map(PathBuf::as_path))
-            .any(|root| target.starts_with(real(root)));
-        if inside {
-            return Ok(resolved);
-        }
-        job_error!(
-            "{what} = \"{path}\" is outside the job's folder {}: a job reads files only under its own folder, so a shared job cannot send yours to its endpoint. To read it, pass --allow-path {} (or move it beside the job)",
-            real(self.base).display(),
-            Path::new(&resolved)
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .display()
-        )
-    }
 }

@@ -6,6 +6,7 @@
 //! `format` and `pattern` go to the server untouched, and anything else is refused when the
 //! job is read, so no rule is silently unchecked.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -16,6 +17,8 @@ use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use serde_json::{Map, Value, json};
 
+use crate::error::{Error, Result};
+use crate::job_error;
 use crate::parse::unfenced;
 
 use crate::prepare::ingest::json_kind;
@@ -61,6 +64,42 @@ pub struct JsonSchema {
 }
 
 impl JsonSchema {
+    /// The schema `[functions.NAME] json_schema` gives: a table, or the path of a JSON file
+    /// under the job's folder.
+    pub(super) fn read(
+        name: &str,
+        given: &toml::Value,
+        dir: &super::trust::JobDir,
+    ) -> Result<JsonSchema> {
+        let value = match given {
+            toml::Value::String(path) => {
+                let path =
+                    PathBuf::from(dir.confined(path, &format!("[functions.{name}] json_schema"))?);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    Error::Job(format!(
+                        "[functions.{name}] json_schema {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                serde_json::from_str(&text).map_err(|e| {
+                    Error::Job(format!(
+                        "[functions.{name}] json_schema {}: not JSON ({e})",
+                        path.display()
+                    ))
+                })?
+            }
+            toml::Value::Table(table) => serde_json::to_value(table)
+                .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))?,
+            _ => {
+                return job_error!(
+                    "[functions.{name}] json_schema must be a table or the path of a .json file"
+                );
+            }
+        };
+        JsonSchema::new(name, value)
+            .map_err(|e| Error::Job(format!("[functions.{name}] json_schema: {e}")))
+    }
+
     /// The schema `schema` under `name`, refused with the path of the first keyword this
     /// module cannot check (`$ref`, `oneOf`, ...), or a root that is not an object.
     pub fn new(name: &str, schema: Value) -> Result<Self, String> {

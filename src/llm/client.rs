@@ -8,7 +8,7 @@
 //! errors: one bad row never stops a stage.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::escape::redact_url;
 use crate::job::{Api, ModelSpec};
+pub use crate::llm::budget::{Budget, Spending};
+use crate::llm::budget::{Held, Start, micro, micro_to_usd};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
 use crate::llm::reply::{Reply, Request};
+use crate::llm::retry::Retries;
 use crate::llm::wire::{
     RequestBody, billed_usage, describe_reqwest_error, is_quota_exhausted, parse_choices,
     request_path, retry_after, snippet,
@@ -723,115 +726,6 @@ impl ModelClient {
     }
 }
 
-/// What a run has spent, has in flight and has recorded as reserved, in millionths of a
-/// dollar: while a call is out, `reserved` covers `spent` and `in_flight`.
-#[derive(Debug, Default)]
-pub struct Spending {
-    spent: AtomicU64,
-    in_flight: AtomicU64,
-    /// What the spend record says the calls may reach.
-    written: tokio::sync::Mutex<u64>,
-    /// Set once a call was refused for the budget.
-    refused: std::sync::atomic::AtomicBool,
-    /// Told when a call comes back.
-    changed: tokio::sync::Notify,
-}
-
-/// Whether a call may leave under the budget.
-enum Start {
-    /// Held back; it may leave.
-    Go,
-    /// Only once calls in flight come back under their most.
-    Wait,
-    /// Not even then: the budget is spent.
-    Refuse,
-}
-
-impl Spending {
-    /// Adds `paid` (millionths of a dollar) to what was spent: a call answered without a
-    /// request of its own budget (the offline mock).
-    pub(crate) fn add(&self, paid: u64) {
-        self.spent.fetch_add(paid, Ordering::SeqCst);
-        self.changed.notify_waiters();
-    }
-
-    /// Waits a little for calls in flight to come back.
-    async fn settled(&self) {
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.changed.notified()).await;
-    }
-
-    /// Writes, before a call leaves, that the process's calls paid and in flight may reach
-    /// `window` more than they do now (within the limit), when they have passed what was
-    /// written. One call writes while the others wait, so none leaves unrecorded; a failed
-    /// write is tried again by the next call.
-    async fn record_ahead(&self, budget: Budget, window: u64, journal: &JournalScope) {
-        let mut written = self.written.lock().await;
-        let needed = self.spent.load(Ordering::SeqCst) + self.in_flight.load(Ordering::SeqCst);
-        if needed <= *written {
-            return;
-        }
-        let until = (needed + window).min(budget.limit_micro).max(needed);
-        if journal.reserve(micro_to_usd(until)).await {
-            *written = until;
-        }
-    }
-}
-
-/// A call's hold on the budget: released with what the call cost, or, if the call is
-/// dropped before it ends, with all it held (the server may have billed it).
-struct Held<'a> {
-    spending: &'a Spending,
-    amount: u64,
-    done: bool,
-}
-
-impl<'a> Held<'a> {
-    fn of(spending: &'a Spending, amount: u64) -> Self {
-        Self {
-            spending,
-            amount,
-            done: false,
-        }
-    }
-
-    /// No hold (a run without a budget): only what the call costs is added.
-    fn none(spending: &'a Spending) -> Self {
-        Self::of(spending, 0)
-    }
-
-    fn finish(mut self, paid: u64) {
-        self.release(paid);
-    }
-
-    fn release(&mut self, paid: u64) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        // Spent first, then released: for a moment both count, never neither.
-        self.spending.spent.fetch_add(paid, Ordering::SeqCst);
-        self.spending
-            .in_flight
-            .fetch_sub(self.amount, Ordering::SeqCst);
-        self.spending.changed.notify_waiters();
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        let held = self.amount;
-        self.release(held);
-    }
-}
-
-/// Dollars in millionths.
-pub(crate) fn micro(usd: f64) -> u64 {
-    (usd.max(0.0) * 1e6).round() as u64
-}
-
-fn micro_to_usd(micro: u64) -> f64 {
-    micro as f64 / 1e6
-}
-
 /// A request's prompt tokens before the server counts them: four characters a token, over
 /// the prompt, the system message and the turns of a conversation asked again.
 fn prompt_estimate(req: &Request) -> f64 {
@@ -841,62 +735,6 @@ fn prompt_estimate(req: &Request) -> f64 {
         .map(|t| t.reply.len() + t.feedback.len())
         .sum();
     (req.prompt.len() + req.system.as_ref().map_or(0, String::len) + turns) as f64 / 4.0
-}
-
-/// What this process may spend: its share of what is left of the job's budget.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budget {
-    /// This process's limit, in millionths of a dollar.
-    pub limit_micro: u64,
-    /// The job's whole budget, in dollars, for messages.
-    pub job_usd: f64,
-}
-
-impl Budget {
-    /// A limit of `limit_usd` out of a job budget of `job_usd`.
-    pub fn new(limit_usd: f64, job_usd: f64) -> Self {
-        Self {
-            limit_micro: (limit_usd.max(0.0) * 1e6).round() as u64,
-            job_usd,
-        }
-    }
-
-    /// True once the run has spent the limit, or refused a call that would pass it.
-    pub fn spent(&self, spending: &Spending) -> bool {
-        spending.refused.load(Ordering::SeqCst)
-            || spending.spent.load(Ordering::SeqCst) >= self.limit_micro
-    }
-
-    /// Holds back `dearest` for a call about to leave, if what is spent and in flight leaves
-    /// room for it. If only the calls in flight stand in the way, it is to wait; if what is
-    /// spent alone does, the budget is spent.
-    fn start(&self, spending: &Spending, dearest: u64) -> Start {
-        let mut held = spending.in_flight.load(Ordering::SeqCst);
-        loop {
-            let spent = spending.spent.load(Ordering::SeqCst);
-            if spent + dearest > self.limit_micro {
-                spending.refused.store(true, Ordering::SeqCst);
-                return Start::Refuse;
-            }
-            if spent + held + dearest > self.limit_micro {
-                return Start::Wait;
-            }
-            match spending.in_flight.compare_exchange(
-                held,
-                held + dearest,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return Start::Go,
-                Err(now) => held = now,
-            }
-        }
-    }
-
-    /// Why calls stop once it is spent.
-    pub fn message(&self) -> String {
-        format!("the job's budget of ${:.2} is spent", self.job_usd)
-    }
 }
 
 /// The optional API features `req` uses, by name: a server may lack any of them.
@@ -952,88 +790,4 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
         body.extend_from_slice(&chunk);
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-/// How many times a request was sent and why it is retried: failures count against
-/// `max_attempts`, throttling against `throttle_secs` from the first 429.
-struct Retries {
-    sent: i32,
-    /// What attempts that failed after the server billed them cost.
-    billed_usd: f64,
-    failures: u32,
-    max_attempts: u32,
-    throttles: i32,
-    throttled_until: Option<Instant>,
-    throttle_horizon: Duration,
-}
-
-impl Retries {
-    fn new(spec: &ModelSpec) -> Self {
-        Self {
-            sent: 0,
-            billed_usd: 0.0,
-            failures: 0,
-            max_attempts: spec.max_attempts.max(1),
-            throttles: 0,
-            throttled_until: None,
-            throttle_horizon: Duration::from_secs(spec.throttle_secs),
-        }
-    }
-
-    /// How long to wait before the next attempt, or `None` to give up.
-    fn wait(&mut self, after: Option<Duration>, throttle: bool) -> Option<Duration> {
-        if throttle {
-            self.throttles += 1;
-            let horizon = self.throttle_horizon;
-            let deadline = *self
-                .throttled_until
-                .get_or_insert_with(|| Instant::now() + horizon);
-            let left = deadline.checked_duration_since(Instant::now())?;
-            return Some(at_least_backoff(after, self.throttles).min(left));
-        }
-        self.failures += 1;
-        (self.failures < self.max_attempts).then(|| at_least_backoff(after, self.failures as i32))
-    }
-
-    /// The replies (one per choice asked, the attempts on the first) of a request stopped
-    /// by `error` (a quota, a budget, a fatal answer).
-    fn stopped(&self, error: Option<String>, choices: usize) -> Vec<Reply> {
-        (0..choices)
-            .map(|i| Reply {
-                attempts: if i == 0 { self.sent } else { 0 },
-                cost_usd: if i == 0 { self.billed_usd } else { 0.0 },
-                error: error.clone(),
-                ..Reply::default()
-            })
-            .collect()
-    }
-
-    /// The replies of a request that used up its retries, the last failure being `last`.
-    fn gave_up(&self, last: &str, choices: usize) -> Vec<Reply> {
-        let throttled = if self.failures < self.max_attempts {
-            format!(", throttled for {} s", self.throttle_horizon.as_secs())
-        } else {
-            String::new()
-        };
-        self.stopped(
-            Some(format!(
-                "gave up after {} attempts{throttled}: {last}",
-                self.sent
-            )),
-            choices,
-        )
-    }
-}
-
-/// The server's `Retry-After`, but never less than the backoff of `attempt`: a `0` or a date
-/// already past would otherwise send every retry at once.
-fn at_least_backoff(after: Option<Duration>, attempt: i32) -> Duration {
-    let backoff = backoff(attempt);
-    after.map_or(backoff, |after| after.max(backoff))
-}
-
-/// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.
-fn backoff(attempt: i32) -> Duration {
-    let cap = (0.5 * 2f64.powi(attempt - 1)).min(30.0);
-    Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
 }

@@ -33,7 +33,7 @@ impl Backend for Mock {
             .cost_usd(reply.prompt_tokens, None, reply.completion_tokens);
         client
             .spending
-            .add(crate::llm::client::micro(reply.cost_usd));
+            .add(crate::llm::budget::micro(reply.cost_usd));
         journal.record(key, &reply).await;
         reply
     }

@@ -2,6 +2,7 @@
 //! batch capture), endpoints with their admission and rate limits, and the response journal
 //! that makes a paid call answer every later run.
 
+pub mod budget;
 pub mod capture;
 pub mod client;
 pub mod endpoint;
@@ -10,4 +11,5 @@ pub mod limits;
 pub mod mock;
 pub mod pool;
 pub mod reply;
+pub mod retry;
 pub mod wire;
