@@ -32,3 +32,4 @@ mod stats;
 mod stores;
 mod structured;
 mod support;
+mod trust;
