@@ -75,13 +75,22 @@ pub async fn report(root: &str, opts: &StatsOptions<'_>) -> Result<Report> {
     html.push_str("<h2>Pairs by score</h2>\n");
     for (score, pairs) in &samples {
         let _ = writeln!(html, "<h3>score {}</h3>", escape(score));
-        for (instruction, response) in pairs {
-            let _ = writeln!(
-                html,
-                "<div class=\"pair\"><b>Instruction</b>\n{}\n\n<b>Response</b>\n{}</div>",
-                escape(instruction),
-                escape(response)
-            );
+        for pair in pairs {
+            let _ = match &pair.original {
+                Some(original) => writeln!(
+                    html,
+                    "<div class=\"pair\"><b>Instruction</b>\n{}\n\n<b>Response</b>\n{}\n\n<b>Original text</b>\n{}</div>",
+                    escape(&pair.instruction),
+                    escape(&pair.response),
+                    escape(original)
+                ),
+                None => writeln!(
+                    html,
+                    "<div class=\"pair\"><b>Instruction</b>\n{}\n\n<b>Web text</b> (not rewritten)\n{}</div>",
+                    escape(&pair.instruction),
+                    escape(&pair.response)
+                ),
+            };
         }
     }
     html.push_str("</body></html>\n");
@@ -367,35 +376,72 @@ pub fn bar_chart(caption: &str, bars: &[(String, f64)]) -> String {
     svg
 }
 
-/// Up to [`SAMPLES_PER_SCORE`] pairs per score level, from `rewritten` when it exists (the
-/// final answers) and otherwise from `scored`.
-async fn sample_pairs(root: &str) -> Result<Vec<(String, Vec<(String, String)>)>> {
+/// A pair shown in the report.
+struct Sample {
+    instruction: String,
+    /// The rewritten answer, or the web text where nothing was rewritten.
+    response: String,
+    /// The web text the answer was rewritten from.
+    original: Option<String>,
+}
+
+/// Up to [`SAMPLES_PER_SCORE`] pairs per score level: from `rewritten` when it exists (the
+/// final answers, with the web text they came from beside them), otherwise from `scored`
+/// (the web text, as scored).
+async fn sample_pairs(root: &str) -> Result<Vec<(String, Vec<Sample>)>> {
     let location = Location::parse(root)?;
     let (ctx, stages) = open_root(&location).await?;
-    if !stages.iter().any(|s| s == "scored") {
+    let rewritten = stages.iter().any(|s| s == "rewritten");
+    let (table, response, original) = if rewritten {
+        ("rewritten", "response", "text")
+    } else if stages.iter().any(|s| s == "scored") {
+        ("scored", "text", "NULL")
+    } else {
         return Ok(Vec::new());
-    }
+    };
+    // A table of its own making may lack the score: its pairs are one level, `none`.
+    let has_score = ctx
+        .table(table)
+        .await?
+        .schema()
+        .has_column_with_unqualified_name("score");
+    let (score, no_score) = match has_score {
+        true => ("score", ""),
+        false => ("CAST(NULL AS BIGINT)", ", CAST(NULL AS BIGINT) AS score"),
+    };
     let sql = format!(
-        "SELECT COALESCE(CAST(score AS VARCHAR), 'none') AS score, instruction, text FROM \
-         (SELECT *, row_number() OVER (PARTITION BY score ORDER BY id) AS n FROM scored) \
+        "SELECT COALESCE(CAST(score AS VARCHAR), 'none') AS score, instruction, {response}, \
+                CAST({original} AS VARCHAR) FROM \
+         (SELECT *{no_score}, row_number() OVER (PARTITION BY {score} ORDER BY id) AS n \
+          FROM {table}) \
          WHERE n <= {SAMPLES_PER_SCORE} ORDER BY score DESC, id"
     );
     let batches = ctx.sql(&sql).await?.collect().await?;
-    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut out: Vec<(String, Vec<Sample>)> = Vec::new();
     for batch in &batches {
         for r in 0..batch.num_rows() {
-            let cell = |c: usize| -> Result<String> {
+            let cell = |c: usize| -> Result<Option<String>> {
                 let col = batch.column(c);
                 if col.is_null(r) {
-                    return Ok(String::new());
+                    return Ok(None);
                 }
-                array_value_to_string(col, r).map_err(|e| Error::Execution(e.to_string()))
+                let value =
+                    array_value_to_string(col, r).map_err(|e| Error::Execution(e.to_string()))?;
+                Ok(Some(value))
             };
-            let score = cell(0)?;
-            let pair = (cell(1)?, cell(2)?);
+            let score = cell(0)?.unwrap_or_default();
+            let sample = Sample {
+                instruction: cell(1)?.unwrap_or_default(),
+                response: cell(2)?.unwrap_or_default(),
+                original: if rewritten {
+                    Some(cell(3)?.unwrap_or_default())
+                } else {
+                    None
+                },
+            };
             match out.last_mut() {
-                Some((s, pairs)) if *s == score => pairs.push(pair),
-                _ => out.push((score, vec![pair])),
+                Some((s, pairs)) if *s == score => pairs.push(sample),
+                _ => out.push((score, vec![sample])),
             }
         }
     }

@@ -39,6 +39,17 @@ fn report_renders_in_chromium_and_runs_no_script_from_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("out");
     hand_made_root(&root);
+    // The final pair carries the hostile text: the report samples `rewritten`.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(crate::support::util::copy_to_parquet(
+        &datafusion::prelude::SessionContext::new(),
+        "SELECT 'a' AS id, 'what happened <script>alert(1)</script>' AS instruction, \
+         'the cat sat on the mat' AS text, 'the cat sat on the mat today' AS response",
+        &root.join("rewritten/part-00000.parquet"),
+    ));
     let html = dir.path().join("report.html");
     let pngs = dir.path().join("png");
     backforth_ok(&[
@@ -151,4 +162,57 @@ fn report_png_plots_have_bars_and_text() {
             assert!(bar > 1000, "{name}: {bar} bar pixels");
         }
     }
+}
+
+/// The report's pairs are the final ones: from `rewritten`, each answer with the web text it
+/// was rewritten from beside it, not the web text shown as the response.
+#[test]
+fn report_samples_rewritten_pairs_beside_their_original_text() {
+    use crate::support::fake_server::FakeServer;
+    let dir = tempfile::tempdir().unwrap();
+    crate::crash::corpus(dir.path());
+    let server = FakeServer::start(std::time::Duration::from_millis(1));
+    let root = dir.path().join("out");
+    let job = dir.path().join("job.toml");
+    backforth_ok(&[
+        "run",
+        job.to_str().unwrap(),
+        "--output",
+        root.to_str().unwrap(),
+        "--endpoint",
+        &server.url(),
+        "--model",
+        "m",
+    ]);
+    let html = dir.path().join("report.html");
+    backforth_ok(&[
+        "report",
+        root.to_str().unwrap(),
+        "--out",
+        html.to_str().unwrap(),
+    ]);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("<b>Original text</b>"),
+        "no original text shown"
+    );
+    assert!(
+        !page.contains("(not rewritten)"),
+        "web text shown as a response"
+    );
+    // A rewritten response of the run is among the samples.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let responses = rt.block_on(async {
+        let ctx = crate::support::util::session(&root).await;
+        crate::support::util::rows(&ctx, "SELECT response FROM rewritten").await
+    });
+    assert!(
+        responses
+            .iter()
+            .any(|r| page.contains(&r[0].replace('&', "&amp;").replace('<', "&lt;"))),
+        "no rewritten response in the report"
+    );
 }
