@@ -419,7 +419,11 @@ fn resolve_models(
                 .collect(),
             model,
             api: cfg.map(|c| c.api).unwrap_or_default(),
-            api_key_named: cfg.is_some_and(|c| c.api_key_env.is_some()),
+            // The OpenAI key stays with OpenAI even when a job names it, unless the user
+            // listed it; another variable a job names goes to the role's endpoints.
+            api_key_named: cfg
+                .and_then(|c| c.api_key_env.as_deref())
+                .is_some_and(|name| name != "OPENAI_API_KEY" || trust::listed_key_variable(name)),
             key_over_http: cfg.is_some_and(|c| c.key_over_http),
             api_key_env: match cfg.and_then(|c| c.api_key_env.clone()) {
                 Some(name) => key_variable(&role, name)?,

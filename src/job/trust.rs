@@ -33,14 +33,17 @@ pub const KEY_VARS_ENV: &str = "BACKFORTH_KEY_VARS";
 /// that secret as a bearer token to the job author's endpoint.
 pub(super) fn key_variable(role: &str, name: String) -> Result<String> {
     let looks_like_a_key = name.ends_with("_API_KEY") || name.ends_with("_TOKEN");
-    let listed =
-        std::env::var(KEY_VARS_ENV).is_ok_and(|list| list.split(',').any(|v| v.trim() == name));
-    if looks_like_a_key || listed {
+    if looks_like_a_key || listed_key_variable(&name) {
         return Ok(name);
     }
     job_error!(
         "[models.{role}] api_key_env = \"{name}\": a job may name only variables that look like API keys (*_API_KEY, *_TOKEN), so a shared job cannot send another secret to its endpoint. To send this one, list it outside the job file: {KEY_VARS_ENV}={name}"
     )
+}
+
+/// Whether the user listed `name` in [`KEY_VARS_ENV`], outside any job file.
+pub(super) fn listed_key_variable(name: &str) -> bool {
+    std::env::var(KEY_VARS_ENV).is_ok_and(|list| list.split(',').any(|v| v.trim() == name))
 }
 
 /// The job's folder and the folders the user allowed besides (`--allow-path`): where the
@@ -56,13 +59,31 @@ impl JobDir<'_> {
     /// allowed one; URLs (benchmarks on a store) are left as they are. `what` names the
     /// setting for the error.
     pub(super) fn confined(&self, path: &str, what: &str) -> Result<String> {
-        let resolved = resolve_path(self.base, path);
+        let resolved = match path.strip_prefix("file://") {
+            Some(local) => local.to_string(),
+            None => resolve_path(self.base, path),
+        };
         if resolved.contains("://") {
-            return Ok(resolved);
+            // A bucket is read with the user's credentials: only one the user allowed.
+            let allowed = self
+                .allowed
+                .iter()
+                .any(|a| resolved.starts_with(a.to_string_lossy().as_ref()));
+            if allowed {
+                return Ok(resolved);
+            }
+            return job_error!(
+                "{what} = \"{path}\" is in an object store: a job reads only under its own folder. To read it, pass --allow-path {path}"
+            );
         }
         // Symbolic links and `..` are judged where they lead; a path that does not exist is
-        // judged as written (reading it fails later with its own error).
-        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        // judged as written (reading it fails later with its own error). Absolute first: a
+        // job named without a folder has "" for one, which every path starts with.
+        let real = |p: &Path| {
+            let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+            let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            std::fs::canonicalize(&absolute).unwrap_or(absolute)
+        };
         let target = real(Path::new(&resolved));
         let inside = std::iter::once(self.base)
             .chain(self.allowed.iter().map(PathBuf::as_path))

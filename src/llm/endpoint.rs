@@ -103,7 +103,7 @@ impl Endpoint {
 /// Redirects are followed only within the endpoint's origin (scheme, host and port), at
 /// most five: a prompt, and the key with it, goes nowhere the job did not name, and never
 /// from https to http. A redirect elsewhere comes back as the reply (see `send_once`).
-fn same_origin_redirects() -> reqwest::redirect::Policy {
+pub(crate) fn same_origin_redirects() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
         let same = attempt
             .previous()

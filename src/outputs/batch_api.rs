@@ -366,6 +366,7 @@ fn api_for(job: &Job, stage: &str) -> Result<Api> {
     Ok(Api {
         // Uploads and downloads of batch files are large, but no request may hang forever.
         http: reqwest::Client::builder()
+            .redirect(crate::llm::endpoint::same_origin_redirects())
             .connect_timeout(Duration::from_secs(30))
             .timeout(Duration::from_secs(1800))
             .build()

@@ -57,7 +57,11 @@ pub async fn capture_stage_requests(job: &Job, stage: &str) -> Result<Vec<serde_
         runner.require_complete(&plan.name, table).await?;
         register_stage_table(&ctx, &runner.root, table).await?;
     }
-    let mut stream = ctx.sql(&plan.sql).await?.execute_stream().await?;
+    let mut stream = ctx
+        .sql_with_options(&plan.sql, crate::run::parts::query_only())
+        .await?
+        .execute_stream()
+        .await?;
     while let Some(batch) = stream.next().await {
         batch?;
     }

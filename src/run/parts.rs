@@ -24,6 +24,15 @@ use crate::run::exact_dedup::FirstCopies;
 use crate::run::progress::Progress;
 use crate::storage::{Location, sync_local};
 
+/// What a stage's SQL may be: a query. `COPY ... TO`, `CREATE`, `INSERT` and `SET` would let
+/// a shared job's SQL write files or change the session.
+pub(crate) fn query_only() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 /// LLM usage read from the call structs of a batch: requests actually sent, calls answered
 /// from the journal or shared, failures and tokens paid for.
 fn usage_of_calls(batch: &RecordBatch, inherited: &[String]) -> Usage {
@@ -101,7 +110,7 @@ pub(super) async fn execute_to_parts(
     mut first_copies: Option<FirstCopies>,
     fsync: bool,
 ) -> Result<(StageStats, Vec<String>)> {
-    let df = ctx.sql(&sql).await?;
+    let df = ctx.sql_with_options(&sql, query_only()).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut inherited = Vec::new();
     for table in &tables {

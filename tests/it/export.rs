@@ -438,6 +438,22 @@ fn an_hf_export_replaces_its_own_files_and_refuses_a_foreign_folder() {
     let loaded = with_datasets(LOAD_TRAIN_ROWS, &folder);
     assert_eq!(loaded["train"], 4, "{loaded}");
 
+    // A record naming anything but its data files is not ours: refused, nothing deleted.
+    std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
+    std::fs::write(
+        folder.join(".backforth-export.json"),
+        r#"["../keep.txt", "README.md"]"#,
+    )
+    .unwrap();
+    let out = export("4");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("keep.txt").exists() && folder.join("README.md").exists());
+
     let foreign = dir.path().join("foreign");
     std::fs::create_dir_all(foreign.join("data")).unwrap();
     std::fs::write(foreign.join("data/train-mine.parquet"), "not ours").unwrap();

@@ -224,6 +224,17 @@ fn a_job_reading_outside_its_folder_is_refused() {
         );
         assert_eq!(server.requests(), 0);
     }
+    // Named without a folder, from the job's own folder, as most runs are: the same.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", "job.toml"])
+        .current_dir(&jobs)
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is outside the job's folder"), "{stderr}");
+    assert_eq!(server.requests(), 0);
     let allowed = secrets.path().to_str().unwrap();
     let out = crate::support::util::backforth(&["run", &job, "--allow-path", allowed]);
     assert!(
@@ -277,4 +288,79 @@ fn reserved_stage_names_and_near_zero_rates_are_refused() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A job naming `OPENAI_API_KEY` itself does not thereby send it to its own endpoint: the
+/// OpenAI key goes to OpenAI only, unless the user lists it in `BACKFORTH_KEY_VARS`.
+#[test]
+fn naming_the_openai_key_does_not_send_it_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(Duration::from_millis(1));
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document.\"}\n",
+    )
+    .unwrap();
+    let job = backtranslation_job(dir.path(), &server);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "model = \"m\"\n",
+        "model = \"m\"\napi_key_env = \"OPENAI_API_KEY\"\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", &job])
+        .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.requests() > 0);
+    let headers = server.state.headers.lock().unwrap();
+    assert!(
+        headers.iter().all(|(_, auth)| auth.is_none()),
+        "{headers:?}"
+    );
+}
+
+/// A stage's SQL is a query: `COPY ... TO` from a shared job's SQL writes no file.
+#[test]
+fn stage_sql_cannot_write_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"A document.\"}\n",
+    )
+    .unwrap();
+    let target = dir.path().join("pwned.csv");
+    std::fs::write(
+        dir.path().join("copy.sql"),
+        format!(
+            "COPY (SELECT 1 AS x) TO '{}' STORED AS CSV",
+            target.display()
+        ),
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+         [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"copied\"\nsql = \"copy.sql\"\nfrom = \"candidates\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!target.exists(), "the stage's SQL wrote a file");
 }

@@ -80,6 +80,24 @@ async fn owned_files(folder: &Location) -> Result<Vec<String>> {
     use futures::TryStreamExt;
     let owned: Option<Vec<String>> = crate::storage::read_json(folder, &folder.path(OWNED)).await?;
     if let Some(owned) = owned {
+        // Only names an export writes: a record planted in a folder must not make the
+        // export delete anything else (a symlinked folder on the way included).
+        if let Some(bad) = owned.iter().find(|f| !is_data_file(f)) {
+            return job_error!(
+                "{}: {OWNED} names '{bad}', which no export writes; the record is not backforth's. Remove it, or export into another folder",
+                folder.describe()
+            );
+        }
+        if let Ok(local) =
+            object_store::local::LocalFileSystem::new().path_to_filesystem(&folder.path("data"))
+            && folder.store_url.scheme() == "file"
+            && std::fs::symlink_metadata(&local).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return job_error!(
+                "{}: data/ is a symbolic link; an hf export replaces files there and does not follow it",
+                folder.describe()
+            );
+        }
         return Ok(owned);
     }
     let data = folder.child("data");
@@ -93,6 +111,24 @@ async fn owned_files(folder: &Location) -> Result<Vec<String>> {
         );
     }
     Ok(Vec::new())
+}
+
+/// Whether `name` is a data file an export writes: `data/<split>-NNNNN-of-NNNNN.parquet`.
+fn is_data_file(name: &str) -> bool {
+    let Some(file) = name.strip_prefix("data/") else {
+        return false;
+    };
+    let Some(stem) = file.strip_suffix(".parquet") else {
+        return false;
+    };
+    let Some((split, numbers)) = stem.split_once('-') else {
+        return false;
+    };
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(split, "train" | "test")
+        && numbers
+            .split_once("-of-")
+            .is_some_and(|(n, of)| digits(n) && digits(of))
 }
 
 /// Records `files` as the data files backforth wrote to `folder`.
