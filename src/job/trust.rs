@@ -80,7 +80,11 @@ impl JobDir<'_> {
         // judged as written (reading it fails later with its own error). Absolute first: a
         // job named without a folder has "" for one, which every path starts with.
         let real = |p: &Path| {
-            let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+            let p = if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            };
             let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
             std::fs::canonicalize(&absolute).unwrap_or(absolute)
         };

@@ -415,3 +415,55 @@ fn a_redirect_to_another_origin_is_not_followed() {
         "{errors:?}"
     );
 }
+
+/// When a run fails and giving its lease back fails too, the run's own error is the one
+/// shown (here the budget's), the lease's only logged.
+#[test]
+fn the_runs_own_error_comes_first_when_the_lease_cannot_be_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every reply takes two seconds: the first call is surely out when the folder goes.
+    let server = FakeServer::start(Duration::from_secs(2));
+    let docs: String = (0..20)
+        .map(|i| format!("{{\"id\": \"d{i}\", \"text\": \"Document {i} tells a long story.\"}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "output = \"out\"\n[input]\npaths = [\"docs.jsonl\"]\n\
+             [models.backward]\nendpoint = \"{}\"\nmodel = \"m\"\nconcurrency = 1\nprice_input_per_mtok = 10.0\n\
+             [execution]\nbudget_usd = 0.006\n\
+             [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_backforth"))
+        .args(["run", job.to_str().unwrap()])
+        .env("BACKFORTH_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the first (slow) call is out, the leases' folder becomes a file: giving the
+    // lease back at the end cannot succeed.
+    let leases = dir.path().join("out/_leases");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.requests() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(&leases).unwrap();
+    std::fs::write(&leases, "not a folder").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("");
+    assert!(error.contains("budget"), "the run's error first: {stderr}");
+    assert!(
+        stderr.contains("Could not give the worker's lease back"),
+        "{stderr}"
+    );
+}

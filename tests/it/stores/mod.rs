@@ -473,9 +473,24 @@ fn decontamination_reads_a_benchmark_folder<E: Emulator>() {
         ),
     )
     .unwrap();
-    ok(run(
+    // A bucket is read with the user's credentials: the user allows it, not the job.
+    let bucket = store.url("evals", "geo/");
+    let refused = run(
         &store.env(),
         &["run", job.to_str().unwrap(), "--endpoint", "mock"],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--allow-path"));
+    ok(run(
+        &store.env(),
+        &[
+            "run",
+            job.to_str().unwrap(),
+            "--endpoint",
+            "mock",
+            "--allow-path",
+            &bucket,
+        ],
     ));
     let marker = crate::support::util::marker(&dir.path().join("out"), "decontaminated");
     assert_eq!(marker["dropped"]["contaminated:geo"], 1, "{marker}");
