@@ -202,8 +202,8 @@ pub async fn reconcile(
             );
         }
         // Only the stage's publication is withdrawn: its shards carry their fingerprint and
-        // are redone by whichever worker owns them, each once. Deleting the folder would also
-        // delete what another worker, started with this one, has already recomputed.
+        // are redone by whichever process claims them, each once. Deleting the folder would
+        // also delete what another process, started with this one, has already recomputed.
         for (stage, _) in &changed {
             tracing::warn!(stage = %stage, "Job changed: recomputing the stage.");
             if let Some(stats) = read_stage_stats(root, stage).await?
