@@ -121,24 +121,31 @@ fn credentials_in_an_endpoint_url_are_redacted() {
     }
 }
 
-/// A shared job naming another secret as its key (`AWS_SECRET_ACCESS_KEY`, which the S3 docs
-/// tell users to export) is refused before anything is sent, with how to allow it; listed in
-/// `BACKFORTH_KEY_VARS` outside the job file, it is the user's choice and is sent.
-#[test]
-fn a_job_naming_another_secret_as_its_key_is_refused() {
+/// A backtranslation job against a fresh fake server whose role reads its key from `var`:
+/// the job's folder (kept alive by the caller), the server and the job's path.
+fn job_naming_key(var: &str) -> (tempfile::TempDir, FakeServer, String) {
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(1));
     std::fs::write(
         dir.path().join("docs.jsonl"),
-        "{\"text\": \"A document about keys.\"}\n",
+        "{\"text\": \"A document.\"}\n",
     )
     .unwrap();
     let job = backtranslation_job(dir.path(), &server);
     let text = std::fs::read_to_string(&job).unwrap().replace(
         "model = \"m\"\n",
-        "model = \"m\"\napi_key_env = \"AWS_SECRET_ACCESS_KEY\"\n",
+        &format!("model = \"m\"\napi_key_env = \"{var}\"\n"),
     );
     std::fs::write(&job, text).unwrap();
+    (dir, server, job)
+}
+
+/// A shared job naming another secret as its key (`AWS_SECRET_ACCESS_KEY`, which the S3 docs
+/// tell users to export) is refused before anything is sent, with how to allow it; listed in
+/// `BACKFORTH_KEY_VARS` outside the job file, it is the user's choice and is sent.
+#[test]
+fn a_job_naming_another_secret_as_its_key_is_refused() {
+    let (_dir, server, job) = job_naming_key("AWS_SECRET_ACCESS_KEY");
     let run = |allow: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"));
         cmd.args(["run", &job])
@@ -294,19 +301,7 @@ fn reserved_stage_names_and_near_zero_rates_are_refused() {
 /// OpenAI key goes to OpenAI only, unless the user lists it in `BACKFORTH_KEY_VARS`.
 #[test]
 fn naming_the_openai_key_does_not_send_it_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = FakeServer::start(Duration::from_millis(1));
-    std::fs::write(
-        dir.path().join("docs.jsonl"),
-        "{\"text\": \"A document.\"}\n",
-    )
-    .unwrap();
-    let job = backtranslation_job(dir.path(), &server);
-    let text = std::fs::read_to_string(&job).unwrap().replace(
-        "model = \"m\"\n",
-        "model = \"m\"\napi_key_env = \"OPENAI_API_KEY\"\n",
-    );
-    std::fs::write(&job, text).unwrap();
+    let (_dir, server, job) = job_naming_key("OPENAI_API_KEY");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(["run", &job])
         .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
