@@ -101,6 +101,10 @@ impl Emulator for Azurite {
 
     fn allow_everything(&self) {}
 
+    fn endpoint(&self) -> &str {
+        &self.process.endpoint
+    }
+
     fn store(&self, container: &str) -> Arc<dyn ObjectStore> {
         Arc::new(
             object_store::azure::MicrosoftAzureBuilder::new()

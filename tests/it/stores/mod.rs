@@ -4,6 +4,7 @@
 //! speaks the XML API that object_store's GCS client uses (see docs/testing.md).
 
 mod azurite;
+mod lossy;
 mod moto;
 mod s3rver;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use crate::support::cutter::Cutter;
 use crate::support::fake_server::FakeServer;
 use crate::support::util::{free_port, ok, tool};
 
@@ -81,6 +83,8 @@ pub trait Emulator: Sized {
     fn allow_everything(&self);
     /// object_store's own client of `bucket`, with full rights.
     fn store(&self, bucket: &str) -> Arc<dyn ObjectStore>;
+    /// `http://127.0.0.1:<port>`, where the emulator listens.
+    fn endpoint(&self) -> &str;
 }
 
 /// Runs one test body on every emulator, as `stores::<emulator>::<test>`.
@@ -102,6 +106,7 @@ on_every_store!(
     denied_reads_are_errors_not_absence,
     decontamination_reads_a_benchmark_folder,
     second_create_of_one_object_is_refused,
+    a_store_that_drops_connections_loses_nothing,
 );
 
 /// The rows of the LLM stages, in a fixed order: what two runs must agree on.
@@ -208,6 +213,51 @@ fn pipeline_killed_and_resumed_equals_local<E: Emulator>() {
         server.requests(),
         before,
         "a rerun of a finished job sent requests"
+    );
+}
+
+/// Input and output on a store behind a proxy that resets every seventh request's connection,
+/// half of them after the store carried the request out: the run finishes with the rows of a
+/// run on local disk, asks each prompt once, and the cuts were many and of both kinds.
+fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
+    let store = E::start(&["corpus"]);
+    let (dir, job, server) = fixture(Duration::from_millis(5));
+    let url = server.url();
+    let common = ["--endpoint", &url, "--model", "m", "--concurrency", "8"];
+
+    let local = dir.path().join("local");
+    let mut args = vec!["run", &job, "--output", local.to_str().unwrap()];
+    args.extend(common);
+    let (expected, _) = local_reference(&store.env(), &args, &local);
+    let asked = server.requests();
+
+    let docs = std::fs::read(dir.path().join("docs.jsonl")).unwrap();
+    upload(&store, "corpus", "in/docs.jsonl", docs);
+    let cutter = Cutter::start(store.endpoint(), 7);
+    let env: Vec<_> = store
+        .env()
+        .into_iter()
+        .map(|(key, value)| (key, value.replace(store.endpoint(), &cutter.endpoint)))
+        .collect();
+    let (input, output) = (
+        store.url("corpus", "in/docs.jsonl"),
+        store.url("corpus", "out"),
+    );
+    let mut args = vec!["run", &job, "--input", &input, "--output", &output];
+    args.extend(common);
+    ok(run(&env, &args));
+    let got = ok(run(&env, &["sql", "--root", &output, QUERY]));
+    assert_eq!(got, expected);
+    assert_eq!(
+        server.requests() - asked,
+        asked,
+        "the run through the proxy asked as many times as the local one"
+    );
+    let (lost_requests, lost_replies) = (cutter.lost_requests(), cutter.lost_replies());
+    assert!(
+        lost_requests >= 5 && lost_replies >= 5,
+        "{} requests: {lost_requests} lost before the store, {lost_replies} replies lost",
+        cutter.requests()
     );
 }
 

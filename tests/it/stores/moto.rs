@@ -59,6 +59,10 @@ impl Emulator for Moto {
         self.check_permissions(false);
     }
 
+    fn endpoint(&self) -> &str {
+        &self.process.endpoint
+    }
+
     fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
         s3_store(&self.process.endpoint, bucket, "testing")
     }

@@ -15,6 +15,8 @@ use url::Url;
 use crate::error::{Context, Error, Result};
 use crate::job_error;
 
+pub mod steady;
+
 /// The parts of an object-store URL, whichever form a user writes it in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudUrl {
@@ -140,6 +142,7 @@ impl Location {
                 })?)
             }
         };
+        let store: Arc<dyn ObjectStore> = Arc::new(steady::Steady::new(store));
         let store_url = Url::parse(&format!("{scheme}://{bucket}")).map_err(|e| {
             Error::Job(format!(
                 "'{location}': bucket '{bucket}' is not a valid host: {e}"
