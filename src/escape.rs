@@ -34,3 +34,27 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// `text` with the query of every URL in it hidden: a SAS token travels there, and some
+/// of object_store's errors (Azure's batch delete) print the URL whole.
+pub fn hide_url_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_query = false;
+    let mut in_url = false;
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            in_url = false;
+            in_query = false;
+        } else if text[i..].starts_with("http://") || text[i..].starts_with("https://") {
+            in_url = true;
+        }
+        if in_url && c == '?' && !in_query {
+            in_query = true;
+            out.push_str("?<hidden>");
+        }
+        if !in_query {
+            out.push(c);
+        }
+    }
+    out
+}

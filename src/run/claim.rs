@@ -17,12 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Result};
-use crate::storage::{Location, delete_if_exists, read_json, write_json};
+use crate::storage::{Location, Tries, not_deleted, read_json, write_json};
 
 /// A claim not renewed for this long is taken to belong to a dead process.
 pub const LAPSE_SECS: u64 = 120;
@@ -31,6 +32,8 @@ pub const LAPSE_SECS: u64 = 120;
 pub const LONG_GONE_SECS: u64 = 1200;
 /// How often a holder renews its claims.
 const RENEW_SECS: u64 = 30;
+/// Renewals a process has in flight at once.
+const RENEWALS_AT_ONCE: usize = 16;
 
 /// What a claim object says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +168,13 @@ pub async fn take(
     seen: &Seen,
 ) -> Result<Taken> {
     let _local = local_lock(root, path).await?;
+    // Stamped now: a claim taken late in a long run must not look long gone at once.
+    let now = unix_now();
+    let me = &Holder {
+        since: now,
+        renewed: now,
+        ..me.clone()
+    };
     for _ in 0..3 {
         match root.store.put_opts(path, me.body(), create()).await {
             Ok(_) => return Ok(Taken::Mine),
@@ -235,18 +245,24 @@ pub async fn renew(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
     };
     let version = version_of(&got.meta);
     let held: Option<Holder> = serde_json::from_slice(&got.bytes().await?).ok();
-    if held.is_none_or(|h| h.token != me.token) {
+    let Some(held) = held.filter(|h| h.token == me.token) else {
         return Ok(false);
-    }
+    };
     let renewed = Holder {
         renewed: unix_now(),
+        since: held.since,
         ..me.clone()
     };
     // Only over the version read: a taker's claim in between is not overwritten.
     let update = PutOptions::from(PutMode::Update(version));
     match root.store.put_opts(path, renewed.body(), update).await {
         Ok(_) => Ok(true),
-        Err(object_store::Error::Precondition { .. }) => Ok(false),
+        // Refused because another process took it over, or because object_store repeated a
+        // write of ours that had landed (it does after a 5xx or a closed connection): the
+        // claim says which.
+        Err(object_store::Error::Precondition { .. }) => Ok(read_json::<Holder>(root, path)
+            .await?
+            .is_some_and(|h| h.token == me.token)),
         // A local disk (under its lock) and stores without conditional writes.
         Err(object_store::Error::NotImplemented { .. }) => {
             write_json(root, path, &renewed).await?;
@@ -257,14 +273,24 @@ pub async fn renew(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
 }
 
 /// Deletes `me`'s claim at `path` if it is still this process's; false when another process
-/// had taken it.
+/// had taken it. A delete cut off by the network is repeated only after looking again: the
+/// first may have landed and another process created the claim since.
 pub async fn give_back(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
     let _local = local_lock(root, path).await?;
-    match read_json::<Holder>(root, path).await? {
-        Some(held) if held.token != me.token => Ok(false),
-        _ => {
-            delete_if_exists(root, path).await?;
-            Ok(true)
+    let mut tries = Tries::default();
+    loop {
+        match read_json::<Holder>(root, path).await? {
+            Some(held) if held.token != me.token => return Ok(tries.repeated()),
+            None => return Ok(true),
+            Some(_) => {}
+        }
+        match root.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(true),
+            Err(e) => {
+                if !tries.again(path, &e).await {
+                    return Err(not_deleted(root, path, &e));
+                }
+            }
         }
     }
 }
@@ -400,18 +426,26 @@ async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc
             .iter()
             .map(|(p, h)| (p.clone(), Arc::clone(h)))
             .collect();
-        for (path, claim) in claims {
-            if claim.is_lost() {
-                continue;
-            }
-            match renew(&root, &path, &me).await {
-                Ok(true) => {}
-                Ok(false) => claim.mark_lost(),
-                Err(e) => {
-                    tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in 30 s.");
+        // Side by side: one renewal stuck on a slow store must not let the others lapse.
+        let renewals = claims
+            .into_iter()
+            .filter(|(_, claim)| !claim.is_lost())
+            .map(|(path, claim)| {
+                let (root, me) = (&root, &me);
+                async move {
+                    match renew(root, &path, me).await {
+                        Ok(true) => {}
+                        Ok(false) => claim.mark_lost(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in 30 s.");
+                        }
+                    }
                 }
-            }
-        }
+            });
+        futures::stream::iter(renewals)
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .collect::<()>()
+            .await;
     }
 }
 

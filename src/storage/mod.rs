@@ -17,6 +17,8 @@ use crate::job_error;
 
 pub mod steady;
 
+pub use steady::Tries;
+
 /// The parts of an object-store URL, whichever form a user writes it in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudUrl {
@@ -212,10 +214,7 @@ impl Location {
     pub async fn delete_all(&self) -> Result<()> {
         let objects: Vec<_> = self.store.list(Some(&self.prefix)).try_collect().await?;
         for meta in objects {
-            match self.store.delete(&meta.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_if_exists(self, &meta.location).await?;
         }
         Ok(())
     }
@@ -521,12 +520,34 @@ pub fn sync_local(dir: &Location, parts: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the object at `path`; an object already gone is fine.
+/// Deletes the object at `path`; an object already gone is fine. A delete cut off by the
+/// network is repeated, which is right only where no other process creates `path` meanwhile
+/// (claims, which others do create, repeat theirs with a look first).
 pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
-    match root.store.delete(path).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
+    let mut tries = Tries::default();
+    loop {
+        match root.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => {
+                if !tries.again(path, &e).await {
+                    return Err(not_deleted(root, path, &e));
+                }
+            }
+        }
     }
+}
+
+/// The error of a delete of `path` that failed: Azure's batch delete names its URL whole,
+/// so queries (a SAS token) are hidden.
+pub fn not_deleted(
+    root: &Location,
+    path: &object_store::path::Path,
+    e: &object_store::Error,
+) -> Error {
+    Error::failed(
+        format!("deleting {}", root.display(path)),
+        crate::escape::hide_url_queries(&e.to_string()),
+    )
 }
 
 /// Reads the JSON object at `path`, or `None` when there is none.

@@ -1,19 +1,20 @@
-//! A cloud store whose writes and deletes survive a dropped connection.
+//! A cloud store whose conditional puts survive a dropped connection, and the rules for
+//! repeating other requests that object_store leaves to its caller.
 //!
 //! object_store retries a request cut off in flight only when HTTP calls it idempotent, so a
 //! conditional put (a claim, a compacted journal) or an Azure batch delete whose connection is
-//! reset fails the whole run. Both are safe to repeat at our level: a delete that finds the
-//! object gone is done, and a conditional put refused after a lost reply is ours when the
-//! object now holds exactly the bytes we sent.
+//! reset would fail the whole run. A conditional put is safe to repeat at our level: refused
+//! after a lost reply, it is ours when the object now holds exactly the bytes we sent. A
+//! delete is safe to repeat only where nothing else may create the object meanwhile, which
+//! its caller knows (see `storage::delete_if_exists` and the claims' `give_back`).
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
@@ -30,7 +31,52 @@ const RETRIES: u32 = 4;
 /// Wait before the first retry; doubled for each one after.
 const FIRST_WAIT: Duration = Duration::from_millis(200);
 
-/// `inner` with conditional puts and deletes retried when their connection fails.
+/// No retry starts this long after the first try: a store that keeps timing out is an error
+/// the run reports, not something to wait on for minutes per request.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+
+/// Counts the tries of one request cut off by the network.
+#[derive(Debug)]
+pub struct Tries {
+    made: u32,
+    started: Instant,
+}
+
+impl Default for Tries {
+    fn default() -> Self {
+        Self {
+            made: 0,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Tries {
+    /// Whether `e` is worth another try; if so, waits first, saying why.
+    pub async fn again(&mut self, location: &Path, e: &object_store::Error) -> bool {
+        if !cut_off(e) || self.made >= RETRIES || self.started.elapsed() > GIVE_UP_AFTER {
+            return false;
+        }
+        self.made += 1;
+        let wait = (FIRST_WAIT * 2u32.pow(self.made - 1)).mul_f64(0.5 + fastrand::f64());
+        tracing::warn!(
+            object = %location,
+            attempt = self.made,
+            "The store's connection failed ({}); trying again in {} ms.",
+            crate::escape::hide_url_queries(&e.to_string()),
+            wait.as_millis()
+        );
+        tokio::time::sleep(wait).await;
+        true
+    }
+
+    /// Whether any try was cut off (so an earlier one may have been carried out).
+    pub fn repeated(&self) -> bool {
+        self.made > 0
+    }
+}
+
+/// `inner` with conditional puts repeated when their connection fails.
 #[derive(Debug)]
 pub struct Steady {
     inner: Arc<dyn ObjectStore>,
@@ -50,27 +96,26 @@ impl Steady {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        let mut lost_reply = false;
-        let mut attempt = 0;
+        let mut tries = Tries::default();
         loop {
             match self
                 .inner
                 .put_opts(location, payload.clone(), opts.clone())
                 .await
             {
-                Err(e) if attempt < RETRIES && cut_off(&e) => {
-                    lost_reply = true;
-                    attempt += 1;
-                    pause(location, attempt, &e).await;
-                }
                 Err(
                     e @ (object_store::Error::AlreadyExists { .. }
                     | object_store::Error::Precondition { .. }),
-                ) if lost_reply => {
+                ) if tries.repeated() => {
                     return match self.holding(location, &payload).await? {
                         Some(landed) => Ok(landed),
                         None => Err(e),
                     };
+                }
+                Err(e) => {
+                    if !tries.again(location, &e).await {
+                        return Err(e);
+                    }
                 }
                 done => return done,
             }
@@ -89,29 +134,14 @@ impl Steady {
             version: got.meta.version.clone(),
         };
         let held = got.bytes().await?;
-        let sent: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
-        Ok((held.as_ref() == sent.as_slice()).then_some(landed))
-    }
-}
-
-/// Deletes `location`, again after a lost connection; gone after a lost reply is deleted.
-async fn delete_steadily(inner: Arc<dyn ObjectStore>, location: Path) -> Result<Path> {
-    let mut attempt = 0;
-    loop {
-        let once = futures::stream::iter([Ok(location.clone())]).boxed();
-        let outcome = inner
-            .delete_stream(once)
-            .next()
-            .await
-            .unwrap_or_else(|| Ok(location.clone()));
-        match outcome {
-            Err(e) if attempt < RETRIES && cut_off(&e) => {
-                attempt += 1;
-                pause(&location, attempt, &e).await;
+        let mut rest = held.as_ref();
+        for chunk in payload.iter() {
+            match rest.strip_prefix(chunk.as_ref()) {
+                Some(after) => rest = after,
+                None => return Ok(None),
             }
-            Err(object_store::Error::NotFound { .. }) if attempt > 0 => return Ok(location),
-            done => return done,
         }
+        Ok(rest.is_empty().then_some(landed))
     }
 }
 
@@ -125,19 +155,6 @@ fn cut_off(e: &object_store::Error) -> bool {
         cause = err.source();
     }
     false
-}
-
-/// Waits before retry `attempt` on `location`, saying why.
-async fn pause(location: &Path, attempt: u32, e: &object_store::Error) {
-    let wait = FIRST_WAIT * 2u32.pow(attempt - 1);
-    let wait = wait.mul_f64(0.5 + fastrand::f64());
-    tracing::warn!(
-        object = %location,
-        attempt,
-        "The store's connection failed ({e}); trying again in {} ms.",
-        wait.as_millis()
-    );
-    tokio::time::sleep(wait).await;
 }
 
 impl fmt::Display for Steady {
@@ -183,13 +200,7 @@ impl ObjectStore for Steady {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        let inner = Arc::clone(&self.inner);
-        locations
-            .then(move |location| {
-                let inner = Arc::clone(&inner);
-                async move { delete_steadily(inner, location?).await }
-            })
-            .boxed()
+        self.inner.delete_stream(locations)
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::support::cutter::Cutter;
+use crate::support::cutter::{Cut, Cutter};
 use crate::support::fake_server::FakeServer;
 use crate::support::util::{free_port, ok, tool};
 
@@ -107,6 +107,7 @@ on_every_store!(
     decontamination_reads_a_benchmark_folder,
     second_create_of_one_object_is_refused,
     a_store_that_drops_connections_loses_nothing,
+    claims_and_leases_survive_lost_replies,
 );
 
 /// The rows of the LLM stages, in a fixed order: what two runs must agree on.
@@ -220,6 +221,33 @@ fn pipeline_killed_and_resumed_equals_local<E: Emulator>() {
 /// half of them after the store carried the request out: the run finishes with the rows of a
 /// run on local disk, asks each prompt once, and the cuts were many and of both kinds.
 fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
+    let (cutter, log) = run_behind::<E>(Cut::Every(7));
+    let (lost_requests, lost_replies) = (cutter.lost_requests(), cutter.lost_replies());
+    assert!(
+        lost_requests >= 5 && lost_replies >= 5,
+        "{} requests: {lost_requests} lost before the store, {lost_replies} replies lost",
+        cutter.requests()
+    );
+    assert!(log.contains("The store's connection failed"), "{log}");
+}
+
+/// Every other request for a lease or a claim loses its reply after the store carried it out:
+/// creates, takeovers, renewals, give-backs and the check that the store refuses a second
+/// create all come out as if nothing was lost.
+fn claims_and_leases_survive_lost_replies<E: Emulator>() {
+    let (cutter, log) = run_behind::<E>(Cut::RepliesTo(&["/_leases/", "/_claims/"]));
+    assert!(
+        cutter.lost_replies() >= 10,
+        "{} replies lost",
+        cutter.lost_replies()
+    );
+    assert!(log.contains("The store's connection failed"), "{log}");
+}
+
+/// Runs the pipeline with input and output on a store `E` behind a [`Cutter`] cutting `cut`:
+/// it must finish with a local run's rows, asking each prompt once. The proxy, and the run's
+/// warnings.
+fn run_behind<E: Emulator>(cut: Cut) -> (Cutter, String) {
     let store = E::start(&["corpus"]);
     let (dir, job, server) = fixture(Duration::from_millis(5));
     let url = server.url();
@@ -233,7 +261,7 @@ fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
 
     let docs = std::fs::read(dir.path().join("docs.jsonl")).unwrap();
     upload(&store, "corpus", "in/docs.jsonl", docs);
-    let cutter = Cutter::start(store.endpoint(), 7);
+    let cutter = Cutter::start(store.endpoint(), cut);
     let env: Vec<_> = store
         .env()
         .into_iter()
@@ -245,7 +273,9 @@ fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
     );
     let mut args = vec!["run", &job, "--input", &input, "--output", &output];
     args.extend(common);
-    ok(run(&env, &args));
+    let out = run(&env, &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
     let got = ok(run(&env, &["sql", "--root", &output, QUERY]));
     assert_eq!(got, expected);
     assert_eq!(
@@ -253,12 +283,7 @@ fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
         asked,
         "the run through the proxy asked as many times as the local one"
     );
-    let (lost_requests, lost_replies) = (cutter.lost_requests(), cutter.lost_replies());
-    assert!(
-        lost_requests >= 5 && lost_replies >= 5,
-        "{} requests: {lost_requests} lost before the store, {lost_replies} replies lost",
-        cutter.requests()
-    );
+    (cutter, log)
 }
 
 /// Four workers started at the same time, each killed at random moments and restarted until

@@ -1,12 +1,21 @@
-//! A TCP proxy in front of a store emulator that resets a share of the connections: every
-//! `every`-th HTTP request either never reaches the store or reaches it and loses its reply,
-//! the two ways a flaky network fails a client.
+//! A TCP proxy in front of a store emulator that resets connections the way a flaky network
+//! does: a request never reaches the store, or reaches it and its reply is lost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Which requests are cut.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// Every n-th request, alternately before the store sees it and after it answered.
+    Every(usize),
+    /// Requests whose first line contains one of these, after the store answered: the first
+    /// of each request line, the third, and so on, so every second try gets through.
+    RepliesTo(&'static [&'static str]),
+}
 
 /// The proxy, listening on loopback until dropped.
 pub struct Cutter {
@@ -19,13 +28,14 @@ pub struct Cutter {
 #[derive(Default)]
 struct Counts {
     requests: AtomicUsize,
+    tries: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     lost_requests: AtomicUsize,
     lost_replies: AtomicUsize,
 }
 
 impl Cutter {
-    /// Proxies to `upstream` (`http://host:port`), cutting every `every`-th request.
-    pub fn start(upstream: &str, every: usize) -> Cutter {
+    /// Proxies to `upstream` (`http://host:port`), cutting what `cut` says.
+    pub fn start(upstream: &str, cut: Cut) -> Cutter {
         let upstream = upstream
             .strip_prefix("http://")
             .expect("an http:// endpoint")
@@ -44,7 +54,7 @@ impl Cutter {
                 let (upstream, counts) = (upstream.clone(), Arc::clone(&shared));
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
-                        let _ = relay(client, server, every, &counts).await;
+                        let _ = relay(client, server, cut, &counts).await;
                     }
                 });
             }
@@ -76,7 +86,7 @@ impl Cutter {
 async fn relay(
     mut client: TcpStream,
     mut server: TcpStream,
-    every: usize,
+    cut: Cut,
     counts: &Counts,
 ) -> std::io::Result<()> {
     let (mut from_client, mut from_server) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
@@ -89,13 +99,13 @@ async fn relay(
                     return Ok(());
                 }
                 if starts_request(&from_client[..n]) {
-                    let k = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
-                    if k.is_multiple_of(every) {
-                        if (k / every) % 2 == 1 {
+                    match verdict(&from_client[..n], cut, counts) {
+                        Verdict::Pass => {}
+                        Verdict::LoseRequest => {
                             counts.lost_requests.fetch_add(1, Ordering::SeqCst);
                             return reset(client);
                         }
-                        reply_lost = true;
+                        Verdict::LoseReply => reply_lost = true,
                     }
                 }
                 server.write_all(&from_client[..n]).await?;
@@ -110,6 +120,39 @@ async fn relay(
                     return reset(client);
                 }
                 client.write_all(&from_server[..n]).await?;
+            }
+        }
+    }
+}
+
+enum Verdict {
+    Pass,
+    LoseRequest,
+    LoseReply,
+}
+
+/// What becomes of the request that `chunk` begins.
+fn verdict(chunk: &[u8], cut: Cut, counts: &Counts) -> Verdict {
+    let k = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    match cut {
+        Cut::Every(every) if k.is_multiple_of(every) && (k / every) % 2 == 1 => {
+            Verdict::LoseRequest
+        }
+        Cut::Every(every) if k.is_multiple_of(every) => Verdict::LoseReply,
+        Cut::Every(_) => Verdict::Pass,
+        Cut::RepliesTo(needles) => {
+            let line = chunk.split(|&b| b == b'\r').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            if !needles.iter().any(|needle| line.contains(needle)) {
+                return Verdict::Pass;
+            }
+            let mut tries = counts.tries.lock().unwrap();
+            let tried = tries.entry(line.into_owned()).or_default();
+            *tried += 1;
+            if *tried % 2 == 1 {
+                Verdict::LoseReply
+            } else {
+                Verdict::Pass
             }
         }
     }
