@@ -33,6 +33,9 @@ struct Faults {
     lose_requests: AtomicUsize,
     /// Requests to carry out and then fail.
     lose_replies: AtomicUsize,
+    /// Conditional puts to carry out and then answer as object_store does when it repeated
+    /// one itself (after a 5xx or a closed connection): refused.
+    refuse_after_landing: AtomicUsize,
     /// Written by "another process" right after a request whose reply is lost.
     meddle: Mutex<Option<String>>,
     tries: AtomicUsize,
@@ -75,6 +78,11 @@ impl Faults {
             return Err(reset());
         }
         let outcome = op.await;
+        if outcome.is_ok() && take(&self.refuse_after_landing) {
+            let path = location.to_string();
+            let source = "the version named is no longer current".into();
+            return Err(object_store::Error::Precondition { path, source });
+        }
         if take(&self.lose_replies) {
             let other = self.meddle.lock().unwrap().take();
             if let Some(other) = other {
@@ -306,4 +314,44 @@ fn a_delete_is_repeated_only_where_it_cannot_remove_another_s_object() {
         "{failed}"
     );
     assert!(!failed.contains("SECRETSIG"), "{failed}");
+}
+
+/// A claim is stamped with the time it is taken, not the process's start: one taken late in
+/// a long run does not look long gone to other machines. A renewal refused although it
+/// landed (object_store repeated it) is still this process's claim.
+#[test]
+fn claims_are_stamped_when_taken_and_a_refused_renewal_looks_again() {
+    use backforth::run::claim::{Holder, Seen, Taken, renew, take, unix_now};
+    use backforth::storage::Location;
+
+    let lossy = Lossy::default();
+    let root = Location {
+        store: Arc::new(Steady::new(Arc::new(lossy.clone()))),
+        store_url: url::Url::parse("s3://bucket").unwrap(),
+        prefix: Path::from("out"),
+    };
+    let claim = root.path("_claims/scored/00000.json");
+    let mut me = Holder::me("job");
+    (me.since, me.renewed) = (0, 0);
+    let taken = block_on(take(&root, &claim, &me, false, &Seen::default())).unwrap();
+    assert!(matches!(taken, Taken::Mine), "{taken:?}");
+    let held: Holder = serde_json::from_str(&text(&lossy, &claim)).unwrap();
+    assert!(held.renewed + 5 >= unix_now(), "stamped {}", held.renewed);
+
+    lossy.0.refuse_after_landing.store(1, Ordering::SeqCst);
+    assert!(
+        block_on(renew(&root, &claim, &me)).unwrap(),
+        "still this process's"
+    );
+
+    let mut other: serde_json::Value = serde_json::from_str(&text(&lossy, &claim)).unwrap();
+    other["token"] = "another process".into();
+    block_on(
+        lossy
+            .0
+            .inner
+            .put(&claim, other.to_string().into_bytes().into()),
+    )
+    .unwrap();
+    assert!(!block_on(renew(&root, &claim, &me)).unwrap(), "taken over");
 }
