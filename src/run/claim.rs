@@ -34,6 +34,8 @@ pub const LONG_GONE_SECS: u64 = 1200;
 const RENEW_SECS: u64 = 30;
 /// Renewals a process has in flight at once.
 const RENEWALS_AT_ONCE: usize = 16;
+/// A renewal not done by then is given up until the next round, which starts on time.
+const RENEWAL_DEADLINE: Duration = Duration::from_secs(20);
 
 /// What a claim object says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,15 +200,15 @@ pub async fn take(
             Err(object_store::Error::NotFound { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
-        if let Some(held) = held {
-            if held.token == me.token {
-                return Ok(Taken::Mine);
-            }
+        // This process's own claim (a give-back that failed, a create repeated inside
+        // object_store) is written again too, so it carries the time it was taken.
+        let ours = held.as_ref().is_some_and(|h| h.token == me.token);
+        if let Some(held) = held.filter(|_| !ours) {
             if held.alive(unix_now(), seen.unchanged_for(path, &held)) {
                 return Ok(Taken::HeldBy(held));
             }
+            tracing::info!(claim = %root.display(path), "Taking over the claim of a process that is gone.");
         }
-        tracing::info!(claim = %root.display(path), "Taking over the claim of a process that is gone.");
         let update = PutOptions::from(PutMode::Update(version));
         match root.store.put_opts(path, me.body(), update).await {
             Ok(_) => return Ok(Taken::Mine),
@@ -238,38 +240,47 @@ pub async fn take(
 /// Renews `me`'s claim at `path`: false when it is no longer this process's.
 pub async fn renew(root: &Location, path: &Path, me: &Holder) -> Result<bool> {
     let _local = local_lock(root, path).await?;
-    let got = match root.store.get(path).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    let version = version_of(&got.meta);
-    let held: Option<Holder> = serde_json::from_slice(&got.bytes().await?).ok();
-    let Some(held) = held.filter(|h| h.token == me.token) else {
-        return Ok(false);
-    };
-    let renewed = Holder {
-        renewed: unix_now(),
-        since: held.since,
-        ..me.clone()
-    };
-    // Only over the version read: a taker's claim in between is not overwritten.
-    let update = PutOptions::from(PutMode::Update(version));
-    match root.store.put_opts(path, renewed.body(), update).await {
-        Ok(_) => Ok(true),
-        // Refused because another process took it over, or because object_store repeated a
-        // write of ours that had landed (it does after a 5xx or a closed connection): the
-        // claim says which.
-        Err(object_store::Error::Precondition { .. }) => Ok(read_json::<Holder>(root, path)
-            .await?
-            .is_some_and(|h| h.token == me.token)),
-        // A local disk (under its lock) and stores without conditional writes.
-        Err(object_store::Error::NotImplemented { .. }) => {
-            write_json(root, path, &renewed).await?;
-            Ok(true)
+    for _ in 0..3 {
+        let got = match root.store.get(path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let version = version_of(&got.meta);
+        let held: Option<Holder> = serde_json::from_slice(&got.bytes().await?).ok();
+        let Some(held) = held.filter(|h| h.token == me.token) else {
+            return Ok(false);
+        };
+        let renewed = Holder {
+            renewed: unix_now(),
+            since: held.since,
+            ..me.clone()
+        };
+        // Only over the version read: a taker's claim in between is not overwritten.
+        let update = PutOptions::from(PutMode::Update(version));
+        match root.store.put_opts(path, renewed.body(), update).await {
+            Ok(_) => return Ok(true),
+            // Refused because another process took it over, because object_store repeated
+            // this write after it landed (it does after a 5xx or a closed connection), or
+            // because an earlier renewal of ours landed late: the claim says which.
+            Err(object_store::Error::Precondition { .. }) => {
+                match read_json::<Holder>(root, path).await? {
+                    Some(h) if h.token == me.token && h.renewed == renewed.renewed => {
+                        return Ok(true);
+                    }
+                    Some(h) if h.token == me.token => continue,
+                    _ => return Ok(false),
+                }
+            }
+            // A local disk (under its lock) and stores without conditional writes.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                write_json(root, path, &renewed).await?;
+                return Ok(true);
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+    Ok(false)
 }
 
 /// Deletes `me`'s claim at `path` if it is still this process's; false when another process
@@ -418,26 +429,34 @@ impl Drop for Claims {
 /// round: the work goes on, and if another process took the claim over meanwhile, the next
 /// renewal that gets through finds it lost.
 async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc<Held>>>>) {
+    let every = Duration::from_secs(RENEW_SECS);
+    let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(Duration::from_secs(RENEW_SECS)).await;
+        rounds.tick().await;
         let claims: Vec<(Path, Arc<Held>)> = held
             .lock()
             .expect("lock poisoned")
             .iter()
             .map(|(p, h)| (p.clone(), Arc::clone(h)))
             .collect();
-        // Side by side: one renewal stuck on a slow store must not let the others lapse.
+        // Side by side, each given up after a while: one renewal stuck on a slow store must
+        // not keep the others, or the next round, waiting until they lapse.
         let renewals = claims
             .into_iter()
             .filter(|(_, claim)| !claim.is_lost())
             .map(|(path, claim)| {
                 let (root, me) = (&root, &me);
                 async move {
-                    match renew(root, &path, me).await {
-                        Ok(true) => {}
-                        Ok(false) => claim.mark_lost(),
-                        Err(e) => {
+                    let renewed = tokio::time::timeout(RENEWAL_DEADLINE, renew(root, &path, me));
+                    match renewed.await {
+                        Ok(Ok(true)) => {}
+                        Ok(Ok(false)) => claim.mark_lost(),
+                        Ok(Err(e)) => {
                             tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in 30 s.");
+                        }
+                        Err(_) => {
+                            tracing::warn!(claim = %root.display(&path), "Renewing a claim took over {} s; trying again in 30 s.", RENEWAL_DEADLINE.as_secs());
                         }
                     }
                 }

@@ -24,12 +24,15 @@ use object_store::{
     Result,
 };
 
-/// Tries after the first for a request whose connection failed; object_store has already
-/// retried what it could by then, so a few more, spaced out, are enough.
-const RETRIES: u32 = 4;
+/// Tries after the first for a request whose connection failed, as many as object_store
+/// makes of the requests it repeats itself.
+const RETRIES: u32 = 10;
 
-/// Wait before the first retry; doubled for each one after.
-const FIRST_WAIT: Duration = Duration::from_millis(200);
+/// Wait before the first retry; doubled for each one after, up to [`LONGEST_WAIT`].
+const FIRST_WAIT: Duration = Duration::from_millis(100);
+
+/// The longest wait between two tries.
+const LONGEST_WAIT: Duration = Duration::from_secs(2);
 
 /// No retry starts this long after the first try: a store that keeps timing out is an error
 /// the run reports, not something to wait on for minutes per request.
@@ -58,7 +61,8 @@ impl Tries {
             return false;
         }
         self.made += 1;
-        let wait = (FIRST_WAIT * 2u32.pow(self.made - 1)).mul_f64(0.5 + fastrand::f64());
+        let doubled = FIRST_WAIT.saturating_mul(1 << (self.made - 1).min(16));
+        let wait = doubled.min(LONGEST_WAIT).mul_f64(0.5 + fastrand::f64());
         tracing::warn!(
             object = %location,
             attempt = self.made,

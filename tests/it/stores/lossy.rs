@@ -256,8 +256,8 @@ fn only_failed_connections_are_repeated() {
     );
     assert_eq!(
         lossy.0.tries.load(Ordering::SeqCst),
-        1 + 5,
-        "four repeats after the first"
+        1 + 11,
+        "ten repeats after the first"
     );
 }
 

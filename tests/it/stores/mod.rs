@@ -217,11 +217,11 @@ fn pipeline_killed_and_resumed_equals_local<E: Emulator>() {
     );
 }
 
-/// Input and output on a store behind a proxy that resets every seventh request's connection,
+/// Input and output on a store behind a proxy that resets one request's connection in seven,
 /// half of them after the store carried the request out: the run finishes with the rows of a
 /// run on local disk, asks each prompt once, and the cuts were many and of both kinds.
 fn a_store_that_drops_connections_loses_nothing<E: Emulator>() {
-    let (cutter, log) = run_behind::<E>(Cut::Every(7));
+    let (cutter, log) = run_behind::<E>(Cut::OneIn(7));
     let (lost_requests, lost_replies) = (cutter.lost_requests(), cutter.lost_replies());
     assert!(
         lost_requests >= 5 && lost_replies >= 5,

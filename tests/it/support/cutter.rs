@@ -10,8 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 /// Which requests are cut.
 #[derive(Debug, Clone, Copy)]
 pub enum Cut {
-    /// Every n-th request, alternately before the store sees it and after it answered.
-    Every(usize),
+    /// One request in n, at random, half before the store sees it and half after it
+    /// answered (at random, not every n-th: with requests in flight side by side, a fixed
+    /// stride can cut one request's every retry).
+    OneIn(u32),
     /// Requests whose first line contains one of these, after the store answered: the first
     /// of each request line, the third, and so on, so every second try gets through.
     RepliesTo(&'static [&'static str]),
@@ -133,13 +135,11 @@ enum Verdict {
 
 /// What becomes of the request that `chunk` begins.
 fn verdict(chunk: &[u8], cut: Cut, counts: &Counts) -> Verdict {
-    let k = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    counts.requests.fetch_add(1, Ordering::SeqCst);
     match cut {
-        Cut::Every(every) if k.is_multiple_of(every) && (k / every) % 2 == 1 => {
-            Verdict::LoseRequest
-        }
-        Cut::Every(every) if k.is_multiple_of(every) => Verdict::LoseReply,
-        Cut::Every(_) => Verdict::Pass,
+        Cut::OneIn(n) if fastrand::u32(..n) != 0 => Verdict::Pass,
+        Cut::OneIn(_) if fastrand::bool() => Verdict::LoseRequest,
+        Cut::OneIn(_) => Verdict::LoseReply,
         Cut::RepliesTo(needles) => {
             let line = chunk.split(|&b| b == b'\r').next().unwrap_or_default();
             let line = String::from_utf8_lossy(line);
