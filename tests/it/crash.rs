@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::fake_server::FakeServer;
-use crate::support::util::{backforth_ok, rows, session};
+use crate::support::util::{backforth, backforth_ok, rows, session};
 
 const DOCS: usize = 300;
 const CAP: usize = 8;
@@ -248,11 +248,7 @@ fn a_failed_score_counts_and_is_retried_on_rerun() {
     });
     // Every scoring prompt of one document fails: its instruction names it.
     *server.state.fail_if_contains.lock().unwrap() = Some(" number 17. ".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(args(job, root.to_str().unwrap(), &url, "8"))
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = backforth(&args(job, root.to_str().unwrap(), &url, "8"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("1 row(s) lost their LLM call"), "{stderr}");

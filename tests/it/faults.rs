@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::fake_server::{FakeServer, FakeState, Fault};
-use crate::support::util::{marker, rows, session};
+use crate::support::util::{backforth, backforth_with, marker, rows, session};
 
 const CASES: &[&str] = &[
     "ra429", "plain429", "err500", "err503", "dropped", "slow", "garbled", "dead", "fine",
@@ -268,11 +268,7 @@ fn a_throttled_row_waits_without_holding_its_slot_or_using_its_attempts() {
         .replace("max_attempts = 4", "max_attempts = 1\nconcurrency = 1");
     std::fs::write(&job, text).unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -333,11 +329,7 @@ fn a_request_rejected_by_the_server_is_not_retried_and_does_not_rest_it() {
         script(&server, case, vec![Fault::Status(status); 4]);
     }
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap(), "--concurrency", "1"])
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap(), "--concurrency", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("resting it"), "{stderr}");
@@ -364,12 +356,10 @@ fn a_stalled_server_is_reported() {
     for case in CASES {
         script(&server, case, vec![Fault::Slow(Duration::from_secs(3))]);
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "warn")
-        .env("BACKFORTH_STALL_SECS", "1")
-        .output()
-        .unwrap();
+    let out = backforth_with(
+        &["run", job.to_str().unwrap()],
+        &[("BACKFORTH_STALL_SECS", "1")],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -389,11 +379,7 @@ fn a_redirect_to_another_origin_is_not_followed() {
     let job = job(dir.path(), &server.url());
     let target = format!("{}/chat/completions", elsewhere.url());
     script(&server, "fine", vec![Fault::Redirect(target.clone())]);
-    let out = Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(elsewhere.requests(), 0, "the other server got the prompt");

@@ -185,7 +185,6 @@ fn job_errors_name_the_problem() {
 
 #[test]
 fn logprob_scoring_gives_expected_scores_and_falls_back_to_text() {
-    use crate::support::fake_server::first_token_alternatives;
     use crate::support::util::{rows, session};
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(Duration::from_millis(1));
@@ -195,24 +194,9 @@ fn logprob_scoring_gives_expected_scores_and_falls_back_to_text() {
          [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"backtranslated\"\n[[stages]]\nname = \"scored\"\n",
     );
     backforth_ok(&["run", &job, "--endpoint", &server.url(), "--model", "m"]);
-    let log = server.log();
-    let asked: Vec<_> = log
-        .iter()
-        .filter(|e| e.prompt.ends_with("Score:"))
-        .collect();
-    assert_eq!(asked.len(), 22, "one logprob request per pair");
-    let fallbacks = asked
-        .iter()
-        .filter(|e| {
-            !first_token_alternatives(&e.prompt)[0]
-                .0
-                .chars()
-                .all(|c| c.is_ascii_digit())
-        })
-        .count();
+    let (fallbacks, text_requests) = logprob_fallbacks(&server);
     assert!(fallbacks > 0, "some replies name no digit");
     // Each of those got exactly one text judgement afterwards.
-    let text_requests = log.iter().filter(|e| e.prompt.contains("Score: N")).count();
     assert_eq!(text_requests, fallbacks);
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -289,13 +273,35 @@ fn estimate_predicts_requests_and_prompt_tokens_of_the_sample_run() {
     );
 }
 
+/// After a logprob-scored run of the 22 pairs (one logprob request each, checked): how many
+/// pairs' first token held no digit, and how many text judgements were asked.
+fn logprob_fallbacks(server: &FakeServer) -> (usize, usize) {
+    use crate::support::fake_server::first_token_alternatives;
+    let log = server.log();
+    let asked: Vec<_> = log
+        .iter()
+        .filter(|e| e.prompt.ends_with("Score:"))
+        .collect();
+    assert_eq!(asked.len(), 22, "one logprob request per pair");
+    let fallbacks = asked
+        .iter()
+        .filter(|e| {
+            !first_token_alternatives(&e.prompt)[0]
+                .0
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .count();
+    let text_requests = log.iter().filter(|e| e.prompt.contains("Score: N")).count();
+    (fallbacks, text_requests)
+}
+
 /// Logprob scoring over `api = "completions"` reads the first token's alternatives in either
 /// shape servers send: OpenAI's legacy `top_logprobs: [{token: logprob}]` (vLLM) and the chat
 /// shape `content[].top_logprobs` (llama.cpp's server). A pair falls back to a text judgement
 /// only when its first token holds no digit, in both.
 #[test]
 fn completions_logprobs_are_read_in_both_shapes() {
-    use crate::support::fake_server::first_token_alternatives;
     for chat_shape in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let server = FakeServer::start(Duration::from_millis(1));
@@ -313,22 +319,7 @@ fn completions_logprobs_are_read_in_both_shapes() {
             ),
         );
         backforth_ok(&["run", &job, "--endpoint", &server.url(), "--model", "m"]);
-        let log = server.log();
-        let asked: Vec<_> = log
-            .iter()
-            .filter(|e| e.prompt.ends_with("Score:"))
-            .collect();
-        assert_eq!(asked.len(), 22, "one logprob request per pair");
-        let fallbacks = asked
-            .iter()
-            .filter(|e| {
-                !first_token_alternatives(&e.prompt)[0]
-                    .0
-                    .chars()
-                    .all(|c| c.is_ascii_digit())
-            })
-            .count();
-        let text_requests = log.iter().filter(|e| e.prompt.contains("Score: N")).count();
+        let (fallbacks, text_requests) = logprob_fallbacks(&server);
         assert_eq!(text_requests, fallbacks, "chat shape: {chat_shape}");
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::util::{backforth, repo, rows, session};
+use crate::support::util::{backforth, dropped_total, marker, repo, rows, session};
 
 /// The server binary: `LLAMA_SERVER`, or where `.ci/run` caches its build.
 fn server_binary() -> PathBuf {
@@ -168,10 +168,6 @@ fn run(job: &Path, llama: &Llama, extra: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stderr)
 }
 
-fn marker(root: &Path, stage: &str) -> Value {
-    crate::support::util::marker(root, stage)
-}
-
 /// Every row that entered each stage is in its output or a counted drop; stages in `one_call`
 /// sent one request per row that entered them; the exit code is 1 exactly when some call
 /// was lost (dropped as `llm_error`, or kept with the error in its call).
@@ -183,12 +179,7 @@ fn check_funnel(root: &Path, stages: &[&str], one_call: &[&str], code: i32, stde
             m["rows_in"].as_u64().unwrap(),
             m["rows_out"].as_u64().unwrap(),
         );
-        let dropped: u64 = m["dropped"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
+        let dropped = dropped_total(&m);
         assert_eq!(rows_in, rows_out + dropped, "{stage}: {m}");
         if one_call.contains(stage) {
             // One call a row; an attempt retried (the server busy with the other tests, or

@@ -9,7 +9,7 @@ use backforth::parse::{extract_tagged, tag_problem};
 use serde_json::{Value, json};
 
 use crate::support::fake_server::FakeServer;
-use crate::support::util::{backforth, backforth_ok, count, marker, rows, session};
+use crate::support::util::{backforth, backforth_ok, count, dropped_total, marker, rows, session};
 
 /// The stages of examples/bft.toml, in order.
 pub const STAGES: [&str; 6] = [
@@ -110,12 +110,7 @@ fn every_stage_adds_up() {
     let run = sample_run();
     for stage in STAGES {
         let m = marker(&run.root, stage);
-        let drops: u64 = m["dropped"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
+        let drops = dropped_total(&m);
         assert_eq!(
             m["rows_in"].as_u64().unwrap(),
             m["rows_out"].as_u64().unwrap() + drops,

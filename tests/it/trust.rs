@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::hostile::backtranslation_job;
 use crate::support::fake_server::{FakeServer, Fault};
-use crate::support::util::repo;
+use crate::support::util::{backforth, backforth_with, ok, repo};
 
 /// Where the API key goes: the default variable only to OpenAI; a variable the job names to
 /// that role's endpoints; never over plain HTTP except to this machine, unless the job says.
@@ -49,17 +49,10 @@ fn the_api_key_goes_only_where_it_belongs() {
     )
     .unwrap();
     let job = backtranslation_job(dir.path(), &server);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", &job])
-        .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(backforth_with(
+        &["run", &job],
+        &[("OPENAI_API_KEY", "sk-openai-NeverSentHere")],
+    ));
     let headers = server.state.headers.lock().unwrap().clone();
     assert!(!headers.is_empty());
     assert!(
@@ -94,11 +87,10 @@ fn credentials_in_an_endpoint_url_are_redacted() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "debug")
-        .output()
-        .unwrap();
+    let out = backforth_with(
+        &["run", job.to_str().unwrap()],
+        &[("BACKFORTH_LOG", "debug")],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -146,17 +138,11 @@ fn job_naming_key(var: &str) -> (tempfile::TempDir, FakeServer, String) {
 #[test]
 fn a_job_naming_another_secret_as_its_key_is_refused() {
     let (_dir, server, job) = job_naming_key("AWS_SECRET_ACCESS_KEY");
-    let run = |allow: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"));
-        cmd.args(["run", &job])
-            .env("AWS_SECRET_ACCESS_KEY", "aws-secret-NeverSent")
-            .env("BACKFORTH_LOG", "warn");
-        if let Some(list) = allow {
-            cmd.env("BACKFORTH_KEY_VARS", list);
-        }
-        cmd.output().unwrap()
+    let run = |allow: &[(&str, &str)]| {
+        let secret = [("AWS_SECRET_ACCESS_KEY", "aws-secret-NeverSent")];
+        backforth_with(&["run", &job], &[&secret[..], allow].concat())
     };
-    let refused = run(None);
+    let refused = run(&[]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(
@@ -167,12 +153,10 @@ fn a_job_naming_another_secret_as_its_key_is_refused() {
     assert!(!stderr.contains("aws-secret-NeverSent"));
     assert_eq!(server.requests(), 0);
 
-    let allowed = run(Some("OTHER_VAR, AWS_SECRET_ACCESS_KEY"));
-    assert!(
-        allowed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&allowed.stderr)
-    );
+    ok(run(&[(
+        "BACKFORTH_KEY_VARS",
+        "OTHER_VAR, AWS_SECRET_ACCESS_KEY",
+    )]));
     let headers = server.state.headers.lock().unwrap();
     assert!(
         headers
@@ -243,12 +227,7 @@ fn a_job_reading_outside_its_folder_is_refused() {
     assert!(stderr.contains("is outside the job's folder"), "{stderr}");
     assert_eq!(server.requests(), 0);
     let allowed = secrets.path().to_str().unwrap();
-    let out = crate::support::util::backforth(&["run", &job, "--allow-path", allowed]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(backforth(&["run", &job, "--allow-path", allowed]));
     assert!(server.requests() > 0);
 }
 
@@ -302,17 +281,10 @@ fn reserved_stage_names_and_near_zero_rates_are_refused() {
 #[test]
 fn naming_the_openai_key_does_not_send_it_elsewhere() {
     let (_dir, server, job) = job_naming_key("OPENAI_API_KEY");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", &job])
-        .env("OPENAI_API_KEY", "sk-openai-NeverSentHere")
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(backforth_with(
+        &["run", &job],
+        &[("OPENAI_API_KEY", "sk-openai-NeverSentHere")],
+    ));
     assert!(server.requests() > 0);
     let headers = server.state.headers.lock().unwrap();
     assert!(
@@ -346,11 +318,7 @@ fn stage_sql_cannot_write_files() {
          [[stages]]\nname = \"candidates\"\n[[stages]]\nname = \"copied\"\nsql = \"copy.sql\"\nfrom = \"candidates\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backforth"))
-        .args(["run", job.to_str().unwrap()])
-        .env("BACKFORTH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = backforth(&["run", job.to_str().unwrap()]);
     assert_ne!(
         out.status.code(),
         Some(0),

@@ -35,13 +35,32 @@ pub fn free_port() -> u16 {
 
 /// Runs the built `backforth` binary with `args`, from the repository root.
 pub fn backforth<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
+    backforth_with(args, &[])
+}
+
+/// Like [`backforth`], with the variables `env` set (a key, another log level).
+pub fn backforth_with<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> Output {
     Command::new(env!("CARGO_BIN_EXE_backforth"))
         .args(args)
         .current_dir(repo())
         .env("BACKFORTH_LOG", "warn")
         .env_remove("OPENAI_API_KEY")
+        .envs(env.iter().copied())
         .output()
         .expect("the backforth binary runs")
+}
+
+/// The rows a stage's marker counts as dropped, over every reason.
+pub fn dropped_total(marker: &serde_json::Value) -> u64 {
+    marker["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
 }
 
 /// Like [`backforth`], failing the test with the output when the exit code is not 0.
