@@ -29,7 +29,7 @@ pub const LENGTH_IN_REASONING: &str = "length_in_reasoning";
 /// Why a reply that ended as `finish_reason` may lack what was asked: `truncated` when the
 /// token limit cut the answer, `truncated_in_reasoning` when it cut the thinking before any
 /// answer; `None` when the reply was not cut.
-fn cut_by_limit(finish_reason: Option<&str>) -> Option<&'static str> {
+pub(crate) fn cut_by_limit(finish_reason: Option<&str>) -> Option<&'static str> {
     match finish_reason {
         Some("length") => Some("truncated"),
         Some(LENGTH_IN_REASONING) => Some("truncated_in_reasoning"),

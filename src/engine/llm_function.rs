@@ -236,10 +236,7 @@ impl LlmFunction {
             && self.client.lacks("logprobs")
             && let Some((_, max_tokens)) = &self.spec.fallback
         {
-            return Sample::of(match self.request("fallback", values, *max_tokens, None) {
-                Ok(fallback) => self.client.call(fallback, &self.journal).await,
-                Err(reply) => reply,
-            });
+            return Sample::of(self.text_judgement(values, *max_tokens).await);
         }
         let top_logprobs = self.spec.logprobs.then_some(20);
         let request = match self.request("prompt", values, self.spec.max_tokens, top_logprobs) {
@@ -266,15 +263,20 @@ impl LlmFunction {
         // No digit holding most of the first token's probability: ask for the text
         // judgement instead, and
         // keep the first reply's alternatives so the row shows why.
-        let text = match self.request("fallback", values, *max_tokens, None) {
-            Ok(fallback) => self.client.call(fallback, &self.journal).await,
-            Err(reply) => reply,
-        };
+        let text = self.text_judgement(values, *max_tokens).await;
         let top_logprobs = first.top_logprobs.clone();
         Sample::of(Reply {
             top_logprobs,
             ..first.followed_by(text)
         })
+    }
+
+    /// The fallback text judgement of a logprob score, or the error of building it.
+    async fn text_judgement(&self, values: &[&str], max_tokens: u32) -> Reply {
+        match self.request("fallback", values, max_tokens, None) {
+            Ok(fallback) => self.client.call(fallback, &self.journal).await,
+            Err(reply) => reply,
+        }
     }
 
     /// `reply` (to `request`) held to the function's schema: a reply off it is asked again,
@@ -300,10 +302,7 @@ impl LlmFunction {
             };
             // Cut off by the token limit: asked again it would be cut again, each retry's
             // prompt longer by the reply sent back. It stands, read as truncated.
-            if matches!(
-                reply.finish_reason.as_deref(),
-                Some("length" | crate::parse::LENGTH_IN_REASONING)
-            ) {
+            if crate::parse::cut_by_limit(reply.finish_reason.as_deref()).is_some() {
                 return Sample::of(reply);
             }
             if request.turns.len() >= self.spec.schema_retries as usize {

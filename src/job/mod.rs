@@ -693,15 +693,7 @@ fn resolve_function(
         text_template
     };
     let template = match (cfg.template, default_template) {
-        (Some(path), _) => {
-            let path = PathBuf::from(dir.confined(&path, &format!("[functions.{name}] template"))?);
-            std::fs::read_to_string(&path).map_err(|e| {
-                Error::Job(format!(
-                    "[functions.{name}] template {}: {e}",
-                    path.display()
-                ))
-            })?
-        }
+        (Some(path), _) => dir.read(&path, &format!("[functions.{name}] template"))?.1,
         (None, Some(builtin)) => builtin.to_string(),
         (None, None) => return job_error!("[functions.{name}] needs `template` (a path)"),
     };
@@ -789,12 +781,7 @@ fn resolve_stages(
             None => catalog.stage(&cfg.name),
         };
         let sql = match &cfg.sql {
-            Some(path) => {
-                let path = PathBuf::from(dir.confined(path, &format!("stage '{}' sql", cfg.name))?);
-                std::fs::read_to_string(&path).map_err(|e| {
-                    Error::Job(format!("stage '{}' sql {}: {e}", cfg.name, path.display()))
-                })?
-            }
+            Some(path) => dir.read(path, &format!("stage '{}' sql", cfg.name))?.1,
             None => match builtin {
                 Some(builtin) => builtin.sql.to_string(),
                 None => {

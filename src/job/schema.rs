@@ -6,7 +6,6 @@
 //! `format` and `pattern` go to the server untouched, and anything else is refused when the
 //! job is read, so no rule is silently unchecked.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -73,14 +72,7 @@ impl JsonSchema {
     ) -> Result<JsonSchema> {
         let value = match given {
             toml::Value::String(path) => {
-                let path =
-                    PathBuf::from(dir.confined(path, &format!("[functions.{name}] json_schema"))?);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    Error::Job(format!(
-                        "[functions.{name}] json_schema {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                let (path, text) = dir.read(path, &format!("[functions.{name}] json_schema"))?;
                 serde_json::from_str(&text).map_err(|e| {
                     Error::Job(format!(
                         "[functions.{name}] json_schema {}: not JSON ({e})",

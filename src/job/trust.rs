@@ -55,6 +55,16 @@ pub(super) struct JobDir<'a> {
 }
 
 impl JobDir<'_> {
+    /// The text of the local file `path` (see [`JobDir::confined`]) and where it was read;
+    /// `what` names the setting in either error.
+    pub(super) fn read(&self, path: &str, what: &str) -> Result<(PathBuf, String)> {
+        let path = PathBuf::from(self.confined(path, what)?);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((path, text)),
+            Err(e) => job_error!("{what} {}: {e}", path.display()),
+        }
+    }
+
     /// `path` (relative to the job's folder) resolved, if it is under the job's folder or an
     /// allowed one; URLs (benchmarks on a store) are left as they are. `what` names the
     /// setting for the error.

@@ -19,8 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::escape::redact_url;
 use crate::job::{Api, ModelSpec};
-pub use crate::llm::budget::{Budget, Spending};
-use crate::llm::budget::{Held, Start, micro, micro_to_usd};
+use crate::llm::budget::{Budget, Held, Spending, Start, micro, micro_to_usd};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::journal::JournalScope;
 use crate::llm::limits::Slot;
@@ -531,7 +530,8 @@ impl ModelClient {
         journal: &JournalScope,
         dearest_usd: f64,
     ) -> Result<Vec<Reply>, Failure> {
-        if let Some(lacking) = endpoint.lacking(&self.spec.model, &features_of(req)) {
+        let features = features_of(req);
+        if let Some(lacking) = endpoint.lacking(&self.spec.model, &features) {
             return Err(Failure::Fatal(lacking));
         }
         let url = format!("{}/{path}", endpoint.base_url);
@@ -601,12 +601,7 @@ impl ModelClient {
             Err(Failure::Retry { server_error, .. }) => *server_error,
             _ => None,
         };
-        endpoint.note_features(
-            &self.spec.model,
-            &features_of(req),
-            outcome.is_ok(),
-            server_error,
-        );
+        endpoint.note_features(&self.spec.model, &features, outcome.is_ok(), server_error);
         if let Err(Failure::Retry { billed_usd, .. }) = &outcome
             && *billed_usd > 0.0
         {

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::job::ModelSpec;
+use crate::llm::budget::{Budget, Spending};
 use crate::llm::capture::Capture;
-use crate::llm::client::{ApiKey, Backend, Budget, Http, ModelClient, Spending};
+use crate::llm::client::{ApiKey, Backend, Http, ModelClient};
 use crate::llm::endpoint::Endpoint;
 use crate::llm::limits::Limits;
 use crate::llm::mock::Mock;

@@ -13,11 +13,11 @@ pub(crate) struct Retries {
     pub(crate) sent: i32,
     /// What attempts that failed after the server billed them cost.
     pub(crate) billed_usd: f64,
-    pub(crate) failures: u32,
-    pub(crate) max_attempts: u32,
-    pub(crate) throttles: i32,
-    pub(crate) throttled_until: Option<Instant>,
-    pub(crate) throttle_horizon: Duration,
+    failures: u32,
+    max_attempts: u32,
+    throttles: i32,
+    throttled_until: Option<Instant>,
+    throttle_horizon: Duration,
 }
 
 impl Retries {
@@ -86,7 +86,7 @@ pub(crate) fn at_least_backoff(after: Option<Duration>, attempt: i32) -> Duratio
 }
 
 /// Exponential backoff with full jitter: up to 0.5 s × 2^(attempt-1), capped at 30 s.
-pub(crate) fn backoff(attempt: i32) -> Duration {
+fn backoff(attempt: i32) -> Duration {
     let cap = (0.5 * 2f64.powi(attempt - 1)).min(30.0);
     Duration::from_secs_f64(cap * (0.5 + 0.5 * fastrand::f64()))
 }

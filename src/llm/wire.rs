@@ -86,14 +86,7 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
             r.text.as_ref().map_or(0, String::len) + r.reasoning.as_ref().map_or(0, String::len)
         })
         .collect();
-    let chars: Vec<usize> = replies
-        .iter()
-        .map(|r| {
-            r.text.as_ref().map_or(0, |t| t.chars().count())
-                + r.reasoning.as_ref().map_or(0, |t| t.chars().count())
-        })
-        .collect();
-    let completion = plausible_completion(count("completion_tokens"), &chars);
+    let completion = plausible_completion(count("completion_tokens"), &replies);
     let completions = completion.map(|total| shared_out(total, &lengths));
     let reasonings = reasoning.map(|total| shared_out(total, &lengths));
     for (i, reply) in replies.iter_mut().enumerate() {
@@ -109,14 +102,18 @@ pub fn parse_choices(body: &str, api: Api, n: usize) -> Result<Vec<Reply>, Strin
 }
 
 /// The completion tokens a response with several choices reports, unless they are fewer than
-/// half of what the texts hold (characters / 4, each choice's `chars`): llama.cpp's server
-/// counts the first choice only, which would make tokens and cost several times low; the
-/// texts' estimate stands in.
-fn plausible_completion(reported: Option<i64>, chars: &[usize]) -> Option<i64> {
-    if chars.len() < 2 {
+/// half of what the texts of `replies` hold (characters / 4 each): llama.cpp's server counts
+/// the first choice only, which would make tokens and cost several times low; the texts'
+/// estimate stands in.
+fn plausible_completion(reported: Option<i64>, replies: &[Reply]) -> Option<i64> {
+    if replies.len() < 2 {
         return reported;
     }
-    let by_text: i64 = chars.iter().map(|l| l.div_ceil(4) as i64).sum();
+    let chars = |t: &Option<String>| t.as_ref().map_or(0, |t| t.chars().count());
+    let by_text: i64 = replies
+        .iter()
+        .map(|r| (chars(&r.text) + chars(&r.reasoning)).div_ceil(4) as i64)
+        .sum();
     match reported {
         Some(n) if 2 * n < by_text => Some(by_text),
         other => other,

@@ -105,20 +105,14 @@ impl StageStats {
         hex::encode(&Sha256::digest(key.to_string().as_bytes())[..12])
     }
 
-    /// True when this output is current: written under `fingerprint`, from the upstream
-    /// version `upstream`, and without rows whose LLM call failed (a rerun retries those).
-    pub fn is_current(&self, fingerprint: &str, upstream: &str) -> bool {
-        self.fingerprint == fingerprint && self.upstream == upstream && self.failed() == 0
-    }
-
-    /// Whether the output stands for a process started at `started` (Unix ms): current,
-    /// or written from the same definition and input since that process started, its failed
+    /// Whether the output stands for a process started at `started` (Unix ms): written under
+    /// `fingerprint` from the upstream version `upstream`, and either without rows whose LLM
+    /// call failed (a rerun retries those) or written since that process started, its failed
     /// rows left for a later run to retry rather than redone at once by every process.
     pub fn stands(&self, fingerprint: &str, upstream: &str, started: u64) -> bool {
-        self.is_current(fingerprint, upstream)
-            || (self.fingerprint == fingerprint
-                && self.upstream == upstream
-                && self.written_at_ms.is_some_and(|at| at >= started))
+        self.fingerprint == fingerprint
+            && self.upstream == upstream
+            && (self.failed() == 0 || self.written_at_ms.is_some_and(|at| at >= started))
     }
 
     /// Rows whose LLM call failed after every retry: those dropped as `llm_error`, and those

@@ -23,7 +23,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersio
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Result};
-use crate::storage::{Location, Tries, not_deleted, read_json, write_json};
+use crate::storage::{Location, Tries, read_json, try_delete, write_json};
 
 /// A claim not renewed for this long is taken to belong to a dead process.
 pub const LAPSE_SECS: u64 = 120;
@@ -134,6 +134,12 @@ fn process_token() -> String {
 pub struct Seen(Mutex<HashMap<Path, (String, std::time::Instant)>>);
 
 impl Seen {
+    /// Whether `held`, the holder of the claim at `path`, may still be running (see
+    /// [`Holder::alive`]), judged now.
+    pub fn alive(&self, path: &Path, held: &Holder) -> bool {
+        held.alive(unix_now(), self.unchanged_for(path, held))
+    }
+
     /// How long `held`'s claim at `path` has looked as it does now.
     pub fn unchanged_for(&self, path: &Path, held: &Holder) -> Duration {
         let mut seen = self.0.lock().expect("lock poisoned");
@@ -204,7 +210,7 @@ pub async fn take(
         // object_store) is written again too, so it carries the time it was taken.
         let ours = held.as_ref().is_some_and(|h| h.token == me.token);
         if let Some(held) = held.filter(|_| !ours) {
-            if held.alive(unix_now(), seen.unchanged_for(path, &held)) {
+            if seen.alive(path, &held) {
                 return Ok(Taken::HeldBy(held));
             }
             tracing::info!(claim = %root.display(path), "Taking over the claim of a process that is gone.");
@@ -295,13 +301,8 @@ pub async fn give_back(root: &Location, path: &Path, me: &Holder) -> Result<bool
             None => return Ok(true),
             Some(_) => {}
         }
-        match root.store.delete(path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(true),
-            Err(e) => {
-                if !tries.again(path, &e).await {
-                    return Err(not_deleted(root, path, &e));
-                }
-            }
+        if try_delete(root, path, &mut tries).await? {
+            return Ok(true);
         }
     }
 }
@@ -396,9 +397,7 @@ impl Claims {
     /// The live holder of the claim at `path`, if another process's.
     pub async fn holder_of(&self, path: &Path) -> Result<Option<Holder>> {
         let held = read_json::<Holder>(&self.root, path).await.ok().flatten();
-        Ok(held.filter(|h| {
-            h.token != self.me.token && h.alive(unix_now(), self.seen.unchanged_for(path, h))
-        }))
+        Ok(held.filter(|h| h.token != self.me.token && self.seen.alive(path, h)))
     }
 
     /// Gives the claim at `path` back (if it is still this process's).
@@ -453,10 +452,10 @@ async fn renew_all(root: Location, me: Holder, held: Arc<Mutex<HashMap<Path, Arc
                         Ok(Ok(true)) => {}
                         Ok(Ok(false)) => claim.mark_lost(),
                         Ok(Err(e)) => {
-                            tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in 30 s.");
+                            tracing::warn!(error = %e, claim = %root.display(&path), "Could not renew a claim; trying again in {RENEW_SECS} s.");
                         }
                         Err(_) => {
-                            tracing::warn!(claim = %root.display(&path), "Renewing a claim took over {} s; trying again in 30 s.", RENEWAL_DEADLINE.as_secs());
+                            tracing::warn!(claim = %root.display(&path), "Renewing a claim took over {} s; trying again in {RENEW_SECS} s.", RENEWAL_DEADLINE.as_secs());
                         }
                     }
                 }

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::job::{Job, ModelSpec};
-use crate::llm::client::Budget;
+use crate::llm::budget::Budget;
 use crate::llm::journal::Journal;
 use crate::llm::pool::LlmPool;
 use crate::prepare::decontaminate;

@@ -43,13 +43,7 @@ impl Reporter {
     pub fn start(stage: &str, progress: Arc<Progress>, pool: Arc<LlmPool>) -> Self {
         let terminal = std::io::stderr().is_terminal();
         let default = if terminal { 1.0 } else { 10.0 };
-        let secs = std::env::var("BACKFORTH_PROGRESS_SECS")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .unwrap_or(default)
-            .clamp(0.1, 86_400.0);
-        let every = Duration::from_secs_f64(secs);
+        let every = env_secs("BACKFORTH_PROGRESS_SECS", default);
         let stage = stage.to_string();
         let pool_for_stalls = Arc::clone(&pool);
         let task = tokio::spawn(async move {
@@ -77,22 +71,23 @@ impl Reporter {
     }
 }
 
-/// How long calls may be open with no reply at all before a stall is reported (60 s;
-/// `BACKFORTH_STALL_SECS` changes it).
-fn stall_after() -> Duration {
-    let secs = std::env::var("BACKFORTH_STALL_SECS")
+/// The seconds the variable `name` gives (`default` when unset or not a positive number),
+/// held between 0.1 s and a day.
+fn env_secs(name: &str, default: f64) -> Duration {
+    let secs = std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(60.0);
+        .unwrap_or(default);
     Duration::from_secs_f64(secs.clamp(0.1, 86_400.0))
 }
 
-/// Warns when calls are open and nothing has come back for [`stall_after`]: a server that
+/// Warns when calls are open and nothing has come back for 60 s (`BACKFORTH_STALL_SECS`
+/// changes it): a server that
 /// restarted drops the requests it held without answering, and they hang until their
 /// timeout (`timeout_secs`, 600 by default), the run showing 0 req/s and nothing else.
 async fn watch_for_stalls(pool: Arc<LlmPool>) {
-    let after = stall_after();
+    let after = env_secs("BACKFORTH_STALL_SECS", 60.0);
     let look = (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let answered = || pool.returned();
     let (mut seen, mut since, mut said) = (answered(), Instant::now(), false);

@@ -196,6 +196,8 @@ impl Runner<'_> {
         let (stats, shards) = (&mut task)
             .await
             .map_err(|e| Error::Internal(format!("a stage's writer task failed: {e}")))??;
+        // Rows that met a spent budget were written as failed: such output is not published.
+        self.budget_left(&plan.name)?;
         Ok(StageStats {
             stage: plan.name.clone(),
             fingerprint: plan.fingerprint.clone(),

@@ -364,7 +364,6 @@ impl Runner<'_> {
             .await?;
         stats.upstream = upstream.to_string();
         stats.journal = Some(journal_name);
-        self.budget_left(&plan.name)?;
         write_shard_stats(&self.root, &plan.name, id, &stats).await?;
         self.compact(&journal).await;
         Ok(stats)

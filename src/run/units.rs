@@ -41,11 +41,7 @@ impl Runner<'_> {
         work: impl Future<Output = Result<T>>,
     ) -> Result<Unit<T>> {
         self.budget_left(stage)?;
-        let path = self
-            .root
-            .child(CLAIMS_DIR)
-            .child(stage)
-            .path(&format!("{unit}.json"));
+        let path = self.claim_path(stage, unit);
         let held = match self.claims.take(&path).await? {
             (Taken::Mine, Some(held)) => held,
             (Taken::HeldBy(holder), _) => return Ok(Unit::HeldBy(holder)),
@@ -80,12 +76,15 @@ impl Runner<'_> {
 impl Runner<'_> {
     /// The live holder of unit `unit` of `stage`, if another process.
     pub(super) async fn holder_of(&self, stage: &str, unit: &str) -> Result<Option<Holder>> {
-        let path = self
-            .root
+        self.claims.holder_of(&self.claim_path(stage, unit)).await
+    }
+
+    /// Where the claim of unit `unit` of `stage` is.
+    fn claim_path(&self, stage: &str, unit: &str) -> object_store::path::Path {
+        self.root
             .child(CLAIMS_DIR)
             .child(stage)
-            .path(&format!("{unit}.json"));
-        self.claims.holder_of(&path).await
+            .path(&format!("{unit}.json"))
     }
 
     /// Fails once this process's share of the budget is spent: it takes no new unit and

@@ -525,13 +525,25 @@ pub fn sync_local(dir: &Location, parts: &[String]) -> Result<()> {
 /// (claims, which others do create, repeat theirs with a look first).
 pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) -> Result<()> {
     let mut tries = Tries::default();
-    loop {
-        match root.store.delete(path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => {
-                if !tries.again(path, &e).await {
-                    return Err(not_deleted(root, path, &e));
-                }
+    while !try_delete(root, path, &mut tries).await? {}
+    Ok(())
+}
+
+/// One try at deleting `path`: true once it is gone; false when the try was cut off by the
+/// network and, after a wait, may be made again; an error when `tries` are spent or the
+/// store refused.
+pub async fn try_delete(
+    root: &Location,
+    path: &object_store::path::Path,
+    tries: &mut Tries,
+) -> Result<bool> {
+    match root.store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+        Err(e) => {
+            if tries.again(path, &e).await {
+                Ok(false)
+            } else {
+                Err(not_deleted(root, path, &e))
             }
         }
     }
@@ -539,11 +551,7 @@ pub async fn delete_if_exists(root: &Location, path: &object_store::path::Path) 
 
 /// The error of a delete of `path` that failed: Azure's batch delete names its URL whole,
 /// so queries (a SAS token) are hidden.
-pub fn not_deleted(
-    root: &Location,
-    path: &object_store::path::Path,
-    e: &object_store::Error,
-) -> Error {
+fn not_deleted(root: &Location, path: &object_store::path::Path, e: &object_store::Error) -> Error {
     Error::failed(
         format!("deleting {}", root.display(path)),
         crate::escape::hide_url_queries(&e.to_string()),

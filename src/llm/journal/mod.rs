@@ -715,14 +715,12 @@ impl JournalScope {
                 let idle =
                     now - meta.last_modified.timestamp() >= crate::run::claim::LAPSE_SECS as i64;
                 // Looked at again just before it goes: one that grew since it was read stays.
-                let unchanged = || async {
-                    segments.head(&meta.location).await.map(|now| {
-                        now.is_some_and(|m| {
+                let goes = own
+                    || (idle
+                        && segments.head(&meta.location).await?.is_some_and(|m| {
                             m.size == meta.size && m.last_modified == meta.last_modified
-                        })
-                    })
-                };
-                if own || (idle && unchanged().await?) {
+                        }));
+                if goes {
                     delete_if_exists(segments, &meta.location).await?;
                 }
             }
