@@ -78,7 +78,7 @@ impl JobDir<'_> {
             let allowed = self
                 .allowed
                 .iter()
-                .any(|a| resolved.starts_with(a.to_string_lossy().as_ref()));
+                .any(|a| within_url(&resolved, &a.to_string_lossy()));
             if allowed {
                 return Ok(resolved);
             }
@@ -114,4 +114,12 @@ impl JobDir<'_> {
                 .display()
         )
     }
+}
+
+/// Whether `url` is `allowed` or below it: `s3://bucket` allows `s3://bucket/x`, not
+/// `s3://bucket-other/x`.
+fn within_url(url: &str, allowed: &str) -> bool {
+    let allowed = allowed.trim_end_matches('/');
+    url.strip_prefix(allowed)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

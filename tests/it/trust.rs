@@ -327,3 +327,33 @@ fn stage_sql_cannot_write_files() {
     );
     assert!(!target.exists(), "the stage's SQL wrote a file");
 }
+
+/// `--allow-path s3://corpus` allows what is in that bucket, not a bucket whose name merely
+/// begins the same (`s3://corpus-private`).
+#[test]
+fn an_allowed_bucket_does_not_allow_its_namesakes() {
+    use backforth::job::file::JobFile;
+    use backforth::job::{Job, Overrides};
+    let resolve = |benchmark: &str| {
+        let file: JobFile = toml::from_str(&format!(
+            "output = \"out\"\n[input]\npaths = [\"x.jsonl\"]\n\
+             [[decontaminate.benchmarks]]\nname = \"quiz\"\npaths = [\"{benchmark}\"]\nfields = [\"q\"]\n\
+             [[stages]]\nname = \"candidates\"\n"
+        ))
+        .unwrap();
+        let overrides = Overrides {
+            allow_paths: vec!["s3://corpus".into()],
+            ..Overrides::default()
+        };
+        Job::resolve(file, repo(), "buckets".into(), &overrides).map(|_| ())
+    };
+    resolve("s3://corpus/quiz.jsonl").unwrap();
+    resolve("s3://corpus").unwrap();
+    let refused = resolve("s3://corpus-private/quiz.jsonl")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("is in an object store") && refused.contains("--allow-path"),
+        "{refused}"
+    );
+}
