@@ -206,14 +206,7 @@ fn baf_runs_against_llama_cpp_and_its_funnel_repeats() {
     let llama = Llama::start(4);
     let job = example_job(dir.path(), "bft", "", &[("*", "seed = 11")]);
     let (code, stderr) = run(&job, &llama, &[]);
-    let stages = [
-        "candidates",
-        "backtranslated",
-        "scored",
-        "curated",
-        "rewritten",
-        "distilled",
-    ];
+    let stages = crate::pipeline::STAGES;
     let root = dir.path().join("out");
     check_funnel(
         &root,
